@@ -1,0 +1,2 @@
+//! The lazy layer core of lazybd.
+pub mod format;

@@ -1,0 +1,1 @@
+//! eni CNI plugin.

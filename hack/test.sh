@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The one test command: installs every system dependency, builds, runs lint,
+# unit tests and the root integration tests against real containerd, runc,
+# docker-registry, kernel mounts and network namespaces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+hack/install-deps.sh
+
+echo "== fmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== build"
+cargo build --workspace --bins --locked
+echo "== tests (unit + integration; integration tests need root)"
+cargo test --workspace --locked -- --test-threads="${LAZYBD_TEST_THREADS:-2}"

@@ -1,0 +1,1 @@
+//! containerd-shim-lazybd-v2.

@@ -1,0 +1,1 @@
+//! lazybd-snapshotter: filled by the snapshotter work (issue: containerd remote snapshotter).

@@ -1,0 +1,35 @@
+//! Shared harness for the end-to-end tests: real daemons on private paths.
+//!
+//! Every test that needs root calls [`require_root`] first: without root it
+//! says loudly that it did not run; under CI (`CI` set) it fails instead, so a
+//! CI run can never pass by skipping.
+
+use std::path::PathBuf;
+
+/// Returns false (after a loud message) when the test cannot run because we
+/// are not root; panics in CI, where root tests must run.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let msg = format!("*** {test}: NOT RUN: needs root (real mounts, daemons, namespaces) ***");
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg} -- CI must run as root");
+    }
+    eprintln!("{msg}");
+    false
+}
+
+/// Path of a workspace binary built by `cargo build --workspace --bins`.
+pub fn bin_path(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (hack/test.sh does)",
+        path.display()
+    );
+    path
+}
