@@ -199,8 +199,7 @@ impl Footer {
         let index_offset = r.u64();
         let index_length = r.u64();
         let index_digest = r.array::<32>();
-        if index_length < HEADER_LEN
-            || index_length > MAX_INDEX_LEN
+        if !(HEADER_LEN..=MAX_INDEX_LEN).contains(&index_length)
             || (index_length - HEADER_LEN) % ENTRY_LEN != 0
         {
             return Err(FormatError::BadIndexLength(index_length));
