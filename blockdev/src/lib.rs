@@ -1,2 +1,4 @@
 //! The lazy layer core of lazybd.
+pub mod cache;
 pub mod format;
+pub mod stats;

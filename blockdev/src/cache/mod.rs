@@ -1,0 +1,292 @@
+//! Per-layer chunk cache: a sparse file holding the uncompressed image, and a
+//! persisted bitmap of the chunks present in it.
+//!
+//! # Crash consistency
+//!
+//! The invariant is: **a bit set in the bitmap file means that chunk's bytes
+//! are durably in the image file and verified.** Three rules keep it:
+//!
+//! 1. A chunk is stored only after [`Index::decode_chunk`] verified it.
+//! 2. [`ChunkCache::persist`] orders its steps: `fdatasync(image)` first, then
+//!    the bits of the chunks written before that sync go into the bitmap file,
+//!    then `fdatasync(bitmap)`. A crash before the bitmap sync loses only bits,
+//!    never adds a bit whose data might be missing: the chunk is fetched again.
+//! 3. Bits are only ever set while a cache is open; a bitmap whose header does
+//!    not name this index (digest, sizes) is thrown away with the image file.
+//!
+//! In memory a chunk counts as present as soon as its bytes are in the image
+//! file (`pwrite` returned): reads in this process go through the same page
+//! cache, so serving it before it is durable is correct.
+//!
+//! Belt and braces against disks that lie about flushes (or someone editing the
+//! files): the header has a `clean` flag that is cleared (and synced) before the
+//! first write and set only by [`ChunkCache::close`] after a final persist. A
+//! cache opened after an unclean shutdown re-hashes every chunk its bitmap
+//! claims and drops those that do not match, so nothing wrong is ever served;
+//! they are fetched again. A clean cache is trusted without re-hashing, which
+//! keeps re-attaching many large layers after a normal restart cheap.
+//!
+//! Zero chunks are never written: they are holes of the sparse file, read as
+//! zeros, and count as present from the start.
+
+mod bitmap;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use nix::fcntl::{Flock, FlockArg};
+use thiserror::Error;
+
+use crate::format::{ChunkKind, Index, Sha256Digest};
+use bitmap::{BitmapFile, MapHeader};
+
+pub const IMAGE_FILE: &str = "image";
+pub const BITMAP_FILE: &str = "chunks.map";
+
+#[derive(Debug, Error)]
+pub enum CacheError {
+    #[error("cache {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cache {0} is in use by another process")]
+    Locked(PathBuf),
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> CacheError + 'a {
+    move |source| CacheError::Io {
+        path: path.to_owned(),
+        op,
+        source,
+    }
+}
+
+/// What opening a cache found; logged by the caller and useful in tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The bitmap was missing or belonged to another index: started empty.
+    pub created: bool,
+    /// The previous user did not close the cache: present chunks were re-hashed.
+    pub recovered: bool,
+    /// Chunks whose bit was set but whose bytes did not match (dropped).
+    pub dropped: u64,
+    /// Chunks present (including zero chunks) after opening.
+    pub present: u64,
+}
+
+pub struct ChunkCache {
+    dir: PathBuf,
+    image: File,
+    bitmap: Mutex<BitmapFile>,
+    /// Exclusive lock on the bitmap file for as long as the cache is open, so
+    /// two daemons never write one cache.
+    _lock: Flock<File>,
+    present: Vec<AtomicU64>,
+    present_count: AtomicU64,
+    /// Chunks written to the image file whose bits are not yet persisted.
+    unpersisted: Mutex<Vec<u64>>,
+    chunk_count: u64,
+}
+
+impl ChunkCache {
+    /// Opens (or creates) the cache for `index` in `dir`. `index_digest` binds
+    /// the bitmap to this exact index.
+    pub fn open(
+        dir: &Path,
+        index: &Index,
+        index_digest: Sha256Digest,
+    ) -> Result<(Self, OpenReport), CacheError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir, "create dir"))?;
+        let map_path = dir.join(BITMAP_FILE);
+        let image_path = dir.join(IMAGE_FILE);
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&map_path)
+            .map_err(io_err(&map_path, "open bitmap"))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| CacheError::Locked(dir.to_owned()))?;
+        let map_file = lock
+            .try_clone()
+            .map_err(io_err(&map_path, "clone bitmap fd"))?;
+        let image = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&image_path)
+            .map_err(io_err(&image_path, "open image"))?;
+
+        let header = MapHeader::for_index(index, index_digest);
+        let (mut bitmap, loaded) = BitmapFile::load_or_create(map_file, &header)
+            .map_err(io_err(&map_path, "load bitmap"))?;
+        let created = loaded.is_none();
+        if created {
+            // Start from an empty sparse file: bytes from another index must
+            // never become readable as this one's.
+            image.set_len(0).map_err(io_err(&image_path, "truncate"))?;
+        }
+        image
+            .set_len(index.image_size)
+            .map_err(io_err(&image_path, "size image"))?;
+        let recovered = loaded == Some(false);
+
+        let chunk_count = index.chunk_count();
+        let mut present: Vec<AtomicU64> = (0..chunk_count.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let mut present_count = 0;
+        let mut dropped = 0;
+        let mut buf = Vec::new();
+        for (i, entry) in (0..chunk_count).zip(&index.chunks) {
+            if entry.kind != ChunkKind::Zero {
+                if !bitmap.is_set(i) {
+                    continue;
+                }
+                if recovered && !chunk_matches(&image, index, i, &mut buf) {
+                    bitmap.clear(i);
+                    dropped += 1;
+                    continue;
+                }
+            }
+            *present[(i / 64) as usize].get_mut() |= 1 << (i % 64);
+            present_count += 1;
+        }
+        // From here on writes may happen: a crash must trigger re-hashing.
+        bitmap
+            .mark_open()
+            .map_err(io_err(&map_path, "mark bitmap open"))?;
+        let cache = ChunkCache {
+            dir: dir.to_owned(),
+            image,
+            bitmap: Mutex::new(bitmap),
+            _lock: lock,
+            present,
+            present_count: AtomicU64::new(present_count),
+            unpersisted: Mutex::new(Vec::new()),
+            chunk_count,
+        };
+        let report = OpenReport {
+            created,
+            recovered,
+            dropped,
+            present: present_count,
+        };
+        Ok((cache, report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.chunk_count
+    }
+
+    pub fn is_present(&self, chunk: u64) -> bool {
+        match self.present.get((chunk / 64) as usize) {
+            Some(word) => word.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0,
+            None => false,
+        }
+    }
+
+    pub fn present_count(&self) -> u64 {
+        self.present_count.load(Ordering::Relaxed)
+    }
+
+    fn mark_present(&self, chunk: u64) {
+        let prev = self.present[(chunk / 64) as usize].fetch_or(1 << (chunk % 64), Ordering::AcqRel);
+        if prev & (1 << (chunk % 64)) == 0 {
+            self.present_count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Stores verified bytes of chunk `chunk` at `offset` in the image. The
+    /// chunk is readable at once; its bit becomes durable at the next
+    /// [`persist`](Self::persist).
+    pub fn store(&self, chunk: u64, offset: u64, data: &[u8]) -> Result<(), CacheError> {
+        if self.is_present(chunk) {
+            return Ok(());
+        }
+        let path = self.dir.join(IMAGE_FILE);
+        self.image
+            .write_all_at(data, offset)
+            .map_err(io_err(&path, "write chunk"))?;
+        self.unpersisted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(chunk);
+        self.mark_present(chunk);
+        Ok(())
+    }
+
+    /// Makes the bits of every chunk stored so far durable, data first.
+    pub fn persist(&self) -> Result<(), CacheError> {
+        // Holding the bitmap lock for the whole sequence keeps two persists
+        // from interleaving their syncs and writes.
+        let mut bitmap = self.bitmap.lock().unwrap_or_else(|e| e.into_inner());
+        let chunks = std::mem::take(&mut *self.unpersisted.lock().unwrap_or_else(|e| e.into_inner()));
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let image_path = self.dir.join(IMAGE_FILE);
+        let map_path = self.dir.join(BITMAP_FILE);
+        let result = (|| {
+            self.image
+                .sync_data()
+                .map_err(io_err(&image_path, "fdatasync image"))?;
+            for &c in &chunks {
+                bitmap.set(c);
+            }
+            bitmap.write_bits().map_err(io_err(&map_path, "write bitmap"))
+        })();
+        if result.is_err() {
+            // Keep them queued: the next persist tries again.
+            self.unpersisted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(chunks);
+        }
+        result
+    }
+
+    /// Persists everything and marks the cache clean, so the next open trusts
+    /// its bitmap without re-hashing.
+    pub fn close(self) -> Result<(), CacheError> {
+        self.persist()?;
+        let map_path = self.dir.join(BITMAP_FILE);
+        self.bitmap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .mark_clean()
+            .map_err(io_err(&map_path, "mark bitmap clean"))
+    }
+
+    /// Reads image bytes at `offset`; the caller makes sure the chunks are present.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), CacheError> {
+        self.image
+            .read_exact_at(buf, offset)
+            .map_err(io_err(&self.dir.join(IMAGE_FILE), "read"))
+    }
+}
+
+/// Whether the image file holds chunk `i` as the index describes it. A read
+/// error counts as a mismatch: the chunk is fetched again rather than trusted.
+fn chunk_matches(image: &File, index: &Index, i: u64, buf: &mut Vec<u8>) -> bool {
+    let range = index.image_range(i);
+    buf.resize((range.end - range.start) as usize, 0);
+    image.read_exact_at(buf, range.start).is_ok()
+        && crate::format::sha256(buf) == index.chunks[i as usize].digest
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,227 @@
+//! Node-side counters: what was fetched from where, cache hits, read latency,
+//! and the reads that are waiting right now (the hang detector).
+//!
+//! Plain atomics so the read path pays a few relaxed increments; readers take a
+//! [`StatsSnapshot`], which the `lazybd stats` command prints and the
+//! snapshotter turns into Prometheus metrics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Upper bounds (inclusive, microseconds) of the read-latency histogram
+/// buckets; a last, unbounded bucket catches the rest. Spans a page-cache hit
+/// (tens of µs) up to a read stuck for its whole deadline.
+pub const LATENCY_BUCKETS_US: [u64; 8] = [
+    100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 60_000_000, 300_000_000,
+];
+
+/// Counters of one chunk source (registry, peer, super node), summed over all
+/// layers that use a source of that name.
+#[derive(Debug, Default)]
+pub struct SourceCounters {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+    pub chunks: AtomicU64,
+    pub errors: AtomicU64,
+    /// Chunks that failed verification (digest, length, decompression).
+    pub corrupt_chunks: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    sources: Mutex<BTreeMap<String, Arc<SourceCounters>>>,
+    /// Chunks a read found present in the cache.
+    pub cache_hits: AtomicU64,
+    /// Chunks a read had to wait for (fetched, or joined another reader's fetch).
+    pub cache_misses: AtomicU64,
+    /// Reads that failed (EIO to the reader).
+    pub read_errors: AtomicU64,
+    pub bytes_read: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    latency_sum_us: AtomicU64,
+    inflight: Mutex<InFlight>,
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    next_id: u64,
+    started: BTreeMap<u64, Instant>,
+}
+
+impl Stats {
+    /// Counters for the source called `name`; call once per layer and source,
+    /// not per read.
+    pub fn source(&self, name: &str) -> Arc<SourceCounters> {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources.entry(name.to_owned()).or_default().clone()
+    }
+
+    pub fn record_read(&self, elapsed: Duration, bytes: u64, ok: bool) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency[bucket].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(us, Relaxed);
+        if ok {
+            self.bytes_read.fetch_add(bytes, Relaxed);
+        } else {
+            self.read_errors.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Marks a read that waits for a fetch; the guard unmarks it when dropped.
+    /// Only waiting reads are tracked: reads served from the cache file cannot
+    /// hang on the network, and skipping them keeps the fast path lock-free.
+    pub fn waiting_read(self: &Arc<Self>) -> WaitingRead {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let id = inflight.next_id;
+        inflight.next_id += 1;
+        inflight.started.insert(id, Instant::now());
+        WaitingRead {
+            stats: self.clone(),
+            id,
+        }
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let sources = self
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, c)| SourceSnapshot {
+                name: name.clone(),
+                requests: c.requests.load(Relaxed),
+                bytes: c.bytes.load(Relaxed),
+                chunks: c.chunks.load(Relaxed),
+                errors: c.errors.load(Relaxed),
+                corrupt_chunks: c.corrupt_chunks.load(Relaxed),
+            })
+            .collect();
+        let (waiting_reads, oldest_waiting_ms) = {
+            let inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let oldest = inflight.started.values().min().map(|t| t.elapsed());
+            (
+                inflight.started.len() as u64,
+                oldest.map_or(0, |d| d.as_millis() as u64),
+            )
+        };
+        StatsSnapshot {
+            sources,
+            cache_hits: self.cache_hits.load(Relaxed),
+            cache_misses: self.cache_misses.load(Relaxed),
+            read_errors: self.read_errors.load(Relaxed),
+            bytes_read: self.bytes_read.load(Relaxed),
+            read_latency: LatencyHistogram {
+                bounds_us: LATENCY_BUCKETS_US.to_vec(),
+                counts: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
+                sum_us: self.latency_sum_us.load(Relaxed),
+            },
+            waiting_reads,
+            oldest_waiting_ms,
+        }
+    }
+}
+
+/// A read waiting for chunks; dropping it ends the wait in the counters.
+pub struct WaitingRead {
+    stats: Arc<Stats>,
+    id: u64,
+}
+
+impl Drop for WaitingRead {
+    fn drop(&mut self) {
+        let mut inflight = self.stats.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        inflight.started.remove(&self.id);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceSnapshot {
+    pub name: String,
+    pub requests: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub errors: u64,
+    pub corrupt_chunks: u64,
+}
+
+/// Per-bucket (not cumulative) counts; `counts` has one more entry than
+/// `bounds_us`, for reads slower than the last bound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyHistogram {
+    pub bounds_us: Vec<u64>,
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    pub sources: Vec<SourceSnapshot>,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub read_errors: u64,
+    pub bytes_read: u64,
+    pub read_latency: LatencyHistogram,
+    /// Reads waiting for a fetch right now, and how long the oldest has waited:
+    /// a growing age means IO is hanging on the network.
+    pub waiting_reads: u64,
+    pub oldest_waiting_ms: u64,
+}
+
+impl StatsSnapshot {
+    pub fn source(&self, name: &str) -> Option<&SourceSnapshot> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// Chunks fetched from every source together.
+    pub fn chunks_fetched(&self) -> u64 {
+        self.sources.iter().map(|s| s.chunks).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_its_bucket() {
+        let stats = Stats::default();
+        stats.record_read(Duration::from_micros(50), 10, true);
+        stats.record_read(Duration::from_micros(1_000), 10, true);
+        stats.record_read(Duration::from_secs(3600), 0, false);
+        let s = stats.snapshot();
+        assert_eq!(s.read_latency.counts[0], 1);
+        assert_eq!(s.read_latency.counts[1], 1);
+        assert_eq!(*s.read_latency.counts.last().unwrap(), 1);
+        assert_eq!(s.bytes_read, 20);
+        assert_eq!(s.read_errors, 1);
+    }
+
+    #[test]
+    fn waiting_reads_are_counted_until_dropped() {
+        let stats = Arc::new(Stats::default());
+        let a = stats.waiting_read();
+        let b = stats.waiting_read();
+        assert_eq!(stats.snapshot().waiting_reads, 2);
+        drop(a);
+        drop(b);
+        let s = stats.snapshot();
+        assert_eq!((s.waiting_reads, s.oldest_waiting_ms), (0, 0));
+    }
+
+    #[test]
+    fn sources_are_shared_by_name() {
+        let stats = Stats::default();
+        stats.source("registry").chunks.fetch_add(2, Relaxed);
+        stats.source("registry").chunks.fetch_add(3, Relaxed);
+        assert_eq!(stats.snapshot().source("registry").unwrap().chunks, 5);
+        assert_eq!(stats.snapshot().chunks_fetched(), 5);
+    }
+}
