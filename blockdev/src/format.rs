@@ -357,25 +357,26 @@ impl Index {
                     uncompressed_len,
                 });
             }
-            if stored_len > 0 {
-                if offset < prev_end {
-                    return Err(FormatError::ChunkOutOfOrder {
-                        index,
-                        offset,
-                        len: stored_len,
-                        prev_end,
-                    });
-                }
-                let end = offset + u64::from(stored_len);
-                if end > data_len {
+            // Zero chunks are checked too, so every entry's stored range lies
+            // inside the data area and callers may slice with it.
+            if offset < prev_end {
+                return Err(FormatError::ChunkOutOfOrder {
+                    index,
+                    offset,
+                    len: stored_len,
+                    prev_end,
+                });
+            }
+            match offset.checked_add(u64::from(stored_len)) {
+                Some(end) if end <= data_len => prev_end = end,
+                _ => {
                     return Err(FormatError::ChunkPastData {
                         index,
                         offset,
                         len: stored_len,
                         data_end: data_len,
-                    });
+                    })
                 }
-                prev_end = end;
             }
             chunks.push(ChunkEntry {
                 offset,
@@ -866,6 +867,20 @@ mod tests {
         assert!(matches!(
             r,
             Err(FormatError::ChunkOutOfOrder { index: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn zero_chunk_outside_data_area() {
+        let r = reindex(&sample_image(), |i| i.chunks[1].offset = 5_966_351);
+        assert!(matches!(
+            r,
+            Err(FormatError::ChunkPastData { index: 1, .. })
+        ));
+        let r = reindex(&sample_image(), |i| i.chunks[3].offset = u64::MAX - 2);
+        assert!(matches!(
+            r,
+            Err(FormatError::ChunkPastData { index: 3, .. })
         ));
     }
 
