@@ -1,4 +1,6 @@
 //! The lazy layer core of lazybd.
 pub mod cache;
+pub mod fetch;
 pub mod format;
+pub mod source;
 pub mod stats;

@@ -16,7 +16,14 @@ use serde::{Deserialize, Serialize};
 /// buckets; a last, unbounded bucket catches the rest. Spans a page-cache hit
 /// (tens of µs) up to a read stuck for its whole deadline.
 pub const LATENCY_BUCKETS_US: [u64; 8] = [
-    100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 60_000_000, 300_000_000,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    60_000_000,
+    300_000_000,
 ];
 
 /// Counters of one chunk source (registry, peer, super node), summed over all
@@ -137,7 +144,11 @@ pub struct WaitingRead {
 
 impl Drop for WaitingRead {
     fn drop(&mut self) {
-        let mut inflight = self.stats.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inflight = self
+            .stats
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         inflight.started.remove(&self.id);
     }
 }

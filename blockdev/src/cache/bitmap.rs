@@ -125,8 +125,7 @@ impl BitmapFile {
     /// must be durable before the first chunk is written.
     pub fn mark_open(&mut self) -> io::Result<()> {
         self.file.write_all_at(&self.bits, HEADER_LEN as u64)?;
-        self.file
-            .write_all_at(&self.header.encode(STATE_OPEN), 0)?;
+        self.file.write_all_at(&self.header.encode(STATE_OPEN), 0)?;
         self.file.sync_data()
     }
 

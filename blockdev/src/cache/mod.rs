@@ -204,7 +204,8 @@ impl ChunkCache {
     }
 
     fn mark_present(&self, chunk: u64) {
-        let prev = self.present[(chunk / 64) as usize].fetch_or(1 << (chunk % 64), Ordering::AcqRel);
+        let prev =
+            self.present[(chunk / 64) as usize].fetch_or(1 << (chunk % 64), Ordering::AcqRel);
         if prev & (1 << (chunk % 64)) == 0 {
             self.present_count.fetch_add(1, Ordering::Relaxed);
         }
@@ -234,7 +235,8 @@ impl ChunkCache {
         // Holding the bitmap lock for the whole sequence keeps two persists
         // from interleaving their syncs and writes.
         let mut bitmap = self.bitmap.lock().unwrap_or_else(|e| e.into_inner());
-        let chunks = std::mem::take(&mut *self.unpersisted.lock().unwrap_or_else(|e| e.into_inner()));
+        let chunks =
+            std::mem::take(&mut *self.unpersisted.lock().unwrap_or_else(|e| e.into_inner()));
         if chunks.is_empty() {
             return Ok(());
         }
@@ -247,7 +249,9 @@ impl ChunkCache {
             for &c in &chunks {
                 bitmap.set(c);
             }
-            bitmap.write_bits().map_err(io_err(&map_path, "write bitmap"))
+            bitmap
+                .write_bits()
+                .map_err(io_err(&map_path, "write bitmap"))
         })();
         if result.is_err() {
             // Keep them queued: the next persist tries again.

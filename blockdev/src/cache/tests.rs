@@ -38,7 +38,9 @@ fn new_cache_has_only_zero_chunks() {
     assert_eq!(report.present, 1);
     assert!(cache.is_present(1) && !cache.is_present(0) && !cache.is_present(99));
     assert_eq!(read_chunk(&cache, &index, 1), img[4096..8192]);
-    let len = std::fs::metadata(dir.path().join(IMAGE_FILE)).unwrap().len();
+    let len = std::fs::metadata(dir.path().join(IMAGE_FILE))
+        .unwrap()
+        .len();
     assert_eq!(len, index.image_size);
 }
 
@@ -76,7 +78,10 @@ fn crash_before_persist_forgets_the_chunk() {
 
     let (cache, report) = ChunkCache::open(dir.path(), &index, d).unwrap();
     assert!(report.recovered);
-    assert!(!cache.is_present(0), "unpersisted chunk must be fetched again");
+    assert!(
+        !cache.is_present(0),
+        "unpersisted chunk must be fetched again"
+    );
     // Storing again works and persists this time.
     store(&cache, &index, &img, 0);
     cache.persist().unwrap();

@@ -1,0 +1,458 @@
+//! Making missing chunks present: one fetch per chunk however many readers
+//! want it, adjacent chunks in one request, every chunk verified before it is
+//! stored, sources tried in order with retries and backoff, and a deadline so
+//! no read waits forever.
+
+mod config;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::time::{timeout_at, Instant};
+use tracing::{error, warn};
+
+pub use config::FetchConfig;
+
+use crate::cache::{CacheError, ChunkCache};
+use crate::format::Index;
+use crate::source::ChunkSource;
+use crate::stats::{SourceCounters, Stats};
+
+#[derive(Debug, Error)]
+pub enum FetchError {
+    #[error("layer {layer}: chunks {first}..={last} unavailable after {elapsed:?}: {failures}")]
+    Unavailable {
+        layer: String,
+        first: u64,
+        last: u64,
+        elapsed: Duration,
+        /// What each source did, e.g. `registry: timed out after 2s (3 attempts)`.
+        failures: String,
+    },
+    #[error("layer {layer}: storing chunk {chunk}: {source}")]
+    Cache {
+        layer: String,
+        chunk: u64,
+        #[source]
+        source: CacheError,
+    },
+    #[error(
+        "layer {layer}: fetch of chunks {first}..={last} ended without a result (task failed)"
+    )]
+    Aborted {
+        layer: String,
+        first: u64,
+        last: u64,
+    },
+}
+
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Fetch(Arc<FetchError>),
+    #[error(
+        "layer {layer}: chunks {chunks:?} not present within the read deadline of {deadline:?}"
+    )]
+    Deadline {
+        layer: String,
+        chunks: Range<u64>,
+        deadline: Duration,
+    },
+    #[error("layer {layer}: {source}")]
+    Cache {
+        layer: String,
+        #[source]
+        source: CacheError,
+    },
+}
+
+type FlightResult = Option<Result<(), Arc<FetchError>>>;
+
+/// A source together with its counters.
+struct Slot {
+    source: Arc<dyn ChunkSource>,
+    counters: Arc<SourceCounters>,
+}
+
+pub struct ChunkFetcher {
+    layer: String,
+    index: Arc<Index>,
+    cache: Arc<ChunkCache>,
+    sources: Vec<Slot>,
+    stats: Arc<Stats>,
+    config: FetchConfig,
+    /// Chunks being fetched right now, each mapped to its fetch's outcome.
+    inflight: Mutex<HashMap<u64, watch::Receiver<FlightResult>>>,
+}
+
+impl ChunkFetcher {
+    pub fn new(
+        layer: &str,
+        index: Arc<Index>,
+        cache: Arc<ChunkCache>,
+        sources: Vec<Arc<dyn ChunkSource>>,
+        stats: Arc<Stats>,
+        config: FetchConfig,
+    ) -> Self {
+        let sources = sources
+            .into_iter()
+            .map(|source| Slot {
+                counters: stats.source(source.name()),
+                source,
+            })
+            .collect();
+        ChunkFetcher {
+            layer: layer.to_owned(),
+            index,
+            cache,
+            sources,
+            stats,
+            config,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Returns once every chunk in `chunks` is present in the cache, or fails
+    /// after the read deadline.
+    pub async fn ensure(self: &Arc<Self>, chunks: Range<u64>) -> Result<(), ReadError> {
+        let missing: Vec<u64> = chunks
+            .clone()
+            .filter(|&c| !self.cache.is_present(c))
+            .collect();
+        let total = chunks.end.saturating_sub(chunks.start);
+        self.stats
+            .cache_hits
+            .fetch_add(total - missing.len() as u64, Relaxed);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.stats
+            .cache_misses
+            .fetch_add(missing.len() as u64, Relaxed);
+        let _waiting = self.stats.waiting_read();
+        let deadline = Instant::now() + self.config.read_deadline;
+        for mut flight in self.join_or_start(&missing) {
+            match timeout_at(deadline, flight.wait_for(Option::is_some)).await {
+                Ok(Ok(outcome)) => {
+                    if let Some(Err(e)) = &*outcome {
+                        return Err(ReadError::Fetch(e.clone()));
+                    }
+                }
+                Ok(Err(_sender_gone)) => {
+                    return Err(ReadError::Fetch(Arc::new(FetchError::Aborted {
+                        layer: self.layer.clone(),
+                        first: chunks.start,
+                        last: chunks.end - 1,
+                    })))
+                }
+                Err(_elapsed) => {
+                    let err = ReadError::Deadline {
+                        layer: self.layer.clone(),
+                        chunks,
+                        deadline: self.config.read_deadline,
+                    };
+                    warn!("{err}");
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Joins the fetches already running for some of `missing` and starts one
+    /// fetch per run of adjacent chunks nobody fetches yet.
+    fn join_or_start(self: &Arc<Self>, missing: &[u64]) -> Vec<watch::Receiver<FlightResult>> {
+        let mut flights: Vec<watch::Receiver<FlightResult>> = Vec::new();
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unclaimed = Vec::new();
+        for &c in missing {
+            // Checked under the lock: a fetch marks chunks present before it
+            // leaves the map, so a chunk is present, in flight, or ours.
+            if self.cache.is_present(c) {
+                continue;
+            }
+            match inflight.get(&c) {
+                Some(rx) => {
+                    if !flights.iter().any(|f| f.same_channel(rx)) {
+                        flights.push(rx.clone());
+                    }
+                }
+                None => unclaimed.push(c),
+            }
+        }
+        for run in self.runs(&unclaimed) {
+            let (tx, rx) = watch::channel(None);
+            for &c in &run {
+                inflight.insert(c, rx.clone());
+            }
+            flights.push(rx);
+            let fetcher = self.clone();
+            tokio::spawn(async move { fetcher.fetch_run(run, tx).await });
+        }
+        flights
+    }
+
+    /// Splits sorted chunk numbers into runs of consecutive chunks whose
+    /// stored bytes fit one request.
+    fn runs(&self, chunks: &[u64]) -> Vec<Vec<u64>> {
+        let mut runs: Vec<Vec<u64>> = Vec::new();
+        for &c in chunks {
+            let extend = runs.last().is_some_and(|run| {
+                let first = self.index.chunks[run[0] as usize].offset;
+                let end = self.index.chunks[c as usize].stored_range().end;
+                run.last() == Some(&(c - 1)) && end - first <= self.config.max_request_bytes
+            });
+            match runs.last_mut() {
+                Some(run) if extend => run.push(c),
+                _ => runs.push(vec![c]),
+            }
+        }
+        runs
+    }
+
+    async fn fetch_run(self: Arc<Self>, run: Vec<u64>, tx: watch::Sender<FlightResult>) {
+        // Leaves the in-flight map even if this task panics, so later readers
+        // start a new fetch instead of joining a dead one.
+        let guard = FlightGuard {
+            fetcher: &self,
+            chunks: &run,
+        };
+        let result = self.fetch_chunks(run.clone()).await;
+        if let Err(e) = &result {
+            error!("{e}");
+        }
+        drop(guard);
+        let _ = tx.send(Some(result.map_err(Arc::new)));
+    }
+
+    /// Tries the sources in order, then again after a backoff, until every
+    /// chunk is stored, every source failed for good, or the deadline passed.
+    async fn fetch_chunks(&self, mut pending: Vec<u64>) -> Result<(), FetchError> {
+        let (first, last) = (pending[0], pending[pending.len() - 1]);
+        let started = Instant::now();
+        let deadline = started + self.config.read_deadline;
+        let mut reports: Vec<SourceReport> = self
+            .sources
+            .iter()
+            .map(|_| SourceReport::default())
+            .collect();
+        let mut backoff = self.config.backoff_initial;
+        loop {
+            for (slot, report) in self.sources.iter().zip(&mut reports) {
+                if report.given_up {
+                    continue;
+                }
+                pending = self.fetch_from(slot, report, pending, deadline).await?;
+                if pending.is_empty() {
+                    return Ok(());
+                }
+            }
+            let now = Instant::now();
+            let out_of_time = now + backoff >= deadline;
+            if out_of_time || reports.iter().all(|r| r.given_up) {
+                return Err(FetchError::Unavailable {
+                    layer: self.layer.clone(),
+                    first,
+                    last,
+                    elapsed: now - started,
+                    failures: self.describe(&reports),
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+    }
+
+    /// Asks one source for the pending chunks (one request per run of
+    /// adjacent chunks); returns the chunks still missing afterwards.
+    async fn fetch_from(
+        &self,
+        slot: &Slot,
+        report: &mut SourceReport,
+        pending: Vec<u64>,
+        deadline: Instant,
+    ) -> Result<Vec<u64>, FetchError> {
+        let mut still_missing = Vec::new();
+        for segment in self.runs(&pending) {
+            if report.given_up {
+                still_missing.extend(segment);
+                continue;
+            }
+            let range = self.index.chunks[segment[0] as usize].offset
+                ..self.index.chunks[segment[segment.len() - 1] as usize]
+                    .stored_range()
+                    .end;
+            report.attempts += 1;
+            slot.counters.requests.fetch_add(1, Relaxed);
+            let timeout = self.config.request_timeout;
+            let bytes = match timeout_at(
+                deadline.min(Instant::now() + timeout),
+                slot.source.read_range(range.clone()),
+            )
+            .await
+            {
+                Ok(Ok(bytes)) if bytes.len() as u64 == range.end - range.start => bytes,
+                Ok(Ok(bytes)) => {
+                    report.fail(
+                        format!("returned {} bytes for range {range:?}", bytes.len()),
+                        false,
+                    );
+                    slot.counters.errors.fetch_add(1, Relaxed);
+                    still_missing.extend(segment);
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    report.fail(e.to_string(), e.is_transient());
+                    slot.counters.errors.fetch_add(1, Relaxed);
+                    still_missing.extend(segment);
+                    continue;
+                }
+                Err(_elapsed) => {
+                    report.fail(format!("timed out after {timeout:?}"), true);
+                    slot.counters.errors.fetch_add(1, Relaxed);
+                    still_missing.extend(segment);
+                    continue;
+                }
+            };
+            slot.counters.bytes.fetch_add(bytes.len() as u64, Relaxed);
+            for (chunk, outcome) in self.verify_and_store(segment, range.start, bytes).await {
+                match outcome {
+                    Ok(()) => {
+                        slot.counters.chunks.fetch_add(1, Relaxed);
+                    }
+                    Err(Rejected::Corrupt(reason)) => {
+                        slot.counters.corrupt_chunks.fetch_add(1, Relaxed);
+                        warn!(
+                            "layer {}: chunk {chunk} from source {} failed verification, \
+                             not used; trying the next source: {reason}",
+                            self.layer,
+                            slot.source.name()
+                        );
+                        // A source that served bad bytes is not asked again
+                        // for this fetch: it may well serve them again.
+                        report.fail(format!("chunk {chunk} corrupt: {reason}"), false);
+                        still_missing.push(chunk);
+                    }
+                    Err(Rejected::Cache(source)) => {
+                        return Err(FetchError::Cache {
+                            layer: self.layer.clone(),
+                            chunk,
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        still_missing.sort_unstable();
+        Ok(still_missing)
+    }
+
+    /// Decodes and verifies each chunk of `segment` out of `bytes` (which start
+    /// at blob offset `base`) and stores the good ones. Off the async threads:
+    /// zstd and sha256 of a 1 MiB chunk take milliseconds.
+    async fn verify_and_store(
+        &self,
+        segment: Vec<u64>,
+        base: u64,
+        bytes: Bytes,
+    ) -> Vec<(u64, Result<(), Rejected>)> {
+        let index = self.index.clone();
+        let cache = self.cache.clone();
+        let work = segment.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            work.into_iter()
+                .map(|c| {
+                    let entry = index.chunks[c as usize];
+                    let start = (entry.offset - base) as usize;
+                    let stored = &bytes[start..start + entry.stored_len as usize];
+                    let outcome = match index.decode_chunk(c, stored) {
+                        Ok(data) => cache
+                            .store(c, index.image_range(c).start, &data)
+                            .map_err(Rejected::Cache),
+                        Err(e) => Err(Rejected::Corrupt(e.to_string())),
+                    };
+                    (c, outcome)
+                })
+                .collect()
+        })
+        .await;
+        result.unwrap_or_else(|e| {
+            segment
+                .into_iter()
+                .map(|c| {
+                    (
+                        c,
+                        Err(Rejected::Corrupt(format!("verification task failed: {e}"))),
+                    )
+                })
+                .collect()
+        })
+    }
+
+    fn describe(&self, reports: &[SourceReport]) -> String {
+        let mut out = String::new();
+        for (slot, r) in self.sources.iter().zip(reports) {
+            if !out.is_empty() {
+                out.push_str("; ");
+            }
+            let _ = write!(
+                out,
+                "{}: {} ({} attempts)",
+                slot.source.name(),
+                r.last_error.as_deref().unwrap_or("not tried"),
+                r.attempts
+            );
+        }
+        if out.is_empty() {
+            out.push_str("no sources configured");
+        }
+        out
+    }
+}
+
+enum Rejected {
+    Corrupt(String),
+    Cache(CacheError),
+}
+
+#[derive(Default)]
+struct SourceReport {
+    attempts: u32,
+    last_error: Option<String>,
+    /// Failed in a way retrying will not fix; skipped for the rest of this fetch.
+    given_up: bool,
+}
+
+impl SourceReport {
+    fn fail(&mut self, error: String, transient: bool) {
+        self.last_error = Some(error);
+        self.given_up |= !transient;
+    }
+}
+
+struct FlightGuard<'a> {
+    fetcher: &'a ChunkFetcher,
+    chunks: &'a [u64],
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .fetcher
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for c in self.chunks {
+            inflight.remove(c);
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Fetcher logic against in-process sources that are good, corrupt, flaky,
+//! gated or dead. Time-dependent cases run on tokio's paused clock, so no test
+//! depends on the machine's speed.
+
+use std::sync::atomic::AtomicU32;
+
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::format::{sha256, write_blob};
+use crate::source::SourceError;
+
+const CS: u32 = 4096;
+
+enum Behavior {
+    Good,
+    /// Flips a byte in every response.
+    Corrupt,
+    /// Fails this many requests with a transient error, then serves.
+    FailFirst(AtomicU32),
+    /// Never answers.
+    Hang,
+    /// Answers once a permit is available.
+    Gated(Arc<Semaphore>),
+}
+
+struct TestSource {
+    name: &'static str,
+    blob: Bytes,
+    behavior: Behavior,
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl ChunkSource for TestSource {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    async fn read_range(&self, range: Range<u64>) -> Result<Bytes, SourceError> {
+        self.calls.fetch_add(1, Relaxed);
+        let data = self.blob.slice(range.start as usize..range.end as usize);
+        match &self.behavior {
+            Behavior::Good => Ok(data),
+            Behavior::Corrupt => {
+                let mut v = data.to_vec();
+                let mid = v.len() / 2;
+                v[mid] ^= 0x40;
+                Ok(v.into())
+            }
+            Behavior::FailFirst(n) => {
+                if n.load(Relaxed) > 0 {
+                    n.fetch_sub(1, Relaxed);
+                    return Err(SourceError::Transient("503 service unavailable".into()));
+                }
+                Ok(data)
+            }
+            Behavior::Hang => std::future::pending().await,
+            Behavior::Gated(gate) => {
+                let _permit = gate.acquire().await.expect("gate open");
+                Ok(data)
+            }
+        }
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    image: Vec<u8>,
+    blob: Bytes,
+    index: Arc<Index>,
+    cache: Arc<ChunkCache>,
+    stats: Arc<Stats>,
+}
+
+/// Eight chunks of distinct, compressible text.
+fn fixture() -> Fixture {
+    let image: Vec<u8> = (0..8 * CS as usize)
+        .map(|i| b"abcdefgh"[(i / CS as usize) % 8] ^ (i % 7) as u8)
+        .collect();
+    let mut blob = Vec::new();
+    let written = write_blob(&image[..], &mut blob, CS).unwrap();
+    let index = Arc::new(written.index);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), &index, sha256(&index.to_bytes())).unwrap();
+    Fixture {
+        _dir: dir,
+        image,
+        blob: blob.into(),
+        index,
+        cache: Arc::new(cache),
+        stats: Arc::new(Stats::default()),
+    }
+}
+
+impl Fixture {
+    fn source(&self, name: &'static str, behavior: Behavior) -> Arc<TestSource> {
+        Arc::new(TestSource {
+            name,
+            blob: self.blob.clone(),
+            behavior,
+            calls: AtomicU32::new(0),
+        })
+    }
+
+    fn fetcher(&self, sources: Vec<Arc<TestSource>>, config: FetchConfig) -> Arc<ChunkFetcher> {
+        let sources = sources
+            .into_iter()
+            .map(|s| s as Arc<dyn ChunkSource>)
+            .collect();
+        Arc::new(ChunkFetcher::new(
+            "sha256:test",
+            self.index.clone(),
+            self.cache.clone(),
+            sources,
+            self.stats.clone(),
+            config,
+        ))
+    }
+
+    fn cached(&self, chunk: u64) -> Vec<u8> {
+        let r = self.index.image_range(chunk);
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        self.cache.read_at(&mut buf, r.start).unwrap();
+        assert_eq!(buf, self.image[r.start as usize..r.end as usize]);
+        buf
+    }
+}
+
+fn quick() -> FetchConfig {
+    FetchConfig {
+        request_timeout: Duration::from_secs(1),
+        read_deadline: Duration::from_secs(5),
+        backoff_initial: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(4),
+        max_request_bytes: 1 << 20,
+    }
+}
+
+#[tokio::test]
+async fn adjacent_chunks_come_in_one_request() {
+    let f = fixture();
+    let registry = f.source("registry", Behavior::Good);
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    fetcher.ensure(2..6).await.unwrap();
+    assert_eq!(registry.calls.load(Relaxed), 1);
+    for c in 2..6 {
+        f.cached(c);
+    }
+    assert!(!f.cache.is_present(1) && !f.cache.is_present(6));
+    let s = f.stats.snapshot();
+    assert_eq!(s.source("registry").unwrap().chunks, 4);
+    assert_eq!((s.cache_hits, s.cache_misses), (0, 4));
+
+    // Present chunks are hits and fetch nothing.
+    fetcher.ensure(3..5).await.unwrap();
+    assert_eq!(registry.calls.load(Relaxed), 1);
+    assert_eq!(f.stats.snapshot().cache_hits, 2);
+}
+
+#[tokio::test]
+async fn request_size_is_capped() {
+    let f = fixture();
+    let registry = f.source("registry", Behavior::Good);
+    let config = FetchConfig {
+        max_request_bytes: 1, // every chunk on its own
+        ..quick()
+    };
+    let fetcher = f.fetcher(vec![registry.clone()], config);
+    fetcher.ensure(0..3).await.unwrap();
+    assert_eq!(registry.calls.load(Relaxed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_readers_of_one_chunk_trigger_one_fetch() {
+    let f = fixture();
+    let gate = Arc::new(Semaphore::new(0));
+    let registry = f.source("registry", Behavior::Gated(gate.clone()));
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    let readers: Vec<_> = (0..10)
+        .map(|_| {
+            let fetcher = fetcher.clone();
+            tokio::spawn(async move { fetcher.ensure(4..5).await })
+        })
+        .collect();
+    // Every reader is waiting before the single request may answer.
+    while f.stats.snapshot().waiting_reads < 10 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(100);
+    for r in readers {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(registry.calls.load(Relaxed), 1);
+    assert_eq!(f.stats.snapshot().source("registry").unwrap().chunks, 1);
+    f.cached(4);
+}
+
+#[tokio::test]
+async fn corrupt_chunk_is_reported_and_taken_from_the_next_source() {
+    let f = fixture();
+    let peer = f.source("peer", Behavior::Corrupt);
+    let registry = f.source("registry", Behavior::Good);
+    let fetcher = f.fetcher(vec![peer.clone(), registry.clone()], quick());
+    fetcher.ensure(1..2).await.unwrap();
+    f.cached(1);
+    let s = f.stats.snapshot();
+    assert_eq!(s.source("peer").unwrap().corrupt_chunks, 1);
+    assert_eq!(s.source("peer").unwrap().chunks, 0);
+    assert_eq!(s.source("registry").unwrap().chunks, 1);
+}
+
+#[tokio::test]
+async fn corrupt_everywhere_fails_at_once_and_stores_nothing() {
+    let f = fixture();
+    let registry = f.source("registry", Behavior::Corrupt);
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    let err = fetcher.ensure(0..1).await.unwrap_err().to_string();
+    assert!(err.contains("registry: chunk 0 corrupt"), "{err}");
+    assert!(!f.cache.is_present(0));
+    assert_eq!(
+        registry.calls.load(Relaxed),
+        1,
+        "a corrupt source is not asked again"
+    );
+    assert_eq!(
+        f.stats
+            .snapshot()
+            .source("registry")
+            .unwrap()
+            .corrupt_chunks,
+        1
+    );
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried() {
+    let f = fixture();
+    let registry = f.source("registry", Behavior::FailFirst(AtomicU32::new(3)));
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    fetcher.ensure(7..8).await.unwrap();
+    f.cached(7);
+    assert_eq!(registry.calls.load(Relaxed), 4);
+    assert_eq!(f.stats.snapshot().source("registry").unwrap().errors, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_sources_fail_the_read_after_the_deadline_and_say_why() {
+    let f = fixture();
+    let peer = f.source("peer", Behavior::Hang);
+    let registry = f.source("registry", Behavior::FailFirst(AtomicU32::new(u32::MAX)));
+    let config = FetchConfig {
+        request_timeout: Duration::from_secs(2),
+        read_deadline: Duration::from_secs(30),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+        ..quick()
+    };
+    let fetcher = f.fetcher(vec![peer, registry], config);
+    let started = Instant::now();
+    let err = fetcher.ensure(3..4).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(waited <= Duration::from_secs(31), "waited {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(25),
+        "gave up early: {waited:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("layer sha256:test: chunks 3..=3"), "{msg}");
+    assert!(msg.contains("peer: timed out after 2s"), "{msg}");
+    assert!(msg.contains("registry: 503 service unavailable"), "{msg}");
+    assert!(!f.cache.is_present(3));
+    assert_eq!(f.stats.snapshot().waiting_reads, 0);
+
+    // The failed fetch left no stale flight: the next read fetches anew.
+    let again = fetcher.ensure(3..4).await.unwrap_err();
+    assert!(again.to_string().contains("unavailable"));
+}
+
+#[tokio::test]
+async fn no_sources_is_a_clear_error() {
+    let f = fixture();
+    let fetcher = f.fetcher(vec![], quick());
+    let err = fetcher.ensure(0..1).await.unwrap_err().to_string();
+    assert!(err.contains("no sources configured"), "{err}");
+}
