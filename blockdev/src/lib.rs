@@ -2,5 +2,6 @@
 pub mod cache;
 pub mod fetch;
 pub mod format;
+pub mod layer;
 pub mod source;
 pub mod stats;

@@ -4,6 +4,7 @@
 //! no read waits forever.
 
 mod config;
+mod verified_range;
 #[cfg(test)]
 mod tests;
 
@@ -21,6 +22,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{error, warn};
 
 pub use config::FetchConfig;
+pub use verified_range::read_verified;
 
 use crate::cache::{CacheError, ChunkCache};
 use crate::format::Index;
@@ -243,7 +245,7 @@ impl ChunkFetcher {
         let mut reports: Vec<SourceReport> = self
             .sources
             .iter()
-            .map(|_| SourceReport::default())
+            .map(|s| SourceReport::new(&*s.source))
             .collect();
         let mut backoff = self.config.backoff_initial;
         loop {
@@ -264,7 +266,7 @@ impl ChunkFetcher {
                     first,
                     last,
                     elapsed: now - started,
-                    failures: self.describe(&reports),
+                    failures: describe(&reports),
                 });
             }
             tokio::time::sleep(backoff).await;
@@ -397,26 +399,6 @@ impl ChunkFetcher {
                 .collect()
         })
     }
-
-    fn describe(&self, reports: &[SourceReport]) -> String {
-        let mut out = String::new();
-        for (slot, r) in self.sources.iter().zip(reports) {
-            if !out.is_empty() {
-                out.push_str("; ");
-            }
-            let _ = write!(
-                out,
-                "{}: {} ({} attempts)",
-                slot.source.name(),
-                r.last_error.as_deref().unwrap_or("not tried"),
-                r.attempts
-            );
-        }
-        if out.is_empty() {
-            out.push_str("no sources configured");
-        }
-        out
-    }
 }
 
 enum Rejected {
@@ -424,8 +406,8 @@ enum Rejected {
     Cache(CacheError),
 }
 
-#[derive(Default)]
 struct SourceReport {
+    source: String,
     attempts: u32,
     last_error: Option<String>,
     /// Failed in a way retrying will not fix; skipped for the rest of this fetch.
@@ -433,10 +415,40 @@ struct SourceReport {
 }
 
 impl SourceReport {
+    fn new(source: &dyn ChunkSource) -> Self {
+        SourceReport {
+            source: source.name().to_owned(),
+            attempts: 0,
+            last_error: None,
+            given_up: false,
+        }
+    }
+
     fn fail(&mut self, error: String, transient: bool) {
         self.last_error = Some(error);
         self.given_up |= !transient;
     }
+}
+
+/// One line naming what every source did, for the log and the error.
+fn describe(reports: &[SourceReport]) -> String {
+    let mut out = String::new();
+    for r in reports {
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        let _ = write!(
+            out,
+            "{}: {} ({} attempts)",
+            r.source,
+            r.last_error.as_deref().unwrap_or("not tried"),
+            r.attempts
+        );
+    }
+    if out.is_empty() {
+        out.push_str("no sources configured");
+    }
+    out
 }
 
 struct FlightGuard<'a> {

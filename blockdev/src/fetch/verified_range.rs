@@ -1,0 +1,54 @@
+//! One verified range read outside the chunk path (the layer index): the same
+//! source order, timeouts, backoff and deadline as chunk fetches.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use tokio::time::{timeout_at, Instant};
+use tracing::warn;
+
+use super::{describe, FetchConfig, SourceReport};
+use crate::source::ChunkSource;
+
+/// Reads `range` of the blob from the first source whose bytes `verify`
+/// accepts. A rejected answer counts as that source's permanent failure.
+/// On failure returns what every source did.
+pub async fn read_verified<T>(
+    sources: &[Arc<dyn ChunkSource>],
+    config: &FetchConfig,
+    what: &str,
+    range: Range<u64>,
+    verify: impl Fn(&[u8]) -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + config.read_deadline;
+    let mut reports: Vec<SourceReport> = sources.iter().map(|s| SourceReport::new(&**s)).collect();
+    let mut backoff = config.backoff_initial;
+    loop {
+        for (source, report) in sources.iter().zip(&mut reports) {
+            if report.given_up {
+                continue;
+            }
+            report.attempts += 1;
+            let limit = deadline.min(Instant::now() + config.request_timeout);
+            match timeout_at(limit, source.read_range(range.clone())).await {
+                Ok(Ok(bytes)) => match verify(&bytes) {
+                    Ok(value) => return Ok(value),
+                    Err(e) => {
+                        warn!("{what} from source {} rejected: {e}", source.name());
+                        report.fail(format!("rejected: {e}"), false);
+                    }
+                },
+                Ok(Err(e)) => report.fail(e.to_string(), e.is_transient()),
+                Err(_) => report.fail(
+                    format!("timed out after {:?}", config.request_timeout),
+                    true,
+                ),
+            }
+        }
+        if reports.iter().all(|r| r.given_up) || Instant::now() + backoff >= deadline {
+            return Err(describe(&reports));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(config.backoff_max);
+    }
+}
