@@ -90,7 +90,10 @@ impl LazyLayer {
             report.present,
             index.chunk_count(),
             if report.recovered {
-                format!(", recovered after unclean shutdown ({} dropped)", report.dropped)
+                format!(
+                    ", recovered after unclean shutdown ({} dropped)",
+                    report.dropped
+                )
             } else {
                 String::new()
             },
@@ -162,7 +165,11 @@ impl LazyLayer {
     pub async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
         let started = Instant::now();
         let len = self.span(offset, size);
-        let result = match self.fetcher.ensure(self.index.chunks_for(offset, len)).await {
+        let result = match self
+            .fetcher
+            .ensure(self.index.chunks_for(offset, len))
+            .await
+        {
             Ok(()) => self.read_present(offset, len),
             Err(e) => Err(e),
         };
@@ -210,6 +217,11 @@ async fn load_index(
     config: &FetchConfig,
 ) -> Result<(Index, Sha256Digest), LayerError> {
     let path = dir.join(INDEX_FILE);
+    let save_err = |source| LayerError::SaveIndex {
+        digest: src.digest.clone(),
+        path: path.clone(),
+        source,
+    };
     if let Ok(tail) = std::fs::read(&path) {
         if let Ok(parsed) = parse_tail(&tail, src) {
             return Ok(parsed);
@@ -237,7 +249,10 @@ async fn load_index(
         }
         None => {
             let start = src.blob_size.checked_sub(FOOTER_LEN).ok_or_else(|| {
-                index_err(format!("blob size {} is smaller than a footer", src.blob_size))
+                index_err(format!(
+                    "blob size {} is smaller than a footer",
+                    src.blob_size
+                ))
             })?;
             let footer = read_verified(
                 &src.sources,
@@ -264,11 +279,8 @@ async fn load_index(
     )
     .await
     .map_err(index_err)?;
-    save_atomically(&path, &tail).map_err(|source| LayerError::SaveIndex {
-        digest: src.digest.clone(),
-        path: path.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(save_err)?;
+    save_atomically(&path, &tail).map_err(save_err)?;
     Ok(parsed)
 }
 

@@ -1,5 +1,6 @@
 //! The lazy layer core of lazybd.
 pub mod cache;
+pub mod device;
 pub mod fetch;
 pub mod format;
 pub mod layer;

@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+pub mod lazy_layers;
+
 /// Returns false (after a loud message) when the test cannot run because we
 /// are not root; panics in CI, where root tests must run.
 pub fn require_root(test: &str) -> bool {

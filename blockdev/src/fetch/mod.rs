@@ -4,9 +4,9 @@
 //! no read waits forever.
 
 mod config;
-mod verified_range;
 #[cfg(test)]
 mod tests;
+mod verified_range;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

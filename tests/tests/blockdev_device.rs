@@ -1,0 +1,328 @@
+//! The lazy block device against the real kernel: FUSE file -> loop -> EROFS,
+//! attach/detach through `LayerManager`, with sources that work, die, hang or
+//! corrupt data. Real mounts, so root only.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lazybd_blockdev::device::{AttachStep, DeviceError, LayerManager, NodeConfig};
+use lazybd_blockdev::fetch::FetchConfig;
+use lazybd_blockdev::source::ChunkSource;
+use lazybd_tests::lazy_layers::{leftovers, walk, BlobFile, ControlledSource};
+use lazybd_tests::require_root;
+
+const CHUNK: u32 = 64 << 10;
+
+/// A small tree: text files, a 3 MiB pseudo-random file spanning many
+/// chunks, a symlink, an empty dir.
+fn make_tree(dir: &Path) {
+    std::fs::create_dir_all(dir.join("etc/conf.d")).unwrap();
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    std::fs::write(dir.join("etc/hostname"), "lazybd\n").unwrap();
+    std::fs::write(dir.join("etc/conf.d/app.conf"), "key = value\n".repeat(300)).unwrap();
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let big: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(dir.join("big.bin"), big).unwrap();
+    std::os::unix::fs::symlink("etc/hostname", dir.join("link")).unwrap();
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    tree: std::path::PathBuf,
+    blob: BlobFile,
+    root: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    make_tree(&tree);
+    let blob = BlobFile::from_tree(&tree, tmp.path(), CHUNK);
+    let root = tmp.path().join("node");
+    Setup {
+        tree,
+        blob,
+        root,
+        _tmp: tmp,
+    }
+}
+
+fn config(root: &Path) -> NodeConfig {
+    let mut c = NodeConfig::new(root);
+    c.fetch = FetchConfig {
+        request_timeout: Duration::from_millis(500),
+        read_deadline: Duration::from_secs(3),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        ..FetchConfig::default()
+    };
+    c
+}
+
+fn assert_same_tree(expected: &Path, actual: &Path) {
+    let paths = walk(expected);
+    assert_eq!(paths, walk(actual), "path lists differ");
+    for p in paths {
+        let (e, a) = (expected.join(&p), actual.join(&p));
+        let (em, am) = (
+            std::fs::symlink_metadata(&e).unwrap(),
+            std::fs::symlink_metadata(&a).unwrap(),
+        );
+        assert_eq!(em.mode(), am.mode(), "{}: mode", p.display());
+        if !em.is_dir() {
+            assert_eq!(em.size(), am.size(), "{}: size", p.display());
+        }
+        if em.is_file() {
+            assert!(
+                std::fs::read(&e).unwrap() == std::fs::read(&a).unwrap(),
+                "{}: content",
+                p.display()
+            );
+        } else if em.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&e).unwrap(),
+                std::fs::read_link(&a).unwrap()
+            );
+        }
+    }
+}
+
+fn assert_clean(root: &Path) {
+    let (mounts, loops) = leftovers(root);
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    assert!(loops.is_empty(), "loop devices left: {loops:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_serves_the_layer_lazily_and_detach_leaves_nothing() {
+    if !require_root("attach_serves_the_layer_lazily_and_detach_leaves_nothing") {
+        return;
+    }
+    let s = setup();
+    let manager = LayerManager::new(config(&s.root)).unwrap();
+    let attached = manager
+        .attach(s.blob.source_with(vec![s.blob.file_source()]))
+        .await
+        .unwrap();
+    assert!(attached
+        .loop_device
+        .to_string_lossy()
+        .starts_with("/dev/loop"));
+    let after_mount = manager.stats().chunks_fetched();
+    let total = s.blob.written.index.chunk_count();
+    assert!(
+        after_mount < total / 2,
+        "mount fetched {after_mount} of {total} chunks"
+    );
+
+    // One small file costs a few chunks, not the layer.
+    let hostname = std::fs::read_to_string(attached.mountpoint.join("etc/hostname")).unwrap();
+    assert_eq!(hostname, "lazybd\n");
+    let after_small = manager.stats().chunks_fetched();
+    assert!(
+        after_small - after_mount <= 2,
+        "small read fetched {} chunks",
+        after_small - after_mount
+    );
+
+    assert_same_tree(&s.tree, &attached.mountpoint);
+    let status = manager.layers();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].chunks_total, total);
+    assert!(status[0].chunks_present > after_small);
+
+    // Attach is idempotent.
+    let again = manager
+        .attach(s.blob.source_with(vec![s.blob.file_source()]))
+        .await
+        .unwrap();
+    assert_eq!(again, attached);
+
+    manager.detach(&s.blob.digest).await.unwrap();
+    manager.detach(&s.blob.digest).await.unwrap(); // no-op
+    assert!(manager.layers().is_empty());
+    assert!(!attached.mountpoint.exists());
+    let (mounts, loops) = leftovers(&s.root);
+    assert_eq!(
+        mounts,
+        [s.root.join("fuse")],
+        "only the FUSE dir stays mounted"
+    );
+    assert!(loops.is_empty(), "loop devices left: {loops:?}");
+    manager.shutdown().await.unwrap();
+    assert_clean(&s.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reattach_after_restart_serves_from_the_cache_offline() {
+    if !require_root("reattach_after_restart_serves_from_the_cache_offline") {
+        return;
+    }
+    let s = setup();
+    let manager = LayerManager::new(config(&s.root)).unwrap();
+    let attached = manager
+        .attach(s.blob.source_with(vec![s.blob.file_source()]))
+        .await
+        .unwrap();
+    assert_same_tree(&s.tree, &attached.mountpoint);
+    manager.shutdown().await.unwrap();
+    assert_clean(&s.root);
+
+    // Same root, sources all down: the index and every chunk come from disk.
+    let manager = LayerManager::new(config(&s.root)).unwrap();
+    let dead = Arc::new(ControlledSource::new(&s.blob, None));
+    dead.up.store(false, Ordering::SeqCst);
+    let attached = manager
+        .attach(s.blob.source_with(vec![dead as Arc<dyn ChunkSource>]))
+        .await
+        .unwrap();
+    assert_same_tree(&s.tree, &attached.mountpoint);
+    let stats = manager.stats();
+    assert_eq!(stats.chunks_fetched(), 0);
+    assert_eq!(stats.cache_misses, 0);
+    manager.shutdown().await.unwrap();
+    assert_clean(&s.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_down_fails_reads_with_eio_after_the_deadline() {
+    if !require_root("source_down_fails_reads_with_eio_after_the_deadline") {
+        return;
+    }
+    let s = setup();
+    let manager = LayerManager::new(config(&s.root)).unwrap();
+    let source = Arc::new(ControlledSource::new(&s.blob, None));
+    let attached = manager
+        .attach(
+            s.blob
+                .source_with(vec![source.clone() as Arc<dyn ChunkSource>]),
+        )
+        .await
+        .unwrap();
+    source.hang.store(true, Ordering::SeqCst);
+    source.up.store(false, Ordering::SeqCst);
+    let big = attached.mountpoint.join("big.bin");
+    let started = Instant::now();
+    let err = tokio::task::spawn_blocking(move || std::fs::read(big))
+        .await
+        .unwrap()
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "failed too early: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+    let stats = manager.stats();
+    assert!(stats.read_errors >= 1);
+    assert_eq!(stats.waiting_reads, 0, "no read left hanging");
+
+    // Back up: the same file reads fine (failed fetches left no stale state).
+    source.up.store(true, Ordering::SeqCst);
+    let big = attached.mountpoint.join("big.bin");
+    let data = tokio::task::spawn_blocking(move || std::fs::read(big))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(data, std::fs::read(s.tree.join("big.bin")).unwrap());
+    manager.shutdown().await.unwrap();
+    assert_clean(&s.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_chunks_are_never_served() {
+    if !require_root("corrupt_chunks_are_never_served") {
+        return;
+    }
+    let s = setup();
+    let manager = LayerManager::new(config(&s.root)).unwrap();
+    // Chunks in the second half of the data area come back damaged.
+    let data_len = s.blob.written.index.data_len;
+    let source = Arc::new(ControlledSource::new(&s.blob, Some(data_len / 2..data_len)));
+    let attached = manager
+        .attach(s.blob.source_with(vec![source as Arc<dyn ChunkSource>]))
+        .await
+        .unwrap();
+    let big = attached.mountpoint.join("big.bin");
+    let err = tokio::task::spawn_blocking(move || std::fs::read(big))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    let stats = manager.stats();
+    let src = stats.source("controlled").unwrap();
+    assert!(src.corrupt_chunks >= 1, "{stats:?}");
+    // No damaged chunk reached the cache: the cache file holds zeros (a
+    // hole) wherever a chunk was refused.
+    let index = &s.blob.written.index;
+    assert!(manager.layers()[0].chunks_present < index.chunk_count());
+    manager.shutdown().await.unwrap();
+    assert_clean(&s.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_attach_at_any_step_leaves_nothing() {
+    if !require_root("failed_attach_at_any_step_leaves_nothing") {
+        return;
+    }
+    let s = setup();
+    for step in [
+        AttachStep::FuseFile,
+        AttachStep::Loop,
+        AttachStep::Mount,
+        AttachStep::Register,
+    ] {
+        let mut c = config(&s.root);
+        c.fail_attach_at = Some(step);
+        let manager = LayerManager::new(c).unwrap();
+        let err = manager
+            .attach(s.blob.source_with(vec![s.blob.file_source()]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DeviceError::Injected { step: s, .. } if s == step),
+            "{err}"
+        );
+        assert!(manager.layers().is_empty());
+        let (mounts, loops) = leftovers(&s.root);
+        assert_eq!(mounts, [s.root.join("fuse")], "after failing at {step:?}");
+        assert!(loops.is_empty(), "after failing at {step:?}: {loops:?}");
+        assert!(!s
+            .root
+            .join("mnt")
+            .join(s.blob.digest.replace(':', "-"))
+            .exists());
+        manager.shutdown().await.unwrap();
+        assert_clean(&s.root);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_index_location_is_a_clear_error() {
+    if !require_root("bad_index_location_is_a_clear_error") {
+        return;
+    }
+    let s = setup();
+    let manager = LayerManager::new(config(&s.root)).unwrap();
+    let mut src = s.blob.source_with(vec![s.blob.file_source()]);
+    src.index_location = Some((1, 2));
+    let err = manager.attach(src).await.unwrap_err().to_string();
+    assert!(err.contains("do not fit the blob size"), "{err}");
+    manager.shutdown().await.unwrap();
+    assert_clean(&s.root);
+}
+
+fn libc_eio() -> i32 {
+    nix::errno::Errno::EIO as i32
+}
