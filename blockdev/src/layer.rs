@@ -142,8 +142,15 @@ impl LazyLayer {
     }
 
     /// Serves the read from the cache file if every chunk it touches is
-    /// present; `None` means it must wait for a fetch (use [`read`](Self::read)).
-    pub fn read_cached(&self, offset: u64, size: u32) -> Option<Result<Vec<u8>, ReadError>> {
+    /// present, into `buf[..n]` (returns `n`); `None` means it must wait for
+    /// a fetch (use [`read`](Self::read)). `buf` only ever grows, so a reused
+    /// buffer is neither reallocated nor zeroed on the hot path.
+    pub fn read_cached(
+        &self,
+        offset: u64,
+        size: u32,
+        buf: &mut Vec<u8>,
+    ) -> Option<Result<usize, ReadError>> {
         let started = Instant::now();
         let len = self.span(offset, size);
         let chunks = self.index.chunks_for(offset, len);
@@ -154,7 +161,12 @@ impl LazyLayer {
             chunks.end - chunks.start,
             std::sync::atomic::Ordering::Relaxed,
         );
-        let result = self.read_present(offset, len);
+        if buf.len() < len as usize {
+            buf.resize(len as usize, 0);
+        }
+        let result = self
+            .read_present(offset, &mut buf[..len as usize])
+            .map(|()| len as usize);
         self.stats
             .record_read(started.elapsed(), len, result.is_ok());
         Some(result)
@@ -170,7 +182,10 @@ impl LazyLayer {
             .ensure(self.index.chunks_for(offset, len))
             .await
         {
-            Ok(()) => self.read_present(offset, len),
+            Ok(()) => {
+                let mut buf = vec![0u8; len as usize];
+                self.read_present(offset, &mut buf).map(|()| buf)
+            }
             Err(e) => Err(e),
         };
         self.stats
@@ -178,15 +193,13 @@ impl LazyLayer {
         result
     }
 
-    fn read_present(&self, offset: u64, len: u64) -> Result<Vec<u8>, ReadError> {
-        let mut buf = vec![0u8; len as usize];
+    fn read_present(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         self.cache
-            .read_at(&mut buf, offset)
+            .read_at(buf, offset)
             .map_err(|source| ReadError::Cache {
                 layer: self.digest.clone(),
                 source,
-            })?;
-        Ok(buf)
+            })
     }
 
     /// Makes the cache bitmap durable up to now (called periodically).

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEntry, ReplyOpen, Request,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
 };
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
@@ -147,6 +147,12 @@ impl Filesystem for LayerFs {
         // Readahead requests are "background" requests; the default of 16 in
         // flight starves a fast sequential reader.
         let _ = config.set_max_background(64);
+        // With loop direct IO, the loop device's reads become direct reads of
+        // our file; async DIO lets the kernel keep several in flight instead
+        // of one synchronous request at a time.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
+            debug!("fuse init: kernel lacks {missing:?}");
+        }
         debug!("fuse init: max_readahead {readahead}");
         Ok(())
     }
@@ -201,13 +207,19 @@ impl Filesystem for LayerFs {
         let Some(file) = self.0.by_ino(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        if let Some(result) = file.layer.read_cached(offset, size) {
-            return send(&file, offset, result, reply);
-        }
-        self.0.runtime.spawn(async move {
-            let result = file.layer.read(offset, size).await;
-            send(&file, offset, result, reply);
+        let mut reply = Some(reply);
+        READ_BUF.with_borrow_mut(|buf| {
+            if let Some(result) = file.layer.read_cached(offset, size, buf) {
+                let data = result.as_ref().map(|&n| &buf[..n]);
+                send(&file, offset, data, reply.take().expect("unanswered"));
+            }
         });
+        if let Some(reply) = reply {
+            self.0.runtime.spawn(async move {
+                let result = file.layer.read(offset, size).await;
+                send(&file, offset, result.as_deref(), reply);
+            });
+        }
     }
 
     fn readdir(
@@ -248,14 +260,19 @@ impl Filesystem for LayerFs {
     }
 }
 
+thread_local! {
+    /// Each FUSE thread's buffer for reads served from the cache.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn send(
     file: &LayerFile,
     offset: u64,
-    result: Result<Vec<u8>, crate::fetch::ReadError>,
+    result: Result<&[u8], &crate::fetch::ReadError>,
     reply: ReplyData,
 ) {
     match result {
-        Ok(data) => reply.data(&data),
+        Ok(data) => reply.data(data),
         Err(e) => {
             // The fetcher already logged the cause in full; this line ties it
             // to the read the kernel saw fail.
