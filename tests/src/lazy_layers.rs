@@ -149,3 +149,41 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
     go(root, root, &mut out);
     out
 }
+
+/// Writes an OCI image layout at `dir` whose one manifest lists `layers`
+/// (bottom first) with `media_type` and the lazybd annotations, as
+/// docs/format.md specifies them.
+pub fn write_layout(dir: &Path, layers: &[&BlobFile], media_type: &str) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("create layout");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let digest = hex(&lazybd_blockdev::format::sha256(bytes));
+        std::fs::write(blobs.join(&digest), bytes).unwrap();
+        (format!("sha256:{digest}"), bytes.len())
+    };
+    let diff_ids: Vec<String> = layers.iter().map(|l| format!("\"{}\"", l.digest)).collect();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
+    );
+    let (config_digest, config_len) = put(config.as_bytes());
+    let mut descs = Vec::new();
+    for l in layers {
+        std::fs::copy(&l.path, blobs.join(l.digest.trim_start_matches("sha256:"))).unwrap();
+        let f = &l.written.footer;
+        descs.push(format!(
+            r#"{{"mediaType":"{media_type}","digest":"{}","size":{},"annotations":{{"dev.lazybd.layer.version":"1","dev.lazybd.layer.index-offset":"{}","dev.lazybd.layer.index-length":"{}"}}}}"#,
+            l.digest, l.written.blob_len, f.index_offset, f.index_length
+        ));
+    }
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{config_len}}},"layers":[{}]}}"#,
+        descs.join(",")
+    );
+    let (m_digest, m_len) = put(manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m_digest}","size":{m_len},"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#
+    );
+    std::fs::write(dir.join("index.json"), index).unwrap();
+}

@@ -121,7 +121,7 @@ pub struct AttachedLayer {
     pub image_size: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LayerStatus {
     pub digest: String,
     pub mountpoint: PathBuf,
@@ -279,7 +279,7 @@ impl LayerManager {
         let result = tokio::task::spawn_blocking(move || teardown(attached, &files))
             .await
             .map_err(|e| DeviceError::Task(e.to_string()))?;
-        match result {
+        match result.map_err(|b| *b) {
             Ok(()) => {
                 info!("detached layer {digest}");
                 Ok(())
@@ -443,27 +443,27 @@ impl Exposing {
 
 /// Unmounts EROFS, waits for the loop device to clear, removes the FUSE file
 /// and closes the cache. A busy mount hands the layer back untouched.
-fn teardown(a: Attached, files: &LayerFiles) -> Result<(), (DeviceError, Option<Attached>)> {
+fn teardown(a: Attached, files: &LayerFiles) -> Result<(), Box<(DeviceError, Option<Attached>)>> {
     if let Err(source) = mounts::unmount(&a.info.mountpoint, false) {
         let err = DeviceError::Step {
             digest: a.info.digest.clone(),
             step: "unmount EROFS",
             source,
         };
-        return Err((err, Some(a)));
+        return Err(Box::new((err, Some(a))));
     }
     let _ = std::fs::remove_dir(&a.info.mountpoint);
     let cleared = a.loop_dev.release(&a.fuse_file, LOOP_CLEAR_WAIT);
     files.remove(&a.name);
     close_layer(a.layer);
     if !cleared {
-        return Err((
+        return Err(Box::new((
             DeviceError::LoopStillAttached {
                 digest: a.info.digest,
                 device: a.info.loop_device,
             },
             None,
-        ));
+        )));
     }
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! Rollback for multi-step setup: each step registers how to undo itself; if
 //! the setup does not finish, the undos run in reverse order.
 
+type Step = (&'static str, Box<dyn FnOnce() + Send>);
+
 pub struct Undo {
-    steps: Vec<(&'static str, Box<dyn FnOnce() + Send>)>,
+    steps: Vec<Step>,
 }
 
 impl Undo {

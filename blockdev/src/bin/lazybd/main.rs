@@ -1,0 +1,41 @@
+//! `lazybd`: convert images to lazy layers, mount them lazily, inspect them.
+
+mod image_layers;
+mod mount;
+mod mount_control;
+mod stats;
+mod umount;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "lazybd",
+    version,
+    about = "lazy block-device container image layers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Mount(mount::Args),
+    Umount(umount::Args),
+    Stats(stats::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Mount(a) => mount::run(a),
+        Command::Umount(a) => umount::run(a),
+        Command::Stats(a) => stats::run(a),
+    }
+}

@@ -1,0 +1,249 @@
+//! `lazybd mount IMAGE DIR`: attach every layer of a converted image as a
+//! lazy block device and stack them read-only with overlayfs at DIR.
+//!
+//! The process that serves FUSE must keep running while DIR is mounted. By
+//! default `lazybd mount` starts itself again in the background (new session,
+//! log in ROOT/mounts/<id>/mount.log), waits until the mount is ready or has
+//! failed, and returns; `--foreground` serves in the calling process. Either
+//! way `lazybd umount DIR` unmounts everything and stops it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use lazybd_blockdev::device::{mounts, LayerManager, NodeConfig};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use crate::image_layers;
+use crate::mount_control::{MountState, StatusReply, DEFAULT_ROOT};
+
+/// Lazily mount every layer of a converted image, stacked read-only at DIR.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The converted image: an OCI image layout directory, `DIR` or `DIR:TAG`.
+    image: String,
+    /// Existing directory to mount the image at.
+    dir: PathBuf,
+    /// State, chunk caches and the daemon's log live under ROOT/mounts/<id>/.
+    #[arg(long, default_value = DEFAULT_ROOT)]
+    root: PathBuf,
+    /// Serve in this process (log to stderr) instead of in the background.
+    #[arg(long)]
+    foreground: bool,
+    /// Reads that cannot be served within this many seconds (all sources
+    /// down) fail with EIO instead of hanging.
+    #[arg(long, default_value_t = 60)]
+    read_deadline: u64,
+    /// Internal: the background child; reports readiness on stdout.
+    #[arg(long, hide = true)]
+    daemon_child: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if !args.foreground && !args.daemon_child {
+        return daemonize(&args);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let daemon_child = args.daemon_child;
+    let result = runtime.block_on(serve(args));
+    if let (true, Err(e)) = (daemon_child, &result) {
+        // The waiting parent shows this line to the user.
+        println!("error: {e:#}");
+    }
+    result
+}
+
+/// Starts the background child and waits for its first line: `ready`, or
+/// nothing (it failed; its log says why).
+fn daemonize(args: &Args) -> Result<()> {
+    let state = MountState::for_target(&args.root, &args.dir)?;
+    std::fs::create_dir_all(&state.dir)
+        .with_context(|| format!("creating {}", state.dir.display()))?;
+    let log = std::fs::File::create(state.log())
+        .with_context(|| format!("creating {}", state.log().display()))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("mount")
+        .arg("--daemon-child")
+        .arg("--root")
+        .arg(&args.root)
+        .arg("--read-deadline")
+        .arg(args.read_deadline.to_string())
+        .arg(&args.image)
+        .arg(&args.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our
+    // terminal and process group so it outlives this command.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(Into::into));
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped stdout");
+    BufReader::new(stdout).read_line(&mut line)?;
+    let line = line.trim_end();
+    if line == "ready" {
+        println!(
+            "mounted {} at {} (daemon pid {}, log {}); stop it with `lazybd umount {}`",
+            args.image,
+            args.dir.display(),
+            child.id(),
+            state.log().display(),
+            args.dir.display()
+        );
+        return Ok(());
+    }
+    let status = child.wait()?;
+    let reason = line.strip_prefix("error: ").unwrap_or("no reason given");
+    bail!(
+        "mount failed ({status}): {reason}\n(log: {})",
+        state.log().display()
+    )
+}
+
+async fn serve(args: Args) -> Result<()> {
+    let state = MountState::for_target(&args.root, &args.dir)?;
+    let target = args.dir.canonicalize()?;
+    if state.request("stats", Duration::from_secs(2))?.is_some() {
+        bail!("{} is already lazily mounted", target.display());
+    }
+    if mounts::is_mount_point(&target)? {
+        bail!("{} is already a mount point", target.display());
+    }
+    let layers = image_layers::resolve(&args.image)?;
+    std::fs::create_dir_all(&state.dir)?;
+    let mut config = NodeConfig::new(state.node_root());
+    config.fetch.read_deadline = Duration::from_secs(args.read_deadline);
+    let manager = LayerManager::new(config)?;
+
+    let mounted = async {
+        let mut lowers = Vec::new();
+        for layer in layers {
+            lowers.push(manager.attach(layer).await?.mountpoint);
+        }
+        lowers.reverse(); // overlayfs wants the top layer first
+        mounts::mount_stack(&lowers, &target)?;
+        anyhow::Ok(lowers.len())
+    }
+    .await;
+    let layer_count = match mounted {
+        Ok(n) => n,
+        Err(e) => {
+            if let Err(e) = manager.shutdown().await {
+                error!("cleaning up after the failed mount: {e}");
+            }
+            return Err(e);
+        }
+    };
+    let _ = std::fs::remove_file(state.socket());
+    let listener = UnixListener::bind(state.socket())
+        .with_context(|| format!("binding {}", state.socket().display()))?;
+    std::fs::write(
+        state.dir.join("target"),
+        target.as_os_str().as_encoded_bytes(),
+    )?;
+    info!(
+        "mounted {} ({layer_count} layers) at {}",
+        args.image,
+        target.display()
+    );
+    if args.daemon_child {
+        println!("ready");
+        std::io::stdout().flush()?;
+        // Nobody reads our stdout any more.
+        let devnull = std::fs::File::open("/dev/null")?;
+        nix::unistd::dup2_stdout(devnull)?;
+    }
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let requester = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                match handle(stream, &args.image, &target, &manager).await {
+                    Ok(Some(stream)) => {
+                        // A shutdown request: unmount the stack first; if it is
+                        // busy, say so and keep serving.
+                        match mounts::unmount(&target, false) {
+                            Ok(()) => break Some(stream),
+                            Err(e) => reply(stream, &format!("error: {e}")).await,
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!("control request: {e:#}"),
+                }
+            }
+            _ = sigterm.recv() => break None,
+            _ = sigint.recv() => break None,
+        }
+    };
+    if requester.is_none() {
+        // A signal: the stack may be busy; detach it lazily so the layers
+        // below can go.
+        if let Err(e) = mounts::unmount(&target, false) {
+            warn!("{e}; detaching lazily");
+            let _ = mounts::unmount(&target, true);
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(state.socket());
+    let result = manager.shutdown().await;
+    let _ = std::fs::remove_file(state.dir.join("target"));
+    info!("unmounted {}", target.display());
+    if let Some(stream) = requester {
+        let text = match &result {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("error: {e}"),
+        };
+        reply(stream, &text).await;
+    }
+    result.map_err(Into::into)
+}
+
+/// Answers one request; returns the stream back for a shutdown request.
+async fn handle(
+    stream: UnixStream,
+    image: &str,
+    target: &Path,
+    manager: &LayerManager,
+) -> Result<Option<UnixStream>> {
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut line))
+        .await
+        .context("request timed out")??;
+    let stream = stream.into_inner();
+    match line.trim_end() {
+        "stats" => {
+            let status = StatusReply {
+                image: image.to_owned(),
+                target: target.to_owned(),
+                pid: std::process::id(),
+                layers: manager.layers(),
+                stats: manager.stats(),
+            };
+            reply(stream, &serde_json::to_string(&status)?).await;
+            Ok(None)
+        }
+        "shutdown" => Ok(Some(stream)),
+        other => {
+            reply(stream, &format!("error: unknown request {other:?}")).await;
+            Ok(None)
+        }
+    }
+}
+
+async fn reply(mut stream: UnixStream, text: &str) {
+    let _ = stream.write_all(format!("{text}\n").as_bytes()).await;
+}

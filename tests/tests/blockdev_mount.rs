@@ -1,0 +1,217 @@
+//! `lazybd mount` / `stats` / `umount` as a user runs them: a two-layer
+//! converted image in an OCI layout, mounted lazily in the background,
+//! compared with the merged tree, then unmounted without leftovers.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+
+use lazybd_tests::lazy_layers::{leftovers, walk, write_layout, BlobFile};
+use lazybd_tests::{bin_path, require_root};
+
+const LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
+
+fn lazybd(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut cmd = Command::new(bin_path("lazybd"));
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().expect("run lazybd")
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "lazybd failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Lower layer: a few files and a dir; upper layer: replaces one file,
+/// deletes another with an overlayfs whiteout, adds a big file.
+fn build_layers(tmp: &Path) -> (BlobFile, BlobFile, std::path::PathBuf) {
+    let lower = tmp.join("lower");
+    std::fs::create_dir_all(lower.join("etc")).unwrap();
+    std::fs::create_dir_all(lower.join("usr/bin")).unwrap();
+    std::fs::write(lower.join("etc/os-release"), "ID=lower\n").unwrap();
+    std::fs::write(lower.join("etc/gone"), "deleted above\n").unwrap();
+    std::fs::write(lower.join("usr/bin/tool"), vec![7u8; 300_000]).unwrap();
+    let upper = tmp.join("upper");
+    std::fs::create_dir_all(upper.join("etc")).unwrap();
+    std::fs::write(upper.join("etc/os-release"), "ID=upper\n").unwrap();
+    nix::sys::stat::mknod(
+        &upper.join("etc/gone"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    let big: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(upper.join("big.bin"), &big).unwrap();
+
+    // The expected merged view.
+    let merged = tmp.join("merged");
+    std::fs::create_dir_all(merged.join("etc")).unwrap();
+    std::fs::create_dir_all(merged.join("usr/bin")).unwrap();
+    std::fs::write(merged.join("etc/os-release"), "ID=upper\n").unwrap();
+    std::fs::write(merged.join("usr/bin/tool"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(merged.join("big.bin"), &big).unwrap();
+
+    let (lo, up) = (tmp.join("lo"), tmp.join("up"));
+    std::fs::create_dir_all(&lo).unwrap();
+    std::fs::create_dir_all(&up).unwrap();
+    (
+        BlobFile::from_tree(&lower, &lo, 64 << 10),
+        BlobFile::from_tree(&upper, &up, 64 << 10),
+        merged,
+    )
+}
+
+#[test]
+fn mount_stats_umount_round_trip() {
+    if !require_root("mount_stats_umount_round_trip") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (lower, upper, merged) = build_layers(tmp.path());
+    let layout = tmp.path().join("image");
+    write_layout(&layout, &[&lower, &upper], LAZYBD_LAYER);
+    let root = tmp.path().join("state");
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    let image = format!("{}:latest", layout.display());
+
+    let out = ok(&lazybd(&[&"mount", &"--root", &root, &image, &dir]));
+    assert!(out.contains("mounted"), "{out}");
+
+    // A second mount at the same place is refused.
+    let again = lazybd(&[&"mount", &"--root", &root, &image, &dir]);
+    assert!(!again.status.success());
+
+    let paths = walk(&merged);
+    assert_eq!(paths, walk(&dir));
+    for p in &paths {
+        let (e, a) = (merged.join(p), dir.join(p));
+        let (em, am) = (
+            std::fs::metadata(&e).unwrap(),
+            std::fs::metadata(&a).unwrap(),
+        );
+        if em.is_file() {
+            assert_eq!(em.size(), am.size(), "{}", p.display());
+            assert!(
+                std::fs::read(&e).unwrap() == std::fs::read(&a).unwrap(),
+                "{}",
+                p.display()
+            );
+        }
+    }
+    assert!(
+        !dir.join("etc/gone").exists(),
+        "whiteout hides the lower file"
+    );
+
+    let json = ok(&lazybd(&[&"stats", &"--root", &root, &"--json", &dir]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["layers"].as_array().unwrap().len(), 2);
+    let layout_src = v["stats"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "layout")
+        .unwrap();
+    assert!(layout_src["chunks"].as_u64().unwrap() > 0);
+    let human = ok(&lazybd(&[&"stats", &"--root", &root, &dir]));
+    assert!(human.contains("read latency"), "{human}");
+
+    let out = ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
+    assert!(out.contains("unmounted"), "{out}");
+    let (mounts, loops) = leftovers(tmp.path());
+    assert!(mounts.is_empty(), "{mounts:?}");
+    assert!(loops.is_empty(), "{loops:?}");
+    assert!(
+        std::fs::read_dir(&dir).unwrap().next().is_none(),
+        "mount dir is empty again"
+    );
+
+    // Remounting reuses the caches: nothing is fetched for what was read.
+    ok(&lazybd(&[&"mount", &"--root", &root, &image, &dir]));
+    assert_eq!(
+        std::fs::read(dir.join("big.bin")).unwrap(),
+        std::fs::read(merged.join("big.bin")).unwrap()
+    );
+    let json = ok(&lazybd(&[&"stats", &"--root", &root, &"--json", &dir]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["stats"]["cache_misses"], 0, "{json}");
+    ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
+    let (mounts, loops) = leftovers(tmp.path());
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "{mounts:?} {loops:?}"
+    );
+}
+
+#[test]
+fn mounting_a_non_lazybd_image_is_a_clear_error() {
+    if !require_root("mounting_a_non_lazybd_image_is_a_clear_error") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (lower, _, _) = build_layers(tmp.path());
+    let layout = tmp.path().join("image");
+    write_layout(
+        &layout,
+        &[&lower],
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+    );
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    let root = tmp.path().join("state");
+    let out = lazybd(&[&"mount", &"--root", &root, &layout, &dir]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a lazybd image"), "{err}");
+    let (mounts, loops) = leftovers(tmp.path());
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "{mounts:?} {loops:?}"
+    );
+}
+
+#[test]
+fn umount_cleans_up_after_a_killed_daemon() {
+    if !require_root("umount_cleans_up_after_a_killed_daemon") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (lower, upper, _) = build_layers(tmp.path());
+    let layout = tmp.path().join("image");
+    write_layout(&layout, &[&lower, &upper], LAZYBD_LAYER);
+    let root = tmp.path().join("state");
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    ok(&lazybd(&[&"mount", &"--root", &root, &layout, &dir]));
+    let json = ok(&lazybd(&[&"stats", &"--root", &root, &"--json", &dir]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Wait for it to be gone (its FUSE connection dies with it).
+    for _ in 0..500 {
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
+    assert!(out.contains("unmounted"), "{out}");
+    let (mounts, loops) = leftovers(tmp.path());
+    assert!(mounts.is_empty(), "{mounts:?}");
+    assert!(loops.is_empty(), "{loops:?}");
+}
