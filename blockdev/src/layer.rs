@@ -79,11 +79,25 @@ impl LazyLayer {
     ) -> Result<Self, LayerError> {
         let (index, index_digest) = load_index(dir, &src, &config).await?;
         let index = Arc::new(index);
-        let (cache, report) =
-            ChunkCache::open(dir, &index, index_digest).map_err(|source| LayerError::Cache {
-                digest: src.digest.clone(),
-                source,
-            })?;
+        // Opening may re-hash the whole cache after a crash: not on the
+        // async threads.
+        let (cache_dir, cache_index) = (dir.to_owned(), index.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            ChunkCache::open(&cache_dir, &cache_index, index_digest)
+        })
+        .await
+        .map_err(|e| LayerError::Cache {
+            digest: src.digest.clone(),
+            source: CacheError::Io {
+                path: dir.to_owned(),
+                op: "open task",
+                source: std::io::Error::other(e.to_string()),
+            },
+        })?;
+        let (cache, report) = opened.map_err(|source| LayerError::Cache {
+            digest: src.digest.clone(),
+            source,
+        })?;
         info!(
             "layer {}: cache opened: {} of {} chunks present{}{}",
             src.digest,
