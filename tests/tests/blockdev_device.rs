@@ -34,6 +34,22 @@ fn make_tree(dir: &Path) {
         .collect();
     std::fs::write(dir.join("big.bin"), big).unwrap();
     std::os::unix::fs::symlink("etc/hostname", dir.join("link")).unwrap();
+    // Ownership, setuid, a device node and a hardlink survive the trip.
+    std::os::unix::fs::chown(dir.join("big.bin"), Some(1000), Some(1001)).unwrap();
+    std::fs::write(dir.join("suid"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        dir.join("suid"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+    )
+    .unwrap();
+    nix::sys::stat::mknod(
+        &dir.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    std::fs::hard_link(dir.join("etc/hostname"), dir.join("hostname.hard")).unwrap();
 }
 
 struct Setup {
@@ -79,8 +95,16 @@ fn assert_same_tree(expected: &Path, actual: &Path) {
             std::fs::symlink_metadata(&a).unwrap(),
         );
         assert_eq!(em.mode(), am.mode(), "{}: mode", p.display());
+        assert_eq!(
+            (em.uid(), em.gid()),
+            (am.uid(), am.gid()),
+            "{}: owner",
+            p.display()
+        );
         if !em.is_dir() {
             assert_eq!(em.size(), am.size(), "{}: size", p.display());
+            assert_eq!(em.rdev(), am.rdev(), "{}: rdev", p.display());
+            assert_eq!(em.nlink(), am.nlink(), "{}: nlink", p.display());
         }
         if em.is_file() {
             assert!(
