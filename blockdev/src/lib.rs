@@ -1,8 +1,10 @@
 //! The lazy layer core of lazybd.
 pub mod cache;
+pub mod convert;
 pub mod device;
 pub mod fetch;
 pub mod format;
 pub mod layer;
+pub mod oci;
 pub mod source;
 pub mod stats;

@@ -1,8 +1,12 @@
 //! `lazybd`: convert images to lazy layers, mount them lazily, inspect them.
 
+mod convert;
 mod image_layers;
+mod image_ref;
+mod inspect;
 mod mount;
 mod mount_control;
+mod registry_args;
 mod stats;
 mod umount;
 
@@ -21,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Convert(convert::Args),
+    Inspect(inspect::Args),
     Mount(mount::Args),
     Umount(umount::Args),
     Stats(stats::Args),
@@ -34,6 +40,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Convert(a) => convert::run(a),
+        Command::Inspect(a) => inspect::run(a),
         Command::Mount(a) => mount::run(a),
         Command::Umount(a) => umount::run(a),
         Command::Stats(a) => stats::run(a),

@@ -1,0 +1,362 @@
+//! `lazybd convert`: an OCI image -> the same image with lazybd layers.
+//!
+//! For each layer: fetch the blob, convert it (see [`layer`]), store it at
+//! the destination; then write the config with the new diff_ids and the
+//! manifest with the lazybd media type and annotations of docs/format.md.
+//! Output depends only on the input image and the chunk size.
+
+pub mod erofs;
+pub mod layer;
+pub mod store;
+pub mod unpack;
+
+use std::fs::File;
+use std::io::{self, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tracing::info;
+
+use crate::oci::layout::LayoutError;
+use crate::oci::{
+    canonical_json, is_manifest_list, layer_compression, OciError, ANN_SOURCE_MANIFEST,
+    MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST,
+};
+pub use layer::ConvertedLayer;
+pub use store::{ImageStore, LayoutStore};
+
+#[derive(Debug, Error)]
+pub enum ConvertError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error("{store}: {message}")]
+    Store { store: String, message: String },
+    #[error("layer {layer}: {source}")]
+    Unpack {
+        layer: String,
+        #[source]
+        source: unpack::UnpackError,
+    },
+    #[error(transparent)]
+    Erofs(#[from] erofs::ErofsError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub struct ConvertOptions {
+    pub chunk_size: u32,
+    /// Scratch space for unpacked layers and images (needs room for a few
+    /// uncompressed layers at once).
+    pub work_dir: PathBuf,
+    /// Layers converted at the same time.
+    pub parallel: usize,
+    /// Platform to pick from a multi-platform index.
+    pub platform: (String, String),
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            chunk_size: crate::format::DEFAULT_CHUNK_SIZE,
+            work_dir: std::env::temp_dir(),
+            parallel: 2,
+            platform: ("linux".into(), "amd64".into()),
+        }
+    }
+}
+
+/// What a conversion produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Converted {
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub layers: Vec<String>,
+}
+
+pub fn convert_image(
+    src: &dyn ImageStore,
+    dst: &dyn ImageStore,
+    opts: &ConvertOptions,
+) -> Result<Converted, ConvertError> {
+    let (source_digest, manifest) = source_manifest(src, opts)?;
+    let config_desc = manifest.config();
+    let mut config: Value = serde_json::from_slice(&src.blob(config_desc.digest().as_ref())?)
+        .map_err(|e| ConvertError::Invalid(format!("{}: image config: {e}", src.describe())))?;
+    let diff_ids = source_diff_ids(&config, manifest.layers().len(), &src.describe())?;
+
+    let work = tempfile::Builder::new()
+        .prefix("lazybd-convert-")
+        .tempdir_in(&opts.work_dir)
+        .map_err(|e| ConvertError::Io {
+            what: format!("creating a work dir in {}", opts.work_dir.display()),
+            source: e,
+        })?;
+    let progress = Progress::new(manifest.layers().len());
+    let layers = convert_layers(
+        src,
+        dst,
+        manifest.layers(),
+        &diff_ids,
+        work.path(),
+        opts,
+        &progress,
+    )?;
+    progress.finish();
+
+    config["rootfs"]["diff_ids"] = json!(layers.iter().map(|l| &l.digest).collect::<Vec<_>>());
+    let config_bytes = canonical_json(&config).map_err(|e| ConvertError::Invalid(e.to_string()))?;
+    let config_digest = dst.put_blob(&config_bytes)?;
+    let manifest_json = json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "config": { "mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": config_bytes.len() },
+        "layers": layers.iter().map(|l| json!({
+            "mediaType": MEDIA_LAZYBD_LAYER,
+            "digest": l.digest,
+            "size": l.size,
+            "annotations": l.annotations.to_map(),
+        })).collect::<Vec<_>>(),
+        "annotations": { ANN_SOURCE_MANIFEST: source_digest },
+    });
+    let manifest_bytes =
+        canonical_json(&manifest_json).map_err(|e| ConvertError::Invalid(e.to_string()))?;
+    let manifest_digest = dst.put_manifest(&manifest_bytes)?;
+    info!(src = %src.describe(), dst = %dst.describe(), manifest = %manifest_digest, "converted");
+    Ok(Converted {
+        manifest_digest,
+        config_digest,
+        layers: layers.into_iter().map(|l| l.digest).collect(),
+    })
+}
+
+/// The image manifest to convert and its digest, choosing the platform from an index.
+fn source_manifest(
+    src: &dyn ImageStore,
+    opts: &ConvertOptions,
+) -> Result<(String, ImageManifest), ConvertError> {
+    let (bytes, media_type, digest) = src.manifest()?;
+    let parse_err = |e: oci_spec::OciSpecError| {
+        ConvertError::Invalid(format!("{}: manifest: {e}", src.describe()))
+    };
+    let looks_like_index = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .is_some_and(|v| v.get("manifests").is_some());
+    if !is_manifest_list(&media_type) && !looks_like_index {
+        return Ok((
+            digest,
+            ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?,
+        ));
+    }
+    let index = ImageIndex::from_reader(&bytes[..]).map_err(parse_err)?;
+    let (os, arch) = &opts.platform;
+    let entry = pick_platform(index.manifests(), os, arch).ok_or_else(|| {
+        ConvertError::Invalid(format!(
+            "{}: the index has no {os}/{arch} manifest",
+            src.describe()
+        ))
+    })?;
+    let digest = entry.digest().to_string();
+    let bytes = src.manifest_by_digest(&digest)?;
+    Ok((
+        digest,
+        ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?,
+    ))
+}
+
+fn pick_platform<'a>(manifests: &'a [Descriptor], os: &str, arch: &str) -> Option<&'a Descriptor> {
+    manifests.iter().find(|m| {
+        m.platform()
+            .as_ref()
+            .is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
+    })
+}
+
+fn source_diff_ids(config: &Value, layers: usize, src: &str) -> Result<Vec<String>, ConvertError> {
+    let ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if ids.len() != layers {
+        return Err(ConvertError::Invalid(format!(
+            "{src}: the config lists {} diff_ids for {layers} layers",
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}
+
+/// Converts the layers, `opts.parallel` at a time, storing each at `dst`.
+fn convert_layers(
+    src: &dyn ImageStore,
+    dst: &dyn ImageStore,
+    layers: &[Descriptor],
+    diff_ids: &[String],
+    work: &Path,
+    opts: &ConvertOptions,
+    progress: &Progress,
+) -> Result<Vec<ConvertedLayer>, ConvertError> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<ConvertedLayer, ConvertError>>>> =
+        Mutex::new((0..layers.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..opts.parallel.clamp(1, layers.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= layers.len() {
+                    break;
+                }
+                let r = convert_one(
+                    src,
+                    dst,
+                    &layers[i],
+                    &diff_ids[i],
+                    &work.join(i.to_string()),
+                    opts.chunk_size,
+                );
+                let failed = r.is_err();
+                progress.layer_done(i, &layers[i], &r);
+                results.lock().expect("no panics while holding the lock")[i] = Some(r);
+                if failed {
+                    // Stop handing out layers; the first error is reported.
+                    next.store(layers.len(), Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("threads joined")
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(ConvertError::Invalid(
+                    "conversion stopped after an earlier error".into(),
+                ))
+            })
+        })
+        .collect()
+}
+
+fn convert_one(
+    src: &dyn ImageStore,
+    dst: &dyn ImageStore,
+    desc: &Descriptor,
+    diff_id: &str,
+    work: &Path,
+    chunk_size: u32,
+) -> Result<ConvertedLayer, ConvertError> {
+    let media_type = desc.media_type().to_string();
+    let digest = desc.digest().to_string();
+    let compression = layer_compression(&media_type).ok_or_else(|| {
+        let hint = if media_type == MEDIA_LAZYBD_LAYER {
+            " (the image is already converted)"
+        } else {
+            ""
+        };
+        ConvertError::Invalid(format!(
+            "layer {digest}: unsupported media type {media_type:?}{hint}"
+        ))
+    })?;
+    std::fs::create_dir_all(work).map_err(|e| ConvertError::Io {
+        what: format!("creating {}", work.display()),
+        source: e,
+    })?;
+    let blob = work.join("source.blob");
+    src.blob_to_file(&digest, &blob)?;
+    let converted = layer::convert_layer(&blob, compression, work, chunk_size)?;
+    std::fs::remove_file(&blob).map_err(|e| ConvertError::Io {
+        what: format!("removing {}", blob.display()),
+        source: e,
+    })?;
+    if converted.annotations.source_diff_id != diff_id {
+        return Err(ConvertError::Invalid(format!(
+            "layer {digest}: uncompressed content hashes to {}, but the config's diff_id is {diff_id}",
+            converted.annotations.source_diff_id
+        )));
+    }
+    dst.put_blob_file(&converted.digest, &converted.blob_path)?;
+    Ok(converted)
+}
+
+/// sha256 digest of a file, streaming.
+pub fn file_digest(path: &Path) -> Result<String, ConvertError> {
+    let mut f = File::open(path).map_err(|e| ConvertError::Io {
+        what: format!("opening {}", path.display()),
+        source: e,
+    })?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = io::Read::read(&mut f, &mut buf).map_err(|e| ConvertError::Io {
+            what: format!("reading {}", path.display()),
+            source: e,
+        })?;
+        if n == 0 {
+            return Ok(format!("sha256:{}", hex::encode(h.finalize())));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// A progress bar on a terminal; one log line per layer otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(layers: usize) -> Self {
+        let bar = io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(layers as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} converting layers {pos}/{len} [{elapsed}] {msg}",
+                )
+                .expect("static template"),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            bar
+        });
+        Progress { bar }
+    }
+
+    fn layer_done(&self, i: usize, src: &Descriptor, r: &Result<ConvertedLayer, ConvertError>) {
+        let Ok(l) = r else { return };
+        let msg = format!(
+            "layer {i}: {} ({} B) -> {} ({} B)",
+            src.digest(),
+            src.size(),
+            l.digest,
+            l.size
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.inc(1);
+                bar.set_message(msg);
+            }
+            None => info!("{msg}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

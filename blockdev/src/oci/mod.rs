@@ -1,0 +1,189 @@
+//! OCI image vocabulary shared by the converter, `lazybd mount`, `inspect`
+//! and the snapshotter: media types, the lazybd annotations of docs/format.md,
+//! digests, and the OCI image layout on disk.
+
+pub mod layout;
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use thiserror::Error;
+
+pub use layout::OciLayout;
+
+pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The media type of a lazybd layer (see docs/format.md for why it has the
+/// OCI layer prefix).
+pub const MEDIA_LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
+
+pub const ANN_VERSION: &str = "dev.lazybd.layer.version";
+pub const ANN_SOURCE_DIFF_ID: &str = "dev.lazybd.layer.source-diff-id";
+pub const ANN_INDEX_OFFSET: &str = "dev.lazybd.layer.index-offset";
+pub const ANN_INDEX_LENGTH: &str = "dev.lazybd.layer.index-length";
+pub const ANN_IMAGE_SIZE: &str = "dev.lazybd.layer.image-size";
+pub const ANN_CHUNK_SIZE: &str = "dev.lazybd.layer.chunk-size";
+pub const ANN_SOURCE_MANIFEST: &str = "dev.lazybd.image.source-manifest";
+pub const ANN_REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// Manifests, indexes and configs are small; anything bigger is not one.
+pub const MAX_METADATA_LEN: u64 = 4 << 20;
+
+#[derive(Debug, Error)]
+pub enum OciError {
+    #[error("bad digest {0:?}: want sha256:<64 hex digits>")]
+    BadDigest(String),
+    #[error("layer annotation {key}={value:?} is not a number")]
+    BadAnnotation { key: &'static str, value: String },
+    #[error("layer annotation {0} is missing")]
+    MissingAnnotation(&'static str),
+}
+
+/// Compression of a source layer, from its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// Classifies an OCI or Docker layer media type; `None` if it is not a tar layer
+/// this converter reads (e.g. already a lazybd layer, or foreign).
+pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Some(LayerCompression::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(LayerCompression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(LayerCompression::Zstd),
+        _ => None,
+    }
+}
+
+pub fn is_manifest_list(media_type: &str) -> bool {
+    media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_LIST
+}
+
+/// `sha256:<hex>` of `data`.
+pub fn digest_of(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(crate::format::sha256(data)))
+}
+
+/// Validates a `sha256:<64 hex>` digest and returns its hex part; the only
+/// algorithm lazybd writes or accepts, and safe to use as a file name.
+pub fn digest_hex(digest: &str) -> Result<&str, OciError> {
+    match digest.split_once(':') {
+        Some(("sha256", hex))
+            if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Ok(hex)
+        }
+        _ => Err(OciError::BadDigest(digest.to_owned())),
+    }
+}
+
+/// What a lazybd layer descriptor says about its blob (docs/format.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LazyLayerAnnotations {
+    pub source_diff_id: String,
+    pub index_offset: u64,
+    pub index_length: u64,
+    pub image_size: u64,
+    pub chunk_size: u32,
+}
+
+impl LazyLayerAnnotations {
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (
+                ANN_VERSION.to_owned(),
+                crate::format::FORMAT_VERSION.to_string(),
+            ),
+            (ANN_SOURCE_DIFF_ID.to_owned(), self.source_diff_id.clone()),
+            (ANN_INDEX_OFFSET.to_owned(), self.index_offset.to_string()),
+            (ANN_INDEX_LENGTH.to_owned(), self.index_length.to_string()),
+            (ANN_IMAGE_SIZE.to_owned(), self.image_size.to_string()),
+            (ANN_CHUNK_SIZE.to_owned(), self.chunk_size.to_string()),
+        ])
+    }
+
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, OciError> {
+        fn num<T: std::str::FromStr>(
+            map: &HashMap<String, String>,
+            key: &'static str,
+        ) -> Result<T, OciError> {
+            let value = map.get(key).ok_or(OciError::MissingAnnotation(key))?;
+            value.parse().map_err(|_| OciError::BadAnnotation {
+                key,
+                value: value.clone(),
+            })
+        }
+        Ok(LazyLayerAnnotations {
+            source_diff_id: map
+                .get(ANN_SOURCE_DIFF_ID)
+                .cloned()
+                .ok_or(OciError::MissingAnnotation(ANN_SOURCE_DIFF_ID))?,
+            index_offset: num(map, ANN_INDEX_OFFSET)?,
+            index_length: num(map, ANN_INDEX_LENGTH)?,
+            image_size: num(map, ANN_IMAGE_SIZE)?,
+            chunk_size: num(map, ANN_CHUNK_SIZE)?,
+        })
+    }
+}
+
+/// Serializes JSON with sorted object keys, so equal documents are equal
+/// bytes (and digests): serde_json's default `Map` is a BTreeMap.
+pub fn canonical_json<T: Serialize>(value: &T) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&serde_json::to_value(value)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotations_round_trip() {
+        let a = LazyLayerAnnotations {
+            source_diff_id: digest_of(b"x"),
+            index_offset: 10,
+            index_length: 112,
+            image_size: 4096,
+            chunk_size: 1 << 20,
+        };
+        let map: HashMap<_, _> = a.to_map().into_iter().collect();
+        assert_eq!(LazyLayerAnnotations::from_map(&map).unwrap(), a);
+        let mut bad = map.clone();
+        bad.insert(ANN_INDEX_OFFSET.into(), "ten".into());
+        assert!(matches!(
+            LazyLayerAnnotations::from_map(&bad),
+            Err(OciError::BadAnnotation {
+                key: ANN_INDEX_OFFSET,
+                ..
+            })
+        ));
+        bad.remove(ANN_CHUNK_SIZE);
+        assert!(LazyLayerAnnotations::from_map(&bad).is_err());
+    }
+
+    #[test]
+    fn digests_are_checked() {
+        assert!(digest_hex(&digest_of(b"")).is_ok());
+        for bad in ["sha256:../../etc", "md5:abc", "sha256:ABCD", "", "sha256:"] {
+            assert!(digest_hex(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn media_types() {
+        assert_eq!(
+            layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Some(LayerCompression::Gzip)
+        );
+        assert_eq!(layer_compression(MEDIA_LAZYBD_LAYER), None);
+    }
+}
