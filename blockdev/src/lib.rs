@@ -6,5 +6,6 @@ pub mod fetch;
 pub mod format;
 pub mod layer;
 pub mod oci;
+pub mod registry;
 pub mod source;
 pub mod stats;

@@ -7,6 +7,7 @@
 
 pub mod erofs;
 pub mod layer;
+pub mod registry_store;
 pub mod store;
 pub mod unpack;
 
@@ -28,6 +29,7 @@ use crate::oci::{
     MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST,
 };
 pub use layer::ConvertedLayer;
+pub use registry_store::RegistryStore;
 pub use store::{ImageStore, LayoutStore};
 
 #[derive(Debug, Error)]
@@ -42,8 +44,8 @@ pub enum ConvertError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Oci(#[from] OciError),
-    #[error("{store}: {message}")]
-    Store { store: String, message: String },
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("layer {layer}: {source}")]
     Unpack {
         layer: String,

@@ -3,6 +3,7 @@
 //! order and verifies whatever they return, so a source is never trusted.
 
 mod file;
+mod registry;
 
 use std::ops::Range;
 
@@ -11,6 +12,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 pub use file::FileSource;
+pub use registry::RegistrySource;
 
 /// One place that can serve byte ranges of one layer blob.
 #[async_trait]

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use lazybd_blockdev::convert::{self, ConvertOptions, ImageStore, LayoutStore};
+use lazybd_blockdev::convert::{self, ConvertOptions, ImageStore, LayoutStore, RegistryStore};
 
 use crate::image_ref::ImageRef;
 
@@ -77,6 +77,6 @@ fn open(
     Ok(match ImageRef::parse(name) {
         ImageRef::Layout { dir, tag } if create => Box::new(LayoutStore::create(&dir, tag)?),
         ImageRef::Layout { dir, tag } => Box::new(LayoutStore::open(&dir, tag)?),
-        ImageRef::Registry(r) => registry.store(&r)?,
+        ImageRef::Registry(r) => Box::new(RegistryStore::new(&r, &registry.options())?),
     })
 }

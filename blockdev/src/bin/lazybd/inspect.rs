@@ -1,16 +1,13 @@
 //! `lazybd inspect TARGET`: header and chunk table summary of a lazybd layer
 //! blob (a local file) or of every layer of a converted image.
 
-use std::sync::Arc;
-
 use anyhow::{bail, Context, Result};
 use lazybd_blockdev::format::{ChunkKind, Footer, Index, FOOTER_LEN};
-use lazybd_blockdev::oci::{OciLayout, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::oci::MEDIA_LAZYBD_LAYER;
 use lazybd_blockdev::source::{ChunkSource, FileSource};
-use oci_spec::image::ImageManifest;
 use serde::Serialize;
 
-use crate::image_ref::ImageRef;
+use crate::image_source::OpenImage;
 
 /// Show the header and chunk table summary of a lazybd layer or image.
 ///
@@ -78,26 +75,9 @@ async fn collect(args: &Args) -> Result<Vec<LayerSummary>> {
             .with_context(|| format!("opening {}", path.display()))?;
         return Ok(vec![summarize(None, &source, size, args.chunks).await?]);
     }
-    let (manifest, sources) = match ImageRef::parse(&args.target) {
-        ImageRef::Layout { dir, tag } => {
-            let layout = OciLayout::open(&dir)?;
-            let desc = layout.resolve(tag.as_deref())?;
-            let manifest =
-                ImageManifest::from_reader(&layout.read_blob(desc.digest().as_ref())?[..])?;
-            let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
-            for l in manifest.layers() {
-                let p = layout.blob_path(l.digest().as_ref())?;
-                sources.push(Arc::new(
-                    FileSource::open("layout", &p)
-                        .with_context(|| format!("opening {}", p.display()))?,
-                ));
-            }
-            (manifest, sources)
-        }
-        ImageRef::Registry(r) => args.registry.image_sources(&r).await?,
-    };
+    let image = OpenImage::open(&args.target, &args.registry).await?;
     let mut out = Vec::new();
-    for (l, source) in manifest.layers().iter().zip(sources) {
+    for (l, source) in image.manifest.layers().iter().zip(&image.sources) {
         if l.media_type().to_string() != MEDIA_LAZYBD_LAYER {
             bail!(
                 "layer {} has media type {}: not a lazybd image",

@@ -1,8 +1,8 @@
 //! `lazybd`: convert images to lazy layers, mount them lazily, inspect them.
 
 mod convert;
-mod image_layers;
 mod image_ref;
+mod image_source;
 mod inspect;
 mod mount;
 mod mount_control;

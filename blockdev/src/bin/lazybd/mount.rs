@@ -20,13 +20,14 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use crate::image_layers;
+use crate::image_source::OpenImage;
 use crate::mount_control::{MountState, StatusReply, DEFAULT_ROOT};
 
 /// Lazily mount every layer of a converted image, stacked read-only at DIR.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The converted image: an OCI image layout directory, `DIR` or `DIR:TAG`.
+    /// The converted image: `oci:DIR[:TAG]`, an OCI image layout directory
+    /// (`DIR` or `DIR:TAG`), or a registry reference `HOST[:PORT]/REPO[:TAG]`.
     image: String,
     /// Existing directory to mount the image at.
     dir: PathBuf,
@@ -40,6 +41,8 @@ pub struct Args {
     /// down) fail with EIO instead of hanging.
     #[arg(long, default_value_t = 60)]
     read_deadline: u64,
+    #[command(flatten)]
+    registry: crate::registry_args::RegistryArgs,
     /// Internal: the background child; reports readiness on stdout.
     #[arg(long, hide = true)]
     daemon_child: bool,
@@ -77,6 +80,7 @@ fn daemonize(args: &Args) -> Result<()> {
         .arg(&args.root)
         .arg("--read-deadline")
         .arg(args.read_deadline.to_string())
+        .args(args.registry.to_args())
         .arg(&args.image)
         .arg(&args.dir)
         .stdin(Stdio::null())
@@ -120,7 +124,9 @@ async fn serve(args: Args) -> Result<()> {
     if mounts::is_mount_point(&target)? {
         bail!("{} is already a mount point", target.display());
     }
-    let layers = image_layers::resolve(&args.image)?;
+    let layers = OpenImage::open(&args.image, &args.registry)
+        .await?
+        .lazy_layers(&args.image)?;
     std::fs::create_dir_all(&state.dir)?;
     let mut config = NodeConfig::new(state.node_root());
     config.fetch.read_deadline = Duration::from_secs(args.read_deadline);

@@ -1,12 +1,9 @@
 //! Registry flags shared by the subcommands that talk to a registry.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{bail, Result};
-use lazybd_blockdev::convert::ImageStore;
-use lazybd_blockdev::source::ChunkSource;
-use oci_spec::image::ImageManifest;
+use lazybd_blockdev::registry::RegistryOptions;
 
 #[derive(clap::Args)]
 pub struct RegistryArgs {
@@ -21,14 +18,24 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    pub fn store(&self, reference: &str) -> Result<Box<dyn ImageStore>> {
-        bail!("{reference}: registry references are not supported yet")
+    pub fn options(&self) -> RegistryOptions {
+        RegistryOptions {
+            plain_http: self.plain_http,
+            docker_config: self.docker_config.clone(),
+            ..RegistryOptions::default()
+        }
     }
 
-    pub async fn image_sources(
-        &self,
-        reference: &str,
-    ) -> Result<(ImageManifest, Vec<Arc<dyn ChunkSource>>)> {
-        bail!("{reference}: registry references are not supported yet")
+    /// The same flags, to pass on to a child `lazybd` process.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args = Vec::new();
+        if self.plain_http {
+            args.push("--plain-http".into());
+        }
+        if let Some(c) = &self.docker_config {
+            args.push("--docker-config".into());
+            args.push(c.into());
+        }
+        args
     }
 }

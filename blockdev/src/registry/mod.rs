@@ -1,0 +1,494 @@
+//! An OCI distribution registry, as lazybd uses it: manifests, whole blobs
+//! (verified), byte ranges of lazybd blobs, and pushes.
+//!
+//! The protocol, the bearer-token flow and the digest checks come from the
+//! `oci-client` crate; this module adds what lazybd needs on top: credentials
+//! from the docker config file, plain HTTP only when asked for, deadlines,
+//! retries of transient failures, and errors that say whether asking again
+//! can help (the fetcher's source fallback depends on that).
+
+mod credentials;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol, SizedStream};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use thiserror::Error;
+use tracing::{debug, warn};
+
+use crate::oci::{
+    digest_of, MAX_METADATA_LEN, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+};
+
+pub use credentials::{credentials_for, CredentialsError};
+
+/// Manifest media types we ask for (and understand).
+const ACCEPTED_MANIFESTS: &[&str] = &[
+    MEDIA_OCI_MANIFEST,
+    MEDIA_OCI_INDEX,
+    MEDIA_DOCKER_MANIFEST,
+    MEDIA_DOCKER_LIST,
+];
+
+/// Attempts for whole-object operations (manifests, blobs, pushes). Range
+/// reads are attempted once: the chunk fetcher owns their retries and
+/// deadline, and may prefer another source.
+const ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("{reference}: not a valid image reference: {message}")]
+    BadReference { reference: String, message: String },
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    /// Worth asking again later: connection trouble, timeouts, 5xx, 429.
+    #[error("{what}: {message}")]
+    Transient { what: String, message: String },
+    /// Asking again will not help: not found, denied, invalid.
+    #[error("{what}: {message}")]
+    Permanent { what: String, message: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RegistryError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RegistryError::Transient { .. })
+    }
+
+    fn from_oci(what: String, e: OciDistributionError) -> Self {
+        let message = e.to_string();
+        if is_transient(&e) {
+            RegistryError::Transient { what, message }
+        } else {
+            RegistryError::Permanent { what, message }
+        }
+    }
+}
+
+fn is_transient(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::RequestError(e) => {
+            e.is_timeout() || e.is_connect() || e.is_request() || e.is_body() || e.is_decode()
+        }
+        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
+        OciDistributionError::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|e| e.code == OciErrorCode::Toomanyrequests),
+        OciDistributionError::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// How to reach registries.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Speak HTTP instead of HTTPS (for a registry on loopback or a trusted
+    /// network; never the default).
+    pub plain_http: bool,
+    /// Docker config file for credentials; `None`: `$DOCKER_CONFIG/config.json`
+    /// or `~/.docker/config.json`, if present.
+    pub docker_config: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response.
+    pub read_timeout: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            plain_http: false,
+            docker_config: None,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A manifest or index as the registry stored it.
+#[derive(Debug, Clone)]
+pub struct RawManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: String,
+}
+
+/// One repository of one registry, named by an image reference.
+pub struct RegistryClient {
+    reference: Reference,
+    client: Client,
+    auth: RegistryAuth,
+}
+
+impl RegistryClient {
+    /// `reference` is `HOST[:PORT]/REPO[:TAG][@DIGEST]` (Docker Hub names
+    /// like `busybox` work too).
+    pub fn new(reference: &str, opts: &RegistryOptions) -> Result<Self, RegistryError> {
+        let parsed: Reference =
+            reference
+                .parse()
+                .map_err(|e: oci_client::ParseError| RegistryError::BadReference {
+                    reference: reference.to_owned(),
+                    message: e.to_string(),
+                })?;
+        install_crypto_provider();
+        let registry = parsed.resolve_registry().to_owned();
+        let auth = credentials_for(&registry, opts.docker_config.as_deref())?;
+        let config = ClientConfig {
+            protocol: if opts.plain_http {
+                ClientProtocol::HttpsExcept(vec![registry.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            connect_timeout: Some(opts.connect_timeout),
+            read_timeout: Some(opts.read_timeout),
+            // Monolithic pushes stream a file in one PUT; chunked pushes would
+            // need the whole blob in memory with this client.
+            use_monolithic_push: true,
+            platform_resolver: None,
+            user_agent: concat!("lazybd/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        let client = Client::try_from(config).map_err(|e| RegistryError::Permanent {
+            what: format!("{registry}: creating the HTTP client"),
+            message: e.to_string(),
+        })?;
+        debug!(%registry, auth = ?auth, "registry client");
+        Ok(RegistryClient {
+            reference: parsed,
+            client,
+            auth,
+        })
+    }
+
+    /// `host/repo:tag` for messages.
+    pub fn describe(&self) -> String {
+        self.reference.whole()
+    }
+
+    /// The manifest (or index) the reference names.
+    pub async fn manifest(&self) -> Result<RawManifest, RegistryError> {
+        self.fetch_manifest(&self.reference).await
+    }
+
+    /// A manifest of the same repository by digest (an index's entries).
+    pub async fn manifest_by_digest(&self, digest: &str) -> Result<RawManifest, RegistryError> {
+        let m = self.fetch_manifest(&self.by_digest(digest)).await?;
+        if m.digest != digest {
+            return Err(RegistryError::Permanent {
+                what: format!("{}@{digest}", self.reference.repository()),
+                message: format!("registry answered manifest {}", m.digest),
+            });
+        }
+        Ok(m)
+    }
+
+    async fn fetch_manifest(&self, reference: &Reference) -> Result<RawManifest, RegistryError> {
+        let what = format!("manifest {}", reference.whole());
+        let (bytes, digest) = self
+            .retry(&what, || {
+                self.client
+                    .pull_manifest_raw(reference, &self.auth, ACCEPTED_MANIFESTS)
+            })
+            .await?;
+        // The raw API does not hand out Content-Type; manifests written by
+        // current tools carry `mediaType`, older OCI ones are told apart by
+        // their shape.
+        let media_type = media_type_of(&bytes).ok_or_else(|| RegistryError::Permanent {
+            what: what.clone(),
+            message: "not a JSON image manifest or index".into(),
+        })?;
+        Ok(RawManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// A small blob (an image config), digest verified.
+    pub async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        let what = format!("blob {}@{digest}", self.reference.repository());
+        let bytes = self
+            .retry(&what, || async {
+                let stream = self
+                    .client
+                    .pull_blob_stream(&self.reference, &descriptor(digest))
+                    .await?;
+                collect(stream, MAX_METADATA_LEN).await
+            })
+            .await?;
+        let actual = digest_of(&bytes);
+        if actual != digest {
+            return Err(RegistryError::Permanent {
+                what,
+                message: format!("content has digest {actual}"),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// A whole blob into `path` (created or truncated), digest verified.
+    pub async fn blob_to_file(&self, digest: &str, path: &Path) -> Result<(), RegistryError> {
+        let what = format!("blob {}@{digest}", self.reference.repository());
+        self.retry(&what, || async {
+            let file = tokio::fs::File::create(path).await?;
+            self.client
+                .pull_blob(&self.reference, &descriptor(digest), file)
+                .await
+        })
+        .await
+    }
+
+    /// Exactly the bytes `range` of a blob (one attempt; see [`ATTEMPTS`]).
+    pub async fn blob_range(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+    ) -> Result<Bytes, RegistryError> {
+        let what = format!(
+            "blob {}@{digest} bytes {}-{}",
+            self.reference.repository(),
+            range.start,
+            range.end
+        );
+        let len = range.end.saturating_sub(range.start);
+        self.ensure_auth().await;
+        let response = self
+            .client
+            .pull_blob_stream_partial(&self.reference, &descriptor(digest), range.start, Some(len))
+            .await
+            .map_err(|e| RegistryError::from_oci(what.clone(), e))?;
+        let bytes = match response {
+            BlobResponse::Partial(stream) => collect(stream, len).await,
+            // A registry that ignores Range sends the whole blob: keep only
+            // the wanted part, never buffering more than it.
+            BlobResponse::Full(stream) => {
+                warn!("{what}: the registry ignored the Range header");
+                skip_then_collect(stream, range.start, len).await
+            }
+        }
+        .map_err(|e| RegistryError::from_oci(what.clone(), e))?;
+        if bytes.len() as u64 != len {
+            return Err(RegistryError::Transient {
+                what,
+                message: format!("got {} bytes", bytes.len()),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Pushes `path` as blob `digest` (which the caller computed) unless the
+    /// registry already has it.
+    pub async fn push_blob_file(&self, digest: &str, path: &Path) -> Result<(), RegistryError> {
+        let what = format!("pushing {} as {digest}", path.display());
+        let size = std::fs::metadata(path)
+            .map_err(|source| RegistryError::Io {
+                what: what.clone(),
+                source,
+            })?
+            .len();
+        self.retry(&what, || async {
+            if self.client.blob_exists(&self.reference, digest).await? {
+                return Ok(());
+            }
+            let file = tokio::fs::File::open(path).await?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+                .map(|r| r.map_err(OciDistributionError::from));
+            self.client
+                .push_blob_stream(&self.reference, stream, digest, Some(size))
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Pushes a small blob; returns its digest.
+    pub async fn push_blob(&self, bytes: &[u8]) -> Result<String, RegistryError> {
+        let digest = digest_of(bytes);
+        let what = format!("pushing blob {digest}");
+        let data = Bytes::copy_from_slice(bytes);
+        self.retry(&what, || async {
+            if self.client.blob_exists(&self.reference, &digest).await? {
+                return Ok(());
+            }
+            self.client
+                .push_blob(&self.reference, data.clone(), &digest)
+                .await
+                .map(|_| ())
+        })
+        .await?;
+        Ok(digest)
+    }
+
+    /// Pushes a manifest under the reference's tag; returns its digest.
+    pub async fn push_manifest(
+        &self,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<String, RegistryError> {
+        let what = format!("pushing manifest {}", self.reference.whole());
+        let content_type: http::HeaderValue =
+            media_type.parse().map_err(|_| RegistryError::Permanent {
+                what: what.clone(),
+                message: format!("bad media type {media_type:?}"),
+            })?;
+        let data = Bytes::copy_from_slice(bytes);
+        self.retry(&what, || {
+            self.client
+                .push_manifest_raw(&self.reference, data.clone(), content_type.clone())
+        })
+        .await?;
+        Ok(digest_of(bytes))
+    }
+
+    fn by_digest(&self, digest: &str) -> Reference {
+        Reference::with_digest(
+            self.reference.registry().to_owned(),
+            self.reference.repository().to_owned(),
+            digest.to_owned(),
+        )
+    }
+
+    /// The client only authenticates lazily inside its high-level calls;
+    /// blob calls need the credentials stored first.
+    async fn ensure_auth(&self) {
+        self.client
+            .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
+            .await;
+    }
+
+    async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        self.ensure_auth().await;
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1.. {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
+                    warn!("{what}: attempt {attempt} failed, retrying in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+                Err(e) => return Err(RegistryError::from_oci(what.to_owned(), e)),
+            }
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+}
+
+fn descriptor(digest: &str) -> OciDescriptor {
+    OciDescriptor {
+        digest: digest.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Reads a stream to its end, refusing more than `limit` bytes.
+async fn collect(mut stream: SizedStream, limit: u64) -> Result<Bytes, OciDistributionError> {
+    let mut out = BytesMut::new();
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        if (out.len() + piece.len()) as u64 > limit {
+            return Err(OciDistributionError::GenericError(Some(format!(
+                "response is larger than the {limit} bytes asked for"
+            ))));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out.freeze())
+}
+
+async fn skip_then_collect(
+    mut stream: SizedStream,
+    skip: u64,
+    len: u64,
+) -> Result<Bytes, OciDistributionError> {
+    let mut out = BytesMut::new();
+    let mut pos = 0u64;
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        let start = pos;
+        pos += piece.len() as u64;
+        if pos <= skip {
+            continue;
+        }
+        let from = skip.saturating_sub(start) as usize;
+        let want = (len - out.len() as u64) as usize;
+        let rest = &piece[from..];
+        out.extend_from_slice(&rest[..rest.len().min(want)]);
+        if out.len() as u64 == len {
+            break;
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// The media type a manifest declares, or the one its shape implies.
+fn media_type_of(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+        layers: Option<serde_json::Value>,
+    }
+    let p: Probe = serde_json::from_slice(bytes).ok()?;
+    match (p.media_type, p.manifests, p.layers) {
+        (Some(m), _, _) => Some(m),
+        (None, Some(_), _) => Some(MEDIA_OCI_INDEX.to_owned()),
+        (None, None, Some(_)) => Some(MEDIA_OCI_MANIFEST.to_owned()),
+        _ => None,
+    }
+}
+
+/// reqwest is built without a default TLS crypto provider so that one is
+/// chosen here, once: ring, which builds without cmake or a C++ toolchain.
+fn install_crypto_provider() {
+    // Fails only when a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_types_from_shape() {
+        assert_eq!(
+            media_type_of(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            Some(MEDIA_OCI_INDEX)
+        );
+        assert_eq!(
+            media_type_of(br#"{"schemaVersion":2,"config":{},"layers":[]}"#).as_deref(),
+            Some(MEDIA_OCI_MANIFEST)
+        );
+        assert_eq!(
+            media_type_of(format!(r#"{{"mediaType":"{MEDIA_DOCKER_LIST}"}}"#).as_bytes())
+                .as_deref(),
+            Some(MEDIA_DOCKER_LIST)
+        );
+        assert_eq!(media_type_of(b"<html>"), None);
+    }
+
+    #[test]
+    fn bad_references_are_errors() {
+        let e = RegistryClient::new("UPPER/Case:tag", &RegistryOptions::default());
+        assert!(matches!(e, Err(RegistryError::BadReference { .. })));
+    }
+}
