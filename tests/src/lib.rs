@@ -6,7 +6,10 @@
 
 use std::path::PathBuf;
 
+pub mod cli;
+pub mod images;
 pub mod lazy_layers;
+pub mod registry;
 
 /// Returns false (after a loud message) when the test cannot run because we
 /// are not root; panics in CI, where root tests must run.

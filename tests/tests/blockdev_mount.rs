@@ -4,30 +4,12 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 
+use lazybd_tests::cli::{lazybd, ok};
 use lazybd_tests::lazy_layers::{leftovers, walk, write_layout, BlobFile};
-use lazybd_tests::{bin_path, require_root};
+use lazybd_tests::require_root;
 
 const LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
-
-fn lazybd(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
-    let mut cmd = Command::new(bin_path("lazybd"));
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd.output().expect("run lazybd")
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "lazybd failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Lower layer: a few files and a dir; upper layer: replaces one file,
 /// deletes another with an overlayfs whiteout, adds a big file.

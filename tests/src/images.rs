@@ -1,0 +1,367 @@
+//! Test images built here, byte for byte deterministic: tar layers written
+//! with the `tar` crate (so every corner of the format is under the test's
+//! control: whiteouts, opaque dirs, hardlinks, devices, xattrs, setuid,
+//! owners, mtimes), compressed as asked, stored in an OCI image layout.
+//!
+//! Also a listing of a mounted or unpacked tree that captures what must
+//! survive conversion, for comparing a lazy mount with an ordinary unpack.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use lazybd_blockdev::oci::{canonical_json, digest_of, OciLayout};
+use oci_spec::image::{Descriptor, Digest, MediaType};
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    fn media_type(self) -> &'static str {
+        match self {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+
+    fn compress(self, tar: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        match self {
+            Compression::None => tar.to_vec(),
+            Compression::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(tar).unwrap();
+                e.finish().unwrap()
+            }
+            Compression::Zstd => zstd::encode_all(tar, 3).unwrap(),
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*): incompressible test data
+/// without a dependency, and the same on every run.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+const MTIME: u64 = 1_700_000_000;
+
+/// Writes tar entries with explicit metadata.
+pub struct TarLayer {
+    builder: tar::Builder<Vec<u8>>,
+}
+
+impl Default for TarLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TarLayer {
+    pub fn new() -> Self {
+        TarLayer {
+            builder: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(MTIME);
+        h
+    }
+
+    pub fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Directory, mode, 0);
+        self.builder
+            .append_data(&mut h, path, std::io::empty())
+            .unwrap();
+        self
+    }
+
+    pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.file_owned(path, mode, 0, 0, data)
+    }
+
+    pub fn file_owned(
+        &mut self,
+        path: &str,
+        mode: u32,
+        uid: u64,
+        gid: u64,
+        data: &[u8],
+    ) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Regular, mode, data.len() as u64);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        self.builder.append_data(&mut h, path, data).unwrap();
+        self
+    }
+
+    /// A file with extended attributes (PAX `SCHILY.xattr.*` records, as
+    /// GNU tar and Docker write them).
+    pub fn file_with_xattrs(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        xattrs: &[(&str, &[u8])],
+    ) -> &mut Self {
+        let pax: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
+            .collect();
+        self.builder
+            .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v)))
+            .unwrap();
+        self.file(path, 0o644, data)
+    }
+
+    pub fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        self.builder.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    pub fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Link, 0o644, 0);
+        self.builder.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    pub fn device(
+        &mut self,
+        path: &str,
+        kind: tar::EntryType,
+        major: u32,
+        minor: u32,
+    ) -> &mut Self {
+        let mut h = Self::header(kind, 0o666, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.builder
+            .append_data(&mut h, path, std::io::empty())
+            .unwrap();
+        self
+    }
+
+    /// An OCI whiteout: `path` is deleted from the layers below.
+    pub fn whiteout(&mut self, path: &str) -> &mut Self {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let wh = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{dir}/.wh.{name}")
+        };
+        self.file(&wh, 0o644, b"")
+    }
+
+    /// An OCI opaque marker: `dir`'s content from below is hidden.
+    pub fn opaque(&mut self, dir: &str) -> &mut Self {
+        self.file(&format!("{dir}/.wh..wh..opq"), 0o644, b"")
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.builder.into_inner().unwrap()
+    }
+}
+
+/// The three layers of the rich test image: everything the converter must
+/// keep, and an upper layer that deletes, replaces and hides lower content.
+pub fn rich_layers() -> Vec<Vec<u8>> {
+    let mut base = TarLayer::new();
+    base.dir("bin", 0o755)
+        .dir("etc", 0o755)
+        .dir("data", 0o755)
+        .dir("dev", 0o755)
+        .dir("opq", 0o755)
+        .dir("gone", 0o755)
+        .dir("sticky", 0o1777)
+        .file("bin/suid", 0o4755, b"#!/bin/sh\necho suid\n")
+        .file("bin/sgid", 0o2755, b"#!/bin/sh\necho sgid\n")
+        .file("etc/hostname", 0o644, b"lazybd\n")
+        .file_with_xattrs(
+            "etc/labelled",
+            b"has xattrs\n",
+            &[("user.lazybd", b"kept"), ("trusted.lazybd", b"root only")],
+        )
+        .file_owned("etc/owned", 0o640, 1234, 5678, b"owned by 1234:5678\n")
+        .file("etc/removed", 0o644, b"deleted by the next layer\n")
+        .file("data/small.txt", 0o644, b"hello from a small file\n")
+        .hardlink("data/hard", "data/small.txt")
+        .symlink("data/link", "small.txt")
+        .symlink("data/dangling", "/nowhere")
+        .device("dev/mynull", tar::EntryType::Char, 1, 3)
+        .device("dev/myloop", tar::EntryType::Block, 7, 200)
+        .device("data/fifo", tar::EntryType::Fifo, 0, 0)
+        .file("opq/old1", 0o644, b"hidden by an opaque dir\n")
+        .file("opq/old2", 0o644, b"hidden too\n")
+        .file("gone/file", 0o644, b"whole dir deleted above\n");
+    // 6 MiB: random, then zeros, then random again: chunks of all kinds.
+    let mut big = noise(1, 6 << 20);
+    big[2 << 20..4 << 20].fill(0);
+    base.file("data/big", 0o644, &big);
+
+    let mut mid = TarLayer::new();
+    mid.dir("etc", 0o755)
+        .dir("opq", 0o755)
+        .dir("data", 0o755)
+        .whiteout("etc/removed")
+        .whiteout("gone")
+        .opaque("opq")
+        .file("opq/new", 0o600, b"the only file left in opq\n")
+        .file("etc/hostname", 0o644, b"lazybd-2\n")
+        .file("data/added", 0o755, &noise(2, 100_000));
+
+    let mut top = TarLayer::new();
+    top.dir("data", 0o755)
+        .file("data/big2", 0o644, &noise(3, 3 << 20))
+        .file("data/empty", 0o644, b"");
+    vec![base.finish(), mid.finish(), top.finish()]
+}
+
+/// Writes an image of `layers` (uncompressed tars) into the OCI layout at
+/// `dir` under `tag`; returns the manifest digest.
+pub fn write_image(
+    dir: &Path,
+    tag: &str,
+    layers: &[Vec<u8>],
+    compression: &[Compression],
+) -> String {
+    assert_eq!(layers.len(), compression.len());
+    let layout = OciLayout::open_or_create(dir).unwrap();
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (tar, c) in layers.iter().zip(compression) {
+        let blob = c.compress(tar);
+        let digest = layout.put_blob(&blob).unwrap();
+        diff_ids.push(digest_of(tar));
+        descs.push(json!({"mediaType": c.media_type(), "digest": digest, "size": blob.len()}));
+    }
+    let config = json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["cat /etc/hostname"],
+            "Env": ["PATH=/bin", "LAZYBD_TEST=1"],
+            "WorkingDir": "/data",
+            "Labels": {"dev.lazybd.test": "rich"}
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": "lazybd tests"}]
+    });
+    let config = canonical_json(&config).unwrap();
+    let config_digest = layout.put_blob(&config).unwrap();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": descs,
+    });
+    let manifest = canonical_json(&manifest).unwrap();
+    let digest = layout.put_blob(&manifest).unwrap();
+    let desc = Descriptor::new(
+        MediaType::ImageManifest,
+        manifest.len() as u64,
+        digest.parse::<Digest>().unwrap(),
+    );
+    layout.tag(tag, &desc).unwrap();
+    digest
+}
+
+/// What must survive conversion, for one path of a tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Regular files: size and sha256; symlinks: the target; devices: rdev.
+    pub content: String,
+    /// Regular files only (directory mtimes change as trees are unpacked).
+    pub mtime: Option<i64>,
+    pub nlink: Option<u64>,
+    /// `user.*` xattrs (others need privileges or belong to the kernel).
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// Every path under `root` (relative), with what [`Entry`] captures.
+pub fn listing(root: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    for rel in crate::lazy_layers::walk(root) {
+        let path = root.join(&rel);
+        let rel = rel.to_string_lossy().into_owned();
+        let md = std::fs::symlink_metadata(&path).unwrap();
+        let ft = md.file_type();
+        let (kind, content) = if ft.is_file() {
+            let data = std::fs::read(&path).unwrap();
+            (
+                "file",
+                format!("{} {}", data.len(), hex::encode(Sha256::digest(&data))),
+            )
+        } else if ft.is_dir() {
+            ("dir", String::new())
+        } else if ft.is_symlink() {
+            (
+                "symlink",
+                std::fs::read_link(&path).unwrap().display().to_string(),
+            )
+        } else if ft.is_char_device() {
+            ("char", format!("{:x}", md.rdev()))
+        } else if ft.is_block_device() {
+            ("block", format!("{:x}", md.rdev()))
+        } else if ft.is_fifo() {
+            ("fifo", String::new())
+        } else {
+            ("socket", String::new())
+        };
+        let xattrs = if ft.is_symlink() {
+            BTreeMap::new()
+        } else {
+            xattr::list(&path)
+                .unwrap()
+                .filter_map(|n| n.into_string().ok())
+                .filter(|n| n.starts_with("user."))
+                .map(|n| {
+                    let v = xattr::get(&path, &n).unwrap().unwrap_or_default();
+                    (n, v)
+                })
+                .collect()
+        };
+        out.insert(
+            rel,
+            Entry {
+                kind,
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                content,
+                mtime: ft.is_file().then(|| md.mtime()),
+                nlink: ft.is_file().then(|| md.nlink()),
+                xattrs,
+            },
+        );
+    }
+    out
+}

@@ -1,0 +1,180 @@
+//! A private Debian `docker-registry` (distribution 2.8) on 127.0.0.1, with
+//! its own storage dir and port, optionally behind htpasswd basic auth;
+//! stopped and removed on drop.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Registry {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    auth: Option<(String, String)>,
+}
+
+impl Registry {
+    /// An anonymous registry.
+    pub fn start() -> Registry {
+        Self::launch(None)
+    }
+
+    /// A registry that wants basic auth as `user`/`password`.
+    pub fn start_with_htpasswd(user: &str, password: &str) -> Registry {
+        Self::launch(Some((user.to_owned(), password.to_owned())))
+    }
+
+    fn launch(auth: Option<(String, String)>) -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("lazybd-registry-")
+            .tempdir()
+            .unwrap();
+        let mut reg = Registry {
+            child: None,
+            dir,
+            port: 0,
+            auth,
+        };
+        reg.spawn();
+        reg
+    }
+
+    fn spawn(&mut self) {
+        // Bind-and-release picks a free port; the registry binds it right after.
+        self.port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let auth = match &self.auth {
+            Some((user, password)) => {
+                let hash = bcrypt::hash(password, 4).unwrap();
+                let file = self.dir.path().join("htpasswd");
+                std::fs::write(&file, format!("{user}:{hash}\n")).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: lazybd-test\n    path: {}\n",
+                    file.display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = self.dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: 127.0.0.1:{}\n{auth}",
+                self.storage().display(),
+                self.port
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect(
+                "start docker-registry (apt install docker-registry; hack/install-deps.sh does)",
+            );
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("docker-registry exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not listen on port {} in 20 s:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:PORT/repo_and_tag`.
+    pub fn reference(&self, repo_and_tag: &str) -> String {
+        format!("{}/{repo_and_tag}", self.host())
+    }
+
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// Where the registry keeps blob `digest` on disk (filesystem driver
+    /// layout), so tests can corrupt it behind the registry's back.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.storage()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// A docker config file with this registry's credentials.
+    pub fn docker_config(&self) -> PathBuf {
+        let (user, password) = self.auth.as_ref().expect("registry has auth");
+        let auth = base64_encode(format!("{user}:{password}").as_bytes());
+        let path = self.dir.path().join("docker-config.json");
+        std::fs::write(
+            &path,
+            format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, self.host()),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Copies `oci:LAYOUT:TAG` to `REPO:TAG` here with skopeo, independent
+    /// of lazybd's own registry client.
+    pub fn push_layout(&self, layout: &Path, tag: &str, repo_and_tag: &str) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some((user, password)) = &self.auth {
+            cmd.arg(format!("--dest-creds={user}:{password}"));
+        }
+        let out = cmd
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}", self.reference(repo_and_tag)))
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the registry (the storage stays): it is "down".
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}

@@ -1,0 +1,401 @@
+//! `lazybd convert`, `inspect` and `mount` against a real docker-registry on
+//! 127.0.0.1: the rich test image (whiteouts, opaque dirs, hardlinks,
+//! devices, xattrs, setuid, owners) pushed with skopeo, converted registry to
+//! registry, and mounted lazily; the lazy mount must equal what umoci unpacks
+//! from the original image, fetch only what is read, and fail reads cleanly
+//! (EIO, counted) when the registry serves corrupt bytes or is down.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+
+use lazybd_tests::cli::{fails, lazybd, ok, MountGuard};
+use lazybd_tests::images::{listing, rich_layers, write_image, Compression};
+use lazybd_tests::lazy_layers::leftovers;
+use lazybd_tests::registry::Registry;
+use lazybd_tests::require_root;
+
+const CHUNK: &str = "65536";
+
+/// The rich image in an OCI layout at `tmp/src` (tag `v1`), also pushed to
+/// `registry` as `rich:v1`.
+fn publish_rich(tmp: &Path, registry: &Registry) -> std::path::PathBuf {
+    let layout = tmp.join("src");
+    write_image(
+        &layout,
+        "v1",
+        &rich_layers(),
+        &[Compression::Gzip, Compression::None, Compression::Gzip],
+    );
+    registry.push_layout(&layout, "v1", "rich:v1");
+    layout
+}
+
+fn convert(tmp: &Path, src: &str, dst: &str, extra: &[&str]) -> String {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"convert",
+        &"--plain-http",
+        &"--chunk-size",
+        &CHUNK,
+        &"--work-dir",
+        &tmp,
+        &src,
+        &dst,
+    ];
+    for e in extra {
+        args.push(e);
+    }
+    ok(&lazybd(&args)).trim().to_owned()
+}
+
+fn mount(root: &Path, dir: &Path, image: &str, extra: &[&str]) -> MountGuard {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"mount", &"--plain-http", &"--root", &root];
+    for e in extra {
+        args.push(e);
+    }
+    args.push(&image);
+    args.push(&dir);
+    ok(&lazybd(&args));
+    MountGuard::new(root, dir)
+}
+
+fn source_counter(stats: &serde_json::Value, source: &str, counter: &str) -> u64 {
+    stats["stats"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == source)
+        .map(|s| s[counter].as_u64().unwrap())
+        .unwrap_or(0)
+}
+
+fn total_chunks(stats: &serde_json::Value) -> u64 {
+    stats["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["chunks_total"].as_u64().unwrap())
+        .sum()
+}
+
+fn assert_no_leftovers(tmp: &Path) {
+    let (mounts, loops) = leftovers(tmp);
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "{mounts:?} {loops:?}"
+    );
+}
+
+#[test]
+fn registry_to_registry_conversion_mounts_lazily_and_matches_an_unpack() {
+    if !require_root("registry_to_registry_conversion_mounts_lazily_and_matches_an_unpack") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let layout = publish_rich(t, &registry);
+
+    let lazy_ref = registry.reference("rich:lazy");
+    let json = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
+    let converted = json(convert(
+        t,
+        &registry.reference("rich:v1"),
+        &lazy_ref,
+        &["--json"],
+    ));
+    // Deterministic: the same again; and from the layout the same layers
+    // and config (the manifest differs only in naming its source manifest,
+    // which skopeo re-serialized on the way into the registry).
+    let again = convert(
+        t,
+        &registry.reference("rich:v1"),
+        &registry.reference("rich:again"),
+        &["--json"],
+    );
+    assert_eq!(json(again), converted);
+    let from_layout = json(convert(
+        t,
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:lazy", t.join("out").display()),
+        &["--json"],
+    ));
+    assert_eq!(from_layout["layers"], converted["layers"]);
+    assert_eq!(from_layout["config_digest"], converted["config_digest"]);
+
+    let inspect = ok(&lazybd(&[
+        &"inspect",
+        &"--plain-http",
+        &"--json",
+        &lazy_ref,
+    ]));
+    let layers: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(layers.as_array().unwrap().len(), 3, "{inspect}");
+    assert_eq!(layers[0]["chunk_size"], 65536);
+
+    // The reference: the original image unpacked by umoci.
+    let unpacked = t.join("unpacked");
+    let out = Command::new("umoci")
+        .args(["raw", "unpack", "--image"])
+        .arg(format!("{}:v1", layout.display()))
+        .arg(&unpacked)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let root = t.join("state");
+    let dir = t.join("mnt");
+    let m = mount(&root, &dir, &lazy_ref, &[]);
+
+    // One small file costs a few chunks, not the image.
+    assert_eq!(
+        std::fs::read(dir.join("data/small.txt")).unwrap(),
+        b"hello from a small file\n"
+    );
+    let stats = m.stats();
+    let fetched = source_counter(&stats, "registry", "chunks");
+    let total = total_chunks(&stats);
+    assert!(
+        fetched > 0 && fetched * 10 < total,
+        "fetched {fetched} of {total} chunks: {stats}"
+    );
+
+    let want = listing(&unpacked);
+    let got = listing(&dir);
+    for (path, entry) in &want {
+        assert_eq!(got.get(path), Some(entry), "{path}");
+    }
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "extra paths: {:?}",
+        got.keys()
+            .filter(|k| !want.contains_key(*k))
+            .collect::<Vec<_>>()
+    );
+    assert!(!dir.join("etc/removed").exists() && !dir.join("gone").exists());
+    assert_eq!(std::fs::read_dir(dir.join("opq")).unwrap().count(), 1);
+    assert_eq!(got["etc/hostname"].content, want["etc/hostname"].content);
+    assert_eq!(got["data/small.txt"].nlink, Some(2));
+    assert_eq!(got["bin/suid"].mode, 0o4755);
+    assert_eq!((got["etc/owned"].uid, got["etc/owned"].gid), (1234, 5678));
+    assert_eq!(
+        got["etc/labelled"]
+            .xattrs
+            .get("user.lazybd")
+            .map(Vec::as_slice),
+        Some(&b"kept"[..])
+    );
+    assert_eq!(
+        xattr::get(dir.join("etc/labelled"), "trusted.lazybd")
+            .unwrap()
+            .as_deref(),
+        Some(&b"root only"[..])
+    );
+    drop(m);
+    assert_no_leftovers(t);
+}
+
+#[test]
+fn the_lazy_layer_depends_only_on_the_uncompressed_tar() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let layers = rich_layers();
+    write_image(&t.join("gz"), "v1", &layers, &[Compression::Gzip; 3]);
+    write_image(
+        &t.join("zst"),
+        "v1",
+        &layers,
+        &[Compression::Zstd, Compression::None, Compression::Zstd],
+    );
+    let layer_digests = |name: &str| {
+        let out = ok(&lazybd(&[
+            &"convert",
+            &"--json",
+            &"--chunk-size",
+            &CHUNK,
+            &"--work-dir",
+            &t,
+            &format!("oci:{}:v1", t.join(name).display()),
+            &format!("oci:{}:lazy", t.join(format!("{name}-lazy")).display()),
+        ]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["layers"].clone()
+    };
+    let gz = layer_digests("gz");
+    assert_eq!(gz.as_array().unwrap().len(), 3);
+    assert_eq!(gz, layer_digests("zst"));
+}
+
+#[test]
+fn basic_auth_credentials_come_from_the_docker_config() {
+    if !require_root("basic_auth_credentials_come_from_the_docker_config") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start_with_htpasswd("lazy", "s3cret:pw");
+    publish_rich(t, &registry);
+    let src = registry.reference("rich:v1");
+    let dst = registry.reference("rich:lazy");
+
+    let err = fails(&lazybd(&[
+        &"convert",
+        &"--plain-http",
+        &"--work-dir",
+        &t,
+        &src,
+        &dst,
+    ]));
+    assert!(err.to_lowercase().contains("authoriz"), "{err}");
+
+    let config = registry.docker_config();
+    let digest = convert(
+        t,
+        &src,
+        &dst,
+        &["--docker-config", config.to_str().unwrap()],
+    );
+    let inspect = ok(&lazybd(&[
+        &"inspect",
+        &"--plain-http",
+        &"--docker-config",
+        &config,
+        &dst,
+    ]));
+    assert!(inspect.contains("zstd"), "{inspect}");
+    assert!(digest.starts_with("sha256:"));
+
+    let root = t.join("state");
+    let dir = t.join("mnt");
+    let m = mount(
+        &root,
+        &dir,
+        &dst,
+        &["--docker-config", config.to_str().unwrap()],
+    );
+    assert_eq!(
+        std::fs::read(dir.join("etc/hostname")).unwrap(),
+        b"lazybd-2\n"
+    );
+    drop(m);
+    assert_no_leftovers(t);
+}
+
+/// Converts the rich image into the registry; returns the lazy reference and
+/// the digest of the layer holding `data/big`.
+fn lazy_rich(t: &Path, registry: &Registry) -> (String, String) {
+    publish_rich(t, registry);
+    let lazy_ref = registry.reference("rich:lazy");
+    convert(t, &registry.reference("rich:v1"), &lazy_ref, &[]);
+    let inspect = ok(&lazybd(&[
+        &"inspect",
+        &"--plain-http",
+        &"--json",
+        &lazy_ref,
+    ]));
+    let layers: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    (lazy_ref, layers[0]["digest"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn corrupt_bytes_in_the_registry_fail_the_read_and_are_counted() {
+    if !require_root("corrupt_bytes_in_the_registry_fail_the_read_and_are_counted") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let (lazy_ref, base) = lazy_rich(t, &registry);
+
+    // Flip bytes in the middle of the base layer's chunk data (data/big is
+    // most of it), leaving the index at the blob's end intact.
+    let blob = registry.blob_file(&base);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 3;
+    for b in &mut bytes[mid..mid + 4096] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&blob, &bytes).unwrap();
+
+    let root = t.join("state");
+    let dir = t.join("mnt");
+    let m = mount(&root, &dir, &lazy_ref, &["--read-deadline", "20"]);
+    let mut data = Vec::new();
+    let err = std::fs::File::open(dir.join("data/big"))
+        .unwrap()
+        .read_to_end(&mut data)
+        .expect_err("corrupt data must not be served");
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    let stats = m.stats();
+    assert!(
+        source_counter(&stats, "registry", "corrupt_chunks") > 0,
+        "{stats}"
+    );
+    // Intact chunks still read.
+    assert_eq!(std::fs::read(dir.join("data/big2")).unwrap().len(), 3 << 20);
+    drop(m);
+    assert_no_leftovers(t);
+}
+
+#[test]
+fn reads_fail_with_eio_when_the_registry_is_down_and_cached_data_still_reads() {
+    if !require_root("reads_fail_with_eio_when_the_registry_is_down_and_cached_data_still_reads") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let mut registry = Registry::start();
+    let (lazy_ref, _) = lazy_rich(t, &registry);
+    let root = t.join("state");
+    let dir = t.join("mnt");
+    let m = mount(&root, &dir, &lazy_ref, &["--read-deadline", "3"]);
+    let small = std::fs::read(dir.join("data/small.txt")).unwrap();
+
+    registry.stop();
+    let err = std::fs::read(dir.join("data/big2")).expect_err("no source can serve it");
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    assert_eq!(std::fs::read(dir.join("data/small.txt")).unwrap(), small);
+    let stats = m.stats();
+    assert!(
+        stats["stats"]["read_errors"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    drop(m);
+    assert_no_leftovers(t);
+}
+
+#[test]
+fn bad_references_and_a_dead_registry_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // Nothing listens on port 1.
+    let err = fails(&lazybd(&[
+        &"inspect",
+        &"--plain-http",
+        &"127.0.0.1:1/none:v1",
+    ]));
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    let err = fails(&lazybd(&[
+        &"convert",
+        &"--work-dir",
+        &t,
+        &"Bad Ref!",
+        &"oci:/nonexistent",
+    ]));
+    assert!(err.contains("Bad Ref!"), "{err}");
+    let registry = Registry::start();
+    let missing = registry.reference("missing:v1");
+    let err = fails(&lazybd(&[&"inspect", &"--plain-http", &missing]));
+    assert!(err.contains("missing"), "{err}");
+}
+
+fn libc_eio() -> i32 {
+    nix::errno::Errno::EIO as i32
+}
