@@ -9,7 +9,7 @@ PACKAGES=(
   # lazy block device: FUSE file -> loop -> EROFS, overlayfs
   fuse3 erofs-utils e2fsprogs util-linux kmod
   # images and registry for tests: built locally, served on 127.0.0.1
-  docker-registry skopeo umoci busybox-static debootstrap jq curl
+  docker-registry skopeo umoci busybox-static debootstrap jq curl python3
   # container runtime targets
   containerd runc
   # snapshotter conformance suite (Go harness over containerd's testsuite)
