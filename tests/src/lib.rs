@@ -10,6 +10,7 @@ pub mod cli;
 pub mod images;
 pub mod lazy_layers;
 pub mod registry;
+pub mod token_auth;
 
 /// Returns false (after a loud message) when the test cannot run because we
 /// are not root; panics in CI, where root tests must run.

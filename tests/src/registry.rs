@@ -1,35 +1,66 @@
 //! A private Debian `docker-registry` (distribution 2.8) on 127.0.0.1, with
-//! its own storage dir and port, optionally behind htpasswd basic auth;
+//! its own storage dir and port, optionally behind htpasswd basic auth or
+//! bearer tokens from a [`TokenServer`];
 //! stopped and removed on drop.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use crate::token_auth::{TokenServer, ISSUER, SERVICE};
+
+/// How clients must authenticate.
+enum Auth {
+    Anonymous,
+    Htpasswd {
+        user: String,
+        password: String,
+    },
+    Token {
+        user: String,
+        password: String,
+        server: TokenServer,
+    },
+}
 
 pub struct Registry {
     child: Option<Child>,
     dir: tempfile::TempDir,
     port: u16,
-    auth: Option<(String, String)>,
+    auth: Auth,
 }
 
 impl Registry {
     /// An anonymous registry.
     pub fn start() -> Registry {
-        Self::launch(None)
+        Self::launch(tempdir(), Auth::Anonymous)
     }
 
     /// A registry that wants basic auth as `user`/`password`.
     pub fn start_with_htpasswd(user: &str, password: &str) -> Registry {
-        Self::launch(Some((user.to_owned(), password.to_owned())))
+        let (user, password) = (user.to_owned(), password.to_owned());
+        Self::launch(tempdir(), Auth::Htpasswd { user, password })
     }
 
-    fn launch(auth: Option<(String, String)>) -> Registry {
-        let dir = tempfile::Builder::new()
-            .prefix("lazybd-registry-")
-            .tempdir()
-            .unwrap();
+    /// A registry that wants bearer tokens from a [`TokenServer`], which
+    /// hands them out for basic auth as `user`/`password`.
+    pub fn start_with_token_auth(user: &str, password: &str) -> Registry {
+        let dir = tempdir();
+        let server = TokenServer::start(&dir.path().join("token.pem"), user, password);
+        let (user, password) = (user.to_owned(), password.to_owned());
+        Self::launch(
+            dir,
+            Auth::Token {
+                user,
+                password,
+                server,
+            },
+        )
+    }
+
+    fn launch(dir: tempfile::TempDir, auth: Auth) -> Registry {
         let mut reg = Registry {
             child: None,
             dir,
@@ -48,7 +79,8 @@ impl Registry {
             .unwrap()
             .port();
         let auth = match &self.auth {
-            Some((user, password)) => {
+            Auth::Anonymous => String::new(),
+            Auth::Htpasswd { user, password } => {
                 let hash = bcrypt::hash(password, 4).unwrap();
                 let file = self.dir.path().join("htpasswd");
                 std::fs::write(&file, format!("{user}:{hash}\n")).unwrap();
@@ -57,7 +89,11 @@ impl Registry {
                     file.display()
                 )
             }
-            None => String::new(),
+            Auth::Token { server, .. } => format!(
+                "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                server.realm(),
+                self.dir.path().join("token.pem").display()
+            ),
         };
         let config = self.dir.path().join("config.yml");
         std::fs::write(
@@ -122,9 +158,26 @@ impl Registry {
             .join("data")
     }
 
+    fn credentials(&self) -> Option<(&str, &str)> {
+        match &self.auth {
+            Auth::Anonymous => None,
+            Auth::Htpasswd { user, password } | Auth::Token { user, password, .. } => {
+                Some((user, password))
+            }
+        }
+    }
+
+    /// Tokens the token server handed out with some access (0 without one).
+    pub fn tokens_granted(&self) -> u64 {
+        match &self.auth {
+            Auth::Token { server, .. } => server.granted.load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+
     /// A docker config file with this registry's credentials.
     pub fn docker_config(&self) -> PathBuf {
-        let (user, password) = self.auth.as_ref().expect("registry has auth");
+        let (user, password) = self.credentials().expect("registry has auth");
         let auth = base64_encode(format!("{user}:{password}").as_bytes());
         let path = self.dir.path().join("docker-config.json");
         std::fs::write(
@@ -140,7 +193,7 @@ impl Registry {
     pub fn push_layout(&self, layout: &Path, tag: &str, repo_and_tag: &str) {
         let mut cmd = Command::new("skopeo");
         cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
-        if let Some((user, password)) = &self.auth {
+        if let Some((user, password)) = self.credentials() {
             cmd.arg(format!("--dest-creds={user}:{password}"));
         }
         let out = cmd
@@ -166,6 +219,13 @@ impl Registry {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("lazybd-registry-")
+        .tempdir()
+        .unwrap()
 }
 
 impl Drop for Registry {

@@ -238,10 +238,25 @@ fn basic_auth_credentials_come_from_the_docker_config() {
     if !require_root("basic_auth_credentials_come_from_the_docker_config") {
         return;
     }
+    authenticated_round_trip(&Registry::start_with_htpasswd("lazy", "s3cret:pw"));
+}
+
+#[test]
+fn bearer_tokens_are_fetched_from_the_registrys_token_realm() {
+    if !require_root("bearer_tokens_are_fetched_from_the_registrys_token_realm") {
+        return;
+    }
+    let registry = Registry::start_with_token_auth("lazy", "t0ken-pw");
+    authenticated_round_trip(&registry);
+    assert!(registry.tokens_granted() > 0);
+}
+
+/// Without credentials: refused; with the docker config: convert, inspect
+/// and a lazy mount work.
+fn authenticated_round_trip(registry: &Registry) {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let registry = Registry::start_with_htpasswd("lazy", "s3cret:pw");
-    publish_rich(t, &registry);
+    publish_rich(t, registry);
     let src = registry.reference("rich:v1");
     let dst = registry.reference("rich:lazy");
 
@@ -256,12 +271,9 @@ fn basic_auth_credentials_come_from_the_docker_config() {
     assert!(err.to_lowercase().contains("authoriz"), "{err}");
 
     let config = registry.docker_config();
-    let digest = convert(
-        t,
-        &src,
-        &dst,
-        &["--docker-config", config.to_str().unwrap()],
-    );
+    let config = config.to_str().unwrap();
+    let digest = convert(t, &src, &dst, &["--docker-config", config]);
+    assert!(digest.starts_with("sha256:"));
     let inspect = ok(&lazybd(&[
         &"inspect",
         &"--plain-http",
@@ -270,16 +282,10 @@ fn basic_auth_credentials_come_from_the_docker_config() {
         &dst,
     ]));
     assert!(inspect.contains("zstd"), "{inspect}");
-    assert!(digest.starts_with("sha256:"));
 
     let root = t.join("state");
     let dir = t.join("mnt");
-    let m = mount(
-        &root,
-        &dir,
-        &dst,
-        &["--docker-config", config.to_str().unwrap()],
-    );
+    let m = mount(&root, &dir, &dst, &["--docker-config", config]);
     assert_eq!(
         std::fs::read(dir.join("etc/hostname")).unwrap(),
         b"lazybd-2\n"
