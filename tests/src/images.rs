@@ -185,11 +185,17 @@ impl TarLayer {
     }
 }
 
-/// The three layers of the rich test image: everything the converter must
+/// The three layers of the rich test image: Debian's busybox-static (so
+/// tests can run a program from the image), everything the converter must
 /// keep, and an upper layer that deletes, replaces and hides lower content.
 pub fn rich_layers() -> Vec<Vec<u8>> {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (apt install busybox-static; hack/install-deps.sh does)");
     let mut base = TarLayer::new();
     base.dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .symlink("bin/sh", "busybox")
+        .symlink("bin/cat", "busybox")
         .dir("etc", 0o755)
         .dir("data", 0o755)
         .dir("dev", 0o755)

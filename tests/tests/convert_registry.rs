@@ -198,6 +198,19 @@ fn registry_to_registry_conversion_mounts_lazily_and_matches_an_unpack() {
             .as_deref(),
         Some(&b"root only"[..])
     );
+    // A program runs from the lazy mount.
+    let out = Command::new("chroot")
+        .arg(&dir)
+        .args(["/bin/sh", "-c", "cat /etc/hostname /data/small.txt"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "lazybd-2\nhello from a small file\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     drop(m);
     assert_no_leftovers(t);
 }
