@@ -12,7 +12,9 @@ use bytes::Bytes;
 use lazybd_blockdev::device::{loopdev, mounts};
 use lazybd_blockdev::format::{write_blob, WrittenBlob};
 use lazybd_blockdev::layer::LayerSource;
+use lazybd_blockdev::oci::{canonical_json, LazyLayerAnnotations, OciLayout};
 use lazybd_blockdev::source::{ChunkSource, FileSource, SourceError};
+use serde_json::json;
 
 /// A layer blob written to a file, with what an attach needs to know.
 pub struct BlobFile {
@@ -150,40 +152,50 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Writes an OCI image layout at `dir` whose one manifest lists `layers`
-/// (bottom first) with `media_type` and the lazybd annotations, as
-/// docs/format.md specifies them.
+/// Writes an OCI image layout at `dir` whose one manifest (tag `latest`)
+/// lists `layers` (bottom first) with `media_type` and the lazybd
+/// annotations, as docs/format.md specifies them. These layers come from
+/// trees, not tars: the blob digest stands in for the source diff_id.
 pub fn write_layout(dir: &Path, layers: &[&BlobFile], media_type: &str) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).expect("create layout");
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let digest = hex(&lazybd_blockdev::format::sha256(bytes));
-        std::fs::write(blobs.join(&digest), bytes).unwrap();
-        (format!("sha256:{digest}"), bytes.len())
-    };
-    let diff_ids: Vec<String> = layers.iter().map(|l| format!("\"{}\"", l.digest)).collect();
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
-        diff_ids.join(",")
-    );
-    let (config_digest, config_len) = put(config.as_bytes());
+    let layout = OciLayout::open_or_create(dir).expect("create layout");
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
+    let config = canonical_json(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .unwrap();
+    let config_digest = layout.put_blob(&config).unwrap();
     let mut descs = Vec::new();
     for l in layers {
-        std::fs::copy(&l.path, blobs.join(l.digest.trim_start_matches("sha256:"))).unwrap();
-        let f = &l.written.footer;
-        descs.push(format!(
-            r#"{{"mediaType":"{media_type}","digest":"{}","size":{},"annotations":{{"dev.lazybd.layer.version":"1","dev.lazybd.layer.index-offset":"{}","dev.lazybd.layer.index-length":"{}"}}}}"#,
-            l.digest, l.written.blob_len, f.index_offset, f.index_length
-        ));
+        std::fs::copy(&l.path, layout.blob_path(&l.digest).unwrap()).expect("store layer blob");
+        let ann = LazyLayerAnnotations {
+            source_diff_id: l.digest.clone(),
+            index_offset: l.written.footer.index_offset,
+            index_length: l.written.footer.index_length,
+            image_size: l.written.index.image_size,
+            chunk_size: l.written.index.chunk_size,
+        };
+        descs.push(json!({
+            "mediaType": media_type,
+            "digest": l.digest,
+            "size": l.written.blob_len,
+            "annotations": ann.to_map(),
+        }));
     }
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{config_len}}},"layers":[{}]}}"#,
-        descs.join(",")
+    let manifest = canonical_json(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": descs,
+    }))
+    .unwrap();
+    let digest = layout.put_blob(&manifest).unwrap();
+    let desc = oci_spec::image::Descriptor::new(
+        oci_spec::image::MediaType::ImageManifest,
+        manifest.len() as u64,
+        digest.parse::<oci_spec::image::Digest>().unwrap(),
     );
-    let (m_digest, m_len) = put(manifest.as_bytes());
-    let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m_digest}","size":{m_len},"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#
-    );
-    std::fs::write(dir.join("index.json"), index).unwrap();
+    layout.tag("latest", &desc).unwrap();
 }
