@@ -1,1 +1,12 @@
-//! lazybd-snapshotter: filled by the snapshotter work (issue: containerd remote snapshotter).
+//! lazybd-snapshotter: a containerd snapshotter (proxy plugin) that
+//! behaves like containerd's overlayfs snapshotter for ordinary layers and
+//! attaches lazybd layers lazily instead of letting containerd download
+//! them (docs/snapshotter.md).
+
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod mounts;
+pub mod remote;
+pub mod service;
+pub mod store;

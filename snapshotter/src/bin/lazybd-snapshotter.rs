@@ -1,0 +1,105 @@
+//! `lazybd-snapshotter`: serves containerd's Snapshots API on a unix socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use lazybd_blockdev::device::{LayerManager, NodeConfig};
+use lazybd_snapshotter::config::Config;
+use lazybd_snapshotter::remote::Remote;
+use lazybd_snapshotter::service::LazySnapshotter;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{error, info};
+
+/// containerd snapshotter (proxy plugin) that mounts lazybd layers lazily
+/// and behaves like the overlayfs snapshotter for all other layers.
+///
+/// Settings come from --config (TOML, see docs/snapshotter.md), then the
+/// flags, which override it.
+#[derive(Parser)]
+#[command(name = "lazybd-snapshotter", version)]
+struct Args {
+    /// Snapshots, metadata and lazy layer caches [default: /var/lib/lazybd-snapshotter].
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Unix socket for containerd's proxy plugin [default: /run/lazybd/snapshotter.sock].
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(root) = args.root {
+        config.root = root;
+    }
+    if let Some(address) = args.address {
+        config.address = address;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let mut node = NodeConfig::new(config.root.join("lazy"));
+    node.fetch.read_deadline = config.read_deadline();
+    let manager = LayerManager::new(node).context("setting up the lazy layer manager")?;
+    let remote = Remote::new(manager, config.registry.clone());
+    let snapshotter = Arc::new(
+        LazySnapshotter::open(&config.root, remote)
+            .await
+            .with_context(|| format!("opening {}", config.root.display()))?,
+    );
+
+    if let Some(dir) = config.address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a previous run would make bind fail.
+    let _ = std::fs::remove_file(&config.address);
+    let listener = UnixListener::bind(&config.address)
+        .with_context(|| format!("binding {}", config.address.display()))?;
+    info!(
+        "serving snapshots on {} (root {})",
+        config.address.display(),
+        config.root.display()
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    containerd_snapshots::tonic::transport::Server::builder()
+        .add_service(containerd_snapshots::server(snapshotter.clone()))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = int.recv() => info!("SIGINT: stopping"),
+            }
+        })
+        .await
+        .context("serving the Snapshots API")?;
+    let _ = std::fs::remove_file(&config.address);
+    match Arc::try_unwrap(snapshotter) {
+        Ok(s) => {
+            if let Err(e) = s.into_remote().into_manager().shutdown().await {
+                error!("detaching lazy layers: {e}");
+            }
+        }
+        Err(_) => error!("requests still running at shutdown; lazy layers stay attached"),
+    }
+    Ok(())
+}

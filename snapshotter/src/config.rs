@@ -1,0 +1,77 @@
+//! The daemon's TOML configuration (docs/snapshotter.md lists every key).
+//! Unknown keys are errors: a typo must not silently fall back to a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Snapshots, metadata and the lazy layers' caches.
+    pub root: PathBuf,
+    /// The Snapshots gRPC socket containerd's proxy plugin dials.
+    pub address: PathBuf,
+    /// Reads of lazy layers that no source can serve fail with EIO after
+    /// this many seconds instead of hanging the container.
+    pub read_deadline_secs: u64,
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Registries (`host[:port]`) spoken to over plain HTTP; all others use
+    /// HTTPS.
+    pub plain_http: Vec<String>,
+    /// Docker config file with registry credentials (default
+    /// `$DOCKER_CONFIG/config.json`, then `~/.docker/config.json`).
+    pub docker_config: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: "/var/lib/lazybd-snapshotter".into(),
+            address: "/run/lazybd/snapshotter.sock".into(),
+            read_deadline_secs: 60,
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn read_deadline(&self) -> Duration {
+        Duration::from_secs(self.read_deadline_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c: Config =
+            toml::from_str("root = \"/r\"\n[registry]\nplain_http = [\"127.0.0.1:5000\"]\n")
+                .unwrap();
+        assert_eq!(c.root, PathBuf::from("/r"));
+        assert_eq!(c.read_deadline_secs, 60);
+        assert_eq!(c.registry.plain_http, ["127.0.0.1:5000"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = toml::from_str::<Config>("rot = \"/r\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        assert!(toml::from_str::<Config>("[registry]\nplain = []\n").is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! The remote path: recognising a Prepare that asks for a lazybd layer,
+//! and attaching it lazily through the blockdev core instead of letting
+//! containerd download and unpack it.
+//!
+//! containerd (CRI with `disable_snapshot_annotations = false`, or `lazybd
+//! pull`) labels the Prepare of each image layer with the snapshot it will
+//! be committed as and with the image, manifest and layer digests. The
+//! manifest (fetched from the image's registry by digest) says whether the
+//! layer is a lazybd layer and where its index is.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use lazybd_blockdev::device::{DeviceError, LayerManager};
+use lazybd_blockdev::layer::LayerSource;
+use lazybd_blockdev::oci::{LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::registry::{RegistryClient, RegistryOptions};
+use lazybd_blockdev::source::{ChunkSource, RegistrySource};
+use oci_spec::image::ImageManifest;
+use serde::{Deserialize, Serialize};
+
+use crate::config::RegistryConfig;
+
+/// The committed snapshot name containerd wants (set on every unpack).
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// Manifests kept for the layers of images being prepared.
+const MANIFEST_CACHE: usize = 64;
+
+/// What is persisted about a lazily attached layer: enough to attach it
+/// again after a restart, without the labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteLayer {
+    /// The image reference the layer was pulled for (its repository serves
+    /// the blob).
+    pub image_ref: String,
+    pub digest: String,
+    pub blob_size: u64,
+    pub index_offset: u64,
+    pub index_length: u64,
+    pub image_size: u64,
+}
+
+pub struct Remote {
+    manager: LayerManager,
+    registry: RegistryConfig,
+    manifests: Mutex<HashMap<String, Arc<ImageManifest>>>,
+}
+
+impl Remote {
+    pub fn new(manager: LayerManager, registry: RegistryConfig) -> Self {
+        Remote {
+            manager,
+            registry,
+            manifests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn manager(&self) -> &LayerManager {
+        &self.manager
+    }
+
+    pub fn into_manager(self) -> LayerManager {
+        self.manager
+    }
+
+    /// The lazybd layer these Prepare labels ask for: `Ok(None)` when they
+    /// do not describe an image layer (a container's rootfs, a plain `ctr`
+    /// unpack), `Err(reason)` when they do but it cannot be served lazily.
+    pub async fn resolve(
+        &self,
+        labels: &HashMap<String, String>,
+    ) -> Result<Option<RemoteLayer>, String> {
+        let (Some(image_ref), Some(manifest_digest), Some(layer_digest)) = (
+            labels.get(LABEL_IMAGE_REF),
+            labels.get(LABEL_MANIFEST_DIGEST),
+            labels.get(LABEL_LAYER_DIGEST),
+        ) else {
+            return Ok(None);
+        };
+        let manifest = self.manifest(image_ref, manifest_digest).await?;
+        let desc = manifest
+            .layers()
+            .iter()
+            .find(|l| l.digest().to_string() == *layer_digest)
+            .ok_or_else(|| {
+                format!("manifest {manifest_digest} of {image_ref} has no layer {layer_digest}")
+            })?;
+        if desc.media_type().to_string() != MEDIA_LAZYBD_LAYER {
+            return Err(format!(
+                "layer {layer_digest} of {image_ref} is not a lazybd layer (media type {})",
+                desc.media_type()
+            ));
+        }
+        let ann =
+            LazyLayerAnnotations::from_map(desc.annotations().as_ref().unwrap_or(&HashMap::new()))
+                .map_err(|e| format!("layer {layer_digest} of {image_ref}: {e}"))?;
+        Ok(Some(RemoteLayer {
+            image_ref: image_ref.clone(),
+            digest: layer_digest.clone(),
+            blob_size: desc.size(),
+            index_offset: ann.index_offset,
+            index_length: ann.index_length,
+            image_size: ann.image_size,
+        }))
+    }
+
+    async fn manifest(&self, image_ref: &str, digest: &str) -> Result<Arc<ImageManifest>, String> {
+        if let Some(m) = self.cached_manifest(digest) {
+            return Ok(m);
+        }
+        let client = self.client(image_ref)?;
+        let raw = client
+            .manifest_by_digest(digest)
+            .await
+            .map_err(|e| e.to_string())?;
+        if raw.bytes.len() as u64 > MAX_METADATA_LEN {
+            return Err(format!("manifest {digest} of {image_ref} is too large"));
+        }
+        let manifest = Arc::new(
+            ImageManifest::from_reader(&raw.bytes[..])
+                .map_err(|e| format!("manifest {digest} of {image_ref}: {e}"))?,
+        );
+        let mut cache = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MANIFEST_CACHE {
+            cache.clear();
+        }
+        cache.insert(digest.to_owned(), manifest.clone());
+        Ok(manifest)
+    }
+
+    fn cached_manifest(&self, digest: &str) -> Option<Arc<ImageManifest>> {
+        self.manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
+    fn client(&self, image_ref: &str) -> Result<Arc<RegistryClient>, String> {
+        let host = image_ref.split('/').next().unwrap_or_default();
+        let opts = RegistryOptions {
+            plain_http: self.registry.plain_http.iter().any(|h| h == host),
+            docker_config: self.registry.docker_config.clone(),
+            ..RegistryOptions::default()
+        };
+        RegistryClient::new(image_ref, &opts)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Attaches the layer (idempotent); returns its EROFS mount.
+    pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, String> {
+        let client = self.client(&layer.image_ref)?;
+        let source: Arc<dyn ChunkSource> = Arc::new(RegistrySource::new(client, &layer.digest));
+        let attached = self
+            .manager
+            .attach(LayerSource {
+                digest: layer.digest.clone(),
+                blob_size: layer.blob_size,
+                index_location: Some((layer.index_offset, layer.index_length)),
+                sources: vec![source],
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(attached.mountpoint)
+    }
+
+    pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
+        self.manager.detach(digest).await
+    }
+
+    /// The EROFS mount of an attached layer.
+    pub fn mountpoint(&self, digest: &str) -> Option<PathBuf> {
+        self.manager
+            .layers()
+            .into_iter()
+            .find(|l| l.digest == digest)
+            .map(|l| l.mountpoint)
+    }
+}

@@ -1,0 +1,435 @@
+//! The Snapshots service: containerd's overlayfs snapshotter semantics for
+//! ordinary layers, plus the remote path for lazybd layers.
+//!
+//! On disk, under the root: `metadata.redb` (the [`Store`]), one directory
+//! per snapshot `snapshots/<id>/{fs,work}`, and `lazy/` (the blockdev
+//! layer manager: caches, FUSE, EROFS mounts of remote layers).
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use containerd_snapshots::api::types::Mount;
+use containerd_snapshots::{Info, Snapshotter};
+use futures_util::stream::{self, BoxStream};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::error::SnapshotError;
+use crate::filter::Filter;
+use crate::mounts;
+use crate::remote::{Remote, RemoteLayer, LABEL_TARGET};
+use crate::store::{Kind, Record, Store, Usage};
+
+pub struct LazySnapshotter {
+    root: PathBuf,
+    store: Store,
+    remote: Remote,
+    /// Serializes changes: each is a store transaction plus directory work
+    /// that must not interleave with another change of the same snapshots.
+    changes: Mutex<()>,
+}
+
+impl LazySnapshotter {
+    /// Opens the store under `root` and attaches every remote layer that was
+    /// committed before, so mounts work before the first request is served.
+    pub async fn open(root: &Path, remote: Remote) -> Result<Self, SnapshotError> {
+        std::fs::create_dir_all(root.join("snapshots"))
+            .map_err(SnapshotError::io(format!("creating {}", root.display())))?;
+        let store = Store::open(&root.join("metadata.redb"))?;
+        let s = LazySnapshotter {
+            root: root.to_owned(),
+            store,
+            remote,
+            changes: Mutex::new(()),
+        };
+        s.reattach().await?;
+        Ok(s)
+    }
+
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    pub fn into_remote(self) -> Remote {
+        self.remote
+    }
+
+    async fn reattach(&self) -> Result<(), SnapshotError> {
+        let mut seen = HashSet::new();
+        for (name, r) in self.store.all()? {
+            let Some(layer) = r.remote else { continue };
+            if !seen.insert(layer.digest.clone()) {
+                continue;
+            }
+            match self.remote.attach(&layer).await {
+                Ok(_) => info!("re-attached layer {} of snapshot {name:?}", layer.digest),
+                // Mounts of its snapshots fail with Unavailable until a later
+                // attach works; the daemon itself keeps serving.
+                Err(e) => warn!(
+                    "re-attaching layer {} of snapshot {name:?}: {e}",
+                    layer.digest
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    /// The lower directories of a snapshot whose parent is `parent`, top first.
+    fn lowers(&self, parent: Option<&str>) -> Result<Vec<PathBuf>, SnapshotError> {
+        let mut out = Vec::new();
+        let mut next = parent.map(str::to_owned);
+        while let Some(key) = next {
+            let r = self.store.require(&key)?;
+            out.push(match &r.remote {
+                Some(layer) => self.remote.mountpoint(&layer.digest).ok_or_else(|| {
+                    SnapshotError::Unavailable(format!(
+                        "lazy layer {} of snapshot {key:?} is not attached (see the log)",
+                        layer.digest
+                    ))
+                })?,
+                None => self.dir(r.id).join("fs"),
+            });
+            next = r.parent;
+        }
+        Ok(out)
+    }
+
+    fn mounts_of(&self, r: &Record) -> Result<Vec<Mount>, SnapshotError> {
+        let lowers = self.lowers(r.parent.as_deref())?;
+        let dir = self.dir(r.id);
+        Ok(vec![match r.kind {
+            Kind::Active => mounts::active(&dir.join("fs"), &dir.join("work"), &lowers),
+            Kind::View => mounts::view(&dir.join("fs"), &lowers),
+            Kind::Committed => {
+                return Err(SnapshotError::FailedPrecondition(
+                    "committed snapshots have no mounts; make a view".into(),
+                ))
+            }
+        }])
+    }
+
+    fn check_parent(&self, parent: &str) -> Result<Option<String>, SnapshotError> {
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let p = self.store.require(parent)?;
+        if p.kind != Kind::Committed {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        Ok(Some(parent.to_owned()))
+    }
+
+    /// A new active snapshot or view with its directories.
+    fn create_local(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        kind: Kind,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        let parent = self.check_parent(parent)?;
+        let now = SystemTime::now();
+        let record = self.store.create(key, |id| Record {
+            id,
+            kind,
+            parent,
+            labels,
+            created: now,
+            updated: now,
+            usage: None,
+            remote: None,
+        })?;
+        let dir = self.dir(record.id);
+        let made = std::fs::create_dir_all(dir.join("fs")).and_then(|()| {
+            if kind == Kind::Active {
+                std::fs::create_dir_all(dir.join("work"))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = made {
+            let _ = self.store.remove(key);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(SnapshotError::io(format!("creating {}", dir.display()))(e));
+        }
+        self.mounts_of(&record)
+    }
+
+    /// The remote path of Prepare: `Ok(true)` when `target` now exists as a
+    /// committed lazily attached snapshot (or already did).
+    async fn prepare_remote(
+        &self,
+        parent: &str,
+        target: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<bool, String> {
+        if self.store.get(target).map_err(|e| e.to_string())?.is_some() {
+            return Ok(true);
+        }
+        let Some(layer) = self.remote.resolve(labels).await? else {
+            return Ok(false);
+        };
+        let parent = self.check_parent(parent).map_err(|e| e.to_string())?;
+        self.remote.attach(&layer).await?;
+        let now = SystemTime::now();
+        let made = self.store.create(target, |id| Record {
+            id,
+            kind: Kind::Committed,
+            parent,
+            labels: labels.clone(),
+            created: now,
+            updated: now,
+            usage: Some(Usage {
+                size: layer.image_size as i64,
+                inodes: 0,
+            }),
+            remote: Some(layer.clone()),
+        });
+        match made {
+            Ok(_) => {
+                info!(
+                    "layer {} of {} attached lazily as {target:?}",
+                    layer.digest, layer.image_ref
+                );
+                Ok(true)
+            }
+            Err(e) => {
+                self.detach_if_unused(&layer).await;
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn detach_if_unused(&self, layer: &RemoteLayer) {
+        let used = match self.store.all() {
+            Ok(all) => all
+                .iter()
+                .any(|(_, r)| r.remote.as_ref().is_some_and(|l| l.digest == layer.digest)),
+            Err(e) => {
+                warn!("not detaching {}: {e}", layer.digest);
+                return;
+            }
+        };
+        if !used {
+            if let Err(e) = self.remote.detach(&layer.digest).await {
+                warn!("detaching layer {}: {e}", layer.digest);
+            }
+        }
+    }
+
+    fn remove_dir(&self, id: u64) {
+        let dir = self.dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                // Cleanup retries what is left.
+                warn!("removing {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+fn info(name: String, r: Record) -> Info {
+    Info {
+        kind: match r.kind {
+            Kind::View => containerd_snapshots::Kind::View,
+            Kind::Active => containerd_snapshots::Kind::Active,
+            Kind::Committed => containerd_snapshots::Kind::Committed,
+        },
+        name,
+        parent: r.parent.unwrap_or_default(),
+        labels: r.labels,
+        created_at: r.created,
+        updated_at: r.updated,
+    }
+}
+
+/// Disk usage like `du`: allocated bytes and inodes, hardlinks counted once.
+fn disk_usage(dir: &Path) -> Result<Usage, SnapshotError> {
+    fn walk(p: &Path, seen: &mut HashSet<(u64, u64)>, u: &mut Usage) -> std::io::Result<()> {
+        let md = std::fs::symlink_metadata(p)?;
+        if seen.insert((md.dev(), md.ino())) {
+            u.inodes += 1;
+            u.size += md.blocks() as i64 * 512;
+        }
+        if md.is_dir() {
+            for entry in std::fs::read_dir(p)? {
+                walk(&entry?.path(), seen, u)?;
+            }
+        }
+        Ok(())
+    }
+    let mut usage = Usage::default();
+    walk(dir, &mut HashSet::new(), &mut usage)
+        .map_err(SnapshotError::io(format!("measuring {}", dir.display())))?;
+    Ok(usage)
+}
+
+#[containerd_snapshots::tonic::async_trait]
+impl Snapshotter for LazySnapshotter {
+    type Error = SnapshotError;
+
+    async fn stat(&self, key: String) -> Result<Info, SnapshotError> {
+        let r = self.store.require(&key)?;
+        Ok(info(key, r))
+    }
+
+    async fn update(
+        &self,
+        new: Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<Info, SnapshotError> {
+        let _g = self.changes.lock().await;
+        let mut r = self.store.require(&new.name)?;
+        let paths = fieldpaths.unwrap_or_default();
+        if paths.is_empty() {
+            r.labels = new.labels.clone();
+        }
+        for path in paths {
+            if path == "labels" {
+                r.labels = new.labels.clone();
+            } else if let Some(key) = path.strip_prefix("labels.") {
+                match new.labels.get(key) {
+                    Some(v) => r.labels.insert(key.to_owned(), v.clone()),
+                    None => r.labels.remove(key),
+                };
+            } else {
+                return Err(SnapshotError::InvalidArgument(format!(
+                    "cannot update field {path:?} of snapshot {:?}",
+                    new.name
+                )));
+            }
+        }
+        r.updated = SystemTime::now();
+        self.store.update(&new.name, &r)?;
+        Ok(info(new.name, r))
+    }
+
+    async fn usage(&self, key: String) -> Result<containerd_snapshots::Usage, SnapshotError> {
+        let r = self.store.require(&key)?;
+        let u = match (r.kind, r.usage) {
+            (Kind::Committed, Some(u)) => u,
+            (Kind::Committed, None) => Usage::default(),
+            _ => disk_usage(&self.dir(r.id).join("fs"))?,
+        };
+        Ok(containerd_snapshots::Usage {
+            inodes: u.inodes,
+            size: u.size,
+        })
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<Mount>, SnapshotError> {
+        let r = self.store.require(&key)?;
+        self.mounts_of(&r)
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        let _g = self.changes.lock().await;
+        if let Some(target) = labels.get(LABEL_TARGET) {
+            match self.prepare_remote(&parent, target, &labels).await {
+                // containerd reads AlreadyExists as "the layer is there", stats
+                // the target and skips download and unpack.
+                Ok(true) => return Err(SnapshotError::AlreadyExists(target.clone())),
+                Ok(false) => {}
+                Err(reason) => {
+                    warn!("{target}: not attached lazily, unpacking normally: {reason}")
+                }
+            }
+        }
+        self.create_local(&key, &parent, labels, Kind::Active)
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        let _g = self.changes.lock().await;
+        self.create_local(&key, &parent, labels, Kind::View)
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<(), SnapshotError> {
+        let _g = self.changes.lock().await;
+        let mut r = self.store.require(&key)?;
+        if r.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        r.usage = Some(disk_usage(&self.dir(r.id).join("fs"))?);
+        r.kind = Kind::Committed;
+        r.labels = labels;
+        r.updated = SystemTime::now();
+        self.store.rename(&key, &name, &r)
+    }
+
+    async fn remove(&self, key: String) -> Result<(), SnapshotError> {
+        let _g = self.changes.lock().await;
+        let r = self.store.remove(&key)?;
+        match &r.remote {
+            Some(layer) => self.detach_if_unused(layer).await,
+            None => self.remove_dir(r.id),
+        }
+        Ok(())
+    }
+
+    async fn clear(&self) -> Result<(), SnapshotError> {
+        let _g = self.changes.lock().await;
+        let ids: HashSet<String> = self
+            .store
+            .all()?
+            .into_iter()
+            .map(|(_, r)| r.id.to_string())
+            .collect();
+        let dir = self.root.join("snapshots");
+        for entry in std::fs::read_dir(&dir)
+            .map_err(SnapshotError::io(format!("listing {}", dir.display())))?
+        {
+            let entry = entry.map_err(SnapshotError::io(format!("listing {}", dir.display())))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !ids.contains(&name) {
+                info!("cleanup: removing {}", entry.path().display());
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    warn!("cleanup: removing {}: {e}", entry.path().display());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    type InfoStream = BoxStream<'static, Result<Info, SnapshotError>>;
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<Self::InfoStream, SnapshotError> {
+        let filter = Filter::parse(&filters)?;
+        let infos: Vec<Result<Info, SnapshotError>> = self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|(name, r)| filter.matches(name, r))
+            .map(|(name, r)| Ok(info(name, r)))
+            .collect();
+        Ok(Box::pin(stream::iter(infos)))
+    }
+}
