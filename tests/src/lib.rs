@@ -10,6 +10,7 @@ pub mod cli;
 pub mod images;
 pub mod lazy_layers;
 pub mod registry;
+pub mod snapshotter;
 pub mod token_auth;
 
 /// Returns false (after a loud message) when the test cannot run because we

@@ -1,0 +1,389 @@
+//! lazybd-snapshotter through containerd's Snapshots gRPC API, as
+//! containerd's proxy plugin calls it: overlayfs-snapshotter semantics for
+//! ordinary snapshots, persistence across restarts, and the remote path
+//! (CRI labels on the Prepare of a lazybd layer -> attached lazily,
+//! committed, AlreadyExists) with fallback for ordinary images.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, CleanupRequest, CommitSnapshotRequest, ListSnapshotsRequest,
+    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::Code;
+use containerd_client::types::Mount;
+use lazybd_blockdev::oci::OciLayout;
+use lazybd_tests::cli::{lazybd, ok};
+use lazybd_tests::images::{rich_layers, write_image, Compression};
+use lazybd_tests::lazy_layers::leftovers;
+use lazybd_tests::registry::Registry;
+use lazybd_tests::require_root;
+use lazybd_tests::snapshotter::{Mounted, SnapshotterDaemon};
+
+type Client = SnapshotsClient<Channel>;
+
+async fn prepare(
+    c: &mut Client,
+    key: &str,
+    parent: &str,
+    labels: HashMap<String, String>,
+) -> Result<Vec<Mount>, containerd_client::tonic::Status> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels,
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn commit(c: &mut Client, name: &str, key: &str) {
+    c.commit(CommitSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .unwrap();
+}
+
+async fn remove(c: &mut Client, key: &str) -> Result<(), containerd_client::tonic::Status> {
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn stat_kind(c: &mut Client, key: &str) -> Result<i32, Code> {
+    c.stat(StatSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|r| r.into_inner().info.unwrap().kind)
+    .map_err(|s| s.code())
+}
+
+fn mnt(dir: &Path, name: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+const COMMITTED: i32 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_snapshots_behave_like_overlayfs_and_survive_a_restart() {
+    if !require_root("ordinary_snapshots_behave_like_overlayfs_and_survive_a_restart") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let mut daemon = SnapshotterDaemon::start(t, "");
+    let mut c = daemon.client().await;
+
+    // Base layer: a bind mount of an empty dir, written, committed.
+    let mounts = prepare(&mut c, "base-extract", "", HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    {
+        let _m = Mounted::new(&mounts, &mnt(t, "m1"));
+        std::fs::write(t.join("m1/base.txt"), "base\n").unwrap();
+        std::fs::write(t.join("m1/gone.txt"), "deleted above\n").unwrap();
+    }
+    commit(&mut c, "base", "base-extract").await;
+    assert_eq!(stat_kind(&mut c, "base").await, Ok(COMMITTED));
+    assert_eq!(stat_kind(&mut c, "base-extract").await, Err(Code::NotFound));
+    let usage = c
+        .usage(UsageRequest {
+            snapshotter: "lazybd".into(),
+            key: "base".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(usage.size > 0 && usage.inodes == 3, "{usage:?}");
+
+    // A child on top: overlayfs, sees the base, its changes stay its own.
+    let mounts = prepare(&mut c, "top-extract", "base", HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(mounts[0].r#type, "overlay");
+    {
+        let _m = Mounted::new(&mounts, &mnt(t, "m2"));
+        assert_eq!(
+            std::fs::read_to_string(t.join("m2/base.txt")).unwrap(),
+            "base\n"
+        );
+        std::fs::remove_file(t.join("m2/gone.txt")).unwrap();
+        std::fs::write(t.join("m2/top.txt"), "top\n").unwrap();
+    }
+    commit(&mut c, "top", "top-extract").await;
+
+    // Errors containerd relies on.
+    assert_eq!(
+        prepare(&mut c, "top", "", HashMap::new())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        prepare(&mut c, "x", "missing", HashMap::new())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        remove(&mut c, "base").await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    // Restart: everything is still there.
+    daemon.restart();
+    let mut c = daemon.client().await;
+    assert_eq!(stat_kind(&mut c, "top").await, Ok(COMMITTED));
+
+    // A read-only view of the chain.
+    let view = c
+        .view(ViewSnapshotRequest {
+            snapshotter: "lazybd".into(),
+            key: "v".into(),
+            parent: "top".into(),
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    {
+        let _m = Mounted::new(&view, &mnt(t, "m3"));
+        assert_eq!(
+            std::fs::read_to_string(t.join("m3/top.txt")).unwrap(),
+            "top\n"
+        );
+        assert!(!t.join("m3/gone.txt").exists(), "the whiteout hides it");
+        assert!(
+            std::fs::write(t.join("m3/new"), "x").is_err(),
+            "views are read-only"
+        );
+    }
+    let mounts_again = c
+        .mounts(MountsRequest {
+            snapshotter: "lazybd".into(),
+            key: "v".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(mounts_again, view);
+
+    // Labels: update one, list by it.
+    let mut info = c
+        .stat(StatSnapshotRequest {
+            snapshotter: "lazybd".into(),
+            key: "top".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    info.labels
+        .insert("containerd.io/gc.root".into(), "yes".into());
+    c.update(UpdateSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        info: Some(info),
+        update_mask: Some(prost_types_mask(&["labels.containerd.io/gc.root"])),
+    })
+    .await
+    .unwrap();
+    let listed: Vec<String> = list(&mut c, &[r#"labels."containerd.io/gc.root"==yes"#]).await;
+    assert_eq!(listed, ["top"]);
+    let mut all = list(&mut c, &[]).await;
+    all.sort();
+    assert_eq!(all, ["base", "top", "v"]);
+
+    for key in ["v", "top", "base"] {
+        remove(&mut c, key).await.unwrap();
+    }
+    c.cleanup(CleanupRequest {
+        snapshotter: "lazybd".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read_dir(daemon.root.join("snapshots"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+fn prost_types_mask(paths: &[&str]) -> prost_types::FieldMask {
+    prost_types::FieldMask {
+        paths: paths.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+async fn list(c: &mut Client, filters: &[&str]) -> Vec<String> {
+    let mut stream = c
+        .list(ListSnapshotsRequest {
+            snapshotter: "lazybd".into(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        out.extend(batch.info.into_iter().map(|i| i.name));
+    }
+    out
+}
+
+/// The CRI labels containerd puts on the Prepare of an image layer.
+fn cri_labels(image: &str, manifest: &str, layer: &str, target: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("containerd.io/snapshot.ref".to_string(), target.to_string()),
+        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
+        (
+            "containerd.io/snapshot/cri.manifest-digest".into(),
+            manifest.into(),
+        ),
+        (
+            "containerd.io/snapshot/cri.layer-digest".into(),
+            layer.into(),
+        ),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
+    if !require_root("lazybd_layers_are_attached_lazily_and_come_back_after_a_restart") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let layout = t.join("src");
+    write_image(&layout, "v1", &rich_layers(), &[Compression::Gzip; 3]);
+    registry.push_layout(&layout, "v1", "rich:v1");
+    let image = registry.reference("rich:lazy");
+    let out = ok(&lazybd(&[
+        &"convert",
+        &"--plain-http",
+        &"--json",
+        &"--chunk-size",
+        &"65536",
+        &"--work-dir",
+        &t,
+        &registry.reference("rich:v1"),
+        &image,
+    ]));
+    let converted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let manifest = converted["manifest_digest"].as_str().unwrap().to_owned();
+    let layers: Vec<String> = converted["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+
+    let mut daemon = SnapshotterDaemon::start(
+        t,
+        &format!("[registry]\nplain_http = [\"{}\"]\n", registry.host()),
+    );
+    let mut c = daemon.client().await;
+    let mut parent = String::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let target = format!("chain-{i}");
+        let labels = cri_labels(&image, &manifest, layer, &target);
+        let err = prepare(&mut c, &format!("extract-{i}"), &parent, labels)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", daemon.log());
+        assert_eq!(stat_kind(&mut c, &target).await, Ok(COMMITTED));
+        parent = target;
+    }
+
+    let check_container = |c: &mut Client, name: &'static str| {
+        let mut c = c.clone();
+        let parent = parent.clone();
+        let dir = mnt(t, name);
+        async move {
+            let mounts = prepare(&mut c, name, &parent, HashMap::new())
+                .await
+                .unwrap();
+            let m = Mounted::new(&mounts, &dir);
+            assert_eq!(
+                std::fs::read_to_string(dir.join("etc/hostname")).unwrap(),
+                "lazybd-2\n"
+            );
+            assert_eq!(std::fs::read(dir.join("data/big")).unwrap().len(), 6 << 20);
+            assert!(!dir.join("etc/removed").exists());
+            std::fs::write(dir.join("written"), "upper\n").unwrap();
+            drop(m);
+            remove(&mut c, name).await.unwrap();
+        }
+    };
+    check_container(&mut c, "container-1").await;
+
+    // Restart: the committed lazy layers are attached again before serving.
+    daemon.restart();
+    let mut c = daemon.client().await;
+    check_container(&mut c, "container-2").await;
+
+    // Remove the chain: every lazy layer is detached, nothing stays mounted.
+    for i in (0..layers.len()).rev() {
+        remove(&mut c, &format!("chain-{i}")).await.unwrap();
+    }
+    let (mounts, loops) = leftovers(&daemon.root);
+    assert!(
+        mounts.iter().all(|m| m.ends_with("lazy/fuse")) && loops.is_empty(),
+        "{mounts:?} {loops:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_images_with_cri_labels_fall_back_to_the_normal_path() {
+    if !require_root("ordinary_images_with_cri_labels_fall_back_to_the_normal_path") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let layout = t.join("src");
+    let manifest = write_image(&layout, "v1", &rich_layers()[..1], &[Compression::Gzip]);
+    registry.push_layout(&layout, "v1", "plain:v1");
+    let mut daemon = SnapshotterDaemon::start(
+        t,
+        &format!("[registry]\nplain_http = [\"{}\"]\n", registry.host()),
+    );
+    let mut c = daemon.client().await;
+    let blob = OciLayout::open(&layout)
+        .unwrap()
+        .read_blob(&manifest)
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&blob).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    let labels = cri_labels(&registry.reference("plain:v1"), &manifest, layer, "chain-0");
+    let mounts = prepare(&mut c, "extract-0", "", labels).await.unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    let log = daemon.log();
+    assert!(
+        log.contains("unpacking normally") && log.contains("is not a lazybd layer"),
+        "{log}"
+    );
+    daemon.stop();
+}
