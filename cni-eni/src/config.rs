@@ -1,0 +1,292 @@
+//! The network configuration the runtime passes on stdin.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::env::Env;
+use crate::error::{CniError, Result};
+use crate::mac::Mac;
+use crate::result::{CniResult, Dns, IpConfig, Route};
+use crate::version::CniVersion;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cni/lazybd-eni";
+const DEFAULT_NIC_WAIT_MS: u64 = 10_000;
+const DEFAULT_LOCK_TIMEOUT_MS: u64 = 30_000;
+/// Upper bound for both waits: a runtime's own CNI timeout is minutes at most.
+const MAX_WAIT_MS: u64 = 300_000;
+
+/// The key in `CNI_ARGS` that names the ENI.
+pub const MAC_ARG: &str = "ENI_MAC";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    cni_version: String,
+    name: String,
+    #[serde(rename = "type")]
+    plugin_type: String,
+    mac: Option<Mac>,
+    mtu: Option<u32>,
+    ipam: Option<IpamRef>,
+    #[serde(default)]
+    addresses: Vec<IpConfig>,
+    #[serde(default)]
+    routes: Vec<Route>,
+    #[serde(default)]
+    dns: Dns,
+    state_dir: Option<PathBuf>,
+    nic_wait_ms: Option<u64>,
+    lock_timeout_ms: Option<u64>,
+    #[serde(default)]
+    stand_in_link_kinds: Vec<String>,
+    #[serde(default)]
+    runtime_config: RuntimeConfig,
+    prev_result: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+    /// The key spec 1.1.0 printed; libcni sends both, so both are read.
+    #[serde(rename = "cni.dev/attachments")]
+    attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Deserialize)]
+struct IpamRef {
+    #[serde(rename = "type")]
+    plugin_type: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RuntimeConfig {
+    eni_mac: Option<Mac>,
+}
+
+/// One live attachment as listed by the runtime in a GC request.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// Where the addresses and routes come from.
+#[derive(Clone, Debug)]
+pub enum Addressing {
+    /// A delegated IPAM plugin (`ipam.type`, found through `CNI_PATH`).
+    Ipam { plugin: String },
+    /// Fixed `addresses`, `routes` and `dns` from this config.
+    Static(CniResult),
+}
+
+#[derive(Clone, Debug)]
+pub struct NetConf {
+    pub version: CniVersion,
+    pub name: String,
+    pub mac: Option<Mac>,
+    pub runtime_mac: Option<Mac>,
+    pub mtu: Option<u32>,
+    pub addressing: Addressing,
+    pub state_dir: PathBuf,
+    pub nic_wait: Duration,
+    pub lock_timeout: Duration,
+    /// Link kinds accepted besides physical links (no `IFLA_LINKINFO`).
+    /// Empty in production; tests name `veth` or `macvlan` stand-ins here.
+    pub stand_in_kinds: Vec<String>,
+    pub prev_result: Option<CniResult>,
+    pub valid_attachments: Option<Vec<Attachment>>,
+    /// The config exactly as received, handed to the IPAM delegate.
+    pub raw: Value,
+}
+
+impl NetConf {
+    pub fn parse(bytes: &[u8]) -> Result<NetConf> {
+        let raw: Value = serde_json::from_slice(bytes).map_err(|e| CniError::Decode {
+            what: "network config".into(),
+            reason: e.to_string(),
+        })?;
+        let version_str = raw
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .ok_or_else(|| CniError::InvalidConfig("cniVersion is missing".into()))?;
+        let version = CniVersion::parse(version_str)?;
+        let c: RawConf = serde_json::from_value(raw.clone())
+            .map_err(|e| CniError::InvalidConfig(e.to_string()))?;
+        debug_assert_eq!(c.cni_version, version_str);
+        if c.name.is_empty() || c.plugin_type.is_empty() {
+            return Err(CniError::InvalidConfig("name and type must not be empty".into()));
+        }
+        let addressing = match c.ipam {
+            Some(_) if !c.addresses.is_empty() || !c.routes.is_empty() => {
+                return Err(CniError::InvalidConfig(
+                    "use either ipam or static addresses/routes, not both".into(),
+                ))
+            }
+            Some(i) if i.plugin_type.is_empty() || i.plugin_type.contains('/') => {
+                return Err(CniError::InvalidConfig(format!(
+                    "ipam.type {:?} is not a plugin name",
+                    i.plugin_type
+                )))
+            }
+            Some(i) => Addressing::Ipam {
+                plugin: i.plugin_type,
+            },
+            None => Addressing::Static(static_result(c.addresses, c.routes, c.dns)?),
+        };
+        let state_dir = c.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        if !state_dir.is_absolute() {
+            return Err(CniError::InvalidConfig(format!(
+                "stateDir {} must be absolute",
+                state_dir.display()
+            )));
+        }
+        let prev_result = c
+            .prev_result
+            .map(|p| CniResult::parse(&p, "prevResult"))
+            .transpose()?;
+        Ok(NetConf {
+            version,
+            name: c.name,
+            mac: c.mac,
+            runtime_mac: c.runtime_config.eni_mac,
+            mtu: c.mtu,
+            addressing,
+            state_dir,
+            nic_wait: wait("nicWaitMs", c.nic_wait_ms, DEFAULT_NIC_WAIT_MS)?,
+            lock_timeout: wait("lockTimeoutMs", c.lock_timeout_ms, DEFAULT_LOCK_TIMEOUT_MS)?,
+            stand_in_kinds: c.stand_in_link_kinds,
+            prev_result,
+            valid_attachments: c.valid_attachments.or(c.attachments),
+            raw,
+        })
+    }
+
+    /// The ENI's MAC: `runtimeConfig.eniMac` (capability `eniMac`), else
+    /// `ENI_MAC` in `CNI_ARGS`, else `mac` in the config.
+    pub fn eni_mac(&self, env: &Env) -> Result<Option<Mac>> {
+        if let Some(m) = self.runtime_mac {
+            return Ok(Some(m));
+        }
+        if let Some(a) = env.arg(MAC_ARG) {
+            return a
+                .parse()
+                .map(Some)
+                .map_err(|e| CniError::InvalidEnv(format!("CNI_ARGS {MAC_ARG}: {e}")));
+        }
+        Ok(self.mac)
+    }
+}
+
+fn wait(key: &str, ms: Option<u64>, default: u64) -> Result<Duration> {
+    match ms.unwrap_or(default) {
+        ms if ms <= MAX_WAIT_MS => Ok(Duration::from_millis(ms)),
+        ms => Err(CniError::InvalidConfig(format!(
+            "{key} {ms} exceeds {MAX_WAIT_MS}"
+        ))),
+    }
+}
+
+/// Static addressing: all addresses belong to the ENI, routes honour only
+/// `dst` and `gw`, so anything else is refused rather than silently dropped.
+fn static_result(addresses: Vec<IpConfig>, routes: Vec<Route>, dns: Dns) -> Result<CniResult> {
+    let unsupported = addresses
+        .iter()
+        .flat_map(|a| a.extra.keys().map(|k| format!("addresses[].{k}")))
+        .chain(routes.iter().flat_map(|r| r.extra.keys().map(|k| format!("routes[].{k}"))))
+        .chain(addresses.iter().filter(|a| a.interface.is_some()).map(|_| "addresses[].interface".into()))
+        .collect::<Vec<_>>();
+    if !unsupported.is_empty() {
+        return Err(CniError::UnsupportedField(unsupported.join(", ")));
+    }
+    Ok(CniResult {
+        interfaces: vec![],
+        ips: addresses,
+        routes,
+        dns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<NetConf> {
+        NetConf::parse(v.to_string().as_bytes())
+    }
+
+    fn base() -> Value {
+        json!({"cniVersion": "1.1.0", "name": "n", "type": "eni", "mac": "02:00:00:00:00:01"})
+    }
+
+    #[test]
+    fn minimal_config_uses_defaults() {
+        let c = parse(base()).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.nic_wait, Duration::from_secs(10));
+        assert!(c.stand_in_kinds.is_empty());
+        assert!(matches!(c.addressing, Addressing::Static(ref r) if r.ips.is_empty()));
+    }
+
+    #[test]
+    fn error_codes_for_bad_configs() {
+        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code(), 6);
+        let mut v = base();
+        v["cniVersion"] = "0.3.1".into();
+        assert_eq!(parse(v).unwrap_err().code(), 1);
+        let mut v = base();
+        v["mac"] = "nope".into();
+        assert_eq!(parse(v).unwrap_err().code(), 7);
+        let mut v = base();
+        v["ipam"] = json!({"type": "host-local"});
+        v["addresses"] = json!([{"address": "10.0.0.2/24"}]);
+        assert_eq!(parse(v).unwrap_err().code(), 7);
+        let mut v = base();
+        v["routes"] = json!([{"dst": "0.0.0.0/0", "table": 5}]);
+        assert_eq!(parse(v).unwrap_err().code(), 2);
+        let mut v = base();
+        v["stateDir"] = "relative".into();
+        assert_eq!(parse(v).unwrap_err().code(), 7);
+    }
+
+    #[test]
+    fn mac_precedence_runtime_then_args_then_config() {
+        let mut v = base();
+        let env = |args: &str| {
+            Env::from_vars(|k| match k {
+                "CNI_COMMAND" => Some("VERSION".into()),
+                "CNI_ARGS" => Some(args.into()),
+                _ => None,
+            })
+            .unwrap()
+        };
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.eni_mac(&env("")).unwrap().unwrap().to_string(), "02:00:00:00:00:01");
+        assert_eq!(
+            c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02")).unwrap().unwrap().to_string(),
+            "02:00:00:00:00:02"
+        );
+        assert_eq!(c.eni_mac(&env("ENI_MAC=x")).unwrap_err().code(), 4);
+        v["runtimeConfig"] = json!({"eniMac": "02:00:00:00:00:03"});
+        let c = parse(v).unwrap();
+        assert_eq!(
+            c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02")).unwrap().unwrap().to_string(),
+            "02:00:00:00:00:03"
+        );
+    }
+
+    #[test]
+    fn gc_attachments_accept_both_keys() {
+        let mut v = base();
+        v["cni.dev/valid-attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
+        assert_eq!(parse(v).unwrap().valid_attachments.unwrap().len(), 1);
+        let mut v = base();
+        v["cni.dev/attachments"] = json!([]);
+        assert_eq!(parse(v.clone()).unwrap().valid_attachments, Some(vec![]));
+        v["cni.dev/valid-attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
+        assert_eq!(parse(v).unwrap().valid_attachments.unwrap().len(), 1);
+    }
+}
