@@ -13,6 +13,10 @@ pub struct Config {
     pub root: PathBuf,
     /// The Snapshots gRPC socket containerd's proxy plugin dials.
     pub address: PathBuf,
+    /// The control API socket (the shim's task events, `lazybd layers`).
+    pub control_address: PathBuf,
+    /// `host:port` for Prometheus metrics at `/metrics`; empty: none.
+    pub metrics_address: String,
     /// Reads of lazy layers that no source can serve fail with EIO after
     /// this many seconds instead of hanging the container.
     pub read_deadline_secs: u64,
@@ -35,6 +39,8 @@ impl Default for Config {
         Config {
             root: "/var/lib/lazybd-snapshotter".into(),
             address: "/run/lazybd/snapshotter.sock".into(),
+            control_address: "/run/lazybd/control.sock".into(),
+            metrics_address: "127.0.0.1:9880".into(),
             read_deadline_secs: 60,
             registry: RegistryConfig::default(),
         }

@@ -4,8 +4,10 @@
 //! them (docs/snapshotter.md).
 
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod filter;
+pub mod metrics;
 pub mod mounts;
 pub mod remote;
 pub mod service;

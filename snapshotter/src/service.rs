@@ -236,6 +236,14 @@ impl LazySnapshotter {
     }
 }
 
+impl std::fmt::Debug for LazySnapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazySnapshotter")
+            .field("root", &self.root)
+            .finish()
+    }
+}
+
 fn info(name: String, r: Record) -> Info {
     Info {
         kind: match r.kind {

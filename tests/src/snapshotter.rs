@@ -14,6 +14,7 @@ pub struct SnapshotterDaemon {
     child: Option<Child>,
     pub root: PathBuf,
     pub socket: PathBuf,
+    pub control: PathBuf,
     config: PathBuf,
     log: PathBuf,
 }
@@ -28,6 +29,7 @@ impl SnapshotterDaemon {
             child: None,
             root: dir.join("root"),
             socket: dir.join("snapshotter.sock"),
+            control: dir.join("control.sock"),
             config,
             log: dir.join("snapshotter.log"),
         };
@@ -46,6 +48,9 @@ impl SnapshotterDaemon {
             .arg(&self.root)
             .arg("--address")
             .arg(&self.socket)
+            .arg("--control-address")
+            .arg(&self.control)
+            .args(["--metrics-address", "127.0.0.1:0"])
             .arg("--config")
             .arg(&self.config)
             .stdout(Stdio::null())
@@ -94,6 +99,41 @@ impl SnapshotterDaemon {
 
     pub async fn client(&self) -> SnapshotsClient<Channel> {
         SnapshotsClient::new(containerd_client::connect(&self.socket).await.unwrap())
+    }
+
+    /// `GET /metrics` (the port is the one the daemon logged last).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let log = self.log();
+        let addr = log
+            .rsplit("metrics on http://")
+            .next()
+            .and_then(|rest| rest.split('/').next())
+            .filter(|_| log.contains("metrics on http://"))
+            .expect("the daemon logs its metrics address")
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        reply
+    }
+
+    /// One request line to the control API, its reply parsed.
+    pub fn control(&self, request: &serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        writeln!(stream, "{request}").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&stream)
+            .read_line(&mut line)
+            .unwrap();
+        serde_json::from_str(&line).unwrap()
     }
 
     pub fn log(&self) -> String {

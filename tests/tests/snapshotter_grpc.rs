@@ -339,6 +339,55 @@ async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
     };
     check_container(&mut c, "container-1").await;
 
+    // Metrics: what was fetched, from where, and what is attached.
+    let metrics = daemon.metrics();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert!(value(r#"lazybd_source_bytes_total{source="registry"}"#) > 0.0);
+    assert_eq!(value("lazybd_attached_layers"), 3.0);
+    assert!(value("lazybd_read_latency_seconds_count") > 0.0);
+    assert_eq!(value("lazybd_oldest_waiting_read_seconds"), 0.0);
+
+    // Control API: a task start on the image maps to its three layers.
+    let mounts = prepare(&mut c, "container-3", &parent, HashMap::new())
+        .await
+        .unwrap();
+    let reply = daemon.control(&serde_json::json!({
+        "event": "task-start", "namespace": "default", "container_id": "c3", "pid": 1,
+        "bundle": "/b", "rootfs": [{"type": "overlay", "source": "overlay", "options": mounts[0].options}],
+    }));
+    assert_eq!(reply["layers"].as_array().unwrap().len(), 3, "{reply}");
+    let listed = ok(&lazybd(&[
+        &"layers",
+        &"--control",
+        &daemon.control,
+        &"--json",
+    ]));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let layers = listed["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    assert!(
+        layers
+            .iter()
+            .all(|l| l["containers"] == serde_json::json!(["default/c3"])),
+        "{listed}"
+    );
+    daemon.control(&serde_json::json!({"event": "task-exit", "namespace": "default", "container_id": "c3", "pid": 1, "exit_status": 0}));
+    let listed = daemon.control(&serde_json::json!({"op": "layers"}));
+    assert!(listed["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["containers"] == serde_json::json!([])));
+    assert!(daemon.control(&serde_json::json!({"op": "nonsense"}))["error"].is_string());
+    remove(&mut c, "container-3").await.unwrap();
+
     // Restart: the committed lazy layers are attached again before serving.
     daemon.restart();
     let mut c = daemon.client().await;

@@ -9,6 +9,7 @@ use lazybd_blockdev::device::{LayerManager, NodeConfig};
 use lazybd_snapshotter::config::Config;
 use lazybd_snapshotter::remote::Remote;
 use lazybd_snapshotter::service::LazySnapshotter;
+use lazybd_snapshotter::{control, metrics};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -28,6 +29,12 @@ struct Args {
     /// Unix socket for containerd's proxy plugin [default: /run/lazybd/snapshotter.sock].
     #[arg(long)]
     address: Option<PathBuf>,
+    /// Unix socket of the control API [default: /run/lazybd/control.sock].
+    #[arg(long)]
+    control_address: Option<PathBuf>,
+    /// HOST:PORT for Prometheus metrics at /metrics; "" for none [default: 127.0.0.1:9880].
+    #[arg(long)]
+    metrics_address: Option<String>,
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -51,6 +58,12 @@ fn main() -> Result<()> {
     if let Some(address) = args.address {
         config.address = address;
     }
+    if let Some(address) = args.control_address {
+        config.control_address = address;
+    }
+    if let Some(address) = args.metrics_address {
+        config.metrics_address = address;
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -68,9 +81,30 @@ async fn serve(config: Config) -> Result<()> {
             .with_context(|| format!("opening {}", config.root.display()))?,
     );
 
-    if let Some(dir) = config.address.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for socket in [&config.address, &config.control_address] {
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
     }
+    let mut side_tasks = tokio::task::JoinSet::new();
+    if !config.metrics_address.is_empty() {
+        let addr: std::net::SocketAddr = config
+            .metrics_address
+            .parse()
+            .with_context(|| format!("metrics_address {:?}", config.metrics_address))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics address {addr}"))?;
+        side_tasks.spawn(metrics::serve(listener, snapshotter.clone()));
+    }
+    let _ = std::fs::remove_file(&config.control_address);
+    let control_listener = UnixListener::bind(&config.control_address)
+        .with_context(|| format!("binding {}", config.control_address.display()))?;
+    side_tasks.spawn(control::serve(
+        control_listener,
+        snapshotter.clone(),
+        Arc::new(control::Containers::default()),
+    ));
     // A socket file left by a previous run would make bind fail.
     let _ = std::fs::remove_file(&config.address);
     let listener = UnixListener::bind(&config.address)
@@ -92,7 +126,9 @@ async fn serve(config: Config) -> Result<()> {
         })
         .await
         .context("serving the Snapshots API")?;
+    side_tasks.shutdown().await;
     let _ = std::fs::remove_file(&config.address);
+    let _ = std::fs::remove_file(&config.control_address);
     match Arc::try_unwrap(snapshotter) {
         Ok(s) => {
             if let Err(e) = s.into_remote().into_manager().shutdown().await {

@@ -4,6 +4,7 @@ mod convert;
 mod image_ref;
 mod image_source;
 mod inspect;
+mod layers;
 mod mount;
 mod mount_control;
 mod registry_args;
@@ -27,6 +28,7 @@ struct Cli {
 enum Command {
     Convert(convert::Args),
     Inspect(inspect::Args),
+    Layers(layers::Args),
     Mount(mount::Args),
     Umount(umount::Args),
     Stats(stats::Args),
@@ -42,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Layers(a) => layers::run(a),
         Command::Mount(a) => mount::run(a),
         Command::Umount(a) => umount::run(a),
         Command::Stats(a) => stats::run(a),

@@ -1,0 +1,212 @@
+//! The control API (docs/snapshotter.md#control-api): one JSON request per
+//! line on a unix socket, one JSON reply line. The shim reports task starts
+//! and exits (`containerd-shim-lazybd-v2`'s hook); `lazybd layers` lists
+//! the attached layers, their fetch state and the containers using them.
+//! The background prefetch acts on the same events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+
+use crate::service::LazySnapshotter;
+
+/// Requests are small; a longer line is refused, not buffered.
+const MAX_LINE: u64 = 1 << 20;
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Request {
+    Op { op: Op },
+    Event(TaskEvent),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Op {
+    Layers,
+}
+
+/// What the shim sends (the shim's `hook::TaskEvent`).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+enum TaskEvent {
+    TaskStart {
+        namespace: String,
+        container_id: String,
+        #[serde(default)]
+        rootfs: Vec<RootfsMount>,
+    },
+    TaskExit {
+        namespace: String,
+        container_id: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct RootfsMount {
+    #[serde(default)]
+    options: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerState {
+    pub digest: String,
+    pub mountpoint: String,
+    /// `lazy` while chunks are missing, `cached` when every chunk is local.
+    pub state: String,
+    pub chunks_present: u64,
+    pub chunks_total: u64,
+    /// `namespace/container` of running containers on this layer.
+    pub containers: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LayersReply {
+    pub layers: Vec<LayerState>,
+}
+
+/// Running containers and the lazy layers under them.
+#[derive(Default)]
+pub struct Containers {
+    layers: Mutex<HashMap<String, Vec<String>>>,
+}
+
+impl Containers {
+    /// Layers of running containers, by digest.
+    pub fn by_layer(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (container, digests) in self.layers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for d in digests {
+                out.entry(d.clone()).or_default().push(container.clone());
+            }
+        }
+        for v in out.values_mut() {
+            v.sort();
+        }
+        out
+    }
+}
+
+pub async fn serve(
+    listener: UnixListener,
+    snapshotter: Arc<LazySnapshotter>,
+    containers: Arc<Containers>,
+) -> std::io::Result<()> {
+    info!("control API on {:?}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (s, c) = (snapshotter.clone(), containers.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &s, &c)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!("control connection: {e}"),
+                Err(_) => warn!("control connection: no request within {CONNECTION_DEADLINE:?}"),
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    snapshotter: &LazySnapshotter,
+    containers: &Containers,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_LINE)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => answer(req, snapshotter, containers),
+            Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
+        };
+        write.write_all(format!("{reply}\n").as_bytes()).await?;
+    }
+    Ok(())
+}
+
+fn answer(
+    req: Request,
+    snapshotter: &LazySnapshotter,
+    containers: &Containers,
+) -> serde_json::Value {
+    match req {
+        Request::Op { op: Op::Layers } => {
+            let users = containers.by_layer();
+            let layers = snapshotter
+                .remote()
+                .manager()
+                .layers()
+                .into_iter()
+                .map(|l| LayerState {
+                    state: if l.chunks_present == l.chunks_total {
+                        "cached"
+                    } else {
+                        "lazy"
+                    }
+                    .into(),
+                    containers: users.get(&l.digest).cloned().unwrap_or_default(),
+                    mountpoint: l.mountpoint.display().to_string(),
+                    digest: l.digest,
+                    chunks_present: l.chunks_present,
+                    chunks_total: l.chunks_total,
+                })
+                .collect();
+            serde_json::to_value(LayersReply { layers }).expect("plain data")
+        }
+        Request::Event(TaskEvent::TaskStart {
+            namespace,
+            container_id,
+            rootfs,
+        }) => {
+            let digests = lazy_layers_of(snapshotter, &rootfs);
+            let id = format!("{namespace}/{container_id}");
+            info!("container {id} started on {} lazy layers", digests.len());
+            containers
+                .layers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, digests.clone());
+            serde_json::json!({ "ok": true, "layers": digests })
+        }
+        Request::Event(TaskEvent::TaskExit {
+            namespace,
+            container_id,
+        }) => {
+            let id = format!("{namespace}/{container_id}");
+            if containers
+                .layers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id)
+                .is_some()
+            {
+                info!("container {id} exited");
+            }
+            serde_json::json!({ "ok": true })
+        }
+    }
+}
+
+/// The attached layers whose EROFS mounts are lower dirs of the rootfs.
+fn lazy_layers_of(snapshotter: &LazySnapshotter, rootfs: &[RootfsMount]) -> Vec<String> {
+    let lowers: Vec<&str> = rootfs
+        .iter()
+        .flat_map(|m| &m.options)
+        .filter_map(|o| o.strip_prefix("lowerdir="))
+        .flat_map(|l| l.split(':'))
+        .collect();
+    snapshotter
+        .remote()
+        .manager()
+        .layers()
+        .into_iter()
+        .filter(|l| lowers.iter().any(|d| Path::new(d) == l.mountpoint))
+        .map(|l| l.digest)
+        .collect()
+}

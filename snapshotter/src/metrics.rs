@@ -1,0 +1,224 @@
+//! Prometheus metrics of the lazy layers, read from the blockdev counters
+//! at scrape time (so there is one source of truth), served over HTTP.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use lazybd_blockdev::device::LayerManager;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::service::LazySnapshotter;
+
+#[derive(Debug)]
+struct LazyLayerCollector(Arc<LazySnapshotter>);
+
+type Labels = Vec<(&'static str, String)>;
+type SourceCounter = fn(&lazybd_blockdev::stats::SourceSnapshot) -> u64;
+
+impl Collector for LazyLayerCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let manager: &LayerManager = self.0.remote().manager();
+        let s = manager.stats();
+        let per_source: [(&str, &str, SourceCounter); 5] = [
+            (
+                "lazybd_source_requests",
+                "Range requests sent to a source",
+                |x| x.requests,
+            ),
+            ("lazybd_source_bytes", "Bytes fetched from a source", |x| {
+                x.bytes
+            }),
+            (
+                "lazybd_source_chunks",
+                "Chunks fetched from a source",
+                |x| x.chunks,
+            ),
+            ("lazybd_source_errors", "Failed requests to a source", |x| {
+                x.errors
+            }),
+            (
+                "lazybd_source_corrupt_chunks",
+                "Chunks from a source that failed verification",
+                |x| x.corrupt_chunks,
+            ),
+        ];
+        for (name, help, get) in per_source {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for src in &s.sources {
+                let labels: Labels = vec![("source", src.name.clone())];
+                ConstCounter::new(get(src)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut enc,
+            "lazybd_cache_hits",
+            "Chunk reads served from the cache",
+            s.cache_hits,
+        )?;
+        counter(
+            &mut enc,
+            "lazybd_cache_misses",
+            "Chunk reads that needed a fetch",
+            s.cache_misses,
+        )?;
+        let lookups = s.cache_hits + s.cache_misses;
+        let ratio = if lookups == 0 {
+            1.0
+        } else {
+            s.cache_hits as f64 / lookups as f64
+        };
+        ConstGauge::new(ratio).encode(enc.encode_descriptor(
+            "lazybd_cache_hit_ratio",
+            "Cache hits over all chunk reads since start",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        counter(
+            &mut enc,
+            "lazybd_read_bytes",
+            "Bytes read from lazy layers",
+            s.bytes_read,
+        )?;
+        counter(
+            &mut enc,
+            "lazybd_read_errors",
+            "Reads of lazy layers that failed (EIO)",
+            s.read_errors,
+        )?;
+
+        // The blockdev histogram keeps per-bucket counts; Prometheus wants
+        // cumulative ones, in seconds.
+        let h = &s.read_latency;
+        let mut cumulative = 0;
+        let mut buckets = Vec::new();
+        for (i, count) in h.counts.iter().enumerate() {
+            cumulative += count;
+            let bound = h
+                .bounds_us
+                .get(i)
+                .map_or(f64::INFINITY, |b| *b as f64 / 1e6);
+            buckets.push((bound, cumulative));
+        }
+        enc.encode_descriptor(
+            "lazybd_read_latency_seconds",
+            "Latency of reads of lazy layers",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<Labels>(h.sum_us as f64 / 1e6, cumulative, &buckets, None)?;
+
+        ConstGauge::new(s.waiting_reads as i64).encode(enc.encode_descriptor(
+            "lazybd_waiting_reads",
+            "Reads blocked on a fetch right now",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(s.oldest_waiting_ms as f64 / 1e3).encode(enc.encode_descriptor(
+            "lazybd_oldest_waiting_read_seconds",
+            "Age of the oldest read blocked on a fetch: the hang detector",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let layers = manager.layers();
+        ConstGauge::new(layers.len() as i64).encode(enc.encode_descriptor(
+            "lazybd_attached_layers",
+            "Lazy layers attached",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let mut present = enc.encode_descriptor(
+            "lazybd_layer_chunks_present",
+            "Chunks of an attached layer in the local cache",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in &layers {
+            let labels: Labels = vec![("layer", l.digest.clone())];
+            ConstGauge::new(l.chunks_present as i64).encode(present.encode_family(&labels)?)?;
+        }
+        let mut total = enc.encode_descriptor(
+            "lazybd_layer_chunks",
+            "Chunks of an attached layer",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in &layers {
+            let labels: Labels = vec![("layer", l.digest.clone())];
+            ConstGauge::new(l.chunks_total as i64).encode(total.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(value).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+/// The text exposition of every metric.
+pub fn render(snapshotter: Arc<LazySnapshotter>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(LazyLayerCollector(snapshotter)));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+/// Serves `GET /metrics` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    snapshotter: Arc<LazySnapshotter>,
+) -> std::io::Result<()> {
+    info!("metrics on http://{}/metrics", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let snapshotter = snapshotter.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let snapshotter = snapshotter.clone();
+                async move { Ok::<_, Infallible>(respond(&req, snapshotter)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                warn!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, s: Arc<LazySnapshotter>) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/metrics" {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"not found; try /metrics\n")));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return r;
+    }
+    let mut r = Response::new(Full::new(Bytes::from(render(s))));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    r
+}
