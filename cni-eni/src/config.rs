@@ -117,7 +117,9 @@ impl NetConf {
             .map_err(|e| CniError::InvalidConfig(e.to_string()))?;
         debug_assert_eq!(c.cni_version, version_str);
         if c.name.is_empty() || c.plugin_type.is_empty() {
-            return Err(CniError::InvalidConfig("name and type must not be empty".into()));
+            return Err(CniError::InvalidConfig(
+                "name and type must not be empty".into(),
+            ));
         }
         let addressing = match c.ipam {
             Some(_) if !c.addresses.is_empty() || !c.routes.is_empty() => {
@@ -195,8 +197,17 @@ fn static_result(addresses: Vec<IpConfig>, routes: Vec<Route>, dns: Dns) -> Resu
     let unsupported = addresses
         .iter()
         .flat_map(|a| a.extra.keys().map(|k| format!("addresses[].{k}")))
-        .chain(routes.iter().flat_map(|r| r.extra.keys().map(|k| format!("routes[].{k}"))))
-        .chain(addresses.iter().filter(|a| a.interface.is_some()).map(|_| "addresses[].interface".into()))
+        .chain(
+            routes
+                .iter()
+                .flat_map(|r| r.extra.keys().map(|k| format!("routes[].{k}"))),
+        )
+        .chain(
+            addresses
+                .iter()
+                .filter(|a| a.interface.is_some())
+                .map(|_| "addresses[].interface".into()),
+        )
         .collect::<Vec<_>>();
     if !unsupported.is_empty() {
         return Err(CniError::UnsupportedField(unsupported.join(", ")));
@@ -264,16 +275,25 @@ mod tests {
             .unwrap()
         };
         let c = parse(v.clone()).unwrap();
-        assert_eq!(c.eni_mac(&env("")).unwrap().unwrap().to_string(), "02:00:00:00:00:01");
         assert_eq!(
-            c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02")).unwrap().unwrap().to_string(),
+            c.eni_mac(&env("")).unwrap().unwrap().to_string(),
+            "02:00:00:00:00:01"
+        );
+        assert_eq!(
+            c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02"))
+                .unwrap()
+                .unwrap()
+                .to_string(),
             "02:00:00:00:00:02"
         );
         assert_eq!(c.eni_mac(&env("ENI_MAC=x")).unwrap_err().code(), 4);
         v["runtimeConfig"] = json!({"eniMac": "02:00:00:00:00:03"});
         let c = parse(v).unwrap();
         assert_eq!(
-            c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02")).unwrap().unwrap().to_string(),
+            c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02"))
+                .unwrap()
+                .unwrap()
+                .to_string(),
             "02:00:00:00:00:03"
         );
     }

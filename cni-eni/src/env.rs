@@ -65,7 +65,8 @@ impl Env {
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Env> {
         let get = |k: &str| get(k).filter(|v| !v.is_empty());
         let command = Command::parse(
-            &get("CNI_COMMAND").ok_or_else(|| CniError::InvalidEnv("CNI_COMMAND is not set".into()))?,
+            &get("CNI_COMMAND")
+                .ok_or_else(|| CniError::InvalidEnv("CNI_COMMAND is not set".into()))?,
         )?;
         let need = |k: &str| {
             get(k).ok_or_else(|| {
@@ -151,7 +152,9 @@ fn parse_args(s: &str) -> Result<Vec<(String, String)>> {
         .map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| CniError::InvalidEnv(format!("CNI_ARGS item {kv:?} is not KEY=VALUE")))
+                .ok_or_else(|| {
+                    CniError::InvalidEnv(format!("CNI_ARGS item {kv:?} is not KEY=VALUE"))
+                })
         })
         .collect()
 }

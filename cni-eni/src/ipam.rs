@@ -43,7 +43,14 @@ impl Ipam {
                 ))
             })?;
         let req = serde_json::json!({"cniVersion": conf.version.as_str()});
-        let reply = run(plugin, &exe, Command::Version, env, req.to_string().as_bytes()).await?;
+        let reply = run(
+            plugin,
+            &exe,
+            Command::Version,
+            env,
+            req.to_string().as_bytes(),
+        )
+        .await?;
         let theirs: Vec<String> = reply
             .get("supportedVersions")
             .and_then(|v| serde_json::from_value(v.clone()).ok())
@@ -117,10 +124,19 @@ async fn run(plugin: &str, exe: &Path, command: Command, env: &Env, stdin: &[u8]
     })
     .await
     .map_err(|_| {
-        CniError::TryAgainLater(ctx(&format!("no answer within {DELEGATE_TIMEOUT:?}, killed")))
+        CniError::TryAgainLater(ctx(&format!(
+            "no answer within {DELEGATE_TIMEOUT:?}, killed"
+        )))
     })?;
     let out = out.map_err(|e| CniError::io(ctx("wait"), e))?;
-    fed.map_err(|e| CniError::io(ctx("write config"), e))?;
+    // A plugin may exit without reading stdin (VERSION often does); its
+    // exit status and stdout are the answer then, as with libcni.
+    match fed {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(CniError::io(ctx("write config"), e))
+        }
+        _ => {}
+    }
     let parsed: Option<Value> = serde_json::from_slice(&out.stdout).ok();
     if out.status.success() {
         return Ok(parsed.unwrap_or(Value::Null));

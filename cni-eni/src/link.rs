@@ -109,7 +109,11 @@ impl Netlink {
             _ => Err(CniError::AmbiguousMac(format!(
                 "{mac} matches several links in netns {}: {}",
                 self.label,
-                found.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+                found
+                    .iter()
+                    .map(|l| l.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
@@ -136,12 +140,14 @@ impl Netlink {
 
     pub async fn rename(&self, link: &Link, name: &str) -> Result<()> {
         let msg = LinkUnspec::new_with_index(link.index).name(name).build();
-        self.set(format!("rename {} to {name}", link.name), msg).await
+        self.set(format!("rename {} to {name}", link.name), msg)
+            .await
     }
 
     pub async fn set_mtu(&self, link: &Link, mtu: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(link.index).mtu(mtu).build();
-        self.set(format!("set mtu {mtu} on {}", link.name), msg).await
+        self.set(format!("set mtu {mtu} on {}", link.name), msg)
+            .await
     }
 
     /// Moves `link` into `target` under `name`, in one RTM_SETLINK. The
@@ -152,7 +158,11 @@ impl Netlink {
             .setns_by_fd(target.raw_fd())
             .name(name)
             .build();
-        let what = format!("move {} to netns {} as {name}", link.name, target.path().display());
+        let what = format!(
+            "move {} to netns {} as {name}",
+            link.name,
+            target.path().display()
+        );
         self.set(what, msg).await
     }
 
@@ -165,7 +175,9 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|e| CniError::netlink(self.ctx(format!("list addresses of {}", link.name)), e))?;
+            .map_err(|e| {
+                CniError::netlink(self.ctx(format!("list addresses of {}", link.name)), e)
+            })?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.index == link.index)
@@ -243,7 +255,10 @@ fn route_via(m: &RouteMessage, index: u32) -> Option<(IpNet, Option<IpAddr>)> {
             _ => None,
         })
         .unwrap_or(m.header.table.into());
-    let oif = m.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
+    let oif = m
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
     if table != u32::from(RouteHeader::RT_TABLE_MAIN) || !oif {
         return None;
     }
@@ -263,9 +278,15 @@ fn route_via(m: &RouteMessage, index: u32) -> Option<(IpNet, Option<IpAddr>)> {
         _ => None,
     });
     let unspecified = match m.header.address_family {
-        rtnetlink::packet_route::AddressFamily::Inet6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+        rtnetlink::packet_route::AddressFamily::Inet6 => {
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+        }
         _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
     };
-    let dst = IpNet::new(dst.unwrap_or(unspecified), m.header.destination_prefix_length).ok()?;
+    let dst = IpNet::new(
+        dst.unwrap_or(unspecified),
+        m.header.destination_prefix_length,
+    )
+    .ok()?;
     Some((dst, gw))
 }

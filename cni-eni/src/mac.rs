@@ -98,7 +98,13 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for s in ["", "02:ab:cd:00:11", "02:ab:cd:00:11:ff:00", "2:ab:cd:00:11:ff", "zz:ab:cd:00:11:ff"] {
+        for s in [
+            "",
+            "02:ab:cd:00:11",
+            "02:ab:cd:00:11:ff:00",
+            "2:ab:cd:00:11:ff",
+            "zz:ab:cd:00:11:ff",
+        ] {
             assert!(s.parse::<Mac>().is_err(), "{s} accepted");
         }
     }

@@ -34,7 +34,10 @@ impl Netns {
         if fs.filesystem_type() != NSFS_MAGIC {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is not a network namespace (not on nsfs)", path.display()),
+                format!(
+                    "{} is not a network namespace (not on nsfs)",
+                    path.display()
+                ),
             ));
         }
         Ok(Netns {

@@ -50,9 +50,7 @@ impl Ends<'_> {
         if let Err(e) = self.pod_nl.rename(&in_pod, ifname).await {
             self.undo_move_in(&parking).await;
             return Err(match e.errno() {
-                Some(nix::libc::EEXIST) => {
-                    CniError::InterfaceExists(ifname.to_string())
-                }
+                Some(nix::libc::EEXIST) => CniError::InterfaceExists(ifname.to_string()),
                 _ => e,
             });
         }
@@ -68,11 +66,16 @@ impl Ends<'_> {
         match self.find_in_pod().await {
             Ok(Some(l)) => {
                 if let Err(e) = self.park_link(&l).await {
-                    log(format!("undo: could not move ENI {} back to the host: {e}", self.mac));
+                    log(format!(
+                        "undo: could not move ENI {} back to the host: {e}",
+                        self.mac
+                    ));
                 }
             }
             Ok(None) => {}
-            Err(e) => log(format!("undo: looking for {parking} in the pod failed: {e}")),
+            Err(e) => log(format!(
+                "undo: looking for {parking} in the pod failed: {e}"
+            )),
         }
     }
 
@@ -107,7 +110,11 @@ impl Ends<'_> {
 /// (the kernel returned it from a destroyed pod netns as `devN` or under its
 /// pod name, or an interrupted ADD left it under its udev name) is renamed
 /// to the parking name. Returns the link as it is now, if present.
-pub async fn rehome(host_nl: &Netlink, mac: Mac, stand_in_kinds: &[String]) -> Result<Option<Link>> {
+pub async fn rehome(
+    host_nl: &Netlink,
+    mac: Mac,
+    stand_in_kinds: &[String],
+) -> Result<Option<Link>> {
     let Some(l) = host_nl.find_eni(mac, stand_in_kinds).await? else {
         return Ok(None);
     };
@@ -115,7 +122,10 @@ pub async fn rehome(host_nl: &Netlink, mac: Mac, stand_in_kinds: &[String]) -> R
     if l.name == parking {
         return Ok(Some(l));
     }
-    log(format!("ENI {mac} is in the host as {}; renaming it to {parking}", l.name));
+    log(format!(
+        "ENI {mac} is in the host as {}; renaming it to {parking}",
+        l.name
+    ));
     if let Err(e) = host_nl.rename(&l, &parking).await {
         // Kernels before 6.2 refuse to rename an up link (EBUSY).
         if e.errno() != Some(nix::libc::EBUSY) {

@@ -107,7 +107,9 @@ impl CniResult {
         }
         if version < CniVersion::V110 {
             for i in array(obj, "interfaces") {
-                V110_INTERFACE_FIELDS.iter().for_each(|f| drop(i.remove(*f)));
+                V110_INTERFACE_FIELDS
+                    .iter()
+                    .for_each(|f| drop(i.remove(*f)));
             }
             for r in array(obj, "routes") {
                 V110_ROUTE_FIELDS.iter().for_each(|f| drop(r.remove(*f)));
@@ -172,12 +174,16 @@ mod tests {
             "prevResult",
         )
         .unwrap();
-        assert_eq!(r.render(CniVersion::V110)["interfaces"][0]["socketPath"], "/s");
+        assert_eq!(
+            r.render(CniVersion::V110)["interfaces"][0]["socketPath"],
+            "/s"
+        );
     }
 
     #[test]
     fn bad_address_is_a_decode_error() {
-        let e = CniResult::parse(&json!({"ips": [{"address": "10.0.0.300/24"}]}), "ipam").unwrap_err();
+        let e =
+            CniResult::parse(&json!({"ips": [{"address": "10.0.0.300/24"}]}), "ipam").unwrap_err();
         assert_eq!(e.code(), 6);
     }
 }

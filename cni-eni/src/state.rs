@@ -97,7 +97,9 @@ impl Store {
                 Ok(flock) => return Ok(EniLock { mac, _flock: flock }),
                 Err((_, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                     if !said {
-                        log(format!("waiting up to {timeout:?} for the lock of ENI {mac}"));
+                        log(format!(
+                            "waiting up to {timeout:?} for the lock of ENI {mac}"
+                        ));
                         said = true;
                     }
                     tokio::time::sleep(LOCK_POLL).await;
@@ -175,10 +177,12 @@ impl Store {
 
 fn read_record(path: &Path) -> Result<Option<Record>> {
     match fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| CniError::Decode {
-            what: format!("state record {}", path.display()),
-            reason: e.to_string(),
-        }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| CniError::Decode {
+                what: format!("state record {}", path.display()),
+                reason: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(CniError::io(format!("read {}", path.display()), e)),
     }
@@ -221,7 +225,11 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mac: Mac = "02:00:00:00:00:08".parse().unwrap();
         let _held = store.lock(mac, Duration::from_secs(1)).await.unwrap();
-        let e = store.lock(mac, Duration::from_millis(50)).await.err().unwrap();
+        let e = store
+            .lock(mac, Duration::from_millis(50))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.code(), 11);
         let other: Mac = "02:00:00:00:00:09".parse().unwrap();
         store.lock(other, Duration::from_millis(50)).await.unwrap();

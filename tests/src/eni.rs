@@ -99,8 +99,12 @@ pub struct StandIn {
 
 impl StandIn {
     pub fn veth(name: &str, mac: &str) -> StandIn {
-        let anchor = format!("{name}p");
-        ip(&["link", "add", name, "address", mac, "type", "veth", "peer", "name", &anchor]);
+        // Its own tag: `name` may be reused while this stand-in exists (the
+        // collision test hands an ENI's old name to a newcomer).
+        let anchor = format!("{}p", tag());
+        ip(&[
+            "link", "add", name, "address", mac, "type", "veth", "peer", "name", &anchor,
+        ]);
         StandIn {
             name: name.into(),
             mac: mac.into(),
@@ -110,10 +114,15 @@ impl StandIn {
 
     /// A macvlan child of a host-side veth end.
     pub fn macvlan(name: &str, mac: &str) -> StandIn {
-        let anchor = format!("{name}l");
-        let other = format!("{name}m");
-        ip(&["link", "add", &anchor, "type", "veth", "peer", "name", &other]);
-        ip(&["link", "add", name, "link", &anchor, "address", mac, "type", "macvlan", "mode", "bridge"]);
+        let anchor = format!("{}l", tag());
+        let other = format!("{}m", tag());
+        ip(&[
+            "link", "add", &anchor, "type", "veth", "peer", "name", &other,
+        ]);
+        ip(&[
+            "link", "add", name, "link", &anchor, "address", mac, "type", "macvlan", "mode",
+            "bridge",
+        ]);
         StandIn {
             name: name.into(),
             mac: mac.into(),
@@ -201,7 +210,11 @@ impl CniOutput {
 
     #[track_caller]
     pub fn ok(self) -> Value {
-        assert!(self.success, "plugin failed: {} / {}", self.json, self.stderr);
+        assert!(
+            self.success,
+            "plugin failed: {} / {}",
+            self.json, self.stderr
+        );
         self.json
     }
 }
@@ -239,7 +252,12 @@ impl Eni {
         std::fs::read_dir(self.ipam_dir().join(network))
             .map(|rd| {
                 rd.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().parse::<std::net::IpAddr>().is_ok())
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .parse::<std::net::IpAddr>()
+                            .is_ok()
+                    })
                     .count()
             })
             .unwrap_or(0)

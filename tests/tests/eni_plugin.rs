@@ -37,17 +37,32 @@ fn round_trip(version: &str) {
     }
 
     // The NIC is in the pod, named eth0, up, addressed, with the route.
-    assert!(link_by_name(None, &nic.name).is_none(), "ENI still in the host");
+    assert!(
+        link_by_name(None, &nic.name).is_none(),
+        "ENI still in the host"
+    );
     let inside = link_by_mac(Some(&ns.name), &mac).expect("ENI in the pod");
     assert_eq!(inside.name, "eth0");
     assert!(inside.up);
-    assert_eq!(addresses(&ns.name, "eth0"), vec!["10.91.0.2/24".to_string()]);
+    assert_eq!(
+        addresses(&ns.name, "eth0"),
+        vec!["10.91.0.2/24".to_string()]
+    );
     let routes = lazybd_tests::eni::ip(&["-n", &ns.name, "route", "show", "default"]);
     assert!(routes.contains("via 10.91.0.1 dev eth0"), "{routes}");
     // Traffic to the pod's own address works (busybox-static is a test dep).
     lazybd_tests::eni::ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
     let ping = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name, "busybox", "ping", "-c1", "-W2", "10.91.0.2"])
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "busybox",
+            "ping",
+            "-c1",
+            "-W2",
+            "10.91.0.2",
+        ])
         .output()
         .unwrap();
     assert!(ping.status.success(), "ping own address: {ping:?}");
@@ -63,7 +78,11 @@ fn round_trip(version: &str) {
     assert!(!home.up, "a parked ENI stays down");
     assert!(link_by_mac(Some(&ns.name), &mac).is_none());
     assert!(eni.records().is_empty());
-    assert_eq!(eni.ipam_allocations("rt"), 0, "host-local allocation released");
+    assert_eq!(
+        eni.ipam_allocations("rt"),
+        0,
+        "host-local allocation released"
+    );
 
     // CHECK after DEL is a clear failure, not a panic or a pass.
     let after = eni.call("CHECK", &with_prev(&conf, &result), &call);
@@ -114,9 +133,15 @@ fn eni_macvlan_stand_in_and_static_addressing() {
     assert_eq!(result["ips"][0]["address"], "10.92.0.7/24");
     assert_eq!(result["routes"][0]["gw"], "10.92.0.254");
     assert_eq!(result["dns"]["nameservers"][0], "10.92.0.53");
-    assert_eq!(addresses(&ns.name, "eth0"), vec!["10.92.0.7/24".to_string()]);
+    assert_eq!(
+        addresses(&ns.name, "eth0"),
+        vec!["10.92.0.7/24".to_string()]
+    );
     let routes = lazybd_tests::eni::ip(&["-n", &ns.name, "route"]);
-    assert!(routes.contains("10.200.0.0/16 via 10.92.0.254 dev eth0"), "{routes}");
+    assert!(
+        routes.contains("10.200.0.0/16 via 10.92.0.254 dev eth0"),
+        "{routes}"
+    );
 
     // CHECK notices an address the pod lost.
     let prev_conf = with_prev(&conf, &result);
@@ -250,14 +275,21 @@ fn eni_clear_errors_for_bad_input() {
     untouched();
 
     // CNI_IFNAME already taken in the pod: refused before anything moves.
-    lazybd_tests::eni::ip(&["-n", &ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", "x0"]);
+    lazybd_tests::eni::ip(&[
+        "-n", &ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", "x0",
+    ]);
     let out = eni.call("ADD", &conf, &call);
     assert_eq!(out.code(), 102);
     untouched();
 
     // VERSION.
-    let v = eni.call("VERSION", &json!({"cniVersion": "1.0.0"}), &call).ok();
-    assert_eq!(v, json!({"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}));
+    let v = eni
+        .call("VERSION", &json!({"cniVersion": "1.0.0"}), &call)
+        .ok();
+    assert_eq!(
+        v,
+        json!({"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]})
+    );
     // STATUS and GC are 1.1.0 verbs.
     let mut old = conf.clone();
     old["cniVersion"] = json!("1.0.0");
@@ -272,7 +304,10 @@ fn eni_busy_and_repeated_add_leave_the_owner_alone() {
     }
     let t = tag();
     let eni = Eni::new();
-    let (ns_a, ns_b) = (TestNetns::new(&format!("{t}a")), TestNetns::new(&format!("{t}b")));
+    let (ns_a, ns_b) = (
+        TestNetns::new(&format!("{t}a")),
+        TestNetns::new(&format!("{t}b")),
+    );
     let mac = unique_mac();
     let _nic = StandIn::veth(&format!("{t}e0"), &mac);
     let conf = eni.conf("1.1.0", "bz", &mac, "10.95.0.0/24");

@@ -73,7 +73,10 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
         Found::InPod(link) => {
             // An earlier ADD for this attachment was interrupted after the
             // move; carry on from where it stopped.
-            log(format!("ENI {mac} is already in {}; resuming ADD", netns_path.display()));
+            log(format!(
+                "ENI {mac} is already in {}; resuming ADD",
+                netns_path.display()
+            ));
             resume_name(&pod_nl, link, &env.ifname).await?
         }
     };
@@ -85,8 +88,17 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
                 .unwrap_or_else(|| record(mac, conf, env, &eni.name));
             rec.phase = Phase::Attached;
             store.save(&lock, &rec)?;
-            let link = pod_nl.find_eni(mac, &conf.stand_in_kinds).await?.unwrap_or(eni);
-            let result = merge(conf.prev_result.clone().unwrap_or_default(), ours, &link, mac, env);
+            let link = pod_nl
+                .find_eni(mac, &conf.stand_in_kinds)
+                .await?
+                .unwrap_or(eni);
+            let result = merge(
+                conf.prev_result.clone().unwrap_or_default(),
+                ours,
+                &link,
+                mac,
+                env,
+            );
             Ok(result.render(conf.version))
         }
         Err(e) => {
@@ -120,7 +132,11 @@ async fn wait_for_eni(ends: &Ends<'_>, conf: &NetConf) -> Result<Found> {
     let deadline = Instant::now() + conf.nic_wait;
     let mut said = false;
     loop {
-        if let Some(l) = ends.host_nl.find_eni(ends.mac, &conf.stand_in_kinds).await? {
+        if let Some(l) = ends
+            .host_nl
+            .find_eni(ends.mac, &conf.stand_in_kinds)
+            .await?
+        {
             return Ok(Found::InHost(l));
         }
         if let Some(l) = ends.pod_nl.find_eni(ends.mac, &conf.stand_in_kinds).await? {
@@ -133,7 +149,10 @@ async fn wait_for_eni(ends: &Ends<'_>, conf: &NetConf) -> Result<Found> {
             )));
         }
         if !said {
-            log(format!("ENI {} not visible yet; waiting up to {:?}", ends.mac, conf.nic_wait));
+            log(format!(
+                "ENI {} not visible yet; waiting up to {:?}",
+                ends.mac, conf.nic_wait
+            ));
             said = true;
         }
         tokio::time::sleep(NIC_POLL).await;

@@ -22,14 +22,22 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<()> {
     let lock = store.lock(mac, conf.lock_timeout).await?;
     match store.load(&lock)? {
         Some(r) if r.is_for(env) && r.phase == Phase::Attached => {}
-        Some(r) => return fail(format!("ENI {mac} is recorded for container {} ({}) in phase {:?}", r.container_id, r.ifname, r.phase)),
+        Some(r) => {
+            return fail(format!(
+                "ENI {mac} is recorded for container {} ({}) in phase {:?}",
+                r.container_id, r.ifname, r.phase
+            ))
+        }
         None => return fail(format!("no attachment of ENI {mac} is recorded")),
     }
     let Some(link) = pod_nl.find_eni(mac, &conf.stand_in_kinds).await? else {
         return fail(format!("ENI {mac} is not in {}", netns_path.display()));
     };
     if link.name != env.ifname {
-        return fail(format!("ENI {mac} is named {}, not {}", link.name, env.ifname));
+        return fail(format!(
+            "ENI {mac} is named {}, not {}",
+            link.name, env.ifname
+        ));
     }
     if !link.up {
         return fail(format!("{} is down", link.name));
@@ -43,10 +51,16 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<()> {
         .iter()
         .position(|i| i.name == env.ifname && i.sandbox == sandbox)
     else {
-        return fail(format!("prevResult has no interface {} in {sandbox}", env.ifname));
+        return fail(format!(
+            "prevResult has no interface {} in {sandbox}",
+            env.ifname
+        ));
     };
     if prev.interfaces[index].mac.parse().ok() != Some(mac) {
-        return fail(format!("prevResult gives {} MAC {:?}, want {mac}", env.ifname, prev.interfaces[index].mac));
+        return fail(format!(
+            "prevResult gives {} MAC {:?}, want {mac}",
+            env.ifname, prev.interfaces[index].mac
+        ));
     }
     let have = pod_nl.addresses(&link).await?;
     for ip in prev.ips.iter().filter(|ip| ip.interface == Some(index)) {
@@ -56,7 +70,13 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<()> {
     }
     // Routes in a result are not tied to an interface; they are ours to
     // check only when we are the result's only interface in a sandbox.
-    if prev.interfaces.iter().filter(|i| !i.sandbox.is_empty()).count() == 1 {
+    if prev
+        .interfaces
+        .iter()
+        .filter(|i| !i.sandbox.is_empty())
+        .count()
+        == 1
+    {
         let routes = pod_nl.routes(&link).await?;
         for r in &prev.routes {
             let present = routes

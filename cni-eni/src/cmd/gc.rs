@@ -11,9 +11,10 @@ use crate::state::{Record, Store};
 use crate::version::CniVersion;
 
 pub async fn gc(env: &Env, conf: &NetConf) -> Result<()> {
-    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
-        CniError::InvalidConfig("GC needs cni.dev/valid-attachments".into())
-    })?;
+    let valid = conf
+        .valid_attachments
+        .as_ref()
+        .ok_or_else(|| CniError::InvalidConfig("GC needs cni.dev/valid-attachments".into()))?;
     let is_valid = |r: &Record| {
         valid
             .iter()
@@ -28,7 +29,9 @@ pub async fn gc(env: &Env, conf: &NetConf) -> Result<()> {
         }
         let lock = store.lock(candidate.mac, conf.lock_timeout).await?;
         // Re-read under the lock: a DEL or ADD may have changed it.
-        let Some(rec) = store.load(&lock)? else { continue };
+        let Some(rec) = store.load(&lock)? else {
+            continue;
+        };
         if rec.network != conf.name || is_valid(&rec) {
             continue;
         }
@@ -63,4 +66,3 @@ pub async fn gc(env: &Env, conf: &NetConf) -> Result<()> {
         }
     }
 }
-

@@ -65,20 +65,28 @@ async fn release_eni(conf: &NetConf, mac: Mac, netns: Option<&Path>, ours: bool)
                     stand_in_kinds: &conf.stand_in_kinds,
                 };
                 if ends.park().await? {
-                    log(format!("ENI {mac} is back in the host as {}", mac.parking_name()));
+                    log(format!(
+                        "ENI {mac} is back in the host as {}",
+                        mac.parking_name()
+                    ));
                 }
             }
             // A deleted netns (or a leftover file that is no longer a netns
             // mount): the kernel has already returned or destroyed the NIC.
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidInput) => {
-                log(format!("netns {} is gone ({e}); looking for ENI {mac} in the host", path.display()));
+                log(format!(
+                    "netns {} is gone ({e}); looking for ENI {mac} in the host",
+                    path.display()
+                ));
             }
             Err(e) => return Err(CniError::io(format!("open netns {}", path.display()), e)),
         }
     }
     if ours {
         if let Err(e) = rehome(&host_nl, mac, &conf.stand_in_kinds).await {
-            log(format!("ENI {mac} is in the host but could not get its parking name: {e}"));
+            log(format!(
+                "ENI {mac} is in the host but could not get its parking name: {e}"
+            ));
         }
     }
     Ok(())
