@@ -20,6 +20,9 @@ const MAX_WAIT_MS: u64 = 300_000;
 
 /// The key in `CNI_ARGS` that names the ENI.
 pub const MAC_ARG: &str = "ENI_MAC";
+/// The pod annotation that names the ENI, for runtimes (containerd CRI)
+/// that pass pod annotations to CNI but no per-pod CNI_ARGS.
+pub const MAC_ANNOTATION: &str = "lazybd.io/eni-mac";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -62,6 +65,9 @@ struct IpamRef {
 #[serde(rename_all = "camelCase")]
 struct RuntimeConfig {
     eni_mac: Option<Mac>,
+    /// containerd's and CRI-O's pod-annotations capability.
+    #[serde(rename = "io.kubernetes.cri.pod-annotations", default)]
+    pod_annotations: std::collections::HashMap<String, String>,
 }
 
 /// One live attachment as listed by the runtime in a GC request.
@@ -153,7 +159,18 @@ impl NetConf {
             version,
             name: c.name,
             mac: c.mac,
-            runtime_mac: c.runtime_config.eni_mac,
+            runtime_mac: match c.runtime_config.eni_mac {
+                Some(m) => Some(m),
+                None => c
+                    .runtime_config
+                    .pod_annotations
+                    .get(MAC_ANNOTATION)
+                    .map(|a| a.parse())
+                    .transpose()
+                    .map_err(|e| {
+                        CniError::InvalidConfig(format!("annotation {MAC_ANNOTATION}: {e}"))
+                    })?,
+            },
             mtu: c.mtu,
             addressing,
             state_dir,
@@ -166,8 +183,10 @@ impl NetConf {
         })
     }
 
-    /// The ENI's MAC: `runtimeConfig.eniMac` (capability `eniMac`), else
-    /// `ENI_MAC` in `CNI_ARGS`, else `mac` in the config.
+    /// The ENI's MAC: `runtimeConfig.eniMac` (capability `eniMac`), else the
+    /// pod annotation `lazybd.io/eni-mac` (capability
+    /// `io.kubernetes.cri.pod-annotations`), else `ENI_MAC` in `CNI_ARGS`,
+    /// else `mac` in the config.
     pub fn eni_mac(&self, env: &Env) -> Result<Option<Mac>> {
         if let Some(m) = self.runtime_mac {
             return Ok(Some(m));
@@ -287,7 +306,16 @@ mod tests {
             "02:00:00:00:00:02"
         );
         assert_eq!(c.eni_mac(&env("ENI_MAC=x")).unwrap_err().code(), 4);
-        v["runtimeConfig"] = json!({"eniMac": "02:00:00:00:00:03"});
+        v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {"lazybd.io/eni-mac": "02:00:00:00:00:04"}});
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(
+            c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02"))
+                .unwrap()
+                .unwrap()
+                .to_string(),
+            "02:00:00:00:00:04"
+        );
+        v["runtimeConfig"]["eniMac"] = json!("02:00:00:00:00:03");
         let c = parse(v).unwrap();
         assert_eq!(
             c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02"))

@@ -1,5 +1,7 @@
 //! DEL: bring the ENI home under its parking name and release its addresses.
 //! Idempotent: a missing netns, a missing ENI or a missing record is success.
+//! It fails only while the ENI is still stuck in the pod netns, or when the
+//! IPAM plugin's own DEL fails.
 
 use super::{ipam_del, release_eni};
 use crate::config::NetConf;
@@ -29,9 +31,12 @@ pub async fn del(env: &Env, conf: &NetConf) -> Result<()> {
                     .as_deref()
                     .or(rec.as_ref().and_then(|r| r.netns.as_deref()));
                 release_eni(conf, mac, netns, rec.is_some()).await?;
-                ipam_del(conf, env).await?;
+                // The ENI is home: free it for the next pod before asking
+                // IPAM, so a failing IPAM DEL (returned, so the runtime
+                // retries rather than leak the address) cannot hold it.
                 store.remove(&lock)?;
-                return Ok(());
+                drop(lock);
+                return ipam_del(conf, env).await;
             }
         }
     }
