@@ -326,6 +326,28 @@ mod tests {
         );
     }
 
+    /// The conflist in docs/cni-eni.md, as libcni hands its plugin entry to
+    /// us: name and cniVersion injected, capabilities turned into runtimeConfig.
+    #[test]
+    fn documented_conflist_parses_as_libcni_passes_it() {
+        let list: Value =
+            serde_json::from_str(include_str!("../examples/10-eni.conflist")).unwrap();
+        let mut plugin = list["plugins"][0].clone();
+        plugin["name"] = list["name"].clone();
+        plugin["cniVersion"] = list["cniVersion"].clone();
+        plugin.as_object_mut().unwrap().remove("capabilities");
+        plugin["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {"lazybd.io/eni-mac": "00:16:3e:12:34:56"}});
+        let c = parse(plugin).unwrap();
+        assert_eq!(c.version, CniVersion::V100);
+        assert_eq!(c.mtu, Some(9001));
+        assert!(matches!(c.addressing, Addressing::Ipam { ref plugin } if plugin == "host-local"));
+        assert_eq!(c.runtime_mac, Some("00:16:3e:12:34:56".parse().unwrap()));
+        assert!(
+            c.stand_in_kinds.is_empty(),
+            "production config matches physical links only"
+        );
+    }
+
     #[test]
     fn gc_attachments_accept_both_keys() {
         let mut v = base();
