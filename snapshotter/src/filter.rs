@@ -78,7 +78,8 @@ impl Term {
     fn matches(&self, name: &str, r: &Record) -> bool {
         let value: Option<String> = match &self.field {
             Field::Name => Some(name.to_owned()),
-            Field::Parent => r.parent.clone(),
+            // containerd's adaptor: no parent is the empty string.
+            Field::Parent => Some(r.parent.clone().unwrap_or_default()),
             Field::Kind => Some(
                 match r.kind {
                     Kind::View => "view",
@@ -92,7 +93,8 @@ impl Term {
         match &self.op {
             Op::Present => value.is_some(),
             Op::Equal(v) => value.as_deref() == Some(v.as_str()),
-            Op::NotEqual(v) => value.as_deref() != Some(v.as_str()),
+            // containerd compares a missing field as "".
+            Op::NotEqual(v) => value.as_deref().unwrap_or("") != v,
         }
     }
 }
@@ -125,6 +127,10 @@ mod tests {
         assert!(f(&["kind==active", "name==n"]).matches("n", &r));
         assert!(f(&[r#"labels."containerd.io/gc.root""#]).matches("n", &r));
         assert!(f(&["labels.other!=1"]).matches("n", &r));
+        assert!(f(&[r#"parent!="""#]).matches("n", &r));
+        let mut root = r.clone();
+        root.parent = None;
+        assert!(!f(&[r#"parent!="""#]).matches("n", &root));
         assert!(Filter::parse(&["size>3".into()]).is_err());
     }
 }

@@ -385,7 +385,10 @@ impl Snapshotter for LazySnapshotter {
         r.usage = Some(disk_usage(&self.dir(r.id).join("fs"))?);
         r.kind = Kind::Committed;
         r.labels = labels;
-        r.updated = SystemTime::now();
+        // As containerd's storage: the committed snapshot is new, created
+        // (and last updated) now.
+        r.created = SystemTime::now();
+        r.updated = r.created;
         self.store.rename(&key, &name, &r)
     }
 
