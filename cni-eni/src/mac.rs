@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct Mac([u8; 6]);
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid MAC address {0:?}: want six hex octets like 02:00:00:aa:bb:cc")]
+#[error("invalid ENI MAC address {0:?}: want a unicast, non-zero address like 02:00:00:aa:bb:cc")]
 pub struct InvalidMac(pub String);
 
 impl Mac {
@@ -53,6 +53,10 @@ impl FromStr for Mac {
                 return Err(bad());
             }
             *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        // All-zero would match loopback; a multicast bit no NIC's own address.
+        if out == [0; 6] || out[0] & 1 == 1 {
+            return Err(bad());
         }
         Ok(Mac(out))
     }
@@ -103,6 +107,8 @@ mod tests {
             "02:ab:cd:00:11",
             "02:ab:cd:00:11:ff:00",
             "2:ab:cd:00:11:ff",
+            "00:00:00:00:00:00",
+            "01:00:5e:00:00:01",
             "zz:ab:cd:00:11:ff",
         ] {
             assert!(s.parse::<Mac>().is_err(), "{s} accepted");

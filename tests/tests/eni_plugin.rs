@@ -227,7 +227,7 @@ fn eni_clear_errors_for_bad_input() {
     let mut no_mac = conf.clone();
     no_mac.as_object_mut().unwrap().remove("mac");
     let mut bad_mac = conf.clone();
-    bad_mac["mac"] = json!("02:xx");
+    bad_mac["mac"] = json!("00:00:00:00:00:00");
     let mut both = conf.clone();
     both["addresses"] = json!([{"address": "10.94.0.9/24"}]);
     let mut no_ipam_plugin = conf.clone();
