@@ -1,0 +1,192 @@
+//! Runtime options containerd passes on `start` (stdin) and in `Create`.
+//!
+//! containerd (and CRI for `io.containerd.runc.*` runtime types) sends runc's
+//! `containerd.runc.v1.Options`; CRI sends `runtimeoptions.v1.Options`
+//! (`type_url`, `config_path`) for any other runtime type. The type URL is
+//! checked before decoding: decoding one as the other silently yields garbage
+//! (rust-extensions issue 377).
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::asynchronous::util::{read_options, write_options};
+use containerd_shim_protos::{
+    protobuf::{well_known_types::any::Any, CodedInputStream, Message},
+    shim::oci::Options,
+};
+use log::info;
+
+use crate::{error::Error, error::Result, runc::Runc};
+
+const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
+const CRI_RUNTIME_OPTIONS: &str = "runtimeoptions.v1.Options";
+/// Where runc keeps container state unless the options say otherwise; the
+/// namespace is appended, as the Go shim does.
+const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
+
+/// The runc options in effect for a container.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuntimeOptions {
+    pub runc: Options,
+    /// `config_path` of CRI's `runtimeoptions.v1.Options`, if that is what came.
+    pub config_path: Option<String>,
+}
+
+/// The message name of a type URL (`type.googleapis.com/x.y.Z` or `x.y.Z`).
+fn type_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or(url)
+}
+
+impl RuntimeOptions {
+    /// Decodes `any` after checking its type; an absent or empty `Any` means defaults.
+    pub fn decode(any: Option<&Any>) -> Result<Self> {
+        let Some(any) = any.filter(|a| !a.type_url.is_empty()) else {
+            return Ok(Self::default());
+        };
+        match type_name(&any.type_url) {
+            RUNC_OPTIONS => Ok(Self {
+                runc: Options::parse_from_bytes(&any.value).map_err(|e| {
+                    Error::InvalidArgument(format!("{RUNC_OPTIONS}: {e}"))
+                })?,
+                config_path: None,
+            }),
+            CRI_RUNTIME_OPTIONS => Ok(Self {
+                runc: Options::default(),
+                config_path: Some(decode_cri_config_path(&any.value)?),
+            }),
+            other => Err(Error::InvalidArgument(format!(
+                "unsupported runtime options type {other:?} (want {RUNC_OPTIONS} or {CRI_RUNTIME_OPTIONS})"
+            ))),
+        }
+    }
+
+    /// Kept in the bundle so `delete` can find runc after the shim died.
+    pub async fn save(&self, bundle: &Path) -> Result<()> {
+        Ok(write_options(bundle, &self.runc).await?)
+    }
+
+    /// What [`RuntimeOptions::save`] kept, or defaults when nothing was saved.
+    pub async fn load(bundle: &Path) -> Self {
+        match read_options(bundle).await {
+            Ok(runc) => Self {
+                runc,
+                config_path: None,
+            },
+            Err(e) => {
+                info!("no saved runtime options in {}: {e}", bundle.display());
+                Self::default()
+            }
+        }
+    }
+
+    /// runc for a container of `namespace` in `bundle`.
+    pub fn runc(&self, namespace: &str, bundle: &Path) -> Runc {
+        let binary = match self.runc.binary_name.as_str() {
+            "" => PathBuf::from("runc"),
+            name => PathBuf::from(name),
+        };
+        let root = match self.runc.root.as_str() {
+            "" => PathBuf::from(DEFAULT_RUNC_ROOT),
+            root => PathBuf::from(root),
+        };
+        Runc {
+            binary,
+            root: root.join(namespace),
+            systemd_cgroup: self.runc.systemd_cgroup,
+            no_pivot_root: self.runc.no_pivot_root,
+            log: bundle.join("log.json"),
+        }
+    }
+}
+
+/// `runtimeoptions.v1.Options.config_path` (field 2); the crate set has no
+/// generated type for CRI's runtimeoptions, and two string fields do not
+/// justify a protobuf build step.
+fn decode_cri_config_path(bytes: &[u8]) -> Result<String> {
+    let bad = |e: containerd_shim_protos::protobuf::Error| {
+        Error::InvalidArgument(format!("{CRI_RUNTIME_OPTIONS}: {e}"))
+    };
+    let mut input = CodedInputStream::from_bytes(bytes);
+    let mut config_path = String::new();
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
+        match tag {
+            // field 2, length-delimited
+            0x12 => config_path = input.read_string().map_err(bad)?,
+            tag => input
+                .skip_field(
+                    containerd_shim_protos::protobuf::rt::WireType::new(tag & 7).ok_or_else(
+                        || {
+                            Error::InvalidArgument(format!(
+                                "{CRI_RUNTIME_OPTIONS}: bad wire type in tag {tag}"
+                            ))
+                        },
+                    )?,
+                )
+                .map_err(bad)?,
+        }
+    }
+    Ok(config_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(type_url: &str, value: Vec<u8>) -> Any {
+        Any {
+            type_url: type_url.into(),
+            value,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runc_options_are_decoded_and_drive_runc() {
+        let opts = Options {
+            binary_name: "/usr/local/bin/crun".into(),
+            root: "/run/alt".into(),
+            systemd_cgroup: true,
+            ..Default::default()
+        };
+        let any = any("containerd.runc.v1.Options", opts.write_to_bytes().unwrap());
+        let decoded = RuntimeOptions::decode(Some(&any)).unwrap();
+        assert_eq!(decoded.runc, opts);
+        let runc = decoded.runc("k8s.io", Path::new("/b"));
+        assert_eq!(runc.binary, PathBuf::from("/usr/local/bin/crun"));
+        assert_eq!(runc.root, PathBuf::from("/run/alt/k8s.io"));
+        assert!(runc.systemd_cgroup);
+    }
+
+    #[test]
+    fn cri_runtime_options_are_not_read_as_runc_options() {
+        // type_url "x" (field 1) then config_path "/etc/lazybd/shim.toml" (field 2)
+        let mut value = vec![0x0a, 1, b'x', 0x12, 21];
+        value.extend_from_slice(b"/etc/lazybd/shim.toml");
+        let decoded = RuntimeOptions::decode(Some(&any(
+            "type.googleapis.com/runtimeoptions.v1.Options",
+            value,
+        )))
+        .unwrap();
+        assert_eq!(
+            decoded.config_path.as_deref(),
+            Some("/etc/lazybd/shim.toml")
+        );
+        assert_eq!(decoded.runc, Options::default());
+        let runc = decoded.runc("default", Path::new("/b"));
+        assert_eq!(runc.binary, PathBuf::from("runc"));
+        assert_eq!(runc.root, PathBuf::from("/run/containerd/runc/default"));
+    }
+
+    #[test]
+    fn unknown_and_corrupt_options_are_rejected() {
+        let err = RuntimeOptions::decode(Some(&any("example.com/Other", vec![1]))).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        let err =
+            RuntimeOptions::decode(Some(&any("containerd.runc.v1.Options", vec![0x0a, 50, 1])))
+                .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert_eq!(
+            RuntimeOptions::decode(None).unwrap(),
+            RuntimeOptions::default()
+        );
+    }
+}
