@@ -358,3 +358,32 @@ fn eni_waits_for_a_nic_that_is_hot_plugged_late() {
     eni.call("DEL", &with_prev(&conf, &result), &call).ok();
     assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
 }
+
+#[test]
+fn eni_failed_add_undoes_every_step() {
+    if !require_root("eni_failed_add_undoes_every_step") {
+        return;
+    }
+    let t = tag();
+    let eni = Eni::new();
+    let ns = TestNetns::new(&t);
+    let mac = unique_mac();
+    let _nic = StandIn::veth(&format!("{t}e0"), &mac);
+    // The IPAM plugin hands out a route whose gateway is not on the link:
+    // the kernel refuses it after the move, the address and the allocation.
+    let mut conf = eni.conf("1.1.0", "ud", &mac, "10.97.0.0/24");
+    conf["ipam"]["routes"] = json!([{"dst": "10.200.0.0/16", "gw": "192.0.2.1"}]);
+    let call = Call::new(&format!("{t}-pod"), &ns);
+    let out = eni.call("ADD", &conf, &call);
+    assert_eq!(out.code(), 101, "{}", out.json);
+    assert!(out.msg().contains("10.200.0.0/16"), "{}", out.msg());
+
+    let home = link_by_mac(None, &mac).expect("ENI back in the host");
+    assert_eq!(home.name, parking_name(&mac));
+    assert!(link_by_mac(Some(&ns.name), &mac).is_none());
+    assert!(eni.records().is_empty());
+    assert_eq!(eni.ipam_allocations("ud"), 0, "IPAM allocation undone");
+    // The runtime's DEL after a failed ADD is harmless.
+    eni.call("DEL", &conf, &call).ok();
+    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+}

@@ -15,7 +15,7 @@ use crate::mac::Mac;
 use crate::netns::Netns;
 use crate::relocate::Ends;
 use crate::result::{CniResult, Interface};
-use crate::state::{Phase, Record, Store};
+use crate::state::{EniLock, Phase, Record, Store};
 
 const NIC_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -64,8 +64,7 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
             match ends.move_in(&link, &env.ifname).await {
                 Ok(l) => l,
                 Err(e) => {
-                    // move_in undid itself: the ENI is parked in the host.
-                    store.remove(&lock)?;
+                    forget_if_home(&ends, &store, &lock).await;
                     return Err(e);
                 }
             }
@@ -103,7 +102,7 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
         }
         Err(e) => {
             undo_configure(&ends, ipam.as_ref(), env).await;
-            store.remove(&lock)?;
+            forget_if_home(&ends, &store, &lock).await;
             Err(e)
         }
     }
@@ -218,6 +217,27 @@ async fn undo_configure(ends: &Ends<'_>, ipam: Option<&Ipam>, env: &Env) {
     }
     if let Err(e) = ends.park().await {
         log(format!("undo: could not park ENI {}: {e}", ends.mac));
+    }
+}
+
+/// After a failed ADD undid itself: drop the record only if the ENI is
+/// really back in the host. If the undo failed, the record (phase `adding`)
+/// stays so the runtime's DEL, or GC, finds the ENI and brings it home.
+async fn forget_if_home(ends: &Ends<'_>, store: &Store, lock: &EniLock) {
+    let home = ends.host_nl.find_eni(ends.mac, ends.stand_in_kinds).await;
+    let outcome = match home {
+        Ok(Some(_)) => store.remove(lock),
+        Ok(None) => {
+            log(format!(
+                "ENI {} is not back in the host; keeping its record for DEL/GC",
+                ends.mac
+            ));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = outcome {
+        log(format!("undo: ENI {}: {e}", ends.mac));
     }
 }
 
