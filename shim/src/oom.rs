@@ -8,7 +8,6 @@
 
 use std::{
     fs::File,
-    io::Write,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
@@ -171,10 +170,9 @@ fn register_v1(dir: &Path, oom_control: &Path) -> Result<(AsyncFd<OwnedFd>, File
     let control =
         File::open(oom_control).map_err(io_context(format!("open {}", oom_control.display())))?;
     let event_control = dir.join("cgroup.event_control");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&event_control)
-        .and_then(|mut f| write!(f, "{} {}", efd.as_fd().as_raw_fd(), control.as_raw_fd()))
+    // One write: the kernel parses each write(2) as a whole registration.
+    let registration = format!("{} {}", efd.as_fd().as_raw_fd(), control.as_raw_fd());
+    std::fs::write(&event_control, registration)
         .map_err(io_context(format!("write {}", event_control.display())))?;
     let efd = register(OwnedFd::from(efd), "eventfd")?;
     Ok((efd, control))
