@@ -180,10 +180,10 @@ async fn configure(
     env: &Env,
     ipam: Option<&Ipam>,
 ) -> Result<CniResult> {
-    let mut ours = match (&conf.addressing, ipam) {
-        (Addressing::Ipam { .. }, Some(ipam)) => ipam.add(env).await?,
-        (Addressing::Static(r), _) => r.clone(),
-        (Addressing::Ipam { plugin }, None) => unreachable!("IPAM {plugin} was located before"),
+    let mut ours = match (ipam, &conf.addressing) {
+        (Some(ipam), _) => ipam.add(env).await?,
+        (None, Addressing::Static(r)) => r.clone(),
+        (None, Addressing::Ipam { .. }) => CniResult::default(),
     };
     ours.interfaces.clear();
     if let Some(mtu) = conf.mtu {
