@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 pub mod cli;
+pub mod containerd_daemon;
 pub mod eni;
 pub mod images;
 pub mod lazy_layers;

@@ -25,8 +25,8 @@ use tracing::info;
 
 use crate::oci::layout::LayoutError;
 use crate::oci::{
-    canonical_json, is_manifest_list, layer_compression, OciError, ANN_SOURCE_MANIFEST,
-    MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST,
+    canonical_json, is_manifest_list, layer_compression, pick_platform, OciError,
+    ANN_SOURCE_MANIFEST, MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST,
 };
 pub use layer::ConvertedLayer;
 pub use registry_store::RegistryStore;
@@ -176,14 +176,6 @@ fn source_manifest(
         digest,
         ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?,
     ))
-}
-
-fn pick_platform<'a>(manifests: &'a [Descriptor], os: &str, arch: &str) -> Option<&'a Descriptor> {
-    manifests.iter().find(|m| {
-        m.platform()
-            .as_ref()
-            .is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
-    })
 }
 
 fn source_diff_ids(config: &Value, layers: usize, src: &str) -> Result<Vec<String>, ConvertError> {

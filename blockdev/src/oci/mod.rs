@@ -69,6 +69,19 @@ pub fn is_manifest_list(media_type: &str) -> bool {
     media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_LIST
 }
 
+/// The entry of a multi-platform index for `os`/`arch`.
+pub fn pick_platform<'a>(
+    manifests: &'a [oci_spec::image::Descriptor],
+    os: &str,
+    arch: &str,
+) -> Option<&'a oci_spec::image::Descriptor> {
+    manifests.iter().find(|m| {
+        m.platform()
+            .as_ref()
+            .is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
+    })
+}
+
 /// `sha256:<hex>` of `data`.
 pub fn digest_of(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(crate::format::sha256(data)))

@@ -7,6 +7,7 @@ mod inspect;
 mod layers;
 mod mount;
 mod mount_control;
+mod pull;
 mod registry_args;
 mod stats;
 mod umount;
@@ -30,6 +31,7 @@ enum Command {
     Inspect(inspect::Args),
     Layers(layers::Args),
     Mount(mount::Args),
+    Pull(pull::Args),
     Umount(umount::Args),
     Stats(stats::Args),
 }
@@ -46,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Layers(a) => layers::run(a),
         Command::Mount(a) => mount::run(a),
+        Command::Pull(a) => pull::run(a),
         Command::Umount(a) => umount::run(a),
         Command::Stats(a) => stats::run(a),
     }

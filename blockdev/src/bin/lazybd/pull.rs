@@ -1,0 +1,521 @@
+//! `lazybd pull REF`: pull an image into containerd through its own API so
+//! that lazybd layers are attached lazily by lazybd-snapshotter (the
+//! analogue of stargz's `ctr-remote rpull`; `ctr image pull` does not label
+//! the snapshotter's Prepare calls with the image, so it cannot).
+//!
+//! Manifest and config go into containerd's content store; each layer is
+//! prepared through the snapshotter with the labels CRI uses, which the
+//! lazybd snapshotter answers with AlreadyExists (attached lazily). A layer
+//! it does not take (an ordinary image) is downloaded, applied with
+//! containerd's diff service and committed, as `ctr image pull` would.
+//! Then the image record points at the manifest, and `ctr run --snapshotter
+//! lazybd REF ...` finds every layer unpacked.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
+    leases_client::LeasesClient, ApplyRequest, CreateImageRequest, DeleteRequest, Image,
+    UpdateImageRequest, WriteAction, WriteContentRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::{Code, Request};
+use containerd_client::types::{Descriptor, Mount};
+use futures_util::StreamExt;
+use lazybd_blockdev::oci::{is_manifest_list, pick_platform, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::registry::RegistryClient;
+use oci_spec::image::{ImageIndex, ImageManifest};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::registry_args::RegistryArgs;
+
+/// Pull an image into containerd, lazily for lazybd layers.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Registry reference `HOST[:PORT]/REPO[:TAG|@DIGEST]`; also the image name.
+    reference: String,
+    /// containerd's gRPC socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    address: PathBuf,
+    /// containerd namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// The snapshotter to prepare layers with (containerd's proxy plugin name).
+    #[arg(long, default_value = "lazybd")]
+    snapshotter: String,
+    /// Platform to pull from a multi-platform image, OS/ARCH.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(pull(args))
+}
+
+/// What containerd keeps for the image: bytes and media type of each
+/// manifest document, top first.
+struct Documents {
+    top: (Vec<u8>, String, String),
+    manifest: ImageManifest,
+    manifest_bytes: Vec<u8>,
+    manifest_digest: String,
+}
+
+async fn pull(args: Args) -> Result<()> {
+    let registry = RegistryClient::new(&args.reference, &args.registry.options())?;
+    let docs = fetch_manifest(&registry, &args.platform).await?;
+    let config_desc = docs.manifest.config();
+    let config = registry.blob(config_desc.digest().as_ref()).await?;
+    let diff_ids = diff_ids(&config, docs.manifest.layers().len())?;
+    let chains = chain_ids(&diff_ids);
+
+    let channel = containerd_client::connect(&args.address)
+        .await
+        .with_context(|| format!("connecting to containerd at {}", args.address.display()))?;
+    let ctd = Containerd {
+        channel,
+        namespace: args.namespace.clone(),
+        lease: format!("lazybd-pull-{}", nanos()),
+    };
+    ctd.create_lease().await?;
+    let result = async {
+        let top_chain = chains.last().context("the image has no layers")?;
+        let snapshot_gc = format!("containerd.io/gc.ref.snapshot.{}", args.snapshotter);
+        ctd.write(
+            &config,
+            config_desc.digest().as_ref(),
+            HashMap::from([(snapshot_gc, top_chain.clone())]),
+        )
+        .await?;
+        let mut refs = HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_string(),
+            config_desc.digest().to_string(),
+        )]);
+        for (i, l) in docs.manifest.layers().iter().enumerate() {
+            refs.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest().to_string(),
+            );
+        }
+        ctd.write(&docs.manifest_bytes, &docs.manifest_digest, refs)
+            .await?;
+        if docs.top.2 != docs.manifest_digest {
+            let refs = HashMap::from([(
+                "containerd.io/gc.ref.content.m.0".to_string(),
+                docs.manifest_digest.clone(),
+            )]);
+            ctd.write(&docs.top.0, &docs.top.2, refs).await?;
+        }
+        let mut counts = [0usize; 3];
+        for (i, layer) in docs.manifest.layers().iter().enumerate() {
+            let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
+            let prepared = ctd
+                .prepare_layer(
+                    &args,
+                    &docs.manifest_digest,
+                    layer,
+                    &chains[i],
+                    parent,
+                    &registry,
+                )
+                .await
+                .with_context(|| format!("layer {i} ({})", layer.digest()))?;
+            counts[prepared as usize] += 1;
+        }
+        ctd.put_image(&args.reference, &docs.top).await?;
+        anyhow::Ok(counts)
+    }
+    .await;
+    if let Err(e) = ctd.delete_lease().await {
+        eprintln!("warning: deleting lease {}: {e:#}", ctd.lease);
+    }
+    let [already, lazy, unpacked] = result?;
+    println!(
+        "{}: {} layers: {lazy} attached lazily by {}, {unpacked} unpacked, {already} already present",
+        args.reference,
+        chains.len(),
+        args.snapshotter,
+    );
+    Ok(())
+}
+
+async fn fetch_manifest(registry: &RegistryClient, platform: &str) -> Result<Documents> {
+    let (os, arch) = platform
+        .split_once('/')
+        .context("--platform must be OS/ARCH, e.g. linux/amd64")?;
+    let top = registry.manifest().await?;
+    let top_doc = (
+        top.bytes.to_vec(),
+        top.media_type.clone(),
+        top.digest.clone(),
+    );
+    let (bytes, digest) = if is_manifest_list(&top.media_type) {
+        let index = ImageIndex::from_reader(&top.bytes[..]).context("parsing the image index")?;
+        let entry = pick_platform(index.manifests(), os, arch)
+            .with_context(|| format!("the image has no {os}/{arch} manifest"))?;
+        let m = registry.manifest_by_digest(entry.digest().as_ref()).await?;
+        (m.bytes.to_vec(), m.digest)
+    } else {
+        (top.bytes.to_vec(), top.digest)
+    };
+    Ok(Documents {
+        top: top_doc,
+        manifest: ImageManifest::from_reader(&bytes[..]).context("parsing the manifest")?,
+        manifest_bytes: bytes,
+        manifest_digest: digest,
+    })
+}
+
+fn diff_ids(config: &[u8], layers: usize) -> Result<Vec<String>> {
+    let v: serde_json::Value =
+        serde_json::from_slice(config).context("parsing the image config")?;
+    let ids: Vec<String> = v["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if ids.len() != layers {
+        bail!(
+            "the config lists {} diff_ids for {layers} layers",
+            ids.len()
+        );
+    }
+    Ok(ids)
+}
+
+/// OCI chain IDs: the snapshot names containerd gives unpacked layers.
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        out.push(match out.last() {
+            None => d.clone(),
+            Some(parent) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{parent} {d}")))
+            ),
+        });
+    }
+    out
+}
+
+fn nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+/// What happened to a layer; the order indexes the summary counts.
+#[derive(Clone, Copy)]
+enum Prepared {
+    Already = 0,
+    Lazily = 1,
+    Unpacked = 2,
+}
+
+/// containerd's services, in one namespace, under one lease (so nothing
+/// written is collected before the image refers to it).
+struct Containerd {
+    channel: Channel,
+    namespace: String,
+    lease: String,
+}
+
+impl Containerd {
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        let md = req.metadata_mut();
+        md.insert(
+            "containerd-namespace",
+            self.namespace.parse().expect("ascii namespace"),
+        );
+        md.insert(
+            "containerd-lease",
+            self.lease.parse().expect("ascii lease id"),
+        );
+        req
+    }
+
+    async fn create_lease(&self) -> Result<()> {
+        // containerd's `gc.expire` label: RFC 3339.
+        let expire =
+            humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600))
+                .to_string();
+        LeasesClient::new(self.channel.clone())
+            .create(self.req(containerd_client::services::v1::CreateRequest {
+                id: self.lease.clone(),
+                labels: HashMap::from([("containerd.io/gc.expire".to_string(), expire)]),
+            }))
+            .await
+            .context("creating a lease")?;
+        Ok(())
+    }
+
+    async fn delete_lease(&self) -> Result<()> {
+        LeasesClient::new(self.channel.clone())
+            .delete(self.req(DeleteRequest {
+                id: self.lease.clone(),
+                sync: false,
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a small blob into the content store in one request.
+    async fn write(
+        &self,
+        data: &[u8],
+        digest: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<()> {
+        let req = WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref: format!("lazybd-pull-{digest}"),
+            total: data.len() as i64,
+            expected: digest.to_owned(),
+            offset: 0,
+            data: data.to_vec(),
+            labels,
+        };
+        self.write_stream(futures_util::stream::iter([req]), digest)
+            .await
+    }
+
+    /// Streams a file into the content store, 1 MiB per message.
+    async fn write_file(&self, path: &std::path::Path, digest: &str, size: u64) -> Result<()> {
+        let file = tokio::fs::File::open(path).await?;
+        let reference = format!("lazybd-pull-{digest}");
+        let expected = digest.to_owned();
+        let requests =
+            futures_util::stream::unfold((file, 0u64, false), move |(mut file, offset, done)| {
+                let (reference, expected) = (reference.clone(), expected.clone());
+                async move {
+                    if done {
+                        return None;
+                    }
+                    let mut buf = vec![0u8; 1 << 20];
+                    let n = file.read(&mut buf).await.unwrap_or(0);
+                    buf.truncate(n);
+                    let last = offset + n as u64 >= size || n == 0;
+                    let req = WriteContentRequest {
+                        action: if last {
+                            WriteAction::Commit
+                        } else {
+                            WriteAction::Write
+                        } as i32,
+                        r#ref: reference,
+                        total: size as i64,
+                        expected,
+                        offset: offset as i64,
+                        data: buf,
+                        labels: HashMap::new(),
+                    };
+                    Some((req, (file, offset + n as u64, last)))
+                }
+            });
+        self.write_stream(requests, digest).await
+    }
+
+    async fn write_stream(
+        &self,
+        requests: impl futures_util::Stream<Item = WriteContentRequest> + Send + 'static,
+        digest: &str,
+    ) -> Result<()> {
+        let mut responses = match ContentClient::new(self.channel.clone())
+            .write(self.req(requests))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
+            Err(s) => {
+                return Err(s).with_context(|| format!("writing {digest} to the content store"))
+            }
+        };
+        while let Some(r) = responses.next().await {
+            match r {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
+                Err(s) => {
+                    return Err(s).with_context(|| format!("writing {digest} to the content store"))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn prepare_layer(
+        &self,
+        args: &Args,
+        manifest_digest: &str,
+        layer: &oci_spec::image::Descriptor,
+        chain: &str,
+        parent: &str,
+        registry: &RegistryClient,
+    ) -> Result<Prepared> {
+        let mut snapshots = SnapshotsClient::new(self.channel.clone());
+        let exists = snapshots
+            .stat(self.req(StatSnapshotRequest {
+                snapshotter: args.snapshotter.clone(),
+                key: chain.to_owned(),
+            }))
+            .await;
+        if exists.is_ok() {
+            return Ok(Prepared::Already);
+        }
+        let key = format!("extract-{} {chain}", nanos());
+        let labels = HashMap::from([
+            ("containerd.io/snapshot.ref".to_string(), chain.to_owned()),
+            (
+                "containerd.io/snapshot/cri.image-ref".into(),
+                args.reference.clone(),
+            ),
+            (
+                "containerd.io/snapshot/cri.manifest-digest".into(),
+                manifest_digest.to_owned(),
+            ),
+            (
+                "containerd.io/snapshot/cri.layer-digest".into(),
+                layer.digest().to_string(),
+            ),
+        ]);
+        let prepared = snapshots
+            .prepare(self.req(PrepareSnapshotRequest {
+                snapshotter: args.snapshotter.clone(),
+                key: key.clone(),
+                parent: parent.to_owned(),
+                labels,
+            }))
+            .await;
+        let mounts = match prepared {
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(Prepared::Lazily),
+            Err(s) => return Err(s).context("preparing the snapshot"),
+            Ok(r) => r.into_inner().mounts,
+        };
+        let unpacked = self.unpack(args, layer, &mounts, registry).await;
+        let done = match unpacked {
+            Ok(()) => snapshots
+                .commit(self.req(CommitSnapshotRequest {
+                    snapshotter: args.snapshotter.clone(),
+                    name: chain.to_owned(),
+                    key: key.clone(),
+                    labels: HashMap::new(),
+                }))
+                .await
+                .map(|_| ())
+                .context("committing the snapshot"),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            let _ = snapshots
+                .remove(self.req(RemoveSnapshotRequest {
+                    snapshotter: args.snapshotter.clone(),
+                    key,
+                }))
+                .await;
+            return Err(e);
+        }
+        Ok(Prepared::Unpacked)
+    }
+
+    /// The ordinary path: download the layer, let containerd apply it.
+    async fn unpack(
+        &self,
+        args: &Args,
+        layer: &oci_spec::image::Descriptor,
+        mounts: &[Mount],
+        registry: &RegistryClient,
+    ) -> Result<()> {
+        let media_type = layer.media_type().to_string();
+        if media_type == MEDIA_LAZYBD_LAYER {
+            bail!(
+                "snapshotter {:?} did not attach this lazybd layer lazily (is it \
+                 lazybd-snapshotter, and can it reach the registry? see its log)",
+                args.snapshotter
+            );
+        }
+        let digest = layer.digest().to_string();
+        let tmp = tempfile::NamedTempFile::new()?;
+        registry.blob_to_file(&digest, tmp.path()).await?;
+        self.write_file(tmp.path(), &digest, layer.size()).await?;
+        DiffClient::new(self.channel.clone())
+            .apply(self.req(ApplyRequest {
+                diff: Some(Descriptor {
+                    media_type,
+                    digest,
+                    size: layer.size() as i64,
+                    annotations: HashMap::new(),
+                }),
+                mounts: mounts.to_vec(),
+                payloads: HashMap::new(),
+            }))
+            .await
+            .context("applying the layer")?;
+        Ok(())
+    }
+
+    async fn put_image(&self, name: &str, top: &(Vec<u8>, String, String)) -> Result<()> {
+        let image = Image {
+            name: name.to_owned(),
+            labels: HashMap::new(),
+            target: Some(Descriptor {
+                media_type: top.1.clone(),
+                digest: top.2.clone(),
+                size: top.0.len() as i64,
+                annotations: HashMap::new(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        let mut images = ImagesClient::new(self.channel.clone());
+        match images
+            .create(self.req(CreateImageRequest {
+                image: Some(image.clone()),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => {
+                images
+                    .update(self.req(UpdateImageRequest {
+                        image: Some(image),
+                        update_mask: None,
+                    }))
+                    .await
+                    .context("updating the image record")?;
+                Ok(())
+            }
+            Err(s) => Err(s).context("creating the image record"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_rule() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let chains = chain_ids(&[d('a'), d('b')]);
+        assert_eq!(chains[0], d('a'));
+        let want = Sha256::digest(format!("{} {}", d('a'), d('b')));
+        assert_eq!(chains[1], format!("sha256:{}", hex::encode(want)));
+    }
+}
