@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use lazybd_blockdev::oci::{canonical_json, digest_of, OciLayout};
 use oci_spec::image::{Descriptor, Digest, MediaType};
@@ -294,6 +294,38 @@ pub fn write_image(
     );
     layout.tag(tag, &desc).unwrap();
     digest
+}
+
+/// The rich image in an OCI layout at `dir/src` (tag `v1`), also pushed to
+/// `registry` as `rich:v1` (with skopeo).
+pub fn publish_rich(dir: &Path, registry: &crate::registry::Registry) -> PathBuf {
+    let layout = dir.join("src");
+    write_image(
+        &layout,
+        "v1",
+        &rich_layers(),
+        &[Compression::Gzip, Compression::None, Compression::Gzip],
+    );
+    registry.push_layout(&layout, "v1", "rich:v1");
+    layout
+}
+
+/// [`publish_rich`], then `lazybd convert` of it into the registry as
+/// `rich:lazy` with 64 KiB chunks; returns the conversion's `--json`.
+pub fn publish_lazy_rich(dir: &Path, registry: &crate::registry::Registry) -> serde_json::Value {
+    publish_rich(dir, registry);
+    let out = crate::cli::ok(&crate::cli::lazybd(&[
+        &"convert",
+        &"--plain-http",
+        &"--json",
+        &"--chunk-size",
+        &"65536",
+        &"--work-dir",
+        &dir,
+        &registry.reference("rich:v1"),
+        &registry.reference("rich:lazy"),
+    ]));
+    serde_json::from_str(&out).expect("convert --json")
 }
 
 /// What must survive conversion, for one path of a tree.

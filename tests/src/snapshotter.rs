@@ -147,6 +147,25 @@ impl Drop for SnapshotterDaemon {
     }
 }
 
+/// The value of the sample `name` (with its labels) in a metrics text.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+}
+
+/// The sum of every sample whose line starts with `prefix`.
+pub fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Mounts what a snapshotter returned at `target`, as containerd would;
 /// unmounted on drop.
 pub struct Mounted {

@@ -10,26 +10,14 @@ use std::path::Path;
 use std::process::Command;
 
 use lazybd_tests::cli::{fails, lazybd, ok, MountGuard};
-use lazybd_tests::images::{listing, rich_layers, write_image, Compression};
+use lazybd_tests::images::{
+    listing, publish_lazy_rich, publish_rich, rich_layers, write_image, Compression,
+};
 use lazybd_tests::lazy_layers::leftovers;
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
 
 const CHUNK: &str = "65536";
-
-/// The rich image in an OCI layout at `tmp/src` (tag `v1`), also pushed to
-/// `registry` as `rich:v1`.
-fn publish_rich(tmp: &Path, registry: &Registry) -> std::path::PathBuf {
-    let layout = tmp.join("src");
-    write_image(
-        &layout,
-        "v1",
-        &rich_layers(),
-        &[Compression::Gzip, Compression::None, Compression::Gzip],
-    );
-    registry.push_layout(&layout, "v1", "rich:v1");
-    layout
-}
 
 fn convert(tmp: &Path, src: &str, dst: &str, extra: &[&str]) -> String {
     let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
@@ -310,17 +298,9 @@ fn authenticated_round_trip(registry: &Registry) {
 /// Converts the rich image into the registry; returns the lazy reference and
 /// the digest of the layer holding `data/big`.
 fn lazy_rich(t: &Path, registry: &Registry) -> (String, String) {
-    publish_rich(t, registry);
-    let lazy_ref = registry.reference("rich:lazy");
-    convert(t, &registry.reference("rich:v1"), &lazy_ref, &[]);
-    let inspect = ok(&lazybd(&[
-        &"inspect",
-        &"--plain-http",
-        &"--json",
-        &lazy_ref,
-    ]));
-    let layers: serde_json::Value = serde_json::from_str(&inspect).unwrap();
-    (lazy_ref, layers[0]["digest"].as_str().unwrap().to_owned())
+    let converted = publish_lazy_rich(t, registry);
+    let base = converted["layers"][0].as_str().unwrap().to_owned();
+    (registry.reference("rich:lazy"), base)
 }
 
 #[test]

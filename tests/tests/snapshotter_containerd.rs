@@ -7,10 +7,10 @@ use std::path::Path;
 
 use lazybd_tests::cli::{lazybd, ok};
 use lazybd_tests::containerd_daemon::ContainerdDaemon;
-use lazybd_tests::images::{rich_layers, write_image, Compression};
+use lazybd_tests::images::publish_lazy_rich;
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
-use lazybd_tests::snapshotter::SnapshotterDaemon;
+use lazybd_tests::snapshotter::{metric, metric_sum, SnapshotterDaemon};
 
 fn run_ok(ctd: &ContainerdDaemon, args: &[&str]) -> String {
     let out = ctd.ctr(args);
@@ -41,20 +41,8 @@ fn lazybd_pull_and_ctr_run_start_a_container_from_lazy_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let registry = Registry::start();
-    let layout = t.join("src");
-    write_image(&layout, "v1", &rich_layers(), &[Compression::Gzip; 3]);
-    registry.push_layout(&layout, "v1", "rich:v1");
+    publish_lazy_rich(t, &registry);
     let lazy = registry.reference("rich:lazy");
-    ok(&lazybd(&[
-        &"convert",
-        &"--plain-http",
-        &"--chunk-size",
-        &"65536",
-        &"--work-dir",
-        &t,
-        &registry.reference("rich:v1"),
-        &lazy,
-    ]));
 
     let snapshotter = SnapshotterDaemon::start(
         &dir(t, "snapshotter"),
@@ -97,20 +85,8 @@ fn lazybd_pull_and_ctr_run_start_a_container_from_lazy_layers() {
 
     // The container read a few files: a small part of the image was fetched.
     let metrics = snapshotter.metrics();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
-    };
-    let fetched = value(r#"lazybd_source_chunks_total{source="registry"}"#);
-    let total: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("lazybd_layer_chunks{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let fetched = metric(&metrics, r#"lazybd_source_chunks_total{source="registry"}"#);
+    let total = metric_sum(&metrics, "lazybd_layer_chunks{");
     assert!(
         fetched > 0.0 && fetched * 2.0 < total,
         "fetched {fetched} of {total} chunks"

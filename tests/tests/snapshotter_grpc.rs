@@ -17,11 +17,11 @@ use containerd_client::tonic::Code;
 use containerd_client::types::Mount;
 use lazybd_blockdev::oci::OciLayout;
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::images::{rich_layers, write_image, Compression};
+use lazybd_tests::images::{publish_lazy_rich, rich_layers, write_image, Compression};
 use lazybd_tests::lazy_layers::leftovers;
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
-use lazybd_tests::snapshotter::{Mounted, SnapshotterDaemon};
+use lazybd_tests::snapshotter::{metric, Mounted, SnapshotterDaemon};
 
 type Client = SnapshotsClient<Channel>;
 
@@ -276,22 +276,8 @@ async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let registry = Registry::start();
-    let layout = t.join("src");
-    write_image(&layout, "v1", &rich_layers(), &[Compression::Gzip; 3]);
-    registry.push_layout(&layout, "v1", "rich:v1");
+    let converted = publish_lazy_rich(t, &registry);
     let image = registry.reference("rich:lazy");
-    let out = ok(&lazybd(&[
-        &"convert",
-        &"--plain-http",
-        &"--json",
-        &"--chunk-size",
-        &"65536",
-        &"--work-dir",
-        &t,
-        &registry.reference("rich:v1"),
-        &image,
-    ]));
-    let converted: serde_json::Value = serde_json::from_str(&out).unwrap();
     let manifest = converted["manifest_digest"].as_str().unwrap().to_owned();
     let layers: Vec<String> = converted["layers"]
         .as_array()
@@ -341,14 +327,7 @@ async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
 
     // Metrics: what was fetched, from where, and what is attached.
     let metrics = daemon.metrics();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
-    };
+    let value = |name: &str| metric(&metrics, name);
     assert!(value(r#"lazybd_source_bytes_total{source="registry"}"#) > 0.0);
     assert_eq!(value("lazybd_attached_layers"), 3.0);
     assert!(value("lazybd_read_latency_seconds_count") > 0.0);

@@ -25,7 +25,7 @@ use tracing::info;
 
 use crate::oci::layout::LayoutError;
 use crate::oci::{
-    canonical_json, is_manifest_list, layer_compression, pick_platform, OciError,
+    canonical_json, config_diff_ids, is_manifest_list, layer_compression, pick_platform, OciError,
     ANN_SOURCE_MANIFEST, MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST,
 };
 pub use layer::ConvertedLayer;
@@ -97,7 +97,8 @@ pub fn convert_image(
     let config_desc = manifest.config();
     let mut config: Value = serde_json::from_slice(&src.blob(config_desc.digest().as_ref())?)
         .map_err(|e| ConvertError::Invalid(format!("{}: image config: {e}", src.describe())))?;
-    let diff_ids = source_diff_ids(&config, manifest.layers().len(), &src.describe())?;
+    let diff_ids = config_diff_ids(&config, manifest.layers().len())
+        .map_err(|e| ConvertError::Invalid(format!("{}: {e}", src.describe())))?;
 
     let work = tempfile::Builder::new()
         .prefix("lazybd-convert-")
@@ -176,24 +177,6 @@ fn source_manifest(
         digest,
         ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?,
     ))
-}
-
-fn source_diff_ids(config: &Value, layers: usize, src: &str) -> Result<Vec<String>, ConvertError> {
-    let ids: Vec<String> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    if ids.len() != layers {
-        return Err(ConvertError::Invalid(format!(
-            "{src}: the config lists {} diff_ids for {layers} layers",
-            ids.len()
-        )));
-    }
-    Ok(ids)
 }
 
 /// Converts the layers, `opts.parallel` at a time, storing each at `dst`.

@@ -41,6 +41,8 @@ pub enum OciError {
     BadAnnotation { key: &'static str, value: String },
     #[error("layer annotation {0} is missing")]
     MissingAnnotation(&'static str),
+    #[error("the image config lists {found} diff_ids for {layers} layers")]
+    DiffIdCount { found: usize, layers: usize },
 }
 
 /// Compression of a source layer, from its media type.
@@ -67,6 +69,25 @@ pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
 
 pub fn is_manifest_list(media_type: &str) -> bool {
     media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_LIST
+}
+
+/// The `rootfs.diff_ids` of an image config, which must name `layers` layers.
+pub fn config_diff_ids(config: &serde_json::Value, layers: usize) -> Result<Vec<String>, OciError> {
+    let ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if ids.len() != layers {
+        return Err(OciError::DiffIdCount {
+            found: ids.len(),
+            layers,
+        });
+    }
+    Ok(ids)
 }
 
 /// The entry of a multi-platform index for `os`/`arch`.

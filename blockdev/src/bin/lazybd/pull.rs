@@ -29,7 +29,7 @@ use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request};
 use containerd_client::types::{Descriptor, Mount};
 use futures_util::StreamExt;
-use lazybd_blockdev::oci::{is_manifest_list, pick_platform, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::oci::{config_diff_ids, is_manifest_list, pick_platform, MEDIA_LAZYBD_LAYER};
 use lazybd_blockdev::registry::RegistryClient;
 use oci_spec::image::{ImageIndex, ImageManifest};
 use sha2::{Digest as _, Sha256};
@@ -80,7 +80,9 @@ async fn pull(args: Args) -> Result<()> {
     let docs = fetch_manifest(&registry, &args.platform).await?;
     let config_desc = docs.manifest.config();
     let config = registry.blob(config_desc.digest().as_ref()).await?;
-    let diff_ids = diff_ids(&config, docs.manifest.layers().len())?;
+    let config_json: serde_json::Value =
+        serde_json::from_slice(&config).context("parsing the image config")?;
+    let diff_ids = config_diff_ids(&config_json, docs.manifest.layers().len())?;
     let chains = chain_ids(&diff_ids);
 
     let channel = containerd_client::connect(&args.address)
@@ -178,26 +180,6 @@ async fn fetch_manifest(registry: &RegistryClient, platform: &str) -> Result<Doc
         manifest_bytes: bytes,
         manifest_digest: digest,
     })
-}
-
-fn diff_ids(config: &[u8], layers: usize) -> Result<Vec<String>> {
-    let v: serde_json::Value =
-        serde_json::from_slice(config).context("parsing the image config")?;
-    let ids: Vec<String> = v["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    if ids.len() != layers {
-        bail!(
-            "the config lists {} diff_ids for {layers} layers",
-            ids.len()
-        );
-    }
-    Ok(ids)
 }
 
 /// OCI chain IDs: the snapshot names containerd gives unpacked layers.
