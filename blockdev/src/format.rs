@@ -33,7 +33,7 @@ pub const MAX_INDEX_LEN: u64 = HEADER_LEN + ENTRY_LEN * MAX_CHUNKS;
 
 /// zstd level for chunks: level 3 is zstd's default and compresses filesystem
 /// images at several hundred MB/s per core, so conversion stays I/O bound.
-const ZSTD_LEVEL: i32 = 3;
+pub const ZSTD_LEVEL: i32 = 3;
 
 pub type Sha256Digest = [u8; 32];
 

@@ -6,6 +6,7 @@ pub mod fetch;
 pub mod format;
 pub mod layer;
 pub mod oci;
+pub mod p2p;
 pub mod registry;
 pub mod source;
 pub mod stats;

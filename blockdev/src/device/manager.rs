@@ -192,6 +192,13 @@ impl LayerManager {
         self.stats.snapshot()
     }
 
+    /// The attached layer itself: the P2P peer server reads and relays
+    /// chunks through it.
+    pub fn layer(&self, digest: &str) -> Option<Arc<LazyLayer>> {
+        let layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        layers.get(digest).map(|a| a.layer.clone())
+    }
+
     pub fn layers(&self) -> Vec<LayerStatus> {
         let layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<LayerStatus> = layers

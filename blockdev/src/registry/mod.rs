@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol, SizedStream};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
-use oci_client::secrets::RegistryAuth;
+pub use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use thiserror::Error;
 use tracing::{debug, warn};
@@ -144,9 +144,36 @@ impl RegistryClient {
                     reference: reference.to_owned(),
                     message: e.to_string(),
                 })?;
-        install_crypto_provider();
         let registry = parsed.resolve_registry().to_owned();
         let auth = credentials_for(&registry, opts.docker_config.as_deref())?;
+        Self::build(parsed, opts, auth)
+    }
+
+    /// Like [`new`](Self::new) with explicit credentials instead of the
+    /// docker config's: the super node uses the credentials its client sent,
+    /// so it reads only what that client may read.
+    pub fn with_auth(
+        reference: &str,
+        opts: &RegistryOptions,
+        auth: RegistryAuth,
+    ) -> Result<Self, RegistryError> {
+        let parsed: Reference =
+            reference
+                .parse()
+                .map_err(|e: oci_client::ParseError| RegistryError::BadReference {
+                    reference: reference.to_owned(),
+                    message: e.to_string(),
+                })?;
+        Self::build(parsed, opts, auth)
+    }
+
+    fn build(
+        parsed: Reference,
+        opts: &RegistryOptions,
+        auth: RegistryAuth,
+    ) -> Result<Self, RegistryError> {
+        install_crypto_provider();
+        let registry = parsed.resolve_registry().to_owned();
         let config = ClientConfig {
             protocol: if opts.plain_http {
                 ClientProtocol::HttpsExcept(vec![registry.clone()])
@@ -177,6 +204,20 @@ impl RegistryClient {
     /// `host/repo:tag` for messages.
     pub fn describe(&self) -> String {
         self.reference.whole()
+    }
+
+    /// `host[:port]` of the registry.
+    pub fn registry(&self) -> &str {
+        self.reference.resolve_registry()
+    }
+
+    pub fn repository(&self) -> &str {
+        self.reference.repository()
+    }
+
+    /// The credentials this client uses (forwarded to a super node).
+    pub fn auth(&self) -> &RegistryAuth {
+        &self.auth
     }
 
     /// The manifest (or index) the reference names.
@@ -459,7 +500,7 @@ fn media_type_of(bytes: &[u8]) -> Option<String> {
 
 /// reqwest is built without a default TLS crypto provider so that one is
 /// chosen here, once: ring, which builds without cmake or a C++ toolchain.
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     // Fails only when a provider is already installed, which is what we want.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

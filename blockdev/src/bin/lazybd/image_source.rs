@@ -19,6 +19,9 @@ pub struct OpenImage {
     pub manifest: ImageManifest,
     /// One per manifest layer, in manifest order.
     pub sources: Vec<Arc<dyn ChunkSource>>,
+    /// The registry client, for images read from a registry (P2P sources
+    /// forward its repository and credentials).
+    pub registry: Option<Arc<RegistryClient>>,
 }
 
 impl OpenImage {
@@ -41,7 +44,11 @@ impl OpenImage {
                             .with_context(|| format!("opening {}", path.display()))?,
                     ));
                 }
-                Ok(OpenImage { manifest, sources })
+                Ok(OpenImage {
+                    manifest,
+                    sources,
+                    registry: None,
+                })
             }
             ImageRef::Registry(reference) => {
                 let client = Arc::new(RegistryClient::new(&reference, &registry.options())?);
@@ -62,7 +69,11 @@ impl OpenImage {
                             as Arc<dyn ChunkSource>
                     })
                     .collect();
-                Ok(OpenImage { manifest, sources })
+                Ok(OpenImage {
+                    manifest,
+                    sources,
+                    registry: Some(client),
+                })
             }
         }
     }

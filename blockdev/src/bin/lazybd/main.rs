@@ -7,6 +7,7 @@ mod inspect;
 mod layers;
 mod mount;
 mod mount_control;
+mod mount_p2p;
 mod pull;
 mod registry_args;
 mod stats;

@@ -43,6 +43,11 @@ pub struct Args {
     read_deadline: u64,
     #[command(flatten)]
     registry: crate::registry_args::RegistryArgs,
+    /// Take part in P2P distribution: the TOML file with the `[p2p]` table
+    /// (super node, peer listen address, timeouts, token, TLS; docs/p2p.md).
+    /// Registry images only.
+    #[arg(long)]
+    p2p_config: Option<PathBuf>,
     /// Internal: the background child; reports readiness on stdout.
     #[arg(long, hide = true)]
     daemon_child: bool,
@@ -81,6 +86,7 @@ fn daemonize(args: &Args) -> Result<()> {
         .arg("--read-deadline")
         .arg(args.read_deadline.to_string())
         .args(args.registry.to_args())
+        .args(args.p2p_config.iter().flat_map(|p| ["--p2p-config".as_ref(), p.as_os_str()]))
         .arg(&args.image)
         .arg(&args.dir)
         .stdin(Stdio::null())
@@ -124,9 +130,12 @@ async fn serve(args: Args) -> Result<()> {
     if mounts::is_mount_point(&target)? {
         bail!("{} is already a mount point", target.display());
     }
-    let layers = OpenImage::open(&args.image, &args.registry)
-        .await?
-        .lazy_layers(&args.image)?;
+    let image = OpenImage::open(&args.image, &args.registry).await?;
+    let mut layers = image.lazy_layers(&args.image)?;
+    let peer = match &args.p2p_config {
+        Some(path) => Some(crate::mount_p2p::start(path, &image, &mut layers).await?),
+        None => None,
+    };
     std::fs::create_dir_all(&state.dir)?;
     let mut config = NodeConfig::new(state.node_root());
     config.fetch.read_deadline = Duration::from_secs(args.read_deadline);
@@ -135,7 +144,9 @@ async fn serve(args: Args) -> Result<()> {
     let mounted = async {
         let mut lowers = Vec::new();
         for layer in layers {
-            lowers.push(manager.attach(layer).await?.mountpoint);
+            let attached = manager.attach(layer).await?;
+            crate::mount_p2p::attached(&peer, &manager, &attached.digest).await;
+            lowers.push(attached.mountpoint);
         }
         lowers.reverse(); // overlayfs wants the top layer first
         mounts::mount_stack(&lowers, &target)?;
@@ -145,6 +156,7 @@ async fn serve(args: Args) -> Result<()> {
     let layer_count = match mounted {
         Ok(n) => n,
         Err(e) => {
+            crate::mount_p2p::shutdown(&peer).await;
             if let Err(e) = manager.shutdown().await {
                 error!("cleaning up after the failed mount: {e}");
             }
@@ -177,7 +189,7 @@ async fn serve(args: Args) -> Result<()> {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                match handle(stream, &args.image, &target, &manager).await {
+                match handle(stream, &args.image, &target, &manager, &peer).await {
                     Ok(Some(stream)) => {
                         // A shutdown request: unmount the stack first; if it is
                         // busy, say so and keep serving.
@@ -204,6 +216,7 @@ async fn serve(args: Args) -> Result<()> {
     }
     drop(listener);
     let _ = std::fs::remove_file(state.socket());
+    crate::mount_p2p::shutdown(&peer).await;
     let result = manager.shutdown().await;
     let _ = std::fs::remove_file(state.dir.join("target"));
     info!("unmounted {}", target.display());
@@ -223,6 +236,7 @@ async fn handle(
     image: &str,
     target: &Path,
     manager: &LayerManager,
+    peer: &Option<std::sync::Arc<lazybd_blockdev::p2p::PeerNode>>,
 ) -> Result<Option<UnixStream>> {
     let mut stream = tokio::io::BufReader::new(stream);
     let mut line = String::new();
@@ -240,6 +254,14 @@ async fn handle(
                 stats: manager.stats(),
             };
             reply(stream, &serde_json::to_string(&status)?).await;
+            Ok(None)
+        }
+        "p2p-stats" => {
+            let text = match peer {
+                Some(p) => serde_json::to_string(&p.stats())?,
+                None => "error: not taking part in P2P".to_owned(),
+            };
+            reply(stream, &text).await;
             Ok(None)
         }
         "shutdown" => Ok(Some(stream)),

@@ -1,0 +1,54 @@
+//! `lazybd mount --p2p-config`: the mount daemon as a P2P peer. Its layers
+//! get the sources peer -> super node -> registry, and once attached they
+//! are served to the peers below this node.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use lazybd_blockdev::device::LayerManager;
+use lazybd_blockdev::layer::LayerSource;
+use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
+use lazybd_blockdev::p2p::{P2pConfig, PeerNode};
+use lazybd_blockdev::source::ChunkSource;
+
+use crate::image_source::OpenImage;
+
+/// Starts the peer and puts the P2P sources in front of each layer's own.
+pub async fn start(
+    config: &Path,
+    image: &OpenImage,
+    layers: &mut [LayerSource],
+) -> Result<Arc<PeerNode>> {
+    let Some(client) = &image.registry else {
+        bail!("--p2p-config needs an image from a registry");
+    };
+    let node = PeerNode::start(P2pConfig::load(config)?).await?;
+    for layer in layers {
+        let mut sources: Vec<Arc<dyn ChunkSource>> = vec![
+            Arc::new(PeerSource::new(node.clone(), &layer.digest)),
+            Arc::new(SupernodeSource::new(
+                node.clone(),
+                client,
+                &layer.digest,
+                layer.blob_size,
+            )),
+        ];
+        sources.append(&mut layer.sources);
+        layer.sources = sources;
+    }
+    Ok(node)
+}
+
+/// Serves an attached layer to other peers.
+pub async fn attached(peer: &Option<Arc<PeerNode>>, manager: &LayerManager, digest: &str) {
+    if let (Some(peer), Some(layer)) = (peer, manager.layer(digest)) {
+        peer.serve_layer(layer).await;
+    }
+}
+
+pub async fn shutdown(peer: &Option<Arc<PeerNode>>) {
+    if let Some(peer) = peer {
+        peer.shutdown().await;
+    }
+}

@@ -1,0 +1,202 @@
+//! The `[p2p]` table of a node's TOML config, and the TLS/token settings
+//! the super node shares with the peers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::P2pError;
+
+/// How a node takes part in P2P distribution.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct P2pConfig {
+    /// The datacenter's super node, `http://host:port` or `https://...`.
+    pub supernode: String,
+    /// Where this node's peer server listens, e.g. `0.0.0.0:7070`.
+    pub listen: SocketAddr,
+    /// `host:port` other peers use to reach this node (default: `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Longest wait for one parent or ancestor peer before the next one up.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub peer_timeout_ms: u64,
+    /// Longest wait for the super node before the registry.
+    #[serde(default = "default_supernode_timeout_ms")]
+    pub supernode_timeout_ms: u64,
+    /// How often the node tells the super node it still holds its blobs; the
+    /// super node forgets it after a few missed heartbeats.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// How many ancestors to try (parent first) before the super node.
+    #[serde(default = "default_max_ancestors")]
+    pub max_ancestors: usize,
+    /// Shared secret: sent in `X-Lazybd-Token` and required from callers.
+    #[serde(default)]
+    pub cluster_token: Option<String>,
+    /// File holding the shared secret (first line), instead of inline.
+    #[serde(default)]
+    pub cluster_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// Shared by the super node and the peers.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    pub cluster_token: Option<String>,
+    pub cluster_token_file: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain this server presents.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA certificates that peers' and the super node's certificates are
+    /// checked against (clients use it as their only trust root).
+    pub ca: PathBuf,
+}
+
+fn default_peer_timeout_ms() -> u64 {
+    3000
+}
+fn default_supernode_timeout_ms() -> u64 {
+    10_000
+}
+fn default_heartbeat_ms() -> u64 {
+    5000
+}
+fn default_max_ancestors() -> usize {
+    3
+}
+
+impl P2pConfig {
+    /// Reads the `[p2p]` table of the TOML file at `path`.
+    pub fn load(path: &Path) -> Result<Self, P2pError> {
+        let text = std::fs::read_to_string(path).map_err(|e| P2pError::Config {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|message| P2pError::Config {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct File {
+            p2p: P2pConfig,
+        }
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        file.p2p.check()?;
+        Ok(file.p2p)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !(self.supernode.starts_with("http://") || self.supernode.starts_with("https://")) {
+            return Err(format!(
+                "supernode {:?}: must be an http:// or https:// URL",
+                self.supernode
+            ));
+        }
+        if self.tls.is_some() != self.supernode.starts_with("https://") {
+            return Err("supernode must be https:// exactly when [p2p.tls] is set".into());
+        }
+        if self.heartbeat_ms == 0 || self.peer_timeout_ms == 0 || self.supernode_timeout_ms == 0 {
+            return Err("timeouts and heartbeat must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub fn security(&self) -> Security {
+        Security {
+            cluster_token: self.cluster_token.clone(),
+            cluster_token_file: self.cluster_token_file.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms)
+    }
+    pub fn supernode_timeout(&self) -> Duration {
+        Duration::from_millis(self.supernode_timeout_ms)
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+}
+
+impl Security {
+    /// The token, read from the file if one is named.
+    pub fn token(&self) -> Result<Option<String>, P2pError> {
+        if let Some(path) = &self.cluster_token_file {
+            let text = std::fs::read_to_string(path).map_err(|e| P2pError::Config {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let token = text.lines().next().unwrap_or("").trim().to_owned();
+            if token.is_empty() {
+                return Err(P2pError::Config {
+                    path: path.clone(),
+                    message: "empty cluster token".into(),
+                });
+            }
+            return Ok(Some(token));
+        }
+        Ok(self.cluster_token.clone().filter(|t| !t.is_empty()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = P2pConfig::parse(
+            r#"
+            [p2p]
+            supernode = "https://10.1.0.1:7443"
+            listen = "0.0.0.0:7070"
+            advertise = "10.1.0.7:7070"
+            peer_timeout_ms = 2000
+            cluster_token_file = "/etc/lazybd/cluster-token"
+            [p2p.tls]
+            cert = "/etc/lazybd/node.pem"
+            key = "/etc/lazybd/node.key"
+            ca = "/etc/lazybd/ca.pem"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.advertised(), "10.1.0.7:7070");
+        assert_eq!(c.peer_timeout(), Duration::from_secs(2));
+        assert_eq!(c.heartbeat(), Duration::from_secs(5));
+        assert!(c.tls.is_some());
+    }
+
+    #[test]
+    fn rejects_https_without_tls_and_unknown_keys() {
+        let e = P2pConfig::parse("[p2p]\nsupernode = \"https://a:1\"\nlisten = \"0.0.0.0:1\"\n")
+            .unwrap_err();
+        assert!(e.contains("https"), "{e}");
+        let e = P2pConfig::parse(
+            "[p2p]\nsupernode = \"http://a:1\"\nlisten = \"0.0.0.0:1\"\nfanout = 3\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("fanout"), "{e}");
+    }
+}

@@ -1,0 +1,55 @@
+//! Peers keep chunks uncompressed (that is what the cache holds), but the
+//! fetcher asks for the blob's stored bytes. A peer rebuilds them: zstd at the
+//! converter's level reproduces the converter's frame byte for byte with the
+//! same zstd; a shorter frame is padded with a zstd skippable frame (which
+//! decoders ignore) to the stored length. Whatever comes out, the receiver
+//! decodes and checks the chunk's sha256, so a rebuild can at worst be
+//! refused, never trusted wrongly.
+
+use crate::format::{ChunkKind, Index, ZSTD_LEVEL};
+
+/// Magic of the first zstd skippable frame type (RFC 8878, 3.1.2).
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+const SKIPPABLE_HEADER: usize = 8;
+
+/// The stored form of chunk `c` from its uncompressed `data`; `None` when no
+/// frame of exactly the stored length can be made.
+pub fn rebuild(index: &Index, c: u64, data: &[u8]) -> Option<Vec<u8>> {
+    let entry = index.chunks.get(c as usize)?;
+    let want = entry.stored_len as usize;
+    match entry.kind {
+        ChunkKind::Raw => (data.len() == want).then(|| data.to_vec()),
+        ChunkKind::Zero => Some(Vec::new()),
+        ChunkKind::Zstd => {
+            let mut frame = zstd::bulk::compress(data, ZSTD_LEVEL).ok()?;
+            if frame.len() == want {
+                return Some(frame);
+            }
+            let pad = want.checked_sub(frame.len())?;
+            if pad < SKIPPABLE_HEADER {
+                return None;
+            }
+            frame.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+            frame.extend_from_slice(&((pad - SKIPPABLE_HEADER) as u32).to_le_bytes());
+            frame.resize(want, 0);
+            Some(frame)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_padded_frame_decodes_to_the_same_data() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let frame = zstd::bulk::compress(&data, ZSTD_LEVEL).unwrap();
+        let mut padded = frame.clone();
+        padded.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+        padded.extend_from_slice(&16u32.to_le_bytes());
+        padded.extend_from_slice(&[0u8; 16]);
+        let out = zstd::bulk::decompress(&padded, data.len()).unwrap();
+        assert_eq!(out, data);
+    }
+}
