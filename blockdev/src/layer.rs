@@ -13,9 +13,10 @@ use std::time::Instant;
 use thiserror::Error;
 use tracing::info;
 
-use crate::cache::{CacheError, ChunkCache};
+use crate::cache::{CacheError, ChunkCache, IMAGE_FILE};
 use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, ReadError};
-use crate::format::{sha256, Footer, Index, Sha256Digest, FOOTER_LEN};
+use crate::format::{sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN};
+use crate::prefetch::PriorityGate;
 use crate::source::ChunkSource;
 use crate::stats::Stats;
 
@@ -66,16 +67,19 @@ pub struct LazyLayer {
     cache: Arc<ChunkCache>,
     fetcher: Arc<ChunkFetcher>,
     stats: Arc<Stats>,
+    config: FetchConfig,
 }
 
 impl LazyLayer {
     /// Opens the layer in `dir`: the saved index if it is valid for this blob,
     /// else the index fetched (and verified) from the sources; then the cache.
+    /// `gate` is the node's priority between reads and prefetches.
     pub async fn open(
         dir: &Path,
         src: LayerSource,
         stats: Arc<Stats>,
         config: FetchConfig,
+        gate: Arc<PriorityGate>,
     ) -> Result<Self, LayerError> {
         let (index, index_digest) = load_index(dir, &src, &config).await?;
         let index = Arc::new(index);
@@ -114,21 +118,59 @@ impl LazyLayer {
             if report.created { ", new" } else { "" },
         );
         let cache = Arc::new(cache);
-        let fetcher = Arc::new(ChunkFetcher::new(
-            &src.digest,
-            index.clone(),
-            cache.clone(),
-            src.sources,
-            stats.clone(),
-            config,
-        ));
+        let fetcher = Arc::new(
+            ChunkFetcher::new(
+                &src.digest,
+                index.clone(),
+                cache.clone(),
+                src.sources,
+                stats.clone(),
+                config.clone(),
+            )
+            .with_gate(gate),
+        );
         Ok(LazyLayer {
             digest: src.digest,
             index,
             cache,
             fetcher,
             stats,
+            config,
         })
+    }
+
+    pub fn fetcher(&self) -> &Arc<ChunkFetcher> {
+        &self.fetcher
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn fetch_config(&self) -> &FetchConfig {
+        &self.config
+    }
+
+    /// Every chunk is in the local cache file (verified when it was stored).
+    pub fn is_complete(&self) -> bool {
+        self.cache.present_count() == self.index.chunk_count()
+    }
+
+    /// The cache file holding the uncompressed image: once the layer is
+    /// complete, a loop device can read it directly.
+    pub fn image_path(&self) -> PathBuf {
+        self.cache.dir().join(IMAGE_FILE)
+    }
+
+    /// Stored (compressed) bytes of the missing chunks in `chunks`: what
+    /// fetching them costs on the network.
+    pub fn missing_stored_bytes(&self, chunks: std::ops::Range<u64>) -> u64 {
+        chunks
+            .filter(|&c| !self.cache.is_present(c))
+            .map(|c| &self.index.chunks[c as usize])
+            .filter(|e| e.kind != ChunkKind::Zero)
+            .map(|e| u64::from(e.stored_len))
+            .sum()
     }
 
     pub fn digest(&self) -> &str {

@@ -7,6 +7,7 @@ pub mod format;
 pub mod layer;
 pub mod oci;
 pub mod p2p;
+pub mod prefetch;
 pub mod registry;
 pub mod source;
 pub mod stats;

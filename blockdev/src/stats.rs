@@ -51,6 +51,65 @@ pub struct Stats {
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
     inflight: Mutex<InFlight>,
+    pub prefetch: PrefetchCounters,
+}
+
+/// Background prefetch and handoff. The priority counters let a test prove
+/// that readers go first without measuring time.
+#[derive(Debug, Default)]
+pub struct PrefetchCounters {
+    /// On-demand fetches started (a reader needed missing chunks).
+    pub demand_fetches: AtomicU64,
+    /// ... of those, while a prefetch job was running on the node.
+    pub demand_fetches_while_prefetching: AtomicU64,
+    /// Reads that waited for a background fetch. Readers never join a
+    /// background fetch, so this stays 0; it is counted where that wait would
+    /// happen, so a change that breaks the rule shows up.
+    pub demand_waited_on_background: AtomicU64,
+    /// Chunks a reader fetched itself although a background fetch had
+    /// claimed them (instead of waiting behind it).
+    pub demand_overtook_background: AtomicU64,
+    /// Background requests sent and the chunks they stored.
+    pub background_fetches: AtomicU64,
+    pub background_chunks: AtomicU64,
+    /// Times a background fetch held back because on-demand fetches ran.
+    pub background_yields: AtomicU64,
+    /// Time background fetches slept for the rate limit, in milliseconds.
+    pub rate_limited_ms: AtomicU64,
+    /// Loop devices switched to the local cache file, and failed attempts.
+    pub handoffs: AtomicU64,
+    pub handoff_failures: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchSnapshot {
+    pub demand_fetches: u64,
+    pub demand_fetches_while_prefetching: u64,
+    pub demand_waited_on_background: u64,
+    pub demand_overtook_background: u64,
+    pub background_fetches: u64,
+    pub background_chunks: u64,
+    pub background_yields: u64,
+    pub rate_limited_ms: u64,
+    pub handoffs: u64,
+    pub handoff_failures: u64,
+}
+
+impl PrefetchCounters {
+    pub fn snapshot(&self) -> PrefetchSnapshot {
+        PrefetchSnapshot {
+            demand_fetches: self.demand_fetches.load(Relaxed),
+            demand_fetches_while_prefetching: self.demand_fetches_while_prefetching.load(Relaxed),
+            demand_waited_on_background: self.demand_waited_on_background.load(Relaxed),
+            demand_overtook_background: self.demand_overtook_background.load(Relaxed),
+            background_fetches: self.background_fetches.load(Relaxed),
+            background_chunks: self.background_chunks.load(Relaxed),
+            background_yields: self.background_yields.load(Relaxed),
+            rate_limited_ms: self.rate_limited_ms.load(Relaxed),
+            handoffs: self.handoffs.load(Relaxed),
+            handoff_failures: self.handoff_failures.load(Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +191,7 @@ impl Stats {
             },
             waiting_reads,
             oldest_waiting_ms,
+            prefetch: self.prefetch.snapshot(),
         }
     }
 }
@@ -184,6 +244,8 @@ pub struct StatsSnapshot {
     /// a growing age means IO is hanging on the network.
     pub waiting_reads: u64,
     pub oldest_waiting_ms: u64,
+    #[serde(default)]
+    pub prefetch: PrefetchSnapshot,
 }
 
 impl StatsSnapshot {

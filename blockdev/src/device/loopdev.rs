@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 const LOOP_CTL_GET_FREE: u8 = 0x82;
 const LOOP_CONFIGURE: u8 = 0x0A;
+const LOOP_CHANGE_FD: u8 = 0x06;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
@@ -60,6 +61,11 @@ nix::ioctl_write_ptr_bad!(
     loop_configure,
     nix::request_code_none!(b'L', LOOP_CONFIGURE),
     LoopConfig
+);
+
+nix::ioctl_write_int_bad!(
+    loop_change_fd,
+    nix::request_code_none!(b'L', LOOP_CHANGE_FD)
 );
 
 /// How many times a free device may be taken by someone else between
@@ -160,8 +166,31 @@ impl LoopDevice {
         &self.path
     }
 
+    /// A second handle on the same device (a dup of our fd), for ioctls off
+    /// the thread that owns this one. The device stays until both are gone.
+    pub fn try_clone(&self) -> io::Result<LoopDevice> {
+        Ok(LoopDevice {
+            path: self.path.clone(),
+            number: self.number,
+            _fd: self._fd.try_clone()?,
+        })
+    }
+
     pub fn number(&self) -> u32 {
         self.number
+    }
+
+    /// Switches the device to another backing file with `LOOP_CHANGE_FD`,
+    /// without disturbing the filesystem mounted on it. The kernel allows
+    /// this only for a read-only device and a new file of exactly the same
+    /// size (else `EINVAL`); in-flight IO is drained first (the queue is
+    /// frozen) and the old file is released.
+    pub fn change_backing(&self, new: &File) -> io::Result<()> {
+        // SAFETY: LOOP_CHANGE_FD takes the new backing fd by value; `new`
+        // stays open for the call and the kernel takes its own reference.
+        unsafe { loop_change_fd(self._fd.as_raw_fd(), new.as_raw_fd()) }
+            .map(|_| ())
+            .map_err(|e| io::Error::other(format!("LOOP_CHANGE_FD {}: {e}", self.path.display())))
     }
 
     /// Sets the device's readahead (the kernel default of 128 KiB splits
@@ -194,10 +223,15 @@ impl LoopDevice {
 
 /// Whether loop device `number` is attached to `backing_name` (as sysfs shows it).
 pub fn is_attached_to(number: u32, backing_name: &Path) -> bool {
-    match std::fs::read_to_string(format!("/sys/block/loop{number}/loop/backing_file")) {
-        Ok(s) => Path::new(s.trim_end()) == backing_name,
-        Err(_) => false,
-    }
+    backing_file(number).is_some_and(|b| b == backing_name)
+}
+
+/// The backing file of loop device `number` as sysfs shows it (the path at
+/// attach time; the kernel's view after `LOOP_CHANGE_FD` too).
+pub fn backing_file(number: u32) -> Option<PathBuf> {
+    std::fs::read_to_string(format!("/sys/block/loop{number}/loop/backing_file"))
+        .ok()
+        .map(|s| PathBuf::from(s.trim_end()))
 }
 
 /// Loop devices whose backing file lies under `dir` (for leak checks).

@@ -13,10 +13,16 @@
 //! step registers its undo, so a failure at any step leaves nothing behind;
 //! detach unmounts EROFS, lets the loop device clear itself, removes the
 //! FUSE file and closes the cache cleanly.
+//!
+//! A layer whose cache is complete is *local*: its loop device reads the
+//! cache's image file directly (switched with `LOOP_CHANGE_FD` once the last
+//! chunk arrived, or attached that way when the cache was complete already),
+//! and FUSE and this process are out of its data path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,12 +30,14 @@ use thiserror::Error;
 use tokio::runtime::Handle;
 use tracing::{error, info, warn};
 
+use super::eviction::{self, EvictionReport};
 use super::fuse::{FuseMount, LayerFiles};
 use super::loopdev::{LoopDevice, LoopOptions};
 use super::mounts;
 use super::undo::Undo;
 use crate::fetch::FetchConfig;
 use crate::layer::{LayerError, LayerSource, LazyLayer};
+use crate::prefetch::{Prefetcher, PriorityGate};
 use crate::stats::{Stats, StatsSnapshot};
 
 /// How long detach waits for the kernel to clear a loop device.
@@ -55,6 +63,9 @@ pub struct NodeConfig {
     pub fuse_threads: usize,
     /// Fault injection for tests: fail the attach right before this step.
     pub fail_attach_at: Option<AttachStep>,
+    /// Bandwidth of all background prefetches together, bytes per second;
+    /// 0 = unlimited. On-demand reads are never limited.
+    pub prefetch_rate: u64,
 }
 
 impl NodeConfig {
@@ -67,6 +78,7 @@ impl NodeConfig {
             read_ahead_kb: 4096,
             fuse_threads: 2,
             fail_attach_at: None,
+            prefetch_rate: 0,
         }
     }
 }
@@ -109,6 +121,8 @@ pub enum DeviceError {
     },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("layer {0} is not attached")]
+    NotAttached(String),
 }
 
 /// What the caller gets back from an attach.
@@ -121,6 +135,29 @@ pub struct AttachedLayer {
     pub image_size: u64,
 }
 
+/// Where an attached layer's data comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerState {
+    /// Through FUSE; missing chunks are fetched when read.
+    #[default]
+    Lazy,
+    /// Through FUSE, and a background prefetch is fetching the rest.
+    Fetching,
+    /// Complete: the loop device reads the local cache file, FUSE is out.
+    Local,
+}
+
+impl LayerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerState::Lazy => "lazy",
+            LayerState::Fetching => "fetching",
+            LayerState::Local => "local",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LayerStatus {
     pub digest: String,
@@ -129,24 +166,51 @@ pub struct LayerStatus {
     pub chunks_present: u64,
     pub chunks_total: u64,
     pub image_size: u64,
+    #[serde(default)]
+    pub state: LayerState,
+    /// The loop device's backing file: the FUSE file, or the cache's image
+    /// file once local.
+    #[serde(default)]
+    pub backing_file: PathBuf,
+}
+
+/// What starting a prefetch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefetchStart {
+    Started,
+    AlreadyRunning,
+    /// Nothing to fetch: the layer is local already.
+    AlreadyLocal,
 }
 
 struct Attached {
     info: AttachedLayer,
     layer: Arc<LazyLayer>,
     loop_dev: LoopDevice,
-    fuse_file: PathBuf,
+    /// What the loop device reads now (the FUSE file, or the image file).
+    backing: PathBuf,
+    local: bool,
     name: String,
+}
+
+/// What the manager shares with its background tasks.
+#[derive(Clone)]
+struct Shared {
+    files: Arc<LayerFiles>,
+    layers: Arc<Mutex<HashMap<String, Attached>>>,
+    /// Serialises attach, detach, handoff and eviction, which span awaits.
+    ops: Arc<tokio::sync::Mutex<()>>,
+    stats: Arc<Stats>,
 }
 
 pub struct LayerManager {
     config: NodeConfig,
-    files: Arc<LayerFiles>,
+    shared: Shared,
     fuse: Mutex<Option<FuseMount>>,
-    layers: Arc<Mutex<HashMap<String, Attached>>>,
-    /// Serialises attach and detach, which span awaits.
-    ops: tokio::sync::Mutex<()>,
-    stats: Arc<Stats>,
+    gate: Arc<PriorityGate>,
+    prefetcher: Arc<Prefetcher>,
+    /// Running (or finished) prefetch jobs by digest.
+    jobs: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     persister: tokio::task::JoinHandle<()>,
 }
 
@@ -167,21 +231,110 @@ impl LayerManager {
         let files = LayerFiles::new(Handle::current());
         let fuse = FuseMount::mount(&root.join("fuse"), files.clone(), config.fuse_threads)
             .map_err(setup)?;
-        let layers: Arc<Mutex<HashMap<String, Attached>>> = Arc::default();
+        let shared = Shared {
+            files,
+            layers: Arc::default(),
+            ops: Arc::default(),
+            stats: Arc::new(Stats::default()),
+        };
         let persister = tokio::spawn(persist_periodically(
-            layers.clone(),
+            shared.clone(),
             config.persist_interval,
         ));
+        let gate = PriorityGate::new();
+        let prefetcher = Prefetcher::new(gate.clone(), config.prefetch_rate);
         info!("lazy layer manager ready at {}", root.display());
         Ok(LayerManager {
             config,
-            files,
+            shared,
             fuse: Mutex::new(Some(fuse)),
-            layers,
-            ops: tokio::sync::Mutex::new(()),
-            stats: Arc::new(Stats::default()),
+            gate,
+            prefetcher,
+            jobs: Mutex::default(),
             persister,
         })
+    }
+
+    /// Changes the prefetch bandwidth limit (bytes/s, 0 = unlimited).
+    pub fn set_prefetch_rate(&self, rate: u64) {
+        self.prefetcher.limiter.set_rate(rate);
+    }
+
+    /// Starts fetching every missing chunk of an attached layer in the
+    /// background (on-demand reads go first); when it is complete, the loop
+    /// device is switched to the local cache file.
+    pub fn prefetch(&self, digest: &str) -> Result<PrefetchStart, DeviceError> {
+        let layer = {
+            let layers = self.shared.layers.lock().unwrap_or_else(|e| e.into_inner());
+            let a = layers
+                .get(digest)
+                .ok_or_else(|| DeviceError::NotAttached(digest.to_owned()))?;
+            if a.local {
+                return Ok(PrefetchStart::AlreadyLocal);
+            }
+            a.layer.clone()
+        };
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if jobs.get(digest).is_some_and(|h| !h.is_finished()) {
+            return Ok(PrefetchStart::AlreadyRunning);
+        }
+        let (prefetcher, shared, d) = (
+            self.prefetcher.clone(),
+            self.shared.clone(),
+            digest.to_owned(),
+        );
+        info!("layer {digest}: background prefetch started");
+        jobs.insert(
+            digest.to_owned(),
+            tokio::spawn(async move {
+                match prefetcher.run(&layer).await {
+                    Ok(()) => {
+                        drop(layer);
+                        handoff(&shared, &d).await;
+                    }
+                    Err(e) => error!("{e}"),
+                }
+            }),
+        );
+        Ok(PrefetchStart::Started)
+    }
+
+    /// Stops the layer's prefetch job, if any, and waits (bounded) until it
+    /// has let go of the layer.
+    async fn stop_prefetch(&self, digest: &str) {
+        let job = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
+        if let Some(job) = job {
+            job.abort();
+            if tokio::time::timeout(LOOP_CLEAR_WAIT, job).await.is_err() {
+                warn!("layer {digest}: prefetch job did not stop within {LOOP_CLEAR_WAIT:?}");
+            }
+        }
+    }
+
+    /// Removes the caches of detached layers, least recently used first,
+    /// until all caches together take at most `capacity` bytes. Caches of
+    /// attached layers are never touched (they may exceed the capacity).
+    pub async fn evict_caches(&self, capacity: u64) -> EvictionReport {
+        let _op = self.shared.ops.lock().await;
+        let attached: HashSet<String> = self
+            .shared
+            .layers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|a| a.name.clone())
+            .collect();
+        let dir = self.config.root.join("layers");
+        tokio::task::spawn_blocking(move || eviction::evict(&dir, &attached, capacity))
+            .await
+            .unwrap_or_else(|e| {
+                warn!("cache eviction task failed: {e}");
+                EvictionReport::default()
+            })
     }
 
     pub fn root(&self) -> &Path {
@@ -189,18 +342,23 @@ impl LayerManager {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
+        self.shared.stats.snapshot()
+    }
+
+    pub fn gate(&self) -> &Arc<PriorityGate> {
+        &self.gate
     }
 
     /// The attached layer itself: the P2P peer server reads and relays
     /// chunks through it.
     pub fn layer(&self, digest: &str) -> Option<Arc<LazyLayer>> {
-        let layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        let layers = self.shared.layers.lock().unwrap_or_else(|e| e.into_inner());
         layers.get(digest).map(|a| a.layer.clone())
     }
 
     pub fn layers(&self) -> Vec<LayerStatus> {
-        let layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let layers = self.shared.layers.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<LayerStatus> = layers
             .values()
             .map(|a| LayerStatus {
@@ -210,6 +368,14 @@ impl LayerManager {
                 chunks_present: a.layer.chunks_present(),
                 chunks_total: a.layer.index().chunk_count(),
                 image_size: a.info.image_size,
+                state: if a.local {
+                    LayerState::Local
+                } else if jobs.get(&a.info.digest).is_some_and(|h| !h.is_finished()) {
+                    LayerState::Fetching
+                } else {
+                    LayerState::Lazy
+                },
+                backing_file: a.backing.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.digest.cmp(&b.digest));
@@ -218,9 +384,10 @@ impl LayerManager {
 
     /// Attaches the layer (idempotent: an attached layer is returned as is).
     pub async fn attach(&self, src: LayerSource) -> Result<AttachedLayer, DeviceError> {
-        let _op = self.ops.lock().await;
+        let _op = self.shared.ops.lock().await;
         let digest = src.digest.clone();
         if let Some(a) = self
+            .shared
             .layers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -233,14 +400,15 @@ impl LayerManager {
             LazyLayer::open(
                 &self.config.root.join("layers").join(&name),
                 src,
-                self.stats.clone(),
+                self.shared.stats.clone(),
                 self.config.fetch.clone(),
+                self.gate.clone(),
             )
             .await?,
         );
         let exposing = Exposing {
             config: self.config.clone(),
-            files: self.files.clone(),
+            files: self.shared.files.clone(),
             name: name.clone(),
             layer: layer.clone(),
         };
@@ -252,12 +420,18 @@ impl LayerManager {
         match exposed {
             Ok(attached) => {
                 let info = attached.info.clone();
-                self.layers
+                let how = if attached.local {
+                    "the local cache file"
+                } else {
+                    "FUSE"
+                };
+                self.shared
+                    .layers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(digest.clone(), attached);
                 info!(
-                    "attached layer {digest} at {} via {}",
+                    "attached layer {digest} at {} via {} on {how}",
                     info.mountpoint.display(),
                     info.loop_device.display()
                 );
@@ -273,8 +447,10 @@ impl LayerManager {
     /// Unmounts and forgets the layer; its cache stays for a later attach.
     /// Detaching an unknown layer is a no-op.
     pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
-        let _op = self.ops.lock().await;
+        self.stop_prefetch(digest).await;
+        let _op = self.shared.ops.lock().await;
         let Some(attached) = self
+            .shared
             .layers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -282,7 +458,7 @@ impl LayerManager {
         else {
             return Ok(());
         };
-        let files = self.files.clone();
+        let files = self.shared.files.clone();
         let result = tokio::task::spawn_blocking(move || teardown(attached, &files))
             .await
             .map_err(|e| DeviceError::Task(e.to_string()))?;
@@ -293,7 +469,8 @@ impl LayerManager {
             }
             Err((e, Some(still_mounted))) => {
                 // Busy: it stays attached and can be detached again later.
-                self.layers
+                self.shared
+                    .layers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(digest.to_owned(), still_mounted);
@@ -306,6 +483,7 @@ impl LayerManager {
     /// Detaches every layer and unmounts the FUSE directory.
     pub async fn shutdown(self) -> Result<(), DeviceError> {
         let digests: Vec<String> = self
+            .shared
             .layers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -336,7 +514,11 @@ impl Drop for LayerManager {
     /// an early return): lazily unmount everything so nothing stays mounted.
     fn drop(&mut self) {
         self.persister.abort();
-        let layers = std::mem::take(&mut *self.layers.lock().unwrap_or_else(|e| e.into_inner()));
+        for (_, job) in self.jobs.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            job.abort();
+        }
+        let layers =
+            std::mem::take(&mut *self.shared.layers.lock().unwrap_or_else(|e| e.into_inner()));
         for (_, a) in layers {
             let _ = mounts::unmount(&a.info.mountpoint, true);
             drop(a.loop_dev);
@@ -378,23 +560,31 @@ impl Exposing {
             _ => Ok(()),
         };
         let mut undo = Undo::new();
+        // A complete cache needs neither FUSE nor this process: the loop
+        // device reads the image file (every chunk in it was verified when
+        // stored, or re-hashed when the cache was opened after a crash).
+        let local = self.layer.is_complete();
 
         inject(AttachStep::FuseFile)?;
-        self.files
-            .add(&self.name, self.layer.clone())
-            .map_err(step_err("add FUSE file"))?;
-        let (files, name) = (self.files.clone(), self.name.clone());
-        undo.push("remove FUSE file", move || files.remove(&name));
+        let backing_path = if local {
+            self.layer.image_path()
+        } else {
+            self.files
+                .add(&self.name, self.layer.clone())
+                .map_err(step_err("add FUSE file"))?;
+            let (files, name) = (self.files.clone(), self.name.clone());
+            undo.push("remove FUSE file", move || files.remove(&name));
+            self.config.root.join("fuse").join(&self.name)
+        };
 
         inject(AttachStep::Loop)?;
-        let fuse_file = self.config.root.join("fuse").join(&self.name);
-        let backing = File::open(&fuse_file).map_err(step_err("open FUSE file"))?;
+        let backing = File::open(&backing_path).map_err(step_err("open backing file"))?;
         let image_size = self.layer.image_size();
         let opts = LoopOptions {
             direct_io: self.config.loop_direct_io,
             block_size: if image_size % 4096 == 0 { 4096 } else { 512 },
         };
-        let loop_dev = LoopDevice::attach(&backing, &fuse_file, opts)
+        let loop_dev = LoopDevice::attach(&backing, &backing_path, opts)
             .map_err(step_err("attach loop device"))?;
         drop(backing);
         if self.config.read_ahead_kb > 0 {
@@ -406,7 +596,7 @@ impl Exposing {
         // Until the attach is committed the loop device is ours to release;
         // the undo closure gets it back through this slot.
         let slot = Arc::new(Mutex::new(Some(loop_dev)));
-        let (undo_slot, undo_file) = (slot.clone(), fuse_file.clone());
+        let (undo_slot, undo_file) = (slot.clone(), backing_path.clone());
         undo.push("release loop device", move || {
             if let Some(dev) = undo_slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 dev.release(&undo_file, LOOP_CLEAR_WAIT);
@@ -442,7 +632,8 @@ impl Exposing {
             },
             layer: self.layer,
             loop_dev,
-            fuse_file,
+            backing: backing_path,
+            local,
             name: self.name,
         })
     }
@@ -460,7 +651,7 @@ fn teardown(a: Attached, files: &LayerFiles) -> Result<(), Box<(DeviceError, Opt
         return Err(Box::new((err, Some(a))));
     }
     let _ = std::fs::remove_dir(&a.info.mountpoint);
-    let cleared = a.loop_dev.release(&a.fuse_file, LOOP_CLEAR_WAIT);
+    let cleared = a.loop_dev.release(&a.backing, LOOP_CLEAR_WAIT);
     files.remove(&a.name);
     close_layer(a.layer);
     if !cleared {
@@ -494,17 +685,73 @@ fn close_layer(layer: Arc<LazyLayer>) {
     }
 }
 
-async fn persist_periodically(layers: Arc<Mutex<HashMap<String, Attached>>>, every: Duration) {
+/// Switches a complete layer's loop device from its FUSE file to the cache's
+/// image file (`LOOP_CHANGE_FD`: the device is read-only and both files have
+/// the image's size), then removes the FUSE file. Failures are logged and
+/// counted; the layer simply stays on FUSE.
+async fn handoff(shared: &Shared, digest: &str) {
+    let _op = shared.ops.lock().await;
+    let found = {
+        let layers = shared.layers.lock().unwrap_or_else(|e| e.into_inner());
+        layers
+            .get(digest)
+            .filter(|a| !a.local && a.layer.is_complete())
+            .map(|a| (a.layer.clone(), a.loop_dev.try_clone()))
+    };
+    let Some((layer, dev)) = found else { return };
+    let counters = &shared.stats.prefetch;
+    let image = layer.image_path();
+    let path = image.clone();
+    // Durable first: after the switch the file is the layer, also for the
+    // next process that attaches it.
+    let switched = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let dev = dev.map_err(|e| format!("duplicating the loop device fd: {e}"))?;
+        layer.persist().map_err(|e| e.to_string())?;
+        let file = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        dev.change_backing(&file).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match switched {
+        Ok(()) => {
+            let mut layers = shared.layers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(a) = layers.get_mut(digest) {
+                a.backing = image;
+                a.local = true;
+                // The kernel released it at the switch; no reader is left.
+                shared.files.remove(&a.name);
+            }
+            counters.handoffs.fetch_add(1, Relaxed);
+            info!("layer {digest}: complete; loop device now reads the local cache file");
+        }
+        Err(e) => {
+            counters.handoff_failures.fetch_add(1, Relaxed);
+            warn!("layer {digest}: handoff to the local cache file failed, staying on FUSE: {e}");
+        }
+    }
+}
+
+async fn persist_periodically(shared: Shared, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let open: Vec<Arc<LazyLayer>> = layers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|a| a.layer.clone())
-            .collect();
+        let (open, complete): (Vec<Arc<LazyLayer>>, Vec<String>) = {
+            let layers = shared.layers.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                layers.values().map(|a| a.layer.clone()).collect(),
+                layers
+                    .iter()
+                    .filter(|(_, a)| !a.local && a.layer.is_complete())
+                    .map(|(d, _)| d.clone())
+                    .collect(),
+            )
+        };
+        // Reads alone can complete a layer, too.
+        for digest in complete {
+            handoff(&shared, &digest).await;
+        }
         let _ = tokio::task::spawn_blocking(move || {
             for layer in open {
                 if let Err(e) = layer.persist() {

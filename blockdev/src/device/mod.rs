@@ -3,10 +3,14 @@
 //! the loop device. [`LayerManager`] is the API the snapshotter and `lazybd
 //! mount` use.
 
+pub mod eviction;
 pub mod fuse;
 pub mod loopdev;
 mod manager;
 pub mod mounts;
 mod undo;
 
-pub use manager::{AttachStep, AttachedLayer, DeviceError, LayerManager, LayerStatus, NodeConfig};
+pub use manager::{
+    AttachStep, AttachedLayer, DeviceError, LayerManager, LayerState, LayerStatus, NodeConfig,
+    PrefetchStart,
+};

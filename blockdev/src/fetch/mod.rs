@@ -26,6 +26,7 @@ pub use verified_range::read_verified;
 
 use crate::cache::{CacheError, ChunkCache};
 use crate::format::Index;
+use crate::prefetch::PriorityGate;
 use crate::source::ChunkSource;
 use crate::stats::{SourceCounters, Stats};
 
@@ -79,6 +80,15 @@ pub enum ReadError {
 
 type FlightResult = Option<Result<(), Arc<FetchError>>>;
 
+/// A fetch in progress, as the chunks it claimed see it.
+#[derive(Clone)]
+struct Flight {
+    rx: watch::Receiver<FlightResult>,
+    /// A prefetch's fetch: readers do not wait for it (they fetch the chunk
+    /// themselves), so background work never delays a read.
+    background: bool,
+}
+
 /// A source together with its counters.
 struct Slot {
     source: Arc<dyn ChunkSource>,
@@ -93,7 +103,9 @@ pub struct ChunkFetcher {
     stats: Arc<Stats>,
     config: FetchConfig,
     /// Chunks being fetched right now, each mapped to its fetch's outcome.
-    inflight: Mutex<HashMap<u64, watch::Receiver<FlightResult>>>,
+    inflight: Mutex<HashMap<u64, Flight>>,
+    /// Shared by the node's fetchers: background fetches yield to on-demand ones.
+    gate: Arc<PriorityGate>,
 }
 
 impl ChunkFetcher {
@@ -120,7 +132,18 @@ impl ChunkFetcher {
             stats,
             config,
             inflight: Mutex::new(HashMap::new()),
+            gate: PriorityGate::new(),
         }
+    }
+
+    /// Uses the node's priority gate instead of a private one.
+    pub fn with_gate(mut self, gate: Arc<PriorityGate>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    pub fn gate(&self) -> &Arc<PriorityGate> {
+        &self.gate
     }
 
     /// Returns once every chunk in `chunks` is present in the cache, or fails
@@ -142,7 +165,13 @@ impl ChunkFetcher {
             .fetch_add(missing.len() as u64, Relaxed);
         let _waiting = self.stats.waiting_read();
         let deadline = Instant::now() + self.config.read_deadline;
-        for mut flight in self.join_or_start(&missing) {
+        let flights = self.join_or_start(&missing);
+        let behind_background = flights.iter().filter(|f| f.background).count() as u64;
+        self.stats
+            .prefetch
+            .demand_waited_on_background
+            .fetch_add(behind_background, Relaxed);
+        for Flight { rx: mut flight, .. } in flights {
             match timeout_at(deadline, flight.wait_for(Option::is_some)).await {
                 Ok(Ok(outcome)) => {
                     if let Some(Err(e)) = &*outcome {
@@ -172,8 +201,9 @@ impl ChunkFetcher {
 
     /// Joins the fetches already running for some of `missing` and starts one
     /// fetch per run of adjacent chunks nobody fetches yet.
-    fn join_or_start(self: &Arc<Self>, missing: &[u64]) -> Vec<watch::Receiver<FlightResult>> {
-        let mut flights: Vec<watch::Receiver<FlightResult>> = Vec::new();
+    fn join_or_start(self: &Arc<Self>, missing: &[u64]) -> Vec<Flight> {
+        let counters = &self.stats.prefetch;
+        let mut flights: Vec<Flight> = Vec::new();
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         let mut unclaimed = Vec::new();
         for &c in missing {
@@ -183,9 +213,16 @@ impl ChunkFetcher {
                 continue;
             }
             match inflight.get(&c) {
-                Some(rx) => {
-                    if !flights.iter().any(|f| f.same_channel(rx)) {
-                        flights.push(rx.clone());
+                // Never queue behind a prefetch (it may be about to be rate
+                // limited or yield): fetch the chunk now; storing the same
+                // verified bytes twice is harmless.
+                Some(f) if f.background => {
+                    counters.demand_overtook_background.fetch_add(1, Relaxed);
+                    unclaimed.push(c);
+                }
+                Some(f) => {
+                    if !flights.iter().any(|g| g.rx.same_channel(&f.rx)) {
+                        flights.push(f.clone());
                     }
                 }
                 None => unclaimed.push(c),
@@ -194,13 +231,79 @@ impl ChunkFetcher {
         for run in self.runs(&unclaimed) {
             let (tx, rx) = watch::channel(None);
             for &c in &run {
-                inflight.insert(c, rx.clone());
+                inflight.insert(
+                    c,
+                    Flight {
+                        rx: rx.clone(),
+                        background: false,
+                    },
+                );
             }
-            flights.push(rx);
+            flights.push(Flight {
+                rx,
+                background: false,
+            });
+            counters.demand_fetches.fetch_add(1, Relaxed);
+            if self.gate.prefetching() {
+                counters
+                    .demand_fetches_while_prefetching
+                    .fetch_add(1, Relaxed);
+            }
+            // Active from the claim on, so a prefetch checking the gate
+            // after this point holds back.
+            let demand = self.gate.demand();
             let fetcher = self.clone();
-            tokio::spawn(async move { fetcher.fetch_run(run, tx).await });
+            tokio::spawn(async move {
+                let _demand = demand;
+                fetcher.fetch_run(run, tx).await
+            });
         }
         flights
+    }
+
+    /// Fetches the missing chunks of `chunks` that nobody is fetching, as
+    /// background work: the caller has waited for the gate and the rate
+    /// limit. Readers that need one of these chunks meanwhile fetch it
+    /// themselves. Returns the chunks this call stored.
+    pub async fn fetch_background(
+        self: &Arc<Self>,
+        chunks: Range<u64>,
+    ) -> Result<u64, Arc<FetchError>> {
+        let (tx, rx) = watch::channel(None);
+        let claimed: Vec<u64> = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let claimed: Vec<u64> = chunks
+                .filter(|c| !self.cache.is_present(*c) && !inflight.contains_key(c))
+                .collect();
+            for &c in &claimed {
+                inflight.insert(
+                    c,
+                    Flight {
+                        rx: rx.clone(),
+                        background: true,
+                    },
+                );
+            }
+            claimed
+        };
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let counters = &self.stats.prefetch;
+        counters.background_fetches.fetch_add(1, Relaxed);
+        let guard = FlightGuard {
+            fetcher: self,
+            chunks: &claimed,
+            rx: &rx,
+        };
+        let result = self.fetch_chunks(claimed.clone()).await;
+        drop(guard);
+        let _ = tx.send(Some(Ok(())));
+        result.map_err(Arc::new)?;
+        counters
+            .background_chunks
+            .fetch_add(claimed.len() as u64, Relaxed);
+        Ok(claimed.len() as u64)
     }
 
     /// Splits sorted chunk numbers into runs of consecutive chunks whose
@@ -224,9 +327,11 @@ impl ChunkFetcher {
     async fn fetch_run(self: Arc<Self>, run: Vec<u64>, tx: watch::Sender<FlightResult>) {
         // Leaves the in-flight map even if this task panics, so later readers
         // start a new fetch instead of joining a dead one.
+        let rx = tx.subscribe();
         let guard = FlightGuard {
             fetcher: &self,
             chunks: &run,
+            rx: &rx,
         };
         let result = self.fetch_chunks(run.clone()).await;
         if let Err(e) = &result {
@@ -454,6 +559,9 @@ fn describe(reports: &[SourceReport]) -> String {
 struct FlightGuard<'a> {
     fetcher: &'a ChunkFetcher,
     chunks: &'a [u64],
+    /// Only this flight's entries go: a reader may have replaced a
+    /// background claim with its own fetch.
+    rx: &'a watch::Receiver<FlightResult>,
 }
 
 impl Drop for FlightGuard<'_> {
@@ -464,7 +572,9 @@ impl Drop for FlightGuard<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         for c in self.chunks {
-            inflight.remove(c);
+            if inflight.get(c).is_some_and(|f| f.rx.same_channel(self.rx)) {
+                inflight.remove(c);
+            }
         }
     }
 }

@@ -41,6 +41,14 @@ pub struct Args {
     /// down) fail with EIO instead of hanging.
     #[arg(long, default_value_t = 60)]
     read_deadline: u64,
+    /// Fetch every layer fully in the background (reads go first); each
+    /// complete layer's loop device then reads the local cache file, so
+    /// its reads no longer depend on this process.
+    #[arg(long)]
+    prefetch: bool,
+    /// Bandwidth of the background prefetch in bytes per second; 0 = unlimited.
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    prefetch_rate: u64,
     #[command(flatten)]
     registry: crate::registry_args::RegistryArgs,
     /// Take part in P2P distribution: the TOML file with the `[p2p]` table
@@ -85,8 +93,15 @@ fn daemonize(args: &Args) -> Result<()> {
         .arg(&args.root)
         .arg("--read-deadline")
         .arg(args.read_deadline.to_string())
+        .arg("--prefetch-rate")
+        .arg(args.prefetch_rate.to_string())
+        .args(args.prefetch.then_some("--prefetch"))
         .args(args.registry.to_args())
-        .args(args.p2p_config.iter().flat_map(|p| ["--p2p-config".as_ref(), p.as_os_str()]))
+        .args(
+            args.p2p_config
+                .iter()
+                .flat_map(|p| ["--p2p-config".as_ref(), p.as_os_str()]),
+        )
         .arg(&args.image)
         .arg(&args.dir)
         .stdin(Stdio::null())
@@ -139,6 +154,7 @@ async fn serve(args: Args) -> Result<()> {
     std::fs::create_dir_all(&state.dir)?;
     let mut config = NodeConfig::new(state.node_root());
     config.fetch.read_deadline = Duration::from_secs(args.read_deadline);
+    config.prefetch_rate = args.prefetch_rate;
     let manager = LayerManager::new(config)?;
 
     let mounted = async {
@@ -146,6 +162,9 @@ async fn serve(args: Args) -> Result<()> {
         for layer in layers {
             let attached = manager.attach(layer).await?;
             crate::mount_p2p::attached(&peer, &manager, &attached.digest).await;
+            if args.prefetch {
+                manager.prefetch(&attached.digest)?;
+            }
             lowers.push(attached.mountpoint);
         }
         lowers.reverse(); // overlayfs wants the top layer first

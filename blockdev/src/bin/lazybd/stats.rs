@@ -35,11 +35,13 @@ pub fn run(args: Args) -> Result<()> {
     println!("layers:");
     for l in &s.layers {
         println!(
-            "  {}  {}/{} chunks cached  {}  {}",
+            "  {}  {:<8} {}/{} chunks cached  {} on {}  {}",
             l.digest,
+            l.state.as_str(),
             l.chunks_present,
             l.chunks_total,
             l.loop_device.display(),
+            l.backing_file.display(),
             l.mountpoint.display()
         );
     }
@@ -58,6 +60,22 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "waiting reads: {} (oldest {} ms)",
         st.waiting_reads, st.oldest_waiting_ms
+    );
+    let p = &st.prefetch;
+    println!(
+        "prefetch: {} background requests ({} chunks), {} yields to reads, {} ms rate limited; \
+         reads: {} fetches ({} during a prefetch, {} overtook it, {} waited on it); \
+         {} handoffs to local files ({} failed)",
+        p.background_fetches,
+        p.background_chunks,
+        p.background_yields,
+        p.rate_limited_ms,
+        p.demand_fetches,
+        p.demand_fetches_while_prefetching,
+        p.demand_overtook_background,
+        p.demand_waited_on_background,
+        p.handoffs,
+        p.handoff_failures
     );
     println!("read latency:");
     let h = &st.read_latency;

@@ -48,7 +48,14 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(state.socket());
-    let left = loopdev::attached_under(&state.dir);
+    // After a lazy unmount the kernel clears autoclear loop devices once the
+    // filesystem on them is gone, which can take a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut left = loopdev::attached_under(&state.dir);
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        left = loopdev::attached_under(&state.dir);
+    }
     if !left.is_empty() {
         bail!(
             "loop devices still attached to {}: {left:?}",

@@ -1,0 +1,129 @@
+//! The priority between on-demand and background fetches of one node.
+//!
+//! On-demand fetches (a reader is waiting) mark themselves active for as
+//! long as they run; background fetches wait until none is active before
+//! each request. A reader never waits for a background fetch: if it needs a
+//! chunk a background fetch has claimed, it fetches the chunk itself at once
+//! (see `ChunkFetcher`), so the two never queue behind each other.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+#[derive(Debug, Default)]
+pub struct PriorityGate {
+    demand_active: AtomicUsize,
+    /// Prefetch jobs running (for the "demand while prefetching" counter).
+    jobs_active: AtomicUsize,
+    idle: Notify,
+}
+
+impl PriorityGate {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Marks an on-demand fetch as running until the guard is dropped.
+    pub fn demand(self: &Arc<Self>) -> DemandGuard {
+        self.demand_active.fetch_add(1, Ordering::AcqRel);
+        DemandGuard { gate: self.clone() }
+    }
+
+    pub fn demand_active(&self) -> usize {
+        self.demand_active.load(Ordering::Acquire)
+    }
+
+    /// Whether a background prefetch job is running on this node.
+    pub fn prefetching(&self) -> bool {
+        self.jobs_active.load(Ordering::Acquire) > 0
+    }
+
+    /// Marks a prefetch job as running until the guard is dropped.
+    pub fn job(self: &Arc<Self>) -> JobGuard {
+        self.jobs_active.fetch_add(1, Ordering::AcqRel);
+        JobGuard { gate: self.clone() }
+    }
+
+    /// Waits until no on-demand fetch runs, at most `limit`. Returns whether
+    /// it had to wait at all (a yield) and whether the gate is idle now.
+    pub async fn wait_idle(&self, limit: Duration) -> (bool, bool) {
+        let mut waited = false;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Registered before the check, so a guard dropped in between
+            // still wakes us.
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.demand_active() == 0 {
+                return (waited, true);
+            }
+            waited = true;
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return (waited, self.demand_active() == 0);
+            }
+        }
+    }
+}
+
+pub struct DemandGuard {
+    gate: Arc<PriorityGate>,
+}
+
+impl Drop for DemandGuard {
+    fn drop(&mut self) {
+        if self.gate.demand_active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.gate.idle.notify_waiters();
+        }
+    }
+}
+
+pub struct JobGuard {
+    gate: Arc<PriorityGate>,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        self.gate.jobs_active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn background_waits_until_demand_is_done() {
+        let gate = PriorityGate::new();
+        assert_eq!(gate.wait_idle(Duration::from_secs(1)).await, (false, true));
+        let a = gate.demand();
+        let b = gate.demand();
+        let g = gate.clone();
+        let waiter = tokio::spawn(async move { g.wait_idle(Duration::from_secs(3600)).await });
+        tokio::task::yield_now().await;
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one demand fetch still runs");
+        drop(b);
+        assert_eq!(waiter.await.unwrap(), (true, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_is_bounded() {
+        let gate = PriorityGate::new();
+        let _busy = gate.demand();
+        assert_eq!(gate.wait_idle(Duration::from_secs(5)).await, (true, false));
+    }
+
+    #[test]
+    fn jobs_are_counted() {
+        let gate = PriorityGate::new();
+        assert!(!gate.prefetching());
+        let j = gate.job();
+        assert!(gate.prefetching());
+        drop(j);
+        assert!(!gate.prefetching());
+    }
+}

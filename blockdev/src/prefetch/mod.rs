@@ -1,0 +1,140 @@
+//! Background full prefetch of a layer: every missing chunk, in order, at
+//! low priority. Before each request the job waits until no on-demand fetch
+//! runs on the node ([`PriorityGate`]) and until the node's rate limit
+//! allows the bytes ([`RateLimiter`]); readers that need a chunk the job has
+//! claimed fetch it themselves instead of waiting.
+
+mod gate;
+mod rate;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+pub use gate::{DemandGuard, JobGuard, PriorityGate};
+pub use rate::{RateLimiter, TokenBucket};
+
+use crate::fetch::FetchError;
+use crate::layer::LazyLayer;
+
+/// Chunks per background request at most (also bounded by the fetcher's
+/// `max_request_bytes`): small requests let readers in between.
+const CHUNKS_PER_REQUEST: u64 = 4;
+/// After this long waiting for on-demand fetches, log and keep waiting.
+const YIELD_LOG_AFTER: Duration = Duration::from_secs(60);
+/// A failing prefetch is retried this many times (with the fetcher's own
+/// retries and deadline inside each) before the job gives up.
+const PASSES: u32 = 3;
+
+#[derive(Debug, Error)]
+pub enum PrefetchError {
+    #[error("prefetch of layer {layer} gave up after {PASSES} passes: {source}")]
+    Failed {
+        layer: String,
+        #[source]
+        source: Arc<FetchError>,
+    },
+}
+
+/// Shared by every prefetch job of a node.
+#[derive(Debug)]
+pub struct Prefetcher {
+    pub gate: Arc<PriorityGate>,
+    pub limiter: RateLimiter,
+}
+
+impl Prefetcher {
+    /// `rate` in bytes per second for all background fetches together; 0 = unlimited.
+    pub fn new(gate: Arc<PriorityGate>, rate: u64) -> Arc<Self> {
+        Arc::new(Prefetcher {
+            gate,
+            limiter: RateLimiter::new(rate),
+        })
+    }
+
+    /// Fetches every missing chunk of `layer`; returns when the cache is
+    /// complete. Cancel it by dropping (aborting) the task.
+    pub async fn run(&self, layer: &LazyLayer) -> Result<(), PrefetchError> {
+        let _job = self.gate.job();
+        let total = layer.index().chunk_count();
+        let mut last_err = None;
+        for pass in 0..PASSES {
+            let mut next = 0;
+            while next < total {
+                let window = self.window(layer, next, total);
+                next = window.end;
+                let missing = layer.missing_stored_bytes(window.clone());
+                if missing == 0 {
+                    continue;
+                }
+                let waited = self.limiter.acquire(missing).await;
+                let counters = &layer.stats().prefetch;
+                counters
+                    .rate_limited_ms
+                    .fetch_add(waited.as_millis() as u64, Relaxed);
+                self.yield_to_demand(layer).await;
+                if let Err(e) = layer.fetcher().fetch_background(window).await {
+                    warn!(
+                        "prefetch of layer {} (pass {}): {e}; continuing",
+                        layer.digest(),
+                        pass + 1
+                    );
+                    last_err = Some(e);
+                }
+            }
+            if layer.chunks_present() == total {
+                info!("prefetch of layer {} complete", layer.digest());
+                return Ok(());
+            }
+        }
+        Err(PrefetchError::Failed {
+            layer: layer.digest().to_owned(),
+            source: last_err.unwrap_or_else(|| {
+                Arc::new(FetchError::Aborted {
+                    layer: layer.digest().to_owned(),
+                    first: 0,
+                    last: total.saturating_sub(1),
+                })
+            }),
+        })
+    }
+
+    /// Chunks `start..end` for one request: up to [`CHUNKS_PER_REQUEST`] and
+    /// the fetcher's request size.
+    fn window(&self, layer: &LazyLayer, start: u64, total: u64) -> std::ops::Range<u64> {
+        let max_bytes = layer.fetch_config().max_request_bytes;
+        let index = layer.index();
+        let first = index.chunks[start as usize].offset;
+        let mut end = start + 1;
+        while end < total
+            && end - start < CHUNKS_PER_REQUEST
+            && index.chunks[end as usize].stored_range().end - first <= max_bytes
+        {
+            end += 1;
+        }
+        start..end
+    }
+
+    async fn yield_to_demand(&self, layer: &LazyLayer) {
+        loop {
+            let (waited, idle) = self.gate.wait_idle(YIELD_LOG_AFTER).await;
+            if waited {
+                layer
+                    .stats()
+                    .prefetch
+                    .background_yields
+                    .fetch_add(1, Relaxed);
+            }
+            if idle {
+                return;
+            }
+            warn!(
+                "prefetch of layer {}: on-demand fetches kept it waiting for {YIELD_LOG_AFTER:?}; still waiting",
+                layer.digest()
+            );
+        }
+    }
+}
