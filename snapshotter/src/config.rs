@@ -21,6 +21,48 @@ pub struct Config {
     /// this many seconds instead of hanging the container.
     pub read_deadline_secs: u64,
     pub registry: RegistryConfig,
+    pub prefetch: PrefetchConfig,
+    pub cache: CacheConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefetchConfig {
+    /// A `task-start` event fetches every lazy layer of that container fully
+    /// in the background; complete layers then read the local cache file.
+    pub on_task_start: bool,
+    /// Bandwidth of all background prefetches together, bytes per second;
+    /// 0 = unlimited. On-demand reads are never limited and always go first.
+    pub rate_bytes_per_sec: u64,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            on_task_start: true,
+            rate_bytes_per_sec: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Disk space for the chunk caches of all lazy layers; 0 = unlimited.
+    /// Over it, caches of detached layers are removed, least recently used
+    /// first; caches of attached layers are never removed.
+    pub capacity_bytes: u64,
+    /// How often the capacity is enforced (besides after every detach).
+    pub evict_interval_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            capacity_bytes: 0,
+            evict_interval_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -43,6 +85,8 @@ impl Default for Config {
             metrics_address: "127.0.0.1:9880".into(),
             read_deadline_secs: 60,
             registry: RegistryConfig::default(),
+            prefetch: PrefetchConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -72,6 +116,18 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/r"));
         assert_eq!(c.read_deadline_secs, 60);
         assert_eq!(c.registry.plain_http, ["127.0.0.1:5000"]);
+        assert!(c.prefetch.on_task_start);
+        assert_eq!(c.cache.capacity_bytes, 0);
+        let c: Config = toml::from_str(
+            "[prefetch]\non_task_start = false\nrate_bytes_per_sec = 1048576\n\
+             [cache]\ncapacity_bytes = 10737418240\n",
+        )
+        .unwrap();
+        assert!(!c.prefetch.on_task_start);
+        assert_eq!(c.prefetch.rate_bytes_per_sec, 1 << 20);
+        assert_eq!(c.cache.capacity_bytes, 10 << 30);
+        assert_eq!(c.cache.evict_interval_secs, 60);
+        assert!(toml::from_str::<Config>("[cache]\ncapacity = 1\n").is_err());
     }
 
     #[test]

@@ -59,7 +59,9 @@ struct RootfsMount {
 pub struct LayerState {
     pub digest: String,
     pub mountpoint: String,
-    /// `lazy` while chunks are missing, `cached` when every chunk is local.
+    /// `lazy` (through FUSE, fetched on demand), `fetching` (a background
+    /// prefetch runs) or `local` (complete; the loop device reads the local
+    /// cache file, this process is out of the data path).
     pub state: String,
     pub chunks_present: u64,
     pub chunks_total: u64,
@@ -76,9 +78,18 @@ pub struct LayersReply {
 #[derive(Default)]
 pub struct Containers {
     layers: Mutex<HashMap<String, Vec<String>>>,
+    /// A task start prefetches the container's lazy layers.
+    prefetch_on_start: bool,
 }
 
 impl Containers {
+    pub fn new(prefetch_on_start: bool) -> Self {
+        Containers {
+            layers: Mutex::default(),
+            prefetch_on_start,
+        }
+    }
+
     /// Layers of running containers, by digest.
     pub fn by_layer(&self) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -144,12 +155,7 @@ fn answer(
                 .layers()
                 .into_iter()
                 .map(|l| LayerState {
-                    state: if l.chunks_present == l.chunks_total {
-                        "cached"
-                    } else {
-                        "lazy"
-                    }
-                    .into(),
+                    state: l.state.as_str().into(),
                     containers: users.get(&l.digest).cloned().unwrap_or_default(),
                     mountpoint: l.mountpoint.display().to_string(),
                     digest: l.digest,
@@ -167,6 +173,14 @@ fn answer(
             let digests = lazy_layers_of(snapshotter, &rootfs);
             let id = format!("{namespace}/{container_id}");
             info!("container {id} started on {} lazy layers", digests.len());
+            if containers.prefetch_on_start {
+                let manager = snapshotter.remote().manager();
+                for d in &digests {
+                    if let Err(e) = manager.prefetch(d) {
+                        warn!("container {id}: prefetching layer {d}: {e}");
+                    }
+                }
+            }
             containers
                 .layers
                 .lock()

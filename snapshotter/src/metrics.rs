@@ -10,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lazybd_blockdev::device::LayerManager;
+use lazybd_blockdev::device::{LayerManager, LayerState};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -159,6 +159,60 @@ impl Collector for LazyLayerCollector {
         for l in &layers {
             let labels: Labels = vec![("layer", l.digest.clone())];
             ConstGauge::new(l.chunks_total as i64).encode(total.encode_family(&labels)?)?;
+        }
+        drop(total);
+        // One series per state, 1 for the layer's current one: the usual
+        // encoding of an enum, so `sum by (state)` counts layers per state.
+        let mut state = enc.encode_descriptor(
+            "lazybd_layer_state",
+            "State of an attached layer: lazy (FUSE, on demand), fetching (prefetch running), local (reads the local cache file)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in &layers {
+            for st in [LayerState::Lazy, LayerState::Fetching, LayerState::Local] {
+                let labels: Labels = vec![
+                    ("layer", l.digest.clone()),
+                    ("state", st.as_str().to_owned()),
+                ];
+                ConstGauge::new(i64::from(l.state == st)).encode(state.encode_family(&labels)?)?;
+            }
+        }
+        drop(state);
+        let p = &s.prefetch;
+        for (name, help, value) in [
+            (
+                "lazybd_prefetch_requests",
+                "Background prefetch requests sent",
+                p.background_fetches,
+            ),
+            (
+                "lazybd_prefetch_chunks",
+                "Chunks stored by background prefetch",
+                p.background_chunks,
+            ),
+            (
+                "lazybd_prefetch_yields",
+                "Times a background prefetch held back for on-demand reads",
+                p.background_yields,
+            ),
+            (
+                "lazybd_prefetch_demand_waited",
+                "Reads that waited for a background fetch (0 unless priority is broken)",
+                p.demand_waited_on_background,
+            ),
+            (
+                "lazybd_handoffs",
+                "Loop devices switched to the local cache file",
+                p.handoffs,
+            ),
+            (
+                "lazybd_handoff_failures",
+                "Failed switches to the local cache file",
+                p.handoff_failures,
+            ),
+        ] {
+            counter(&mut enc, name, help, value)?;
         }
         Ok(())
     }

@@ -50,6 +50,8 @@ pub struct Remote {
     manager: LayerManager,
     registry: RegistryConfig,
     manifests: Mutex<HashMap<String, Arc<ImageManifest>>>,
+    /// Chunk caches over this many bytes lose detached layers' caches; 0: no limit.
+    cache_capacity: u64,
 }
 
 impl Remote {
@@ -58,6 +60,22 @@ impl Remote {
             manager,
             registry,
             manifests: Mutex::new(HashMap::new()),
+            cache_capacity: 0,
+        }
+    }
+
+    /// Enforces `capacity` bytes for the chunk caches after every detach
+    /// (and in [`evict`](Self::evict)); 0 = unlimited.
+    pub fn with_cache_capacity(mut self, capacity: u64) -> Self {
+        self.cache_capacity = capacity;
+        self
+    }
+
+    /// Removes least recently used caches of detached layers while over the
+    /// capacity.
+    pub async fn evict(&self) {
+        if self.cache_capacity > 0 {
+            self.manager.evict_caches(self.cache_capacity).await;
         }
     }
 
@@ -172,7 +190,9 @@ impl Remote {
     }
 
     pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
-        self.manager.detach(digest).await
+        self.manager.detach(digest).await?;
+        self.evict().await;
+        Ok(())
     }
 
     /// The EROFS mount of an attached layer.

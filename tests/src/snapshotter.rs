@@ -92,6 +92,14 @@ impl SnapshotterDaemon {
         }
     }
 
+    /// SIGKILL, as a crash would: nothing is detached or unmounted.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();

@@ -73,8 +73,10 @@ fn main() -> Result<()> {
 async fn serve(config: Config) -> Result<()> {
     let mut node = NodeConfig::new(config.root.join("lazy"));
     node.fetch.read_deadline = config.read_deadline();
+    node.prefetch_rate = config.prefetch.rate_bytes_per_sec;
     let manager = LayerManager::new(node).context("setting up the lazy layer manager")?;
-    let remote = Remote::new(manager, config.registry.clone());
+    let remote = Remote::new(manager, config.registry.clone())
+        .with_cache_capacity(config.cache.capacity_bytes);
     let snapshotter = Arc::new(
         LazySnapshotter::open(&config.root, remote)
             .await
@@ -103,8 +105,21 @@ async fn serve(config: Config) -> Result<()> {
     side_tasks.spawn(control::serve(
         control_listener,
         snapshotter.clone(),
-        Arc::new(control::Containers::default()),
+        Arc::new(control::Containers::new(config.prefetch.on_task_start)),
     ));
+    if config.cache.capacity_bytes > 0 {
+        let (s, every) = (
+            snapshotter.clone(),
+            std::time::Duration::from_secs(config.cache.evict_interval_secs.max(1)),
+        );
+        side_tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                s.remote().evict().await;
+            }
+        });
+    }
     // A socket file left by a previous run would make bind fail.
     let _ = std::fs::remove_file(&config.address);
     let listener = UnixListener::bind(&config.address)

@@ -1,0 +1,235 @@
+//! lazybd-snapshotter with a running "container" (an overlay rootfs on
+//! three lazy layers, reported through the control API's task-start like
+//! the shim does): the task start prefetches every layer, each is handed off
+//! to its local cache file, and the container keeps reading its files while
+//! the snapshotter is SIGKILLed and after it restarts; `lazybd layers` shows
+//! `local`. This is the "restart the snapshotter while the container runs"
+//! case.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, PrepareSnapshotRequest, RemoveSnapshotRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::Code;
+use containerd_client::types::Mount;
+use lazybd_tests::cli::{lazybd, ok};
+use lazybd_tests::images::publish_lazy_rich;
+use lazybd_tests::lazy_layers::{leftovers, walk};
+use lazybd_tests::registry::Registry;
+use lazybd_tests::require_root;
+use lazybd_tests::snapshotter::{Mounted, SnapshotterDaemon};
+
+type Client = SnapshotsClient<Channel>;
+
+async fn prepare(
+    c: &mut Client,
+    key: &str,
+    parent: &str,
+    labels: HashMap<String, String>,
+) -> Result<Vec<Mount>, containerd_client::tonic::Status> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels,
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn remove(c: &mut Client, key: &str) {
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+    })
+    .await
+    .unwrap();
+}
+
+fn cri_labels(image: &str, manifest: &str, layer: &str, target: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("containerd.io/snapshot.ref".to_string(), target.to_string()),
+        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
+        (
+            "containerd.io/snapshot/cri.manifest-digest".into(),
+            manifest.into(),
+        ),
+        (
+            "containerd.io/snapshot/cri.layer-digest".into(),
+            layer.into(),
+        ),
+    ])
+}
+
+/// Every regular file's bytes under `dir`, by relative path.
+fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| {
+            std::fs::symlink_metadata(dir.join(p))
+                .unwrap()
+                .file_type()
+                .is_file()
+        })
+        .map(|p| {
+            let data = std::fs::read(dir.join(&p)).unwrap();
+            (p, data)
+        })
+        .collect()
+}
+
+fn states(daemon: &SnapshotterDaemon) -> Vec<String> {
+    daemon.control(&serde_json::json!({"op": "layers"}))["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["state"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed_and_restarted() {
+    if !require_root(
+        "a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed_and_restarted",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let converted = publish_lazy_rich(t, &registry);
+    let image = registry.reference("rich:lazy");
+    let manifest = converted["manifest_digest"].as_str().unwrap().to_owned();
+    let layers: Vec<String> = converted["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    let mut daemon = SnapshotterDaemon::start(
+        t,
+        &format!(
+            "[registry]\nplain_http = [\"{}\"]\n[prefetch]\non_task_start = true\n",
+            registry.host()
+        ),
+    );
+    let mut c = daemon.client().await;
+    let mut parent = String::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let target = format!("chain-{i}");
+        let err = prepare(
+            &mut c,
+            &format!("extract-{i}"),
+            &parent,
+            cri_labels(&image, &manifest, layer, &target),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", daemon.log());
+        parent = target;
+    }
+    assert!(states(&daemon).iter().all(|s| s == "lazy"));
+
+    let rootfs = t.join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    let mounts = prepare(&mut c, "container-1", &parent, HashMap::new())
+        .await
+        .unwrap();
+    let container = Mounted::new(&mounts, &rootfs);
+    let reply = daemon.control(&serde_json::json!({
+        "event": "task-start", "namespace": "default", "container_id": "c1", "pid": 1,
+        "bundle": "/b", "rootfs": [{"type": "overlay", "source": "overlay", "options": mounts[0].options}],
+    }));
+    assert_eq!(reply["layers"].as_array().unwrap().len(), 3, "{reply}");
+
+    // Bounded wait for the prefetch and handoff of all three layers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !states(&daemon).iter().all(|s| s == "local") {
+        assert!(
+            Instant::now() < deadline,
+            "not local after 120 s: {:?}\n{}",
+            states(&daemon),
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The kernel agrees: every loop device under the root reads a cache file.
+    let (_, loops) = leftovers(&daemon.root);
+    assert_eq!(loops.len(), 3, "{loops:?}");
+    assert!(loops.iter().all(|(_, b)| b.ends_with("image")), "{loops:?}");
+    let before = contents(&rootfs);
+    assert!(before
+        .iter()
+        .any(|(p, d)| p.ends_with("data/big") && d.len() == 6 << 20));
+    let metrics = daemon.metrics();
+    let handoffs: f64 = lazybd_tests::snapshotter::metric(&metrics, "lazybd_handoffs_total");
+    assert_eq!(handoffs, 3.0, "{metrics}");
+
+    // The snapshotter dies; the container's reads do not need it any more.
+    daemon.kill();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(contents(&rootfs) == before, "reads changed after SIGKILL");
+    std::fs::write(rootfs.join("written"), "upper still works\n").unwrap();
+
+    // Restarted: complete layers come back on their cache files at once.
+    daemon.restart();
+    assert!(
+        states(&daemon).iter().all(|s| s == "local"),
+        "{:?}",
+        states(&daemon)
+    );
+    let listed = ok(&lazybd(&[&"layers", &"--control", &daemon.control]));
+    assert_eq!(listed.matches(" local ").count(), 3, "{listed}");
+    let metrics = daemon.metrics();
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("lazybd_layer_state{") && l.contains("state=\"local\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>(),
+        3.0,
+        "{metrics}"
+    );
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let after: Vec<_> = contents(&rootfs)
+        .into_iter()
+        .filter(|(p, _)| p != Path::new("written"))
+        .collect();
+    assert!(after == before, "reads changed after the restart");
+
+    // A new container on the restarted snapshotter reads the same files.
+    let mut c = daemon.client().await;
+    let rootfs2 = t.join("rootfs2");
+    std::fs::create_dir(&rootfs2).unwrap();
+    let mounts2 = prepare(&mut c, "container-2", &parent, HashMap::new())
+        .await
+        .unwrap();
+    let second = Mounted::new(&mounts2, &rootfs2);
+    assert!(contents(&rootfs2) == before);
+    drop(second);
+    drop(container);
+    remove(&mut c, "container-2").await;
+    remove(&mut c, "container-1").await;
+    for i in (0..layers.len()).rev() {
+        remove(&mut c, &format!("chain-{i}")).await;
+    }
+    daemon.stop();
+    // The first container's loop devices (from before the kill) clear once
+    // its overlay is gone; the kernel may take a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mounts, loops) = leftovers(&daemon.root);
+        if mounts.is_empty() && loops.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {mounts:?} {loops:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
