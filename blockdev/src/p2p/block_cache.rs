@@ -193,7 +193,10 @@ mod tests {
         assert_eq!(cache.usage().bytes, 30);
         assert_eq!(std::fs::read_dir(dir.path().join("c")).unwrap().count(), 3);
         // Too large for the cache: served, not stored.
-        cache.put(key(9), &Bytes::from(vec![0u8; 31])).await.unwrap();
+        cache
+            .put(key(9), &Bytes::from(vec![0u8; 31]))
+            .await
+            .unwrap();
         assert!(cache.get(&key(9)).await.is_none());
     }
 }

@@ -209,7 +209,10 @@ impl PeerNode {
 
     /// The ancestors worth asking now, parent first.
     pub(super) fn ancestors(&self, digest: &str) -> Vec<String> {
-        let chain = lock(&self.ancestors).get(digest).cloned().unwrap_or_default();
+        let chain = lock(&self.ancestors)
+            .get(digest)
+            .cloned()
+            .unwrap_or_default();
         let now = Instant::now();
         let shunned = lock(&self.shunned);
         chain
@@ -293,9 +296,14 @@ impl PeerNode {
         asker: &str,
     ) -> Result<Bytes, (StatusCode, String)> {
         let bad = |m: &str| (StatusCode::BAD_REQUEST, format!("{m}\n"));
-        let digest = q.get("digest").filter(|d| valid_digest(d)).ok_or_else(|| bad("bad digest"))?;
+        let digest = q
+            .get("digest")
+            .filter(|d| valid_digest(d))
+            .ok_or_else(|| bad("bad digest"))?;
         let num = |k: &str| -> Result<u64, (StatusCode, String)> {
-            q.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| bad(&format!("bad {k}")))
+            q.get(k)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad(&format!("bad {k}")))
         };
         let (start, end) = (num("start")?, num("end")?);
         if !(start < end && end - start <= MAX_RANGE) {
@@ -354,7 +362,11 @@ impl PeerNode {
 }
 
 /// The chunks whose stored bytes are exactly `start..end`.
-pub(super) fn chunks_exactly(index: &crate::format::Index, start: u64, end: u64) -> Option<std::ops::Range<u64>> {
+pub(super) fn chunks_exactly(
+    index: &crate::format::Index,
+    start: u64,
+    end: u64,
+) -> Option<std::ops::Range<u64>> {
     let first = index.chunks.partition_point(|e| e.offset < start);
     let entry = index.chunks.get(first)?;
     if entry.offset != start {

@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tracing::{debug, warn};
 
+use super::auth_to_header;
 use super::http::{PEER_HEADER, REGISTRY_AUTH_HEADER};
 use super::peer::{chunks_exactly, PeerNode};
-use super::auth_to_header;
 use crate::layer::LazyLayer;
 use crate::registry::RegistryClient;
 use crate::source::{ChunkSource, SourceError};
@@ -59,7 +59,6 @@ impl PeerSource {
         }
         Ok(bytes)
     }
-
 }
 
 #[async_trait]
@@ -72,11 +71,15 @@ impl ChunkSource for PeerSource {
         // Until the layer is attached (its index still being read) there is
         // no tree position and nothing to check peers' chunks against.
         if self.node.layer(&self.digest).is_none() {
-            return Err(SourceError::Transient("no peers until the layer is attached".into()));
+            return Err(SourceError::Transient(
+                "no peers until the layer is attached".into(),
+            ));
         }
         let ancestors = self.node.ancestors(&self.digest);
         if ancestors.is_empty() {
-            return Err(SourceError::Transient("no parent peer (the super node is the parent)".into()));
+            return Err(SourceError::Transient(
+                "no parent peer (the super node is the parent)".into(),
+            ));
         }
         let mut failures = Vec::new();
         for peer in ancestors {
@@ -112,7 +115,10 @@ impl ChunkSource for PeerSource {
                 }
                 Err(e) => {
                     self.node.peer_failures.fetch_add(1, Relaxed);
-                    debug!("blob {}: peer {peer} failed for {range:?}: {e}", self.digest);
+                    debug!(
+                        "blob {}: peer {peer} failed for {range:?}: {e}",
+                        self.digest
+                    );
                     self.node.shun(&peer, SHUN_FAILED);
                     format!("{peer}: {e}")
                 }

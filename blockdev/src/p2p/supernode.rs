@@ -119,7 +119,9 @@ impl Supernode {
     }
 
     /// Binds and serves until the returned task is aborted.
-    pub async fn start(self: &Arc<Self>) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), P2pError> {
+    pub async fn start(
+        self: &Arc<Self>,
+    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), P2pError> {
         let listener = TcpListener::bind(self.config.listen)
             .await
             .map_err(|source| P2pError::Io {
@@ -147,7 +149,11 @@ impl Supernode {
         Ok((addr, tokio::spawn(http::serve(listener, tls, handler))))
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, _remote: SocketAddr) -> Response<Body> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        _remote: SocketAddr,
+    ) -> Response<Body> {
         if req.uri().path() == "/healthz" {
             return http::respond(StatusCode::OK, "ok\n");
         }
@@ -166,7 +172,9 @@ impl Supernode {
                 match self.blob(&q, &auth).await {
                     Ok(b) => {
                         self.counters.served_requests.fetch_add(1, Relaxed);
-                        self.counters.served_bytes.fetch_add(b.len() as u64, Relaxed);
+                        self.counters
+                            .served_bytes
+                            .fetch_add(b.len() as u64, Relaxed);
                         http::respond(StatusCode::OK, b)
                     }
                     Err((status, msg)) => {
@@ -238,7 +246,8 @@ impl Supernode {
         let auth = auth_from_header(auth_header).map_err(|e| bad(&e))?;
         let cred: [u8; 32] = Sha256::digest(auth_header.as_bytes()).into();
         let client = self.client(registry, repo, auth, cred)?;
-        self.authorize(registry, repo, digest, cred, &client).await?;
+        self.authorize(registry, repo, digest, cred, &client)
+            .await?;
 
         let bs = self.config.block_size;
         let blocks = start / bs..end.div_ceil(bs);
@@ -311,11 +320,18 @@ impl Supernode {
         cred: [u8; 32],
         client: &RegistryClient,
     ) -> Result<(), (StatusCode, String)> {
-        let key = (registry.to_owned(), repo.to_owned(), digest.to_owned(), cred);
+        let key = (
+            registry.to_owned(),
+            repo.to_owned(),
+            digest.to_owned(),
+            cred,
+        );
         let now = Instant::now();
         {
             let mut a = self.authorized.lock().unwrap_or_else(|e| e.into_inner());
-            if a.get(&key).is_some_and(|t| now.duration_since(*t) < self.config.auth_ttl) {
+            if a.get(&key)
+                .is_some_and(|t| now.duration_since(*t) < self.config.auth_ttl)
+            {
                 return Ok(());
             }
             if a.len() >= MAX_AUTH_ENTRIES {
@@ -327,7 +343,11 @@ impl Supernode {
             }
         }
         self.counters.auth_probes.fetch_add(1, Relaxed);
-        let probe = tokio::time::timeout(self.config.registry_timeout, client.blob_range(digest, 0..1)).await;
+        let probe = tokio::time::timeout(
+            self.config.registry_timeout,
+            client.blob_range(digest, 0..1),
+        )
+        .await;
         match probe {
             Ok(Ok(_)) => {
                 self.authorized

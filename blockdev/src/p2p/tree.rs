@@ -38,7 +38,13 @@ impl BlobTree {
 
     /// Registers or refreshes `addr` and returns its ancestors, nearest
     /// first (empty: its parent is the super node).
-    pub fn announce(&mut self, addr: &str, now: Instant, ttl: Duration, fanout: usize) -> Vec<String> {
+    pub fn announce(
+        &mut self,
+        addr: &str,
+        now: Instant,
+        ttl: Duration,
+        fanout: usize,
+    ) -> Vec<String> {
         self.expire(now, ttl);
         let fanout = fanout.max(1);
         let seq = match self.members.get_mut(addr) {

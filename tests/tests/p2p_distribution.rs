@@ -1,0 +1,788 @@
+//! P2P distribution end to end: a registry (behind a counting proxy), a
+//! `lazybd-supernode` and nodes that each run a real `lazybd mount
+//! --p2p-config`, every node in its own network namespace on a private
+//! bridge (10.213.N.0/24, addresses only inside the test's namespaces).
+//!
+//! Topology: a "hub" netns holds the bridge (10.213.N.1), the super node and
+//! the proxy's listening socket (the proxy forwards to the registry on the
+//! host's 127.0.0.1); node i lives in its own netns at 10.213.N.(10+i).
+//! Processes are put into a netns with setns(CLONE_NEWNET) only, so the
+//! mounts they make are visible to the test.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lazybd_tests::cli::{ok, MountGuard};
+use lazybd_tests::images::noise;
+use lazybd_tests::lazy_layers::{walk, write_layout, BlobFile};
+use lazybd_tests::registry::Registry;
+use lazybd_tests::{bin_path, require_root};
+use serde_json::Value;
+
+const LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
+const PEER_PORT: u16 = 7070;
+const SUPERNODE_PORT: u16 = 7443;
+const PROXY_PORT: u16 = 5000;
+
+// ---------------------------------------------------------------- netns
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The hub and node namespaces of one test, all deleted on drop (which
+/// also removes the bridge and every veth inside them).
+struct Fabric {
+    subnet: u8,
+    hub: String,
+    nodes: Vec<String>,
+}
+
+impl Fabric {
+    fn new(subnet: u8, nodes: usize) -> Fabric {
+        let tag = format!("lzbp2p{subnet}");
+        let mut f = Fabric {
+            subnet,
+            hub: format!("{tag}-hub"),
+            nodes: Vec::new(),
+        };
+        // Leftovers of a crashed earlier run would make `add` fail.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &f.hub])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &f.hub]);
+        ip(&["-n", &f.hub, "link", "set", "lo", "up"]);
+        ip(&["-n", &f.hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &f.hub,
+            "addr",
+            "add",
+            &format!("{}/24", f.hub_ip()),
+            "dev",
+            "br0",
+        ]);
+        ip(&["-n", &f.hub, "link", "set", "br0", "up"]);
+        for i in 0..nodes {
+            let ns = format!("{tag}-n{i}");
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(Stdio::null())
+                .status();
+            ip(&["netns", "add", &ns]);
+            f.nodes.push(ns.clone());
+            let v = format!("v{i}");
+            ip(&[
+                "-n", &f.hub, "link", "add", &v, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ]);
+            ip(&["-n", &f.hub, "link", "set", &v, "master", "br0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", f.node_ip(i)),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        }
+        f
+    }
+
+    fn hub_ip(&self) -> String {
+        format!("10.213.{}.1", self.subnet)
+    }
+
+    fn node_ip(&self, i: usize) -> String {
+        format!("10.213.{}.{}", self.subnet, 10 + i)
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain([&self.hub]) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn netns_file(name: &str) -> std::fs::File {
+    std::fs::File::open(Path::new("/run/netns").join(name)).expect("open netns")
+}
+
+/// Runs `f` on a thread that joined netns `name` (threads are per-thread in
+/// their netns; sockets keep the netns they were made in).
+fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let fd = netns_file(name);
+    std::thread::spawn(move || {
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// `cmd` will start inside netns `name` (network only).
+fn enter_netns(cmd: &mut Command, name: &str) {
+    let fd = netns_file(name);
+    // SAFETY: setns is async-signal-safe; `fd` stays open in the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// A plain HTTP/1.1 request from inside `ns`; returns (status, body).
+fn http(ns: &str, method: &str, addr: &str, path_and_query: &str) -> (u16, Vec<u8>) {
+    let (method, addr, pq) = (
+        method.to_owned(),
+        addr.to_owned(),
+        path_and_query.to_owned(),
+    );
+    in_netns(ns, move || {
+        let sa: SocketAddr = addr.parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "{method} {pq} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).expect("read response");
+        let split = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("response head");
+        let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = buf[split + 4..].to_vec();
+        // Bodies here are small and not chunked-encoded (hyper sends
+        // Content-Length for full bodies).
+        (status, body)
+    })
+}
+
+fn http_json(ns: &str, addr: &str, path: &str) -> Value {
+    let (status, body) = http(ns, "GET", addr, path);
+    assert_eq!(
+        status,
+        200,
+        "{addr}{path}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice(&body).expect("JSON")
+}
+
+// ------------------------------------------------------- counting proxy
+
+/// One request the registry saw through the proxy.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    range: Option<(u64, u64)>,
+}
+
+/// TCP relay in front of the registry that records every request head:
+/// this is how the test counts what the registry sent.
+struct CountingProxy {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CountingProxy {
+    fn start(hub: &str, listen: SocketAddr, upstream: SocketAddr) -> CountingProxy {
+        let listener = in_netns(hub, move || TcpListener::bind(listen).expect("bind proxy"));
+        listener.set_nonblocking(true).unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (s2, st2, c2) = (seen.clone(), stop.clone(), conns.clone());
+        let accept = std::thread::spawn(move || {
+            while !st2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(up) = TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
+                        else {
+                            continue; // registry down: the client sees a reset
+                        };
+                        {
+                            let mut c = c2.lock().unwrap();
+                            c.push(client.try_clone().unwrap());
+                            c.push(up.try_clone().unwrap());
+                        }
+                        let (mut up_r, mut cl_w) =
+                            (up.try_clone().unwrap(), client.try_clone().unwrap());
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut up_r, &mut cl_w);
+                            let _ = cl_w.shutdown(Shutdown::Both);
+                        });
+                        let seen = s2.clone();
+                        std::thread::spawn(move || sniff(client, up, seen));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        CountingProxy {
+            seen,
+            stop,
+            conns,
+            accept: Some(accept),
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        if let Some(a) = self.accept.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+/// Copies client bytes upstream, recording each request head (GET/HEAD
+/// carry no body; a Content-Length body is passed through unparsed).
+fn sniff(mut client: TcpStream, mut up: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut skip_body = 0usize;
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        let n = match client.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if up.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            if skip_body > 0 {
+                let k = skip_body.min(buf.len());
+                buf.drain(..k);
+                skip_body -= k;
+                if skip_body > 0 {
+                    break;
+                }
+            }
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                break;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            let mut lines = head.lines();
+            let path = lines
+                .next()
+                .unwrap_or("")
+                .split(' ')
+                .nth(1)
+                .unwrap_or("")
+                .to_owned();
+            let mut range = None;
+            for l in lines {
+                let (k, v) = l.split_once(':').unwrap_or((l, ""));
+                let v = v.trim();
+                if k.eq_ignore_ascii_case("range") {
+                    range = v.strip_prefix("bytes=").and_then(|r| {
+                        let (a, b) = r.split_once('-')?;
+                        Some((a.parse().ok()?, b.parse::<u64>().ok()? + 1))
+                    });
+                } else if k.eq_ignore_ascii_case("content-length") {
+                    skip_body = v.parse().unwrap_or(0);
+                }
+            }
+            seen.lock().unwrap().push(Seen { path, range });
+        }
+    }
+    let _ = up.shutdown(Shutdown::Both);
+}
+
+// ------------------------------------------------------------ processes
+
+struct Supernode {
+    child: Child,
+}
+
+impl Supernode {
+    fn start(f: &Fabric, dir: &Path, fanout: usize, member_ttl_ms: u64) -> Supernode {
+        let mut cmd = Command::new(bin_path("lazybd-supernode"));
+        cmd.arg("--listen")
+            .arg(format!("{}:{SUPERNODE_PORT}", f.hub_ip()))
+            .arg("--registry")
+            .arg(format!("{}:{PROXY_PORT}", f.hub_ip()))
+            .arg("--plain-http")
+            .arg("--cache-dir")
+            .arg(dir)
+            .arg("--block-kib")
+            .arg("256")
+            .arg("--fanout")
+            .arg(fanout.to_string())
+            .arg("--member-ttl-ms")
+            .arg(member_ttl_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.with_extension("log")).unwrap());
+        enter_netns(&mut cmd, &f.hub);
+        let mut child = cmd.spawn().expect("start lazybd-supernode");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let mut sn = Supernode { child };
+        if !line.starts_with("listening on") {
+            sn.kill();
+            panic!(
+                "super node did not start: {line:?}\n{}",
+                std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+            );
+        }
+        sn
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Supernode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One node: `lazybd mount --p2p-config` in its netns, unmounted on drop.
+struct Node {
+    i: usize,
+    addr: String,
+    dir: PathBuf,
+    guard: MountGuard,
+}
+
+fn mount_node(f: &Fabric, tmp: &Path, i: usize, image: &str, extra_toml: &str) -> Node {
+    let base = tmp.join(format!("node{i}"));
+    std::fs::create_dir_all(base.join("mnt")).unwrap();
+    let addr = format!("{}:{PEER_PORT}", f.node_ip(i));
+    let cfg = base.join("lazybd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[p2p]\nsupernode = \"http://{}:{SUPERNODE_PORT}\"\nlisten = \"{addr}\"\n\
+             heartbeat_ms = 1000\npeer_timeout_ms = 5000\nsupernode_timeout_ms = 5000\n{extra_toml}",
+            f.hub_ip()
+        ),
+    )
+    .unwrap();
+    let (root, dir) = (base.join("root"), base.join("mnt"));
+    let mut cmd = Command::new(bin_path("lazybd"));
+    cmd.arg("mount")
+        .arg("--root")
+        .arg(&root)
+        .arg("--plain-http")
+        .arg("--read-deadline")
+        .arg("30")
+        .arg("--p2p-config")
+        .arg(&cfg)
+        .arg(image)
+        .arg(&dir);
+    enter_netns(&mut cmd, &f.nodes[i]);
+    let guard = MountGuard::new(&root, &dir);
+    let out = cmd.output().expect("run lazybd mount");
+    ok(&out);
+    Node {
+        i,
+        addr,
+        dir,
+        guard,
+    }
+}
+
+impl Node {
+    fn p2p_stats(&self, f: &Fabric) -> Value {
+        http_json(&f.hub, &self.addr, "/v1/stats")
+    }
+
+    fn source_chunks(&self, name: &str) -> u64 {
+        let v = self.guard.stats();
+        v["stats"]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["chunks"].as_u64().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+// ---------------------------------------------------------------- image
+
+/// A one-layer image (64 KiB chunks): incompressible noise (raw chunks),
+/// compressible text (zstd chunks) and small files; returns the expected
+/// tree and the blob.
+fn publish_image(tmp: &Path, registry: &Registry) -> (PathBuf, BlobFile) {
+    let tree = tmp.join("tree");
+    std::fs::create_dir_all(tree.join("data")).unwrap();
+    std::fs::write(tree.join("data/noise.bin"), noise(7, 3 << 20)).unwrap();
+    let text: String = (0..40_000)
+        .map(|i| format!("line {i} of some text\n"))
+        .collect();
+    std::fs::write(tree.join("data/text.txt"), text).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            tree.join(format!("data/small{i}")),
+            format!("small file {i}\n"),
+        )
+        .unwrap();
+    }
+    let out = tmp.join("blob");
+    std::fs::create_dir_all(&out).unwrap();
+    let blob = BlobFile::from_tree(&tree, &out, 64 << 10);
+    let layout = tmp.join("layout");
+    write_layout(&layout, &[&blob], LAZYBD_LAYER);
+    registry.push_layout(&layout, "latest", "p2p:latest");
+    (tree, blob)
+}
+
+/// Reads every file under the node's mount and compares it with `tree`.
+fn check_tree(tree: &Path, dir: &Path) -> Result<(), String> {
+    let paths = walk(tree);
+    if paths != walk(dir) {
+        return Err(format!("{}: listing differs", dir.display()));
+    }
+    for p in paths {
+        let e = tree.join(&p);
+        if e.is_file() {
+            let a = std::fs::read(dir.join(&p)).map_err(|err| format!("{}: {err}", p.display()))?;
+            if a != std::fs::read(&e).unwrap() {
+                return Err(format!("{}: content differs", p.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "1").expect("drop page cache");
+}
+
+/// Registry blob ranges for `digest`, without the super node's one-byte
+/// authorization probes.
+fn blob_ranges(seen: &[Seen], digest: &str) -> Vec<(u64, u64)> {
+    seen.iter()
+        .filter(|s| s.path.ends_with(&format!("/blobs/{digest}")))
+        .map(|s| s.range.expect("every blob read is a range read"))
+        .filter(|(a, b)| b - a > 1)
+        .collect()
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn eight_nodes_share_one_registry_copy() {
+    if !require_root("eight_nodes_share_one_registry_copy") {
+        return;
+    }
+    const NODES: usize = 8;
+    const FANOUT: u64 = 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let (tree, blob) = publish_image(tmp.path(), &registry);
+    let fabric = Fabric::new(21, NODES);
+    let proxy = CountingProxy::start(
+        &fabric.hub,
+        format!("{}:{PROXY_PORT}", fabric.hub_ip()).parse().unwrap(),
+        registry.host().parse().unwrap(),
+    );
+    let _sn = Supernode::start(&fabric, &tmp.path().join("sn"), FANOUT as usize, 10_000);
+    let image = format!("{}:{PROXY_PORT}/p2p:latest", fabric.hub_ip());
+
+    // All mount at once, then all read everything at once.
+    let nodes: Vec<Node> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..NODES)
+            .map(|i| {
+                let (f, t, img) = (&fabric, tmp.path(), &image);
+                s.spawn(move || mount_node(f, t, i, img, ""))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("mount"))
+            .collect()
+    });
+    // Heartbeats (1 s) have told every node its place by now.
+    std::thread::sleep(Duration::from_millis(2500));
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let (t, d) = (&tree, &n.dir);
+                s.spawn(move || check_tree(t, d))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (n, r) in nodes.iter().zip(&results) {
+        assert!(r.is_ok(), "node {}: {:?}", n.i, r);
+    }
+
+    // The registry sent no byte of the layer blob twice.
+    let seen = proxy.seen();
+    let mut ranges = blob_ranges(&seen, &blob.digest);
+    ranges.sort();
+    for w in ranges.windows(2) {
+        assert!(
+            w[0].1 <= w[1].0,
+            "registry sent bytes twice: {w:?} (all: {ranges:?})"
+        );
+    }
+    let sent: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    assert!(
+        sent <= blob.written.blob_len,
+        "{sent} > blob {}",
+        blob.written.blob_len
+    );
+
+    // No node uploaded more than fan-out copies of any chunk, and peers did
+    // serve each other.
+    let mut peer_chunks = 0;
+    let mut report = BTreeMap::new();
+    for n in &nodes {
+        let st = n.p2p_stats(&fabric);
+        let max = st["max_chunk_uploads"].as_u64().unwrap();
+        assert!(
+            max <= FANOUT,
+            "node {} uploaded a chunk {max} times: {st}",
+            n.i
+        );
+        assert_eq!(st["corrupt_from_peers"], 0, "node {}: {st}", n.i);
+        let down: u64 = st["downloaded_from"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|t| t["chunks"].as_u64().unwrap())
+            .sum();
+        peer_chunks += down;
+        report.insert(
+            n.i,
+            (
+                st["uploaded_chunks"].clone(),
+                down,
+                n.source_chunks("supernode"),
+                n.source_chunks("registry"),
+            ),
+        );
+    }
+    eprintln!("per node (uploaded, from peers, from super node, from registry): {report:?}");
+    assert!(peer_chunks > 0, "no chunk came from a peer: {report:?}");
+    for (i, (_, _, _, reg)) in &report {
+        assert_eq!(*reg, 0, "node {i} went to the registry directly");
+    }
+    let sn = http_json(
+        &fabric.hub,
+        &format!("{}:{SUPERNODE_PORT}", fabric.hub_ip()),
+        "/v1/stats",
+    );
+    eprintln!("super node: {sn}");
+    drop(nodes);
+}
+
+/// A fake peer: answers every chunk request with the right length of
+/// garbage (`truncate`: a full Content-Length, then half the body and a
+/// closed connection, like a peer killed mid-transfer).
+struct FakePeer {
+    stop: Arc<AtomicBool>,
+    pub requests: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakePeer {
+    fn start(hub: &str, addr: SocketAddr, truncate: bool) -> FakePeer {
+        let listener = in_netns(hub, move || {
+            TcpListener::bind(addr).expect("bind fake peer")
+        });
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (st, rq) = (stop.clone(), requests.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if s.read(&mut b).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(b[0]);
+                }
+                rq.fetch_add(1, Ordering::SeqCst);
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let query = line
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|p| p.split_once('?'))
+                    .map(|x| x.1.to_owned());
+                let q: BTreeMap<String, String> =
+                    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                        .into_owned()
+                        .collect();
+                let (start, end): (u64, u64) = (
+                    q.get("start").and_then(|v| v.parse().ok()).unwrap_or(0),
+                    q.get("end").and_then(|v| v.parse().ok()).unwrap_or(0),
+                );
+                let len = (end - start.min(end)) as usize;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+                );
+                let body = vec![0x5au8; if truncate { len / 2 } else { len }];
+                let _ = s.write_all(&body);
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        });
+        FakePeer {
+            stop,
+            requests,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn faults_dead_and_lying_peers_super_node_and_registry_down() {
+    if !require_root("faults_dead_and_lying_peers_super_node_and_registry_down") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut registry = Registry::start();
+    let (tree, blob) = publish_image(tmp.path(), &registry);
+    let fabric = Fabric::new(22, 3);
+    let hub = fabric.hub_ip();
+    let proxy = CountingProxy::start(
+        &fabric.hub,
+        format!("{hub}:{PROXY_PORT}").parse().unwrap(),
+        registry.host().parse().unwrap(),
+    );
+    // Fan-out 1 makes the tree a chain in join order: dying peer, A, liar, B.
+    let mut sn = Supernode::start(&fabric, &tmp.path().join("sn"), 1, 120_000);
+    let sn_addr = format!("{hub}:{SUPERNODE_PORT}");
+    let image = format!("{hub}:{PROXY_PORT}/p2p:latest");
+    let dying = FakePeer::start(&fabric.hub, format!("{hub}:7071").parse().unwrap(), true);
+    let liar = FakePeer::start(&fabric.hub, format!("{hub}:7072").parse().unwrap(), false);
+    let announce = |addr: &str| {
+        let (status, body) = http(
+            &fabric.hub,
+            "POST",
+            &sn_addr,
+            &format!("/v1/announce?blob={}&addr={addr}", blob.digest),
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    };
+
+    announce(&format!("{hub}:7071"));
+    let a = mount_node(&fabric, tmp.path(), 0, &image, "");
+    announce(&format!("{hub}:7072"));
+    let b = mount_node(&fabric, tmp.path(), 1, &image, "");
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // A's parent dies mid-transfer on every request: A fetches elsewhere.
+    check_tree(&tree, &a.dir).expect("node A reads correct data");
+    let st_a = a.p2p_stats(&fabric);
+    assert!(
+        dying.requests.load(Ordering::SeqCst) > 0,
+        "A asked its parent: {st_a}"
+    );
+    assert!(st_a["peer_failures"].as_u64().unwrap() > 0, "{st_a}");
+    assert!(a.source_chunks("supernode") > 0);
+
+    // B's parent lies: verification rejects, it is counted, and B gets the
+    // chunks from the next ancestor up, A.
+    check_tree(&tree, &b.dir).expect("node B reads correct data");
+    let st_b = b.p2p_stats(&fabric);
+    assert!(liar.requests.load(Ordering::SeqCst) > 0, "{st_b}");
+    assert!(st_b["corrupt_from_peers"].as_u64().unwrap() > 0, "{st_b}");
+    let from_a = st_b["downloaded_from"][&a.addr]["chunks"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(from_a > 0, "B fetched from A after the liar: {st_b}");
+    assert!(b.source_chunks("peer") > 0);
+
+    // The super node goes down: a new node falls back to the registry.
+    sn.kill();
+    let c = mount_node(&fabric, tmp.path(), 2, &image, "");
+    check_tree(&tree, &c.dir).expect("node C reads correct data without the super node");
+    assert!(c.source_chunks("registry") > 0);
+    assert!(!blob_ranges(&proxy.seen(), &blob.digest).is_empty());
+
+    // The registry goes down too: every node holds every chunk it read, so
+    // reading everything again (page cache dropped) still works.
+    registry.stop();
+    drop(proxy);
+    drop_page_cache();
+    for n in [&a, &b, &c] {
+        check_tree(&tree, &n.dir)
+            .unwrap_or_else(|e| panic!("node {} after registry down: {e}", n.i));
+    }
+    drop((a, b, c));
+}
