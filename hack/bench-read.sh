@@ -6,7 +6,8 @@
 # Knobs (environment): BENCH_DIR (where image, blob and cache live; default
 # /var/tmp, use /dev/shm to take the disk out), ROUNDS (interleaved rounds,
 # median reported; default 3), LOOP_DIRECT_IO (0/1), READ_AHEAD_KB,
-# FUSE_THREADS, WORKLOAD (read or randread to run only one).
+# FUSE_THREADS, WORKLOAD (read or randread to run only one), HANDOFF=1 (measure
+# the lazy side after its loop device was switched to the local cache file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v fio >/dev/null || { echo "bench-read: fio missing (hack/install-deps.sh installs it)" >&2; exit 1; }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use lazybd_blockdev::device::{mounts, LayerManager, NodeConfig};
+use lazybd_blockdev::device::{mounts, LayerManager, LayerState, NodeConfig};
 use lazybd_blockdev::format::write_blob;
 use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::source::{ChunkSource, FileSource};
@@ -51,6 +51,10 @@ fn main() {
     if let Ok(v) = std::env::var("READ_AHEAD_KB") {
         config.read_ahead_kb = v.parse().expect("READ_AHEAD_KB");
     }
+    // By default the lazy side stays on FUSE (what this bench is about);
+    // HANDOFF=1 measures it after the switch to the local cache file.
+    let handoff = std::env::var("HANDOFF").is_ok_and(|v| v == "1");
+    config.handoff = handoff;
     let (config_dio, config_ra) = (config.loop_direct_io, config.read_ahead_kb);
     let manager = runtime
         .block_on(async { LayerManager::new(config) })
@@ -71,6 +75,15 @@ fn main() {
         status.chunks_present, status.chunks_total,
         "cache not complete"
     );
+    if handoff {
+        // The periodic persister hands a complete layer off within a tick.
+        let mut tries = 0;
+        while manager.layers()[0].state != LayerState::Local {
+            tries += 1;
+            assert!(tries < 100, "layer not handed off after 10 s");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
 
     let plain = work.path().join("plain");
     std::fs::create_dir(&plain).unwrap();
@@ -84,10 +97,11 @@ fn main() {
     assert!(ok, "mount plain image");
 
     println!(
-        "lazy device: {} (loop direct-io {}, readahead {} KiB); plain: loop on {}",
+        "lazy device: {} (loop direct-io {}, readahead {} KiB, on {}); plain: loop on {}",
         attached.loop_device.display(),
         config_dio,
         config_ra,
+        manager.layers()[0].backing_file.display(),
         image.display()
     );
     println!(

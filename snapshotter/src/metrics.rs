@@ -160,7 +160,6 @@ impl Collector for LazyLayerCollector {
             let labels: Labels = vec![("layer", l.digest.clone())];
             ConstGauge::new(l.chunks_total as i64).encode(total.encode_family(&labels)?)?;
         }
-        drop(total);
         // One series per state, 1 for the layer's current one: the usual
         // encoding of an enum, so `sum by (state)` counts layers per state.
         let mut state = enc.encode_descriptor(
@@ -178,7 +177,6 @@ impl Collector for LazyLayerCollector {
                 ConstGauge::new(i64::from(l.state == st)).encode(state.encode_family(&labels)?)?;
             }
         }
-        drop(state);
         let p = &s.prefetch;
         for (name, help, value) in [
             (

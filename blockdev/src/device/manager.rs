@@ -66,6 +66,9 @@ pub struct NodeConfig {
     /// Bandwidth of all background prefetches together, bytes per second;
     /// 0 = unlimited. On-demand reads are never limited.
     pub prefetch_rate: u64,
+    /// Complete layers read their local cache file instead of FUSE. Off only
+    /// to measure the FUSE path (the read benchmark).
+    pub handoff: bool,
 }
 
 impl NodeConfig {
@@ -79,6 +82,7 @@ impl NodeConfig {
             fuse_threads: 2,
             fail_attach_at: None,
             prefetch_rate: 0,
+            handoff: true,
         }
     }
 }
@@ -201,6 +205,8 @@ struct Shared {
     /// Serialises attach, detach, handoff and eviction, which span awaits.
     ops: Arc<tokio::sync::Mutex<()>>,
     stats: Arc<Stats>,
+    /// [`NodeConfig::handoff`].
+    handoff: bool,
 }
 
 pub struct LayerManager {
@@ -236,6 +242,7 @@ impl LayerManager {
             layers: Arc::default(),
             ops: Arc::default(),
             stats: Arc::new(Stats::default()),
+            handoff: config.handoff,
         };
         let persister = tokio::spawn(persist_periodically(
             shared.clone(),
@@ -563,7 +570,7 @@ impl Exposing {
         // A complete cache needs neither FUSE nor this process: the loop
         // device reads the image file (every chunk in it was verified when
         // stored, or re-hashed when the cache was opened after a crash).
-        let local = self.layer.is_complete();
+        let local = self.config.handoff && self.layer.is_complete();
 
         inject(AttachStep::FuseFile)?;
         let backing_path = if local {
@@ -690,6 +697,9 @@ fn close_layer(layer: Arc<LazyLayer>) {
 /// the image's size), then removes the FUSE file. Failures are logged and
 /// counted; the layer simply stays on FUSE.
 async fn handoff(shared: &Shared, digest: &str) {
+    if !shared.handoff {
+        return;
+    }
     let _op = shared.ops.lock().await;
     let found = {
         let layers = shared.layers.lock().unwrap_or_else(|e| e.into_inner());

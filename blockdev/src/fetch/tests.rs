@@ -23,6 +23,8 @@ enum Behavior {
     Hang,
     /// Answers once a permit is available.
     Gated(Arc<Semaphore>),
+    /// Never answers requests that start at this blob offset; serves the rest.
+    HangAt(u64),
 }
 
 struct TestSource {
@@ -61,6 +63,8 @@ impl ChunkSource for TestSource {
                 let _permit = gate.acquire().await.expect("gate open");
                 Ok(data)
             }
+            Behavior::HangAt(offset) if range.start == *offset => std::future::pending().await,
+            Behavior::HangAt(_) => Ok(data),
         }
     }
 }
@@ -284,4 +288,51 @@ async fn no_sources_is_a_clear_error() {
     let fetcher = f.fetcher(vec![], quick());
     let err = fetcher.ensure(0..1).await.unwrap_err().to_string();
     assert!(err.contains("no sources configured"), "{err}");
+}
+
+#[tokio::test]
+async fn readers_overtake_a_stuck_background_fetch_instead_of_waiting() {
+    let f = fixture();
+    // The background request (chunks 0..2, starting at chunk 0) never
+    // returns; a reader's own request for chunk 1 is served.
+    let source = f.source("registry", Behavior::HangAt(f.index.chunks[0].offset));
+    let fetcher = f.fetcher(vec![source], quick());
+    let bg = fetcher.clone();
+    let background = tokio::spawn(async move { bg.fetch_background(0..2).await });
+    for _ in 0..1000 {
+        if !fetcher.inflight.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        fetcher.inflight.lock().unwrap().contains_key(&1),
+        "background claimed chunk 1"
+    );
+    fetcher.ensure(1..2).await.unwrap();
+    f.cached(1);
+    let p = f.stats.prefetch.snapshot();
+    assert_eq!(p.demand_overtook_background, 1, "{p:?}");
+    assert_eq!(p.demand_waited_on_background, 0, "{p:?}");
+    assert_eq!(p.demand_fetches, 1, "{p:?}");
+    assert_eq!(fetcher.gate().demand_active(), 0);
+    // Chunk 0 is still the background fetch's: a reader of it overtakes too.
+    assert!(!f.cache.is_present(0));
+    background.abort();
+}
+
+#[tokio::test]
+async fn background_fetch_skips_present_and_claimed_chunks() {
+    let f = fixture();
+    let source = f.source("registry", Behavior::Good);
+    let fetcher = f.fetcher(vec![source.clone()], quick());
+    fetcher.ensure(0..2).await.unwrap();
+    assert_eq!(fetcher.fetch_background(0..4).await.unwrap(), 2);
+    assert_eq!(fetcher.fetch_background(0..4).await.unwrap(), 0);
+    for c in 0..4 {
+        f.cached(c);
+    }
+    let p = f.stats.prefetch.snapshot();
+    assert_eq!((p.background_fetches, p.background_chunks), (1, 2), "{p:?}");
+    assert!(fetcher.inflight.lock().unwrap().is_empty());
 }
