@@ -83,14 +83,19 @@ pub struct AnnounceReply {
 }
 
 type BlockResult = Result<Bytes, (bool, String)>;
+/// Registry, repository, sha256 of the credentials header.
+type ClientKey = (String, String, [u8; 32]);
+/// Registry, repository, blob digest, sha256 of the credentials header.
+type AuthKey = (String, String, String, [u8; 32]);
 
 pub struct Supernode {
     config: SupernodeConfig,
     token: Option<String>,
     cache: Arc<BlockCache>,
     flights: Arc<SingleFlight<BlockKey, BlockResult>>,
-    clients: Mutex<HashMap<(String, String, [u8; 32]), Arc<RegistryClient>>>,
-    authorized: Mutex<HashMap<(String, String, String, [u8; 32]), Instant>>,
+    clients: Mutex<HashMap<ClientKey, Arc<RegistryClient>>>,
+    /// When the registry last accepted these credentials for this blob.
+    authorized: Mutex<HashMap<AuthKey, Instant>>,
     membership: Mutex<Membership>,
     pub counters: Arc<SupernodeCounters>,
 }
@@ -212,7 +217,7 @@ impl Supernode {
                 http::respond(StatusCode::OK, "")
             }
             (&Method::GET, "/v1/stats") => http::json(&StatsReply {
-                counters: &*self.counters,
+                counters: &self.counters,
                 cache: self.cache.usage(),
             }),
             _ => http::respond(StatusCode::NOT_FOUND, "no such endpoint\n"),
