@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 pub mod cli;
 pub mod containerd_daemon;
+pub mod cri;
+pub mod cri_images;
 pub mod eni;
 pub mod images;
 pub mod lazy_layers;

@@ -1,0 +1,115 @@
+//! containerd-shim-lazybd-v2 under CRI, driven as kubelet drives it: a pod
+//! sandbox and two containers with runtime handler `lazybd`, all served by
+//! one shim process (grouped by `io.kubernetes.cri.sandbox-id`), their
+//! output in the CRI log files and through ExecSync, then everything
+//! stopped and removed with no shim, mount or runc state left.
+
+use lazybd_tests::cri::{CriContainerd, CriOptions, LAZYBD_HANDLER};
+use lazybd_tests::cri_images::BUSYBOX_IMAGE;
+use lazybd_tests::require_root;
+
+use k8s_cri::v1::ContainerState;
+
+const SHIM: &str = "containerd-shim-lazybd-v2";
+
+fn lazybd_shims(ctd: &CriContainerd) -> Vec<u32> {
+    ctd.shims()
+        .into_iter()
+        .filter(|(_, name)| name == SHIM)
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+#[test]
+fn one_shim_serves_a_pod_and_its_two_containers() {
+    if !require_root("one_shim_serves_a_pod_and_its_two_containers") {
+        return;
+    }
+    let ctd = CriContainerd::start(CriOptions::default());
+    let pod = ctd.run_pod("pod-two", LAZYBD_HANDLER);
+    let sandbox_shims = lazybd_shims(&ctd);
+    assert_eq!(
+        sandbox_shims.len(),
+        1,
+        "shims after RunPodSandbox: {:?}",
+        ctd.shims()
+    );
+
+    let mut ids = Vec::new();
+    for name in ["alpha", "beta"] {
+        let script =
+            format!("echo hello from {name}; echo {name} to stderr >&2; exec sleep 2147483647");
+        let id = ctd.create_container(&pod, name, BUSYBOX_IMAGE, &["/bin/sh", "-c", &script]);
+        ctd.start_container(&id);
+        ids.push((name, id));
+    }
+    for (name, id) in &ids {
+        assert_eq!(
+            ctd.container_state(id),
+            ContainerState::ContainerRunning,
+            "{name}"
+        );
+        ctd.wait_for(30, &format!("{name}'s log"), || {
+            let (out, err) = ctd.container_log(&pod, name);
+            !out.is_empty() && !err.is_empty()
+        });
+        let (out, err) = ctd.container_log(&pod, name);
+        assert_eq!(out, format!("hello from {name}\n"));
+        assert_eq!(err, format!("{name} to stderr\n"));
+
+        let (code, out, err) = ctd.exec_sync(
+            id,
+            &[
+                "/bin/sh",
+                "-c",
+                "cat /proc/1/cmdline | tr '\\0' ' '; echo; echo oops >&2; exit 3",
+            ],
+        );
+        assert_eq!(code, 3, "{name}: stdout {out:?} stderr {err:?}");
+        assert!(
+            out.starts_with("sleep 2147483647"),
+            "{name}: pid 1 is {out:?}"
+        );
+        assert_eq!(err, "oops\n", "{name}");
+        let (code, out, _) = ctd.exec_sync(id, &["/bin/echo", "exec", name]);
+        assert_eq!((code, out), (0, format!("exec {name}\n")));
+    }
+
+    // The sandbox's shim took both containers: still one process, the same.
+    assert_eq!(
+        lazybd_shims(&ctd),
+        sandbox_shims,
+        "shims: {:?}",
+        ctd.shims()
+    );
+    assert!(
+        ctd.shims().iter().all(|(_, name)| name == SHIM),
+        "a runc shim was started: {:?}",
+        ctd.shims()
+    );
+
+    for (name, id) in &ids {
+        ctd.stop_container(id, 0);
+        assert_eq!(
+            ctd.container_state(id),
+            ContainerState::ContainerExited,
+            "{name}"
+        );
+        ctd.remove_container(id);
+    }
+    assert_eq!(
+        lazybd_shims(&ctd),
+        sandbox_shims,
+        "the pod's shim outlives its containers"
+    );
+    ctd.stop_pod(&pod.id);
+    ctd.remove_pod(&pod.id);
+    assert!(ctd.pods().is_empty() && ctd.containers().is_empty());
+    ctd.wait_for(30, "the shim to exit", || ctd.shims().is_empty());
+    ctd.wait_for(30, "mounts to go", || ctd.mounts().is_empty());
+    assert!(
+        ctd.runc_containers().is_empty(),
+        "runc state: {:?}",
+        ctd.runc_containers()
+    );
+}
