@@ -113,7 +113,10 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
     let mut daemon = SnapshotterDaemon::start(
         t,
         &format!(
-            "[registry]\nplain_http = [\"{}\"]\n[prefetch]\non_task_start = true\n",
+            // A capacity of one byte: every detached layer's cache goes,
+            // attached ones must stay regardless.
+            "[registry]\nplain_http = [\"{}\"]\n[prefetch]\non_task_start = true\n\
+             [cache]\ncapacity_bytes = 1\nevict_interval_secs = 1\n",
             registry.host()
         ),
     );
@@ -214,9 +217,24 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
     drop(container);
     remove(&mut c, "container-2").await;
     remove(&mut c, "container-1").await;
-    for i in (0..layers.len()).rev() {
+    // Eviction: removing the top layer detaches it and its cache goes; the
+    // layers below are still attached and keep theirs, over capacity or not.
+    let cache = |d: &str| daemon.root.join("lazy/layers").join(d.replace(':', "-"));
+    assert!(layers.iter().all(|d| cache(d).join("image").exists()));
+    remove(&mut c, &format!("chain-{}", layers.len() - 1)).await;
+    assert!(!cache(&layers[layers.len() - 1]).exists());
+    // Past a periodic eviction round, the attached ones are still there.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for d in &layers[..layers.len() - 1] {
+        assert!(
+            cache(d).join("image").exists(),
+            "{d} evicted while attached"
+        );
+    }
+    for i in (0..layers.len() - 1).rev() {
         remove(&mut c, &format!("chain-{i}")).await;
     }
+    assert!(layers.iter().all(|d| !cache(d).exists()));
     daemon.stop();
     // The first container's loop devices (from before the kill) clear once
     // its overlay is gone; the kernel may take a moment.
