@@ -194,6 +194,9 @@ struct Attached {
     /// What the loop device reads now (the FUSE file, or the image file).
     backing: PathBuf,
     local: bool,
+    /// A handoff failed: the periodic check does not retry it (every second
+    /// a warning); the next attach tries again.
+    handoff_failed: bool,
     name: String,
 }
 
@@ -641,6 +644,7 @@ impl Exposing {
             loop_dev,
             backing: backing_path,
             local,
+            handoff_failed: false,
             name: self.name,
         })
     }
@@ -737,6 +741,14 @@ async fn handoff(shared: &Shared, digest: &str) {
         }
         Err(e) => {
             counters.handoff_failures.fetch_add(1, Relaxed);
+            if let Some(a) = shared
+                .layers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(digest)
+            {
+                a.handoff_failed = true;
+            }
             warn!("layer {digest}: handoff to the local cache file failed, staying on FUSE: {e}");
         }
     }
@@ -753,7 +765,7 @@ async fn persist_periodically(shared: Shared, every: Duration) {
                 layers.values().map(|a| a.layer.clone()).collect(),
                 layers
                     .iter()
-                    .filter(|(_, a)| !a.local && a.layer.is_complete())
+                    .filter(|(_, a)| !a.local && !a.handoff_failed && a.layer.is_complete())
                     .map(|(d, _)| d.clone())
                     .collect(),
             )
