@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 pub mod cli;
+pub mod containerd;
 pub mod containerd_daemon;
 pub mod cri;
 pub mod cri_images;
