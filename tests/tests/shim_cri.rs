@@ -10,12 +10,13 @@ use lazybd_tests::require_root;
 
 use k8s_cri::v1::ContainerState;
 
-const SHIM: &str = "containerd-shim-lazybd-v2";
+const LAZYBD_SHIM: &str = "containerd-shim-lazybd-v2";
+const RUNC_SHIM: &str = "containerd-shim-runc-v2";
 
-fn lazybd_shims(ctd: &CriContainerd) -> Vec<u32> {
+fn shims_named(ctd: &CriContainerd, shim: &str) -> Vec<u32> {
     ctd.shims()
         .into_iter()
-        .filter(|(_, name)| name == SHIM)
+        .filter(|(_, name)| name == shim)
         .map(|(pid, _)| pid)
         .collect()
 }
@@ -25,9 +26,24 @@ fn one_shim_serves_a_pod_and_its_two_containers() {
     if !require_root("one_shim_serves_a_pod_and_its_two_containers") {
         return;
     }
+    pod_with_two_containers(LAZYBD_HANDLER, LAZYBD_SHIM);
+}
+
+/// The same scenario on containerd's own runc v2 shim: the expectations
+/// are containerd's behaviour, not ours.
+#[test]
+fn runc_v2_passes_the_same_pod_scenario() {
+    if !require_root("runc_v2_passes_the_same_pod_scenario") {
+        return;
+    }
+    pod_with_two_containers("runc", RUNC_SHIM);
+}
+
+fn pod_with_two_containers(handler: &str, shim: &str) {
     let ctd = CriContainerd::start(CriOptions::default());
-    let pod = ctd.run_pod("pod-two", LAZYBD_HANDLER);
-    let sandbox_shims = lazybd_shims(&ctd);
+    let pod_shims = |ctd: &CriContainerd| shims_named(ctd, shim);
+    let pod = ctd.run_pod("pod-two", handler);
+    let sandbox_shims = pod_shims(&ctd);
     assert_eq!(
         sandbox_shims.len(),
         1,
@@ -77,14 +93,14 @@ fn one_shim_serves_a_pod_and_its_two_containers() {
 
     // The sandbox's shim took both containers: still one process, the same.
     assert_eq!(
-        lazybd_shims(&ctd),
+        pod_shims(&ctd),
         sandbox_shims,
         "shims: {:?}",
         ctd.shims()
     );
     assert!(
-        ctd.shims().iter().all(|(_, name)| name == SHIM),
-        "a runc shim was started: {:?}",
+        ctd.shims().iter().all(|(_, name)| name == shim),
+        "another shim was started: {:?}",
         ctd.shims()
     );
 
@@ -98,11 +114,44 @@ fn one_shim_serves_a_pod_and_its_two_containers() {
         ctd.remove_container(id);
     }
     assert_eq!(
-        lazybd_shims(&ctd),
+        pod_shims(&ctd),
         sandbox_shims,
         "the pod's shim outlives its containers"
     );
     ctd.stop_pod(&pod.id);
+    ctd.remove_pod(&pod.id);
+    assert!(ctd.pods().is_empty() && ctd.containers().is_empty());
+    ctd.wait_for(30, "the shim to exit", || ctd.shims().is_empty());
+    ctd.wait_for(30, "mounts to go", || ctd.mounts().is_empty());
+    assert!(
+        ctd.runc_containers().is_empty(),
+        "runc state: {:?}",
+        ctd.runc_containers()
+    );
+}
+
+/// StopPodSandbox with its container still running (kubelet's path when a
+/// pod is killed as a whole): the container stops, the shim exits after
+/// RemovePodSandbox, nothing is left.
+#[test]
+fn stopping_a_pod_stops_its_running_container() {
+    if !require_root("stopping_a_pod_stops_its_running_container") {
+        return;
+    }
+    let ctd = CriContainerd::start(CriOptions::default());
+    let pod = ctd.run_pod("pod-stop", LAZYBD_HANDLER);
+    let id = ctd.create_container(
+        &pod,
+        "sleeper",
+        BUSYBOX_IMAGE,
+        &["/bin/sleep", "2147483647"],
+    );
+    ctd.start_container(&id);
+    assert_eq!(ctd.container_state(&id), ContainerState::ContainerRunning);
+    ctd.stop_pod(&pod.id);
+    assert_eq!(ctd.container_state(&id), ContainerState::ContainerExited);
+    let status = ctd.container_status(&id);
+    assert_eq!(status.exit_code, 137, "SIGKILLed: {status:?}");
     ctd.remove_pod(&pod.id);
     assert!(ctd.pods().is_empty() && ctd.containers().is_empty());
     ctd.wait_for(30, "the shim to exit", || ctd.shims().is_empty());
