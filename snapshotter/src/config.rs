@@ -23,6 +23,8 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub prefetch: PrefetchConfig,
     pub cache: CacheConfig,
+    /// P2P distribution (docs/p2p.md); absent: registry only.
+    pub p2p: Option<lazybd_blockdev::p2p::P2pConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +89,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             prefetch: PrefetchConfig::default(),
             cache: CacheConfig::default(),
+            p2p: None,
         }
     }
 }

@@ -27,6 +27,7 @@ struct LazyLayerCollector(Arc<LazySnapshotter>);
 
 type Labels = Vec<(&'static str, String)>;
 type SourceCounter = fn(&lazybd_blockdev::stats::SourceSnapshot) -> u64;
+type TransferCounter = fn(&lazybd_blockdev::p2p::peer::Transfer) -> u64;
 
 impl Collector for LazyLayerCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -61,6 +62,46 @@ impl Collector for LazyLayerCollector {
                 let labels: Labels = vec![("source", src.name.clone())];
                 ConstCounter::new(get(src)).encode(family.encode_family(&labels)?)?;
             }
+        }
+        if let Some(peer) = self.0.remote().peer() {
+            let p = peer.stats();
+            let uploads: [(&str, &str, TransferCounter); 2] = [
+                (
+                    "lazybd_p2p_uploaded_bytes",
+                    "Bytes this node uploaded to a peer",
+                    |t| t.bytes,
+                ),
+                (
+                    "lazybd_p2p_uploaded_chunks",
+                    "Chunks this node uploaded to a peer",
+                    |t| t.chunks,
+                ),
+            ];
+            for (name, help, get) in uploads {
+                let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for (to, t) in &p.uploaded_to {
+                    let labels: Labels = vec![("peer", to.clone())];
+                    ConstCounter::new(get(t)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            counter(
+                &mut enc,
+                "lazybd_p2p_corrupt_from_peers",
+                "Peer answers that failed verification (the peer was skipped)",
+                p.corrupt_from_peers,
+            )?;
+            counter(
+                &mut enc,
+                "lazybd_p2p_peer_failures",
+                "Peer requests that failed or timed out",
+                p.peer_failures,
+            )?;
+            ConstGauge::new(i64::from(p.max_chunk_uploads)).encode(enc.encode_descriptor(
+                "lazybd_p2p_max_chunk_uploads",
+                "Most copies of any one chunk this node uploaded",
+                None,
+                MetricType::Gauge,
+            )?)?;
         }
         counter(
             &mut enc,

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use lazybd_blockdev::device::{DeviceError, LayerManager};
 use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
+use lazybd_blockdev::p2p::PeerNode;
 use lazybd_blockdev::registry::{RegistryClient, RegistryOptions};
 use lazybd_blockdev::source::{ChunkSource, RegistrySource};
 use oci_spec::image::ImageManifest;
@@ -52,6 +54,8 @@ pub struct Remote {
     manifests: Mutex<HashMap<String, Arc<ImageManifest>>>,
     /// Chunk caches over this many bytes lose detached layers' caches; 0: no limit.
     cache_capacity: u64,
+    /// This node's P2P peer, when `[p2p]` is configured.
+    peer: Option<Arc<PeerNode>>,
 }
 
 impl Remote {
@@ -61,7 +65,19 @@ impl Remote {
             registry,
             manifests: Mutex::new(HashMap::new()),
             cache_capacity: 0,
+            peer: None,
         }
+    }
+
+    /// Puts peer and super-node sources in front of the registry for every
+    /// layer attached from now on, and serves attached layers to peers.
+    pub fn with_peer(mut self, peer: Arc<PeerNode>) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    pub fn peer(&self) -> Option<&Arc<PeerNode>> {
+        self.peer.as_ref()
     }
 
     /// Enforces `capacity` bytes for the chunk caches after every detach
@@ -175,21 +191,37 @@ impl Remote {
     /// Attaches the layer (idempotent); returns its EROFS mount.
     pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, String> {
         let client = self.client(&layer.image_ref)?;
-        let source: Arc<dyn ChunkSource> = Arc::new(RegistrySource::new(client, &layer.digest));
+        let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
+        if let Some(peer) = &self.peer {
+            sources.push(Arc::new(PeerSource::new(peer.clone(), &layer.digest)));
+            sources.push(Arc::new(SupernodeSource::new(
+                peer.clone(),
+                &client,
+                &layer.digest,
+                layer.blob_size,
+            )));
+        }
+        sources.push(Arc::new(RegistrySource::new(client, &layer.digest)));
         let attached = self
             .manager
             .attach(LayerSource {
                 digest: layer.digest.clone(),
                 blob_size: layer.blob_size,
                 index_location: Some((layer.index_offset, layer.index_length)),
-                sources: vec![source],
+                sources,
             })
             .await
             .map_err(|e| e.to_string())?;
+        if let (Some(peer), Some(l)) = (&self.peer, self.manager.layer(&attached.digest)) {
+            peer.serve_layer(l).await;
+        }
         Ok(attached.mountpoint)
     }
 
     pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
+        if let Some(peer) = &self.peer {
+            peer.forget_layer(digest).await;
+        }
         self.manager.detach(digest).await?;
         self.evict().await;
         Ok(())

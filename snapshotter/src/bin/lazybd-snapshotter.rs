@@ -75,8 +75,14 @@ async fn serve(config: Config) -> Result<()> {
     node.fetch.read_deadline = config.read_deadline();
     node.prefetch_rate = config.prefetch.rate_bytes_per_sec;
     let manager = LayerManager::new(node).context("setting up the lazy layer manager")?;
-    let remote = Remote::new(manager, config.registry.clone())
+    let mut remote = Remote::new(manager, config.registry.clone())
         .with_cache_capacity(config.cache.capacity_bytes);
+    if let Some(p2p) = &config.p2p {
+        let peer = lazybd_blockdev::p2p::PeerNode::start(p2p.clone())
+            .await
+            .context("starting the P2P peer")?;
+        remote = remote.with_peer(peer);
+    }
     let snapshotter = Arc::new(
         LazySnapshotter::open(&config.root, remote)
             .await
