@@ -1,21 +1,24 @@
 //! A private containerd 1.6 with its CRI plugin on, driven over CRI v1 the
 //! way kubelet drives it: RunPodSandbox, CreateContainer, ExecSync, ...
 //!
-//! Everything is private to a temp dir: root, state, sockets, runc state
-//! (the runtimes' `Root` option), the CRI registry hosts dir, CNI conf dir,
-//! pod logs. Runtimes: `runc` (io.containerd.runc.v2) and `lazybd`
+//! Everything is private to a temp dir: root, state, sockets, runc's
+//! state for the runc runtime (its `Root` option; CRI passes no runc
+//! options to other runtime types, so our shim's runc state is under the
+//! default /run/containerd/runc/k8s.io), the CRI registry hosts dir, CNI
+//! conf dir and IPAM state, pod logs. Runtimes: `runc` (io.containerd.runc.v2) and `lazybd`
 //! (io.containerd.lazybd.v2, our shim on containerd's PATH). Snapshotter:
 //! overlayfs or the lazybd proxy plugin, with the snapshot annotations on.
 //!
-//! Pods use the host network (kubelet's `hostNetwork: true`): a CNI bridge
-//! would add links and routes to the host's network namespace, which the
-//! other tests on this machine (the eni plugin's among them) must not see.
-//! The CNI conf dir holds a loopback-only network so CRI's network plugin
-//! initialises as on a node; pod networking itself is not under test here.
+//! Pods use the host network (kubelet's `hostNetwork: true`) unless
+//! [`CriOptions::pod_network`] asks for a CNI bridge (Debian's plugins in
+//! /usr/lib/cni): then containerd runs in a network namespace of its own,
+//! so the bridge and the veth peers never appear in the host's, where the
+//! other tests on this machine (the eni plugin's among them) look at links.
 //!
 //! Drop stops and removes every pod (and so every container), stops
-//! containerd, kills shims still serving it, deletes runc state and unmounts
-//! whatever is left under its dir, so a failing test leaks nothing.
+//! containerd, removes pod network namespaces CRI left, kills shims still
+//! serving it, deletes our containers' runc state and unmounts whatever is
+//! left under its dir, so a failing test leaks nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -61,13 +64,23 @@ pub struct CriOptions {
     pub snapshotter: CriSnapshotter,
     /// Registries (`host:port`) CRI pulls from over plain HTTP.
     pub plain_http_registries: Vec<String>,
+    /// Pods get their own network namespace on a CNI bridge. containerd
+    /// then runs in a network namespace of its own (it execs the CNI
+    /// plugins, so the bridge and the pods' veth peers live there, not in
+    /// the host's); it cannot reach registries on the host's 127.0.0.1.
+    /// Without it, pods use the host network.
+    pub pod_network: bool,
 }
+
+/// The pods' subnet with `pod_network`: only inside containerd's netns.
+pub const POD_SUBNET: &str = "10.233.70.0/24";
 
 impl Default for CriOptions {
     fn default() -> Self {
         CriOptions {
             snapshotter: CriSnapshotter::Overlayfs,
             plain_http_registries: Vec::new(),
+            pod_network: false,
         }
     }
 }
@@ -77,6 +90,8 @@ impl Default for CriOptions {
 pub struct Pod {
     pub id: String,
     pub config: cri::PodSandboxConfig,
+    /// The pod's network namespace (bind mount), with `pod_network`.
+    pub netns: Option<PathBuf>,
 }
 
 pub struct CriContainerd {
@@ -89,6 +104,10 @@ pub struct CriContainerd {
     /// Every pod and container id this harness made, to find their runc
     /// state in the shared default runc root.
     ids: std::sync::Mutex<Vec<String>>,
+    pod_network: bool,
+    /// Network namespaces CRI made for our pods, removed on Drop if CRI
+    /// did not.
+    netns: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 /// runc's state root for k8s.io when the runtime options name none.
@@ -114,7 +133,7 @@ impl CriContainerd {
         .unwrap();
         std::fs::write(
             d.join("cni/net.d/10-lazybd-test.conflist"),
-            r#"{"cniVersion": "1.0.0", "name": "lazybd-test", "plugins": [{"type": "loopback"}]}"#,
+            cni_conflist(d, options.pod_network),
         )
         .unwrap();
         for host in &options.plain_http_registries {
@@ -138,7 +157,7 @@ impl CriContainerd {
             CriSnapshotter::Lazybd { control, .. } => Some(control.as_path()),
             CriSnapshotter::Overlayfs => None,
         };
-        let child = spawn_containerd(d, control);
+        let child = spawn_containerd(d, control, options.pod_network);
         let socket = d.join("c.sock");
         let channel = rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -164,6 +183,8 @@ impl CriContainerd {
             dir,
             snapshotter: options.snapshotter.name(),
             ids: Default::default(),
+            pod_network: options.pod_network,
+            netns: Default::default(),
         };
         // CRI registers after containerd's own services: wait for it.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -283,8 +304,9 @@ impl CriContainerd {
         }
     }
 
-    /// RunPodSandbox `name` with `handler` (e.g. [`LAZYBD_HANDLER`]), host
-    /// network, logs under this harness's dir.
+    /// RunPodSandbox `name` with `handler` (e.g. [`LAZYBD_HANDLER`]), on
+    /// the host network or the CNI bridge ([`CriOptions::pod_network`]),
+    /// logs under this harness's dir.
     pub fn run_pod(&self, name: &str, handler: &str) -> Pod {
         let log_directory = self.dir().join("pods").join(name);
         std::fs::create_dir_all(&log_directory).unwrap();
@@ -297,12 +319,20 @@ impl CriContainerd {
             }),
             // As kubelet does for hostNetwork pods: no UTS namespace of
             // their own, so no hostname (runc refuses one without it).
-            hostname: String::new(),
+            hostname: if self.pod_network {
+                name.into()
+            } else {
+                String::new()
+            },
             log_directory: log_directory.to_string_lossy().into_owned(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
+                        network: if self.pod_network {
+                            cri::NamespaceMode::Pod as i32
+                        } else {
+                            cri::NamespaceMode::Node as i32
+                        },
                         pid: cri::NamespaceMode::Container as i32,
                         ipc: cri::NamespaceMode::Pod as i32,
                         ..Default::default()
@@ -321,11 +351,37 @@ impl CriContainerd {
                 runtime_handler: handler.into(),
             }),
         );
-        self.ids.lock().unwrap().push(reply.pod_sandbox_id.clone());
-        Pod {
-            id: reply.pod_sandbox_id,
-            config,
+        let id = reply.pod_sandbox_id;
+        self.ids.lock().unwrap().push(id.clone());
+        let netns = self.pod_network.then(|| self.pod_netns(&id));
+        if let Some(netns) = &netns {
+            self.netns.lock().unwrap().push(netns.clone());
         }
+        Pod { id, config, netns }
+    }
+
+    /// The network namespace path in the sandbox's OCI spec (verbose
+    /// PodSandboxStatus `info`).
+    fn pod_netns(&self, id: &str) -> PathBuf {
+        let mut client = self.runtime.clone();
+        let reply = self.call(
+            "PodSandboxStatus",
+            client.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: true,
+            }),
+        );
+        let info: serde_json::Value = reply
+            .info
+            .get("info")
+            .and_then(|i| serde_json::from_str(i).ok())
+            .unwrap_or_else(|| panic!("no verbose info for pod {id}: {:?}", reply.info));
+        info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .and_then(|nss| nss.iter().find(|ns| ns["type"] == "network"))
+            .and_then(|ns| ns["path"].as_str())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("pod {id} has no network namespace path: {info}"))
     }
 
     /// CreateContainer `name` in `pod` from `image`, running `command`;
@@ -645,6 +701,12 @@ impl Drop for CriContainerd {
             self.remove_all_pods();
         }
         self.stop_daemon();
+        for netns in self.netns.lock().unwrap().iter() {
+            if netns.exists() {
+                let _ = nix::mount::umount2(netns, nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_file(netns);
+            }
+        }
         for (pid, _) in self.shims() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -670,7 +732,7 @@ fn read_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
 }
 
-fn spawn_containerd(dir: &Path, control: Option<&Path>) -> Child {
+fn spawn_containerd(dir: &Path, control: Option<&Path>, own_netns: bool) -> Child {
     let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
     // Our shim first on PATH: containerd finds `containerd-shim-lazybd-v2`
     // for runtime type io.containerd.lazybd.v2 by name, as on a node.
@@ -679,7 +741,14 @@ fn spawn_containerd(dir: &Path, control: Option<&Path>) -> Child {
         dir.join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut cmd = Command::new("containerd");
+    // unshare(1) execs containerd (no fork), so the child is containerd.
+    let mut cmd = if own_netns {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", "--", "containerd"]);
+        cmd
+    } else {
+        Command::new("containerd")
+    };
     // Shims inherit containerd's environment.
     if let Some(control) = control {
         cmd.env("LAZYBD_CONTROL_SOCKET", control);
@@ -692,6 +761,29 @@ fn spawn_containerd(dir: &Path, control: Option<&Path>) -> Child {
         .stderr(log)
         .spawn()
         .expect("start containerd (hack/install-deps.sh installs it)")
+}
+
+/// A bridge network on [`POD_SUBNET`] (host-local IPAM with its state in
+/// `d`, no masquerading), or loopback only: with host-network pods CNI is
+/// never called, but CRI wants a network config to report NetworkReady.
+fn cni_conflist(d: &Path, pod_network: bool) -> String {
+    let plugins = if pod_network {
+        serde_json::json!([{
+            "type": "bridge",
+            "bridge": "lbtcni0",
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": POD_SUBNET}]],
+                "dataDir": d.join("cni/ipam"),
+            },
+        }])
+    } else {
+        serde_json::json!([{"type": "loopback"}])
+    };
+    serde_json::json!({"cniVersion": "1.0.0", "name": "lazybd-test", "plugins": plugins})
+        .to_string()
 }
 
 /// The config: a node's CRI config (docs/containerd.md) on private paths.

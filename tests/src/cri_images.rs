@@ -16,7 +16,7 @@ pub const PAUSE_IMAGE: &str = "lazybd.test/pause:1";
 pub const BUSYBOX_IMAGE: &str = "lazybd.test/busybox:1";
 
 const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "true", "ls", "tr", "hostname", "id",
+    "sh", "echo", "cat", "sleep", "true", "ls", "tr", "hostname", "id", "ip",
 ];
 
 fn busybox_layer() -> Vec<u8> {

@@ -4,7 +4,7 @@
 //! output in the CRI log files and through ExecSync, then everything
 //! stopped and removed with no shim, mount or runc state left.
 
-use lazybd_tests::cri::{CriContainerd, CriOptions, LAZYBD_HANDLER};
+use lazybd_tests::cri::{CriContainerd, CriOptions, LAZYBD_HANDLER, POD_SUBNET};
 use lazybd_tests::cri_images::BUSYBOX_IMAGE;
 use lazybd_tests::require_root;
 
@@ -92,12 +92,7 @@ fn pod_with_two_containers(handler: &str, shim: &str) {
     }
 
     // The sandbox's shim took both containers: still one process, the same.
-    assert_eq!(
-        pod_shims(&ctd),
-        sandbox_shims,
-        "shims: {:?}",
-        ctd.shims()
-    );
+    assert_eq!(pod_shims(&ctd), sandbox_shims, "shims: {:?}", ctd.shims());
     assert!(
         ctd.shims().iter().all(|(_, name)| name == shim),
         "another shim was started: {:?}",
@@ -161,4 +156,43 @@ fn stopping_a_pod_stops_its_running_container() {
         "runc state: {:?}",
         ctd.runc_containers()
     );
+}
+
+/// Pods with a network of their own (CNI bridge + host-local, inside
+/// containerd's private network namespace): both containers of the pod
+/// see the pod's one address; the pod's netns goes with RemovePodSandbox.
+#[test]
+fn a_pod_on_a_cni_bridge_shares_one_network_namespace() {
+    if !require_root("a_pod_on_a_cni_bridge_shares_one_network_namespace") {
+        return;
+    }
+    let ctd = CriContainerd::start(CriOptions {
+        pod_network: true,
+        ..CriOptions::default()
+    });
+    let pod = ctd.run_pod("pod-net", LAZYBD_HANDLER);
+    let netns = pod.netns.clone().expect("pod netns");
+    assert!(netns.exists(), "{}", netns.display());
+    let mut addrs = Vec::new();
+    for name in ["one", "two"] {
+        let id = ctd.create_container(&pod, name, BUSYBOX_IMAGE, &["/bin/sleep", "2147483647"]);
+        ctd.start_container(&id);
+        let (code, out, err) =
+            ctd.exec_sync(&id, &["/bin/ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+        assert_eq!(code, 0, "{name}: {err}");
+        let (code, host, _) = ctd.exec_sync(&id, &["/bin/hostname"]);
+        assert_eq!((code, host.as_str()), (0, "pod-net\n"), "{name}");
+        addrs.push(out);
+    }
+    let prefix = POD_SUBNET.trim_end_matches("0/24");
+    assert!(addrs[0].contains(&format!("inet {prefix}")), "{addrs:?}");
+    assert_eq!(addrs[0], addrs[1], "one pod, one network namespace");
+    // The bridge is in containerd's network namespace, not the host's.
+    assert!(!std::path::Path::new("/sys/class/net/lbtcni0").exists());
+
+    ctd.stop_pod(&pod.id);
+    ctd.remove_pod(&pod.id);
+    assert!(!netns.exists(), "pod netns left: {}", netns.display());
+    ctd.wait_for(30, "the shim to exit", || ctd.shims().is_empty());
+    ctd.wait_for(30, "mounts to go", || ctd.mounts().is_empty());
 }

@@ -41,6 +41,7 @@ fn cri_pull_attaches_layers_lazily_and_a_pod_runs_on_them() {
             control: snapshotter.control.clone(),
         },
         plain_http_registries: vec![registry.host()],
+        pod_network: false,
     });
 
     let image_ref = ctd.pull_image(&lazy);
