@@ -1022,3 +1022,237 @@ fn private_image_over_tls_with_cluster_token() {
     assert_ne!(status, 200);
     drop((a, b));
 }
+
+// ----------------------------------------------------------- snapshotter
+
+/// `lazybd-snapshotter` with a `[p2p]` table, in node `i`'s netns; SIGTERM
+/// on drop (it detaches its lazy layers).
+struct SnapshotterNode {
+    child: Child,
+    socket: PathBuf,
+    metrics: String,
+    log: PathBuf,
+}
+
+impl SnapshotterNode {
+    fn start(f: &Fabric, tmp: &Path, i: usize) -> SnapshotterNode {
+        let base = tmp.join(format!("snap{i}"));
+        std::fs::create_dir_all(&base).unwrap();
+        let (socket, log, cfg) = (base.join("s.sock"), base.join("log"), base.join("s.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[registry]\nplain_http = [\"{hub}:{PROXY_PORT}\"]\n[p2p]\n\
+                 supernode = \"http://{hub}:{SUPERNODE_PORT}\"\nlisten = \"{}:{PEER_PORT}\"\n\
+                 heartbeat_ms = 1000\n",
+                f.node_ip(i),
+                hub = f.hub_ip()
+            ),
+        )
+        .unwrap();
+        let metrics = format!("{}:9880", f.node_ip(i));
+        let mut cmd = Command::new(bin_path("lazybd-snapshotter"));
+        cmd.arg("--root")
+            .arg(base.join("root"))
+            .arg("--address")
+            .arg(&socket)
+            .arg("--control-address")
+            .arg(base.join("c.sock"))
+            .arg("--metrics-address")
+            .arg(&metrics)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        enter_netns(&mut cmd, &f.nodes[i]);
+        let child = cmd.spawn().expect("start lazybd-snapshotter");
+        let mut node = SnapshotterNode {
+            child,
+            socket,
+            metrics,
+            log,
+        };
+        for _ in 0..600 {
+            if std::os::unix::net::UnixStream::connect(&node.socket).is_ok() {
+                return node;
+            }
+            if let Ok(Some(st)) = node.child.try_wait() {
+                panic!(
+                    "snapshotter exited {st}: {}",
+                    std::fs::read_to_string(&node.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        node.stop();
+        panic!("snapshotter did not serve in 30 s");
+    }
+
+    fn metrics(&self, f: &Fabric) -> String {
+        let (status, body) = http(&f.hub, "GET", &self.metrics, "/metrics");
+        assert_eq!(status, 200);
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..600 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SnapshotterNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshotters_share_chunks_and_count_uploads_per_peer() {
+    use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+    use containerd_client::services::v1::snapshots::PrepareSnapshotRequest;
+    use lazybd_tests::snapshotter::Mounted;
+    if !require_root("snapshotters_share_chunks_and_count_uploads_per_peer") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let converted = lazybd_tests::images::publish_lazy_rich(tmp.path(), &registry);
+    let fabric = Fabric::new(24, 2);
+    let hub = fabric.hub_ip();
+    let proxy = CountingProxy::start(
+        &fabric.hub,
+        format!("{hub}:{PROXY_PORT}").parse().unwrap(),
+        registry.host().parse().unwrap(),
+    );
+    let _sn = Supernode::start(&fabric, &tmp.path().join("sn"), 1, 30_000, &[]);
+    let image = format!("{hub}:{PROXY_PORT}/rich:lazy");
+    let manifest = converted["manifest_digest"].as_str().unwrap().to_owned();
+    let layers: Vec<String> = converted["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+
+    let nodes = [
+        SnapshotterNode::start(&fabric, tmp.path(), 0),
+        SnapshotterNode::start(&fabric, tmp.path(), 1),
+    ];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        let ch = containerd_client::connect(&n.socket).await.unwrap();
+        clients.push(SnapshotsClient::new(ch));
+    }
+    // Node 0 attaches every layer first (joins each tree first), then node 1.
+    for (ni, c) in clients.iter_mut().enumerate() {
+        let mut parent = String::new();
+        for (i, layer) in layers.iter().enumerate() {
+            let target = format!("chain-{i}");
+            let labels = std::collections::HashMap::from([
+                ("containerd.io/snapshot.ref".to_string(), target.clone()),
+                ("containerd.io/snapshot/cri.image-ref".into(), image.clone()),
+                (
+                    "containerd.io/snapshot/cri.manifest-digest".into(),
+                    manifest.clone(),
+                ),
+                (
+                    "containerd.io/snapshot/cri.layer-digest".into(),
+                    layer.clone(),
+                ),
+            ]);
+            let err = c
+                .prepare(PrepareSnapshotRequest {
+                    snapshotter: "lazybd".into(),
+                    key: format!("extract-{i}"),
+                    parent: parent.clone(),
+                    labels,
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.code(),
+                containerd_client::tonic::Code::AlreadyExists,
+                "node {ni}: {err:?}\n{}",
+                std::fs::read_to_string(&nodes[ni].log).unwrap_or_default()
+            );
+            parent = target;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // Node 1 reads the whole image; node 0 relays it (it has read nothing).
+    let dir = tmp.path().join("rootfs1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounts = clients[1]
+        .prepare(PrepareSnapshotRequest {
+            snapshotter: "lazybd".into(),
+            key: "container".into(),
+            parent: format!("chain-{}", layers.len() - 1),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    {
+        let _m = Mounted::new(&mounts, &dir);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/hostname")).unwrap(),
+            "lazybd-2\n"
+        );
+        assert_eq!(std::fs::read(dir.join("data/big")).unwrap().len(), 6 << 20);
+        for p in walk(&dir) {
+            if dir.join(&p).is_file() {
+                std::fs::read(dir.join(&p)).unwrap();
+            }
+        }
+    }
+    let m0 = nodes[0].metrics(&fabric);
+    let m1 = nodes[1].metrics(&fabric);
+    let node1 = format!("{}:{PEER_PORT}", fabric.node_ip(1));
+    let up = metric(
+        &m0,
+        &format!("lazybd_p2p_uploaded_chunks_total{{peer=\"{node1}\"}}"),
+    );
+    assert!(up > 0.0, "node 0 uploaded to node 1:\n{m0}");
+    assert!(metric(&m0, "lazybd_p2p_max_chunk_uploads") <= 1.0);
+    assert!(
+        metric(&m1, r#"lazybd_source_chunks_total{source="peer"}"#) > 0.0,
+        "{m1}"
+    );
+    assert_eq!(
+        metric(&m1, r#"lazybd_source_chunks_total{source="registry"}"#),
+        0.0
+    );
+    // The registry saw each blob byte at most once across both nodes.
+    let seen = proxy.seen();
+    for layer in &layers {
+        let mut r = blob_ranges(&seen, layer);
+        r.sort();
+        for w in r.windows(2) {
+            assert!(
+                w[0].1 <= w[1].0,
+                "{layer}: registry sent bytes twice: {w:?}"
+            );
+        }
+    }
+    drop(clients);
+    drop(nodes);
+}
