@@ -44,7 +44,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let layers = reply["layers"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<73} {:<7} {:>15}  CONTAINERS",
+        "{:<73} {:<8} {:>15}  CONTAINERS",
         "LAYER", "STATE", "CHUNKS"
     );
     for l in &layers {
@@ -53,7 +53,7 @@ pub fn run(args: Args) -> Result<()> {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         println!(
-            "{:<73} {:<7} {:>15}  {}",
+            "{:<73} {:<8} {:>15}  {}",
             l["digest"].as_str().unwrap_or("?"),
             l["state"].as_str().unwrap_or("?"),
             format!("{}/{}", l["chunks_present"], l["chunks_total"]),
