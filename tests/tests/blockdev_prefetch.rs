@@ -231,6 +231,21 @@ async fn reads_go_ahead_of_a_rate_limited_prefetch() {
     assert_eq!(l.state, LayerState::Fetching, "{l:?}");
     assert!(l.chunks_present < l.chunks_total, "{l:?}");
 
+    // A restart in the middle: the new manager resumes the prefetch on
+    // attach, nobody asks again.
+    m.shutdown().await.unwrap();
+    let m = LayerManager::new(node_config(&tmp.path().join("node"), CHUNK as u64)).unwrap();
+    let attached = m
+        .attach(blob.source_with(vec![blob.file_source()]))
+        .await
+        .unwrap();
+    assert_eq!(
+        m.layers()[0].state,
+        LayerState::Fetching,
+        "{:?}",
+        m.layers()
+    );
+
     // Lift the limit: the rest arrives in the background and the loop
     // device moves to the cache file.
     m.set_prefetch_rate(0);

@@ -40,6 +40,11 @@ use crate::layer::{LayerError, LayerSource, LazyLayer};
 use crate::prefetch::{Prefetcher, PriorityGate};
 use crate::stats::{Stats, StatsSnapshot};
 
+/// In a layer's cache directory: a prefetch was asked for. A restarted
+/// process resumes it on attach, so a layer under a running container does
+/// not stay dependent on the daemon just because the daemon restarted.
+const PREFETCH_MARKER: &str = "prefetch";
+
 /// How long detach waits for the kernel to clear a loop device.
 const LOOP_CLEAR_WAIT: Duration = Duration::from_secs(5);
 
@@ -274,7 +279,7 @@ impl LayerManager {
     /// background (on-demand reads go first); when it is complete, the loop
     /// device is switched to the local cache file.
     pub fn prefetch(&self, digest: &str) -> Result<PrefetchStart, DeviceError> {
-        let layer = {
+        let (layer, name) = {
             let layers = self.shared.layers.lock().unwrap_or_else(|e| e.into_inner());
             let a = layers
                 .get(digest)
@@ -282,8 +287,20 @@ impl LayerManager {
             if a.local {
                 return Ok(PrefetchStart::AlreadyLocal);
             }
-            a.layer.clone()
+            (a.layer.clone(), a.name.clone())
         };
+        let marker = self
+            .config
+            .root
+            .join("layers")
+            .join(name)
+            .join(PREFETCH_MARKER);
+        if let Err(e) = std::fs::write(&marker, b"") {
+            warn!(
+                "layer {digest}: writing {}: {e} (a restart will not resume the prefetch)",
+                marker.display()
+            );
+        }
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         if jobs.get(digest).is_some_and(|h| !h.is_finished()) {
             return Ok(PrefetchStart::AlreadyRunning);
@@ -435,6 +452,14 @@ impl LayerManager {
                 } else {
                     "FUSE"
                 };
+                let resume = !attached.local
+                    && self
+                        .config
+                        .root
+                        .join("layers")
+                        .join(&attached.name)
+                        .join(PREFETCH_MARKER)
+                        .exists();
                 self.shared
                     .layers
                     .lock()
@@ -445,6 +470,10 @@ impl LayerManager {
                     info.mountpoint.display(),
                     info.loop_device.display()
                 );
+                if resume {
+                    info!("layer {digest}: resuming the prefetch asked for before");
+                    self.prefetch(&digest)?;
+                }
                 Ok(info)
             }
             Err(e) => {
