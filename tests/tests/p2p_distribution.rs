@@ -215,6 +215,8 @@ struct CountingProxy {
     seen: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// Bytes the registry sent through the proxy.
+    egress: Arc<AtomicU64>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -225,7 +227,8 @@ impl CountingProxy {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (s2, st2, c2) = (seen.clone(), stop.clone(), conns.clone());
+        let egress = Arc::new(AtomicU64::new(0));
+        let (s2, st2, c2, e2) = (seen.clone(), stop.clone(), conns.clone(), egress.clone());
         let accept = std::thread::spawn(move || {
             while !st2.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -242,8 +245,15 @@ impl CountingProxy {
                         }
                         let (mut up_r, mut cl_w) =
                             (up.try_clone().unwrap(), client.try_clone().unwrap());
+                        let egress = e2.clone();
                         std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut up_r, &mut cl_w);
+                            let mut buf = vec![0u8; 64 << 10];
+                            while let Ok(n) = up_r.read(&mut buf) {
+                                if n == 0 || cl_w.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                egress.fetch_add(n as u64, Ordering::Relaxed);
+                            }
                             let _ = cl_w.shutdown(Shutdown::Both);
                         });
                         let seen = s2.clone();
@@ -260,6 +270,7 @@ impl CountingProxy {
             seen,
             stop,
             conns,
+            egress,
             accept: Some(accept),
         }
     }
@@ -351,11 +362,23 @@ impl Supernode {
         member_ttl_ms: u64,
         extra: &[&dyn AsRef<std::ffi::OsStr>],
     ) -> Supernode {
+        let reg = format!("{}:{PROXY_PORT}", f.hub_ip());
+        Self::start_with_registry(f, dir, fanout, member_ttl_ms, extra, &reg)
+    }
+
+    fn start_with_registry(
+        f: &Fabric,
+        dir: &Path,
+        fanout: usize,
+        member_ttl_ms: u64,
+        extra: &[&dyn AsRef<std::ffi::OsStr>],
+        registry: &str,
+    ) -> Supernode {
         let mut cmd = Command::new(bin_path("lazybd-supernode"));
         cmd.arg("--listen")
             .arg(format!("{}:{SUPERNODE_PORT}", f.hub_ip()))
             .arg("--registry")
-            .arg(format!("{}:{PROXY_PORT}", f.hub_ip()))
+            .arg(registry)
             .arg("--plain-http")
             .arg("--cache-dir")
             .arg(dir)
@@ -387,6 +410,18 @@ impl Supernode {
             );
         }
         sn
+    }
+
+    /// A super node whose registry is at `registry_ip` instead of the hub.
+    fn start_for(
+        f: &Fabric,
+        dir: &Path,
+        fanout: usize,
+        ttl_ms: u64,
+        registry_ip: &str,
+    ) -> Supernode {
+        let reg = format!("{registry_ip}:{PROXY_PORT}");
+        Self::start_with_registry(f, dir, fanout, ttl_ms, &[], &reg)
     }
 
     fn kill(&mut self) {
@@ -1255,4 +1290,172 @@ async fn snapshotters_share_chunks_and_count_uploads_per_peer() {
     }
     drop(clients);
     drop(nodes);
+}
+
+// ---------------------------------------------------------------- bench
+
+/// The registry's side of the datacenter link: its own netns on the bridge
+/// at 10.213.N.2 whose egress is shaped with tc tbf, so both direct reads
+/// and the super node's misses pay for the registry's bandwidth.
+struct RegistryLink {
+    ns: String,
+}
+
+impl RegistryLink {
+    fn new(f: &Fabric, rate: &str) -> RegistryLink {
+        let ns = format!("lzbp2p{}-reg", f.subnet);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &ns]);
+        let link = RegistryLink { ns: ns.clone() };
+        ip(&[
+            "-n", &f.hub, "link", "add", "vreg", "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ]);
+        ip(&["-n", &f.hub, "link", "set", "vreg", "master", "br0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.213.{}.2/24", f.subnet),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
+            ])
+            .args(["rate", rate, "burst", "256kb", "latency", "500ms"])
+            .output()
+            .expect("run tc");
+        assert!(
+            out.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        link
+    }
+}
+
+impl Drop for RegistryLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `hack/bench-p2p.sh` runs this: distribution of one image to 1/4/8 nodes
+/// over a shaped registry link, P2P against every node reading the registry
+/// directly. Prints one markdown table row per run. Env:
+/// LAZYBD_BENCH_NODES (default "1,4,8"), LAZYBD_BENCH_RATE (tc rate, default
+/// "200mbit"), LAZYBD_BENCH_MIB (image payload, default 32).
+#[test]
+#[ignore = "benchmark: run with hack/bench-p2p.sh"]
+fn bench_p2p() {
+    if !require_root("bench_p2p") {
+        return;
+    }
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let counts: Vec<usize> = env("LAZYBD_BENCH_NODES", "1,4,8")
+        .split(',')
+        .map(|n| n.trim().parse().expect("LAZYBD_BENCH_NODES"))
+        .collect();
+    let rate = env("LAZYBD_BENCH_RATE", "200mbit");
+    let mib: usize = env("LAZYBD_BENCH_MIB", "32").parse().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(tree.join("data")).unwrap();
+    std::fs::write(tree.join("data/payload.bin"), noise(11, mib << 20)).unwrap();
+    let out = tmp.path().join("blob");
+    std::fs::create_dir_all(&out).unwrap();
+    let blob = BlobFile::from_tree(&tree, &out, 1 << 20);
+    let layout = tmp.path().join("layout");
+    write_layout(&layout, &[&blob], LAZYBD_LAYER);
+    registry.push_layout(&layout, "latest", "p2p:latest");
+    println!("| nodes | mode | registry egress (MiB) | time to all complete (s) |");
+    println!("|---|---|---|---|");
+    for &n in &counts {
+        for p2p in [false, true] {
+            let run = tmp.path().join(format!("run-{n}-{p2p}"));
+            std::fs::create_dir_all(&run).unwrap();
+            let fabric = Fabric::new(25, n);
+            let link = RegistryLink::new(&fabric, &rate);
+            let reg_ip = format!("10.213.{}.2", fabric.subnet);
+            let proxy = CountingProxy::start(
+                &link.ns,
+                format!("{reg_ip}:{PROXY_PORT}").parse().unwrap(),
+                registry.host().parse().unwrap(),
+            );
+            let image = format!("{reg_ip}:{PROXY_PORT}/p2p:latest");
+            let sn =
+                p2p.then(|| Supernode::start_for(&fabric, &run.join("sn"), 4, 10_000, &reg_ip));
+            let nodes: Vec<Node> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..n)
+                    .map(|i| {
+                        let (f, r, img) = (&fabric, &run, &image);
+                        s.spawn(move || {
+                            if p2p {
+                                mount_node(f, r, i, img, "", &[])
+                            } else {
+                                mount_direct(f, r, i, img)
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().expect("mount")).collect()
+            });
+            std::thread::sleep(Duration::from_millis(1500));
+            let before = proxy.egress.load(Ordering::Relaxed);
+            let started = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for node in &nodes {
+                    let (t, d) = (&tree, &node.dir);
+                    s.spawn(move || check_tree(t, d).expect("read"));
+                }
+            });
+            let secs = started.elapsed().as_secs_f64();
+            let egress = proxy.egress.load(Ordering::Relaxed) - before;
+            println!(
+                "| {n} | {} | {:.1} | {secs:.2} |",
+                if p2p { "P2P" } else { "direct" },
+                egress as f64 / f64::from(1 << 20)
+            );
+            drop(nodes);
+            drop(sn);
+            drop(proxy);
+            drop(link);
+            drop(fabric);
+        }
+    }
+}
+
+/// A node reading the registry directly (no P2P), for the bench baseline.
+fn mount_direct(f: &Fabric, tmp: &Path, i: usize, image: &str) -> Node {
+    let base = tmp.join(format!("node{i}"));
+    std::fs::create_dir_all(base.join("mnt")).unwrap();
+    let (root, dir) = (base.join("root"), base.join("mnt"));
+    let mut cmd = Command::new(bin_path("lazybd"));
+    cmd.arg("mount")
+        .arg("--root")
+        .arg(&root)
+        .arg("--plain-http")
+        .arg(image)
+        .arg(&dir);
+    enter_netns(&mut cmd, &f.nodes[i]);
+    let guard = MountGuard::new(&root, &dir);
+    ok(&cmd.output().expect("run lazybd mount"));
+    Node {
+        i,
+        addr: String::new(),
+        dir,
+        guard,
+    }
 }
