@@ -110,6 +110,8 @@ pub struct CriContainerd {
     netns: std::sync::Mutex<Vec<PathBuf>>,
 }
 
+/// Where libcni keeps ADD results, named `<network>-<container id>-<ifname>`.
+const CNI_CACHE_DIR: &str = "/var/lib/cni/results";
 /// runc's state root for k8s.io when the runtime options name none.
 const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
 
@@ -705,6 +707,17 @@ impl Drop for CriContainerd {
             if netns.exists() {
                 let _ = nix::mount::umount2(netns, nix::mount::MntFlags::MNT_DETACH);
                 let _ = std::fs::remove_file(netns);
+            }
+        }
+        // libcni caches each ADD result under a fixed dir (containerd 1.6
+        // has no setting for it); a DEL CRI never got to do leaves one.
+        let ids = self.ids.lock().unwrap().clone();
+        if let Ok(cache) = std::fs::read_dir(CNI_CACHE_DIR) {
+            for entry in cache.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if ids.iter().any(|id| name.contains(id.as_str())) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
         for (pid, _) in self.shims() {

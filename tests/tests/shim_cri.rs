@@ -193,6 +193,14 @@ fn a_pod_on_a_cni_bridge_shares_one_network_namespace() {
     ctd.stop_pod(&pod.id);
     ctd.remove_pod(&pod.id);
     assert!(!netns.exists(), "pod netns left: {}", netns.display());
+    let cached: Vec<_> = std::fs::read_dir("/var/lib/cni/results")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(&pod.id))
+        .map(|e| e.path())
+        .collect();
+    assert!(cached.is_empty(), "CNI results left: {cached:?}");
     ctd.wait_for(30, "the shim to exit", || ctd.shims().is_empty());
     ctd.wait_for(30, "mounts to go", || ctd.mounts().is_empty());
 }
