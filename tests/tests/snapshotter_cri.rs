@@ -2,7 +2,8 @@
 //! `snapshotter = "lazybd"` and `disable_snapshot_annotations = false`
 //! pulls a converted image from a registry with CRI PullImage (every layer
 //! attached lazily, nothing downloaded in full), then a pod and a container
-//! run on it through containerd-shim-lazybd-v2, reading a few files.
+//! run on it through containerd-shim-lazybd-v2, reading a few files; with
+//! prefetch on task-start, the container's start makes its layers local.
 
 use std::path::{Path, PathBuf};
 
