@@ -40,6 +40,38 @@ pub type Body = Full<Bytes>;
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> HandlerFuture + Send + Sync>;
 
+/// Bounds the response bytes being assembled at once, so many concurrent
+/// large range requests cannot exhaust memory: a request waits for room,
+/// then gives up with 503.
+pub struct ByteBudget {
+    units: Semaphore,
+}
+
+const BUDGET_UNIT: u64 = 64 << 10;
+/// Response bytes one server assembles at once.
+pub const DEFAULT_BUDGET: u64 = 512 << 20;
+
+impl ByteBudget {
+    pub fn new(bytes: u64) -> Self {
+        ByteBudget {
+            units: Semaphore::new((bytes / BUDGET_UNIT).max(1) as usize),
+        }
+    }
+
+    pub async fn reserve(
+        &self,
+        bytes: u64,
+        wait: Duration,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let want = bytes.div_ceil(BUDGET_UNIT).max(1);
+        let want = u32::try_from(want).ok()?;
+        tokio::time::timeout(wait, self.units.acquire_many(want))
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
 pub fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;

@@ -74,6 +74,7 @@ pub struct PeerNode {
     pub(super) corrupt_from_peers: AtomicU64,
     pub(super) peer_failures: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    budget: http::ByteBudget,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,6 +114,7 @@ impl PeerNode {
             corrupt_from_peers: AtomicU64::new(0),
             peer_failures: AtomicU64::new(0),
             tasks: Mutex::default(),
+            budget: http::ByteBudget::new(http::DEFAULT_BUDGET),
         });
         let me = node.clone();
         let handler: http::Handler = Arc::new(move |req, remote| {
@@ -318,6 +320,15 @@ impl PeerNode {
             .ok_or_else(|| bad("range is not a run of whole chunks"))?;
         let image = layer.index().image_range(chunks.start).start
             ..layer.index().image_range(chunks.end - 1).end;
+        // The decoded chunks and their rebuilt stored form, both in memory.
+        let _room = self
+            .budget
+            .reserve(
+                image.end - image.start + (end - start),
+                self.config.peer_timeout(),
+            )
+            .await
+            .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "busy\n".to_owned()))?;
         let data = layer
             .read(image.start, (image.end - image.start) as u32)
             .await

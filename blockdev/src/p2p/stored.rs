@@ -41,6 +41,38 @@ pub fn rebuild(index: &Index, c: u64, data: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// What a peer rebuilds from its decoded cache is the converter's
+    /// stored bytes, chunk for chunk (raw, zstd and zero chunks).
+    #[test]
+    fn rebuilt_chunks_equal_the_converters() {
+        let mut image: Vec<u8> = (0..300_000u32).map(|i| (i % 7) as u8).collect();
+        image.extend(vec![0u8; 128 << 10]);
+        let mut x = 1u64;
+        image.extend((0..200_000).map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        }));
+        let mut blob = Vec::new();
+        let written = crate::format::write_blob(&image[..], &mut blob, 64 << 10).unwrap();
+        let index = &written.index;
+        let kinds: std::collections::HashSet<u8> =
+            index.chunks.iter().map(|e| e.kind as u8).collect();
+        assert_eq!(kinds.len(), 3, "raw, zstd and zero chunks");
+        for c in 0..index.chunk_count() {
+            let r = index.image_range(c);
+            let data = &image[r.start as usize..r.end as usize];
+            let stored = &blob[index.chunks[c as usize].stored_range().start as usize
+                ..index.chunks[c as usize].stored_range().end as usize];
+            assert_eq!(
+                rebuild(index, c, data).as_deref(),
+                Some(stored),
+                "chunk {c}"
+            );
+        }
+    }
+
     #[test]
     fn a_padded_frame_decodes_to_the_same_data() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();

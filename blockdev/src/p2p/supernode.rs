@@ -97,6 +97,7 @@ pub struct Supernode {
     /// When the registry last accepted these credentials for this blob.
     authorized: Mutex<HashMap<AuthKey, Instant>>,
     membership: Mutex<Membership>,
+    budget: http::ByteBudget,
     pub counters: Arc<SupernodeCounters>,
 }
 
@@ -115,6 +116,7 @@ impl Supernode {
             )),
             token,
             cache,
+            budget: http::ByteBudget::new(http::DEFAULT_BUDGET),
             flights: Arc::default(),
             clients: Mutex::default(),
             authorized: Mutex::default(),
@@ -249,6 +251,16 @@ impl Supernode {
             return Err(bad("bad range"));
         }
         let auth = auth_from_header(auth_header).map_err(|e| bad(&e))?;
+        let _room = self
+            .budget
+            .reserve(end - start, self.config.registry_timeout)
+            .await
+            .ok_or_else(|| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy, try again\n".to_owned(),
+                )
+            })?;
         let cred: [u8; 32] = Sha256::digest(auth_header.as_bytes()).into();
         let client = self.client(registry, repo, auth, cred)?;
         self.authorize(registry, repo, digest, cred, &client)
