@@ -13,6 +13,16 @@ use lazybd_tests::lazy_layers::{leftovers, walk, write_layout, BlobFile};
 use lazybd_tests::require_root;
 
 const CHUNK: u32 = 64 << 10;
+
+/// The tests of this file run one at a time: a child process forked by one
+/// (mkfs.erofs, lazybd) briefly inherits every fd of this process until it
+/// execs, including files open inside another test's mounts, which then
+/// fail to unmount with EBUSY.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 const LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
 
 fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -78,6 +88,7 @@ fn prefetch_hands_off_to_the_cache_file_and_reads_survive_the_daemon() {
     if !require_root("prefetch_hands_off_to_the_cache_file_and_reads_survive_the_daemon") {
         return;
     }
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (_, lower) = blob(tmp.path(), "lower", 1);
     let (upper_tree, upper) = blob(tmp.path(), "upper", 7);
@@ -198,10 +209,13 @@ async fn wait_for_state(m: &LayerManager, digest: &str, want: LayerState) -> Lay
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Each test has its own runtime; the guard only keeps other tests out.
+#[allow(clippy::await_holding_lock)]
 async fn reads_go_ahead_of_a_rate_limited_prefetch() {
     if !require_root("reads_go_ahead_of_a_rate_limited_prefetch") {
         return;
     }
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (tree, blob) = blob(tmp.path(), "layer", 3);
     // About one chunk per second: the 4 MiB layer would take a minute.
@@ -268,10 +282,13 @@ async fn reads_go_ahead_of_a_rate_limited_prefetch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Each test has its own runtime; the guard only keeps other tests out.
+#[allow(clippy::await_holding_lock)]
 async fn eviction_removes_detached_caches_and_never_attached_ones() {
     if !require_root("eviction_removes_detached_caches_and_never_attached_ones") {
         return;
     }
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (tree_a, a) = blob(tmp.path(), "a", 11);
     let (tree_b, b) = blob(tmp.path(), "b", 13);

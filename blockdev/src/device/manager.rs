@@ -311,10 +311,11 @@ impl LayerManager {
             digest.to_owned(),
         );
         info!("layer {digest}: background prefetch started");
+        let job = self.gate.job();
         jobs.insert(
             digest.to_owned(),
             tokio::spawn(async move {
-                match prefetcher.run(&layer).await {
+                match prefetcher.run(&layer, job).await {
                     Ok(()) => {
                         drop(layer);
                         handoff(&shared, &d).await;

@@ -56,9 +56,11 @@ impl Prefetcher {
     }
 
     /// Fetches every missing chunk of `layer`; returns when the cache is
-    /// complete. Cancel it by dropping (aborting) the task.
-    pub async fn run(&self, layer: &LazyLayer) -> Result<(), PrefetchError> {
-        let _job = self.gate.job();
+    /// complete. Cancel it by dropping (aborting) the task. `_job` (from
+    /// [`PriorityGate::job`], taken before the task is spawned, so reads
+    /// right after the start already count as "during a prefetch") is held
+    /// until the job ends.
+    pub async fn run(&self, layer: &LazyLayer, _job: JobGuard) -> Result<(), PrefetchError> {
         let total = layer.index().chunk_count();
         let mut last_err = None;
         for pass in 0..PASSES {
