@@ -262,13 +262,42 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         tar.append_dir_all(".", &layout).unwrap();
         tar.finish().unwrap();
         drop(tar);
-        self.ctr_ok(&[
-            "images",
-            "import",
-            "--index-name",
-            name,
-            archive.to_str().unwrap(),
-        ]);
+        // Named by the layout's ref annotation alone: `--index-name` would make
+        // a second image of the same name, whose update to the manifest lets
+        // containerd's GC collect the index while the import still reads it.
+        self.ctr_ok(&["images", "import", archive.to_str().unwrap()]);
+    }
+
+    /// Sets task `id`'s memory limit through containerd's Tasks.Update (ctr
+    /// 1.6 has no `task update`), as CRI's UpdateContainerResources does.
+    pub fn update_memory_limit(&self, id: &str, bytes: i64) {
+        use containerd_client::{
+            services::v1::{tasks_client::TasksClient, UpdateTaskRequest},
+            tonic::Request,
+            with_namespace,
+        };
+        let resources = serde_json::json!({"memory": {"limit": bytes}});
+        let req = UpdateTaskRequest {
+            container_id: id.to_string(),
+            resources: Some(prost_types::Any {
+                // containerd's type URL for runtime-spec types, JSON-encoded.
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+                value: serde_json::to_vec(&resources).unwrap(),
+            }),
+            annotations: Default::default(),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let channel = containerd_client::connect(self.socket()).await.unwrap();
+            let req = with_namespace!(req, self.namespace.as_str());
+            TasksClient::new(channel)
+                .update(req)
+                .await
+                .unwrap_or_else(|e| panic!("update {id}: {e}\n{}", self.log_tail()));
+        });
     }
 
     /// Pids of shim processes serving this containerd.
