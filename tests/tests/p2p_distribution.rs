@@ -690,9 +690,19 @@ fn eight_nodes_share_one_registry_copy() {
     drop(nodes);
 }
 
-/// A fake peer: answers every chunk request with the right length of
-/// garbage (`truncate`: a full Content-Length, then half the body and a
-/// closed connection, like a peer killed mid-transfer).
+/// How a [`FakePeer`] misbehaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Fake {
+    /// The right length of garbage.
+    Corrupt,
+    /// A full Content-Length, then half the body and a closed connection,
+    /// like a peer killed mid-transfer.
+    Truncate,
+    /// Nothing for 8 s (longer than the nodes' peer timeout), then garbage.
+    Slow,
+}
+
+/// A fake peer that answers every chunk request badly (see [`Fake`]).
 struct FakePeer {
     stop: Arc<AtomicBool>,
     pub requests: Arc<AtomicU64>,
@@ -700,7 +710,7 @@ struct FakePeer {
 }
 
 impl FakePeer {
-    fn start(hub: &str, addr: SocketAddr, truncate: bool) -> FakePeer {
+    fn start(hub: &str, addr: SocketAddr, mode: Fake) -> FakePeer {
         let listener = in_netns(hub, move || {
             TcpListener::bind(addr).expect("bind fake peer")
         });
@@ -748,7 +758,10 @@ impl FakePeer {
                     s,
                     "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
                 );
-                let body = vec![0x5au8; if truncate { len / 2 } else { len }];
+                if mode == Fake::Slow {
+                    std::thread::sleep(Duration::from_secs(8));
+                }
+                let body = vec![0x5au8; if mode == Fake::Truncate { len / 2 } else { len }];
                 let _ = s.write_all(&body);
                 let _ = s.shutdown(Shutdown::Both);
             }
@@ -789,8 +802,16 @@ fn faults_dead_and_lying_peers_super_node_and_registry_down() {
     let mut sn = Supernode::start(&fabric, &tmp.path().join("sn"), 1, 120_000, &[]);
     let sn_addr = format!("{hub}:{SUPERNODE_PORT}");
     let image = format!("{hub}:{PROXY_PORT}/p2p:latest");
-    let dying = FakePeer::start(&fabric.hub, format!("{hub}:7071").parse().unwrap(), true);
-    let liar = FakePeer::start(&fabric.hub, format!("{hub}:7072").parse().unwrap(), false);
+    let dying = FakePeer::start(
+        &fabric.hub,
+        format!("{hub}:7071").parse().unwrap(),
+        Fake::Truncate,
+    );
+    let liar = FakePeer::start(
+        &fabric.hub,
+        format!("{hub}:7072").parse().unwrap(),
+        Fake::Corrupt,
+    );
     let announce = |addr: &str| {
         let (status, body) = http(
             &fabric.hub,
@@ -846,6 +867,55 @@ fn faults_dead_and_lying_peers_super_node_and_registry_down() {
             .unwrap_or_else(|e| panic!("node {} after registry down: {e}", n.i));
     }
     drop((a, b, c));
+}
+
+#[test]
+fn slow_parent_is_skipped_after_the_peer_timeout() {
+    if !require_root("slow_parent_is_skipped_after_the_peer_timeout") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let (tree, blob) = publish_image(tmp.path(), &registry);
+    let fabric = Fabric::new(26, 1);
+    let hub = fabric.hub_ip();
+    let _proxy = CountingProxy::start(
+        &fabric.hub,
+        format!("{hub}:{PROXY_PORT}").parse().unwrap(),
+        registry.host().parse().unwrap(),
+    );
+    let _sn = Supernode::start(&fabric, &tmp.path().join("sn"), 1, 120_000, &[]);
+    let slow = FakePeer::start(
+        &fabric.hub,
+        format!("{hub}:7073").parse().unwrap(),
+        Fake::Slow,
+    );
+    let (status, _) = http(
+        &fabric.hub,
+        "POST",
+        &format!("{hub}:{SUPERNODE_PORT}"),
+        &format!("/v1/announce?blob={}&addr={hub}:7073", blob.digest),
+    );
+    assert_eq!(status, 200);
+    let a = mount_node(
+        &fabric,
+        tmp.path(),
+        0,
+        &format!("{hub}:{PROXY_PORT}/p2p:latest"),
+        "",
+        &[],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    check_tree(&tree, &a.dir).expect("node A reads correct data past its slow parent");
+    let st = a.p2p_stats(&fabric);
+    assert!(slow.requests.load(Ordering::SeqCst) > 0, "{st}");
+    assert!(st["peer_failures"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(
+        st["corrupt_from_peers"], 0,
+        "the late garbage never arrived: {st}"
+    );
+    assert!(a.source_chunks("supernode") > 0);
+    drop(a);
 }
 
 /// `curl` inside netns `ns` (no mounts needed there); returns (status, body).
