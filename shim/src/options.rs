@@ -14,6 +14,7 @@ use containerd_shim_protos::{
     shim::oci::Options,
 };
 use log::info;
+use serde::Deserialize;
 
 use crate::{error::Error, error::Result, runc::Runc};
 
@@ -49,10 +50,17 @@ impl RuntimeOptions {
                 })?,
                 config_path: None,
             }),
-            CRI_RUNTIME_OPTIONS => Ok(Self {
-                runc: Options::default(),
-                config_path: Some(decode_cri_config_path(&any.value)?),
-            }),
+            CRI_RUNTIME_OPTIONS => {
+                let config_path = decode_cri_config_path(&any.value)?;
+                let runc = match config_path.as_str() {
+                    "" => Options::default(),
+                    path => read_config_file(Path::new(path))?,
+                };
+                Ok(Self {
+                    runc,
+                    config_path: Some(config_path),
+                })
+            }
             other => Err(Error::InvalidArgument(format!(
                 "unsupported runtime options type {other:?} (want {RUNC_OPTIONS} or {CRI_RUNTIME_OPTIONS})"
             ))),
@@ -96,6 +104,42 @@ impl RuntimeOptions {
             log: bundle.join("log.json"),
         }
     }
+}
+
+/// The runc options a CRI runtime's `ConfigPath` file sets: containerd 1.6
+/// and 1.7 pass a runtime's `options` table as runc options only to
+/// `io.containerd.runc.*` runtimes, so under CRI this file is how runc's
+/// binary, root and cgroup driver are chosen for the lazybd runtime.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+struct ConfigFile {
+    #[serde(default)]
+    binary_name: String,
+    #[serde(default)]
+    root: String,
+    #[serde(default)]
+    systemd_cgroup: bool,
+    #[serde(default)]
+    no_pivot_root: bool,
+    #[serde(default)]
+    shim_cgroup: String,
+}
+
+fn read_config_file(path: &Path) -> Result<Options> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::InvalidArgument(format!("runtime config file {}: {e}", path.display()))
+    })?;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+        Error::InvalidArgument(format!("runtime config file {}: {e}", path.display()))
+    })?;
+    Ok(Options {
+        binary_name: file.binary_name,
+        root: file.root,
+        systemd_cgroup: file.systemd_cgroup,
+        no_pivot_root: file.no_pivot_root,
+        shim_cgroup: file.shim_cgroup,
+        ..Default::default()
+    })
 }
 
 /// `runtimeoptions.v1.Options.config_path` (field 2); the crate set has no
@@ -156,24 +200,45 @@ mod tests {
         assert!(runc.systemd_cgroup);
     }
 
+    /// CRI's `runtimeoptions.v1.Options`: type_url "x" (field 1), then `path` (field 2).
+    fn cri_options(path: &str) -> Any {
+        let mut value = vec![0x0a, 1, b'x', 0x12, path.len() as u8];
+        value.extend_from_slice(path.as_bytes());
+        any("type.googleapis.com/runtimeoptions.v1.Options", value)
+    }
+
     #[test]
     fn cri_runtime_options_are_not_read_as_runc_options() {
-        // type_url "x" (field 1) then config_path "/etc/lazybd/shim.toml" (field 2)
-        let mut value = vec![0x0a, 1, b'x', 0x12, 21];
-        value.extend_from_slice(b"/etc/lazybd/shim.toml");
-        let decoded = RuntimeOptions::decode(Some(&any(
-            "type.googleapis.com/runtimeoptions.v1.Options",
-            value,
-        )))
-        .unwrap();
-        assert_eq!(
-            decoded.config_path.as_deref(),
-            Some("/etc/lazybd/shim.toml")
-        );
+        let decoded = RuntimeOptions::decode(Some(&cri_options(""))).unwrap();
+        assert_eq!(decoded.config_path.as_deref(), Some(""));
         assert_eq!(decoded.runc, Options::default());
         let runc = decoded.runc("default", Path::new("/b"));
         assert_eq!(runc.binary, PathBuf::from("runc"));
         assert_eq!(runc.root, PathBuf::from("/run/containerd/runc/default"));
+    }
+
+    #[test]
+    fn a_cri_config_file_sets_the_runc_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shim.toml");
+        std::fs::write(
+            &path,
+            "BinaryName = \"/usr/local/bin/crun\"\nRoot = \"/run/alt\"\nSystemdCgroup = true\n",
+        )
+        .unwrap();
+        let decoded = RuntimeOptions::decode(Some(&cri_options(path.to_str().unwrap()))).unwrap();
+        let runc = decoded.runc("k8s.io", Path::new("/b"));
+        assert_eq!(runc.binary, PathBuf::from("/usr/local/bin/crun"));
+        assert_eq!(runc.root, PathBuf::from("/run/alt/k8s.io"));
+        assert!(runc.systemd_cgroup);
+
+        std::fs::write(&path, "BinaryNam = \"typo\"\n").unwrap();
+        let err = RuntimeOptions::decode(Some(&cri_options(path.to_str().unwrap()))).unwrap_err();
+        assert!(err.to_string().contains("BinaryNam"), "{err}");
+        let missing = dir.path().join("missing.toml");
+        let err =
+            RuntimeOptions::decode(Some(&cri_options(missing.to_str().unwrap()))).unwrap_err();
+        assert!(err.to_string().contains("missing.toml"), "{err}");
     }
 
     #[test]
