@@ -513,3 +513,63 @@ fn killed_shim_is_cleaned_up_by_containerd() {
             .any(|m| m.contains("io.containerd.runtime.v2.task"))
     });
 }
+
+#[test]
+fn runc_options_come_from_the_runtime_config_file() {
+    if !lazybd_tests::require_root("runc_options_come_from_the_runtime_config_file") {
+        return;
+    }
+    let ctd = Containerd::start();
+    // A runc that leaves a mark, so the test sees which binary the shim ran.
+    let mark = ctd.dir().join("wrapped-runc.log");
+    let wrapper = ctd.dir().join("wrapped-runc");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\nexec runc \"$@\"\n",
+            mark.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = ctd.dir().join("shim.toml");
+    std::fs::write(&config, format!("BinaryName = \"{}\"\n", wrapper.display())).unwrap();
+    let rootfs = ctd.rootfs();
+    let run = |id: &str| {
+        ctd.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            LAZYBD_RUNTIME,
+            "--runtime-config-path",
+            config.to_str().unwrap(),
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            id,
+            "/bin/echo",
+            "wrapped",
+        ])
+    };
+    let out = run("cfg-ok");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "wrapped",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = std::fs::read_to_string(&mark).expect("the configured runc was not run");
+    assert!(calls.lines().any(|l| l.contains("create")), "{calls}");
+
+    // A typo in the file fails the container with the reason, and leaves no shim.
+    std::fs::write(&config, "BinaryNam = \"runc\"\n").unwrap();
+    let out = run("cfg-bad");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("BinaryNam"), "{err}");
+    ctd.ctr(&["containers", "rm", "cfg-bad"]);
+    ctd.wait_for(30, "no shim left", || ctd.shim_pids().is_empty());
+}
