@@ -573,3 +573,54 @@ fn runc_options_come_from_the_runtime_config_file() {
     ctd.ctr(&["containers", "rm", "cfg-bad"]);
     ctd.wait_for(30, "no shim left", || ctd.shim_pids().is_empty());
 }
+
+#[test]
+fn a_failed_start_leaves_no_process_and_no_socket() {
+    if !lazybd_tests::require_root("a_failed_start_leaves_no_process_and_no_socket") {
+        return;
+    }
+    // A containerd whose event socket is not there: the server cannot publish
+    // events, so it must fail, and `start` must clean up after it.
+    let bundle = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bundle.path().join("config.json"),
+        r#"{"ociVersion":"1.0.2"}"#,
+    )
+    .unwrap();
+    let address = bundle.path().join("no-containerd.sock");
+    let id = format!("failed-start-{}", std::process::id());
+    let out = std::process::Command::new(lazybd_tests::bin_path("containerd-shim-lazybd-v2"))
+        .args(["-namespace", "lbt", "-id", &id, "-address"])
+        .arg(&address)
+        .arg("start")
+        .current_dir(bundle.path())
+        .env(
+            "TTRPC_ADDRESS",
+            bundle.path().join("no-containerd.sock.ttrpc"),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "start succeeded without containerd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shim server exited during start"), "{err}");
+    assert!(
+        !bundle.path().join("address").exists(),
+        "address file written"
+    );
+    // The socket is named sha256(<containerd address>/<namespace>/<group>).
+    use sha2::Digest;
+    let name = hex::encode(sha2::Sha256::digest(format!(
+        "{}/lbt/{id}",
+        address.display()
+    )));
+    let socket = std::path::Path::new("/run/containerd/s").join(name);
+    assert!(!socket.exists(), "{} left behind", socket.display());
+    let left: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&id))
+        .collect();
+    assert!(left.is_empty(), "a shim process is left");
+}
