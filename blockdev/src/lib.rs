@@ -11,3 +11,4 @@ pub mod prefetch;
 pub mod registry;
 pub mod source;
 pub mod stats;
+pub mod trace;

@@ -52,6 +52,54 @@ pub struct Stats {
     latency_sum_us: AtomicU64,
     inflight: Mutex<InFlight>,
     pub prefetch: PrefetchCounters,
+    pub trace: TraceCounters,
+}
+
+/// Startup traces (crate::trace): recorded, stored and replayed.
+#[derive(Debug, Default)]
+pub struct TraceCounters {
+    /// Chunks a recording took in (on-demand misses during a record window).
+    pub recorded_chunks: AtomicU64,
+    /// Traces saved locally, sent to the super node, got from it.
+    pub stored: AtomicU64,
+    pub uploaded: AtomicU64,
+    pub downloaded: AtomicU64,
+    /// Trace files or super node answers refused (corrupt, too large, ...).
+    pub rejected: AtomicU64,
+    /// Chunks a replay stored.
+    pub replayed_chunks: AtomicU64,
+    /// Layer replays that ran to their end.
+    pub replays: AtomicU64,
+    /// On-demand misses on chunks of a replayed trace: what the replay did
+    /// not fetch in time (about 0 when it works).
+    pub demand_misses_traced: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceSnapshot {
+    pub recorded_chunks: u64,
+    pub stored: u64,
+    pub uploaded: u64,
+    pub downloaded: u64,
+    pub rejected: u64,
+    pub replayed_chunks: u64,
+    pub replays: u64,
+    pub demand_misses_traced: u64,
+}
+
+impl TraceCounters {
+    pub fn snapshot(&self) -> TraceSnapshot {
+        TraceSnapshot {
+            recorded_chunks: self.recorded_chunks.load(Relaxed),
+            stored: self.stored.load(Relaxed),
+            uploaded: self.uploaded.load(Relaxed),
+            downloaded: self.downloaded.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            replayed_chunks: self.replayed_chunks.load(Relaxed),
+            replays: self.replays.load(Relaxed),
+            demand_misses_traced: self.demand_misses_traced.load(Relaxed),
+        }
+    }
 }
 
 /// Background prefetch and handoff. The priority counters let a test prove
@@ -192,6 +240,7 @@ impl Stats {
             waiting_reads,
             oldest_waiting_ms,
             prefetch: self.prefetch.snapshot(),
+            trace: self.trace.snapshot(),
         }
     }
 }
@@ -246,6 +295,8 @@ pub struct StatsSnapshot {
     pub oldest_waiting_ms: u64,
     #[serde(default)]
     pub prefetch: PrefetchSnapshot,
+    #[serde(default)]
+    pub trace: TraceSnapshot,
 }
 
 impl StatsSnapshot {

@@ -39,6 +39,7 @@ use crate::fetch::FetchConfig;
 use crate::layer::{LayerError, LayerSource, LazyLayer};
 use crate::prefetch::{Prefetcher, PriorityGate};
 use crate::stats::{Stats, StatsSnapshot};
+use crate::trace::Trace;
 
 /// In a layer's cache directory: a prefetch was asked for. A restarted
 /// process resumes it on attach, so a layer under a running container does
@@ -225,6 +226,8 @@ pub struct LayerManager {
     prefetcher: Arc<Prefetcher>,
     /// Running (or finished) prefetch jobs by digest.
     jobs: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Running (or finished) trace replays by digest.
+    replays: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     persister: tokio::task::JoinHandle<()>,
 }
 
@@ -266,6 +269,7 @@ impl LayerManager {
             gate,
             prefetcher,
             jobs: Mutex::default(),
+            replays: Mutex::default(),
             persister,
         })
     }
@@ -327,15 +331,72 @@ impl LayerManager {
         Ok(PrefetchStart::Started)
     }
 
-    /// Stops the layer's prefetch job, if any, and waits (bounded) until it
-    /// has let go of the layer.
+    /// Starts recording the on-demand misses of these attached layers
+    /// (unknown digests are skipped) for a startup trace.
+    pub fn start_trace(&self, digests: &[String]) {
+        for d in digests {
+            if let Some(l) = self.layer(d) {
+                l.fetcher().start_recording();
+            }
+        }
+    }
+
+    /// Ends the recordings of [`start_trace`](Self::start_trace): the trace
+    /// of these layers, in this order (layers detached meanwhile are missing).
+    pub fn stop_trace(&self, digests: &[String]) -> Trace {
+        Trace::new(digests.iter().filter_map(|d| {
+            self.layer(d)
+                .map(|l| (d.clone(), l.fetcher().stop_recording()))
+        }))
+    }
+
+    /// Fetches the trace's chunks of the attached layers in the background,
+    /// in parallel, behind on-demand reads and ahead of full prefetches.
+    /// Returns the layers a replay was started for (one running replay per
+    /// layer; complete layers and layers not attached are skipped).
+    pub fn replay_trace(&self, trace: &Trace) -> usize {
+        let mut replays = self.replays.lock().unwrap_or_else(|e| e.into_inner());
+        let mut started = 0;
+        for lt in &trace.layers {
+            let Some(layer) = self.layer(&lt.digest) else {
+                continue;
+            };
+            if layer.is_complete() || replays.get(&lt.digest).is_some_and(|h| !h.is_finished()) {
+                continue;
+            }
+            let (prefetcher, chunks) = (self.prefetcher.clone(), lt.chunks.clone());
+            // Taken now, so a full prefetch started right after already waits.
+            let guard = self.gate.replay();
+            info!(
+                "layer {}: replaying a trace of {} chunks",
+                lt.digest,
+                chunks.len()
+            );
+            replays.insert(
+                lt.digest.clone(),
+                tokio::spawn(async move {
+                    prefetcher.replay(&layer, &chunks, guard).await;
+                }),
+            );
+            started += 1;
+        }
+        started
+    }
+
+    /// Stops the layer's prefetch job and trace replay, if any, and waits
+    /// (bounded) until they have let go of the layer.
     async fn stop_prefetch(&self, digest: &str) {
+        let replay = self
+            .replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
         let job = self
             .jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(digest);
-        if let Some(job) = job {
+        for job in replay.into_iter().chain(job) {
             job.abort();
             if tokio::time::timeout(LOOP_CLEAR_WAIT, job).await.is_err() {
                 warn!("layer {digest}: prefetch job did not stop within {LOOP_CLEAR_WAIT:?}");
@@ -371,6 +432,11 @@ impl LayerManager {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// The node's live counters (the snapshotter adds its trace counts).
+    pub fn counters(&self) -> &Arc<Stats> {
+        &self.shared.stats
     }
 
     pub fn gate(&self) -> &Arc<PriorityGate> {
@@ -555,6 +621,14 @@ impl Drop for LayerManager {
     fn drop(&mut self) {
         self.persister.abort();
         for (_, job) in self.jobs.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            job.abort();
+        }
+        for (_, job) in self
+            .replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
             job.abort();
         }
         let layers =

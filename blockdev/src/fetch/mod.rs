@@ -8,7 +8,7 @@ mod config;
 mod tests;
 mod verified_range;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
@@ -29,6 +29,7 @@ use crate::format::Index;
 use crate::prefetch::PriorityGate;
 use crate::source::ChunkSource;
 use crate::stats::{SourceCounters, Stats};
+use crate::trace::MAX_TRACE_CHUNKS;
 
 #[derive(Debug, Error)]
 pub enum FetchError {
@@ -106,6 +107,16 @@ pub struct ChunkFetcher {
     inflight: Mutex<HashMap<u64, Flight>>,
     /// Shared by the node's fetchers: background fetches yield to on-demand ones.
     gate: Arc<PriorityGate>,
+    trace: Mutex<TraceState>,
+}
+
+/// Startup-trace bookkeeping of one layer; touched only on cache misses.
+#[derive(Default)]
+struct TraceState {
+    /// Missed chunks while a recording runs (bounded by `MAX_TRACE_CHUNKS`).
+    recording: Option<BTreeSet<u64>>,
+    /// Chunks of replayed traces: a miss on one is counted.
+    replayed: HashSet<u64>,
 }
 
 impl ChunkFetcher {
@@ -133,6 +144,7 @@ impl ChunkFetcher {
             config,
             inflight: Mutex::new(HashMap::new()),
             gate: PriorityGate::new(),
+            trace: Mutex::default(),
         }
     }
 
@@ -163,6 +175,7 @@ impl ChunkFetcher {
         self.stats
             .cache_misses
             .fetch_add(missing.len() as u64, Relaxed);
+        self.trace_misses(&missing);
         let _waiting = self.stats.waiting_read();
         let deadline = Instant::now() + self.config.read_deadline;
         let flights = self.join_or_start(&missing);
@@ -197,6 +210,51 @@ impl ChunkFetcher {
             }
         }
         Ok(())
+    }
+
+    /// Starts (or restarts, empty) recording this layer's on-demand misses.
+    pub fn start_recording(&self) {
+        self.trace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recording = Some(BTreeSet::new());
+    }
+
+    /// Ends the recording; the chunks it saw, sorted (empty if none ran).
+    pub fn stop_recording(&self) -> Vec<u64> {
+        let mut t = self.trace.lock().unwrap_or_else(|e| e.into_inner());
+        t.recording
+            .take()
+            .map_or_else(Vec::new, |s| s.into_iter().collect())
+    }
+
+    /// Remembers chunks a replay is about to fetch, so later misses on them
+    /// are counted as the replay's misses.
+    pub fn mark_replayed(&self, chunks: &[u64]) {
+        let mut t = self.trace.lock().unwrap_or_else(|e| e.into_inner());
+        for &c in chunks {
+            if t.replayed.len() >= MAX_TRACE_CHUNKS {
+                break;
+            }
+            t.replayed.insert(c);
+        }
+    }
+
+    fn trace_misses(&self, missing: &[u64]) {
+        let mut t = self.trace.lock().unwrap_or_else(|e| e.into_inner());
+        let traced = missing.iter().filter(|c| t.replayed.contains(c)).count() as u64;
+        let counters = &self.stats.trace;
+        counters.demand_misses_traced.fetch_add(traced, Relaxed);
+        if let Some(rec) = &mut t.recording {
+            for &c in missing {
+                if rec.len() >= MAX_TRACE_CHUNKS {
+                    break;
+                }
+                if rec.insert(c) {
+                    counters.recorded_chunks.fetch_add(1, Relaxed);
+                }
+            }
+        }
     }
 
     /// Joins the fetches already running for some of `missing` and starts one

@@ -13,6 +13,7 @@ pub mod peer;
 pub mod sources;
 mod stored;
 pub mod supernode;
+pub mod traces;
 pub mod tree;
 
 use std::path::PathBuf;

@@ -21,6 +21,7 @@ use super::http::{self, Body, PEER_HEADER, TOKEN_HEADER};
 use super::supernode::{AnnounceReply, MAX_RANGE};
 use super::{stored, valid_digest, P2pError};
 use crate::layer::LazyLayer;
+use crate::trace::{Trace, MAX_TRACE_BYTES};
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Transfer {
@@ -161,6 +162,55 @@ impl PeerNode {
             .timeout(self.config.supernode_timeout())
             .send()
             .await;
+    }
+
+    /// Sends a startup trace to the super node (see p2p::traces).
+    pub async fn put_trace(&self, key: &str, trace: &Trace) -> Result<(), String> {
+        let url = format!("{}/v1/trace", self.config.supernode);
+        let r = self
+            .authed(self.client.put(url))
+            .query(&[("key", key)])
+            .body(trace.encode())
+            .timeout(self.config.supernode_timeout())
+            .send()
+            .await
+            .map_err(|e| format!("sending trace {key} to the super node: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!(
+                "sending trace {key} to the super node: HTTP {}",
+                r.status()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The super node's trace for `key`: `Ok(None)` when it has none, an
+    /// error when it cannot be asked or its answer is not a valid trace
+    /// (read at most [`MAX_TRACE_BYTES`] of it).
+    pub async fn get_trace(&self, key: &str) -> Result<Option<Trace>, String> {
+        let url = format!("{}/v1/trace", self.config.supernode);
+        let ctx = |e: &dyn std::fmt::Display| format!("trace {key} from the super node: {e}");
+        let mut r = self
+            .authed(self.client.get(url))
+            .query(&[("key", key)])
+            .timeout(self.config.supernode_timeout())
+            .send()
+            .await
+            .map_err(|e| ctx(&e))?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !r.status().is_success() {
+            return Err(ctx(&format!("HTTP {}", r.status())));
+        }
+        let mut body = Vec::new();
+        while let Some(part) = r.chunk().await.map_err(|e| ctx(&e))? {
+            if body.len() + part.len() > MAX_TRACE_BYTES {
+                return Err(ctx(&format!("answer longer than {MAX_TRACE_BYTES} bytes")));
+            }
+            body.extend_from_slice(&part);
+        }
+        Trace::decode(&body).map(Some).map_err(|e| ctx(&e))
     }
 
     /// Leaves every tree and stops the server.

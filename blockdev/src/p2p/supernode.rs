@@ -25,6 +25,7 @@ use super::block_cache::{BlockCache, BlockKey, CacheUsage};
 use super::config::Security;
 use super::flight::SingleFlight;
 use super::http::{self, Body, REGISTRY_AUTH_HEADER};
+use super::traces::TraceStore;
 use super::tree::Membership;
 use super::{auth_from_header, valid_digest, P2pError};
 use crate::registry::{RegistryClient, RegistryOptions};
@@ -66,6 +67,8 @@ pub struct SupernodeCounters {
     pub auth_probes: AtomicU64,
     pub auth_denied: AtomicU64,
     pub announces: AtomicU64,
+    pub traces_stored: AtomicU64,
+    pub traces_served: AtomicU64,
 }
 
 #[derive(serde::Serialize)]
@@ -98,6 +101,7 @@ pub struct Supernode {
     authorized: Mutex<HashMap<AuthKey, Instant>>,
     membership: Mutex<Membership>,
     budget: http::ByteBudget,
+    traces: TraceStore,
     pub counters: Arc<SupernodeCounters>,
 }
 
@@ -108,7 +112,13 @@ impl Supernode {
             config.cache_capacity,
         )?);
         let token = config.security.token()?;
+        let traces_dir = config.cache_dir.join("traces");
+        let traces = TraceStore::open(&traces_dir).map_err(|source| P2pError::Io {
+            what: format!("creating {}", traces_dir.display()),
+            source,
+        })?;
         Ok(Arc::new(Supernode {
+            traces,
             membership: Mutex::new(Membership::new(
                 config.fanout,
                 config.member_ttl,
@@ -217,6 +227,21 @@ impl Supernode {
                         .leave(blob, addr);
                 }
                 http::respond(StatusCode::OK, "")
+            }
+            (&Method::GET, "/v1/trace") => {
+                let (status, body) = self.traces.get(q.get("key").map_or("", |k| k)).await;
+                if status.is_success() {
+                    self.counters.traces_served.fetch_add(1, Relaxed);
+                }
+                http::respond(status, body)
+            }
+            (&Method::PUT, "/v1/trace") => {
+                let key = q.get("key").cloned().unwrap_or_default();
+                let (status, body) = self.traces.put(&key, req.into_body()).await;
+                if status.is_success() {
+                    self.counters.traces_stored.fetch_add(1, Relaxed);
+                }
+                http::respond(status, body)
             }
             (&Method::GET, "/v1/stats") => http::json(&StatsReply {
                 counters: &self.counters,

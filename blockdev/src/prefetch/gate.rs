@@ -17,6 +17,9 @@ pub struct PriorityGate {
     demand_active: AtomicUsize,
     /// Prefetch jobs running (for the "demand while prefetching" counter).
     jobs_active: AtomicUsize,
+    /// Trace replays running: full prefetches wait for them too, so the
+    /// chunks a container is known to need first come first.
+    replays_active: AtomicUsize,
     idle: Notify,
 }
 
@@ -46,9 +49,32 @@ impl PriorityGate {
         JobGuard { gate: self.clone() }
     }
 
+    /// Marks a trace replay as running until the guard is dropped.
+    pub fn replay(self: &Arc<Self>) -> ReplayGuard {
+        self.replays_active.fetch_add(1, Ordering::AcqRel);
+        ReplayGuard { gate: self.clone() }
+    }
+
+    pub fn replays_active(&self) -> usize {
+        self.replays_active.load(Ordering::Acquire)
+    }
+
     /// Waits until no on-demand fetch runs, at most `limit`. Returns whether
     /// it had to wait at all (a yield) and whether the gate is idle now.
     pub async fn wait_idle(&self, limit: Duration) -> (bool, bool) {
+        self.wait_until(limit, || self.demand_active() == 0).await
+    }
+
+    /// [`wait_idle`](Self::wait_idle) for full prefetches: no on-demand fetch
+    /// and no trace replay.
+    pub async fn wait_idle_for_full(&self, limit: Duration) -> (bool, bool) {
+        self.wait_until(limit, || {
+            self.demand_active() == 0 && self.replays_active() == 0
+        })
+        .await
+    }
+
+    async fn wait_until(&self, limit: Duration, idle: impl Fn() -> bool) -> (bool, bool) {
         let mut waited = false;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -57,12 +83,12 @@ impl PriorityGate {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.demand_active() == 0 {
+            if idle() {
                 return (waited, true);
             }
             waited = true;
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return (waited, self.demand_active() == 0);
+                return (waited, idle());
             }
         }
     }
@@ -75,6 +101,18 @@ pub struct DemandGuard {
 impl Drop for DemandGuard {
     fn drop(&mut self) {
         if self.gate.demand_active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.gate.idle.notify_waiters();
+        }
+    }
+}
+
+pub struct ReplayGuard {
+    gate: Arc<PriorityGate>,
+}
+
+impl Drop for ReplayGuard {
+    fn drop(&mut self) {
+        if self.gate.replays_active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.gate.idle.notify_waiters();
         }
     }
@@ -115,6 +153,20 @@ mod tests {
         let gate = PriorityGate::new();
         let _busy = gate.demand();
         assert_eq!(gate.wait_idle(Duration::from_secs(5)).await, (true, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_prefetch_waits_for_replays_but_replays_do_not() {
+        let gate = PriorityGate::new();
+        let r = gate.replay();
+        assert_eq!(gate.wait_idle(Duration::from_secs(1)).await, (false, true));
+        let g = gate.clone();
+        let full =
+            tokio::spawn(async move { g.wait_idle_for_full(Duration::from_secs(3600)).await });
+        tokio::task::yield_now().await;
+        assert!(!full.is_finished(), "a replay runs");
+        drop(r);
+        assert_eq!(full.await.unwrap(), (true, true));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tracing::{info, warn};
 
-pub use gate::{DemandGuard, JobGuard, PriorityGate};
+pub use gate::{DemandGuard, JobGuard, PriorityGate, ReplayGuard};
 pub use rate::{RateLimiter, TokenBucket};
 
 use crate::fetch::FetchError;
@@ -23,6 +23,9 @@ use crate::layer::LazyLayer;
 /// Chunks per background request at most (also bounded by the fetcher's
 /// `max_request_bytes`): small requests let readers in between.
 const CHUNKS_PER_REQUEST: u64 = 4;
+/// Requests a trace replay keeps in flight per layer: the traced chunks are
+/// scattered, so parallel small requests beat one after the other.
+const REPLAY_PARALLEL: usize = 4;
 /// After this long waiting for on-demand fetches, log and keep waiting.
 const YIELD_LOG_AFTER: Duration = Duration::from_secs(60);
 /// A failing prefetch is retried this many times (with the fetcher's own
@@ -77,7 +80,7 @@ impl Prefetcher {
                 counters
                     .rate_limited_ms
                     .fetch_add(waited.as_millis() as u64, Relaxed);
-                self.yield_to_demand(layer).await;
+                self.yield_to_demand(layer, true).await;
                 if let Err(e) = layer.fetcher().fetch_background(window).await {
                     warn!(
                         "prefetch of layer {} (pass {}): {e}; continuing",
@@ -120,9 +123,75 @@ impl Prefetcher {
         start..end
     }
 
-    async fn yield_to_demand(&self, layer: &LazyLayer) {
+    /// Fetches a trace's chunks of `layer` (those still missing), up to
+    /// [`REPLAY_PARALLEL`] requests at once, behind on-demand reads; full
+    /// prefetches wait while `_replay` is held. One pass: a chunk that fails
+    /// is left to the full prefetch or the reader. Returns the chunks stored.
+    pub async fn replay(
+        &self,
+        layer: &Arc<LazyLayer>,
+        chunks: &[u64],
+        _replay: ReplayGuard,
+    ) -> u64 {
+        let total = layer.index().chunk_count();
+        let wanted: Vec<u64> = chunks.iter().copied().filter(|&c| c < total).collect();
+        if wanted.len() < chunks.len() {
+            warn!(
+                "trace replay of layer {}: {} chunk numbers past the layer's {total} ignored",
+                layer.digest(),
+                chunks.len() - wanted.len()
+            );
+        }
+        layer.fetcher().mark_replayed(&wanted);
+        let mut requests: Vec<std::ops::Range<u64>> = Vec::new();
+        for &c in &wanted {
+            match requests.last_mut() {
+                Some(r) if r.end == c && r.end - r.start < CHUNKS_PER_REQUEST => r.end += 1,
+                _ => requests.push(c..c + 1),
+            }
+        }
+        let mut stored = 0;
+        let mut running = tokio::task::JoinSet::new();
+        let mut pending = requests.into_iter();
         loop {
-            let (waited, idle) = self.gate.wait_idle(YIELD_LOG_AFTER).await;
+            while running.len() < REPLAY_PARALLEL {
+                let Some(window) = pending.next() else { break };
+                let missing = layer.missing_stored_bytes(window.clone());
+                if missing == 0 {
+                    continue;
+                }
+                self.limiter.acquire(missing).await;
+                self.yield_to_demand(layer, false).await;
+                let fetcher = layer.fetcher().clone();
+                running.spawn(async move { fetcher.fetch_background(window).await });
+            }
+            match running.join_next().await {
+                Some(Ok(Ok(n))) => stored += n,
+                Some(Ok(Err(e))) => {
+                    warn!("trace replay of layer {}: {e}; continuing", layer.digest())
+                }
+                Some(Err(e)) => warn!("trace replay of layer {}: task failed: {e}", layer.digest()),
+                None => break,
+            }
+        }
+        let counters = &layer.stats().trace;
+        counters.replayed_chunks.fetch_add(stored, Relaxed);
+        counters.replays.fetch_add(1, Relaxed);
+        info!(
+            "trace replay of layer {}: {stored} chunks fetched",
+            layer.digest()
+        );
+        stored
+    }
+
+    /// `full`: a full prefetch, which also waits for trace replays.
+    async fn yield_to_demand(&self, layer: &LazyLayer, full: bool) {
+        loop {
+            let (waited, idle) = if full {
+                self.gate.wait_idle_for_full(YIELD_LOG_AFTER).await
+            } else {
+                self.gate.wait_idle(YIELD_LOG_AFTER).await
+            };
             if waited {
                 layer
                     .stats()
