@@ -1,0 +1,474 @@
+//! lazybd-snapshotter given bad input, through containerd's Snapshots gRPC
+//! API against a real daemon: every case is a clear gRPC error (or the
+//! documented fallback to the normal path) and leaves nothing half made: no
+//! snapshot record, no snapshot directory, no mount, no loop device, no FUSE
+//! file and no cache directory of a layer that was not attached.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, CommitSnapshotRequest, Info, ListSnapshotsRequest,
+    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::{Code, Status};
+use containerd_client::types::Mount;
+use lazybd_tests::images::publish_lazy_rich;
+use lazybd_tests::lazy_layers::leftovers;
+use lazybd_tests::registry::Registry;
+use lazybd_tests::snapshotter::{metric, SnapshotterDaemon};
+use lazybd_tests::{bin_path, require_root};
+
+type Client = SnapshotsClient<Channel>;
+
+/// containerd.snapshots.v1.Kind
+const ACTIVE: i32 = 2;
+
+/// Generous: a Prepare that falls back must not hang, and the daemon's own
+/// deadlines (connect timeout, `read_deadline_secs`) are far below this.
+const CALL_BOUND: Duration = Duration::from_secs(120);
+
+async fn prepare(
+    c: &mut Client,
+    key: &str,
+    parent: &str,
+    labels: HashMap<String, String>,
+) -> Result<Vec<Mount>, Status> {
+    let call = c.prepare(PrepareSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels,
+    });
+    match tokio::time::timeout(CALL_BOUND, call).await {
+        Ok(answer) => answer.map(|r| r.into_inner().mounts),
+        Err(_) => panic!("Prepare {key:?} did not answer in {CALL_BOUND:?}"),
+    }
+}
+
+async fn stat(c: &mut Client, key: &str) -> Result<Info, Status> {
+    c.stat(StatSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|r| r.into_inner().info.unwrap())
+}
+
+async fn remove(c: &mut Client, key: &str) -> Result<(), Status> {
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn list(c: &mut Client) -> Vec<String> {
+    let mut stream = c
+        .list(ListSnapshotsRequest {
+            snapshotter: "lazybd".into(),
+            filters: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        out.extend(batch.info.into_iter().map(|i| i.name));
+    }
+    out.sort();
+    out
+}
+
+fn assert_not_found(r: Result<impl std::fmt::Debug, Status>, key: &str, what: &str) {
+    let e = r.expect_err(what);
+    assert_eq!(e.code(), Code::NotFound, "{what}: {e:?}");
+    assert!(
+        e.message().contains(&format!("{key:?}")),
+        "{what}: the error names {key:?}: {e:?}"
+    );
+}
+
+/// The snapshot directories under the daemon's root.
+fn snapshot_dirs(root: &Path) -> usize {
+    std::fs::read_dir(root.join("snapshots")).unwrap().count()
+}
+
+/// What the layer manager keeps per layer (`lazy/{layers,fuse,mnt}/NAME`):
+/// the paths of `digest` that exist.
+fn layer_paths(root: &Path, digest: &str) -> Vec<std::path::PathBuf> {
+    let name = digest.replace(':', "-");
+    ["layers", "fuse", "mnt"]
+        .iter()
+        .map(|d| root.join("lazy").join(d).join(&name))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// Only the layer manager's own FUSE mount; no EROFS mount, no loop device.
+fn assert_nothing_lazy_attached(daemon: &SnapshotterDaemon) {
+    let (mounts, loops) = leftovers(&daemon.root);
+    assert!(
+        mounts.iter().all(|m| m.ends_with("lazy/fuse")) && loops.is_empty(),
+        "{mounts:?} {loops:?}"
+    );
+    let layers = daemon.control(&serde_json::json!({"op": "layers"}));
+    assert_eq!(layers["layers"], serde_json::json!([]), "{layers}");
+    assert_eq!(metric(&daemon.metrics(), "lazybd_attached_layers"), 0.0);
+}
+
+fn cri_labels(image: &str, manifest: &str, layer: &str, target: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("containerd.io/snapshot.ref".to_string(), target.to_string()),
+        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
+        (
+            "containerd.io/snapshot/cri.manifest-digest".into(),
+            manifest.into(),
+        ),
+        (
+            "containerd.io/snapshot/cri.layer-digest".into(),
+            layer.into(),
+        ),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_and_missing_parents_are_not_found_and_leave_nothing() {
+    if !require_root("unknown_keys_and_missing_parents_are_not_found_and_leave_nothing") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = SnapshotterDaemon::start(tmp.path(), "");
+    let mut c = daemon.client().await;
+
+    assert_not_found(stat(&mut c, "nope").await, "nope", "Stat");
+    let mounts = c
+        .mounts(MountsRequest {
+            snapshotter: "lazybd".into(),
+            key: "nope".into(),
+        })
+        .await;
+    assert_not_found(mounts, "nope", "Mounts");
+    let usage = c
+        .usage(UsageRequest {
+            snapshotter: "lazybd".into(),
+            key: "nope".into(),
+        })
+        .await;
+    assert_not_found(usage, "nope", "Usage");
+    let commit = c
+        .commit(CommitSnapshotRequest {
+            snapshotter: "lazybd".into(),
+            name: "committed".into(),
+            key: "nope".into(),
+            labels: HashMap::new(),
+        })
+        .await;
+    assert_not_found(commit, "nope", "Commit");
+    assert_not_found(remove(&mut c, "nope").await, "nope", "Remove");
+    let update = c
+        .update(UpdateSnapshotRequest {
+            snapshotter: "lazybd".into(),
+            info: Some(Info {
+                name: "nope".into(),
+                labels: HashMap::from([("a".to_string(), "b".to_string())]),
+                ..Info::default()
+            }),
+            update_mask: None,
+        })
+        .await;
+    assert_not_found(update, "nope", "Update");
+
+    // A missing parent: NotFound, as containerd's overlayfs snapshotter
+    // (storage.CreateSnapshot: "missing parent ...: not found").
+    assert_not_found(
+        prepare(&mut c, "child", "no-parent", HashMap::new()).await,
+        "no-parent",
+        "Prepare on a missing parent",
+    );
+    let view = c
+        .view(ViewSnapshotRequest {
+            snapshotter: "lazybd".into(),
+            key: "view".into(),
+            parent: "no-parent".into(),
+            labels: HashMap::new(),
+        })
+        .await;
+    assert_not_found(view, "no-parent", "View on a missing parent");
+
+    // A parent that is not committed: InvalidArgument, as overlayfs.
+    prepare(&mut c, "active", "", HashMap::new()).await.unwrap();
+    let e = prepare(&mut c, "child", "active", HashMap::new())
+        .await
+        .expect_err("an active parent");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("\"active\""), "{e:?}");
+
+    // Committing under a name that exists fails and keeps the active one.
+    prepare(&mut c, "other", "", HashMap::new()).await.unwrap();
+    let commit = c
+        .commit(CommitSnapshotRequest {
+            snapshotter: "lazybd".into(),
+            name: "other".into(),
+            key: "active".into(),
+            labels: HashMap::new(),
+        })
+        .await
+        .expect_err("the name exists");
+    assert_eq!(commit.code(), Code::AlreadyExists, "{commit:?}");
+    assert_eq!(stat(&mut c, "active").await.unwrap().kind, ACTIVE);
+
+    // Only what was made on purpose exists.
+    assert_eq!(list(&mut c).await, ["active", "other"]);
+    assert_eq!(snapshot_dirs(&daemon.root), 2);
+    remove(&mut c, "active").await.unwrap();
+    remove(&mut c, "other").await.unwrap();
+    assert_eq!(list(&mut c).await, Vec::<String>::new());
+    assert_eq!(snapshot_dirs(&daemon.root), 0);
+    let (mounts, loops) = leftovers(&daemon.root);
+    assert!(
+        mounts.iter().all(|m| m.ends_with("lazy/fuse")) && loops.is_empty(),
+        "{mounts:?} {loops:?}"
+    );
+}
+
+/// A converted three-layer image in a fresh registry: (image ref, manifest
+/// digest, layer digests bottom first).
+fn lazy_image(t: &Path, registry: &Registry) -> (String, String, Vec<String>) {
+    let converted = publish_lazy_rich(t, registry);
+    let layers = converted["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    (
+        registry.reference("rich:lazy"),
+        converted["manifest_digest"].as_str().unwrap().to_owned(),
+        layers,
+    )
+}
+
+fn flip(path: &Path, range: std::ops::Range<usize>) {
+    let mut bytes = std::fs::read(path).unwrap();
+    for b in &mut bytes[range] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// The lazybd blob footer (docs/format.md): the last 64 bytes.
+const FOOTER_LEN: usize = 64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_lazybd_index_falls_back_to_the_normal_path() {
+    if !require_root("a_corrupt_lazybd_index_falls_back_to_the_normal_path") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let (image, manifest, layers) = lazy_image(t, &registry);
+
+    // Layer 0: bytes of its index (just before the footer) flipped; layer 1:
+    // its footer flipped. Both behind the registry's back.
+    let blob = registry.blob_file(&layers[0]);
+    let len = std::fs::metadata(&blob).unwrap().len() as usize;
+    flip(&blob, len - FOOTER_LEN - 16..len - FOOTER_LEN);
+    let blob = registry.blob_file(&layers[1]);
+    let len = std::fs::metadata(&blob).unwrap().len() as usize;
+    flip(&blob, len - FOOTER_LEN..len);
+
+    let daemon = SnapshotterDaemon::start(
+        t,
+        &format!("[registry]\nplain_http = [\"{}\"]\n", registry.host()),
+    );
+    let mut c = daemon.client().await;
+    for (i, layer) in layers[..2].iter().enumerate() {
+        let target = format!("chain-{i}");
+        let labels = cri_labels(&image, &manifest, layer, &target);
+        // The fallback: an ordinary active snapshot containerd unpacks into.
+        let mounts = prepare(&mut c, &format!("extract-{i}"), "", labels)
+            .await
+            .unwrap_or_else(|e| panic!("layer {i}: {e:?}\n{}", daemon.log()));
+        assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
+        assert_eq!(
+            stat(&mut c, &target).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        assert!(
+            layer_paths(&daemon.root, layer).is_empty(),
+            "layer {i}: {:?}",
+            layer_paths(&daemon.root, layer)
+        );
+    }
+    let log = daemon.log();
+    for (i, why) in [(0, "index digest mismatch"), (1, "rejected")] {
+        assert!(
+            log.lines().any(|l| l.contains(&format!(
+                "chain-{i}: not attached lazily, unpacking normally"
+            )) && l.contains(why)),
+            "chain-{i}: the log says why ({why}):\n{log}"
+        );
+    }
+    assert_nothing_lazy_attached(&daemon);
+    assert_eq!(list(&mut c).await, ["extract-0", "extract-1"]);
+    remove(&mut c, "extract-0").await.unwrap();
+    remove(&mut c, "extract-1").await.unwrap();
+    assert_eq!(snapshot_dirs(&daemon.root), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
+    if !require_root("a_registry_down_during_prepare_falls_back_within_the_deadline") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let mut registry = Registry::start();
+    let (image, manifest, layers) = lazy_image(t, &registry);
+    let daemon = SnapshotterDaemon::start(
+        t,
+        &format!(
+            "read_deadline_secs = 3\n[registry]\nplain_http = [\"{}\"]\n",
+            registry.host()
+        ),
+    );
+    let mut c = daemon.client().await;
+
+    // Layer 0 attaches (and the manifest is cached) while the registry is up.
+    let e = prepare(
+        &mut c,
+        "extract-0",
+        "",
+        cri_labels(&image, &manifest, &layers[0], "chain-0"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}\n{}", daemon.log());
+
+    registry.stop();
+    // Layer 1: the manifest is cached, its index cannot be fetched; the
+    // attach gives up at read_deadline_secs.
+    let mounts = prepare(
+        &mut c,
+        "extract-1",
+        "chain-0",
+        cri_labels(&image, &manifest, &layers[1], "chain-1"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+    assert_eq!(mounts[0].r#type, "overlay", "{mounts:?}");
+    assert!(layer_paths(&daemon.root, &layers[1]).is_empty());
+    // A manifest not cached: its fetch fails on the refused connection.
+    let other = format!("sha256:{}", "0".repeat(64));
+    let mounts = prepare(
+        &mut c,
+        "extract-other",
+        "",
+        cri_labels(&image, &other, &layers[2], "chain-other"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+    assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
+    assert!(layer_paths(&daemon.root, &layers[2]).is_empty());
+
+    let log = daemon.log();
+    for target in ["chain-1", "chain-other"] {
+        assert!(
+            log.lines().any(|l| l.contains(&format!(
+                "{target}: not attached lazily, unpacking normally"
+            )) && l.contains(&registry.host())),
+            "{target}: the log says why, naming the registry:\n{log}"
+        );
+        assert_eq!(
+            stat(&mut c, target).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+    // Only layer 0 is attached.
+    let attached = daemon.control(&serde_json::json!({"op": "layers"}));
+    let attached: Vec<&str> = attached["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(attached, [layers[0].as_str()]);
+    assert_eq!(
+        list(&mut c).await,
+        ["chain-0", "extract-1", "extract-other"]
+    );
+    for key in ["extract-1", "extract-other", "chain-0"] {
+        remove(&mut c, key).await.unwrap();
+    }
+    assert_eq!(snapshot_dirs(&daemon.root), 0);
+    assert_nothing_lazy_attached(&daemon);
+}
+
+/// Runs the daemon on `config_toml` and returns its stderr once it exited;
+/// it must refuse to start (fails the test if it serves or lingers).
+fn refused(dir: &Path, name: &str, config_toml: &str) -> String {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, config_toml).unwrap();
+    let socket = dir.join(format!("{name}.sock"));
+    let stderr = dir.join(format!("{name}.log"));
+    let mut child = Command::new(bin_path("lazybd-snapshotter"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--root")
+        .arg(dir.join(format!("{name}-root")))
+        .arg("--address")
+        .arg(&socket)
+        .arg("--control-address")
+        .arg(dir.join(format!("{name}-control.sock")))
+        .args(["--metrics-address", ""])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("start lazybd-snapshotter");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{name}: the daemon kept running on a bad config:\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    assert!(!status.success(), "{name}: exited with {status}:\n{text}");
+    assert!(!socket.exists(), "{name}: it must not have served");
+    assert!(
+        text.contains(&config.display().to_string()),
+        "{name}: the error names the file:\n{text}"
+    );
+    text
+}
+
+#[test]
+fn a_bad_config_file_stops_the_daemon_with_the_key_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let e = refused(t, "top-level", "rot = \"/r\"\n");
+    assert!(e.contains("unknown field") && e.contains("rot"), "{e}");
+    let e = refused(t, "in-table", "[registry]\nplain = [\"127.0.0.1:5000\"]\n");
+    assert!(e.contains("unknown field") && e.contains("plain"), "{e}");
+    let e = refused(t, "in-cache", "[cache]\ncapacity = 1\n");
+    assert!(e.contains("unknown field") && e.contains("capacity"), "{e}");
+    let e = refused(t, "wrong-type", "read_deadline_secs = \"soon\"\n");
+    assert!(e.contains("read_deadline_secs"), "{e}");
+    let e = refused(t, "malformed", "root = \n");
+    assert!(e.contains("line 1"), "{e}");
+}
