@@ -23,6 +23,8 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub prefetch: PrefetchConfig,
     pub cache: CacheConfig,
+    /// Startup traces (docs/snapshotter.md#startup-traces).
+    pub trace: crate::traces::TraceConfig,
     /// P2P distribution (docs/p2p.md); absent: registry only.
     pub p2p: Option<lazybd_blockdev::p2p::P2pConfig>,
 }
@@ -89,6 +91,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             prefetch: PrefetchConfig::default(),
             cache: CacheConfig::default(),
+            trace: crate::traces::TraceConfig::default(),
             p2p: None,
         }
     }
@@ -131,6 +134,12 @@ mod tests {
         assert_eq!(c.cache.capacity_bytes, 10 << 30);
         assert_eq!(c.cache.evict_interval_secs, 60);
         assert!(toml::from_str::<Config>("[cache]\ncapacity = 1\n").is_err());
+        assert!(c.trace.record && c.trace.replay);
+        assert_eq!(c.trace.record_secs, 10);
+        let c: Config = toml::from_str("[trace]\nrecord = false\nrecord_secs = 3\n").unwrap();
+        assert!(!c.trace.record && c.trace.replay);
+        assert_eq!(c.trace.record_secs, 3);
+        assert!(toml::from_str::<Config>("[trace]\nrecord_sec = 3\n").is_err());
     }
 
     #[test]

@@ -2,19 +2,23 @@
 //! line on a unix socket, one JSON reply line. The shim reports task starts
 //! and exits (`containerd-shim-lazybd-v2`'s hook); `lazybd layers` lists
 //! the attached layers, their fetch state and the containers using them.
-//! The background prefetch acts on the same events.
+//! The background prefetch and the startup traces (record, replay) act on
+//! the same events.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lazybd_blockdev::trace::Trace;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
+use crate::remote::Remote;
 use crate::service::LazySnapshotter;
+use crate::traces::trace_key;
 
 /// Requests are small; a longer line is refused, not buffered.
 const MAX_LINE: u64 = 1 << 20;
@@ -126,14 +130,14 @@ pub async fn serve(
 
 async fn handle(
     stream: UnixStream,
-    snapshotter: &LazySnapshotter,
+    snapshotter: &Arc<LazySnapshotter>,
     containers: &Containers,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_LINE)).lines();
     while let Some(line) = lines.next_line().await? {
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(req, snapshotter, containers),
+            Ok(req) => answer(req, snapshotter, containers).await,
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
         };
         write.write_all(format!("{reply}\n").as_bytes()).await?;
@@ -141,9 +145,9 @@ async fn handle(
     Ok(())
 }
 
-fn answer(
+async fn answer(
     req: Request,
-    snapshotter: &LazySnapshotter,
+    snapshotter: &Arc<LazySnapshotter>,
     containers: &Containers,
 ) -> serde_json::Value {
     match req {
@@ -173,13 +177,16 @@ fn answer(
             let digests = lazy_layers_of(snapshotter, &rootfs);
             let id = format!("{namespace}/{container_id}");
             info!("container {id} started on {} lazy layers", digests.len());
-            if containers.prefetch_on_start {
-                let manager = snapshotter.remote().manager();
-                for d in &digests {
-                    if let Err(e) = manager.prefetch(d) {
-                        warn!("container {id}: prefetching layer {d}: {e}");
-                    }
-                }
+            let lowers = lower_dirs(&rootfs);
+            let chain = snapshotter
+                .remote()
+                .lazy_chain(lowers.iter().map(|d| Path::new(*d)));
+            // Only the local trace here, to answer at once. A trace on the
+            // super node is looked for by the recording task.
+            let replayed = snapshotter.remote().replay_trace(&chain, false).await;
+            let recording = !replayed && start_recording(snapshotter, &id, &chain, containers);
+            if containers.prefetch_on_start && !recording {
+                prefetch(snapshotter, &id, &digests);
             }
             containers
                 .layers
@@ -207,14 +214,93 @@ fn answer(
     }
 }
 
-/// The attached layers whose EROFS mounts are lower dirs of the rootfs.
-fn lazy_layers_of(snapshotter: &LazySnapshotter, rootfs: &[RootfsMount]) -> Vec<String> {
-    let lowers: Vec<&str> = rootfs
+fn prefetch(snapshotter: &LazySnapshotter, id: &str, digests: &[String]) {
+    let manager = snapshotter.remote().manager();
+    for d in digests {
+        if let Err(e) = manager.prefetch(d) {
+            warn!("container {id}: prefetching layer {d}: {e}");
+        }
+    }
+}
+
+/// Records the image's startup trace if it has none and no recording of it
+/// runs: the on-demand misses of the next `record_secs`, then stored (and
+/// uploaded). The full prefetch, if wanted, starts when the window ends:
+/// chunks it fetched first would not show up as misses, and the trace would
+/// miss what the container needs. Returns whether it records.
+fn start_recording(
+    snapshotter: &Arc<LazySnapshotter>,
+    id: &str,
+    chain: &[String],
+    containers: &Containers,
+) -> bool {
+    let Some(traces) = snapshotter.remote().traces().filter(|t| t.config.record) else {
+        return false;
+    };
+    if chain.is_empty() {
+        return false;
+    }
+    let key = trace_key(chain);
+    let Some(guard) = traces.begin_recording(&key) else {
+        return false;
+    };
+    let manager = snapshotter.remote().manager();
+    manager.start_trace(chain);
+    info!(
+        "container {id}: recording the startup trace {key} for {:?}",
+        traces.record_window()
+    );
+    let (s, id, chain, prefetch_after) = (
+        snapshotter.clone(),
+        id.to_owned(),
+        chain.to_vec(),
+        containers.prefetch_on_start,
+    );
+    let end = tokio::time::Instant::now() + traces.record_window();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let remote = s.remote();
+        // The Prepare may have missed the super node's trace (it waits for
+        // it only briefly): if it has one, replay that and drop the recording.
+        if remote.peer().is_some() && remote.replay_trace(&chain, true).await {
+            remote.manager().stop_trace(&chain);
+            info!("container {id}: replaying the super node's trace; recording dropped");
+        } else {
+            tokio::time::sleep_until(end).await;
+            let trace = remote.manager().stop_trace(&chain);
+            store_recorded(remote, &id, &key, &trace).await;
+        }
+        if prefetch_after {
+            prefetch(&s, &id, &chain);
+        }
+    });
+    true
+}
+
+async fn store_recorded(remote: &Remote, id: &str, key: &str, trace: &Trace) {
+    if trace.is_empty() {
+        info!("container {id}: no on-demand reads in the trace window; nothing stored");
+    } else if let Some(traces) = remote.traces() {
+        let peer = remote.peer().map(|p| &**p);
+        traces
+            .store(key, trace, peer, remote.manager().counters())
+            .await;
+    }
+}
+
+/// The overlay lower dirs of the rootfs, top first.
+fn lower_dirs(rootfs: &[RootfsMount]) -> Vec<&str> {
+    rootfs
         .iter()
         .flat_map(|m| &m.options)
         .filter_map(|o| o.strip_prefix("lowerdir="))
         .flat_map(|l| l.split(':'))
-        .collect();
+        .collect()
+}
+
+/// The attached layers whose EROFS mounts are lower dirs of the rootfs.
+fn lazy_layers_of(snapshotter: &LazySnapshotter, rootfs: &[RootfsMount]) -> Vec<String> {
+    let lowers = lower_dirs(rootfs);
     snapshotter
         .remote()
         .manager()

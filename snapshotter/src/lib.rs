@@ -12,3 +12,4 @@ pub mod mounts;
 pub mod remote;
 pub mod service;
 pub mod store;
+pub mod traces;

@@ -253,6 +253,51 @@ impl Collector for LazyLayerCollector {
         ] {
             counter(&mut enc, name, help, value)?;
         }
+        let t = &s.trace;
+        for (name, help, value) in [
+            (
+                "lazybd_trace_recorded_chunks",
+                "Chunks recorded into startup traces (on-demand misses in a record window)",
+                t.recorded_chunks,
+            ),
+            (
+                "lazybd_traces_stored",
+                "Startup traces stored on this node",
+                t.stored,
+            ),
+            (
+                "lazybd_traces_uploaded",
+                "Startup traces sent to the super node",
+                t.uploaded,
+            ),
+            (
+                "lazybd_traces_downloaded",
+                "Startup traces got from the super node",
+                t.downloaded,
+            ),
+            (
+                "lazybd_traces_rejected",
+                "Startup traces refused (corrupt, too large, super node errors)",
+                t.rejected,
+            ),
+            (
+                "lazybd_trace_replayed_chunks",
+                "Chunks fetched by trace replays",
+                t.replayed_chunks,
+            ),
+            (
+                "lazybd_trace_replays",
+                "Layer trace replays run to their end",
+                t.replays,
+            ),
+            (
+                "lazybd_trace_demand_misses",
+                "On-demand misses on chunks of a replayed trace (about 0 when replay works)",
+                t.demand_misses_traced,
+            ),
+        ] {
+            counter(&mut enc, name, help, value)?;
+        }
         Ok(())
     }
 }

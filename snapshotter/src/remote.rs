@@ -9,7 +9,7 @@
 //! layer is a lazybd layer and where its index is.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use lazybd_blockdev::device::{DeviceError, LayerManager};
@@ -22,7 +22,10 @@ use lazybd_blockdev::source::{ChunkSource, RegistrySource};
 use oci_spec::image::ImageManifest;
 use serde::{Deserialize, Serialize};
 
+use tracing::info;
+
 use crate::config::RegistryConfig;
+use crate::traces::{trace_key, Traces};
 
 /// The committed snapshot name containerd wants (set on every unpack).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -56,6 +59,8 @@ pub struct Remote {
     cache_capacity: u64,
     /// This node's P2P peer, when `[p2p]` is configured.
     peer: Option<Arc<PeerNode>>,
+    /// Startup traces; `None`: neither recorded nor replayed.
+    traces: Option<Arc<Traces>>,
 }
 
 impl Remote {
@@ -66,7 +71,51 @@ impl Remote {
             manifests: Mutex::new(HashMap::new()),
             cache_capacity: 0,
             peer: None,
+            traces: None,
         }
+    }
+
+    pub fn with_traces(mut self, traces: Arc<Traces>) -> Self {
+        self.traces = Some(traces);
+        self
+    }
+
+    pub fn traces(&self) -> Option<&Arc<Traces>> {
+        self.traces.as_ref()
+    }
+
+    /// The digests of the attached lazy layers among `lowers` (overlay lower
+    /// dirs, top first), bottom first: the key of the image's trace.
+    pub fn lazy_chain<'a>(&self, lowers: impl DoubleEndedIterator<Item = &'a Path>) -> Vec<String> {
+        let layers = self.manager.layers();
+        lowers
+            .rev()
+            .filter_map(|dir| layers.iter().find(|l| l.mountpoint == dir))
+            .map(|l| l.digest.clone())
+            .collect()
+    }
+
+    /// Replays the stored trace of the image with these lazy layers (local,
+    /// else, with `ask_supernode`, from the super node); whether there was one.
+    pub async fn replay_trace(&self, chain: &[String], ask_supernode: bool) -> bool {
+        let Some(traces) = self.traces.as_ref().filter(|t| t.config.replay) else {
+            return false;
+        };
+        if chain.is_empty() {
+            return false;
+        }
+        let key = trace_key(chain);
+        let stats = self.manager.counters();
+        let peer = self.peer.as_deref().filter(|_| ask_supernode);
+        let Some(trace) = traces.load(&key, peer, stats).await else {
+            return false;
+        };
+        let started = self.manager.replay_trace(&trace);
+        info!(
+            "trace {key}: {} chunks, replay started on {started} layers",
+            trace.chunk_count()
+        );
+        true
     }
 
     /// Puts peer and super-node sources in front of the registry for every

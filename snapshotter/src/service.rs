@@ -22,6 +22,9 @@ use crate::mounts;
 use crate::remote::{Remote, RemoteLayer, LABEL_TARGET};
 use crate::store::{Kind, Record, Store, Usage};
 
+/// How long a container snapshot's Prepare waits for its image's trace.
+const TRACE_LOOKUP_AT_PREPARE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct LazySnapshotter {
     root: PathBuf,
     store: Store,
@@ -356,7 +359,28 @@ impl Snapshotter for LazySnapshotter {
                 }
             }
         }
-        self.create_local(&key, &parent, labels, Kind::Active)
+        let mounts = self.create_local(&key, &parent, labels, Kind::Active)?;
+        drop(_g);
+        // A container's rootfs on lazy layers: its layers are attached, so
+        // the image's trace can be replayed now, before the task starts. The
+        // super node is asked for a bounded time only (the Prepare waits);
+        // `task-start` asks again if it did not answer.
+        if !parent.is_empty() {
+            if let Ok(lowers) = self.lowers(Some(&parent)) {
+                let chain = self.remote.lazy_chain(lowers.iter().map(PathBuf::as_path));
+                let replay = self.remote.replay_trace(&chain, true);
+                if tokio::time::timeout(TRACE_LOOKUP_AT_PREPARE, replay)
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        "{key}: no trace lookup answer within {TRACE_LOOKUP_AT_PREPARE:?}; \
+                         the task start tries again"
+                    );
+                }
+            }
+        }
+        Ok(mounts)
     }
 
     async fn view(

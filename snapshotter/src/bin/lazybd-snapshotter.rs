@@ -76,7 +76,11 @@ async fn serve(config: Config) -> Result<()> {
     node.prefetch_rate = config.prefetch.rate_bytes_per_sec;
     let manager = LayerManager::new(node).context("setting up the lazy layer manager")?;
     let mut remote = Remote::new(manager, config.registry.clone())
-        .with_cache_capacity(config.cache.capacity_bytes);
+        .with_cache_capacity(config.cache.capacity_bytes)
+        .with_traces(Arc::new(lazybd_snapshotter::traces::Traces::new(
+            &config.root.join("traces"),
+            config.trace.clone(),
+        )));
     if let Some(p2p) = &config.p2p {
         let peer = lazybd_blockdev::p2p::PeerNode::start(p2p.clone())
             .await
