@@ -1,0 +1,370 @@
+//! Startup traces across two nodes: snapshotter A records which chunks a
+//! "container" (an overlay over three lazy layers plus a `task-start` on the
+//! control socket) reads in its first seconds, stores the trace and uploads
+//! it to a `lazybd-supernode` (behind a cluster token); snapshotter B, on a
+//! fresh root with the same super node, replays it when the container
+//! snapshot is prepared, so the same reads find every traced chunk present
+//! (0 on-demand misses on traced chunks). Then bad traces: a corrupt local
+//! file and a corrupt super node answer are refused with a log line, and the
+//! container still reads correct data; the super node refuses corrupt and
+//! oversized uploads.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, PrepareSnapshotRequest, RemoveSnapshotRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::Code;
+use containerd_client::types::Mount;
+use lazybd_blockdev::trace::trace_key;
+use lazybd_tests::images::publish_lazy_rich;
+use lazybd_tests::lazy_layers::{leftovers, walk};
+use lazybd_tests::registry::Registry;
+use lazybd_tests::snapshotter::{metric, Mounted, SnapshotterDaemon};
+use lazybd_tests::{bin_path, require_root};
+
+type Client = SnapshotsClient<Channel>;
+
+const TOKEN: &str = "trace-test-token";
+
+struct Supernode {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Supernode {
+    fn start(dir: &Path, registry: &str) -> Supernode {
+        std::fs::create_dir_all(dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, TOKEN).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(bin_path("lazybd-supernode"))
+            .args(["--listen", &addr, "--registry", registry, "--plain-http"])
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .arg("--cluster-token-file")
+            .arg(&token)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("log")).unwrap())
+            .spawn()
+            .expect("start lazybd-supernode");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let sn = Supernode {
+            child,
+            addr,
+            dir: dir.to_owned(),
+        };
+        assert!(
+            line.starts_with("listening on"),
+            "super node: {line:?}\n{}",
+            sn.log()
+        );
+        sn
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    /// A raw HTTP/1.1 request (bounded by socket timeouts); the status code.
+    fn request(&self, method: &str, path: &str, token: &str, body: &[u8]) -> u16 {
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nx-lazybd-token: {token}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // The server may answer (and close) before taking all of a body it refuses.
+        let _ = s.write_all(body);
+        let mut reply = Vec::new();
+        let _ = s.take(64 << 10).read_to_end(&mut reply);
+        let text = String::from_utf8_lossy(&reply);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
+    }
+}
+
+impl Drop for Supernode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn node_config(registry: &str, supernode: Option<&Supernode>) -> String {
+    let mut c = format!(
+        "[registry]\nplain_http = [\"{registry}\"]\n[prefetch]\non_task_start = false\n\
+         [trace]\nrecord_secs = 2\n"
+    );
+    if let Some(sn) = supernode {
+        c += &format!(
+            "[p2p]\nsupernode = \"http://{}\"\nlisten = \"127.0.0.1:{}\"\n\
+             cluster_token = \"{TOKEN}\"\nsupernode_timeout_ms = 5000\n",
+            sn.addr,
+            free_port()
+        );
+    }
+    c
+}
+
+async fn prepare(
+    c: &mut Client,
+    key: &str,
+    parent: &str,
+    labels: HashMap<String, String>,
+) -> Result<Vec<Mount>, containerd_client::tonic::Status> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels,
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn remove(c: &mut Client, key: &str) {
+    let _ = c
+        .remove(RemoveSnapshotRequest {
+            snapshotter: "lazybd".into(),
+            key: key.into(),
+        })
+        .await;
+}
+
+struct Image {
+    image: String,
+    manifest: String,
+    layers: Vec<String>,
+}
+
+/// Attaches the image's layers (the CRI labels of an unpack) and prepares
+/// a container snapshot on them; returns its mounts.
+async fn container(d: &SnapshotterDaemon, img: &Image) -> Vec<Mount> {
+    let mut c = d.client().await;
+    let mut parent = String::new();
+    for (i, layer) in img.layers.iter().enumerate() {
+        let target = format!("chain-{i}");
+        let labels = HashMap::from([
+            ("containerd.io/snapshot.ref".to_string(), target.clone()),
+            (
+                "containerd.io/snapshot/cri.image-ref".into(),
+                img.image.clone(),
+            ),
+            (
+                "containerd.io/snapshot/cri.manifest-digest".into(),
+                img.manifest.clone(),
+            ),
+            (
+                "containerd.io/snapshot/cri.layer-digest".into(),
+                layer.clone(),
+            ),
+        ]);
+        let err = prepare(&mut c, &format!("extract-{i}"), &parent, labels)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+        parent = target;
+    }
+    prepare(&mut c, "container", &parent, HashMap::new())
+        .await
+        .unwrap()
+}
+
+async fn cleanup(d: &mut SnapshotterDaemon, layers: usize) {
+    let mut c = d.client().await;
+    remove(&mut c, "container").await;
+    for i in (0..layers).rev() {
+        remove(&mut c, &format!("chain-{i}")).await;
+    }
+    d.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mounts, loops) = leftovers(&d.root);
+        if mounts.is_empty() && loops.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {mounts:?} {loops:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn task_start(d: &SnapshotterDaemon, mounts: &[Mount]) -> serde_json::Value {
+    d.control(&serde_json::json!({
+        "event": "task-start", "namespace": "default", "container_id": "c1", "pid": 1,
+        "bundle": "/b", "rootfs": [{"type": "overlay", "source": "overlay", "options": mounts[0].options}],
+    }))
+}
+
+/// What the "container" reads at start: a few files, in a fixed order.
+fn startup_reads(rootfs: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let files: Vec<PathBuf> = walk(rootfs)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(rootfs.join(p)).unwrap().is_file())
+        .collect();
+    assert!(files.len() >= 3, "{files:?}");
+    files
+        .into_iter()
+        .step_by(2)
+        .take(4)
+        .map(|p| {
+            let data = std::fs::read(rootfs.join(&p)).unwrap();
+            (p, data)
+        })
+        .collect()
+}
+
+fn wait_metric(d: &SnapshotterDaemon, name: &str, at_least: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = d.metrics();
+        if metric(&m, name) >= at_least {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} < {at_least} after 60 s:\n{m}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() {
+    if !require_root("a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let converted = publish_lazy_rich(t, &registry);
+    let img = Image {
+        image: registry.reference("rich:lazy"),
+        manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
+        layers: converted["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_owned())
+            .collect(),
+    };
+    let key = trace_key(&img.layers);
+    let sn = Supernode::start(&t.join("sn"), &registry.host());
+
+    // Node A records and uploads.
+    std::fs::create_dir(t.join("a")).unwrap();
+    let mut a = SnapshotterDaemon::start(&t.join("a"), &node_config(&registry.host(), Some(&sn)));
+    let mounts = container(&a, &img).await;
+    let rootfs_a = t.join("a/rootfs");
+    std::fs::create_dir(&rootfs_a).unwrap();
+    let mounted = Mounted::new(&mounts, &rootfs_a);
+    let reply = task_start(&a, &mounts);
+    assert_eq!(reply["layers"].as_array().unwrap().len(), 3, "{reply}");
+    let expected = startup_reads(&rootfs_a);
+    let m = wait_metric(&a, "lazybd_traces_uploaded_total", 1.0);
+    let recorded = metric(&m, "lazybd_trace_recorded_chunks_total");
+    assert!(recorded > 0.0, "{m}");
+    assert_eq!(metric(&m, "lazybd_traces_stored_total"), 1.0, "{m}");
+    assert!(a.root.join("traces").join(&key).exists());
+    assert!(
+        sn.dir.join("cache/traces").join(&key).exists(),
+        "{}",
+        sn.log()
+    );
+    drop(mounted);
+    cleanup(&mut a, img.layers.len()).await;
+
+    // Node B, fresh root: the Prepare of the container snapshot replays it.
+    std::fs::create_dir(t.join("b")).unwrap();
+    let mut b = SnapshotterDaemon::start(&t.join("b"), &node_config(&registry.host(), Some(&sn)));
+    let mounts = container(&b, &img).await;
+    let trace = lazybd_blockdev::trace::Trace::decode(
+        &std::fs::read(a.root.join("traces").join(&key)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(trace.chunk_count() as f64, recorded);
+    let m = wait_metric(&b, "lazybd_trace_replays_total", trace.layers.len() as f64);
+    assert_eq!(metric(&m, "lazybd_traces_downloaded_total"), 1.0, "{m}");
+    assert!(
+        metric(&m, "lazybd_trace_replayed_chunks_total") > 0.0,
+        "{m}"
+    );
+    let rootfs_b = t.join("b/rootfs");
+    std::fs::create_dir(&rootfs_b).unwrap();
+    let mounted = Mounted::new(&mounts, &rootfs_b);
+    task_start(&b, &mounts);
+    assert!(
+        startup_reads(&rootfs_b) == expected,
+        "node B read other data"
+    );
+    let m = b.metrics();
+    assert_eq!(metric(&m, "lazybd_trace_demand_misses_total"), 0.0, "{m}");
+    // It had a trace: nothing recorded, nothing uploaded.
+    assert_eq!(metric(&m, "lazybd_trace_recorded_chunks_total"), 0.0, "{m}");
+    drop(mounted);
+    cleanup(&mut b, img.layers.len()).await;
+
+    // The super node refuses what is not a trace, or too large, or unauthenticated.
+    let path = format!("/v1/trace?key={key}");
+    assert_eq!(sn.request("PUT", &path, TOKEN, b"{\"version\":1,"), 400);
+    assert_eq!(sn.request("PUT", &path, TOKEN, &vec![b' '; 2 << 20]), 413);
+    assert_eq!(sn.request("PUT", "/v1/trace?key=../x", TOKEN, b"{}"), 400);
+    assert_eq!(sn.request("GET", &path, "wrong", b""), 401);
+    assert_eq!(sn.request("GET", &path, TOKEN, b""), 200);
+
+    // Node C: a corrupt local trace and a corrupt super node answer (its
+    // file damaged on disk) are refused; the container reads correct data.
+    std::fs::write(sn.dir.join("cache/traces").join(&key), b"\x00garbage").unwrap();
+    std::fs::create_dir_all(t.join("c/root/traces")).unwrap();
+    std::fs::write(t.join("c/root/traces").join(&key), vec![b'x'; 2 << 20]).unwrap();
+    let mut c = SnapshotterDaemon::start(&t.join("c"), &node_config(&registry.host(), Some(&sn)));
+    let mounts = container(&c, &img).await;
+    let rootfs_c = t.join("c/rootfs");
+    std::fs::create_dir(&rootfs_c).unwrap();
+    let mounted = Mounted::new(&mounts, &rootfs_c);
+    assert!(
+        startup_reads(&rootfs_c) == expected,
+        "node C read other data"
+    );
+    let m = c.metrics();
+    assert!(metric(&m, "lazybd_traces_rejected_total") >= 2.0, "{m}");
+    assert_eq!(metric(&m, "lazybd_trace_replayed_chunks_total"), 0.0, "{m}");
+    let log = c.log();
+    assert!(
+        log.contains("ignored") && log.contains("no replay"),
+        "{log}"
+    );
+    drop(mounted);
+    cleanup(&mut c, img.layers.len()).await;
+}
