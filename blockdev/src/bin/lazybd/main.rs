@@ -8,6 +8,7 @@ mod layers;
 mod mount;
 mod mount_control;
 mod mount_p2p;
+mod mount_trace;
 mod pull;
 mod registry_args;
 mod stats;

@@ -49,6 +49,14 @@ pub struct Args {
     /// Bandwidth of the background prefetch in bytes per second; 0 = unlimited.
     #[arg(long, default_value_t = 0, value_name = "BYTES")]
     prefetch_rate: u64,
+    /// Record the chunks read on demand from the moment the mount is ready
+    /// until it is unmounted; written to FILE at the unmount (docs/blockdev.md).
+    #[arg(long, value_name = "FILE")]
+    record_trace: Option<PathBuf>,
+    /// Fetch the chunks of this trace (from --record-trace) first, in
+    /// parallel, behind reads and ahead of --prefetch.
+    #[arg(long, value_name = "FILE")]
+    replay_trace: Option<PathBuf>,
     #[command(flatten)]
     registry: crate::registry_args::RegistryArgs,
     /// Take part in P2P distribution: the TOML file with the `[p2p]` table
@@ -96,6 +104,16 @@ fn daemonize(args: &Args) -> Result<()> {
         .arg("--prefetch-rate")
         .arg(args.prefetch_rate.to_string())
         .args(args.prefetch.then_some("--prefetch"))
+        .args(
+            args.record_trace
+                .iter()
+                .flat_map(|p| ["--record-trace".as_ref(), p.as_os_str()]),
+        )
+        .args(
+            args.replay_trace
+                .iter()
+                .flat_map(|p| ["--replay-trace".as_ref(), p.as_os_str()]),
+        )
         .args(args.registry.to_args())
         .args(
             args.p2p_config
@@ -145,6 +163,17 @@ async fn serve(args: Args) -> Result<()> {
     if mounts::is_mount_point(&target)? {
         bail!("{} is already a mount point", target.display());
     }
+    // Checked before anything is mounted; absolute, for the background child.
+    let replay = match &args.replay_trace {
+        Some(p) => Some((crate::mount_trace::load(p)?, p.clone())),
+        None => None,
+    };
+    let record = args
+        .record_trace
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("--record-trace")?;
     let image = OpenImage::open(&args.image, &args.registry).await?;
     let mut layers = image.lazy_layers(&args.image)?;
     let peer = match &args.p2p_config {
@@ -157,21 +186,32 @@ async fn serve(args: Args) -> Result<()> {
     config.prefetch_rate = args.prefetch_rate;
     let manager = LayerManager::new(config)?;
 
+    let mut digests = Vec::new();
     let mounted = async {
         let mut lowers = Vec::new();
         for layer in layers {
             let attached = manager.attach(layer).await?;
             crate::mount_p2p::attached(&peer, &manager, &attached.digest).await;
-            if args.prefetch {
-                manager.prefetch(&attached.digest)?;
-            }
+            digests.push(attached.digest);
             lowers.push(attached.mountpoint);
+        }
+        // The replay first: a prefetch started after it waits for it.
+        if let Some((trace, path)) = &replay {
+            crate::mount_trace::replay(&manager, trace, path);
+        }
+        if args.prefetch {
+            for d in &digests {
+                manager.prefetch(d)?;
+            }
         }
         lowers.reverse(); // overlayfs wants the top layer first
         mounts::mount_stack(&lowers, &target)?;
         anyhow::Ok(lowers.len())
     }
     .await;
+    if record.is_some() {
+        manager.start_trace(&digests);
+    }
     let layer_count = match mounted {
         Ok(n) => n,
         Err(e) => {
@@ -235,6 +275,9 @@ async fn serve(args: Args) -> Result<()> {
     }
     drop(listener);
     let _ = std::fs::remove_file(state.socket());
+    if let Some(path) = &record {
+        crate::mount_trace::save(&manager, &digests, path);
+    }
     crate::mount_p2p::shutdown(&peer).await;
     let result = manager.shutdown().await;
     let _ = std::fs::remove_file(state.dir.join("target"));
