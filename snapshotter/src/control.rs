@@ -10,13 +10,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lazybd_blockdev::trace::Trace;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
-use crate::remote::Remote;
 use crate::service::LazySnapshotter;
 use crate::traces::trace_key;
 
@@ -250,42 +248,50 @@ fn start_recording(
         "container {id}: recording the startup trace {key} for {:?}",
         traces.record_window()
     );
-    let (s, id, chain, prefetch_after) = (
-        snapshotter.clone(),
-        id.to_owned(),
-        chain.to_vec(),
-        containers.prefetch_on_start,
+    // The task holds the snapshotter only for moments (a Weak otherwise):
+    // a shutdown during the window must still be able to detach the layers.
+    let (weak, traces, peer, stats) = (
+        Arc::downgrade(snapshotter),
+        traces.clone(),
+        snapshotter.remote().peer().cloned(),
+        manager.counters().clone(),
     );
+    let (id, chain, prefetch_after) = (id.to_owned(), chain.to_vec(), containers.prefetch_on_start);
     let end = tokio::time::Instant::now() + traces.record_window();
     tokio::spawn(async move {
         let _guard = guard;
-        let remote = s.remote();
         // The Prepare may have missed the super node's trace (it waits for
         // it only briefly): if it has one, replay that and drop the recording.
-        if remote.peer().is_some() && remote.replay_trace(&chain, true).await {
-            remote.manager().stop_trace(&chain);
-            info!("container {id}: replaying the super node's trace; recording dropped");
-        } else {
+        let found = match &peer {
+            Some(p) => traces.load(&key, Some(p), &stats).await,
+            None => None,
+        };
+        if found.is_none() {
             tokio::time::sleep_until(end).await;
-            let trace = remote.manager().stop_trace(&chain);
-            store_recorded(remote, &id, &key, &trace).await;
+        }
+        let Some(s) = weak.upgrade() else {
+            return info!("container {id}: shutting down; trace {key} not stored");
+        };
+        let manager = s.remote().manager();
+        let recorded = manager.stop_trace(&chain);
+        if let Some(t) = &found {
+            let started = manager.replay_trace(t);
+            info!("container {id}: replaying the super node's trace {key} on {started} layers; recording dropped");
         }
         if prefetch_after {
             prefetch(&s, &id, &chain);
         }
+        drop(s);
+        if found.is_some() {
+            return;
+        }
+        if recorded.is_empty() {
+            info!("container {id}: no on-demand reads in the trace window; nothing stored");
+        } else {
+            traces.store(&key, &recorded, peer.as_deref(), &stats).await;
+        }
     });
     true
-}
-
-async fn store_recorded(remote: &Remote, id: &str, key: &str, trace: &Trace) {
-    if trace.is_empty() {
-        info!("container {id}: no on-demand reads in the trace window; nothing stored");
-    } else if let Some(traces) = remote.traces() {
-        let peer = remote.peer().map(|p| &**p);
-        traces
-            .store(key, trace, peer, remote.manager().counters())
-            .await;
-    }
 }
 
 /// The overlay lower dirs of the rootfs, top first.

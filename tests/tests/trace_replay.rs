@@ -368,3 +368,47 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     drop(mounted);
     cleanup(&mut c, img.layers.len()).await;
 }
+
+/// A SIGTERM during a record window still detaches every layer: the
+/// recording does not keep the snapshotter alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_the_record_window_detaches_the_layers() {
+    if !require_root("a_shutdown_during_the_record_window_detaches_the_layers") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let converted = publish_lazy_rich(t, &registry);
+    let img = Image {
+        image: registry.reference("rich:lazy"),
+        manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
+        layers: converted["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_owned())
+            .collect(),
+    };
+    std::fs::create_dir(t.join("a")).unwrap();
+    let config =
+        node_config(&registry.host(), None).replace("record_secs = 2", "record_secs = 600");
+    let mut a = SnapshotterDaemon::start(&t.join("a"), &config);
+    let mounts = container(&a, &img).await;
+    let rootfs = t.join("a/rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    let mounted = Mounted::new(&mounts, &rootfs);
+    task_start(&a, &mounts);
+    startup_reads(&rootfs);
+    assert!(metric(&a.metrics(), "lazybd_trace_recorded_chunks_total") > 0.0);
+    drop(mounted);
+    a.stop();
+    let log = a.log();
+    assert!(!log.contains("stay attached"), "{log}");
+    assert!(log.contains("detached layer"), "{log}");
+    let (mounts, loops) = leftovers(&a.root);
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "{mounts:?} {loops:?}\n{log}"
+    );
+}
