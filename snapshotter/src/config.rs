@@ -27,6 +27,9 @@ pub struct Config {
     pub trace: crate::traces::TraceConfig,
     /// P2P distribution (docs/p2p.md); absent: registry only.
     pub p2p: Option<lazybd_blockdev::p2p::P2pConfig>,
+    /// The CRI image-service proxy that keeps kubelet's pull credentials;
+    /// absent: credentials come from the docker config only.
+    pub cri_keychain: Option<crate::cri_keychain::CriKeychainConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +81,10 @@ pub struct RegistryConfig {
     /// Docker config file with registry credentials (default
     /// `$DOCKER_CONFIG/config.json`, then `~/.docker/config.json`).
     pub docker_config: Option<PathBuf>,
+    /// Credentials of CRI pulls (`[cri_keychain]`), used before the docker
+    /// config's; set at startup, not a config key.
+    #[serde(skip)]
+    pub keychain: Option<std::sync::Arc<crate::cri_keychain::Keychain>>,
 }
 
 impl Default for Config {
@@ -93,6 +100,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             trace: crate::traces::TraceConfig::default(),
             p2p: None,
+            cri_keychain: None,
         }
     }
 }

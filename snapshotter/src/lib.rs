@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod control;
+pub mod cri_keychain;
 pub mod error;
 pub mod filter;
 pub mod metrics;

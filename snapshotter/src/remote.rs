@@ -232,9 +232,13 @@ impl Remote {
             docker_config: self.registry.docker_config.clone(),
             ..RegistryOptions::default()
         };
-        RegistryClient::new(image_ref, &opts)
-            .map(Arc::new)
-            .map_err(|e| e.to_string())
+        let keychain = self.registry.keychain.as_ref();
+        match keychain.and_then(|k| k.get(image_ref)) {
+            Some(auth) => RegistryClient::with_auth(image_ref, &opts, auth),
+            None => RegistryClient::new(image_ref, &opts),
+        }
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
     }
 
     /// Attaches the layer (idempotent); returns its EROFS mount.

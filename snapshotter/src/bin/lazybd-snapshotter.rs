@@ -70,7 +70,12 @@ fn main() -> Result<()> {
         .block_on(serve(config))
 }
 
-async fn serve(config: Config) -> Result<()> {
+async fn serve(mut config: Config) -> Result<()> {
+    let keychain = config
+        .cri_keychain
+        .as_ref()
+        .map(|_| Arc::new(lazybd_snapshotter::cri_keychain::Keychain::default()));
+    config.registry.keychain = keychain.clone();
     let mut node = NodeConfig::new(config.root.join("lazy"));
     node.fetch.read_deadline = config.read_deadline();
     node.prefetch_rate = config.prefetch.rate_bytes_per_sec;
@@ -130,6 +135,9 @@ async fn serve(config: Config) -> Result<()> {
             }
         });
     }
+    if let (Some(kc), Some(keychain)) = (&config.cri_keychain, keychain) {
+        side_tasks.spawn(serve_cri_keychain(kc.clone(), keychain).await?);
+    }
     // A socket file left by a previous run would make bind fail.
     let _ = std::fs::remove_file(&config.address);
     let listener = UnixListener::bind(&config.address)
@@ -154,6 +162,9 @@ async fn serve(config: Config) -> Result<()> {
     side_tasks.shutdown().await;
     let _ = std::fs::remove_file(&config.address);
     let _ = std::fs::remove_file(&config.control_address);
+    if let Some(kc) = &config.cri_keychain {
+        let _ = std::fs::remove_file(&kc.listen);
+    }
     match Arc::try_unwrap(snapshotter) {
         Ok(s) => {
             if let Err(e) = s.into_remote().into_manager().shutdown().await {
@@ -163,4 +174,36 @@ async fn serve(config: Config) -> Result<()> {
         Err(_) => error!("requests still running at shutdown; lazy layers stay attached"),
     }
     Ok(())
+}
+
+/// Binds the CRI keychain's socket now (a bad path stops the daemon before
+/// it serves); the returned future serves it.
+async fn serve_cri_keychain(
+    kc: lazybd_snapshotter::cri_keychain::CriKeychainConfig,
+    keychain: Arc<lazybd_snapshotter::cri_keychain::Keychain>,
+) -> Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    use k8s_cri::v1::image_service_server::ImageServiceServer;
+    use lazybd_snapshotter::cri_keychain::ImageProxy;
+    if let Some(dir) = kc.listen.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&kc.listen);
+    let listener = UnixListener::bind(&kc.listen)
+        .with_context(|| format!("binding cri_keychain.listen {}", kc.listen.display()))?;
+    info!(
+        "CRI image service on {} (forwarded to {})",
+        kc.listen.display(),
+        kc.containerd_cri.display()
+    );
+    let proxy = ImageProxy::new(&kc, keychain);
+    Ok(async move {
+        let served = containerd_snapshots::tonic::transport::Server::builder()
+            .add_service(ImageServiceServer::new(proxy))
+            .serve_with_incoming(UnixListenerStream::new(listener))
+            .await;
+        served.map_err(|e| {
+            error!("CRI image service on {}: {e}", kc.listen.display());
+            std::io::Error::other(e)
+        })
+    })
 }
