@@ -15,6 +15,7 @@ pub mod eni;
 pub mod images;
 pub mod lazy_layers;
 pub mod registry;
+pub mod snapshots_api;
 pub mod snapshotter;
 pub mod token_auth;
 

@@ -10,20 +10,17 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::snapshots::{
-    snapshots_client::SnapshotsClient, CommitSnapshotRequest, Info, ListSnapshotsRequest,
-    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-    UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
+    CommitSnapshotRequest, Info, ListSnapshotsRequest, MountsRequest, PrepareSnapshotRequest,
+    StatSnapshotRequest, UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
 };
-use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Status};
 use containerd_client::types::Mount;
 use lazybd_tests::images::publish_lazy_rich;
 use lazybd_tests::lazy_layers::leftovers;
 use lazybd_tests::registry::Registry;
+use lazybd_tests::snapshots_api::{cri_labels, remove, Client};
 use lazybd_tests::snapshotter::{metric, SnapshotterDaemon};
 use lazybd_tests::{bin_path, require_root};
-
-type Client = SnapshotsClient<Channel>;
 
 /// containerd.snapshots.v1.Kind
 const ACTIVE: i32 = 2;
@@ -57,15 +54,6 @@ async fn stat(c: &mut Client, key: &str) -> Result<Info, Status> {
     })
     .await
     .map(|r| r.into_inner().info.unwrap())
-}
-
-async fn remove(c: &mut Client, key: &str) -> Result<(), Status> {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: "lazybd".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
 }
 
 async fn list(c: &mut Client) -> Vec<String> {
@@ -120,21 +108,6 @@ fn assert_nothing_lazy_attached(daemon: &SnapshotterDaemon) {
     let layers = daemon.control(&serde_json::json!({"op": "layers"}));
     assert_eq!(layers["layers"], serde_json::json!([]), "{layers}");
     assert_eq!(metric(&daemon.metrics(), "lazybd_attached_layers"), 0.0);
-}
-
-fn cri_labels(image: &str, manifest: &str, layer: &str, target: &str) -> HashMap<String, String> {
-    HashMap::from([
-        ("containerd.io/snapshot.ref".to_string(), target.to_string()),
-        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
-        (
-            "containerd.io/snapshot/cri.manifest-digest".into(),
-            manifest.into(),
-        ),
-        (
-            "containerd.io/snapshot/cri.layer-digest".into(),
-            layer.into(),
-        ),
-    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,38 +8,18 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use containerd_client::services::v1::snapshots::{
-    snapshots_client::SnapshotsClient, CleanupRequest, CommitSnapshotRequest, ListSnapshotsRequest,
-    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-    UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
+    CleanupRequest, CommitSnapshotRequest, ListSnapshotsRequest, MountsRequest,
+    StatSnapshotRequest, UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
 };
-use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::Code;
-use containerd_client::types::Mount;
 use lazybd_blockdev::oci::OciLayout;
 use lazybd_tests::cli::{lazybd, ok};
 use lazybd_tests::images::{publish_lazy_rich, rich_layers, write_image, Compression};
 use lazybd_tests::lazy_layers::leftovers;
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
+use lazybd_tests::snapshots_api::{cri_labels, prepare, remove, Client};
 use lazybd_tests::snapshotter::{metric, Mounted, SnapshotterDaemon};
-
-type Client = SnapshotsClient<Channel>;
-
-async fn prepare(
-    c: &mut Client,
-    key: &str,
-    parent: &str,
-    labels: HashMap<String, String>,
-) -> Result<Vec<Mount>, containerd_client::tonic::Status> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: "lazybd".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels,
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
 
 async fn commit(c: &mut Client, name: &str, key: &str) {
     c.commit(CommitSnapshotRequest {
@@ -50,15 +30,6 @@ async fn commit(c: &mut Client, name: &str, key: &str) {
     })
     .await
     .unwrap();
-}
-
-async fn remove(c: &mut Client, key: &str) -> Result<(), containerd_client::tonic::Status> {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: "lazybd".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
 }
 
 async fn stat_kind(c: &mut Client, key: &str) -> Result<i32, Code> {
@@ -253,20 +224,6 @@ async fn list(c: &mut Client, filters: &[&str]) -> Vec<String> {
 }
 
 /// The CRI labels containerd puts on the Prepare of an image layer.
-fn cri_labels(image: &str, manifest: &str, layer: &str, target: &str) -> HashMap<String, String> {
-    HashMap::from([
-        ("containerd.io/snapshot.ref".to_string(), target.to_string()),
-        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
-        (
-            "containerd.io/snapshot/cri.manifest-digest".into(),
-            manifest.into(),
-        ),
-        (
-            "containerd.io/snapshot/cri.layer-digest".into(),
-            layer.into(),
-        ),
-    ])
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {

@@ -10,60 +10,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use containerd_client::services::v1::snapshots::{
-    snapshots_client::SnapshotsClient, PrepareSnapshotRequest, RemoveSnapshotRequest,
-};
-use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::Code;
-use containerd_client::types::Mount;
 use lazybd_tests::cli::{lazybd, ok};
 use lazybd_tests::images::publish_lazy_rich;
 use lazybd_tests::lazy_layers::{leftovers, walk};
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
+use lazybd_tests::snapshots_api::{cri_labels, prepare, remove};
 use lazybd_tests::snapshotter::{Mounted, SnapshotterDaemon};
-
-type Client = SnapshotsClient<Channel>;
-
-async fn prepare(
-    c: &mut Client,
-    key: &str,
-    parent: &str,
-    labels: HashMap<String, String>,
-) -> Result<Vec<Mount>, containerd_client::tonic::Status> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: "lazybd".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels,
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn remove(c: &mut Client, key: &str) {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: "lazybd".into(),
-        key: key.into(),
-    })
-    .await
-    .unwrap();
-}
-
-fn cri_labels(image: &str, manifest: &str, layer: &str, target: &str) -> HashMap<String, String> {
-    HashMap::from([
-        ("containerd.io/snapshot.ref".to_string(), target.to_string()),
-        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
-        (
-            "containerd.io/snapshot/cri.manifest-digest".into(),
-            manifest.into(),
-        ),
-        (
-            "containerd.io/snapshot/cri.layer-digest".into(),
-            layer.into(),
-        ),
-    ])
-}
 
 /// Every regular file's bytes under `dir`, by relative path.
 fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -215,13 +169,15 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
     assert!(contents(&rootfs2) == before);
     drop(second);
     drop(container);
-    remove(&mut c, "container-2").await;
-    remove(&mut c, "container-1").await;
+    remove(&mut c, "container-2").await.unwrap();
+    remove(&mut c, "container-1").await.unwrap();
     // Eviction: removing the top layer detaches it and its cache goes; the
     // layers below are still attached and keep theirs, over capacity or not.
     let cache = |d: &str| daemon.root.join("lazy/layers").join(d.replace(':', "-"));
     assert!(layers.iter().all(|d| cache(d).join("image").exists()));
-    remove(&mut c, &format!("chain-{}", layers.len() - 1)).await;
+    remove(&mut c, &format!("chain-{}", layers.len() - 1))
+        .await
+        .unwrap();
     assert!(!cache(&layers[layers.len() - 1]).exists());
     // Past a periodic eviction round, the attached ones are still there.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -232,7 +188,7 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
         );
     }
     for i in (0..layers.len() - 1).rev() {
-        remove(&mut c, &format!("chain-{i}")).await;
+        remove(&mut c, &format!("chain-{i}")).await.unwrap();
     }
     assert!(layers.iter().all(|d| !cache(d).exists()));
     daemon.stop();

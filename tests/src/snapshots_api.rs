@@ -1,0 +1,58 @@
+//! The Snapshots API calls the snapshotter tests make over containerd's
+//! gRPC client, and the labels CRI puts on an unpack's Prepare.
+
+use std::collections::HashMap;
+
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
+use containerd_client::tonic::{transport::Channel, Status};
+use containerd_client::types::Mount;
+
+pub type Client = SnapshotsClient<Channel>;
+
+pub async fn prepare(
+    c: &mut Client,
+    key: &str,
+    parent: &str,
+    labels: HashMap<String, String>,
+) -> Result<Vec<Mount>, Status> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels,
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+pub async fn remove(c: &mut Client, key: &str) -> Result<(), Status> {
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: "lazybd".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+/// The labels CRI (and `lazybd pull`) put on the Prepare of layer `layer`
+/// of `image`, whose committed snapshot is to be `target`.
+pub fn cri_labels(
+    image: &str,
+    manifest: &str,
+    layer: &str,
+    target: &str,
+) -> HashMap<String, String> {
+    HashMap::from([
+        ("containerd.io/snapshot.ref".to_string(), target.to_string()),
+        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
+        (
+            "containerd.io/snapshot/cri.manifest-digest".into(),
+            manifest.into(),
+        ),
+        (
+            "containerd.io/snapshot/cri.layer-digest".into(),
+            layer.into(),
+        ),
+    ])
+}
