@@ -207,3 +207,107 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The layers of a started image, attached lazily (CRI's unpack labels),
+/// and the chain's top snapshot name.
+async fn attach_image(
+    daemon: &SnapshotterDaemon,
+    image: &str,
+    converted: &serde_json::Value,
+) -> String {
+    let manifest = converted["manifest_digest"].as_str().unwrap();
+    let mut c = daemon.client().await;
+    let mut parent = String::new();
+    for (i, layer) in converted["layers"].as_array().unwrap().iter().enumerate() {
+        let target = format!("chain-{i}");
+        let err = prepare(
+            &mut c,
+            &format!("extract-{i}"),
+            &parent,
+            cri_labels(image, manifest, layer.as_str().unwrap(), &target),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", daemon.log());
+        parent = target;
+    }
+    parent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_back() {
+    if !require_root("a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_back") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let registry = Registry::start();
+    let converted = publish_lazy_rich(t, &registry);
+    let image = registry.reference("rich:lazy");
+    // No prefetch: the layers stay lazy, on FUSE, across the crash.
+    let mut daemon = SnapshotterDaemon::start(
+        t,
+        &format!(
+            "[registry]\nplain_http = [\"{}\"]\n[prefetch]\non_task_start = false\n",
+            registry.host()
+        ),
+    );
+    let top = attach_image(&daemon, &image, &converted).await;
+    let mut c = daemon.client().await;
+    let rootfs = t.join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    let mounts = prepare(&mut c, "container-1", &top, HashMap::new())
+        .await
+        .unwrap();
+    let container = Mounted::new(&mounts, &rootfs);
+    // The container reads a little before the crash; most chunks are missing.
+    assert!(!std::fs::read(rootfs.join("etc/hostname"))
+        .unwrap()
+        .is_empty());
+    assert!(states(&daemon).iter().all(|s| s == "lazy"));
+
+    daemon.kill();
+    daemon.restart();
+    assert!(
+        daemon.log().contains("of a previous run reads"),
+        "old loop devices not switched:\n{}",
+        daemon.log()
+    );
+    // The running container's old mounts read through the new daemon: every
+    // file, fetched now, the same as a new container on the new daemon sees.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let seen = contents(&rootfs);
+    let mut c = daemon.client().await;
+    let rootfs2 = t.join("rootfs2");
+    std::fs::create_dir(&rootfs2).unwrap();
+    let mounts2 = prepare(&mut c, "container-2", &top, HashMap::new())
+        .await
+        .unwrap();
+    let second = Mounted::new(&mounts2, &rootfs2);
+    let fresh = contents(&rootfs2);
+    assert!(fresh
+        .iter()
+        .any(|(p, d)| p.ends_with("data/big") && d.len() == 6 << 20));
+    assert!(seen == fresh, "the old container reads other data");
+
+    drop(second);
+    drop(container);
+    remove(&mut c, "container-2").await.unwrap();
+    remove(&mut c, "container-1").await.unwrap();
+    for i in (0..converted["layers"].as_array().unwrap().len()).rev() {
+        remove(&mut c, &format!("chain-{i}")).await.unwrap();
+    }
+    daemon.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mounts, loops) = leftovers(&daemon.root);
+        if mounts.is_empty() && loops.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {mounts:?} {loops:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -162,6 +162,18 @@ impl LoopDevice {
         Err(last_err.unwrap_or_else(|| io::Error::other("no free loop device")))
     }
 
+    /// Holds loop device `number`, configured by someone else (a previous
+    /// run of this node), e.g. to switch its backing file.
+    pub fn open_existing(number: u32) -> io::Result<Self> {
+        let path = PathBuf::from(format!("/dev/loop{number}"));
+        let fd = OpenOptions::new().read(true).open(&path)?;
+        Ok(LoopDevice {
+            path,
+            number,
+            _fd: fd,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

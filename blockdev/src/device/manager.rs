@@ -34,6 +34,7 @@ use super::eviction::{self, EvictionReport};
 use super::fuse::{FuseMount, LayerFiles};
 use super::loopdev::{LoopDevice, LoopOptions};
 use super::mounts;
+use super::orphans::{self, Orphans};
 use super::undo::Undo;
 use crate::fetch::FetchConfig;
 use crate::layer::{LayerError, LayerSource, LazyLayer};
@@ -204,6 +205,9 @@ struct Attached {
     /// a warning); the next attach tries again.
     handoff_failed: bool,
     name: String,
+    /// Loop devices a previous run left on this layer's FUSE file, still
+    /// under a running container's EROFS mount; switched along with ours.
+    orphans: Vec<LoopDevice>,
 }
 
 /// What the manager shares with its background tasks.
@@ -229,6 +233,8 @@ pub struct LayerManager {
     /// Running (or finished) trace replays by digest.
     replays: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     persister: tokio::task::JoinHandle<()>,
+    /// [`Orphans`] of the previous run, until their layers are attached.
+    orphans: Orphans,
 }
 
 impl LayerManager {
@@ -241,6 +247,7 @@ impl LayerManager {
             root: root.clone(),
             source,
         };
+        let orphans = Orphans::adopt(&root.join("fuse"));
         cleanup_stale_mounts(&root);
         for dir in ["fuse", "layers", "mnt"] {
             std::fs::create_dir_all(root.join(dir)).map_err(setup)?;
@@ -271,6 +278,7 @@ impl LayerManager {
             jobs: Mutex::default(),
             replays: Mutex::default(),
             persister,
+            orphans,
         })
     }
 
@@ -505,6 +513,7 @@ impl LayerManager {
             files: self.shared.files.clone(),
             name: name.clone(),
             layer: layer.clone(),
+            orphans: self.orphans.take(&name),
         };
         // Blocking work, and mounting EROFS reads the superblock through our
         // FUSE file, whose misses are fetched on this runtime: never block it.
@@ -653,6 +662,7 @@ struct Exposing {
     files: Arc<LayerFiles>,
     name: String,
     layer: Arc<LazyLayer>,
+    orphans: Vec<LoopDevice>,
 }
 
 impl Exposing {
@@ -737,6 +747,8 @@ impl Exposing {
             .take()
             .expect("loop device still in its slot");
         undo.commit();
+        // A container from before a crash reads again, through this run.
+        orphans::switch_all(&self.orphans, &backing_path, &digest);
         Ok(Attached {
             info: AttachedLayer {
                 digest,
@@ -750,6 +762,7 @@ impl Exposing {
             local,
             handoff_failed: false,
             name: self.name,
+            orphans: self.orphans,
         })
     }
 }
@@ -814,31 +827,48 @@ async fn handoff(shared: &Shared, digest: &str) {
         layers
             .get(digest)
             .filter(|a| !a.local && a.layer.is_complete())
-            .map(|a| (a.layer.clone(), a.loop_dev.try_clone()))
+            .map(|a| {
+                let orphans: std::io::Result<Vec<_>> =
+                    a.orphans.iter().map(LoopDevice::try_clone).collect();
+                (a.layer.clone(), a.loop_dev.try_clone(), orphans)
+            })
     };
-    let Some((layer, dev)) = found else { return };
+    let Some((layer, dev, orphans)) = found else {
+        return;
+    };
+    let name_digest = digest.to_owned();
     let counters = &shared.stats.prefetch;
     let image = layer.image_path();
     let path = image.clone();
     // Durable first: after the switch the file is the layer, also for the
     // next process that attaches it.
-    let switched = tokio::task::spawn_blocking(move || -> Result<(), String> {
+    let switched = tokio::task::spawn_blocking(move || -> Result<bool, String> {
         let dev = dev.map_err(|e| format!("duplicating the loop device fd: {e}"))?;
         layer.persist().map_err(|e| e.to_string())?;
         let file = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-        dev.change_backing(&file).map_err(|e| e.to_string())
+        dev.change_backing(&file).map_err(|e| e.to_string())?;
+        // Old devices that cannot follow still need the FUSE file.
+        Ok(match orphans {
+            Ok(orphans) => orphans::switch_all(&orphans, &path, &name_digest),
+            Err(e) => {
+                warn!("layer {name_digest}: old loop devices not switched: {e}");
+                false
+            }
+        })
     })
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
     match switched {
-        Ok(()) => {
+        Ok(orphans_switched) => {
             let mut layers = shared.layers.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(a) = layers.get_mut(digest) {
                 a.backing = image;
                 a.local = true;
                 // The kernel released it at the switch; no reader is left.
-                shared.files.remove(&a.name);
+                if orphans_switched {
+                    shared.files.remove(&a.name);
+                }
             }
             counters.handoffs.fetch_add(1, Relaxed);
             info!("layer {digest}: complete; loop device now reads the local cache file");

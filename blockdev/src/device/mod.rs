@@ -8,6 +8,7 @@ pub mod fuse;
 pub mod loopdev;
 mod manager;
 pub mod mounts;
+mod orphans;
 mod undo;
 
 pub use manager::{
