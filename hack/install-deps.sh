@@ -17,7 +17,7 @@ PACKAGES=(
   # networking tests and the eni plugin
   iproute2 iptables containernetworking-plugins
   # benchmarks
-  fio hyperfine
+  fio hyperfine procps
 )
 
 if [ "$(id -u)" != 0 ]; then
