@@ -131,6 +131,23 @@ pub fn leftovers(root: &Path) -> (Vec<PathBuf>, Vec<(u32, PathBuf)>) {
     )
 }
 
+/// Waits (at most 10 s) until nothing is mounted or attached under `root`:
+/// loop devices that an overlay still held clear a moment after it goes.
+pub fn wait_nothing_left(root: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (mounts, loops) = leftovers(root);
+        if mounts.is_empty() && loops.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind: {mounts:?} {loops:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Every regular file, dir and symlink under `root`, relative, sorted.
 pub fn walk(root: &Path) -> Vec<PathBuf> {
     fn go(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
-use containerd_client::tonic::{transport::Channel, Status};
+use containerd_client::tonic::{transport::Channel, Code, Status};
 use containerd_client::types::Mount;
 
 pub type Client = SnapshotsClient<Channel>;
@@ -55,4 +55,27 @@ pub fn cri_labels(
             layer.into(),
         ),
     ])
+}
+
+/// Prepares the layers of `image` bottom first with CRI's unpack labels, as
+/// containerd does when it pulls: each is attached lazily and committed as
+/// `chain-N`, so each Prepare answers AlreadyExists. Returns the top one.
+pub async fn attach_layers(
+    c: &mut Client,
+    image: &str,
+    manifest: &str,
+    layers: &[String],
+    log: impl Fn() -> String,
+) -> String {
+    let mut parent = String::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let target = format!("chain-{i}");
+        let labels = cri_labels(image, manifest, layer, &target);
+        let err = prepare(c, &format!("extract-{i}"), &parent, labels)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", log());
+        parent = target;
+    }
+    parent
 }

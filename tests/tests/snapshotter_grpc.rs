@@ -223,8 +223,6 @@ async fn list(c: &mut Client, filters: &[&str]) -> Vec<String> {
     out
 }
 
-/// The CRI labels containerd puts on the Prepare of an image layer.
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
     if !require_root("lazybd_layers_are_attached_lazily_and_come_back_after_a_restart") {

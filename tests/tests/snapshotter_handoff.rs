@@ -10,13 +10,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use containerd_client::tonic::Code;
 use lazybd_tests::cli::{lazybd, ok};
 use lazybd_tests::images::publish_lazy_rich;
-use lazybd_tests::lazy_layers::{leftovers, walk};
+use lazybd_tests::lazy_layers::{leftovers, wait_nothing_left, walk};
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
-use lazybd_tests::snapshots_api::{cri_labels, prepare, remove};
+use lazybd_tests::snapshots_api::{attach_layers, prepare, remove};
 use lazybd_tests::snapshotter::{Mounted, SnapshotterDaemon};
 
 /// Every regular file's bytes under `dir`, by relative path.
@@ -75,20 +74,7 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
         ),
     );
     let mut c = daemon.client().await;
-    let mut parent = String::new();
-    for (i, layer) in layers.iter().enumerate() {
-        let target = format!("chain-{i}");
-        let err = prepare(
-            &mut c,
-            &format!("extract-{i}"),
-            &parent,
-            cri_labels(&image, &manifest, layer, &target),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", daemon.log());
-        parent = target;
-    }
+    let parent = attach_layers(&mut c, &image, &manifest, &layers, || daemon.log()).await;
     assert!(states(&daemon).iter().all(|s| s == "lazy"));
 
     let rootfs = t.join("rootfs");
@@ -194,44 +180,7 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
     daemon.stop();
     // The first container's loop devices (from before the kill) clear once
     // its overlay is gone; the kernel may take a moment.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (mounts, loops) = leftovers(&daemon.root);
-        if mounts.is_empty() && loops.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {mounts:?} {loops:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The layers of a started image, attached lazily (CRI's unpack labels),
-/// and the chain's top snapshot name.
-async fn attach_image(
-    daemon: &SnapshotterDaemon,
-    image: &str,
-    converted: &serde_json::Value,
-) -> String {
-    let manifest = converted["manifest_digest"].as_str().unwrap();
-    let mut c = daemon.client().await;
-    let mut parent = String::new();
-    for (i, layer) in converted["layers"].as_array().unwrap().iter().enumerate() {
-        let target = format!("chain-{i}");
-        let err = prepare(
-            &mut c,
-            &format!("extract-{i}"),
-            &parent,
-            cri_labels(image, manifest, layer.as_str().unwrap(), &target),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", daemon.log());
-        parent = target;
-    }
-    parent
+    wait_nothing_left(&daemon.root);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,8 +201,15 @@ async fn a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_bac
             registry.host()
         ),
     );
-    let top = attach_image(&daemon, &image, &converted).await;
+    let manifest = converted["manifest_digest"].as_str().unwrap();
+    let layers: Vec<String> = converted["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
     let mut c = daemon.client().await;
+    let top = attach_layers(&mut c, &image, manifest, &layers, || daemon.log()).await;
     let rootfs = t.join("rootfs");
     std::fs::create_dir(&rootfs).unwrap();
     let mounts = prepare(&mut c, "container-1", &top, HashMap::new())
@@ -294,20 +250,9 @@ async fn a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_bac
     drop(container);
     remove(&mut c, "container-2").await.unwrap();
     remove(&mut c, "container-1").await.unwrap();
-    for i in (0..converted["layers"].as_array().unwrap().len()).rev() {
+    for i in (0..layers.len()).rev() {
         remove(&mut c, &format!("chain-{i}")).await.unwrap();
     }
     daemon.stop();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (mounts, loops) = leftovers(&daemon.root);
-        if mounts.is_empty() && loops.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {mounts:?} {loops:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_nothing_left(&daemon.root);
 }

@@ -15,13 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use containerd_client::tonic::Code;
 use containerd_client::types::Mount;
 use lazybd_blockdev::trace::trace_key;
 use lazybd_tests::images::publish_lazy_rich;
-use lazybd_tests::lazy_layers::{leftovers, walk};
+use lazybd_tests::lazy_layers::{leftovers, wait_nothing_left, walk};
 use lazybd_tests::registry::Registry;
-use lazybd_tests::snapshots_api::{prepare, remove};
+use lazybd_tests::snapshots_api::{attach_layers, prepare, remove};
 use lazybd_tests::snapshotter::{metric, Mounted, SnapshotterDaemon};
 use lazybd_tests::{bin_path, require_root};
 
@@ -139,30 +138,7 @@ struct Image {
 /// a container snapshot on them; returns its mounts.
 async fn container(d: &SnapshotterDaemon, img: &Image) -> Vec<Mount> {
     let mut c = d.client().await;
-    let mut parent = String::new();
-    for (i, layer) in img.layers.iter().enumerate() {
-        let target = format!("chain-{i}");
-        let labels = HashMap::from([
-            ("containerd.io/snapshot.ref".to_string(), target.clone()),
-            (
-                "containerd.io/snapshot/cri.image-ref".into(),
-                img.image.clone(),
-            ),
-            (
-                "containerd.io/snapshot/cri.manifest-digest".into(),
-                img.manifest.clone(),
-            ),
-            (
-                "containerd.io/snapshot/cri.layer-digest".into(),
-                layer.clone(),
-            ),
-        ]);
-        let err = prepare(&mut c, &format!("extract-{i}"), &parent, labels)
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
-        parent = target;
-    }
+    let parent = attach_layers(&mut c, &img.image, &img.manifest, &img.layers, || d.log()).await;
     prepare(&mut c, "container", &parent, HashMap::new())
         .await
         .unwrap()
@@ -177,18 +153,7 @@ async fn cleanup(d: &mut SnapshotterDaemon, layers: usize) {
         let _ = remove(&mut c, &format!("chain-{i}")).await;
     }
     d.stop();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (mounts, loops) = leftovers(&d.root);
-        if mounts.is_empty() && loops.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {mounts:?} {loops:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_nothing_left(&d.root);
 }
 
 fn task_start(d: &SnapshotterDaemon, mounts: &[Mount]) -> serde_json::Value {
