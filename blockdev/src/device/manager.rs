@@ -836,7 +836,7 @@ async fn handoff(shared: &Shared, digest: &str) {
     let Some((layer, dev, orphans)) = found else {
         return;
     };
-    let name_digest = digest.to_owned();
+    let layer_digest = digest.to_owned();
     let counters = &shared.stats.prefetch;
     let image = layer.image_path();
     let path = image.clone();
@@ -849,9 +849,9 @@ async fn handoff(shared: &Shared, digest: &str) {
         dev.change_backing(&file).map_err(|e| e.to_string())?;
         // Old devices that cannot follow still need the FUSE file.
         Ok(match orphans {
-            Ok(orphans) => orphans::switch_all(&orphans, &path, &name_digest),
+            Ok(orphans) => orphans::switch_all(&orphans, &path, &layer_digest),
             Err(e) => {
-                warn!("layer {name_digest}: old loop devices not switched: {e}");
+                warn!("layer {layer_digest}: old loop devices not switched: {e}");
                 false
             }
         })

@@ -21,7 +21,6 @@ use tracing::{info, warn};
 
 use super::loopdev::{self, LoopDevice};
 
-#[derive(Default)]
 pub struct Orphans(Mutex<HashMap<String, Vec<LoopDevice>>>);
 
 impl Orphans {
