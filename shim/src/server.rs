@@ -99,9 +99,20 @@ pub async fn serve(flags: &Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `start` reads our stdout until it closes: pointing stdout at stderr
-/// (/dev/null) tells it the server is up.
+/// `start` reads our stdout until it closes. The ready line, then pointing
+/// stdout at stderr (/dev/null), tells it the server is up; a close without
+/// the line (we exited) tells it we failed. The line matters because the
+/// close alone races with `start`'s check whether we have exited yet.
 fn release_start_parent() {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(crate::start::SERVER_READY)
+        .and_then(|()| stdout.flush())
+    {
+        warn!("release start: {e}");
+    }
+    drop(stdout);
     // SAFETY: dup2 on the process's own standard descriptors.
     if unsafe { libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) } < 0 {
         warn!("release start: {}", std::io::Error::last_os_error());

@@ -36,6 +36,8 @@ const GROUP_LABELS: [&str; 2] = [
 ];
 /// How long the new server may take to start serving.
 const SERVER_START_DEADLINE: Duration = Duration::from_secs(10);
+/// What the server writes to `start` once it serves.
+pub(crate) const SERVER_READY: &[u8] = b"serving\n";
 
 /// The shim group of the container in `bundle`: its pod, else itself.
 pub fn grouping(bundle: &Path, id: &str) -> String {
@@ -152,14 +154,15 @@ fn launch_server(
     Ok(())
 }
 
-/// Waits until the server closes its stdout (it serves) or exits or overruns.
+/// Waits until the server says it serves and closes its stdout, or exits, or
+/// overruns the deadline.
 fn wait_released(child: &mut std::process::Child) -> anyhow::Result<()> {
     let stdout = child.stdout.take().expect("piped");
-    let fd = OwnedFd::from(stdout);
-    let deadline = Instant::now() + SERVER_START_DEADLINE;
-    let mut buf = [0u8; 512];
-    let mut file = std::fs::File::from(fd);
+    let mut file = std::fs::File::from(OwnedFd::from(stdout));
     let raw = file.as_raw_fd();
+    let deadline = Instant::now() + SERVER_START_DEADLINE;
+    let mut said = Vec::new();
+    let mut buf = [0u8; 512];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -190,15 +193,19 @@ fn wait_released(child: &mut std::process::Child) -> anyhow::Result<()> {
         }
         match file.read(&mut buf) {
             Ok(0) => break,
+            // Bounded: the server writes one short line.
+            Ok(n) if said.len() < SERVER_READY.len() => said.extend_from_slice(&buf[..n]),
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("wait for the shim server"),
         }
     }
-    if let Some(status) = child.try_wait().context("shim server status")? {
-        bail!("shim server exited during start ({status}); see containerd's log for the shim log");
+    if said.starts_with(SERVER_READY) {
+        return Ok(());
     }
-    Ok(())
+    // Its stdout closed without the line: it is exiting, so this wait is short.
+    let status = child.wait().context("shim server status")?;
+    bail!("shim server exited during start ({status}); see containerd's log for the shim log");
 }
 
 #[cfg(test)]
