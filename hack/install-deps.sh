@@ -10,6 +10,8 @@ PACKAGES=(
   fuse3 erofs-utils e2fsprogs util-linux kmod
   # images and registry for tests: built locally, served on 127.0.0.1
   docker-registry skopeo umoci busybox-static debootstrap jq curl python3
+  # hack/validate-deploy.sh: kubernetes-validate in a venv, systemd-analyze
+  python3-venv systemd
   # container runtime targets
   containerd runc
   # snapshotter conformance suite (Go harness over containerd's testsuite)
