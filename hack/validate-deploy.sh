@@ -108,9 +108,9 @@ EOF
 }
 start_snapshotter() { # CONFIG DIR
   RUST_BACKTRACE=0 "$bin/lazybd-snapshotter" --config "$1" >"$2/log" 2>&1 &
-  local pid=$! i
+  local pid=$!
   pids+=("$pid")
-  for i in $(seq 150); do
+  for _ in $(seq 150); do
     [ -S "$2/snapshotter.sock" ] && break
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.2
