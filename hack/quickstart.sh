@@ -1,94 +1,127 @@
 #!/usr/bin/env bash
-# The quickstart: on Debian bookworm as root, install what is needed, build
-# lazybd, build a small image locally (busybox plus 96 MiB of application
-# data), push it to a private docker-registry on 127.0.0.1, convert it to
-# lazybd layers in the registry, mount it lazily, run its program in a
-# chroot, and print what was fetched against the image size. Everything it
-# starts (registry, mount, scratch dir) is stopped and removed on exit.
+# The quickstart, on Debian bookworm as root:
 #
-#   hack/quickstart.sh            # uses a scratch dir under /var/tmp
-#   KEEP=1 hack/quickstart.sh     # keeps the scratch dir for a look around
+#   hack/quickstart.sh        # install, build, start the stack, run a container lazily
+#   hack/quickstart.sh down   # stop and remove everything it started
+#
+# It installs what it needs, builds lazybd (release), builds a Python image
+# from Debian packages (hack/build-images.sh; needs the Debian mirror once),
+# and starts a private stack under /var/lib/lazybd-quickstart: a
+# docker-registry on 127.0.0.1, the lazybd super node, lazybd-snapshotter and
+# a containerd with its own root, state and socket that has the snapshotter
+# as proxy plugin `lazybd` and containerd-shim-lazybd-v2 as runtime
+# io.containerd.lazybd.v2. It pushes the image, converts it to lazybd
+# layers, and then starts a container from it twice: lazily (`lazybd pull`,
+# `ctr run --snapshotter lazybd --runtime io.containerd.lazybd.v2`) and by
+# an ordinary full pull onto containerd's overlayfs snapshotter with
+# io.containerd.runc.v2. For each it prints the time from the pull to the
+# container's first output and the bytes fetched against the image's size.
+#
+# A second run reuses the running stack, the images and the conversion; its
+# lazy start finds the chunks the first one fetched in the node's chunk cache
+# (kept after the image is removed, up to the cache's capacity).
+#
+# Knobs: QUICKSTART_DIR (default /var/lib/lazybd-quickstart), QUICKSTART_PORT
+# (registry port, default 5055), IMAGES_DIR (hack/build-images.sh's output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" != 0 ]; then
-  echo "quickstart: run as root (it mounts filesystems and sets up loop devices)" >&2
-  exit 1
+[ "$(id -u)" = 0 ] || { echo "quickstart: run as root (it mounts filesystems and runs containers)" >&2; exit 1; }
+
+STACK=${QUICKSTART_DIR:-/var/lib/lazybd-quickstart}
+BIN=$PWD/target/release
+REGISTRY=127.0.0.1:${QUICKSTART_PORT:-5055}
+SNAPSHOTTER_METRICS=127.0.0.1:9881
+SUPERNODE=127.0.0.1:7443
+NS=quickstart
+# shellcheck source=hack/lib/stack.sh
+. hack/lib/stack.sh
+
+down() {
+  containerd_and_snapshotter_down "$NS"
+  daemon_down supernode
+  daemon_down registry
+  unmount_under "$STACK"
+  rm -rf "$STACK"
+  echo "quickstart: stopped and removed everything under $STACK"
+}
+
+if [ "${1:-}" = down ]; then
+  down
+  exit 0
+elif [ -n "${1:-}" ]; then
+  echo "usage: hack/quickstart.sh [down]" >&2
+  exit 2
 fi
 
 hack/install-deps.sh
-echo "== building lazybd"
-cargo build --locked -p lazybd-blockdev --bins
-LAZYBD="$PWD/target/debug/lazybd"
+echo "== building lazybd (release)"
+cargo build --release --locked -p lazybd-blockdev -p lazybd-snapshotter -p lazybd-shim --bins
+hack/build-images.sh "${IMAGES_DIR:-/var/tmp/lazybd-images}"
+LAYOUT=${IMAGES_DIR:-/var/tmp/lazybd-images}/layout
 
-WORK=$(mktemp -d /var/tmp/lazybd-quickstart.XXXXXX)
-REGISTRY_PID=
-cleanup() {
-  set +e
-  [ -d "$WORK/mnt" ] && "$LAZYBD" umount --root "$WORK/state" "$WORK/mnt" >/dev/null 2>&1
-  [ -n "$REGISTRY_PID" ] && kill "$REGISTRY_PID" 2>/dev/null && wait "$REGISTRY_PID" 2>/dev/null
-  if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK"; fi
+echo "== the stack under $STACK"
+mkdir -p "$STACK"
+daemon_running registry || registry_up "$STACK/registry/storage" "$REGISTRY"
+daemon_running supernode || supernode_up "$SUPERNODE"
+daemon_running snapshotter || snapshotter_up "[p2p]
+supernode = \"http://$SUPERNODE\"
+listen = \"127.0.0.1:7070\""
+daemon_running containerd || containerd_up
+echo "registry $REGISTRY, super node $SUPERNODE, snapshotter metrics http://$SNAPSHOTTER_METRICS/metrics"
+echo "containerd: ctr --address $STACK/containerd/containerd.sock -n $NS ..."
+
+OCI=$REGISTRY/quickstart/python:oci
+LAZY=$REGISTRY/quickstart/python:lazybd
+if ! skopeo inspect --tls-verify=false "docker://$LAZY" >/dev/null 2>&1; then
+  echo "== pushing the image and converting it to lazybd layers"
+  skopeo copy --quiet --dest-tls-verify=false "oci:$LAYOUT:python" "docker://$OCI"
+  "$BIN/lazybd" convert --plain-http --work-dir "$STACK" "$OCI" "$LAZY"
+fi
+CMD=$(skopeo inspect --tls-verify=false --config "docker://$OCI" | jq -r '.config.Cmd | join(" ")')
+
+lazy_start() {
+  "$BIN/lazybd" pull --address "$STACK/containerd/containerd.sock" -n "$NS" --plain-http "$LAZY" >"$STACK/pull.log"
+  ctr_ -n "$NS" run --rm --snapshotter lazybd --runtime io.containerd.lazybd.v2 "$LAZY" quickstart-lazy
 }
-trap cleanup EXIT
 
-echo "== starting a private registry on 127.0.0.1"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$WORK/registry.yml" <<EOF
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $WORK/registry
-http:
-  addr: 127.0.0.1:$PORT
-EOF
-docker-registry serve "$WORK/registry.yml" 2>"$WORK/registry.log" &
-REGISTRY_PID=$!
-for _ in $(seq 100); do
-  curl -fsS "http://127.0.0.1:$PORT/v2/" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$PORT/v2/" >/dev/null || { cat "$WORK/registry.log"; exit 1; }
-REGISTRY=127.0.0.1:$PORT
+full_start() {
+  ctr_ -n "$NS" images pull --plain-http "$OCI" >"$STACK/pull.log"
+  ctr_ -n "$NS" run --rm "$OCI" quickstart-full
+}
 
-echo "== building an image locally (busybox + application data)"
-umoci init --layout "$WORK/image"
-umoci new --image "$WORK/image:app"
-umoci unpack --image "$WORK/image:app" "$WORK/bundle" >/dev/null
-ROOTFS="$WORK/bundle/rootfs"
-mkdir -p "$ROOTFS/bin" "$ROOTFS/app/data"
-cp /bin/busybox "$ROOTFS/bin/busybox"
-for tool in sh cat ls wc head sha256sum du; do ln -sf busybox "$ROOTFS/bin/$tool"; done
-for i in $(seq 1 12); do
-  head -c $((8 << 20)) /dev/urandom >"$ROOTFS/app/data/model-$i.bin"
-done
-cat >"$ROOTFS/app/run.sh" <<'EOF'
-#!/bin/sh
-echo "hello from a lazily mounted image"
-echo "app data: $(ls /app/data | wc -l) files; reading one of them:"
-head -c 1048576 /app/data/model-7.bin | sha256sum
-EOF
-chmod 755 "$ROOTFS/app/run.sh"
-umoci repack --image "$WORK/image:app" "$WORK/bundle"
-umoci config --image "$WORK/image:app" --config.entrypoint /app/run.sh
-skopeo copy --quiet --dest-tls-verify=false "oci:$WORK/image:app" "docker://$REGISTRY/quickstart:app"
+# Each start begins without the image in containerd and with cold page caches.
+forget_images() {
+  for ref in $(ctr_ -n "$NS" images ls -q); do ctr_ -n "$NS" images rm --sync "$ref" >/dev/null; done
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+}
 
-echo "== converting $REGISTRY/quickstart:app -> $REGISTRY/quickstart:lazybd"
-"$LAZYBD" convert --plain-http --work-dir "$WORK" \
-  "$REGISTRY/quickstart:app" "$REGISTRY/quickstart:lazybd"
-"$LAZYBD" inspect --plain-http "$REGISTRY/quickstart:lazybd"
+image_bytes() { # compressed size of the layers of $1
+  skopeo inspect --tls-verify=false --raw "docker://$1" | jq '[.layers[].size] | add'
+}
 
-echo "== mounting it lazily and running /app/run.sh in it"
-mkdir -p "$WORK/mnt"
-"$LAZYBD" mount --plain-http --root "$WORK/state" "$REGISTRY/quickstart:lazybd" "$WORK/mnt"
-chroot "$WORK/mnt" /app/run.sh
+echo "== starting \`$CMD\` lazily (lazybd snapshotter, lazybd shim)"
+forget_images
+before=$(snapshotter_fetched_bytes)
+BYTES_NOW=snapshotter_fetched_bytes time_to_first_line lazy_start >"$STACK/measured"
+read -r lazy_ms lazy_bytes lazy_line <"$STACK/measured"
+lazy_bytes=$((lazy_bytes - before))
+echo "first output \"$lazy_line\" after $lazy_ms ms"
 
-echo "== what was fetched"
-"$LAZYBD" stats --root "$WORK/state" "$WORK/mnt"
-FETCHED=$("$LAZYBD" stats --root "$WORK/state" --json "$WORK/mnt" |
-  jq '[.stats.sources[] | select(.name == "registry") | .bytes] | add // 0')
-SIZE=$("$LAZYBD" inspect --plain-http --json "$REGISTRY/quickstart:lazybd" | jq '[.[].blob_size] | add')
-echo "fetched $FETCHED of $SIZE bytes ($((100 * FETCHED / SIZE))%) to run the program"
+echo "== starting it after a full pull (overlayfs snapshotter, runc-v2 shim)"
+forget_images
+time_to_first_line full_start >"$STACK/measured"
+read -r full_ms _ full_line <"$STACK/measured"
+echo "first output \"$full_line\" after $full_ms ms"
+
+lazy_size=$(image_bytes "$LAZY")
+full_size=$(image_bytes "$OCI")
+echo
+printf '%-28s %18s %16s %16s\n' "" "to first output" "bytes fetched" "image size"
+printf '%-28s %15s ms %16s %16s\n' "lazybd (lazy pull)" "$lazy_ms" "$lazy_bytes" "$lazy_size"
+printf '%-28s %15s ms %16s %16s\n' "overlayfs (full pull)" "$full_ms" "$full_size" "$full_size"
+echo
+echo "lazybd fetched $((100 * lazy_bytes / lazy_size))% of its image, by source:"
+curl -fsS "http://$SNAPSHOTTER_METRICS/metrics" | grep '^lazybd_source_bytes_total' || true
+echo "run again to reuse the stack; hack/quickstart.sh down removes it"
