@@ -4,8 +4,8 @@
 set -euo pipefail
 
 PACKAGES=(
-  # build
-  build-essential pkg-config protobuf-compiler libfuse3-dev
+  # build and lint
+  build-essential pkg-config protobuf-compiler libfuse3-dev shellcheck
   # lazy block device: FUSE file -> loop -> EROFS, overlayfs
   fuse3 erofs-utils e2fsprogs util-linux kmod
   # images and registry for tests: built locally, served on 127.0.0.1
@@ -19,7 +19,7 @@ PACKAGES=(
   # networking tests and the eni plugin
   iproute2 iptables containernetworking-plugins
   # benchmarks
-  fio hyperfine procps
+  fio hyperfine procps gnuplot-nox
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -11,7 +11,10 @@ echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== deploy manifests"; hack/validate-deploy.sh
+echo "== shellcheck"
+shellcheck -x .ci/run hack/*.sh hack/lib/*.sh
+echo "== deploy manifests"
+hack/validate-deploy.sh
 echo "== build"
 cargo build --workspace --bins --locked
 echo "== tests (unit + integration; integration tests need root)"
