@@ -184,7 +184,17 @@ async fn answer(
             let replayed = snapshotter.remote().replay_trace(&chain, false).await;
             let recording = !replayed && start_recording(snapshotter, &id, &chain, containers);
             if containers.prefetch_on_start && !recording {
-                prefetch(snapshotter, &id, &digests);
+                match snapshotter.remote().traces().filter(|_| replayed) {
+                    // The replay fetches what the trace says the startup
+                    // reads; what else it reads still misses, and a full
+                    // prefetch now would take the link from those misses.
+                    // So it waits for the startup window, as after a
+                    // recording.
+                    Some(traces) => {
+                        prefetch_after(snapshotter, &id, &digests, traces.record_window())
+                    }
+                    None => prefetch(snapshotter, &id, &digests),
+                }
             }
             containers
                 .layers
@@ -219,6 +229,23 @@ fn prefetch(snapshotter: &LazySnapshotter, id: &str, digests: &[String]) {
             warn!("container {id}: prefetching layer {d}: {e}");
         }
     }
+}
+
+/// `prefetch` once `delay` has passed, unless the snapshotter shuts down
+/// meanwhile (only a Weak is held until then).
+fn prefetch_after(
+    snapshotter: &Arc<LazySnapshotter>,
+    id: &str,
+    digests: &[String],
+    delay: Duration,
+) {
+    let (weak, id, digests) = (Arc::downgrade(snapshotter), id.to_owned(), digests.to_vec());
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        if let Some(s) = weak.upgrade() {
+            prefetch(&s, &id, &digests);
+        }
+    });
 }
 
 /// Records the image's startup trace if it has none and no recording of it
