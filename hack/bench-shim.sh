@@ -19,45 +19,37 @@ LAZYBD=io.containerd.lazybd.v2
 RUNC=io.containerd.runc.v2
 
 cargo build --release -p lazybd-shim --bins
-dir=$(mktemp -d /var/tmp/lazybd-bench-shim.XXXXXX)
+STACK=$(mktemp -d /var/tmp/lazybd-bench-shim.XXXXXX)
+BIN=$PWD/target/release
 ns=bench
-ctr_() { timeout -k 5 120 ctr -a "$dir/c.sock" -n "$ns" "$@"; }
+# shellcheck source=hack/lib/stack.sh
+. hack/lib/stack.sh
+ctr_() { timeout -k 5 120 ctr -a "$STACK/containerd/containerd.sock" -n "$ns" "$@"; }
 cleanup() {
   set +e
   for id in $(ctr_ task ls -q 2>/dev/null); do ctr_ task kill -s SIGKILL "$id" >/dev/null 2>&1; done
   sleep 1
   for id in $(ctr_ task ls -q 2>/dev/null); do ctr_ task rm -f "$id" >/dev/null 2>&1; done
   for id in $(ctr_ containers ls -q 2>/dev/null); do ctr_ containers rm "$id" >/dev/null 2>&1; done
-  [ -n "${ctd_pid:-}" ] && kill "$ctd_pid" 2>/dev/null && wait "$ctd_pid" 2>/dev/null
-  grep -o " ${dir}[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
-  rm -rf "$dir"
+  daemon_down containerd
+  unmount_under "$STACK"
+  rm -rf "$STACK"
 }
 trap cleanup EXIT
 
-mkdir -p "$dir/bin" "$dir/rootfs/bin"
-ln -s "$PWD/target/release/containerd-shim-lazybd-v2" "$dir/bin/"
-cp /bin/busybox "$dir/rootfs/bin/busybox"
-for applet in sh true sleep; do ln -s busybox "$dir/rootfs/bin/$applet"; done
-cat >"$dir/config.toml" <<EOF
-version = 2
-root = "$dir/root"
-state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$dir/c.sock"
-[ttrpc]
-  address = "$dir/c.sock.ttrpc"
-EOF
-PATH="$dir/bin:$PATH" containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
-ctd_pid=$!
-for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && break; sleep 0.1; done
+mkdir -p "$STACK/rootfs/bin"
+cp /bin/busybox "$STACK/rootfs/bin/busybox"
+for applet in sh true sleep; do ln -s busybox "$STACK/rootfs/bin/$applet"; done
+# The stack's containerd: the lazybd shim on its PATH; no snapshotter runs,
+# so the shim's start hook finds no control socket, as on a plain node.
+containerd_up
 
 now_us() { echo $(($(date +%s%N) / 1000)); }
 # One start: ctr run -d, timed; the container is removed outside the timing.
 start_once() { # runtime id -> prints microseconds
   local t0 t1
   t0=$(now_us)
-  ctr_ run -d --runtime "$1" --rootfs "$dir/rootfs" "$2" /bin/sleep 600 >/dev/null
+  ctr_ run -d --runtime "$1" --rootfs "$STACK/rootfs" "$2" /bin/sleep 600 >/dev/null
   t1=$(now_us)
   echo $((t1 - t0))
 }
@@ -85,15 +77,15 @@ read -r t_med t_min t_max <<<"$(stats "${theirs[@]}")"
 # running many shims pays.
 shim_mem_kb() { # binary name field(Rss|Pss)
   local sum=0 n=0 pid
-  for pid in $(pgrep -f "$1 .*-address $dir/c.sock"); do
+  for pid in $(pgrep -f "$1 .*-address $STACK/containerd/containerd.sock"); do
     sum=$((sum + $(awk -v f="$2:" '$1 == f {print $2}' "/proc/$pid/smaps_rollup")))
     n=$((n + 1))
   done
   [ "$n" -gt 0 ] && echo $((sum / n)) || echo 0
 }
 for i in $(seq "$KEEP"); do
-  ctr_ run -d --runtime $LAZYBD --rootfs "$dir/rootfs" "keep-lz-$i" /bin/sleep 600 >/dev/null
-  ctr_ run -d --runtime $RUNC --rootfs "$dir/rootfs" "keep-rc-$i" /bin/sleep 600 >/dev/null
+  ctr_ run -d --runtime $LAZYBD --rootfs "$STACK/rootfs" "keep-lz-$i" /bin/sleep 600 >/dev/null
+  ctr_ run -d --runtime $RUNC --rootfs "$STACK/rootfs" "keep-rc-$i" /bin/sleep 600 >/dev/null
 done
 sleep 1
 o_rss=$(shim_mem_kb containerd-shim-lazybd-v2 Rss)
