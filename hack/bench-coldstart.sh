@@ -24,6 +24,7 @@
 #
 # Knobs: RATES (default "100mbit 1gbit"), RUNS (default 3), IMAGES (default
 # "python node large"), MODES (default "full warm lazy trace p2p"),
+# CHUNK (lazybd chunk size in bytes, default the converter's 1 MiB),
 # IMAGES_DIR (default /var/tmp/lazybd-images), DOCS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ RUNS=${RUNS:-3}
 IMAGES=${IMAGES:-python node large}
 MODES=${MODES:-full warm lazy trace p2p}
 IMAGES_DIR=${IMAGES_DIR:-/var/tmp/lazybd-images}
+CHUNK=${CHUNK:-1048576}
 
 hack/install-deps.sh
 cargo build --release --locked -p lazybd-blockdev -p lazybd-snapshotter -p lazybd-shim --bins
@@ -74,10 +76,10 @@ ip -n "$NETNS" link set lbcs-r up
 ip -n "$NETNS" link set lo up
 registry_up "$STACK/registry-storage" "$REGISTRY" "$NETNS"
 
-echo "== pushing and converting the images (unshaped)"
+echo "== pushing and converting the images (unshaped; chunk size $CHUNK)"
 for image in $IMAGES; do
   skopeo copy --quiet --dest-tls-verify=false "oci:$IMAGES_DIR/layout:$image" "docker://$REGISTRY/bench/$image:oci"
-  "$BIN/lazybd" convert --plain-http --work-dir "$STACK" \
+  "$BIN/lazybd" convert --plain-http --work-dir "$STACK" --chunk-size "$CHUNK" \
     "$REGISTRY/bench/$image:oci" "$REGISTRY/bench/$image:lazybd" >"$STACK/convert-$image.log"
 done
 
