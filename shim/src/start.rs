@@ -203,9 +203,18 @@ fn wait_released(child: &mut std::process::Child) -> anyhow::Result<()> {
     if said.starts_with(SERVER_READY) {
         return Ok(());
     }
-    // Its stdout closed without the line: it is exiting, so this wait is short.
-    let status = child.wait().context("shim server status")?;
-    bail!("shim server exited during start ({status}); see containerd's log for the shim log");
+    // Its stdout closed without the line: it is exiting. Bounded all the same.
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().context("shim server status")? {
+            bail!(
+                "shim server exited during start ({status}); see containerd's log for the shim log"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!("shim server closed its stdout without serving and did not exit within {SERVER_START_DEADLINE:?}; killed it");
 }
 
 #[cfg(test)]
