@@ -257,16 +257,19 @@ impl CriContainerd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Imports an OCI archive, unpacked for CRI's snapshotter, and waits
-    /// until CRI's image store (fed by containerd's image events) has it.
+    /// Imports an OCI archive whose layout tags the image `name`, unpacked
+    /// for CRI's snapshotter, and waits until CRI's image store (fed by
+    /// containerd's image events) has it.
     pub fn import(&self, archive: &Path, name: &str) {
+        // Named by the layout's ref annotation alone: `--index-name` would make
+        // a second image of the same name, whose update to the manifest lets
+        // containerd's GC collect the index while the import still reads it
+        // (CI saw "content digest ...: not found").
         self.ctr_ok(&[
             "images",
             "import",
             "--snapshotter",
             self.snapshotter,
-            "--index-name",
-            name,
             archive.to_str().unwrap(),
         ]);
         let deadline = Instant::now() + Duration::from_secs(30);
