@@ -134,6 +134,21 @@ struct Image {
     layers: Vec<String>,
 }
 
+/// Converts the rich test image into `registry` as `rich:lazy`.
+fn publish_image(t: &Path, registry: &Registry) -> Image {
+    let converted = publish_lazy_rich(t, registry);
+    Image {
+        image: registry.reference("rich:lazy"),
+        manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
+        layers: converted["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_owned())
+            .collect(),
+    }
+}
+
 /// Attaches the image's layers (the CRI labels of an unpack) and prepares
 /// a container snapshot on them; returns its mounts.
 async fn container(d: &SnapshotterDaemon, img: &Image) -> Vec<Mount> {
@@ -205,17 +220,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let registry = Registry::start();
-    let converted = publish_lazy_rich(t, &registry);
-    let img = Image {
-        image: registry.reference("rich:lazy"),
-        manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
-        layers: converted["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap().to_owned())
-            .collect(),
-    };
+    let img = publish_image(t, &registry);
     let key = trace_key(&img.layers);
     let sn = Supernode::start(&t.join("sn"), &registry.host());
 
@@ -316,17 +321,7 @@ async fn a_shutdown_during_the_record_window_detaches_the_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let registry = Registry::start();
-    let converted = publish_lazy_rich(t, &registry);
-    let img = Image {
-        image: registry.reference("rich:lazy"),
-        manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
-        layers: converted["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap().to_owned())
-            .collect(),
-    };
+    let img = publish_image(t, &registry);
     std::fs::create_dir(t.join("a")).unwrap();
     let config =
         node_config(&registry.host(), None).replace("record_secs = 2", "record_secs = 600");
