@@ -21,8 +21,13 @@
 # built once), copy it into a bundle of an empty image and `umoci repack` it
 # as the base layer; per image, `umoci unpack` the base, apt-get install in a
 # chroot of its rootfs (/proc mounted, /dev bound, resolv.conf copied; all
-# unmounted again, also on failure), add /app, and `umoci repack` the diff as
-# the image's second layer. /dev is left empty in the image (a runtime mounts
+# unmounted again, also on failure), add /app, and `umoci repack` the diff;
+# that diff, with an entry added for each parent directory of its entries that
+# it lacks (copied from the base layer: hack/lib/layer-parents.py), becomes the
+# image's second layer (`umoci raw add-layer`). Every layer thus has the parent
+# directories of its entries, which `ctr-remote image optimize` (stargz)
+# needs to put the files read at start first; the check verifies it.
+# /dev is left empty in the image (a runtime mounts
 # its own), as are /etc/resolv.conf and /etc/hostname; apt lists and caches
 # are removed.
 #
@@ -301,7 +306,22 @@ build_base_image() {
 app_recipe() {
   echo "app v1 $1 pkgs=${PKGS[$1]} cmd=${CMD[$1]} file=${WORKLOAD_FILE[$1]}"
   "workload_$1"
-  declare -f chroot_install build_app
+  declare -f chroot_install build_app complete_top_layer
+  cat hack/lib/layer-parents.py
+}
+
+# The layer digests of tag $1's image, lowest first.
+layers_of() { jq -r '.layers[].digest' "$(blob "$(manifest_of "$1")")"; }
+
+# Writes to $2 the top layer of tag $1 (an umoci diff) with an entry for each
+# parent directory of its entries that it lacks, taken from the layers below
+# (hack/lib/layer-parents.py): `ctr-remote image optimize` (stargz) leaves
+# out of its startup profile every file whose parents are not in its layer.
+complete_top_layer() {
+  local lower=() d l
+  mapfile -t d < <(layers_of "$1")
+  for l in "${d[@]:0:${#d[@]}-1}"; do lower+=(--lower "$(blob "$l")"); done
+  python3 hack/lib/layer-parents.py --tmpdir "$WORK" add "${lower[@]}" "$(blob "${d[-1]}")" "$2"
 }
 
 # apt-get install "$@" into the rootfs $1, in a chroot.
@@ -337,8 +357,14 @@ build_app() {
   chmod 0755 "$b/rootfs${WORKLOAD_FILE[$tag]}"
   BYTES=$(rootfs_bytes "$b/rootfs")
   [ -n "$(manifest_of "$tag")" ] && umoci rm --image "$LAYOUT:$tag"
-  umoci repack --history.created_by "apt-get install --no-install-recommends ${PKGS[$tag]}; ${WORKLOAD_FILE[$tag]}" \
-    --image "$LAYOUT:$tag" "$b"
+  # umoci's diff, made complete below and added to the base as the layer.
+  umoci repack --image "$LAYOUT:$tag" "$b"
+  complete_top_layer "$tag" "$WORK/layer-$tag.tar"
+  umoci rm --image "$LAYOUT:$tag"
+  umoci raw add-layer --image "$LAYOUT:base" --tag "$tag" \
+    --history.created_by "apt-get install --no-install-recommends ${PKGS[$tag]}; ${WORKLOAD_FILE[$tag]}" \
+    "$WORK/layer-$tag.tar"
+  rm -f "$WORK/layer-$tag.tar"
   for a in ${CMD[$tag]}; do args+=(--config.cmd "$a"); done
   umoci config --no-history --image "$LAYOUT:$tag" --clear config.cmd "${args[@]}" \
     --config.workingdir /app
@@ -348,7 +374,7 @@ build_app() {
 # Runs tag $1's command (from the unpacked runtime config: args, env, cwd) in
 # a chroot of its rootfs; its first line of output must be `ready`.
 check_image() {
-  local tag=$1 c=$WORK/check-$1 out rc=0 t0 t1 args=() env=() cwd
+  local tag=$1 c=$WORK/check-$1 out rc=0 t0 t1 args=() env=() cwd layers=() l
   umoci unpack --image "$LAYOUT:$tag" "$c"
   mapfile -t args < <(jq -r '.process.args[]' "$c/config.json")
   mapfile -t env < <(jq -r '.process.env[]' "$c/config.json")
@@ -366,6 +392,9 @@ check_image() {
     umoci rm --image "$LAYOUT:$tag" # not left for a benchmark to use
     die "$tag: check failed: '${args[*]}' exited $rc, first line '${out%%$'\n'*}' (want 'ready')"
   fi
+  for l in $(layers_of "$tag"); do layers+=("$(blob "$l")"); done
+  python3 hack/lib/layer-parents.py --tmpdir "$WORK" check "${layers[@]}" ||
+    { umoci rm --image "$LAYOUT:$tag"; die "$tag: a layer lacks parent directories"; }
   log "$tag: check ok, '${args[*]}' printed ready in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2fs", b - a }')"
   remove_dir "$c"
 }
