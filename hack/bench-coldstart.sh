@@ -14,32 +14,105 @@
 #           image) and the super node are one unshaped hop away; fan-out 1
 #           so the peer is the cold node's parent
 #   warm    the image already pulled onto overlayfs: `ctr run` only
+#   stargz  stargz-snapshotter (the peer; its daemon built from Debian's
+#           sources by ../shared/anchors/stargz/build.sh) with the image made
+#           by `ctr-remote image optimize --oci`: its startup profile (the
+#           entrypoint run once, the files it read first in each layer,
+#           prefetched up to the landmark); `ctr-remote image rpull` +
+#           `ctr run --snapshotter stargz`
+#   stargz-plain  the same with `ctr-remote image convert --estargz --oci`
+#           (no profile, no prefetch)
 #
 # Before every run the page cache is dropped; every cold run starts a fresh
-# containerd and snapshotter (empty roots). The registry link bytes are the
+# containerd and snapshotters (empty roots). The registry link bytes are the
 # bytes the host received from the registry's netns until the first output.
-# Prints a markdown table and, with DOCS=1, writes it and a PNG chart
-# (gnuplot) into docs/benchmarks.md (between the coldstart markers) and
-# docs/coldstart.png. A report, not a test. Needs root.
+# A stargz run fails unless every layer of the image was mounted remotely
+# (one FUSE mount per layer under stargz's root, no "remote-snapshot-prepared
+# false" in its log), i.e. nothing fell back to a full pull.
+#
+# Once per image, hack/read-volume.sh measures the workload's own read volume
+# (its rootfs as one EROFS image on a plain loop device, readahead 0).
+# Prints markdown tables (times and bytes; ratios, the read volume and the
+# physical limit) and, with DOCS=1, writes them and a PNG chart (gnuplot)
+# into docs/benchmarks.md (between the coldstart markers) and
+# docs/coldstart.png. The results stay in /var/tmp/lazybd-coldstart-*.tsv.
+# A report, not a test. Needs root.
 #
 # Knobs: RATES (default "100mbit 1gbit"), RUNS (default 3), IMAGES (default
-# "python node large"), MODES (default "full warm lazy trace p2p"),
-# CHUNK (lazybd chunk size in bytes, default the converter's 1 MiB),
-# IMAGES_DIR (default /var/tmp/lazybd-images), DOCS=1.
+# "python node large"), MODES (default "full warm lazy trace p2p stargz
+# stargz-plain"), CHUNK (lazybd chunk size in bytes, default the converter's
+# 1 MiB), IMAGES_DIR (default /var/tmp/lazybd-images), DOCS=1; for the stargz
+# modes STARGZ_BIN (a containerd-stargz-grpc to use), else STARGZ_ANCHOR (the
+# directory with build.sh, default ../shared/anchors/stargz beside the main
+# checkout) builds one into STARGZ_BUILD_DIR (default /var/tmp/lazybd-stargz,
+# rebuilt when the anchor changes); `ctr-remote` comes from Debian's
+# stargz-snapshotter package (build.sh installs it). Asking for a stargz mode
+# without a daemon is an error, never a silent skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "bench-coldstart: must run as root" >&2; exit 1; }
+die() { echo "bench-coldstart: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root"
 
 RATES=${RATES:-100mbit 1gbit}
 RUNS=${RUNS:-3}
 IMAGES=${IMAGES:-python node large}
-MODES=${MODES:-full warm lazy trace p2p}
+MODES=${MODES:-full warm lazy trace p2p stargz stargz-plain}
 IMAGES_DIR=${IMAGES_DIR:-/var/tmp/lazybd-images}
 CHUNK=${CHUNK:-1048576}
+main_checkout=$(dirname "$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || echo "$PWD/.git")")
+STARGZ_ANCHOR=${STARGZ_ANCHOR:-$main_checkout/../shared/anchors/stargz}
+STARGZ_BUILD_DIR=${STARGZ_BUILD_DIR:-/var/tmp/lazybd-stargz}
 
+for m in $MODES; do
+  case $m in full | warm | lazy | trace | p2p | stargz | stargz-plain) ;; *) die "unknown mode $m" ;; esac
+done
+has_mode() { [[ " $MODES " == *" $1 "* ]]; }
+has_stargz() { has_mode stargz || has_mode stargz-plain; }
+
+# Wall time per step, printed at the end: `phase NAME` ends the running step
+# and starts NAME.
+T0=$SECONDS
+PHASE=
+PHASE_T=$SECONDS
+PHASES=()
+phase() {
+  [ -z "$PHASE" ] || PHASES+=("$(printf '%6d s  %s' $((SECONDS - PHASE_T)) "$PHASE")")
+  PHASE=$1
+  PHASE_T=$SECONDS
+  [ -z "$PHASE" ] || echo "== [$((SECONDS - T0)) s] $PHASE"
+}
+
+# The stargz daemon: STARGZ_BIN, or built from the anchor into
+# STARGZ_BUILD_DIR (kept there, keyed by the anchor's files).
+stargz_daemon() {
+  if [ -n "${STARGZ_BIN:-}" ]; then
+    [ -x "$STARGZ_BIN" ] || die "STARGZ_BIN=$STARGZ_BIN is not an executable"
+  else
+    [ -f "$STARGZ_ANCHOR/build.sh" ] ||
+      die "stargz modes need STARGZ_BIN or STARGZ_ANCHOR (no $STARGZ_ANCHOR/build.sh)"
+    local key
+    key=$(cd "$STARGZ_ANCHOR" && find . -path ./bin -prune -o -type f -print0 | sort -z |
+      xargs -0 sha256sum | sha256sum | cut -c1-64)
+    STARGZ_BIN=$STARGZ_BUILD_DIR/containerd-stargz-grpc
+    if [ ! -x "$STARGZ_BIN" ] || [ "$(cat "$STARGZ_BUILD_DIR/anchor.key" 2>/dev/null)" != "$key" ]; then
+      echo "building containerd-stargz-grpc from $STARGZ_ANCHOR into $STARGZ_BUILD_DIR"
+      rm -f "$STARGZ_BUILD_DIR/anchor.key"
+      sh "$STARGZ_ANCHOR/build.sh" "$STARGZ_BUILD_DIR" || die "building the stargz daemon failed"
+      echo "$key" >"$STARGZ_BUILD_DIR/anchor.key"
+    fi
+  fi
+  "$STARGZ_BIN" -version >/dev/null || die "$STARGZ_BIN does not run"
+  command -v ctr-remote >/dev/null || die "ctr-remote not found (Debian package stargz-snapshotter)"
+}
+
+phase "install, build, images"
 hack/install-deps.sh
 cargo build --release --locked -p lazybd-blockdev -p lazybd-snapshotter -p lazybd-shim --bins
 hack/build-images.sh "$IMAGES_DIR"
+if has_stargz; then
+  phase "the stargz daemon"
+  stargz_daemon
+fi
 
 STACK=$(mktemp -d /var/tmp/lazybd-coldstart.XXXXXX)
 BIN=$PWD/target/release
@@ -47,9 +120,11 @@ NETNS=lbcs-reg
 HOST_IF=lbcs-h
 REGISTRY=10.203.0.2:5000
 SNAPSHOTTER_METRICS=127.0.0.1:9882
+STARGZ_METRICS=127.0.0.1:9883
 SUPERNODE=127.0.0.1:7444
 NS=bench
 RESULTS=$STACK/results.tsv
+READVOL=$STACK/read-volume.tsv
 # shellcheck source=hack/lib/stack.sh
 . hack/lib/stack.sh
 
@@ -66,7 +141,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== the registry in netns $NETNS at $REGISTRY, behind $HOST_IF"
+phase "the registry in netns $NETNS at $REGISTRY, behind $HOST_IF"
 ip netns add "$NETNS"
 ip link add "$HOST_IF" type veth peer name lbcs-r netns "$NETNS"
 ip addr add 10.203.0.1/24 dev "$HOST_IF"
@@ -76,7 +151,7 @@ ip -n "$NETNS" link set lbcs-r up
 ip -n "$NETNS" link set lo up
 registry_up "$STACK/registry-storage" "$REGISTRY" "$NETNS"
 
-echo "== pushing and converting the images (unshaped; chunk size $CHUNK)"
+phase "pushing and converting the images for lazybd (unshaped; chunk size $CHUNK)"
 for image in $IMAGES; do
   skopeo copy --quiet --dest-tls-verify=false "oci:$IMAGES_DIR/layout:$image" "docker://$REGISTRY/bench/$image:oci"
   "$BIN/lazybd" convert --plain-http --work-dir "$STACK" --chunk-size "$CHUNK" \
@@ -99,17 +174,95 @@ listen = \"127.0.0.1:7070\"
 heartbeat_ms = 1000"
 
 # A node with nothing cached; $1 is extra snapshotter config, $2 a trace
-# store to start with.
+# store to start with. With a stargz mode, stargz's daemon runs on every
+# node (before containerd), idle unless a stargz mode uses it.
 fresh_node() {
   containerd_and_snapshotter_down "$NS"
-  rm -rf "$STACK/containerd" "$STACK/snapshotter"
+  rm -rf "$STACK/containerd" "$STACK/snapshotter" "$STACK/stargz"
   if [ -n "${2:-}" ]; then
     mkdir -p "$STACK/snapshotter/root"
     cp -a "$2" "$STACK/snapshotter/root/traces"
   fi
+  local extra=
+  if has_stargz; then
+    stargz_up
+    extra=$(stargz_proxy_config)
+  fi
   snapshotter_up "$TRACE_CONFIG
 $1"
-  containerd_up
+  containerd_up "$extra"
+}
+
+ctr_remote() {
+  ctr-remote --address "$STACK/containerd/containerd.sock" "$@"
+}
+
+# Runs "$@" with its output in log $1; on failure shows the log's tail.
+logged() {
+  local logf=$1
+  shift
+  "$@" >"$logf" 2>&1 || { tail -n 30 "$logf" >&2; die "failed: $* (log $logf)"; }
+}
+
+# Fails unless every layer of $REGISTRY/bench/$1:$2 (an optimized eStargz
+# image) has a .prefetch.landmark with every file the profile $3 (optimize's
+# --record-out) recorded in that layer before it: a file whose parent
+# directories the layer lacked would have been left out of the profile.
+check_stargz_profile() {
+  local image=$1 tag=$2 record=$3 manifest i=0 d names recorded before missing
+  manifest=$(curl -fsS -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://$REGISTRY/v2/bench/$image/manifests/$tag")
+  [ -s "$record" ] || die "$image: optimize recorded no file reads ($record)"
+  for d in $(jq -r '.layers[].digest' <<<"$manifest"); do
+    names=$STACK/esgz-$image-$i.list
+    curl -fsS "http://$REGISTRY/v2/bench/$image/blobs/$d" | tar -tzf - >"$names"
+    before=$(awk '$0 == ".prefetch.landmark" { print NR - 1; found = 1; exit } END { if (!found) print -1 }' "$names")
+    jq -r --argjson i "$i" 'select(.layerIndex == $i) | .path' "$record" |
+      sed 's,^/,,; s,/$,,' | sort -u >"$STACK/esgz-$image-$i.recorded"
+    recorded=$(wc -l <"$STACK/esgz-$image-$i.recorded")
+    if [ "$recorded" -gt 0 ]; then
+      [ "$before" -ge 0 ] || die "$image:$tag layer $i has no .prefetch.landmark"
+      missing=$(head -n "$before" "$names" | sed 's,^\./,,; s,/$,,' | sort -u |
+        comm -13 - "$STACK/esgz-$image-$i.recorded" | wc -l)
+      [ "$missing" = 0 ] || die "$image:$tag layer $i: $missing of $recorded recorded files are not before the landmark"
+    fi
+    echo "  $image:$tag layer $i: $recorded files read at start, $before entries before the landmark"
+    i=$((i + 1))
+  done
+}
+
+# The eStargz images: both made in a containerd that has the OCI image
+# (optimize runs its entrypoint there once, under fanotify).
+stargz_images() {
+  local image=$1
+  fresh_node ""
+  logged "$STACK/stargz-src-$image.log" ctr_ -n "$NS" images pull --plain-http "$REGISTRY/bench/$image:oci"
+  if has_mode stargz; then
+    logged "$STACK/optimize-$image.log" ctr_remote -n "$NS" images optimize --oci --period 120 \
+      --record-out "$STACK/optimize-$image.record" \
+      "$REGISTRY/bench/$image:oci" "$REGISTRY/bench/$image:esgz-opt"
+    logged "$STACK/push-opt-$image.log" ctr_remote -n "$NS" images push --plain-http "$REGISTRY/bench/$image:esgz-opt"
+    check_stargz_profile "$image" esgz-opt "$STACK/optimize-$image.record"
+  fi
+  if has_mode stargz-plain; then
+    logged "$STACK/convert-esgz-$image.log" ctr_remote -n "$NS" images convert --estargz --oci \
+      "$REGISTRY/bench/$image:oci" "$REGISTRY/bench/$image:esgz"
+    logged "$STACK/push-plain-$image.log" ctr_remote -n "$NS" images push --plain-http "$REGISTRY/bench/$image:esgz"
+  fi
+  containerd_and_snapshotter_down "$NS"
+}
+
+# Fails unless stargz mounted every layer of $1's image remotely.
+check_stargz_remote() {
+  local image=$1 layers fuse
+  layers=$(jq '.layers | length' "$IMAGES_DIR/layout/blobs/sha256/$(jq -r --arg t "$image" \
+    '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' \
+    "$IMAGES_DIR/layout/index.json" | cut -d: -f2)")
+  fuse=$(findmnt -rn -o TARGET,FSTYPE | awk -v d="$STACK/stargz/root/" 'index($1, d) == 1 && $2 ~ /^fuse/' | wc -l)
+  if grep -q '"remote-snapshot-prepared":"false"' "$STACK/stargz/log" || [ "$fuse" != "$layers" ]; then
+    grep '"remote-snapshot-prepared"' "$STACK/stargz/log" | tail -n 5 >&2
+    die "$image: stargz mounted $fuse of $layers layers remotely (FUSE); the rest fell back to a full pull"
+  fi
 }
 
 full_start() {
@@ -121,6 +274,15 @@ warm_start() {
   ctr_ -n "$NS" run --rm "$REGISTRY/bench/$1:oci" "cs-$1"
 }
 
+stargz_start() {
+  ctr-remote --address "$STACK/containerd/containerd.sock" -n "$NS" images rpull --plain-http \
+    "$REGISTRY/bench/$1" >"$STACK/pull.log"
+  ctr_ -n "$NS" run --rm --snapshotter stargz "$REGISTRY/bench/$1" "cs-${1%%:*}"
+}
+
+stargz_opt_start() { stargz_start "$1:esgz-opt"; }
+stargz_plain_start() { stargz_start "$1:esgz"; }
+
 lazy_start() {
   "$BIN/lazybd" pull --address "$STACK/containerd/containerd.sock" -n "$NS" --plain-http \
     "$REGISTRY/bench/$1:lazybd" >"$STACK/pull.log"
@@ -129,7 +291,7 @@ lazy_start() {
 }
 
 # The starts run under timeout(1), in a child bash.
-export -f full_start warm_start lazy_start ctr_
+export -f full_start warm_start lazy_start stargz_start stargz_opt_start stargz_plain_start ctr_
 export STACK NS REGISTRY BIN
 
 # One measured start: `measure RATE IMAGE MODE RUN START_FUNCTION`.
@@ -139,7 +301,7 @@ measure() {
   base=$(link_bytes)
   BYTES_NOW=link_bytes time_to_first_line timeout 600 bash -c '"$@"' - "$start" "$image" >"$STACK/measured"
   read -r ms bytes line <"$STACK/measured"
-  [ "$line" = ready ] || { echo "bench-coldstart: $image/$mode: first output '$line', not 'ready'" >&2; exit 1; }
+  [ "$line" = ready ] || die "$image/$mode: first output '$line', not 'ready'"
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$rate" "$image" "$mode" "$run" "$ms" "$((bytes - base))" >>"$RESULTS"
   printf '  %-6s %-6s run %s: %6s ms, %11s registry bytes\n' "$image" "$mode" "$run" "$ms" "$((bytes - base))"
 }
@@ -174,7 +336,18 @@ warm_peer_down() {
   rm -rf "$STACK/supernode"
 }
 
-has_mode() { [[ " $MODES " == *" $1 "* ]]; }
+if has_stargz; then
+  for image in $IMAGES; do
+    phase "eStargz images of $image (ctr-remote optimize / convert, unshaped)"
+    stargz_images "$image"
+  done
+fi
+
+: >"$READVOL"
+for image in $IMAGES; do
+  phase "the read volume of $image (hack/read-volume.sh)"
+  hack/read-volume.sh "$image" "$IMAGES_DIR" >>"$READVOL"
+done
 
 : >"$RESULTS"
 for rate in $RATES; do
@@ -182,6 +355,7 @@ for rate in $RATES; do
   echo "== registry link $rate"
   for image in $IMAGES; do
     if has_mode full || has_mode warm; then
+      phase "$rate $image: full and warm"
       for run in $(seq "$RUNS"); do
         fresh_node ""
         has_mode full && measure "$rate" "$image" full "$run" full_start
@@ -193,6 +367,7 @@ for rate in $RATES; do
     fi
     rm -rf "$STACK/traces-$image"
     if has_mode lazy || has_mode trace; then
+      phase "$rate $image: lazy and trace"
       for run in $(seq "$RUNS"); do
         fresh_node ""
         measure "$rate" "$image" lazy "$run" lazy_start
@@ -211,6 +386,7 @@ for rate in $RATES; do
       done
     fi
     if has_mode p2p; then
+      phase "$rate $image: p2p"
       containerd_and_snapshotter_down "$NS"
       warm_peer_up "$image"
       for run in $(seq "$RUNS"); do
@@ -222,9 +398,27 @@ for rate in $RATES; do
       done
       warm_peer_down
     fi
+    for mode in stargz stargz-plain; do
+      has_mode "$mode" || continue
+      phase "$rate $image: $mode"
+      for run in $(seq "$RUNS"); do
+        fresh_node ""
+        if [ "$mode" = stargz ]; then
+          measure "$rate" "$image" "$mode" "$run" stargz_opt_start
+        else
+          measure "$rate" "$image" "$mode" "$run" stargz_plain_start
+        fi
+        check_stargz_remote "$image"
+      done
+    done
   done
 done
 containerd_and_snapshotter_down "$NS"
+phase ""
+echo "== wall time per step"
+printf '%s\n' "${PHASES[@]}"
+echo "$(printf '%6d s' $((SECONDS - T0)))  in all"
 
 cp "$RESULTS" /var/tmp/lazybd-coldstart-results.tsv
-python3 hack/coldstart-report.py ${DOCS:+--docs} "$RESULTS"
+cp "$READVOL" /var/tmp/lazybd-coldstart-read-volume.tsv
+python3 hack/coldstart-report.py ${DOCS:+--docs} --read-volume "$READVOL" "$RESULTS"

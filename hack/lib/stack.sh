@@ -40,9 +40,11 @@ EOF
 
 # containerd with its own root, state and socket, CRI off, the lazybd
 # snapshotter as proxy plugin `lazybd`, and $BIN on its PATH so that
-# `--runtime io.containerd.lazybd.v2` finds containerd-shim-lazybd-v2.
+# `--runtime io.containerd.lazybd.v2` finds containerd-shim-lazybd-v2. $1 is
+# extra TOML appended to its config (e.g. stargz_proxy_config).
+# shellcheck disable=SC2120 # $1 is optional
 containerd_up() {
-  local dir=$STACK/containerd
+  local extra=${1:-} dir=$STACK/containerd
   mkdir -p "$dir"
   cat >"$dir/config.toml" <<EOF
 version = 2
@@ -56,6 +58,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.lazybd]
   type = "snapshot"
   address = "$STACK/snapshotter/snapshotter.sock"
+$extra
 EOF
   PATH="$BIN:$PATH" LAZYBD_CONTROL_SOCKET="$STACK/snapshotter/control.sock" \
     containerd --config "$dir/config.toml" >"$dir/log" 2>&1 &
@@ -83,6 +86,38 @@ EOF
   echo $! >"$dir/pid"
   wait_until 30 lazybd-snapshotter curl -fsS -o /dev/null "http://$SNAPSHOTTER_METRICS/metrics" ||
     { tail -20 "$dir/log" >&2; return 1; }
+}
+
+# stargz-snapshotter's daemon, $STARGZ_BIN (containerd-stargz-grpc, built by
+# ../shared/anchors/stargz/build.sh), on root $STACK/stargz/root, with
+# Prometheus metrics on $STARGZ_METRICS, fetching from $REGISTRY over plain
+# HTTP; upstream defaults otherwise (prefetch to the landmark, background
+# fetch). Start it before containerd: containerd remembers a failed dial to a
+# proxy plugin for a moment.
+stargz_up() {
+  local dir=$STACK/stargz
+  mkdir -p "$dir"
+  cat >"$dir/config.toml" <<EOF
+metrics_address = "$STARGZ_METRICS"
+
+[[resolver.host."$REGISTRY".mirrors]]
+host = "$REGISTRY"
+insecure = true
+EOF
+  "$STARGZ_BIN" -address "$dir/stargz.sock" -root "$dir/root" -config "$dir/config.toml" \
+    >"$dir/log" 2>&1 &
+  echo $! >"$dir/pid"
+  wait_until 30 containerd-stargz-grpc curl -fsS -o /dev/null "http://$STARGZ_METRICS/metrics" ||
+    { tail -20 "$dir/log" >&2; return 1; }
+}
+
+# containerd_up's extra config for stargz_up's daemon: proxy plugin `stargz`.
+stargz_proxy_config() {
+  cat <<EOF
+[proxy_plugins.stargz]
+  type = "snapshot"
+  address = "$STACK/stargz/stargz.sock"
+EOF
 }
 
 # lazybd-supernode for $REGISTRY on $1 (HOST:PORT); extra flags follow.
@@ -115,7 +150,8 @@ daemon_running() {
 }
 
 # Tasks, containers and images of namespace $1 go, then containerd and the
-# snapshotter stop, then whatever either left mounted in their directories.
+# snapshotters (lazybd's, and stargz's if it runs) stop, then whatever they
+# left mounted in their directories (stargz's FUSE layers included).
 containerd_and_snapshotter_down() {
   local ns=$1
   if daemon_running containerd; then
@@ -132,8 +168,10 @@ containerd_and_snapshotter_down() {
   fi
   daemon_down containerd
   daemon_down snapshotter
+  daemon_down stargz
   unmount_under "$STACK/containerd"
   unmount_under "$STACK/snapshotter"
+  unmount_under "$STACK/stargz"
 }
 
 # Unmounts everything mounted below $1, deepest first.
