@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """The report of hack/bench-coldstart.sh: reads its results.tsv (rate, image,
-mode, run, ms to first output, registry link bytes until then), prints a
-markdown table of medians and spreads and the ratios the issue aims at, and
-with --docs writes the table into docs/benchmarks.md (between the coldstart
-markers) and a PNG chart (gnuplot) to docs/coldstart.png."""
+mode, run, ms to first output, registry link bytes until then) and, with
+--read-volume, the lines of hack/read-volume.sh (image, bytes the workload read
+at readahead 0, 128 and 4096 KiB, the layers' compressed and uncompressed
+bytes). Prints two markdown tables: the medians and spreads per mode, then the
+ratios the issue aims at (speedups against the full pull, lazybd against
+stargz, the read volume, the physical limit and bytes on the link against the
+compressed read volume). With --docs it writes them into docs/benchmarks.md
+(between the coldstart markers) and a PNG chart (gnuplot) to
+docs/coldstart.png."""
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -15,11 +21,16 @@ from collections import defaultdict
 
 MODES = [
     ("full", "overlayfs full pull"),
+    ("warm", "warm (local)"),
     ("lazy", "lazybd"),
     ("trace", "lazybd + trace"),
     ("p2p", "lazybd + P2P"),
-    ("warm", "warm (local)"),
+    ("stargz", "stargz, optimized eStargz"),
+    ("stargz-plain", "stargz, plain eStargz"),
 ]
+# tc's rate units, in bits per second.
+RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
+              "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "tbps": 8e12}
 BEGIN = "<!-- coldstart:begin (hack/bench-coldstart.sh DOCS=1 rewrites this) -->"
 END = "<!-- coldstart:end -->"
 
@@ -36,37 +47,144 @@ def read(path):
     return runs, order
 
 
+def read_volume(path):
+    """image -> (bytes at readahead 0, 128, 4096 KiB, layers compressed, uncompressed)"""
+    vol = {}
+    with open(path) as f:
+        for line in f:
+            image, *nums = line.rstrip("\n").split("\t")
+            vol[image] = tuple(int(x) for x in nums)
+    return vol
+
+
+def rate_bps(rate):
+    m = re.fullmatch(r"([0-9.]+)([a-z]*)", rate.lower())
+    if not m or m.group(2) not in RATE_UNITS:
+        return None
+    return float(m.group(1)) * RATE_UNITS[m.group(2)]
+
+
 def mib(n):
     return f"{n / (1 << 20):.1f}"
 
 
-def table(runs, order):
+def medians(runs, rate, image):
+    """mode -> (median ms, median link bytes) for the modes measured."""
+    out = {}
+    for mode, _ in MODES:
+        r = runs.get((rate, image, mode))
+        if r:
+            out[mode] = (statistics.median(x for x, _ in r), statistics.median(b for _, b in r))
+    return out
+
+
+def render(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def times_table(runs, order):
     present = [(m, title) for m, title in MODES if any(k[2] == m for k in runs)]
-    head = ["image", "link"] + [t for _, t in present] + ["full / lazy", "trace / warm"]
-    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    rows = []
     for rate, image in order:
         cells = [image, rate]
-        med = {}
         for mode, _ in present:
             r = runs.get((rate, image, mode))
             if not r:
                 cells.append("")
                 continue
             ms = [x for x, _ in r]
-            med[mode] = statistics.median(ms)
             nbytes = statistics.median(b for _, b in r)
             cells.append(
-                f"{med[mode] / 1000:.2f} s ({min(ms) / 1000:.2f}-{max(ms) / 1000:.2f}), {mib(nbytes)} MiB"
+                f"{statistics.median(ms) / 1000:.2f} s ({min(ms) / 1000:.2f}-{max(ms) / 1000:.2f}), {mib(nbytes)} MiB"
             )
-        cells.append(f"{med['full'] / med['lazy']:.1f}x" if "full" in med and "lazy" in med else "")
-        cells.append(f"{med['trace'] / med['warm']:.2f}x" if "trace" in med and "warm" in med else "")
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     n = max(len(r) for r in runs.values())
     note = (
         f"\nEach cell: median time from the pull to the first output (min-max of {n} runs), "
         "and the median bytes the registry link carried until then.\n"
     )
-    return "\n".join(rows) + "\n" + note
+    return render(["image", "link"] + [t for _, t in present], rows) + note
+
+
+def ratio(a, b, fmt="{:.2f}x"):
+    return fmt.format(a / b) if a is not None and b else ""
+
+
+def ratios_tables(runs, order, vol):
+    """Two tables of ratios of the medians: against stargz and the full pull,
+    then against the workload's read volume and the physical limit."""
+    measured = {k[2] for k in runs}
+
+    def t(med, mode):
+        return med[mode][0] if mode in med else None
+
+    def limit_ms(med, rate, image):
+        """The workload's compressed read volume over the link, plus the warm start."""
+        v, bps = vol.get(image), rate_bps(rate)
+        if not v or not v[4] or not bps or "warm" not in med:
+            return None
+        return compressed_read(v) * 8 / bps * 1000 + med["warm"][0]
+
+    speed = []  # (title, cell function of (med, rate, image))
+    for mode in ("lazy", "trace", "stargz"):
+        if "full" in measured and mode in measured:
+            speed.append((f"full / {mode}", lambda med, r, i, m=mode: ratio(t(med, "full"), t(med, m), "{:.1f}x")))
+    if vol and {"full", "warm"} <= measured:
+        speed.append(("full / limit", lambda med, r, i: ratio(t(med, "full"), limit_ms(med, r, i), "{:.1f}x")))
+    for a, b in (("lazy", "stargz"), ("trace", "stargz"), ("trace", "warm")):
+        if {a, b} <= measured:
+            speed.append((f"{a} / {b}", lambda med, r, i, a=a, b=b: ratio(t(med, a), t(med, b))))
+
+    limit = []
+    if vol:
+        limit.append(("read volume, MiB (readahead 0 / 128 / 4096 KiB)",
+                      lambda med, r, i: " / ".join(mib(x) for x in vol[i][:3]) if i in vol else ""))
+        limit.append(("compressed read volume (est.)",
+                      lambda med, r, i: f"{mib(compressed_read(vol[i]))} MiB (/{vol[i][4] / vol[i][3]:.2f})"
+                      if i in vol and vol[i][3] else ""))
+        if "warm" in measured:
+            limit.append(("physical limit",
+                          lambda med, r, i: f"{limit_ms(med, r, i) / 1000:.2f} s" if limit_ms(med, r, i) else ""))
+            for mode in ("lazy", "trace", "stargz"):
+                if mode in measured:
+                    limit.append((f"{mode} / limit", lambda med, r, i, m=mode: ratio(t(med, m), limit_ms(med, r, i))))
+        for mode in ("lazy", "trace", "stargz", "stargz-plain"):
+            if mode in measured:
+                limit.append((f"{mode}: link / compressed read",
+                              lambda med, r, i, m=mode: ratio(med[m][1], compressed_read(vol[i]))
+                              if m in med and i in vol else ""))
+
+    def one(cols):
+        rows = []
+        for rate, image in order:
+            med = medians(runs, rate, image)
+            rows.append([image, rate] + [f(med, rate, image) for _, f in cols])
+        return render(["image", "link"] + [title for title, _ in cols], rows)
+
+    out = ""
+    if speed:
+        out += one(speed) + "\nRatios of the median times above.\n\n"
+    if limit:
+        out += one(limit) + (
+            "\nRead volume: the bytes the workload reads from its rootfs as one EROFS image on a "
+            "plain loop device (hack/read-volume.sh); compressed at the layers' ratio (in "
+            "brackets) it estimates the bytes a lazy pull must move at least. Physical limit: "
+            "that estimate over the link rate, plus the warm start. Link / compressed read: "
+            "the median bytes on the registry link before the first output against that "
+            "estimate.\n"
+        )
+    return out
+
+
+def compressed_read(v):
+    ra0, _ra128, _ra4096, compressed, uncompressed = v
+    return ra0 * compressed / uncompressed if uncompressed else 0
+
+
+def table(runs, order, vol):
+    return times_table(runs, order) + "\n" + ratios_tables(runs, order, vol)
 
 
 def chart(runs, order, png):
@@ -114,12 +232,14 @@ def write_docs(md, docs):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("results")
+    p.add_argument("--read-volume", help="hack/read-volume.sh's lines, one per image")
     p.add_argument("--docs", action="store_true")
     args = p.parse_args()
     runs, order = read(args.results)
     if not runs:
         sys.exit("coldstart-report: no results")
-    md = table(runs, order)
+    vol = read_volume(args.read_volume) if args.read_volume else {}
+    md = table(runs, order, vol)
     print(md)
     if args.docs:
         chart(runs, order, "docs/coldstart.png")
