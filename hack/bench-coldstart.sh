@@ -140,6 +140,7 @@ cleanup() {
   if [ -z "${KEEP:-}" ]; then rm -rf "$STACK"; else echo "kept $STACK"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 phase "the registry in netns $NETNS at $REGISTRY, behind $HOST_IF"
 ip netns add "$NETNS"

@@ -23,7 +23,7 @@
 # BYTES_RA0 * LAYERS_COMPRESSED / LAYERS_UNCOMPRESSED estimates the workload's
 # read volume as compressed bytes on the wire. Progress goes to stderr.
 # Needs root (loop device, mount, chroot). Cleans up its mounts, loop device
-# and scratch directory on exit. Takes ~15 s for python.
+# and scratch directory on exit. Takes ~20 s for python.
 set -euo pipefail
 
 die() { echo "read-volume: $*" >&2; exit 1; }
