@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use lazybd_blockdev::device::{loopdev, mounts};
-use lazybd_blockdev::format::{write_blob, WrittenBlob};
+use lazybd_blockdev::format::{write_blob, Layout, WrittenBlob};
 use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{canonical_json, LazyLayerAnnotations, OciLayout};
 use lazybd_blockdev::source::{ChunkSource, FileSource, SourceError};
@@ -41,9 +41,10 @@ impl BlobFile {
     pub fn from_image(image: &Path, out_dir: &Path, chunk_size: u32) -> BlobFile {
         let path = out_dir.join("layer.blob");
         let input = std::fs::File::open(image).expect("open image");
+        let size = input.metadata().expect("image size").len();
+        let layout = Layout::fixed(size, chunk_size).expect("layout");
         let out = std::io::BufWriter::new(std::fs::File::create(&path).expect("create blob"));
-        let written =
-            write_blob(std::io::BufReader::new(input), out, chunk_size).expect("write blob");
+        let written = write_blob(&input, out, &layout).expect("write blob");
         let digest = format!("sha256:{}", hex(&written.blob_digest));
         BlobFile {
             path,
@@ -62,6 +63,11 @@ impl BlobFile {
             )),
             sources,
         }
+    }
+
+    /// `sha256:` + the sha256 of the blob's index.
+    pub fn anchor(&self) -> String {
+        format!("sha256:{}", hex(&self.written.anchor()))
     }
 
     pub fn file_source(&self) -> std::sync::Arc<FileSource> {
@@ -171,11 +177,12 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
 
 /// Writes an OCI image layout at `dir` whose one manifest (tag `latest`)
 /// lists `layers` (bottom first) with `media_type` and the lazybd
-/// annotations, as docs/format.md specifies them. These layers come from
-/// trees, not tars: the blob digest stands in for the source diff_id.
+/// annotations, as docs/format.md specifies them: each layer's diff_id is
+/// its anchor. These layers come from trees, not tars: the blob digest
+/// stands in for the source diff_id.
 pub fn write_layout(dir: &Path, layers: &[&BlobFile], media_type: &str) {
     let layout = OciLayout::open_or_create(dir).expect("create layout");
-    let diff_ids: Vec<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.anchor()).collect();
     let config = canonical_json(&json!({
         "architecture": "amd64",
         "os": "linux",
@@ -187,6 +194,8 @@ pub fn write_layout(dir: &Path, layers: &[&BlobFile], media_type: &str) {
     for l in layers {
         std::fs::copy(&l.path, layout.blob_path(&l.digest).unwrap()).expect("store layer blob");
         let ann = LazyLayerAnnotations {
+            version: l.written.index.version,
+            index_digest: Some(l.anchor()),
             source_diff_id: l.digest.clone(),
             index_offset: l.written.footer.index_offset,
             index_length: l.written.footer.index_length,

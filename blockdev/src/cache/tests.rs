@@ -1,5 +1,5 @@
 use super::*;
-use crate::format::{sha256, write_blob, Index};
+use crate::format::{sha256, write_blob, Index, Layout};
 
 const CS: u32 = 4096;
 
@@ -10,7 +10,8 @@ fn sample() -> (Vec<u8>, Index, Sha256Digest) {
     img.extend(b"second data chunk ".repeat(228)[..CS as usize].to_vec());
     img.extend(b"tail".repeat(10));
     let mut blob = Vec::new();
-    let w = write_blob(&img[..], &mut blob, CS).unwrap();
+    let layout = Layout::fixed(img.len() as u64, CS).unwrap();
+    let w = write_blob(&img[..], &mut blob, &layout).unwrap();
     let digest = sha256(&w.index.to_bytes());
     (img, w.index, digest)
 }

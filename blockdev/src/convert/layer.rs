@@ -1,7 +1,9 @@
 //! One OCI layer blob -> one lazybd layer blob.
 //!
 //! decompress (and hash: the diff_id) -> unpack with overlayfs whiteouts ->
-//! mkfs.erofs -> chunk, compress, index (`format::write_blob`).
+//! mkfs.erofs -> plan the chunks (cut at file edges and at the startup
+//! profile's edges, startup chunks first) -> compress, index
+//! (`format::write_blob`).
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read};
@@ -9,8 +11,12 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{erofs, unpack, ConvertError};
-use crate::format::{self, WrittenBlob};
+use std::ops::Range;
+
+use tracing::warn;
+
+use super::{erofs, erofs_map, unpack, ConvertError};
+use crate::format::{self, Layout, WrittenBlob};
 use crate::oci::{LayerCompression, LazyLayerAnnotations};
 
 pub struct ConvertedLayer {
@@ -20,13 +26,24 @@ pub struct ConvertedLayer {
     pub annotations: LazyLayerAnnotations,
 }
 
+/// What shapes a layer's chunks.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerPlan<'a> {
+    /// The largest chunk.
+    pub chunk_size: u32,
+    /// Image byte ranges a container read at start, in the order it first
+    /// read them (empty: no startup profile).
+    pub profile: &'a [Range<u64>],
+}
+
 /// Converts the layer blob `src` (compressed as its media type says) using
 /// the scratch directory `work`, which it leaves holding only the result.
-pub fn convert_layer(
+/// `plan` gets the layer's diff_id and says how to cut it.
+pub fn convert_layer<'a>(
     src: &Path,
     compression: LayerCompression,
     work: &Path,
-    chunk_size: u32,
+    plan: impl FnOnce(&str) -> LayerPlan<'a>,
 ) -> Result<ConvertedLayer, ConvertError> {
     let io_ctx = |what: &str| {
         let what = format!("{what} ({})", src.display());
@@ -54,16 +71,15 @@ pub fn convert_layer(
     fs::remove_dir_all(&rootfs).map_err(io_ctx("removing the unpack directory"))?;
 
     let blob_path = work.join("layer.lazybd");
+    let plan = plan(&diff_id);
     let written: WrittenBlob = {
-        let input = BufReader::with_capacity(
-            1 << 20,
-            File::open(&image).map_err(io_ctx("opening the image"))?,
-        );
+        let input = File::open(&image).map_err(io_ctx("opening the image"))?;
+        let layout = layout_of(&input, &diff_id, plan)?;
         let out = BufWriter::with_capacity(
             1 << 20,
             File::create(&blob_path).map_err(io_ctx("creating the blob"))?,
         );
-        format::write_blob(input, out, chunk_size).map_err(io_ctx("writing the lazybd blob"))?
+        format::write_blob(&input, out, &layout).map_err(io_ctx("writing the lazybd blob"))?
     };
     fs::remove_file(&image).map_err(io_ctx("removing the image"))?;
     Ok(ConvertedLayer {
@@ -71,13 +87,36 @@ pub fn convert_layer(
         digest: format!("sha256:{}", hex::encode(written.blob_digest)),
         size: written.blob_len,
         annotations: LazyLayerAnnotations {
+            version: written.index.version,
+            index_digest: Some(format!("sha256:{}", hex::encode(written.anchor()))),
             source_diff_id: diff_id,
             index_offset: written.footer.index_offset,
             index_length: written.footer.index_length,
             image_size: written.index.image_size,
-            chunk_size,
+            chunk_size: plan.chunk_size,
         },
     })
+}
+
+/// Chunks cut where files begin and end (when the image can be read as
+/// EROFS; fixed-size chunks otherwise) and at the profile's edges.
+fn layout_of(image: &File, diff_id: &str, plan: LayerPlan) -> Result<Layout, ConvertError> {
+    let size = image
+        .metadata()
+        .map_err(|e| ConvertError::Io {
+            what: "reading the image size".into(),
+            source: e,
+        })?
+        .len();
+    let cuts: Vec<u64> = match erofs_map::data_ranges(image) {
+        Ok(ranges) => ranges.iter().flat_map(|r| [r.start, r.end]).collect(),
+        Err(e) => {
+            warn!("layer {diff_id}: {e}; cutting fixed-size chunks instead");
+            Vec::new()
+        }
+    };
+    Layout::plan(size, plan.chunk_size, &cuts, plan.profile)
+        .map_err(|e| ConvertError::Invalid(format!("layer {diff_id}: {e}")))
 }
 
 /// A reader for the layer's tar stream, after checking that the bytes look

@@ -1,18 +1,23 @@
 //! `lazybd convert`: an OCI image -> the same image with lazybd layers.
 //!
 //! For each layer: fetch the blob, convert it (see [`layer`]), store it at
-//! the destination; then write the config with the new diff_ids and the
-//! manifest with the lazybd media type and annotations of docs/format.md.
-//! Output depends only on the input image and the chunk size.
+//! the destination; then write the config with the new diff_ids (each
+//! layer's anchor) and the manifest with the lazybd media type and
+//! annotations of docs/format.md. Output depends only on the input image,
+//! the chunk size and the startup profile.
 
 pub mod erofs;
+mod erofs_map;
 pub mod layer;
+pub mod profile;
 pub mod registry_store;
 pub mod store;
 pub mod unpack;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, IsTerminal};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -28,7 +33,7 @@ use crate::oci::{
     canonical_json, config_diff_ids, is_manifest_list, layer_compression, pick_platform, OciError,
     ANN_SOURCE_MANIFEST, MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST,
 };
-pub use layer::ConvertedLayer;
+pub use layer::{ConvertedLayer, LayerPlan};
 pub use registry_store::RegistryStore;
 pub use store::{ImageStore, LayoutStore};
 
@@ -59,7 +64,11 @@ pub enum ConvertError {
 }
 
 pub struct ConvertOptions {
+    /// The largest chunk.
     pub chunk_size: u32,
+    /// Startup profile: per source layer diff_id, the image byte ranges a
+    /// container read at start, in first-read order.
+    pub profile: HashMap<String, Vec<Range<u64>>>,
     /// Scratch space for unpacked layers and images (needs room for a few
     /// uncompressed layers at once).
     pub work_dir: PathBuf,
@@ -73,6 +82,7 @@ impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
             chunk_size: crate::format::DEFAULT_CHUNK_SIZE,
+            profile: HashMap::new(),
             work_dir: std::env::temp_dir(),
             parallel: 2,
             platform: ("linux".into(), "amd64".into()),
@@ -99,6 +109,12 @@ pub fn convert_image(
         .map_err(|e| ConvertError::Invalid(format!("{}: image config: {e}", src.describe())))?;
     let diff_ids = config_diff_ids(&config, manifest.layers().len())
         .map_err(|e| ConvertError::Invalid(format!("{}: {e}", src.describe())))?;
+    if let Some(stray) = opts.profile.keys().find(|d| !diff_ids.contains(d)) {
+        return Err(ConvertError::Invalid(format!(
+            "the startup profile names layer {stray}, which {} does not have",
+            src.describe()
+        )));
+    }
 
     let work = tempfile::Builder::new()
         .prefix("lazybd-convert-")
@@ -119,7 +135,19 @@ pub fn convert_image(
     )?;
     progress.finish();
 
-    config["rootfs"]["diff_ids"] = json!(layers.iter().map(|l| &l.digest).collect::<Vec<_>>());
+    // A lazybd layer's diff_id is its anchor: containerd names snapshots
+    // by chain IDs of diff_ids, so a snapshot's name then commits to its
+    // content, and no image can claim it with other bytes (docs/security.md).
+    let anchors = layers
+        .iter()
+        .map(|l| {
+            l.annotations
+                .index_digest
+                .clone()
+                .ok_or_else(|| ConvertError::Invalid(format!("layer {} has no anchor", l.digest)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    config["rootfs"]["diff_ids"] = json!(anchors);
     let config_bytes = canonical_json(&config).map_err(|e| ConvertError::Invalid(e.to_string()))?;
     let config_digest = dst.put_blob(&config_bytes)?;
     let manifest_json = json!({
@@ -205,7 +233,7 @@ fn convert_layers(
                     &layers[i],
                     &diff_ids[i],
                     &work.join(i.to_string()),
-                    opts.chunk_size,
+                    opts,
                 );
                 let failed = r.is_err();
                 progress.layer_done(i, &layers[i], &r);
@@ -237,7 +265,7 @@ fn convert_one(
     desc: &Descriptor,
     diff_id: &str,
     work: &Path,
-    chunk_size: u32,
+    opts: &ConvertOptions,
 ) -> Result<ConvertedLayer, ConvertError> {
     let media_type = desc.media_type().to_string();
     let digest = desc.digest().to_string();
@@ -257,7 +285,10 @@ fn convert_one(
     })?;
     let blob = work.join("source.blob");
     src.blob_to_file(&digest, &blob)?;
-    let converted = layer::convert_layer(&blob, compression, work, chunk_size)?;
+    let converted = layer::convert_layer(&blob, compression, work, |diff_id| LayerPlan {
+        chunk_size: opts.chunk_size,
+        profile: opts.profile.get(diff_id).map_or(&[], Vec::as_slice),
+    })?;
     std::fs::remove_file(&blob).map_err(|e| ConvertError::Io {
         what: format!("removing {}", blob.display()),
         source: e,

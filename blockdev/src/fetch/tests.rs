@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::format::{sha256, write_blob};
+use crate::format::{sha256, write_blob, Layout};
 use crate::source::SourceError;
 
 const CS: u32 = 4096;
@@ -84,7 +84,8 @@ fn fixture() -> Fixture {
         .map(|i| b"abcdefgh"[(i / CS as usize) % 8] ^ (i % 7) as u8)
         .collect();
     let mut blob = Vec::new();
-    let written = write_blob(&image[..], &mut blob, CS).unwrap();
+    let layout = Layout::fixed(image.len() as u64, CS).unwrap();
+    let written = write_blob(&image[..], &mut blob, &layout).unwrap();
     let index = Arc::new(written.index);
     let dir = tempfile::tempdir().unwrap();
     let (cache, _) = ChunkCache::open(dir.path(), &index, sha256(&index.to_bytes())).unwrap();

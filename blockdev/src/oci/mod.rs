@@ -21,12 +21,31 @@ pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifes
 /// OCI layer prefix).
 pub const MEDIA_LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
 
-pub const ANN_VERSION: &str = "dev.lazybd.layer.version";
-pub const ANN_SOURCE_DIFF_ID: &str = "dev.lazybd.layer.source-diff-id";
-pub const ANN_INDEX_OFFSET: &str = "dev.lazybd.layer.index-offset";
-pub const ANN_INDEX_LENGTH: &str = "dev.lazybd.layer.index-length";
-pub const ANN_IMAGE_SIZE: &str = "dev.lazybd.layer.image-size";
-pub const ANN_CHUNK_SIZE: &str = "dev.lazybd.layer.chunk-size";
+/// Layer descriptor annotations of format version 2. Under
+/// `containerd.io/snapshot/`, so containerd's unpacker hands them to the
+/// snapshotter's Prepare as labels on every pull path (as eStargz does with
+/// its TOC digest): Prepare needs no manifest fetch, and gets the anchor from
+/// the same manifest the image's config and chain IDs come from.
+pub const ANN_PREFIX: &str = "containerd.io/snapshot/lazybd.";
+pub const ANN_VERSION: &str = "containerd.io/snapshot/lazybd.version";
+/// The layer's content anchor: `sha256:` + the sha256 of its index.
+pub const ANN_INDEX_DIGEST: &str = "containerd.io/snapshot/lazybd.index-digest";
+pub const ANN_INDEX_OFFSET: &str = "containerd.io/snapshot/lazybd.index-offset";
+pub const ANN_INDEX_LENGTH: &str = "containerd.io/snapshot/lazybd.index-length";
+pub const ANN_IMAGE_SIZE: &str = "containerd.io/snapshot/lazybd.image-size";
+pub const ANN_CHUNK_SIZE: &str = "containerd.io/snapshot/lazybd.chunk-size";
+pub const ANN_SOURCE_DIFF_ID: &str = "containerd.io/snapshot/lazybd.source-diff-id";
+
+/// The version 1 keys, still read (such layers have no anchor).
+pub mod v1 {
+    pub const ANN_VERSION: &str = "dev.lazybd.layer.version";
+    pub const ANN_SOURCE_DIFF_ID: &str = "dev.lazybd.layer.source-diff-id";
+    pub const ANN_INDEX_OFFSET: &str = "dev.lazybd.layer.index-offset";
+    pub const ANN_INDEX_LENGTH: &str = "dev.lazybd.layer.index-length";
+    pub const ANN_IMAGE_SIZE: &str = "dev.lazybd.layer.image-size";
+    pub const ANN_CHUNK_SIZE: &str = "dev.lazybd.layer.chunk-size";
+}
+
 pub const ANN_SOURCE_MANIFEST: &str = "dev.lazybd.image.source-manifest";
 pub const ANN_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -124,6 +143,10 @@ pub fn digest_hex(digest: &str) -> Result<&str, OciError> {
 /// What a lazybd layer descriptor says about its blob (docs/format.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LazyLayerAnnotations {
+    pub version: u32,
+    /// `sha256:<hex>` of the layer's index; `None` for version 1 layers,
+    /// which have no anchor.
+    pub index_digest: Option<String>,
     pub source_diff_id: String,
     pub index_offset: u64,
     pub index_length: u64,
@@ -133,40 +156,74 @@ pub struct LazyLayerAnnotations {
 
 impl LazyLayerAnnotations {
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (
-                ANN_VERSION.to_owned(),
-                crate::format::FORMAT_VERSION.to_string(),
-            ),
+        let mut map = BTreeMap::from([
+            (ANN_VERSION.to_owned(), self.version.to_string()),
             (ANN_SOURCE_DIFF_ID.to_owned(), self.source_diff_id.clone()),
             (ANN_INDEX_OFFSET.to_owned(), self.index_offset.to_string()),
             (ANN_INDEX_LENGTH.to_owned(), self.index_length.to_string()),
             (ANN_IMAGE_SIZE.to_owned(), self.image_size.to_string()),
             (ANN_CHUNK_SIZE.to_owned(), self.chunk_size.to_string()),
-        ])
+        ]);
+        if let Some(d) = &self.index_digest {
+            map.insert(ANN_INDEX_DIGEST.to_owned(), d.clone());
+        }
+        map
     }
 
+    /// Reads version 2 annotations (or labels: containerd passes them to
+    /// Prepare under the same keys), else version 1 ones.
     pub fn from_map(map: &HashMap<String, String>) -> Result<Self, OciError> {
-        fn num<T: std::str::FromStr>(
-            map: &HashMap<String, String>,
-            key: &'static str,
-        ) -> Result<T, OciError> {
-            let value = map.get(key).ok_or(OciError::MissingAnnotation(key))?;
-            value.parse().map_err(|_| OciError::BadAnnotation {
-                key,
-                value: value.clone(),
-            })
+        if map.contains_key(ANN_VERSION) {
+            let version: u32 = num(map, ANN_VERSION)?;
+            let index_digest = text(map, ANN_INDEX_DIGEST)?;
+            digest_hex(&index_digest)?;
+            return Ok(LazyLayerAnnotations {
+                version,
+                index_digest: Some(index_digest),
+                source_diff_id: text(map, ANN_SOURCE_DIFF_ID)?,
+                index_offset: num(map, ANN_INDEX_OFFSET)?,
+                index_length: num(map, ANN_INDEX_LENGTH)?,
+                image_size: num(map, ANN_IMAGE_SIZE)?,
+                chunk_size: num(map, ANN_CHUNK_SIZE)?,
+            });
         }
         Ok(LazyLayerAnnotations {
-            source_diff_id: map
-                .get(ANN_SOURCE_DIFF_ID)
-                .cloned()
-                .ok_or(OciError::MissingAnnotation(ANN_SOURCE_DIFF_ID))?,
-            index_offset: num(map, ANN_INDEX_OFFSET)?,
-            index_length: num(map, ANN_INDEX_LENGTH)?,
-            image_size: num(map, ANN_IMAGE_SIZE)?,
-            chunk_size: num(map, ANN_CHUNK_SIZE)?,
+            version: crate::format::FORMAT_V1,
+            index_digest: None,
+            source_diff_id: text(map, v1::ANN_SOURCE_DIFF_ID)?,
+            index_offset: num(map, v1::ANN_INDEX_OFFSET)?,
+            index_length: num(map, v1::ANN_INDEX_LENGTH)?,
+            image_size: num(map, v1::ANN_IMAGE_SIZE)?,
+            chunk_size: num(map, v1::ANN_CHUNK_SIZE)?,
         })
+    }
+}
+
+fn text(map: &HashMap<String, String>, key: &'static str) -> Result<String, OciError> {
+    map.get(key)
+        .cloned()
+        .ok_or(OciError::MissingAnnotation(key))
+}
+
+fn num<T: std::str::FromStr>(
+    map: &HashMap<String, String>,
+    key: &'static str,
+) -> Result<T, OciError> {
+    let value = map.get(key).ok_or(OciError::MissingAnnotation(key))?;
+    value.parse().map_err(|_| OciError::BadAnnotation {
+        key,
+        value: value.clone(),
+    })
+}
+
+/// The chain ID containerd names a layer's snapshot by: the diff_id for the
+/// bottom layer, else `sha256(parent_chain + " " + diff_id)` (the OCI image
+/// spec's ChainID). A lazybd layer's diff_id is its anchor, so a snapshot's
+/// name commits to the content of every layer below and in it.
+pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
+    match parent {
+        None => diff_id.to_owned(),
+        Some(p) => digest_of(format!("{p} {diff_id}").as_bytes()),
     }
 }
 
@@ -183,6 +240,8 @@ mod tests {
     #[test]
     fn annotations_round_trip() {
         let a = LazyLayerAnnotations {
+            version: 2,
+            index_digest: Some(digest_of(b"index")),
             source_diff_id: digest_of(b"x"),
             index_offset: 10,
             index_length: 112,
@@ -202,6 +261,47 @@ mod tests {
         ));
         bad.remove(ANN_CHUNK_SIZE);
         assert!(LazyLayerAnnotations::from_map(&bad).is_err());
+        let mut no_anchor = map.clone();
+        no_anchor.insert(ANN_INDEX_DIGEST.into(), "sha256:../../x".into());
+        assert!(matches!(
+            LazyLayerAnnotations::from_map(&no_anchor),
+            Err(OciError::BadDigest(_))
+        ));
+        no_anchor.remove(ANN_INDEX_DIGEST);
+        assert!(matches!(
+            LazyLayerAnnotations::from_map(&no_anchor),
+            Err(OciError::MissingAnnotation(ANN_INDEX_DIGEST))
+        ));
+    }
+
+    #[test]
+    fn version_1_annotations_are_read_without_an_anchor() {
+        let map: HashMap<String, String> = [
+            (v1::ANN_VERSION, "1"),
+            (v1::ANN_SOURCE_DIFF_ID, "sha256:ab"),
+            (v1::ANN_INDEX_OFFSET, "10"),
+            (v1::ANN_INDEX_LENGTH, "112"),
+            (v1::ANN_IMAGE_SIZE, "4096"),
+            (v1::ANN_CHUNK_SIZE, "4096"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let a = LazyLayerAnnotations::from_map(&map).unwrap();
+        assert_eq!((a.version, a.index_digest, a.index_offset), (1, None, 10));
+    }
+
+    #[test]
+    fn chain_ids_are_the_oci_specs() {
+        // The python benchmark image's two layers; containerd's
+        // identity.ChainID gives the same value.
+        let a = "sha256:83c89739708081d16c1ab5e49050e98aca28b4aebba4abb43b2c07b14e394ce8";
+        let b = "sha256:ed6c75e3345db7af6b001e8eee9e62a3f78bfb9e9cf90d0445dd38a64ffdc3a2";
+        assert_eq!(chain_id(None, a), a);
+        assert_eq!(
+            chain_id(Some(a), b),
+            "sha256:e186917cafe14766286a984162b1be13de207828397564bb45f35c5ece09509b"
+        );
     }
 
     #[test]

@@ -55,7 +55,8 @@ mod tests {
             (x >> 56) as u8
         }));
         let mut blob = Vec::new();
-        let written = crate::format::write_blob(&image[..], &mut blob, 64 << 10).unwrap();
+        let layout = crate::format::Layout::fixed(image.len() as u64, 64 << 10).unwrap();
+        let written = crate::format::write_blob(&image[..], &mut blob, &layout).unwrap();
         let index = &written.index;
         let kinds: std::collections::HashSet<u8> =
             index.chunks.iter().map(|e| e.kind as u8).collect();

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use lazybd_blockdev::convert::profile::Profile;
 use lazybd_blockdev::convert::{self, ConvertOptions, ImageStore, LayoutStore, RegistryStore};
 
 use crate::image_ref::ImageRef;
@@ -16,9 +17,15 @@ use crate::image_ref::ImageRef;
 pub struct Args {
     src: String,
     dst: String,
-    /// Chunk size in bytes: a power of two from 4096 to 67108864.
+    /// Largest chunk in bytes: a power of two from 4096 to 67108864.
+    /// Chunks are cut where files begin and end, so smaller ones are common.
     #[arg(long, default_value_t = lazybd_blockdev::format::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
+    /// Startup profile (JSON, docs/convert.md#startup-profiles): the chunks
+    /// it names are stored first in each layer, in the order they were
+    /// read, and a node fetches them as one range when it attaches the layer.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// Scratch directory for unpacked layers and EROFS images.
     #[arg(long, default_value = "/var/tmp")]
     work_dir: PathBuf,
@@ -49,8 +56,13 @@ pub fn run(args: Args) -> Result<()> {
             args.chunk_size
         );
     }
+    let profile = match &args.profile {
+        Some(path) => Profile::load(path)?.by_diff_id(),
+        None => Default::default(),
+    };
     let opts = ConvertOptions {
         chunk_size: args.chunk_size,
+        profile,
         work_dir: args.work_dir.clone(),
         parallel: args.parallel,
         platform: (os.to_owned(), arch.to_owned()),

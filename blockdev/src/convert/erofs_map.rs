@@ -1,0 +1,258 @@
+//! Where each file's data lies in an EROFS image we built: the layout cuts
+//! chunks at these edges, so reading one file fetches that file.
+//!
+//! Hand-written because no crate reads EROFS, and only a sliver of it is
+//! needed: the images come from our own `mkfs.erofs` run (uncompressed,
+//! `FLAT_PLAIN` and `FLAT_INLINE` inodes), and all this returns is block
+//! ranges. Anything unexpected is an error; the caller then falls back to
+//! plain fixed-size chunks, which are always correct, just less precise.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+
+use thiserror::Error;
+
+const SUPERBLOCK_OFFSET: u64 = 1024;
+const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+const BLOCK: u64 = 4096;
+/// Inodes are addressed in 32-byte slots from the metadata area's start.
+const INODE_SLOT: u64 = 32;
+const DIRENT_LEN: usize = 12;
+const S_IFMT: u16 = 0o170_000;
+const S_IFDIR: u16 = 0o040_000;
+const S_IFREG: u16 = 0o100_000;
+const S_IFLNK: u16 = 0o120_000;
+const LAYOUT_FLAT_PLAIN: u16 = 0;
+const LAYOUT_FLAT_INLINE: u16 = 2;
+/// Bounds on what a walk may visit, far above any real layer.
+const MAX_INODES: usize = 16 << 20;
+const MAX_DIR_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, Error)]
+pub enum MapError {
+    #[error("reading the image: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not an EROFS image this reader understands: {0}")]
+    Unsupported(String),
+}
+
+/// The block ranges (as image byte ranges) of every regular file's,
+/// symlink's and directory's data blocks; inline tails are not included
+/// (they live with the metadata).
+pub fn data_ranges(image: &File) -> Result<Vec<Range<u64>>, MapError> {
+    let size = image.metadata()?.len();
+    let mut sb = [0u8; 128];
+    image.read_exact_at(&mut sb, SUPERBLOCK_OFFSET)?;
+    let magic = u32_at(&sb, 0);
+    if magic != EROFS_MAGIC {
+        return Err(MapError::Unsupported(format!("magic {magic:#x}")));
+    }
+    if sb[12] != 12 {
+        return Err(MapError::Unsupported(format!("block size 2^{}", sb[12])));
+    }
+    let root = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
+    let meta = u64::from(u32_at(&sb, 40)) * BLOCK;
+    let walker = Walker { image, size, meta };
+    walker.walk(root)
+}
+
+struct Walker<'a> {
+    image: &'a File,
+    size: u64,
+    meta: u64,
+}
+
+struct Inode {
+    mode: u16,
+    layout: u16,
+    size: u64,
+    raw_blkaddr: u64,
+    /// Where an inline tail starts (after the inode and its xattrs).
+    tail_at: u64,
+}
+
+impl Walker<'_> {
+    fn walk(&self, root: u64) -> Result<Vec<Range<u64>>, MapError> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        let mut stack = vec![root];
+        while let Some(nid) = stack.pop() {
+            if !seen.insert(nid) {
+                continue;
+            }
+            if seen.len() > MAX_INODES {
+                return Err(MapError::Unsupported("too many inodes".into()));
+            }
+            let inode = self.inode(nid)?;
+            let kind = inode.mode & S_IFMT;
+            if ![S_IFDIR, S_IFREG, S_IFLNK].contains(&kind) {
+                continue;
+            }
+            if let Some(blocks) = self.blocks(&inode)? {
+                out.push(blocks);
+            }
+            if kind == S_IFDIR {
+                stack.extend(self.children(&inode)?);
+            }
+        }
+        out.sort_by_key(|r| r.start);
+        Ok(out)
+    }
+
+    fn inode(&self, nid: u64) -> Result<Inode, MapError> {
+        let at = nid
+            .checked_mul(INODE_SLOT)
+            .and_then(|o| o.checked_add(self.meta))
+            .filter(|&o| o + 64 <= self.size)
+            .ok_or_else(|| MapError::Unsupported(format!("inode {nid} past the image")))?;
+        let mut b = [0u8; 64];
+        self.image.read_exact_at(&mut b, at)?;
+        let format = u16::from_le_bytes([b[0], b[1]]);
+        let xattr_count = u64::from(u16::from_le_bytes([b[2], b[3]]));
+        let mode = u16::from_le_bytes([b[4], b[5]]);
+        let extended = format & 1 == 1;
+        let (size, inode_len) = if extended {
+            (
+                u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+                64,
+            )
+        } else {
+            (u64::from(u32_at(&b, 8)), 32)
+        };
+        let xattrs = if xattr_count == 0 {
+            0
+        } else {
+            12 + (xattr_count - 1) * 4
+        };
+        Ok(Inode {
+            mode,
+            layout: (format >> 1) & 7,
+            size,
+            raw_blkaddr: u64::from(u32_at(&b, 16)),
+            tail_at: at + inode_len + xattrs,
+        })
+    }
+
+    /// The inode's whole data blocks, as image bytes.
+    fn blocks(&self, inode: &Inode) -> Result<Option<Range<u64>>, MapError> {
+        let count = match inode.layout {
+            LAYOUT_FLAT_PLAIN => inode.size.div_ceil(BLOCK),
+            LAYOUT_FLAT_INLINE => inode.size / BLOCK,
+            other => {
+                return Err(MapError::Unsupported(format!("data layout {other}")));
+            }
+        };
+        if count == 0 {
+            return Ok(None);
+        }
+        let start = inode.raw_blkaddr * BLOCK;
+        let end = start
+            .checked_add(count * BLOCK)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| MapError::Unsupported("data blocks past the image".into()))?;
+        Ok(Some(start..end))
+    }
+
+    /// The inode numbers a directory names (without `.` and `..`).
+    fn children(&self, dir: &Inode) -> Result<Vec<u64>, MapError> {
+        if dir.size > MAX_DIR_BYTES {
+            return Err(MapError::Unsupported("directory too large".into()));
+        }
+        let mut data = vec![0u8; dir.size as usize];
+        let full = match dir.layout {
+            LAYOUT_FLAT_INLINE => (dir.size / BLOCK * BLOCK) as usize,
+            _ => data.len(),
+        };
+        if full > 0 {
+            self.image
+                .read_exact_at(&mut data[..full], dir.raw_blkaddr * BLOCK)?;
+        }
+        if full < data.len() {
+            self.image.read_exact_at(&mut data[full..], dir.tail_at)?;
+        }
+        let mut out = Vec::new();
+        for block in data.chunks(BLOCK as usize) {
+            if block.len() < DIRENT_LEN {
+                return Err(MapError::Unsupported("short directory block".into()));
+            }
+            // The first entry's name offset says how many entries there are.
+            let count = usize::from(u16::from_le_bytes([block[8], block[9]])) / DIRENT_LEN;
+            if count == 0 || count * DIRENT_LEN > block.len() {
+                return Err(MapError::Unsupported("bad directory block".into()));
+            }
+            let entries: Vec<&[u8]> = block[..count * DIRENT_LEN].chunks(DIRENT_LEN).collect();
+            let name_at = |e: &[u8]| usize::from(u16::from_le_bytes([e[8], e[9]]));
+            for (i, e) in entries.iter().enumerate() {
+                let nid = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
+                // A name runs to the next one's start; the last one to the
+                // block's end or its first NUL.
+                let end = entries.get(i + 1).map_or(block.len(), |n| name_at(n));
+                let name = block.get(name_at(e)..end).unwrap_or_default();
+                let name = name.split(|&b| b == 0).next().unwrap_or_default();
+                if name != b"." && name != b".." {
+                    out.push(nid);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every regular file with whole blocks is found where its bytes are.
+    #[test]
+    fn finds_each_files_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+        let files: Vec<(String, Vec<u8>)> = (0..20u32)
+            .map(|i| {
+                let len = 1000 + i as usize * 3001;
+                let name = format!("sub/deeper/f{i}");
+                (name, (0..len).map(|b| (b as u32 * 7 + i) as u8).collect())
+            })
+            .collect();
+        for (name, data) in &files {
+            std::fs::write(root.join(name), data).unwrap();
+        }
+        std::fs::write(root.join("tiny"), b"x").unwrap();
+        let image = dir.path().join("img.erofs");
+        let out = std::process::Command::new("mkfs.erofs")
+            .args(["-E", "force-inode-extended"])
+            .arg(&image)
+            .arg(&root)
+            .output()
+            .expect("mkfs.erofs is needed (erofs-utils; hack/install-deps.sh installs it)");
+        assert!(out.status.success(), "{out:?}");
+        let f = File::open(&image).unwrap();
+        let ranges = data_ranges(&f).unwrap();
+        let bytes = std::fs::read(&image).unwrap();
+        for (name, data) in &files {
+            let whole = data.len() / 4096 * 4096;
+            if whole == 0 {
+                continue;
+            }
+            let found = ranges.iter().any(|r| {
+                let r = r.start as usize..r.end as usize;
+                bytes.get(r.start..r.start + whole) == Some(&data[..whole])
+            });
+            assert!(found, "{name}: no range holds its blocks");
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_erofs() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8192).unwrap();
+        assert!(matches!(data_ranges(&f), Err(MapError::Unsupported(_))));
+    }
+}

@@ -1,0 +1,290 @@
+//! Where an image is cut into chunks and in which order the chunks are stored.
+//!
+//! Cuts come from two places. *Soft* cuts are where files begin and end in
+//! the EROFS image: a container reading a small file then fetches that file,
+//! not its neighbours. Runs of small pieces are merged up to
+//! [`MERGE_BELOW`], so tiny files do not each pay for a zstd frame and an
+//! index entry. *Hard* cuts are the edges of what a startup profile says was
+//! read; they are never merged away, so the startup set is exactly what was
+//! read, rounded to whole blocks.
+//!
+//! The chunks a profile touches are stored first, in the order they were
+//! first read; everything else follows in image order. The same image, cuts,
+//! profile and chunk size always give the same layout.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+
+use thiserror::Error;
+
+use super::{check_chunk_size, BLOCK_SIZE, MAX_CHUNKS};
+
+/// Pieces smaller than this are merged with the next one (up to the chunk size).
+pub const MERGE_BELOW: u64 = 16 << 10;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("chunk size {0} is not a power of two in the allowed range")]
+    BadChunkSize(u32),
+    #[error("the startup profile names bytes [{start}, {end}) of an image of {image_size} bytes")]
+    ProfileOutsideImage {
+        start: u64,
+        end: u64,
+        image_size: u64,
+    },
+    #[error("the layout needs {0} chunks, more than {MAX_CHUNKS}; use a larger chunk size")]
+    TooManyChunks(u64),
+}
+
+/// The chunks of an image, in image order, and the order they are stored in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    chunk_size: u32,
+    /// Chunk `i` covers image bytes `[bounds[i], bounds[i+1])`.
+    bounds: Vec<u64>,
+    /// Chunk numbers in blob order; the first `prefetch` are the startup set.
+    order: Vec<u64>,
+    prefetch: usize,
+}
+
+impl Layout {
+    /// Fixed-size chunks in image order, no startup set (format version 1's layout).
+    pub fn fixed(image_size: u64, chunk_size: u32) -> Result<Self, LayoutError> {
+        Self::plan(image_size, chunk_size, &[], &[])
+    }
+
+    /// Cuts the image at `soft_cuts` (merged where pieces are small) and at
+    /// the edges of `profile` (image byte ranges in the order they were first
+    /// read), and stores the profiled chunks first.
+    pub fn plan(
+        image_size: u64,
+        chunk_size: u32,
+        soft_cuts: &[u64],
+        profile: &[Range<u64>],
+    ) -> Result<Self, LayoutError> {
+        check_chunk_size(chunk_size).map_err(|_| LayoutError::BadChunkSize(chunk_size))?;
+        for r in profile {
+            if r.start >= r.end || r.end > image_size {
+                return Err(LayoutError::ProfileOutsideImage {
+                    start: r.start,
+                    end: r.end,
+                    image_size,
+                });
+            }
+        }
+        // Cut points inside the image, block-aligned; `true` = hard.
+        let mut cuts: BTreeMap<u64, bool> = BTreeMap::new();
+        let inside = |p: u64| p > 0 && p < image_size;
+        for &c in soft_cuts {
+            let c = c / BLOCK_SIZE * BLOCK_SIZE;
+            if inside(c) {
+                cuts.entry(c).or_insert(false);
+            }
+        }
+        for r in profile {
+            let start = r.start / BLOCK_SIZE * BLOCK_SIZE;
+            let end = r.end.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+            for c in [start, end] {
+                if inside(c) {
+                    cuts.insert(c, true);
+                }
+            }
+        }
+        let bounds = split_groups(image_size, u64::from(chunk_size), &cuts);
+        let count = bounds.len().saturating_sub(1) as u64;
+        if count > MAX_CHUNKS {
+            return Err(LayoutError::TooManyChunks(count));
+        }
+        let layout = Layout {
+            chunk_size,
+            bounds,
+            order: Vec::new(),
+            prefetch: 0,
+        };
+        Ok(layout.ordered(profile))
+    }
+
+    /// Startup chunks first (by first read), then the rest in image order.
+    fn ordered(mut self, profile: &[Range<u64>]) -> Self {
+        let mut placed = HashSet::new();
+        let mut order = Vec::with_capacity(self.chunk_count() as usize);
+        for r in profile {
+            for c in self.chunks_for(r) {
+                if placed.insert(c) {
+                    order.push(c);
+                }
+            }
+        }
+        self.prefetch = order.len();
+        order.extend((0..self.chunk_count()).filter(|c| !placed.contains(c)));
+        self.order = order;
+        self
+    }
+
+    /// Chunks overlapping image bytes `r`.
+    fn chunks_for(&self, r: &Range<u64>) -> Range<u64> {
+        let first = self
+            .bounds
+            .partition_point(|&b| b <= r.start)
+            .saturating_sub(1);
+        let end = self.bounds.partition_point(|&b| b < r.end);
+        first as u64..(end as u64).min(self.chunk_count())
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    pub fn image_size(&self) -> u64 {
+        self.bounds.last().copied().unwrap_or(0)
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.bounds.len().saturating_sub(1) as u64
+    }
+
+    /// Image bytes of chunk `c`.
+    pub fn image_range(&self, c: u64) -> Range<u64> {
+        self.bounds[c as usize]..self.bounds[c as usize + 1]
+    }
+
+    /// Chunk numbers in the order they are stored.
+    pub fn order(&self) -> &[u64] {
+        &self.order
+    }
+
+    /// How many chunks at the front of [`order`](Self::order) are the startup set.
+    pub fn prefetch_count(&self) -> usize {
+        self.prefetch
+    }
+}
+
+/// Chunk bounds in image order: groups between kept cuts, each split into
+/// pieces of at most `max`. A soft cut is dropped while the group before it
+/// is smaller than [`MERGE_BELOW`] and the merged group still fits `max`.
+fn split_groups(image_size: u64, max: u64, cuts: &BTreeMap<u64, bool>) -> Vec<u64> {
+    let mut bounds = vec![0];
+    if image_size == 0 {
+        bounds.clear();
+        bounds.push(0);
+        return bounds;
+    }
+    let points: Vec<(u64, bool)> = cuts
+        .iter()
+        .map(|(&p, &hard)| (p, hard))
+        .chain(std::iter::once((image_size, true)))
+        .collect();
+    let mut group_start = 0u64;
+    for (i, &(p, hard)) in points.iter().enumerate() {
+        let next = points.get(i + 1).map(|&(n, _)| n);
+        let merge =
+            !hard && p - group_start < MERGE_BELOW && next.is_some_and(|n| n - group_start <= max);
+        if merge {
+            continue;
+        }
+        let mut at = group_start;
+        while p - at > max {
+            at += max;
+            bounds.push(at);
+        }
+        bounds.push(p);
+        group_start = p;
+    }
+    bounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: u64 = 1024;
+
+    fn ranges(l: &Layout) -> Vec<Range<u64>> {
+        (0..l.chunk_count()).map(|c| l.image_range(c)).collect()
+    }
+
+    #[test]
+    fn fixed_chunks_cover_the_image_in_order() {
+        let l = Layout::fixed(200 * K + 5, 64 * K as u32).unwrap();
+        assert_eq!(
+            ranges(&l),
+            [
+                0..64 * K,
+                64 * K..128 * K,
+                128 * K..192 * K,
+                192 * K..200 * K + 5
+            ]
+        );
+        assert_eq!(l.order(), [0, 1, 2, 3]);
+        assert_eq!(l.prefetch_count(), 0);
+        assert_eq!(Layout::fixed(0, 4096).unwrap().chunk_count(), 0);
+    }
+
+    #[test]
+    fn files_are_cut_out_and_small_ones_merged() {
+        // A 4 KiB file, an 8 KiB file, then a 100 KiB file, then the rest.
+        let cuts = [4 * K, 12 * K, 112 * K];
+        let l = Layout::plan(256 * K, 64 * K as u32, &cuts, &[]).unwrap();
+        assert_eq!(
+            ranges(&l),
+            [
+                // 4 KiB < 16 KiB: merged with the 8 KiB file; 12 KiB is still
+                // small, but the 100 KiB file does not fit with it.
+                0..12 * K,
+                12 * K..76 * K,
+                76 * K..112 * K,
+                112 * K..176 * K,
+                176 * K..240 * K,
+                240 * K..256 * K,
+            ]
+        );
+    }
+
+    #[test]
+    fn profile_edges_are_hard_and_its_chunks_come_first() {
+        let profile = [200 * K..204 * K, 10 * K..30 * K, 201 * K..202 * K];
+        let l = Layout::plan(256 * K, 64 * K as u32, &[], &profile).unwrap();
+        let order: Vec<Range<u64>> = l.order().iter().map(|&c| l.image_range(c)).collect();
+        assert_eq!(l.prefetch_count(), 2);
+        assert_eq!(order[0], 200 * K..204 * K);
+        assert_eq!(order[1], 8 * K..32 * K, "rounded out to whole blocks");
+        // The rest in image order, and together everything once.
+        let mut all = ranges(&l);
+        all.sort_by_key(|r| r.start);
+        assert_eq!(all.first().unwrap().start, 0);
+        assert!(all.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(all.last().unwrap().end, 256 * K);
+        assert!(order[2..].windows(2).all(|w| w[0].start < w[1].start));
+    }
+
+    #[test]
+    fn planning_is_deterministic_and_checks_the_profile() {
+        let cuts = [4 * K, 40 * K, 44 * K];
+        let profile = [50 * K..51 * K];
+        let a = Layout::plan(300 * K, 64 * K as u32, &cuts, &profile).unwrap();
+        assert_eq!(
+            a,
+            Layout::plan(300 * K, 64 * K as u32, &cuts, &profile).unwrap()
+        );
+        assert_eq!(
+            Layout::plan(300 * K, 64 * K as u32, &cuts, &[299 * K..301 * K]),
+            Err(LayoutError::ProfileOutsideImage {
+                start: 299 * K,
+                end: 301 * K,
+                image_size: 300 * K
+            })
+        );
+        assert!(Layout::plan(300 * K, 64 * K as u32, &cuts, &[5 * K..5 * K]).is_err());
+        assert_eq!(
+            Layout::plan(300 * K, 5000, &[], &[]),
+            Err(LayoutError::BadChunkSize(5000))
+        );
+    }
+
+    #[test]
+    fn unaligned_and_outside_cuts_are_ignored_or_rounded() {
+        let l = Layout::plan(64 * K, 64 * K as u32, &[0, 5000, 64 * K, 1 << 40], &[]).unwrap();
+        // 5000 rounds down to 4096, which is below the merge size: one chunk.
+        assert_eq!(ranges(&l), [0..64 * K]);
+    }
+}
