@@ -21,7 +21,9 @@ const MAX_WAIT_MS: u64 = 300_000;
 /// The key in `CNI_ARGS` that names the ENI.
 pub const MAC_ARG: &str = "ENI_MAC";
 /// The pod annotation that names the ENI, for runtimes (containerd CRI)
-/// that pass pod annotations to CNI but no per-pod CNI_ARGS.
+/// that pass pod annotations to CNI but no per-pod CNI_ARGS. Its value is
+/// the pod author's to choose, so it is a MAC source only where the config
+/// sets `allowPodAnnotation` (see [`NetConf::eni_mac`]).
 pub const MAC_ANNOTATION: &str = "lazybd.io/eni-mac";
 
 #[derive(Deserialize)]
@@ -32,6 +34,10 @@ struct RawConf {
     #[serde(rename = "type")]
     plugin_type: String,
     mac: Option<Mac>,
+    #[serde(default)]
+    allowed_macs: Vec<Mac>,
+    #[serde(default)]
+    allow_pod_annotation: bool,
     mtu: Option<u32>,
     ipam: Option<IpamRef>,
     #[serde(default)]
@@ -61,10 +67,13 @@ struct IpamRef {
     plugin_type: String,
 }
 
+/// MACs from the runtime are kept as text and parsed only by the commands
+/// that use them (ADD, CHECK): a bad value there must not make DEL fail and
+/// strand the pod.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct RuntimeConfig {
-    eni_mac: Option<Mac>,
+    eni_mac: Option<String>,
     /// containerd's and CRI-O's pod-annotations capability.
     #[serde(rename = "io.kubernetes.cri.pod-annotations", default)]
     pod_annotations: std::collections::HashMap<String, String>,
@@ -92,8 +101,16 @@ pub enum Addressing {
 pub struct NetConf {
     pub version: CniVersion,
     pub name: String,
+    /// The network's own ENI; like `allowed_macs`, offered by the operator.
     pub mac: Option<Mac>,
-    pub runtime_mac: Option<Mac>,
+    /// `allowedMacs`: ENIs the operator offers to this network (see [`crate::offer`]).
+    pub allowed_macs: Vec<Mac>,
+    /// `allowPodAnnotation`: whether the pod annotation may name the ENI.
+    pub allow_pod_annotation: bool,
+    /// `runtimeConfig.eniMac`, unparsed.
+    pub runtime_mac: Option<String>,
+    /// The pod annotation `lazybd.io/eni-mac`, unparsed.
+    pub annotation_mac: Option<String>,
     pub mtu: Option<u32>,
     pub addressing: Addressing,
     pub state_dir: PathBuf,
@@ -159,18 +176,14 @@ impl NetConf {
             version,
             name: c.name,
             mac: c.mac,
-            runtime_mac: match c.runtime_config.eni_mac {
-                Some(m) => Some(m),
-                None => c
-                    .runtime_config
-                    .pod_annotations
-                    .get(MAC_ANNOTATION)
-                    .map(|a| a.parse())
-                    .transpose()
-                    .map_err(|e| {
-                        CniError::InvalidConfig(format!("annotation {MAC_ANNOTATION}: {e}"))
-                    })?,
-            },
+            allowed_macs: c.allowed_macs,
+            allow_pod_annotation: c.allow_pod_annotation,
+            runtime_mac: c.runtime_config.eni_mac,
+            annotation_mac: c
+                .runtime_config
+                .pod_annotations
+                .get(MAC_ANNOTATION)
+                .cloned(),
             mtu: c.mtu,
             addressing,
             state_dir,
@@ -183,13 +196,32 @@ impl NetConf {
         })
     }
 
-    /// The ENI's MAC: `runtimeConfig.eniMac` (capability `eniMac`), else the
-    /// pod annotation `lazybd.io/eni-mac` (capability
+    /// The ENI's MAC for ADD and CHECK: `runtimeConfig.eniMac` (capability
+    /// `eniMac`), else the pod annotation `lazybd.io/eni-mac` (capability
     /// `io.kubernetes.cri.pod-annotations`), else `ENI_MAC` in `CNI_ARGS`,
-    /// else `mac` in the config.
+    /// else `mac` in the config. Naming a MAC is not permission to take it:
+    /// that is [`crate::offer`]'s decision.
+    ///
+    /// The annotation is written by the pod's author, so it counts only with
+    /// `allowPodAnnotation`; without it, a pod that carries the annotation is
+    /// refused rather than silently given some other NIC.
     pub fn eni_mac(&self, env: &Env) -> Result<Option<Mac>> {
-        if let Some(m) = self.runtime_mac {
-            return Ok(Some(m));
+        if self.annotation_mac.is_some() && !self.allow_pod_annotation {
+            return Err(CniError::NotPermitted(format!(
+                "the pod annotation {MAC_ANNOTATION} names an ENI, but this network's config \
+                 does not set allowPodAnnotation"
+            )));
+        }
+        let parse = |what: &str, v: &str| {
+            v.parse()
+                .map(Some)
+                .map_err(|e| CniError::InvalidConfig(format!("{what}: {e}")))
+        };
+        if let Some(m) = &self.runtime_mac {
+            return parse("runtimeConfig.eniMac", m);
+        }
+        if let Some(a) = &self.annotation_mac {
+            return parse(&format!("pod annotation {MAC_ANNOTATION}"), a);
         }
         if let Some(a) = env.arg(MAC_ARG) {
             return a
@@ -198,6 +230,11 @@ impl NetConf {
                 .map_err(|e| CniError::InvalidEnv(format!("CNI_ARGS {MAC_ARG}: {e}")));
         }
         Ok(self.mac)
+    }
+
+    /// Whether the config itself offers `mac` (`mac` or `allowedMacs`).
+    pub fn offers(&self, mac: Mac) -> bool {
+        self.mac == Some(mac) || self.allowed_macs.contains(&mac)
     }
 }
 
@@ -259,6 +296,13 @@ mod tests {
         assert_eq!(c.nic_wait, Duration::from_secs(10));
         assert!(c.stand_in_kinds.is_empty());
         assert!(matches!(c.addressing, Addressing::Static(ref r) if r.ips.is_empty()));
+        assert!(
+            !c.allow_pod_annotation,
+            "the pod annotation is off by default"
+        );
+        assert!(c.allowed_macs.is_empty());
+        assert!(c.offers("02:00:00:00:00:01".parse().unwrap()));
+        assert!(!c.offers("02:00:00:00:00:02".parse().unwrap()));
     }
 
     #[test]
@@ -279,6 +323,12 @@ mod tests {
         assert_eq!(parse(v).unwrap_err().code(), 2);
         let mut v = base();
         v["stateDir"] = "relative".into();
+        assert_eq!(parse(v).unwrap_err().code(), 7);
+        let mut v = base();
+        v["allowedMacs"] = json!(["02:00:00:00:00:02", "bad"]);
+        assert_eq!(parse(v).unwrap_err().code(), 7);
+        let mut v = base();
+        v["allowPodAnnotation"] = "yes".into();
         assert_eq!(parse(v).unwrap_err().code(), 7);
     }
 
@@ -307,6 +357,7 @@ mod tests {
         );
         assert_eq!(c.eni_mac(&env("ENI_MAC=x")).unwrap_err().code(), 4);
         v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {"lazybd.io/eni-mac": "02:00:00:00:00:04"}});
+        v["allowPodAnnotation"] = json!(true);
         let c = parse(v.clone()).unwrap();
         assert_eq!(
             c.eni_mac(&env("ENI_MAC=02:00:00:00:00:02"))
@@ -326,6 +377,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn pod_annotation_needs_the_opt_in() {
+        let env = Env::from_vars(|k| (k == "CNI_COMMAND").then(|| "VERSION".into())).unwrap();
+        let mut v = base();
+        v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {"lazybd.io/eni-mac": "02:00:00:00:00:04"}});
+        // Off: refused, not silently replaced by the config's own mac.
+        let e = parse(v.clone()).unwrap().eni_mac(&env).unwrap_err();
+        assert_eq!(e.code(), 105);
+        assert!(e.to_string().contains("allowPodAnnotation"), "{e}");
+        // Other annotations do not matter.
+        v["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": {"team": "x"}});
+        let c = parse(v).unwrap();
+        assert_eq!(c.eni_mac(&env).unwrap(), c.mac);
+    }
+
+    #[test]
+    fn bad_runtime_macs_fail_only_the_commands_that_use_them() {
+        let env = Env::from_vars(|k| (k == "CNI_COMMAND").then(|| "VERSION".into())).unwrap();
+        let mut v = base();
+        v["allowPodAnnotation"] = json!(true);
+        v["runtimeConfig"] =
+            json!({"io.kubernetes.cri.pod-annotations": {"lazybd.io/eni-mac": "garbage"}});
+        // Parsing (what DEL and GC need) succeeds; ADD/CHECK get code 7.
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.eni_mac(&env).unwrap_err().code(), 7);
+        v["runtimeConfig"] = json!({"eniMac": "01:00:5e:00:00:01"});
+        let c = parse(v).unwrap();
+        assert_eq!(c.eni_mac(&env).unwrap_err().code(), 7);
+    }
+
     /// The conflist in docs/cni-eni.md, as libcni hands its plugin entry to
     /// us: name and cniVersion injected, capabilities turned into runtimeConfig.
     #[test]
@@ -341,10 +422,31 @@ mod tests {
         assert_eq!(c.version, CniVersion::V100);
         assert_eq!(c.mtu, Some(9001));
         assert!(matches!(c.addressing, Addressing::Ipam { ref plugin } if plugin == "host-local"));
-        assert_eq!(c.runtime_mac, Some("00:16:3e:12:34:56".parse().unwrap()));
+        assert!(
+            c.allow_pod_annotation,
+            "the shipped config names ENIs by annotation"
+        );
+        assert!(
+            c.allowed_macs.is_empty() && c.mac.is_none(),
+            "the shipped config offers nothing itself: the registry does"
+        );
+        let env = Env::from_vars(|k| (k == "CNI_COMMAND").then(|| "VERSION".into())).unwrap();
+        assert_eq!(
+            c.eni_mac(&env).unwrap(),
+            Some("00:16:3e:12:34:56".parse().unwrap())
+        );
         assert!(
             c.stand_in_kinds.is_empty(),
             "production config matches physical links only"
+        );
+    }
+
+    /// docs/operations.md ships the example as deploy/cni/20-eni.conflist.
+    #[test]
+    fn deployed_conflist_is_the_documented_one() {
+        assert_eq!(
+            include_str!("../examples/10-eni.conflist"),
+            include_str!("../../deploy/cni/20-eni.conflist")
         );
     }
 

@@ -17,6 +17,8 @@ pub mod codes {
     pub const INTERFACE_EXISTS: u32 = 102;
     pub const CHECK_FAILED: u32 = 103;
     pub const AMBIGUOUS_MAC: u32 = 104;
+    pub const NOT_PERMITTED: u32 = 105;
+    pub const HOST_IN_USE: u32 = 106;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,17 @@ pub enum CniError {
     CheckFailed(String),
     #[error("ambiguous ENI: {0}")]
     AmbiguousMac(String),
+    /// The operator has not offered this NIC to eni (or not to this pod),
+    /// or the request names it through a source the config does not allow.
+    #[error("not permitted: {0}")]
+    NotPermitted(String),
+    /// The NIC carries the host's own traffic; eni never moves it.
+    #[error("link {link} ({mac}) carries the host's own traffic, eni never moves it: {why}")]
+    HostInUse {
+        link: String,
+        mac: String,
+        why: String,
+    },
     /// An error a delegated (IPAM) plugin reported, passed through with its code.
     #[error("{plugin}: {msg}")]
     Delegate {
@@ -86,6 +99,8 @@ impl CniError {
             CniError::InterfaceExists(_) => INTERFACE_EXISTS,
             CniError::CheckFailed(_) => CHECK_FAILED,
             CniError::AmbiguousMac(_) => AMBIGUOUS_MAC,
+            CniError::NotPermitted(_) => NOT_PERMITTED,
+            CniError::HostInUse { .. } => HOST_IN_USE,
             CniError::Delegate { code, .. } => *code,
         }
     }

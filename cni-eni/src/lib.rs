@@ -2,19 +2,24 @@
 //! back without loss. See docs/cni-eni.md.
 //!
 //! The flow of one invocation: [`env`] and [`config`] parse the input,
-//! [`cmd`] runs the command, which finds the ENI by [`mac`] through [`link`]
-//! in the namespaces of [`netns`], moves it with [`relocate`], addresses it
-//! via [`ipam`] and records ownership in [`state`]; [`result`] and [`error`]
-//! are the spec's output formats.
+//! [`cmd`] runs the command. ADD takes only an ENI the operator offered
+//! ([`offer`]) and the host does not use ([`hostuse`], with [`nexthop`]),
+//! finds it by [`mac`] through [`link`] in the namespaces of [`netns`],
+//! moves it with [`relocate`], addresses it via [`ipam`] and records
+//! ownership in [`state`]; DEL and GC act only on what [`state`] records.
+//! [`result`] and [`error`] are the spec's output formats.
 
 pub mod cmd;
 pub mod config;
 pub mod env;
 pub mod error;
+pub mod hostuse;
 pub mod ipam;
 pub mod link;
 pub mod mac;
 pub mod netns;
+pub mod nexthop;
+pub mod offer;
 pub mod relocate;
 pub mod result;
 pub mod state;

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
@@ -25,6 +25,11 @@ pub struct Link {
     pub kind: Option<String>,
     pub up: bool,
     pub mtu: u32,
+    /// `IFLA_MASTER`: the bridge, bond or VRF this link is a port of.
+    pub controller: Option<u32>,
+    /// `IFLA_LINK` when it names a link in the same netns: the lower device
+    /// of a VLAN/macvlan/ipvlan, or a veth's peer.
+    pub lower: Option<u32>,
 }
 
 impl Link {
@@ -37,9 +42,15 @@ impl Link {
             kind: None,
             up: m.header.flags.contains(LinkFlags::Up),
             mtu: 0,
+            controller: None,
+            lower: None,
         };
+        let mut other_netns = false;
         for a in &m.attributes {
             match a {
+                LinkAttribute::Controller(i) => l.controller = Some(*i).filter(|i| *i != 0),
+                LinkAttribute::Link(i) => l.lower = Some(*i).filter(|i| *i != 0),
+                LinkAttribute::LinkNetNsId(_) => other_netns = true,
                 LinkAttribute::IfName(n) => l.name = n.clone(),
                 LinkAttribute::Address(b) => l.mac = Mac::from_bytes(b),
                 LinkAttribute::PermAddress(b) => l.perm_mac = Mac::from_bytes(b),
@@ -52,6 +63,9 @@ impl Link {
                 }
                 _ => {}
             }
+        }
+        if other_netns {
+            l.lower = None;
         }
         l
     }
@@ -167,24 +181,36 @@ impl Netlink {
     }
 
     pub async fn addresses(&self, link: &Link) -> Result<Vec<IpNet>> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(link.index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| {
-                CniError::netlink(self.ctx(format!("list addresses of {}", link.name)), e)
-            })?;
+        Ok(self
+            .all_addresses()
+            .await?
+            .into_iter()
+            .filter(|a| a.index == link.index)
+            .map(|a| a.net)
+            .collect())
+    }
+
+    /// Every address of this netns.
+    pub async fn all_addresses(&self) -> Result<Vec<Addr>> {
+        let msgs: Vec<AddressMessage> =
+            self.handle
+                .address()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| CniError::netlink(self.ctx("list addresses"), e))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.index == link.index)
             .filter_map(|m| {
-                m.attributes.iter().find_map(|a| match a {
+                let net = m.attributes.iter().find_map(|a| match a {
                     AddressAttribute::Address(ip) => IpNet::new(*ip, m.header.prefix_len).ok(),
                     _ => None,
+                })?;
+                Some(Addr {
+                    index: m.header.index,
+                    net,
+                    global: matches!(m.header.scope, AddressScope::Universe | AddressScope::Site),
                 })
             })
             .collect())
@@ -203,6 +229,19 @@ impl Netlink {
 
     /// Routes of the main table that leave through `link`: (dst, gateway).
     pub async fn routes(&self, link: &Link) -> Result<Vec<(IpNet, Option<IpAddr>)>> {
+        Ok(self
+            .all_routes()
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.table == u32::from(RouteHeader::RT_TABLE_MAIN) && r.oifs.contains(&link.index)
+            })
+            .map(|r| (r.dst, r.gw))
+            .collect())
+    }
+
+    /// Every IPv4 and IPv6 route of this netns, in all tables.
+    pub async fn all_routes(&self) -> Result<Vec<RouteEntry>> {
         let mut out = Vec::new();
         for req in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -216,7 +255,7 @@ impl Netlink {
                 .try_collect()
                 .await
                 .map_err(|e| CniError::netlink(self.ctx("list routes"), e))?;
-            out.extend(msgs.iter().filter_map(|m| route_via(m, link.index)));
+            out.extend(msgs.iter().filter_map(RouteEntry::from_message));
         }
         Ok(out)
     }
@@ -246,47 +285,68 @@ impl Netlink {
     }
 }
 
-fn route_via(m: &RouteMessage, index: u32) -> Option<(IpNet, Option<IpAddr>)> {
-    let table = m
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(m.header.table.into());
-    let oif = m
-        .attributes
-        .iter()
-        .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || !oif {
-        return None;
+/// An address as the kernel lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addr {
+    pub index: u32,
+    pub net: IpNet,
+    /// Scope global (universe) or site: an address others reach the host by.
+    pub global: bool,
+}
+
+/// A route as the kernel lists it, with every way it can name its links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub table: u32,
+    pub dst: IpNet,
+    pub gw: Option<IpAddr>,
+    /// `RTA_OIF`, and the links of `RTA_MULTIPATH` legs.
+    pub oifs: Vec<u32>,
+    /// `RTA_NH_ID`: the route leaves through a nexthop object instead.
+    pub nh_id: Option<u32>,
+}
+
+impl RouteEntry {
+    fn from_message(m: &RouteMessage) -> Option<RouteEntry> {
+        let mut r = RouteEntry {
+            table: m.header.table.into(),
+            dst: IpNet::new(unspecified(m), m.header.destination_prefix_length).ok()?,
+            gw: None,
+            oifs: vec![],
+            nh_id: None,
+        };
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Table(t) => r.table = *t,
+                RouteAttribute::Oif(i) => r.oifs.push(*i),
+                RouteAttribute::MultiPath(hops) => {
+                    r.oifs.extend(hops.iter().map(|h| h.interface_index))
+                }
+                RouteAttribute::NhId(id) => r.nh_id = Some(*id),
+                RouteAttribute::Destination(d) => {
+                    r.dst = IpNet::new(ip_of(d)?, m.header.destination_prefix_length).ok()?
+                }
+                RouteAttribute::Gateway(g) => r.gw = ip_of(g),
+                _ => {}
+            }
+        }
+        Some(r)
     }
-    let addr = |want: fn(&RouteAttribute) -> Option<&RouteAddress>| {
-        m.attributes.iter().find_map(want).and_then(|a| match a {
-            RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-            RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-            _ => None,
-        })
-    };
-    let dst = addr(|a| match a {
-        RouteAttribute::Destination(d) => Some(d),
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
         _ => None,
-    });
-    let gw = addr(|a| match a {
-        RouteAttribute::Gateway(g) => Some(g),
-        _ => None,
-    });
-    let unspecified = match m.header.address_family {
+    }
+}
+
+fn unspecified(m: &RouteMessage) -> IpAddr {
+    match m.header.address_family {
         rtnetlink::packet_route::AddressFamily::Inet6 => {
             IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
         }
         _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
-    };
-    let dst = IpNet::new(
-        dst.unwrap_or(unspecified),
-        m.header.destination_prefix_length,
-    )
-    .ok()?;
-    Some((dst, gw))
+    }
 }

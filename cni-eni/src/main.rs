@@ -19,8 +19,11 @@ eni<12 hex digits of its MAC>, which no other NIC can hold.
 It is run by a container runtime, not by hand: set CNI_COMMAND (ADD, DEL,
 CHECK, STATUS, GC, VERSION), CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_PATH
 and pass the network config on stdin. Spec versions: 0.4.0, 1.0.0, 1.1.0.
-The ENI's MAC comes from runtimeConfig.eniMac, ENI_MAC in CNI_ARGS, or mac in
-the config. See docs/cni-eni.md for every config key.
+The ENI's MAC comes from runtimeConfig.eniMac, the pod annotation
+lazybd.io/eni-mac (only with allowPodAnnotation), ENI_MAC in CNI_ARGS, or mac
+in the config. Only NICs the operator offered are taken: mac/allowedMacs in
+the config, or a file <stateDir>/available/<12 hex digits of the MAC>; a NIC
+with the host's addresses or routes is never taken. See docs/cni-eni.md.
 ";
 
 fn main() -> ExitCode {

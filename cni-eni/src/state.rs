@@ -1,8 +1,11 @@
 //! Which ENI is attached to which container, on disk, under a per-ENI lock.
 //!
 //! Layout under the state dir: `enis/<mac hex>.json` (one record per ENI
-//! this plugin has moved or is moving) and `locks/<mac hex>.lock` (flock
-//! files; never deleted, since deleting a lock file others may hold races).
+//! this plugin has moved or is moving), `locks/<mac hex>.lock` (flock
+//! files; never deleted, since deleting a lock file others may hold races)
+//! and `available/` (the registry of offered ENIs, written by the hot-plug
+//! agent and only read here, see [`crate::offer`]). A record is the only
+//! thing that lets DEL and GC touch an ENI.
 //! Records are replaced atomically (write, fsync, rename, fsync dir), so a
 //! crash leaves either the old or the new record, never a torn one.
 
@@ -70,7 +73,8 @@ impl Store {
             enis: dir.join("enis"),
             locks: dir.join("locks"),
         };
-        for d in [&store.enis, &store.locks] {
+        let registry = dir.join(crate::offer::REGISTRY_DIR);
+        for d in [&store.enis, &store.locks, &registry] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -169,9 +173,31 @@ impl Store {
         Ok(out)
     }
 
-    /// The record of an attachment, by (container, ifname).
+    /// The record of one ENI, read without its lock: a hint only.
+    pub fn peek(&self, mac: Mac) -> Result<Option<Record>> {
+        read_record(&self.record_path(mac))
+    }
+
+    /// The record of an attachment, by (container, ifname). An unreadable
+    /// record of some other ENI is logged and skipped, so it cannot hold up
+    /// every pod's DEL on the node (GC still reports it).
     pub fn find(&self, env: &Env) -> Result<Option<Record>> {
-        Ok(self.records()?.into_iter().find(|r| r.is_for(env)))
+        let rd = fs::read_dir(&self.enis)
+            .map_err(|e| CniError::io(format!("list {}", self.enis.display()), e))?;
+        for entry in rd {
+            let path = entry
+                .map_err(|e| CniError::io(format!("list {}", self.enis.display()), e))?
+                .path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            match read_record(&path) {
+                Ok(Some(r)) if r.is_for(env) => return Ok(Some(r)),
+                Ok(_) => {}
+                Err(e) => log(format!("skipping {}: {e}", path.display())),
+            }
+        }
+        Ok(None)
     }
 }
 

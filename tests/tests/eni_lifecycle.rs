@@ -1,6 +1,7 @@
 //! The `eni` plugin's promise: no NIC is lost. The name-collision scenario
 //! step by step, a pod netns that vanishes before DEL, repeated DEL, crash
-//! recovery from the on-disk state, GC, and 20 pods at once.
+//! recovery from the on-disk state, GC, and 20 pods at once; ownership: a
+//! NIC another pod is adding, or one eni never moved, is left alone.
 
 use lazybd_tests::eni::{
     ip, link_by_mac, link_by_name, parking_name, tag, unique_mac, with_prev, Call, Eni, StandIn,
@@ -104,6 +105,7 @@ fn eni_del_without_netns_or_mac_uses_state_and_is_idempotent() {
     // The MAC comes from CNI_ARGS on ADD only; DEL must find it in state.
     let mut conf = eni.conf("1.1.0", "st", &mac, "10.83.0.0/24");
     conf.as_object_mut().unwrap().remove("mac");
+    conf["allowedMacs"] = json!([mac]);
     let mut call = Call::new(&format!("{t}-pod"), &ns);
     let plain = call.clone();
     call.args = format!("IgnoreUnknown=1;ENI_MAC={mac}");
@@ -322,4 +324,87 @@ fn eni_twenty_pods_concurrently_without_leaks() {
     }
     assert!(eni.records().is_empty());
     assert_eq!(eni.ipam_allocations("many"), 0);
+}
+
+#[test]
+fn eni_another_pods_eni_in_its_adding_phase_is_not_taken() {
+    if !require_root("eni_another_pods_eni_in_its_adding_phase_is_not_taken") {
+        return;
+    }
+    let t = tag();
+    let eni = Eni::new();
+    let (ns_a, ns_b) = (
+        TestNetns::new(&format!("{t}a")),
+        TestNetns::new(&format!("{t}b")),
+    );
+    let mac = unique_mac();
+    let name = format!("{t}e0");
+    let _nic = StandIn::veth(&name, &mac);
+    let conf = eni.conf("1.1.0", "cr", &mac, "10.88.0.0/24");
+    let a = Call::new(&format!("{t}-a"), &ns_a);
+    let b = Call::new(&format!("{t}-b"), &ns_b);
+    // Pod A's ADD stopped after recording the ENI, before moving it.
+    crashed_add_record(&eni, &mac, &a.container, &ns_a, &name);
+
+    let out = eni.call("ADD", &conf, &b);
+    assert_eq!(out.code(), 100, "{}", out.json);
+    assert!(out.msg().contains(&a.container), "{}", out.msg());
+    eni.call("DEL", &conf, &b).ok();
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": a.container, "ifname": "eth0"}]);
+    eni.call("GC", &gc, &b.without_netns()).ok();
+    assert_eq!(link_by_mac(None, &mac).unwrap().name, name, "untouched");
+    assert!(link_by_mac(Some(&ns_b.name), &mac).is_none());
+    let recs = eni.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["containerID"], a.container.as_str());
+    assert_eq!(recs[0]["phase"], "adding");
+    assert_eq!(eni.ipam_allocations("cr"), 0);
+
+    // A's retried ADD completes; its DEL brings the ENI home.
+    let result = eni.call("ADD", &conf, &a).ok();
+    assert_eq!(link_by_mac(Some(&ns_a.name), &mac).unwrap().name, "eth0");
+    eni.call("DEL", &with_prev(&conf, &result), &a).ok();
+    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert!(eni.records().is_empty());
+}
+
+#[test]
+fn eni_leaves_a_nic_it_did_not_move_alone() {
+    if !require_root("eni_leaves_a_nic_it_did_not_move_alone") {
+        return;
+    }
+    // Another plugin (say an SR-IOV VF) put a NIC into the pod. A DEL or ADD
+    // that names its MAC must not take it: eni acts only on what it recorded.
+    let t = tag();
+    let eni = Eni::new();
+    let ns = TestNetns::new(&t);
+    let mac = unique_mac();
+    let name = format!("{t}vf");
+    let _nic = StandIn::veth(&name, &mac);
+    ip(&["link", "set", &name, "netns", &ns.name, "name", "net1"]);
+    let mut conf = eni.conf("1.1.0", "nm", &mac, "10.89.0.0/24");
+    conf.as_object_mut().unwrap().remove("mac");
+    conf["allowedMacs"] = json!([mac]);
+    let mut call = Call::new(&format!("{t}-pod"), &ns);
+    call.args = format!("IgnoreUnknown=1;ENI_MAC={mac}");
+    let prev = json!({
+        "cniVersion": "1.1.0",
+        "interfaces": [{"name": "eth0", "mac": mac, "sandbox": ns.path()}],
+    });
+    let untouched = |what: &str| {
+        let l = link_by_mac(Some(&ns.name), &mac).expect("NIC still in the pod");
+        assert_eq!(l.name, "net1", "{what}");
+        assert!(link_by_mac(None, &mac).is_none(), "{what}");
+        assert!(eni.records().is_empty(), "{what}");
+    };
+
+    eni.call("DEL", &with_prev(&conf, &prev), &call).ok();
+    untouched("DEL with prevResult and ENI_MAC");
+    eni.call("DEL", &conf, &call).ok();
+    untouched("DEL with ENI_MAC");
+    let out = eni.call("ADD", &conf, &call);
+    assert_eq!(out.code(), 105, "{}", out.json);
+    untouched("ADD");
+    assert_eq!(eni.ipam_allocations("nm"), 0);
 }

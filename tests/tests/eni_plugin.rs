@@ -1,9 +1,10 @@
 //! The `eni` CNI plugin against real network namespaces: ADD/CHECK/DEL round
-//! trips per spec version, result JSON, and clear CNI errors for bad input.
+//! trips per spec version, result JSON, clear CNI errors for bad input, and
+//! the trust rule: only NICs the operator offered, never one the host uses.
 
 use lazybd_tests::eni::{
-    addresses, link_by_mac, link_by_name, parking_name, tag, unique_mac, with_prev, Call, Eni,
-    StandIn, TestNetns,
+    addresses, ip, link_by_mac, link_by_name, parking_name, tag, unique_mac, with_prev, Call,
+    CniOutput, Eni, StandIn, TestNetns,
 };
 use lazybd_tests::require_root;
 use serde_json::{json, Value};
@@ -386,4 +387,423 @@ fn eni_failed_add_undoes_every_step() {
     // The runtime's DEL after a failed ADD is harmless.
     eni.call("DEL", &conf, &call).ok();
     assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+}
+
+// --- Trust: `eni` takes only NICs the operator offered, never one the host
+// uses, and a pod annotation names a NIC only where the config allows it.
+
+/// Offers `mac` to the plugin the way a hot-plug agent does: one JSON object
+/// written under a temporary name and renamed to `available/<12 hex>`.
+fn offer(eni: &Eni, mac: &str, entry: &Value) {
+    let dir = eni.state_dir().join("available");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = dir.join(".offer.tmp");
+    std::fs::write(&tmp, entry.to_string()).unwrap();
+    std::fs::rename(&tmp, dir.join(mac.replace(':', ""))).unwrap();
+}
+
+fn withdraw(eni: &Eni, mac: &str) {
+    let _ = std::fs::remove_file(eni.state_dir().join("available").join(mac.replace(':', "")));
+}
+
+/// `conf` with the MAC named only by the pod annotation (containerd's
+/// `io.kubernetes.cri.pod-annotations` capability), as a pod author sets it.
+fn annotated(conf: &Value, mac: &str) -> Value {
+    let mut c = conf.clone();
+    c.as_object_mut().unwrap().remove("mac");
+    c["runtimeConfig"] =
+        json!({"io.kubernetes.cri.pod-annotations": {"lazybd.io/eni-mac": mac, "other": "x"}});
+    c
+}
+
+/// Runs the plugin inside `node`, a private netns that plays the node's
+/// host netns: there the test can give an uplink a default route without
+/// touching the machine's own network.
+fn call_in(node: &TestNetns, eni: &Eni, command: &str, conf: &Value, call: &Call) -> CniOutput {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &node.name])
+        .arg(&eni.bin)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env("CNI_CONTAINERID", &call.container)
+        .env("CNI_IFNAME", &call.ifname)
+        .env("CNI_ARGS", &call.args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(n) = &call.netns {
+        cmd.env("CNI_NETNS", n);
+    }
+    let mut child = cmd.spawn().expect("spawn ip netns exec eni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("wait eni");
+    CniOutput {
+        success: out.status.success(),
+        json: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A veth end `name` with `mac` inside `node`, its peer `<name>p` there too
+/// (both die with the netns).
+fn node_nic(node: &TestNetns, name: &str, mac: &str) {
+    let peer = format!("{name}p");
+    ip(&[
+        "-n", &node.name, "link", "add", name, "address", mac, "type", "veth", "peer", "name",
+        &peer,
+    ]);
+}
+
+#[test]
+fn eni_pod_annotation_cannot_take_the_uplink() {
+    if !require_root("eni_pod_annotation_cannot_take_the_uplink") {
+        return;
+    }
+    let t = tag();
+    let eni = Eni::new();
+    let node = TestNetns::new(&format!("{t}n"));
+    let pod = TestNetns::new(&format!("{t}p"));
+    // The node's uplink: up, the node's address, the node's default route.
+    let up_mac = unique_mac();
+    node_nic(&node, "uplink0", &up_mac);
+    for dev in ["uplink0", "uplink0p"] {
+        ip(&["-n", &node.name, "link", "set", dev, "up"]);
+    }
+    ip(&[
+        "-n",
+        &node.name,
+        "addr",
+        "add",
+        "10.66.0.2/24",
+        "dev",
+        "uplink0",
+    ]);
+    ip(&[
+        "-n",
+        &node.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.66.0.1",
+        "dev",
+        "uplink0",
+    ]);
+    let conf = annotated(
+        &eni.conf("1.1.0", "ul", &unique_mac(), "10.71.0.0/24"),
+        &up_mac,
+    );
+    let call = Call::new(&format!("{t}-pod"), &pod);
+    let untouched = |what: &str| {
+        let l = link_by_mac(Some(&node.name), &up_mac)
+            .unwrap_or_else(|| panic!("{what}: the uplink left the node"));
+        assert_eq!(l.name, "uplink0", "{what}");
+        assert!(l.up, "{what}: uplink down");
+        let global: Vec<_> = addresses(&node.name, "uplink0")
+            .into_iter()
+            .filter(|a| !a.starts_with("fe80:"))
+            .collect();
+        assert_eq!(global, vec!["10.66.0.2/24".to_string()], "{what}");
+        let routes = ip(&["-n", &node.name, "route", "show", "default"]);
+        assert!(
+            routes.contains("via 10.66.0.1 dev uplink0"),
+            "{what}: {routes}"
+        );
+        assert!(link_by_mac(Some(&pod.name), &up_mac).is_none(), "{what}");
+        assert!(eni.records().is_empty(), "{what}");
+        assert_eq!(eni.ipam_allocations("ul"), 0, "{what}");
+    };
+
+    // The annotation is not a MAC source unless the config says so.
+    let out = call_in(&node, &eni, "ADD", &conf, &call);
+    assert_eq!(out.code(), 105, "{}", out.json);
+    assert!(out.msg().contains("allowPodAnnotation"), "{}", out.msg());
+    untouched("opt-in off");
+
+    // Allowed, but nobody offered the uplink to eni.
+    let mut on = conf.clone();
+    on["allowPodAnnotation"] = json!(true);
+    let out = call_in(&node, &eni, "ADD", &on, &call);
+    assert_eq!(out.code(), 105, "{}", out.json);
+    assert!(out.msg().contains(&up_mac), "{}", out.msg());
+    untouched("not offered");
+
+    // Even offered by mistake (allowlist, then registry), it carries the
+    // node's address and default route: refused.
+    let mut listed = on.clone();
+    listed["allowedMacs"] = json!([up_mac]);
+    let out = call_in(&node, &eni, "ADD", &listed, &call);
+    assert_eq!(out.code(), 106, "{}", out.json);
+    assert!(out.msg().contains("10.66.0.2/24"), "{}", out.msg());
+    untouched("allowlisted");
+    offer(&eni, &up_mac, &json!({}));
+    let out = call_in(&node, &eni, "ADD", &on, &call);
+    assert_eq!(out.code(), 106, "{}", out.json);
+    untouched("registered");
+
+    // The runtime's DEL after the refused ADD, and a GC, leave it alone.
+    call_in(&node, &eni, "DEL", &on, &call).ok();
+    call_in(&node, &eni, "DEL", &on, &call.without_netns()).ok();
+    let mut gc = on.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    call_in(&node, &eni, "GC", &gc, &call.without_netns()).ok();
+    untouched("after DEL and GC");
+}
+
+#[test]
+fn eni_refuses_a_listed_nic_that_carries_host_traffic() {
+    if !require_root("eni_refuses_a_listed_nic_that_carries_host_traffic") {
+        return;
+    }
+    let t = tag();
+    let eni = Eni::new();
+    let node = TestNetns::new(&format!("{t}n"));
+    let pod = TestNetns::new(&format!("{t}p"));
+    let mac = unique_mac();
+    node_nic(&node, "nic0", &mac);
+    // The network's own `mac`: offered by the operator, yet refused while
+    // the host uses it.
+    let conf = eni.conf("1.1.0", "hu", &mac, "10.72.0.0/24");
+    let call = Call::new(&format!("{t}-pod"), &pod);
+    let n = |args: &[&str]| {
+        let mut v = vec!["-n", node.name.as_str()];
+        v.extend(args);
+        ip(&v);
+    };
+    let refused = |what: &str, needle: &str| {
+        let out = call_in(&node, &eni, "ADD", &conf, &call);
+        assert_eq!(out.code(), 106, "{what}: {}", out.json);
+        assert!(out.msg().contains(needle), "{what}: {}", out.msg());
+        let l = link_by_mac(Some(&node.name), &mac).expect("NIC still in the node");
+        assert_eq!(l.name, "nic0", "{what}");
+        assert!(link_by_mac(Some(&pod.name), &mac).is_none(), "{what}");
+        assert!(eni.records().is_empty(), "{what}");
+        assert_eq!(eni.ipam_allocations("hu"), 0, "{what}");
+    };
+
+    n(&["addr", "add", "10.73.0.2/24", "dev", "nic0"]);
+    refused("IPv4 address", "10.73.0.2/24");
+    n(&["addr", "flush", "dev", "nic0"]);
+    n(&["addr", "add", "fd00:73::2/64", "dev", "nic0", "nodad"]);
+    refused("IPv6 address", "fd00:73::2/64");
+    n(&["addr", "flush", "dev", "nic0"]);
+
+    // Up with carrier: the kernel gives it an IPv6 link-local address and
+    // fe80::/64 / multicast routes, which alone do not count (checked by
+    // the successful ADD below).
+    n(&["link", "set", "nic0p", "up"]);
+    n(&["link", "set", "nic0", "up"]);
+    n(&["route", "add", "10.74.0.0/24", "dev", "nic0"]);
+    refused("main-table route", "10.74.0.0/24");
+    n(&["route", "del", "10.74.0.0/24", "dev", "nic0"]);
+    n(&["route", "add", "default", "dev", "nic0", "table", "170"]);
+    refused("default route in table 170", "table 170");
+    n(&["route", "del", "default", "dev", "nic0", "table", "170"]);
+    n(&["nexthop", "add", "id", "4242", "dev", "nic0"]);
+    n(&["route", "add", "10.75.0.0/24", "nhid", "4242"]);
+    refused("route via a nexthop object", "10.75.0.0/24");
+    n(&["route", "del", "10.75.0.0/24"]);
+    n(&["nexthop", "del", "id", "4242"]);
+    n(&["link", "add", "br0", "type", "bridge"]);
+    n(&["link", "set", "nic0", "master", "br0"]);
+    refused("bridge port", "br0");
+    n(&["link", "set", "nic0", "nomaster"]);
+    n(&["link", "del", "br0"]);
+    n(&[
+        "link", "add", "link", "nic0", "name", "nic0mv", "type", "macvlan",
+    ]);
+    refused("lower device of a macvlan", "nic0mv");
+    n(&["link", "del", "nic0mv"]);
+
+    // Nothing of the host left on it: the normal flow works.
+    let result = call_in(&node, &eni, "ADD", &conf, &call).ok();
+    assert_eq!(link_by_mac(Some(&pod.name), &mac).unwrap().name, "eth0");
+    call_in(&node, &eni, "DEL", &with_prev(&conf, &result), &call).ok();
+    assert_eq!(
+        link_by_mac(Some(&node.name), &mac).unwrap().name,
+        parking_name(&mac)
+    );
+    assert!(eni.records().is_empty());
+}
+
+#[test]
+fn eni_takes_only_offered_nics() {
+    if !require_root("eni_takes_only_offered_nics") {
+        return;
+    }
+    let t = tag();
+    let eni = Eni::new();
+    let ns = TestNetns::new(&t);
+    let mac = unique_mac();
+    let nic = StandIn::veth(&format!("{t}e0"), &mac);
+    // The MAC comes per call (CNI_ARGS); the config offers nothing itself.
+    let mut conf = eni.conf("1.1.0", "of", &mac, "10.76.0.0/24");
+    conf.as_object_mut().unwrap().remove("mac");
+    let mut call = Call::new(&format!("{t}-pod"), &ns);
+    call.args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_UID=uid-1;ENI_MAC={mac}"
+    );
+    let lock = eni
+        .state_dir()
+        .join("locks")
+        .join(format!("{}.lock", mac.replace(':', "")));
+    let refused = |what: &str, needle: &str| {
+        let out = eni.call("ADD", &conf, &call);
+        assert_eq!(out.code(), 105, "{what}: {}", out.json);
+        assert!(out.msg().contains(needle), "{what}: {}", out.msg());
+        let l = link_by_mac(None, &mac).expect("NIC still in the host");
+        assert_eq!(l.name, nic.name, "{what}");
+        assert!(link_by_mac(Some(&ns.name), &mac).is_none(), "{what}");
+        assert!(eni.records().is_empty(), "{what}");
+        assert_eq!(eni.ipam_allocations("of"), 0, "{what}");
+        assert!(!lock.exists(), "{what}: refused before taking a lock");
+    };
+
+    refused("not offered", &mac);
+    offer(&eni, &mac, &json!({"podUID": "uid-2"}));
+    refused("offered to another pod (uid)", "uid-2");
+    offer(
+        &eni,
+        &mac,
+        &json!({"podNamespace": "shop", "podName": "web-2"}),
+    );
+    refused("offered to another pod (name)", "web-2");
+    offer(&eni, &mac, &json!({"podUID": "uid-1", "pod": "typo"}));
+    refused("entry with an unknown key", "pod");
+    // A torn write (the agent did not rename a complete file) fails closed.
+    std::fs::write(
+        eni.state_dir().join("available").join(mac.replace(':', "")),
+        b"",
+    )
+    .unwrap();
+    refused("empty entry", "available");
+
+    // Offered to this pod: the normal flow.
+    offer(
+        &eni,
+        &mac,
+        &json!({"podUID": "uid-1", "podNamespace": "shop", "podName": "web-1"}),
+    );
+    let result = eni.call("ADD", &conf, &call).ok();
+    assert_eq!(link_by_mac(Some(&ns.name), &mac).unwrap().name, "eth0");
+    eni.call("DEL", &with_prev(&conf, &result), &call).ok();
+    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+
+    // The allowlist in the config offers it as well.
+    withdraw(&eni, &mac);
+    let mut listed = conf.clone();
+    listed["allowedMacs"] = json!([mac]);
+    let result = eni.call("ADD", &listed, &call).ok();
+    assert_eq!(link_by_mac(Some(&ns.name), &mac).unwrap().name, "eth0");
+    eni.call("DEL", &with_prev(&listed, &result), &call).ok();
+    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert!(eni.records().is_empty());
+    assert_eq!(eni.ipam_allocations("of"), 0);
+}
+
+#[test]
+fn eni_pod_annotation_is_refused_without_the_opt_in() {
+    if !require_root("eni_pod_annotation_is_refused_without_the_opt_in") {
+        return;
+    }
+    let t = tag();
+    let eni = Eni::new();
+    let ns = TestNetns::new(&t);
+    let (mac_a, mac_b) = (unique_mac(), unique_mac());
+    let nic_a = StandIn::veth(&format!("{t}a0"), &mac_a);
+    let nic_b = StandIn::veth(&format!("{t}b0"), &mac_b);
+    // The network's own NIC is A; B is offered too. The pod asks for B.
+    let mut conf = eni.conf("1.1.0", "an", &mac_a, "10.77.0.0/24");
+    conf["allowedMacs"] = json!([mac_b]);
+    conf["runtimeConfig"] =
+        json!({"io.kubernetes.cri.pod-annotations": {"lazybd.io/eni-mac": mac_b}});
+    let call = Call::new(&format!("{t}-pod"), &ns);
+
+    let out = eni.call("ADD", &conf, &call);
+    assert_eq!(out.code(), 105, "{}", out.json);
+    assert!(out.msg().contains("lazybd.io/eni-mac"), "{}", out.msg());
+    assert_eq!(link_by_mac(None, &mac_a).unwrap().name, nic_a.name);
+    assert_eq!(link_by_mac(None, &mac_b).unwrap().name, nic_b.name);
+    assert!(eni.records().is_empty());
+    assert_eq!(eni.ipam_allocations("an"), 0);
+    eni.call("DEL", &conf, &call).ok();
+
+    // With the opt-in the annotation picks B; A stays where it is.
+    conf["allowPodAnnotation"] = json!(true);
+    let result = eni.call("ADD", &conf, &call).ok();
+    assert_eq!(result["interfaces"][0]["mac"], mac_b.as_str());
+    assert_eq!(link_by_mac(Some(&ns.name), &mac_b).unwrap().name, "eth0");
+    assert_eq!(link_by_mac(None, &mac_a).unwrap().name, nic_a.name);
+    eni.call("CHECK", &with_prev(&conf, &result), &call).ok();
+    eni.call("DEL", &with_prev(&conf, &result), &call).ok();
+    assert_eq!(
+        link_by_mac(None, &mac_b).unwrap().name,
+        parking_name(&mac_b)
+    );
+    assert!(eni.records().is_empty());
+}
+
+#[test]
+fn eni_own_record_is_no_licence_to_take_a_nic_the_host_now_uses() {
+    if !require_root("eni_own_record_is_no_licence_to_take_a_nic_the_host_now_uses") {
+        return;
+    }
+    let t = tag();
+    let eni = Eni::new();
+    let node = TestNetns::new(&format!("{t}n"));
+    let pod = TestNetns::new(&format!("{t}p"));
+    let mac = unique_mac();
+    node_nic(&node, "nic0", &mac);
+    let conf = eni.conf("1.1.0", "ru", &mac, "10.78.0.0/24");
+    let call = Call::new(&format!("{t}-pod"), &pod);
+    // This attachment's ADD stopped after recording the ENI, before moving
+    // it; since then the node has put its own address on the NIC.
+    let enis = eni.state_dir().join("enis");
+    std::fs::create_dir_all(&enis).unwrap();
+    let rec = json!({
+        "mac": mac, "network": "ru", "containerID": call.container, "ifname": "eth0",
+        "netns": pod.path(), "phase": "adding", "hostName": "nic0",
+    });
+    std::fs::write(
+        enis.join(format!("{}.json", mac.replace(':', ""))),
+        rec.to_string(),
+    )
+    .unwrap();
+    ip(&[
+        "-n",
+        &node.name,
+        "addr",
+        "add",
+        "10.79.0.2/24",
+        "dev",
+        "nic0",
+    ]);
+    let untouched = |what: &str| {
+        let l = link_by_mac(Some(&node.name), &mac).expect("NIC still in the node");
+        assert_eq!(l.name, "nic0", "{what}");
+        assert_eq!(
+            addresses(&node.name, "nic0"),
+            vec!["10.79.0.2/24".to_string()],
+            "{what}"
+        );
+        assert!(link_by_mac(Some(&pod.name), &mac).is_none(), "{what}");
+    };
+
+    let out = call_in(&node, &eni, "ADD", &conf, &call);
+    assert_eq!(out.code(), 106, "{}", out.json);
+    untouched("retried ADD");
+    // The runtime's DEL drops the record and leaves the host's NIC as it is
+    // (no parking rename).
+    call_in(&node, &eni, "DEL", &conf, &call).ok();
+    untouched("DEL");
+    assert!(eni.records().is_empty());
+    assert_eq!(eni.ipam_allocations("ru"), 0);
 }

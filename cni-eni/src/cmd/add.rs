@@ -1,4 +1,5 @@
-//! ADD: find the ENI by MAC, move it into the pod as CNI_IFNAME, address it.
+//! ADD: check that the operator offered the ENI and the host does not use
+//! it, find it by MAC, move it into the pod as CNI_IFNAME, address it.
 
 use std::time::Instant;
 
@@ -8,11 +9,13 @@ use super::{ipam, open_pod_netns, require_mac};
 use crate::config::{Addressing, NetConf};
 use crate::env::{Command, Env};
 use crate::error::{CniError, Result};
+use crate::hostuse::refuse_if_used;
 use crate::ipam::Ipam;
 use crate::link::{Link, Netlink};
 use crate::log;
 use crate::mac::Mac;
 use crate::netns::Netns;
+use crate::offer::{self, Offer};
 use crate::relocate::Ends;
 use crate::result::{CniResult, Interface};
 use crate::state::{EniLock, Phase, Record, Store};
@@ -21,6 +24,12 @@ const NIC_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
     let mac = require_mac(env, conf)?;
+    // First, before any lock file or netlink socket exists for this MAC:
+    // a request may name any MAC, only an offered one gets further.
+    match offer::check(conf, env, mac)? {
+        Offer::Config => log(format!("ENI {mac} is offered by the network config")),
+        Offer::Registry(p) => log(format!("ENI {mac} is offered by {}", p.display())),
+    }
     let netns_path = env.netns.clone().expect("ADD requires CNI_NETNS");
     let pod = open_pod_netns(&netns_path)?;
     let host = Netns::host()?;
@@ -37,12 +46,14 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
 
     let store = Store::open(&conf.state_dir)?;
     let lock = store.lock(mac, conf.lock_timeout).await?;
-    match store.load(&lock)? {
+    let rec = store.load(&lock)?;
+    match &rec {
+        // Another attachment's, whether attached or still being added.
         Some(rec) if !rec.is_for(env) => {
             return Err(CniError::EniBusy {
                 mac: mac.to_string(),
-                owner: rec.container_id,
-                ifname: rec.ifname,
+                owner: rec.container_id.clone(),
+                ifname: rec.ifname.clone(),
             })
         }
         // A second ADD without DEL (the spec forbids it) must not undo the
@@ -55,6 +66,7 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
 
     let eni = match wait_for_eni(&ends, conf).await? {
         Found::InHost(link) => {
+            refuse_if_used(&host_nl, &link, mac).await?;
             if pod_nl.by_name(&env.ifname).await?.is_some() {
                 return Err(CniError::InterfaceExists(env.ifname.clone()));
             }
@@ -68,6 +80,14 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
                     return Err(e);
                 }
             }
+        }
+        // Already in the pod, but not put there by us: some other plugin's.
+        Found::InPod(_) if rec.is_none() => {
+            return Err(CniError::NotPermitted(format!(
+                "ENI {mac} is already in {} and eni has no record of moving it there; \
+                 leaving it alone",
+                netns_path.display()
+            )))
         }
         Found::InPod(link) => {
             // An earlier ADD for this attachment was interrupted after the

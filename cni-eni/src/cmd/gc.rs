@@ -40,7 +40,7 @@ pub async fn gc(env: &Env, conf: &NetConf) -> Result<()> {
             rec.mac, rec.container_id, rec.ifname
         ));
         let released = async {
-            release_eni(conf, rec.mac, rec.netns.as_deref(), true).await?;
+            release_eni(conf, rec.mac, rec.netns.as_deref()).await?;
             if let Some(ipam) = &ipam {
                 let their = env.for_attachment(&rec.container_id, &rec.ifname, None);
                 ipam.exec(Command::Del, &their).await?;

@@ -9,10 +9,12 @@ pub mod status;
 use std::io::ErrorKind;
 use std::path::Path;
 
-use crate::config::{Addressing, NetConf, MAC_ARG};
+use crate::config::{Addressing, NetConf, MAC_ANNOTATION, MAC_ARG};
 use crate::env::{Command, Env};
 use crate::error::{CniError, Result};
+use crate::hostuse::HostView;
 use crate::ipam::Ipam;
+use crate::link::Netlink;
 use crate::log;
 use crate::mac::Mac;
 use crate::netns::Netns;
@@ -21,7 +23,8 @@ use crate::relocate::{rehome, Ends};
 fn require_mac(env: &Env, conf: &NetConf) -> Result<Mac> {
     conf.eni_mac(env)?.ok_or_else(|| {
         CniError::InvalidConfig(format!(
-            "no ENI MAC: set runtimeConfig.eniMac, {MAC_ARG} in CNI_ARGS, or mac in the config"
+            "no ENI MAC: set runtimeConfig.eniMac, the pod annotation {MAC_ANNOTATION} (with \
+             allowPodAnnotation), {MAC_ARG} in CNI_ARGS, or mac in the config"
         ))
     })
 }
@@ -44,12 +47,12 @@ async fn ipam(conf: &NetConf, env: &Env) -> Result<Option<Ipam>> {
     }
 }
 
-/// Brings the ENI home: out of `netns` if it is still there (under its
-/// parking name), and, if we had moved it (`ours`), renames it to the parking
-/// name when the kernel returned it by itself. Errors only while the ENI is
-/// still in a pod netns; once it is in the host it is safe, and a failed
-/// cosmetic rename there is only logged.
-async fn release_eni(conf: &NetConf, mac: Mac, netns: Option<&Path>, ours: bool) -> Result<()> {
+/// Brings a recorded ENI home: out of `netns` if it is still there (under
+/// its parking name), and renames it to the parking name when the kernel
+/// returned it by itself. Only for ENIs with a record: that is what makes
+/// them ours. Errors only while the ENI is still in a pod netns; once it is
+/// in the host it is safe, and a failed cosmetic rename there is only logged.
+async fn release_eni(conf: &NetConf, mac: Mac, netns: Option<&Path>) -> Result<()> {
     let host = Netns::host()?;
     let host_nl = host.netlink().await?;
     if let Some(path) = netns {
@@ -82,14 +85,31 @@ async fn release_eni(conf: &NetConf, mac: Mac, netns: Option<&Path>, ours: bool)
             Err(e) => return Err(CniError::io(format!("open netns {}", path.display()), e)),
         }
     }
-    if ours {
-        if let Err(e) = rehome(&host_nl, mac, &conf.stand_in_kinds).await {
-            log(format!(
-                "ENI {mac} is in the host but could not get its parking name: {e}"
-            ));
-        }
+    if let Err(e) = park_name_in_host(conf, &host_nl, mac).await {
+        log(format!(
+            "ENI {mac} is in the host but could not get its parking name: {e}"
+        ));
     }
     Ok(())
+}
+
+/// Gives an ENI the kernel (or an interrupted ADD) left in the host its
+/// parking name, unless the host has meanwhile started using it: a record
+/// from an ADD that never moved it is no licence to rename a host link.
+async fn park_name_in_host(conf: &NetConf, host_nl: &Netlink, mac: Mac) -> Result<()> {
+    let Some(link) = host_nl.find_eni(mac, &conf.stand_in_kinds).await? else {
+        return Ok(());
+    };
+    let why = HostView::read(host_nl).await?.uses(&link);
+    if !why.is_empty() {
+        log(format!(
+            "ENI {mac} is in the host as {} and used by it ({}); leaving its name",
+            link.name,
+            why.join("; ")
+        ));
+        return Ok(());
+    }
+    rehome(host_nl, mac, &conf.stand_in_kinds).await.map(drop)
 }
 
 /// Releases the IPAM allocation of `env`'s attachment, if IPAM is delegated.
