@@ -20,11 +20,10 @@ use lazybd_blockdev::p2p::PeerNode;
 use lazybd_blockdev::registry::{RegistryClient, RegistryOptions};
 use lazybd_blockdev::source::{ChunkSource, RegistrySource};
 use oci_spec::image::ImageManifest;
-use serde::{Deserialize, Serialize};
-
 use tracing::info;
 
 use crate::config::RegistryConfig;
+use crate::store::RemoteLayer;
 use crate::traces::{trace_key, Traces};
 
 /// The committed snapshot name containerd wants (set on every unpack).
@@ -35,21 +34,6 @@ pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 
 /// Manifests kept for the layers of images being prepared.
 const MANIFEST_CACHE: usize = 64;
-
-/// What is persisted about a lazily attached layer: enough to attach it
-/// again after a restart, without the labels.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RemoteLayer {
-    /// The image reference the layer was pulled for (its repository serves
-    /// the blob).
-    pub image_ref: String,
-    pub digest: String,
-    pub blob_size: u64,
-    pub index_offset: u64,
-    pub index_length: u64,
-    pub image_size: u64,
-}
 
 pub struct Remote {
     manager: LayerManager,

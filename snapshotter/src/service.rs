@@ -19,8 +19,8 @@ use tracing::{info, warn};
 use crate::error::SnapshotError;
 use crate::filter::Filter;
 use crate::mounts;
-use crate::remote::{Remote, RemoteLayer, LABEL_TARGET};
-use crate::store::{Kind, Record, Store, Usage};
+use crate::remote::{Remote, LABEL_TARGET};
+use crate::store::{Kind, Record, RemoteLayer, Store, Usage};
 
 /// How long a container snapshot's Prepare waits for its image's trace.
 const TRACE_LOOKUP_AT_PREPARE: std::time::Duration = std::time::Duration::from_secs(2);
