@@ -173,14 +173,14 @@ impl LazySnapshotter {
         parent: &str,
         target: &str,
         labels: &HashMap<String, String>,
-    ) -> Result<bool, String> {
-        if self.store.get(target).map_err(|e| e.to_string())?.is_some() {
+    ) -> Result<bool, SnapshotError> {
+        if self.store.get(target)?.is_some() {
             return Ok(true);
         }
         let Some(layer) = self.remote.resolve(labels).await? else {
             return Ok(false);
         };
-        let parent = self.check_parent(parent).map_err(|e| e.to_string())?;
+        let parent = self.check_parent(parent)?;
         self.remote.attach(&layer).await?;
         let now = SystemTime::now();
         let made = self.store.create(target, |id| Record {
@@ -206,7 +206,7 @@ impl LazySnapshotter {
             }
             Err(e) => {
                 self.detach_if_unused(&layer).await;
-                Err(e.to_string())
+                Err(e)
             }
         }
     }

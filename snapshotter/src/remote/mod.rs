@@ -8,6 +8,8 @@
 //! manifest (fetched from the image's registry by digest) says whether the
 //! layer is a lazybd layer and where its index is.
 
+mod error;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
 use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
 use lazybd_blockdev::p2p::PeerNode;
-use lazybd_blockdev::registry::{RegistryClient, RegistryOptions};
+use lazybd_blockdev::registry::{RegistryClient, RegistryError, RegistryOptions};
 use lazybd_blockdev::source::{ChunkSource, RegistrySource};
 use oci_spec::image::ImageManifest;
 use tracing::info;
@@ -25,6 +27,8 @@ use tracing::info;
 use crate::config::RegistryConfig;
 use crate::store::RemoteLayer;
 use crate::traces::{trace_key, Traces};
+
+pub use error::RemoteError;
 
 /// The committed snapshot name containerd wants (set on every unpack).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -138,11 +142,11 @@ impl Remote {
 
     /// The lazybd layer these Prepare labels ask for: `Ok(None)` when they
     /// do not describe an image layer (a container's rootfs, a plain `ctr`
-    /// unpack), `Err(reason)` when they do but it cannot be served lazily.
+    /// unpack), an error when they do but it cannot be served lazily.
     pub async fn resolve(
         &self,
         labels: &HashMap<String, String>,
-    ) -> Result<Option<RemoteLayer>, String> {
+    ) -> Result<Option<RemoteLayer>, RemoteError> {
         let (Some(image_ref), Some(manifest_digest), Some(layer_digest)) = (
             labels.get(LABEL_IMAGE_REF),
             labels.get(LABEL_MANIFEST_DIGEST),
@@ -155,18 +159,25 @@ impl Remote {
             .layers()
             .iter()
             .find(|l| l.digest().to_string() == *layer_digest)
-            .ok_or_else(|| {
-                format!("manifest {manifest_digest} of {image_ref} has no layer {layer_digest}")
+            .ok_or_else(|| RemoteError::NoSuchLayer {
+                image_ref: image_ref.clone(),
+                manifest: manifest_digest.clone(),
+                layer: layer_digest.clone(),
             })?;
         if desc.media_type().to_string() != MEDIA_LAZYBD_LAYER {
-            return Err(format!(
-                "layer {layer_digest} of {image_ref} is not a lazybd layer (media type {})",
-                desc.media_type()
-            ));
+            return Err(RemoteError::NotLazy {
+                image_ref: image_ref.clone(),
+                layer: layer_digest.clone(),
+                media_type: desc.media_type().to_string(),
+            });
         }
         let ann =
             LazyLayerAnnotations::from_map(desc.annotations().as_ref().unwrap_or(&HashMap::new()))
-                .map_err(|e| format!("layer {layer_digest} of {image_ref}: {e}"))?;
+                .map_err(|source| RemoteError::BadAnnotations {
+                    image_ref: image_ref.clone(),
+                    layer: layer_digest.clone(),
+                    source,
+                })?;
         Ok(Some(RemoteLayer {
             image_ref: image_ref.clone(),
             digest: layer_digest.clone(),
@@ -177,21 +188,39 @@ impl Remote {
         }))
     }
 
-    async fn manifest(&self, image_ref: &str, digest: &str) -> Result<Arc<ImageManifest>, String> {
+    async fn manifest(
+        &self,
+        image_ref: &str,
+        digest: &str,
+    ) -> Result<Arc<ImageManifest>, RemoteError> {
         if let Some(m) = self.cached_manifest(digest) {
             return Ok(m);
         }
-        let client = self.client(image_ref)?;
+        let fetch_error = |source| RemoteError::Fetch {
+            image_ref: image_ref.to_owned(),
+            digest: digest.to_owned(),
+            source,
+        };
+        let client = self.client(image_ref).map_err(fetch_error)?;
         let raw = client
             .manifest_by_digest(digest)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(fetch_error)?;
         if raw.bytes.len() as u64 > MAX_METADATA_LEN {
-            return Err(format!("manifest {digest} of {image_ref} is too large"));
+            return Err(RemoteError::TooLarge {
+                image_ref: image_ref.to_owned(),
+                digest: digest.to_owned(),
+                len: raw.bytes.len() as u64,
+            });
         }
         let manifest = Arc::new(
-            ImageManifest::from_reader(&raw.bytes[..])
-                .map_err(|e| format!("manifest {digest} of {image_ref}: {e}"))?,
+            ImageManifest::from_reader(&raw.bytes[..]).map_err(|source| {
+                RemoteError::BadManifest {
+                    image_ref: image_ref.to_owned(),
+                    digest: digest.to_owned(),
+                    source,
+                }
+            })?,
         );
         let mut cache = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MANIFEST_CACHE {
@@ -209,7 +238,7 @@ impl Remote {
             .cloned()
     }
 
-    fn client(&self, image_ref: &str) -> Result<Arc<RegistryClient>, String> {
+    fn client(&self, image_ref: &str) -> Result<Arc<RegistryClient>, RegistryError> {
         let host = image_ref.split('/').next().unwrap_or_default();
         let opts = RegistryOptions {
             plain_http: self.registry.plain_http.iter().any(|h| h == host),
@@ -222,12 +251,16 @@ impl Remote {
             None => RegistryClient::new(image_ref, &opts),
         }
         .map(Arc::new)
-        .map_err(|e| e.to_string())
     }
 
     /// Attaches the layer (idempotent); returns its EROFS mount.
-    pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, String> {
-        let client = self.client(&layer.image_ref)?;
+    pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, RemoteError> {
+        let client = self
+            .client(&layer.image_ref)
+            .map_err(|source| RemoteError::Client {
+                image_ref: layer.image_ref.clone(),
+                source,
+            })?;
         let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
         if let Some(peer) = &self.peer {
             sources.push(Arc::new(PeerSource::new(peer.clone(), &layer.digest)));
@@ -248,7 +281,10 @@ impl Remote {
                 sources,
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| RemoteError::Attach {
+                digest: layer.digest.clone(),
+                source,
+            })?;
         if let (Some(peer), Some(l)) = (&self.peer, self.manager.layer(&attached.digest)) {
             peer.serve_layer(l).await;
         }
