@@ -13,31 +13,32 @@ use std::time::SystemTime;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::{Info, Snapshotter};
 use futures_util::stream::{self, BoxStream};
+use lazybd_blockdev::device::LayerManager;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::error::SnapshotError;
 use crate::filter::Filter;
 use crate::mounts;
-use crate::remote::{Remote, LABEL_TARGET};
+use crate::remote::{LazyLayers, Remote, LABEL_TARGET};
 use crate::store::{Kind, Record, RemoteLayer, Store, Usage};
 
 /// How long a container snapshot's Prepare waits for its image's trace.
 const TRACE_LOOKUP_AT_PREPARE: std::time::Duration = std::time::Duration::from_secs(2);
 
-pub struct LazySnapshotter {
+pub struct LazySnapshotter<L = LayerManager> {
     root: PathBuf,
     store: Store,
-    remote: Remote,
+    remote: Remote<L>,
     /// Serializes changes: each is a store transaction plus directory work
     /// that must not interleave with another change of the same snapshots.
     changes: Mutex<()>,
 }
 
-impl LazySnapshotter {
+impl<L: LazyLayers> LazySnapshotter<L> {
     /// Opens the store under `root` and attaches every remote layer that was
     /// committed before, so mounts work before the first request is served.
-    pub async fn open(root: &Path, remote: Remote) -> Result<Self, SnapshotError> {
+    pub async fn open(root: &Path, remote: Remote<L>) -> Result<Self, SnapshotError> {
         std::fs::create_dir_all(root.join("snapshots"))
             .map_err(SnapshotError::io(format!("creating {}", root.display())))?;
         let store = Store::open(&root.join("metadata.redb"))?;
@@ -51,11 +52,11 @@ impl LazySnapshotter {
         Ok(s)
     }
 
-    pub fn remote(&self) -> &Remote {
+    pub fn remote(&self) -> &Remote<L> {
         &self.remote
     }
 
-    pub fn into_remote(self) -> Remote {
+    pub fn into_remote(self) -> Remote<L> {
         self.remote
     }
 
@@ -239,7 +240,7 @@ impl LazySnapshotter {
     }
 }
 
-impl std::fmt::Debug for LazySnapshotter {
+impl<L> std::fmt::Debug for LazySnapshotter<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LazySnapshotter")
             .field("root", &self.root)
@@ -284,7 +285,7 @@ fn disk_usage(dir: &Path) -> Result<Usage, SnapshotError> {
 }
 
 #[containerd_snapshots::tonic::async_trait]
-impl Snapshotter for LazySnapshotter {
+impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
     type Error = SnapshotError;
 
     async fn stat(&self, key: String) -> Result<Info, SnapshotError> {

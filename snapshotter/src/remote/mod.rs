@@ -7,8 +7,18 @@
 //! be committed as and with the image, manifest and layer digests. The
 //! manifest (fetched from the image's registry by digest) says whether the
 //! layer is a lazybd layer and where its index is.
+//!
+//! Two seams keep this path testable without root: [`LazyLayers`], what it
+//! needs from this node's layers ([`LayerManager`] in production), and
+//! [`ManifestSource`], where manifests come from (the image's registry).
 
 mod error;
+#[cfg(test)]
+pub(crate) mod fake;
+mod layers;
+mod registry;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +29,6 @@ use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
 use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
 use lazybd_blockdev::p2p::PeerNode;
-use lazybd_blockdev::registry::{RegistryClient, RegistryError, RegistryOptions};
 use lazybd_blockdev::source::{ChunkSource, RegistrySource};
 use oci_spec::image::ImageManifest;
 use tracing::info;
@@ -29,6 +38,8 @@ use crate::store::RemoteLayer;
 use crate::traces::{trace_key, Traces};
 
 pub use error::RemoteError;
+pub use layers::LazyLayers;
+pub use registry::{ManifestSource, RegistryManifests};
 
 /// The committed snapshot name containerd wants (set on every unpack).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -39,10 +50,13 @@ pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 /// Manifests kept for the layers of images being prepared.
 const MANIFEST_CACHE: usize = 64;
 
-pub struct Remote {
-    manager: LayerManager,
+pub struct Remote<L = LayerManager> {
+    manager: L,
+    /// For the registry client of each attached layer's chunk source.
     registry: RegistryConfig,
-    manifests: Mutex<HashMap<String, Arc<ImageManifest>>>,
+    manifests: Box<dyn ManifestSource>,
+    /// By manifest digest.
+    manifest_cache: Mutex<HashMap<String, Arc<ImageManifest>>>,
     /// Chunk caches over this many bytes lose detached layers' caches; 0: no limit.
     cache_capacity: u64,
     /// This node's P2P peer, when `[p2p]` is configured.
@@ -51,59 +65,29 @@ pub struct Remote {
     traces: Option<Arc<Traces>>,
 }
 
-impl Remote {
-    pub fn new(manager: LayerManager, registry: RegistryConfig) -> Self {
+impl<L: LazyLayers> Remote<L> {
+    /// Manifests come from the image's registry, layers are attached by `manager`.
+    pub fn new(manager: L, registry: RegistryConfig) -> Self {
         Remote {
             manager,
+            manifests: Box::new(RegistryManifests::new(registry.clone())),
             registry,
-            manifests: Mutex::new(HashMap::new()),
+            manifest_cache: Mutex::new(HashMap::new()),
             cache_capacity: 0,
             peer: None,
             traces: None,
         }
     }
 
-    pub fn with_traces(mut self, traces: Arc<Traces>) -> Self {
-        self.traces = Some(traces);
+    /// Takes manifests from `source` instead of the image's registry.
+    pub fn with_manifest_source(mut self, source: impl ManifestSource + 'static) -> Self {
+        self.manifests = Box::new(source);
         self
     }
 
-    pub fn traces(&self) -> Option<&Arc<Traces>> {
-        self.traces.as_ref()
-    }
-
-    /// The digests of the attached lazy layers among `lowers` (overlay lower
-    /// dirs, top first), bottom first: the key of the image's trace.
-    pub fn lazy_chain<'a>(&self, lowers: impl DoubleEndedIterator<Item = &'a Path>) -> Vec<String> {
-        let layers = self.manager.layers();
-        lowers
-            .rev()
-            .filter_map(|dir| layers.iter().find(|l| l.mountpoint == dir))
-            .map(|l| l.digest.clone())
-            .collect()
-    }
-
-    /// Replays the stored trace of the image with these lazy layers (local,
-    /// else, with `ask_supernode`, from the super node); whether there was one.
-    pub async fn replay_trace(&self, chain: &[String], ask_supernode: bool) -> bool {
-        let Some(traces) = self.traces.as_ref().filter(|t| t.config.replay) else {
-            return false;
-        };
-        if chain.is_empty() {
-            return false;
-        }
-        let key = trace_key(chain);
-        let stats = self.manager.counters();
-        let peer = self.peer.as_deref().filter(|_| ask_supernode);
-        let Some(trace) = traces.load(&key, peer, stats).await else {
-            return false;
-        };
-        let started = self.manager.replay_trace(&trace);
-        info!(
-            "trace {key}: {} chunks, replay started on {started} layers",
-            trace.chunk_count()
-        );
-        true
+    pub fn with_traces(mut self, traces: Arc<Traces>) -> Self {
+        self.traces = Some(traces);
+        self
     }
 
     /// Puts peer and super-node sources in front of the registry for every
@@ -113,31 +97,11 @@ impl Remote {
         self
     }
 
-    pub fn peer(&self) -> Option<&Arc<PeerNode>> {
-        self.peer.as_ref()
-    }
-
     /// Enforces `capacity` bytes for the chunk caches after every detach
     /// (and in [`evict`](Self::evict)); 0 = unlimited.
     pub fn with_cache_capacity(mut self, capacity: u64) -> Self {
         self.cache_capacity = capacity;
         self
-    }
-
-    /// Removes least recently used caches of detached layers while over the
-    /// capacity.
-    pub async fn evict(&self) {
-        if self.cache_capacity > 0 {
-            self.manager.evict_caches(self.cache_capacity).await;
-        }
-    }
-
-    pub fn manager(&self) -> &LayerManager {
-        &self.manager
-    }
-
-    pub fn into_manager(self) -> LayerManager {
-        self.manager
     }
 
     /// The lazybd layer these Prepare labels ask for: `Ok(None)` when they
@@ -188,6 +152,105 @@ impl Remote {
         }))
     }
 
+    /// Attaches the layer (idempotent); returns its EROFS mount.
+    pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, RemoteError> {
+        let mountpoint = self
+            .manager
+            .attach(LayerSource {
+                digest: layer.digest.clone(),
+                blob_size: layer.blob_size,
+                index_location: Some((layer.index_offset, layer.index_length)),
+                sources: self.sources(layer)?,
+            })
+            .await
+            .map_err(|source| RemoteError::Attach {
+                digest: layer.digest.clone(),
+                source,
+            })?;
+        if let (Some(peer), Some(l)) = (&self.peer, self.manager.layer(&layer.digest)) {
+            peer.serve_layer(l).await;
+        }
+        Ok(mountpoint)
+    }
+
+    pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
+        if let Some(peer) = &self.peer {
+            peer.forget_layer(digest).await;
+        }
+        self.manager.detach(digest).await?;
+        self.evict().await;
+        Ok(())
+    }
+
+    /// The EROFS mount of an attached layer.
+    pub fn mountpoint(&self, digest: &str) -> Option<PathBuf> {
+        self.manager
+            .mountpoints()
+            .into_iter()
+            .find(|(d, _)| d == digest)
+            .map(|(_, mountpoint)| mountpoint)
+    }
+
+    /// The digests of the attached lazy layers among `lowers` (overlay lower
+    /// dirs, top first), bottom first: the key of the image's trace.
+    pub fn lazy_chain<'a>(&self, lowers: impl DoubleEndedIterator<Item = &'a Path>) -> Vec<String> {
+        let layers = self.manager.mountpoints();
+        lowers
+            .rev()
+            .filter_map(|dir| layers.iter().find(|(_, mountpoint)| mountpoint == dir))
+            .map(|(digest, _)| digest.clone())
+            .collect()
+    }
+
+    /// Replays the stored trace of the image with these lazy layers (local,
+    /// else, with `ask_supernode`, from the super node); whether there was one.
+    pub async fn replay_trace(&self, chain: &[String], ask_supernode: bool) -> bool {
+        let Some(traces) = self.traces.as_ref().filter(|t| t.config.replay) else {
+            return false;
+        };
+        if chain.is_empty() {
+            return false;
+        }
+        let key = trace_key(chain);
+        let stats = self.manager.counters();
+        let peer = self.peer.as_deref().filter(|_| ask_supernode);
+        let Some(trace) = traces.load(&key, peer, stats).await else {
+            return false;
+        };
+        let started = self.manager.replay_trace(&trace);
+        info!(
+            "trace {key}: {} chunks, replay started on {started} layers",
+            trace.chunk_count()
+        );
+        true
+    }
+
+    /// Removes least recently used caches of detached layers while over the
+    /// capacity.
+    pub async fn evict(&self) {
+        if self.cache_capacity > 0 {
+            self.manager.evict_caches(self.cache_capacity).await;
+        }
+    }
+
+    pub fn traces(&self) -> Option<&Arc<Traces>> {
+        self.traces.as_ref()
+    }
+
+    pub fn peer(&self) -> Option<&Arc<PeerNode>> {
+        self.peer.as_ref()
+    }
+
+    pub fn manager(&self) -> &L {
+        &self.manager
+    }
+
+    pub fn into_manager(self) -> L {
+        self.manager
+    }
+
+    /// The manifest by digest, cached: the Prepares of one image's layers
+    /// come one after another and all need it.
     async fn manifest(
         &self,
         image_ref: &str,
@@ -196,33 +259,33 @@ impl Remote {
         if let Some(m) = self.cached_manifest(digest) {
             return Ok(m);
         }
-        let fetch_error = |source| RemoteError::Fetch {
-            image_ref: image_ref.to_owned(),
-            digest: digest.to_owned(),
-            source,
-        };
-        let client = self.client(image_ref).map_err(fetch_error)?;
-        let raw = client
-            .manifest_by_digest(digest)
+        let raw = self
+            .manifests
+            .manifest(image_ref, digest)
             .await
-            .map_err(fetch_error)?;
-        if raw.bytes.len() as u64 > MAX_METADATA_LEN {
+            .map_err(|source| RemoteError::Fetch {
+                image_ref: image_ref.to_owned(),
+                digest: digest.to_owned(),
+                source,
+            })?;
+        if raw.len() as u64 > MAX_METADATA_LEN {
             return Err(RemoteError::TooLarge {
                 image_ref: image_ref.to_owned(),
                 digest: digest.to_owned(),
-                len: raw.bytes.len() as u64,
+                len: raw.len() as u64,
             });
         }
-        let manifest = Arc::new(
-            ImageManifest::from_reader(&raw.bytes[..]).map_err(|source| {
-                RemoteError::BadManifest {
-                    image_ref: image_ref.to_owned(),
-                    digest: digest.to_owned(),
-                    source,
-                }
-            })?,
-        );
-        let mut cache = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+        let manifest = Arc::new(ImageManifest::from_reader(&raw[..]).map_err(|source| {
+            RemoteError::BadManifest {
+                image_ref: image_ref.to_owned(),
+                digest: digest.to_owned(),
+                source,
+            }
+        })?);
+        let mut cache = self
+            .manifest_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MANIFEST_CACHE {
             cache.clear();
         }
@@ -231,32 +294,18 @@ impl Remote {
     }
 
     fn cached_manifest(&self, digest: &str) -> Option<Arc<ImageManifest>> {
-        self.manifests
+        self.manifest_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(digest)
             .cloned()
     }
 
-    fn client(&self, image_ref: &str) -> Result<Arc<RegistryClient>, RegistryError> {
-        let host = image_ref.split('/').next().unwrap_or_default();
-        let opts = RegistryOptions {
-            plain_http: self.registry.plain_http.iter().any(|h| h == host),
-            docker_config: self.registry.docker_config.clone(),
-            ..RegistryOptions::default()
-        };
-        let keychain = self.registry.keychain.as_ref();
-        match keychain.and_then(|k| k.get(image_ref)) {
-            Some(auth) => RegistryClient::with_auth(image_ref, &opts, auth),
-            None => RegistryClient::new(image_ref, &opts),
-        }
-        .map(Arc::new)
-    }
-
-    /// Attaches the layer (idempotent); returns its EROFS mount.
-    pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, RemoteError> {
-        let client = self
-            .client(&layer.image_ref)
+    /// Where the layer's chunks come from, asked in this order: this node's
+    /// P2P parent (and its ancestors), the super node, the registry.
+    fn sources(&self, layer: &RemoteLayer) -> Result<Vec<Arc<dyn ChunkSource>>, RemoteError> {
+        let client = registry::client(&self.registry, &layer.image_ref)
+            .map(Arc::new)
             .map_err(|source| RemoteError::Client {
                 image_ref: layer.image_ref.clone(),
                 source,
@@ -272,40 +321,6 @@ impl Remote {
             )));
         }
         sources.push(Arc::new(RegistrySource::new(client, &layer.digest)));
-        let attached = self
-            .manager
-            .attach(LayerSource {
-                digest: layer.digest.clone(),
-                blob_size: layer.blob_size,
-                index_location: Some((layer.index_offset, layer.index_length)),
-                sources,
-            })
-            .await
-            .map_err(|source| RemoteError::Attach {
-                digest: layer.digest.clone(),
-                source,
-            })?;
-        if let (Some(peer), Some(l)) = (&self.peer, self.manager.layer(&attached.digest)) {
-            peer.serve_layer(l).await;
-        }
-        Ok(attached.mountpoint)
-    }
-
-    pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
-        if let Some(peer) = &self.peer {
-            peer.forget_layer(digest).await;
-        }
-        self.manager.detach(digest).await?;
-        self.evict().await;
-        Ok(())
-    }
-
-    /// The EROFS mount of an attached layer.
-    pub fn mountpoint(&self, digest: &str) -> Option<PathBuf> {
-        self.manager
-            .layers()
-            .into_iter()
-            .find(|l| l.digest == digest)
-            .map(|l| l.mountpoint)
+        Ok(sources)
     }
 }
