@@ -18,23 +18,19 @@ use crate::store::{Kind, Record, RemoteLayer, Usage};
 const TRACE_LOOKUP_AT_PREPARE: Duration = Duration::from_secs(2);
 
 impl<L: LazyLayers> LazySnapshotter<L> {
-    /// The remote path of Prepare: `Ok(true)` when `target` now exists as a
-    /// committed lazily attached snapshot (or already did), `Ok(false)` when
-    /// the labels do not ask for a lazybd layer. Any error means containerd
-    /// should unpack the layer itself.
-    pub(super) async fn prepare_remote(
+    /// The remote path of Prepare, on a checked parent: `Ok(true)` when
+    /// `target` now exists as a committed lazily attached snapshot,
+    /// `Ok(false)` when the labels do not ask for a lazybd layer. Any error
+    /// means containerd should unpack the layer itself.
+    pub(super) async fn prepare_lazy(
         &self,
-        parent: &str,
         target: &str,
+        parent: Option<String>,
         labels: &HashMap<String, String>,
     ) -> Result<bool, SnapshotError> {
-        if self.store.get(target)?.is_some() {
-            return Ok(true);
-        }
         let Some(layer) = self.remote.resolve(labels).await? else {
             return Ok(false);
         };
-        let parent = self.check_parent(parent)?;
         self.remote.attach(&layer).await?;
         let now = SystemTime::now();
         let made = self.store.create(target, |id| Record {

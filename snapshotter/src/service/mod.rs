@@ -11,6 +11,8 @@
 
 mod disk_usage;
 mod lazy;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -130,10 +132,23 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         let _g = self.changes.lock().await;
-        if let Some(target) = labels.get(LABEL_TARGET) {
-            match self.prepare_remote(&parent, target, &labels).await {
-                // containerd reads AlreadyExists as "the layer is there", stats
-                // the target and skips download and unpack.
+        let target = labels.get(LABEL_TARGET);
+        // containerd reads AlreadyExists as "the layer is there", stats the
+        // target and skips download and unpack.
+        if let Some(target) = target {
+            if self.store.get(target)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(target.clone()));
+            }
+        }
+        // A bad request is refused here, before the remote path costs a
+        // registry round trip.
+        let checked_parent = self.check_parent(&parent)?;
+        self.check_unused(&key)?;
+        if let Some(target) = target {
+            match self
+                .prepare_lazy(target, checked_parent.clone(), &labels)
+                .await
+            {
                 Ok(true) => return Err(SnapshotError::AlreadyExists(target.clone())),
                 Ok(false) => {}
                 Err(reason) => {
@@ -141,7 +156,7 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
                 }
             }
         }
-        let mounts = self.create_local(&key, &parent, labels, Kind::Active)?;
+        let mounts = self.create_local(&key, checked_parent, labels, Kind::Active)?;
         drop(_g);
         if !parent.is_empty() {
             self.replay_trace_for(&key, &parent).await;
@@ -156,7 +171,8 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         let _g = self.changes.lock().await;
-        self.create_local(&key, &parent, labels, Kind::View)
+        let parent = self.check_parent(&parent)?;
+        self.create_local(&key, parent, labels, Kind::View)
     }
 
     async fn commit(
@@ -253,15 +269,24 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         Ok(Some(parent.to_owned()))
     }
 
-    /// A new active snapshot or view with its directories.
+    /// `key` must not name a snapshot yet. ([`Store::create`] checks again,
+    /// atomically.)
+    fn check_unused(&self, key: &str) -> Result<(), SnapshotError> {
+        match self.store.get(key)? {
+            Some(_) => Err(SnapshotError::AlreadyExists(key.to_owned())),
+            None => Ok(()),
+        }
+    }
+
+    /// A new active snapshot or view with its directories, on a checked
+    /// parent.
     fn create_local(
         &self,
         key: &str,
-        parent: &str,
+        parent: Option<String>,
         labels: HashMap<String, String>,
         kind: Kind,
     ) -> Result<Vec<Mount>, SnapshotError> {
-        let parent = self.check_parent(parent)?;
         let now = SystemTime::now();
         let record = self.store.create(key, |id| Record {
             id,
