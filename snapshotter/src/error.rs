@@ -4,6 +4,8 @@
 use containerd_snapshots::tonic::Status;
 use thiserror::Error;
 
+use crate::remote::RemoteError;
+
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error("snapshot {0:?} not found")]
@@ -19,6 +21,10 @@ pub enum SnapshotError {
     /// A remote layer is not attached (yet): asking again may work.
     #[error("{0}")]
     Unavailable(String),
+    /// A lazybd layer cannot be served lazily. Prepare falls back to an
+    /// ordinary snapshot instead of returning this.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
     #[error("metadata store: {0}")]
     Store(String),
     #[error("{what}: {source}")]
@@ -45,6 +51,8 @@ impl From<SnapshotError> for Status {
             SnapshotError::FailedPrecondition(_) => Status::failed_precondition(msg),
             SnapshotError::InvalidArgument(_) => Status::invalid_argument(msg),
             SnapshotError::Unavailable(_) => Status::unavailable(msg),
+            SnapshotError::Remote(e) if e.is_transient() => Status::unavailable(msg),
+            SnapshotError::Remote(_) => Status::failed_precondition(msg),
             SnapshotError::Store(_) | SnapshotError::Io { .. } => Status::internal(msg),
         }
     }
@@ -68,3 +76,49 @@ store_error!(
     redb::CommitError,
     serde_json::Error
 );
+
+#[cfg(test)]
+mod tests {
+    use containerd_snapshots::tonic::Code;
+    use lazybd_blockdev::device::DeviceError;
+    use lazybd_blockdev::registry::RegistryError;
+
+    use super::*;
+
+    #[test]
+    fn remote_errors_map_to_codes_and_keep_their_reason() {
+        let attach = SnapshotError::from(RemoteError::Attach {
+            digest: "sha256:ab".into(),
+            source: DeviceError::NotAttached("sha256:ab".into()),
+        });
+        // The whole chain is in the message the log and containerd see.
+        assert_eq!(
+            attach.to_string(),
+            "attaching layer sha256:ab: layer sha256:ab is not attached"
+        );
+        assert_eq!(Status::from(attach).code(), Code::Unavailable);
+        let fetch = |source| RemoteError::Fetch {
+            image_ref: "r.test/app:v1".into(),
+            digest: "sha256:cd".into(),
+            source,
+        };
+        let down = fetch(RegistryError::Transient {
+            what: "r.test".into(),
+            message: "connection refused".into(),
+        });
+        assert_eq!(
+            Status::from(SnapshotError::from(down)).code(),
+            Code::Unavailable
+        );
+        let denied = fetch(RegistryError::Permanent {
+            what: "r.test".into(),
+            message: "denied".into(),
+        });
+        let status = Status::from(SnapshotError::from(denied));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            "fetching manifest sha256:cd of r.test/app:v1: r.test: denied"
+        );
+    }
+}

@@ -12,7 +12,6 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::SnapshotError;
-use crate::remote::RemoteLayer;
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -29,6 +28,21 @@ pub enum Kind {
 pub struct Usage {
     pub size: i64,
     pub inodes: i64,
+}
+
+/// What is persisted about a lazily attached layer: enough to attach it
+/// again after a restart, without the labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteLayer {
+    /// The image reference the layer was pulled for (its repository serves
+    /// the blob).
+    pub image_ref: String,
+    pub digest: String,
+    pub blob_size: u64,
+    pub index_offset: u64,
+    pub index_length: u64,
+    pub image_size: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +199,42 @@ mod tests {
             usage: None,
             remote: None,
         }
+    }
+
+    /// A record as earlier versions wrote it still reads, and is written
+    /// back byte for byte: metadata of a running node must keep opening.
+    #[test]
+    fn records_keep_their_encoding() {
+        let old = concat!(
+            r#"{"id":7,"kind":"Committed","parent":"chain-0","labels":{"a":"b"},"#,
+            r#""created":{"secs_since_epoch":1700000000,"nanos_since_epoch":5},"#,
+            r#""updated":{"secs_since_epoch":1700000001,"nanos_since_epoch":0},"#,
+            r#""usage":{"size":1048576,"inodes":0},"#,
+            r#""remote":{"image_ref":"registry.test/app:v1","digest":"sha256:ab","#,
+            r#""blob_size":8192,"index_offset":4096,"index_length":112,"image_size":1048576}}"#
+        );
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(r.kind, Kind::Committed);
+        assert_eq!(
+            r.remote,
+            Some(RemoteLayer {
+                image_ref: "registry.test/app:v1".into(),
+                digest: "sha256:ab".into(),
+                blob_size: 8192,
+                index_offset: 4096,
+                index_length: 112,
+                image_size: 1 << 20,
+            })
+        );
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
+        // Ordinary snapshots had neither usage nor remote.
+        let r: Record = serde_json::from_str(concat!(
+            r#"{"id":1,"kind":"Active","parent":null,"#,
+            r#""created":{"secs_since_epoch":0,"nanos_since_epoch":0},"#,
+            r#""updated":{"secs_since_epoch":0,"nanos_since_epoch":0}}"#
+        ))
+        .unwrap();
+        assert!(r.remote.is_none() && r.usage.is_none() && r.labels.is_empty());
     }
 
     #[test]

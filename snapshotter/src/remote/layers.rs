@@ -1,0 +1,74 @@
+//! What the remote path needs from this node's lazy layers: attach and
+//! detach them, find their EROFS mounts, hand them to the P2P peer, keep
+//! their caches within capacity and replay startup traces on them.
+//! [`LayerManager`] is the real one (FUSE, loop devices, EROFS: root
+//! only); the unit tests of the remote path and the service use an
+//! in-memory table instead.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lazybd_blockdev::device::{DeviceError, LayerManager};
+use lazybd_blockdev::layer::{LayerSource, LazyLayer};
+use lazybd_blockdev::stats::Stats;
+use lazybd_blockdev::trace::Trace;
+
+#[async_trait]
+pub trait LazyLayers: Send + Sync + 'static {
+    /// Attaches the layer (idempotent); returns its EROFS mount.
+    async fn attach(&self, source: LayerSource) -> Result<PathBuf, DeviceError>;
+
+    async fn detach(&self, digest: &str) -> Result<(), DeviceError>;
+
+    /// `(digest, EROFS mount)` of every attached layer.
+    fn mountpoints(&self) -> Vec<(String, PathBuf)>;
+
+    /// An attached layer, to serve it to peers.
+    fn layer(&self, digest: &str) -> Option<Arc<LazyLayer>>;
+
+    /// Removes least recently used caches of detached layers while they
+    /// take more than `capacity` bytes.
+    async fn evict_caches(&self, capacity: u64);
+
+    /// The counters trace loads are accounted to.
+    fn counters(&self) -> &Stats;
+
+    /// Starts replaying `trace` on the attached layers it names; how many.
+    fn replay_trace(&self, trace: &Trace) -> usize;
+}
+
+#[async_trait]
+impl LazyLayers for LayerManager {
+    async fn attach(&self, source: LayerSource) -> Result<PathBuf, DeviceError> {
+        Ok(LayerManager::attach(self, source).await?.mountpoint)
+    }
+
+    async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
+        LayerManager::detach(self, digest).await
+    }
+
+    fn mountpoints(&self) -> Vec<(String, PathBuf)> {
+        self.layers()
+            .into_iter()
+            .map(|l| (l.digest, l.mountpoint))
+            .collect()
+    }
+
+    fn layer(&self, digest: &str) -> Option<Arc<LazyLayer>> {
+        LayerManager::layer(self, digest)
+    }
+
+    async fn evict_caches(&self, capacity: u64) {
+        // The report is logged where it is made.
+        LayerManager::evict_caches(self, capacity).await;
+    }
+
+    fn counters(&self) -> &Stats {
+        LayerManager::counters(self)
+    }
+
+    fn replay_trace(&self, trace: &Trace) -> usize {
+        LayerManager::replay_trace(self, trace)
+    }
+}

@@ -1,0 +1,326 @@
+//! The remote path: recognising a Prepare that asks for a lazybd layer,
+//! and attaching it lazily through the blockdev core instead of letting
+//! containerd download and unpack it.
+//!
+//! containerd (CRI with `disable_snapshot_annotations = false`, or `lazybd
+//! pull`) labels the Prepare of each image layer with the snapshot it will
+//! be committed as and with the image, manifest and layer digests. The
+//! manifest (fetched from the image's registry by digest) says whether the
+//! layer is a lazybd layer and where its index is.
+//!
+//! Two seams keep this path testable without root: [`LazyLayers`], what it
+//! needs from this node's layers ([`LayerManager`] in production), and
+//! [`ManifestSource`], where manifests come from (the image's registry).
+
+mod error;
+#[cfg(test)]
+pub(crate) mod fake;
+mod layers;
+mod registry;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use lazybd_blockdev::device::{DeviceError, LayerManager};
+use lazybd_blockdev::layer::LayerSource;
+use lazybd_blockdev::oci::{LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
+use lazybd_blockdev::p2p::PeerNode;
+use lazybd_blockdev::source::{ChunkSource, RegistrySource};
+use oci_spec::image::ImageManifest;
+use tracing::info;
+
+use crate::config::RegistryConfig;
+use crate::store::RemoteLayer;
+use crate::traces::{trace_key, Traces};
+
+pub use error::RemoteError;
+pub use layers::LazyLayers;
+pub use registry::{ManifestSource, RegistryManifests};
+
+/// The committed snapshot name containerd wants (set on every unpack).
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// Manifests kept for the layers of images being prepared.
+const MANIFEST_CACHE: usize = 64;
+
+pub struct Remote<L = LayerManager> {
+    manager: L,
+    /// For the registry client of each attached layer's chunk source.
+    registry: RegistryConfig,
+    manifests: Box<dyn ManifestSource>,
+    /// By manifest digest.
+    manifest_cache: Mutex<HashMap<String, Arc<ImageManifest>>>,
+    /// Chunk caches over this many bytes lose detached layers' caches; 0: no limit.
+    cache_capacity: u64,
+    /// This node's P2P peer, when `[p2p]` is configured.
+    peer: Option<Arc<PeerNode>>,
+    /// Startup traces; `None`: neither recorded nor replayed.
+    traces: Option<Arc<Traces>>,
+}
+
+impl<L: LazyLayers> Remote<L> {
+    /// Manifests come from the image's registry, layers are attached by `manager`.
+    pub fn new(manager: L, registry: RegistryConfig) -> Self {
+        Remote {
+            manager,
+            manifests: Box::new(RegistryManifests::new(registry.clone())),
+            registry,
+            manifest_cache: Mutex::new(HashMap::new()),
+            cache_capacity: 0,
+            peer: None,
+            traces: None,
+        }
+    }
+
+    /// Takes manifests from `source` instead of the image's registry.
+    pub fn with_manifest_source(mut self, source: impl ManifestSource + 'static) -> Self {
+        self.manifests = Box::new(source);
+        self
+    }
+
+    pub fn with_traces(mut self, traces: Arc<Traces>) -> Self {
+        self.traces = Some(traces);
+        self
+    }
+
+    /// Puts peer and super-node sources in front of the registry for every
+    /// layer attached from now on, and serves attached layers to peers.
+    pub fn with_peer(mut self, peer: Arc<PeerNode>) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    /// Enforces `capacity` bytes for the chunk caches after every detach
+    /// (and in [`evict`](Self::evict)); 0 = unlimited.
+    pub fn with_cache_capacity(mut self, capacity: u64) -> Self {
+        self.cache_capacity = capacity;
+        self
+    }
+
+    /// The lazybd layer these Prepare labels ask for: `Ok(None)` when they
+    /// do not describe an image layer (a container's rootfs, a plain `ctr`
+    /// unpack), an error when they do but it cannot be served lazily.
+    pub async fn resolve(
+        &self,
+        labels: &HashMap<String, String>,
+    ) -> Result<Option<RemoteLayer>, RemoteError> {
+        let (Some(image_ref), Some(manifest_digest), Some(layer_digest)) = (
+            labels.get(LABEL_IMAGE_REF),
+            labels.get(LABEL_MANIFEST_DIGEST),
+            labels.get(LABEL_LAYER_DIGEST),
+        ) else {
+            return Ok(None);
+        };
+        let manifest = self.manifest(image_ref, manifest_digest).await?;
+        let desc = manifest
+            .layers()
+            .iter()
+            .find(|l| l.digest().to_string() == *layer_digest)
+            .ok_or_else(|| RemoteError::NoSuchLayer {
+                image_ref: image_ref.clone(),
+                manifest: manifest_digest.clone(),
+                layer: layer_digest.clone(),
+            })?;
+        if desc.media_type().to_string() != MEDIA_LAZYBD_LAYER {
+            return Err(RemoteError::NotLazy {
+                image_ref: image_ref.clone(),
+                layer: layer_digest.clone(),
+                media_type: desc.media_type().to_string(),
+            });
+        }
+        let ann =
+            LazyLayerAnnotations::from_map(desc.annotations().as_ref().unwrap_or(&HashMap::new()))
+                .map_err(|source| RemoteError::BadAnnotations {
+                    image_ref: image_ref.clone(),
+                    layer: layer_digest.clone(),
+                    source,
+                })?;
+        Ok(Some(RemoteLayer {
+            image_ref: image_ref.clone(),
+            digest: layer_digest.clone(),
+            blob_size: desc.size(),
+            index_offset: ann.index_offset,
+            index_length: ann.index_length,
+            image_size: ann.image_size,
+        }))
+    }
+
+    /// Attaches the layer (idempotent); returns its EROFS mount.
+    pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, RemoteError> {
+        let mountpoint = self
+            .manager
+            .attach(LayerSource {
+                digest: layer.digest.clone(),
+                blob_size: layer.blob_size,
+                index_location: Some((layer.index_offset, layer.index_length)),
+                sources: self.sources(layer)?,
+            })
+            .await
+            .map_err(|source| RemoteError::Attach {
+                digest: layer.digest.clone(),
+                source,
+            })?;
+        if let (Some(peer), Some(l)) = (&self.peer, self.manager.layer(&layer.digest)) {
+            peer.serve_layer(l).await;
+        }
+        Ok(mountpoint)
+    }
+
+    pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
+        if let Some(peer) = &self.peer {
+            peer.forget_layer(digest).await;
+        }
+        self.manager.detach(digest).await?;
+        self.evict().await;
+        Ok(())
+    }
+
+    /// The EROFS mount of an attached layer.
+    pub fn mountpoint(&self, digest: &str) -> Option<PathBuf> {
+        self.manager
+            .mountpoints()
+            .into_iter()
+            .find(|(d, _)| d == digest)
+            .map(|(_, mountpoint)| mountpoint)
+    }
+
+    /// The digests of the attached lazy layers among `lowers` (overlay lower
+    /// dirs, top first), bottom first: the key of the image's trace.
+    pub fn lazy_chain<'a>(&self, lowers: impl DoubleEndedIterator<Item = &'a Path>) -> Vec<String> {
+        let layers = self.manager.mountpoints();
+        lowers
+            .rev()
+            .filter_map(|dir| layers.iter().find(|(_, mountpoint)| mountpoint == dir))
+            .map(|(digest, _)| digest.clone())
+            .collect()
+    }
+
+    /// Replays the stored trace of the image with these lazy layers (local,
+    /// else, with `ask_supernode`, from the super node); whether there was one.
+    pub async fn replay_trace(&self, chain: &[String], ask_supernode: bool) -> bool {
+        let Some(traces) = self.traces.as_ref().filter(|t| t.config.replay) else {
+            return false;
+        };
+        if chain.is_empty() {
+            return false;
+        }
+        let key = trace_key(chain);
+        let stats = self.manager.counters();
+        let peer = self.peer.as_deref().filter(|_| ask_supernode);
+        let Some(trace) = traces.load(&key, peer, stats).await else {
+            return false;
+        };
+        let started = self.manager.replay_trace(&trace);
+        info!(
+            "trace {key}: {} chunks, replay started on {started} layers",
+            trace.chunk_count()
+        );
+        true
+    }
+
+    /// Removes least recently used caches of detached layers while over the
+    /// capacity.
+    pub async fn evict(&self) {
+        if self.cache_capacity > 0 {
+            self.manager.evict_caches(self.cache_capacity).await;
+        }
+    }
+
+    pub fn traces(&self) -> Option<&Arc<Traces>> {
+        self.traces.as_ref()
+    }
+
+    pub fn peer(&self) -> Option<&Arc<PeerNode>> {
+        self.peer.as_ref()
+    }
+
+    pub fn manager(&self) -> &L {
+        &self.manager
+    }
+
+    pub fn into_manager(self) -> L {
+        self.manager
+    }
+
+    /// The manifest by digest, cached: the Prepares of one image's layers
+    /// come one after another and all need it.
+    async fn manifest(
+        &self,
+        image_ref: &str,
+        digest: &str,
+    ) -> Result<Arc<ImageManifest>, RemoteError> {
+        if let Some(m) = self.cached_manifest(digest) {
+            return Ok(m);
+        }
+        let raw = self
+            .manifests
+            .manifest(image_ref, digest)
+            .await
+            .map_err(|source| RemoteError::Fetch {
+                image_ref: image_ref.to_owned(),
+                digest: digest.to_owned(),
+                source,
+            })?;
+        if raw.len() as u64 > MAX_METADATA_LEN {
+            return Err(RemoteError::TooLarge {
+                image_ref: image_ref.to_owned(),
+                digest: digest.to_owned(),
+                len: raw.len() as u64,
+            });
+        }
+        let manifest = Arc::new(ImageManifest::from_reader(&raw[..]).map_err(|source| {
+            RemoteError::BadManifest {
+                image_ref: image_ref.to_owned(),
+                digest: digest.to_owned(),
+                source,
+            }
+        })?);
+        let mut cache = self
+            .manifest_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MANIFEST_CACHE {
+            cache.clear();
+        }
+        cache.insert(digest.to_owned(), manifest.clone());
+        Ok(manifest)
+    }
+
+    fn cached_manifest(&self, digest: &str) -> Option<Arc<ImageManifest>> {
+        self.manifest_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
+    /// Where the layer's chunks come from, asked in this order: this node's
+    /// P2P parent (and its ancestors), the super node, the registry.
+    fn sources(&self, layer: &RemoteLayer) -> Result<Vec<Arc<dyn ChunkSource>>, RemoteError> {
+        let client = registry::client(&self.registry, &layer.image_ref)
+            .map(Arc::new)
+            .map_err(|source| RemoteError::Client {
+                image_ref: layer.image_ref.clone(),
+                source,
+            })?;
+        let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
+        if let Some(peer) = &self.peer {
+            sources.push(Arc::new(PeerSource::new(peer.clone(), &layer.digest)));
+            sources.push(Arc::new(SupernodeSource::new(
+                peer.clone(),
+                &client,
+                &layer.digest,
+                layer.blob_size,
+            )));
+        }
+        sources.push(Arc::new(RegistrySource::new(client, &layer.digest)));
+        Ok(sources)
+    }
+}

@@ -1,0 +1,181 @@
+use std::collections::HashMap;
+
+use lazybd_blockdev::device::DeviceError;
+
+use super::fake::{self, digest, FakeLayers, FakeManifests, IMAGE};
+use super::*;
+
+fn remote(dir: &Path, manifests: &FakeManifests, layers: FakeLayers) -> Remote<FakeLayers> {
+    Remote::new(layers, fake::registry_config(dir)).with_manifest_source(manifests.clone())
+}
+
+#[tokio::test]
+async fn resolves_a_lazybd_layer_from_its_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let (m, layer) = (digest(0xa0), digest(1));
+    manifests.insert(
+        &m,
+        fake::manifest(&[
+            fake::gzip_layer(&digest(2)),
+            fake::lazy_layer(&layer, 1 << 20),
+        ]),
+    );
+    let r = remote(dir.path(), &manifests, FakeLayers::default());
+    let resolved = r
+        .resolve(&fake::layer_labels(&m, &layer, "chain-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resolved,
+        Some(RemoteLayer {
+            image_ref: IMAGE.into(),
+            digest: layer.clone(),
+            blob_size: 8192,
+            index_offset: 4096,
+            index_length: 112,
+            image_size: 1 << 20,
+        })
+    );
+    // The other layers of the image find the manifest in the cache.
+    r.resolve(&fake::layer_labels(&m, &layer, "chain-2"))
+        .await
+        .unwrap();
+    assert_eq!(manifests.fetches(), 1);
+}
+
+#[tokio::test]
+async fn labels_without_an_image_layer_ask_for_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let r = remote(dir.path(), &manifests, FakeLayers::default());
+    let mut labels = fake::layer_labels(&digest(0xa0), &digest(1), "chain-1");
+    labels.remove(LABEL_LAYER_DIGEST);
+    assert_eq!(r.resolve(&labels).await.unwrap(), None);
+    assert_eq!(r.resolve(&HashMap::new()).await.unwrap(), None);
+    assert_eq!(manifests.fetches(), 0);
+}
+
+async fn resolve(
+    r: &Remote<FakeLayers>,
+    manifest: &str,
+    layer: &str,
+) -> Result<Option<RemoteLayer>, RemoteError> {
+    r.resolve(&fake::layer_labels(manifest, layer, "t")).await
+}
+
+#[tokio::test]
+async fn says_why_a_layer_cannot_be_lazy() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let r = remote(dir.path(), &manifests, FakeLayers::default());
+    let mut no_annotations = fake::lazy_layer(&digest(3), 1);
+    no_annotations["annotations"] = serde_json::json!({});
+    let m = digest(0xa0);
+    manifests.insert(
+        &m,
+        fake::manifest(&[fake::gzip_layer(&digest(2)), no_annotations]),
+    );
+    let (too_large, not_json) = (digest(0xa1), digest(0xa2));
+    manifests.insert(&too_large, vec![b' '; MAX_METADATA_LEN as usize + 1].into());
+    manifests.insert(&not_json, "{".into());
+
+    let e = resolve(&r, &m, &digest(2)).await.unwrap_err();
+    assert!(
+        matches!(&e, RemoteError::NotLazy { media_type, .. }
+        if media_type == "application/vnd.oci.image.layer.v1.tar+gzip"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("is not a lazybd layer"), "{e}");
+    let e = resolve(&r, &m, &digest(9)).await.unwrap_err();
+    assert!(matches!(e, RemoteError::NoSuchLayer { .. }), "{e:?}");
+    let e = resolve(&r, &m, &digest(3)).await.unwrap_err();
+    assert!(matches!(e, RemoteError::BadAnnotations { .. }), "{e:?}");
+    // The underlying reason stays in the message (the fallback logs it)
+    // and in the source chain.
+    assert!(e.to_string().contains("missing"), "{e}");
+    assert!(std::error::Error::source(&e).is_some());
+    let e = resolve(&r, &too_large, &digest(2)).await.unwrap_err();
+    assert!(matches!(e, RemoteError::TooLarge { .. }), "{e:?}");
+    let e = resolve(&r, &not_json, &digest(2)).await.unwrap_err();
+    assert!(matches!(e, RemoteError::BadManifest { .. }), "{e:?}");
+    let e = resolve(&r, &digest(0xa3), &digest(2)).await.unwrap_err();
+    assert!(
+        matches!(&e, RemoteError::Fetch { source, .. } if !source.is_transient()),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("manifest unknown"), "{e}");
+    assert!(!e.is_transient());
+}
+
+#[tokio::test]
+async fn attaches_from_the_registry_and_detaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = remote(dir.path(), &FakeManifests::default(), FakeLayers::default());
+    let layer = RemoteLayer {
+        image_ref: IMAGE.into(),
+        digest: digest(1),
+        blob_size: 8192,
+        index_offset: 4096,
+        index_length: 112,
+        image_size: 1 << 20,
+    };
+    let mountpoint = r.attach(&layer).await.unwrap();
+    assert_eq!(mountpoint, FakeLayers::mountpoint_of(&layer.digest));
+    assert_eq!(r.mountpoint(&layer.digest), Some(mountpoint.clone()));
+    assert_eq!(
+        r.manager().attaches(),
+        [fake::AttachCall {
+            digest: layer.digest.clone(),
+            blob_size: 8192,
+            index_location: Some((4096, 112)),
+            // No `[p2p]`: the registry only.
+            sources: vec!["registry".into()],
+        }]
+    );
+    let other = Path::new("/elsewhere");
+    assert_eq!(
+        r.lazy_chain([mountpoint.as_path(), other].into_iter()),
+        [layer.digest.as_str()]
+    );
+    assert_eq!(r.manager().attached(), [layer.digest.as_str()]);
+    r.detach(&layer.digest).await.unwrap();
+    assert_eq!(r.mountpoint(&layer.digest), None);
+    assert_eq!(r.manager().detaches(), [layer.digest.as_str()]);
+    assert!(r.manager().attached().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_attach_keeps_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = remote(dir.path(), &FakeManifests::default(), FakeLayers::failing());
+    let layer = RemoteLayer {
+        image_ref: IMAGE.into(),
+        digest: digest(1),
+        blob_size: 8192,
+        index_offset: 4096,
+        index_length: 112,
+        image_size: 1 << 20,
+    };
+    let e = r.attach(&layer).await.unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            RemoteError::Attach {
+                source: DeviceError::Injected { .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("injected failure"), "{e}");
+    assert!(e.is_transient());
+    // A reference no client can be made for fails before the attach.
+    let bad = RemoteLayer {
+        image_ref: "Not A Reference".into(),
+        ..layer
+    };
+    let e = r.attach(&bad).await.unwrap_err();
+    assert!(matches!(e, RemoteError::Client { .. }), "{e:?}");
+    assert_eq!(r.manager().attaches().len(), 1);
+}

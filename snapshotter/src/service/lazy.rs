@@ -1,0 +1,118 @@
+//! The service's side of the remote path: committed snapshots that are
+//! lazily attached lazybd layers. Prepare makes them, Remove detaches their
+//! layer once no snapshot uses it, opening the store attaches them again,
+//! and a container's Prepare on top of them replays the image's trace.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use super::LazySnapshotter;
+use crate::error::SnapshotError;
+use crate::remote::LazyLayers;
+use crate::store::{Kind, Record, RemoteLayer, Usage};
+
+/// How long a container snapshot's Prepare waits for its image's trace.
+const TRACE_LOOKUP_AT_PREPARE: Duration = Duration::from_secs(2);
+
+impl<L: LazyLayers> LazySnapshotter<L> {
+    /// The remote path of Prepare, on a checked parent: `Ok(true)` when
+    /// `target` now exists as a committed lazily attached snapshot,
+    /// `Ok(false)` when the labels do not ask for a lazybd layer. Any error
+    /// means containerd should unpack the layer itself.
+    pub(super) async fn prepare_lazy(
+        &self,
+        target: &str,
+        parent: Option<String>,
+        labels: &HashMap<String, String>,
+    ) -> Result<bool, SnapshotError> {
+        let Some(layer) = self.remote.resolve(labels).await? else {
+            return Ok(false);
+        };
+        self.remote.attach(&layer).await?;
+        let now = SystemTime::now();
+        let made = self.store.create(target, |id| Record {
+            id,
+            kind: Kind::Committed,
+            parent,
+            labels: labels.clone(),
+            created: now,
+            updated: now,
+            usage: Some(Usage {
+                size: layer.image_size as i64,
+                inodes: 0,
+            }),
+            remote: Some(layer.clone()),
+        });
+        if let Err(e) = made {
+            self.detach_if_unused(&layer).await;
+            return Err(e);
+        }
+        info!(
+            "layer {} of {} attached lazily as {target:?}",
+            layer.digest, layer.image_ref
+        );
+        Ok(true)
+    }
+
+    /// A container's rootfs on lazy layers: its layers are attached, so the
+    /// image's trace can be replayed now, before the task starts. The super
+    /// node is asked for a bounded time only (the Prepare waits);
+    /// `task-start` asks again if it did not answer.
+    pub(super) async fn replay_trace_for(&self, key: &str, parent: &str) {
+        let Ok(lowers) = self.lowers(Some(parent)) else {
+            return;
+        };
+        let chain = self.remote.lazy_chain(lowers.iter().map(PathBuf::as_path));
+        let replay = self.remote.replay_trace(&chain, true);
+        if tokio::time::timeout(TRACE_LOOKUP_AT_PREPARE, replay)
+            .await
+            .is_err()
+        {
+            warn!(
+                "{key}: no trace lookup answer within {TRACE_LOOKUP_AT_PREPARE:?}; \
+                 the task start tries again"
+            );
+        }
+    }
+
+    pub(super) async fn detach_if_unused(&self, layer: &RemoteLayer) {
+        let used = match self.store.all() {
+            Ok(all) => all
+                .iter()
+                .any(|(_, r)| r.remote.as_ref().is_some_and(|l| l.digest == layer.digest)),
+            Err(e) => {
+                warn!("not detaching {}: {e}", layer.digest);
+                return;
+            }
+        };
+        if !used {
+            if let Err(e) = self.remote.detach(&layer.digest).await {
+                warn!("detaching layer {}: {e}", layer.digest);
+            }
+        }
+    }
+
+    /// Attaches the layer of every lazily attached snapshot, each once.
+    pub(super) async fn reattach(&self) -> Result<(), SnapshotError> {
+        let mut seen = HashSet::new();
+        for (name, r) in self.store.all()? {
+            let Some(layer) = r.remote else { continue };
+            if !seen.insert(layer.digest.clone()) {
+                continue;
+            }
+            match self.remote.attach(&layer).await {
+                Ok(_) => info!("re-attached layer {} of snapshot {name:?}", layer.digest),
+                // Mounts of its snapshots fail with Unavailable until a later
+                // attach works; the daemon itself keeps serving.
+                Err(e) => warn!(
+                    "re-attaching layer {} of snapshot {name:?}: {e}",
+                    layer.digest
+                ),
+            }
+        }
+        Ok(())
+    }
+}
