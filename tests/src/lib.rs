@@ -1,6 +1,6 @@
 //! Shared harness for the end-to-end tests: real daemons on private paths.
 //!
-//! Every test that needs root calls [`require_root`] first: without root it
+//! Every test that needs root starts with [`require_root!`]: without root it
 //! says loudly that it did not run; under CI (`CI` set) it fails instead, so a
 //! CI run can never pass by skipping.
 
@@ -18,6 +18,34 @@ pub mod registry;
 pub mod snapshots_api;
 pub mod snapshotter;
 pub mod token_auth;
+
+/// Returns from the calling test when it cannot run because we are not
+/// root (see [`require_root()`]), naming the test by its function.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::require_root($crate::fn_name!()) {
+            return;
+        }
+    };
+}
+
+/// The name of the function this expands in (also inside its async body).
+#[macro_export]
+macro_rules! fn_name {
+    () => {{
+        fn here() {}
+        $crate::short_fn_name(::std::any::type_name_of_val(&here))
+    }};
+}
+
+/// `NAME` of `crate::NAME::here` or `crate::NAME::{{closure}}::here`.
+#[doc(hidden)]
+pub fn short_fn_name(path: &'static str) -> &'static str {
+    let path = path.strip_suffix("::here").unwrap_or(path);
+    let path = path.trim_end_matches("::{{closure}}");
+    path.rsplit("::").next().unwrap_or(path)
+}
 
 /// Returns false (after a loud message) when the test cannot run because we
 /// are not root; panics in CI, where root tests must run.
@@ -45,4 +73,18 @@ pub fn bin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fn_name_names_the_enclosing_function() {
+        assert_eq!(crate::fn_name!(), "fn_name_names_the_enclosing_function");
+        let in_async = async { crate::fn_name!() };
+        let name = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(in_async);
+        assert_eq!(name, "fn_name_names_the_enclosing_function");
+    }
 }
