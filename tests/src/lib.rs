@@ -6,16 +6,15 @@
 
 use std::path::PathBuf;
 
+pub mod busybox;
 pub mod cli;
 pub mod containerd;
-pub mod containerd_daemon;
-pub mod cri;
-pub mod cri_images;
 pub mod daemon;
 pub mod eni;
 pub mod http;
 pub mod images;
 pub mod lazy_layers;
+pub mod lazy_node;
 pub mod netns;
 pub mod registry;
 pub mod serve;
