@@ -20,6 +20,7 @@ pub mod registry;
 pub mod serve;
 pub mod snapshots_api;
 pub mod snapshotter;
+pub mod supernode;
 pub mod token_auth;
 
 /// Returns from the calling test when it cannot run because we are not
