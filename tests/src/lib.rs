@@ -1,5 +1,15 @@
 //! Shared harness for the end-to-end tests: real daemons on private paths.
 //!
+//! - [`daemon`], [`serve`]: the one lifecycle of a background process, and
+//!   of a server thread inside the test process;
+//! - [`containerd`]: the one private containerd (driven by ctr, or by CRI);
+//! - [`snapshotter`], [`supernode`], [`registry`] (with [`token_auth`]):
+//!   lazybd's daemons and the registry they read;
+//! - [`netns`], [`p2p`], [`eni`]: network namespaces, the P2P fabric on
+//!   them, the CNI plugin's fixtures;
+//! - [`images`], [`busybox`], [`lazy_layers`], [`lazy_node`]: images and
+//!   fixtures; [`cli`], [`http`], [`snapshots_api`]: clients.
+//!
 //! Every test that needs root starts with [`require_root!`]: without root it
 //! says loudly that it did not run; under CI (`CI` set) it fails instead, so a
 //! CI run can never pass by skipping.
@@ -16,6 +26,7 @@ pub mod images;
 pub mod lazy_layers;
 pub mod lazy_node;
 pub mod netns;
+pub mod p2p;
 pub mod registry;
 pub mod serve;
 pub mod snapshots_api;
