@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use lazybd_blockdev::device::{mounts, LayerManager, LayerState, NodeConfig};
-use lazybd_blockdev::format::write_blob;
+use lazybd_blockdev::format::{write_blob, Layout};
 use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::source::{ChunkSource, FileSource};
 
@@ -28,10 +28,12 @@ fn main() {
         .expect("temp dir");
     let image = build_image(work.path());
     let blob = work.path().join("layer.blob");
+    let image_file = std::fs::File::open(&image).unwrap();
+    let layout = Layout::fixed(image_file.metadata().unwrap().len(), 1 << 20).unwrap();
     let written = write_blob(
-        std::io::BufReader::new(std::fs::File::open(&image).unwrap()),
+        &image_file,
         std::io::BufWriter::new(std::fs::File::create(&blob).unwrap()),
-        1 << 20,
+        &layout,
     )
     .expect("write blob");
     let digest = format!("sha256:{}", hex(&written.blob_digest));

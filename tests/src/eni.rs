@@ -7,12 +7,15 @@
 //! guard, also when the test fails.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
+
+pub use crate::netns::ip;
+use crate::netns::{ip_quiet, Netns};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -44,48 +47,48 @@ pub fn parking_name(mac: &str) -> String {
     format!("eni{}", mac.replace(':', ""))
 }
 
-/// Runs `ip` and returns stdout; panics with stderr on failure.
-pub fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A network namespace for a test pod, named after `tag`; deleted on drop.
+pub fn pod_netns(tag: &str) -> Netns {
+    Netns::create(&format!("lzbeni-{tag}"))
 }
 
-fn ip_quiet(args: &[&str]) {
-    let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+/// The scene most tests need: the plugin, a pod netns, a veth stand-in ENI
+/// (`<tag>e0`) with a unique MAC, and the pod's call (`<tag>-pod`). Fields
+/// drop in order: the ENI's veth, then the netns, then the state dir.
+pub struct OnePod {
+    pub call: Call,
+    pub nic: StandIn,
+    pub mac: String,
+    pub ns: Netns,
+    pub eni: Eni,
+    /// The tag the names carry.
+    pub t: String,
 }
 
-/// A named network namespace under /run/netns, deleted on drop.
-pub struct TestNetns {
-    pub name: String,
-}
-
-impl TestNetns {
-    pub fn new(tag: &str) -> TestNetns {
-        let name = format!("lzbeni-{tag}");
-        ip(&["netns", "add", &name]);
-        TestNetns { name }
-    }
-
-    pub fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// Deletes it now (the pod netns vanishing before DEL).
-    pub fn delete(&self) {
-        ip(&["netns", "del", &self.name]);
+impl OnePod {
+    pub fn create() -> OnePod {
+        let t = tag();
+        let eni = Eni::new();
+        let ns = pod_netns(&t);
+        let mac = unique_mac();
+        let nic = StandIn::veth(&format!("{t}e0"), &mac);
+        let call = Call::new(&format!("{t}-pod"), &ns);
+        OnePod {
+            call,
+            nic,
+            mac,
+            ns,
+            eni,
+            t,
+        }
     }
 }
 
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        ip_quiet(&["netns", "del", &self.name]);
-    }
+/// The ENI with `mac` is back in the host netns under its parking name.
+#[track_caller]
+pub fn assert_parked(mac: &str) {
+    let link = link_by_mac(None, mac).unwrap_or_else(|| panic!("ENI {mac} not in the host"));
+    assert_eq!(link.name, parking_name(mac));
 }
 
 /// A stand-in ENI in the host netns: one end of a veth pair (or a macvlan
@@ -336,7 +339,7 @@ pub struct Call {
 }
 
 impl Call {
-    pub fn new(container: &str, netns: &TestNetns) -> Call {
+    pub fn new(container: &str, netns: &Netns) -> Call {
         Call {
             container: container.into(),
             netns: Some(netns.path()),

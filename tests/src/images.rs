@@ -328,6 +328,39 @@ pub fn publish_lazy_rich(dir: &Path, registry: &crate::registry::Registry) -> se
     serde_json::from_str(&out).expect("convert --json")
 }
 
+/// The converted rich image as a snapshotter sees it on a Prepare.
+pub struct LazyImage {
+    /// `REGISTRY/rich:lazy`.
+    pub image: String,
+    pub manifest: String,
+    /// Layer digests, bottom first.
+    pub layers: Vec<String>,
+}
+
+/// [`publish_lazy_rich`], returning what a Prepare's labels name.
+pub fn publish_lazy_image(dir: &Path, registry: &crate::registry::Registry) -> LazyImage {
+    let converted = publish_lazy_rich(dir, registry);
+    LazyImage {
+        image: registry.reference("rich:lazy"),
+        manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
+        layers: converted["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_owned())
+            .collect(),
+    }
+}
+
+/// A temp dir and a fresh registry holding the rich image (`rich:v1`) and
+/// its conversion (`rich:lazy`, [`publish_lazy_image`]).
+pub fn registry_with_lazy_rich() -> (tempfile::TempDir, crate::registry::Registry, LazyImage) {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = crate::registry::Registry::start();
+    let img = publish_lazy_image(tmp.path(), &registry);
+    (tmp, registry, img)
+}
+
 /// What must survive conversion, for one path of a tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

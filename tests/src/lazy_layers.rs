@@ -16,6 +16,9 @@ use lazybd_blockdev::oci::{canonical_json, LazyLayerAnnotations, OciLayout};
 use lazybd_blockdev::source::{ChunkSource, FileSource, SourceError};
 use serde_json::json;
 
+/// The media type of a lazybd layer in a manifest (docs/format.md).
+pub const LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
+
 /// A layer blob written to a file, with what an attach needs to know.
 pub struct BlobFile {
     pub path: PathBuf,
@@ -68,6 +71,11 @@ impl BlobFile {
     /// `sha256:` + the sha256 of the blob's index.
     pub fn anchor(&self) -> String {
         format!("sha256:{}", hex(&self.written.anchor()))
+    }
+
+    /// The layer served from its blob file alone.
+    pub fn file_layer(&self) -> LayerSource {
+        self.source_with(vec![self.file_source()])
     }
 
     pub fn file_source(&self) -> std::sync::Arc<FileSource> {
@@ -137,6 +145,16 @@ pub fn leftovers(root: &Path) -> (Vec<PathBuf>, Vec<(u32, PathBuf)>) {
     )
 }
 
+/// Asserts that nothing is mounted or attached under `root`.
+#[track_caller]
+pub fn assert_nothing_left(root: &Path) {
+    let (mounts, loops) = leftovers(root);
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "left behind: {mounts:?} {loops:?}"
+    );
+}
+
 /// Waits (at most 10 s) until nothing is mounted or attached under `root`:
 /// loop devices that an overlay still held clear a moment after it goes.
 pub fn wait_nothing_left(root: &Path) {
@@ -173,6 +191,52 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     go(root, root, &mut out);
     out
+}
+
+/// Reads every file under `dir` and compares the tree with `expected`
+/// (paths, and the bytes of regular files).
+pub fn check_tree(expected: &Path, dir: &Path) -> Result<(), String> {
+    let paths = walk(expected);
+    if paths != walk(dir) {
+        return Err(format!("{}: listing differs", dir.display()));
+    }
+    for p in paths {
+        let e = expected.join(&p);
+        if e.is_file() {
+            let a = std::fs::read(dir.join(&p)).map_err(|err| format!("{}: {err}", p.display()))?;
+            if a != std::fs::read(&e).unwrap() {
+                return Err(format!("{}: content differs", p.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `lazybd mount` of a layout image needs, under one dir: the image
+/// (`DIR/image`, tag `latest`), a state root (`DIR/state`) and an empty
+/// mount dir (`DIR/mnt`).
+pub struct LayoutMount {
+    pub layout: PathBuf,
+    /// `DIR/image:latest`.
+    pub image: String,
+    pub root: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl LayoutMount {
+    /// Writes an image of `layers` with `media_type` under `dir`.
+    pub fn new(dir: &Path, layers: &[&BlobFile], media_type: &str) -> LayoutMount {
+        let layout = dir.join("image");
+        write_layout(&layout, layers, media_type);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        LayoutMount {
+            image: format!("{}:latest", layout.display()),
+            layout,
+            root: dir.join("state"),
+            dir: mnt,
+        }
+    }
 }
 
 /// Writes an OCI image layout at `dir` whose one manifest (tag `latest`)

@@ -5,10 +5,11 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::daemon::Daemon;
 use crate::token_auth::{TokenServer, ISSUER, SERVICE};
 
 /// How clients must authenticate.
@@ -26,7 +27,7 @@ enum Auth {
 }
 
 pub struct Registry {
-    child: Option<Child>,
+    daemon: Option<Daemon>,
     dir: tempfile::TempDir,
     port: u16,
     auth: Auth,
@@ -62,7 +63,7 @@ impl Registry {
 
     fn launch(dir: tempfile::TempDir, auth: Auth) -> Registry {
         let mut reg = Registry {
-            child: None,
+            daemon: None,
             dir,
             port: 0,
             auth,
@@ -107,30 +108,17 @@ impl Registry {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect(
-                "start docker-registry (apt install docker-registry; hack/install-deps.sh does)",
-            );
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("docker-registry exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not listen on port {} in 20 s:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&config);
+        let log = self.dir.path().join("registry.log");
+        let mut daemon = Daemon::spawn("docker-registry", cmd, &log);
+        let port = self.port;
+        daemon.wait_ready(
+            Duration::from_secs(20),
+            &format!("listener on port {port}"),
+            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        self.daemon = Some(daemon);
     }
 
     /// `127.0.0.1:PORT`.
@@ -208,16 +196,11 @@ impl Registry {
         );
     }
 
-    /// Stops the registry (the storage stays): it is "down".
+    /// Kills the registry (the storage stays): it is "down", at once.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.kill();
         }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 }
 
@@ -226,12 +209,6 @@ fn tempdir() -> tempfile::TempDir {
         .prefix("lazybd-registry-")
         .tempdir()
         .unwrap()
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 fn base64_encode(data: &[u8]) -> String {

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
+use containerd_client::services::v1::snapshots::{
+    ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+};
 use containerd_client::tonic::{transport::Channel, Code, Status};
 use containerd_client::types::Mount;
 
@@ -33,6 +35,23 @@ pub async fn remove(c: &mut Client, key: &str) -> Result<(), Status> {
     })
     .await
     .map(|_| ())
+}
+
+/// The names of the snapshots that match `filters`, in the order listed.
+pub async fn list(c: &mut Client, filters: &[&str]) -> Vec<String> {
+    let mut stream = c
+        .list(ListSnapshotsRequest {
+            snapshotter: "lazybd".into(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        out.extend(batch.info.into_iter().map(|i| i.name));
+    }
+    out
 }
 
 /// The labels CRI (and `lazybd pull`) put on the Prepare of layer `layer`

@@ -2,116 +2,122 @@
 //! client to it (containerd's own Snapshots API client).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::tonic::transport::Channel;
+use serde_json::{json, Value};
 
 use crate::bin_path;
+use crate::daemon::{Daemon, Stopped};
+use crate::registry::Registry;
+
+/// How long the daemon may take to detach its lazy layers on SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(30);
 
 pub struct SnapshotterDaemon {
-    child: Option<Child>,
+    daemon: Daemon,
     pub root: PathBuf,
     pub socket: PathBuf,
     pub control: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    metrics_address: String,
+    /// The network namespace it runs in (the test's own when None).
+    netns: Option<String>,
 }
 
 impl SnapshotterDaemon {
-    /// Starts the daemon with `root` as its root and `config_toml` as its
-    /// config file (written next to it).
+    /// Starts the daemon under `dir` (its root is `dir/root`) with
+    /// `config_toml` as its config file (written next to it).
     pub fn start(dir: &Path, config_toml: &str) -> SnapshotterDaemon {
-        let config = dir.join("snapshotter.toml");
-        std::fs::write(&config, config_toml).unwrap();
-        let mut d = SnapshotterDaemon {
-            child: None,
-            root: dir.join("root"),
-            socket: dir.join("snapshotter.sock"),
-            control: dir.join("control.sock"),
-            config,
-            log: dir.join("snapshotter.log"),
-        };
-        d.spawn();
-        d
+        Self::launch(dir, config_toml, None, "127.0.0.1:0")
     }
 
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(bin_path("lazybd-snapshotter"))
-            .arg("--root")
-            .arg(&self.root)
-            .arg("--address")
-            .arg(&self.socket)
-            .arg("--control-address")
-            .arg(&self.control)
-            .args(["--metrics-address", "127.0.0.1:0"])
-            .arg("--config")
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start lazybd-snapshotter");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("lazybd-snapshotter exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lazybd-snapshotter did not serve in 30 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+    /// [`SnapshotterDaemon::start`] inside network namespace `netns`, its
+    /// metrics on `metrics_address` there.
+    pub fn start_in_netns(
+        dir: &Path,
+        config_toml: &str,
+        netns: &str,
+        metrics_address: &str,
+    ) -> SnapshotterDaemon {
+        Self::launch(dir, config_toml, Some(netns), metrics_address)
+    }
+
+    fn launch(
+        dir: &Path,
+        config_toml: &str,
+        netns: Option<&str>,
+        metrics_address: &str,
+    ) -> SnapshotterDaemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("snapshotter.toml");
+        std::fs::write(&config, config_toml).unwrap();
+        let paths = (
+            dir.join("root"),
+            dir.join("snapshotter.sock"),
+            dir.join("control.sock"),
+        );
+        let log = dir.join("snapshotter.log");
+        let daemon = spawn(&paths, &config, &log, netns, metrics_address);
+        SnapshotterDaemon {
+            daemon,
+            root: paths.0,
+            socket: paths.1,
+            control: paths.2,
+            config,
+            log,
+            metrics_address: metrics_address.to_owned(),
+            netns: netns.map(str::to_owned),
         }
     }
 
     /// SIGTERM and wait: the daemon detaches its lazy layers and exits.
+    /// Panics if it ignores SIGTERM.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "lazybd-snapshotter ignored SIGTERM for 30 s:\n{}",
-                        self.log()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        if self.daemon.stop() == Stopped::Killed {
+            panic!(
+                "lazybd-snapshotter ignored SIGTERM for {STOP_GRACE:?}:\n{}",
+                self.log()
+            );
         }
     }
 
     /// SIGKILL, as a crash would: nothing is detached or unmounted.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.daemon.kill();
     }
 
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        let paths = (self.root.clone(), self.socket.clone(), self.control.clone());
+        self.daemon = spawn(
+            &paths,
+            &self.config,
+            &self.log,
+            self.netns.as_deref(),
+            &self.metrics_address,
+        );
     }
 
     pub async fn client(&self) -> SnapshotsClient<Channel> {
         SnapshotsClient::new(containerd_client::connect(&self.socket).await.unwrap())
     }
 
-    /// `GET /metrics` (the port is the one the daemon logged last).
+    /// How containerd's config names it as a proxy plugin.
+    pub fn proxy(&self) -> crate::containerd::ProxySnapshotter {
+        crate::containerd::ProxySnapshotter {
+            name: "lazybd".into(),
+            socket: self.socket.clone(),
+            root: self.root.clone(),
+            control: Some(self.control.clone()),
+        }
+    }
+
+    /// `GET /metrics` (the address is the one the daemon logged last).
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
         let log = self.log();
         let addr = log
             .rsplit("metrics on http://")
@@ -120,20 +126,15 @@ impl SnapshotterDaemon {
             .filter(|_| log.contains("metrics on http://"))
             .expect("the daemon logs its metrics address")
             .to_owned();
-        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-        reply
+        let (status, body) =
+            crate::http::request(self.netns.as_deref(), "GET", &addr, "/metrics", &[], b"");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(status, 200, "{body}");
+        body
     }
 
     /// One request line to the control API, its reply parsed.
-    pub fn control(&self, request: &serde_json::Value) -> serde_json::Value {
+    pub fn control(&self, request: &Value) -> Value {
         use std::io::{BufRead, Write};
         let mut stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
         writeln!(stream, "{request}").unwrap();
@@ -144,25 +145,114 @@ impl SnapshotterDaemon {
         serde_json::from_str(&line).unwrap()
     }
 
+    /// The shim's `task-start` of container `id` (pid 1, bundle /b) on the
+    /// overlay rootfs `mounts` the snapshotter returned.
+    pub fn task_start(&self, id: &str, mounts: &[containerd_client::types::Mount]) -> Value {
+        self.control(&json!({
+            "event": "task-start", "namespace": "default", "container_id": id, "pid": 1,
+            "bundle": "/b", "rootfs": [{"type": "overlay", "source": "overlay", "options": mounts[0].options}],
+        }))
+    }
+
+    /// The state (`lazy`, `local`, ...) of every attached layer.
+    pub fn layer_states(&self) -> Vec<String> {
+        self.control(&json!({"op": "layers"}))["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["state"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Waits (at most `within`) until every attached layer is local.
+    pub fn wait_all_local(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.layer_states().iter().all(|s| s == "local") {
+            assert!(
+                Instant::now() < deadline,
+                "not local after {within:?}: {:?}\n{}",
+                self.layer_states(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Nothing is attached: under the root, only the layer manager's own
+    /// FUSE mount, no EROFS mount and no loop device.
+    #[track_caller]
+    pub fn assert_only_fuse_left(&self) {
+        let (mounts, loops) = crate::lazy_layers::leftovers(&self.root);
+        assert!(
+            mounts.iter().all(|m| m.ends_with("lazy/fuse")) && loops.is_empty(),
+            "{mounts:?} {loops:?}"
+        );
+    }
+
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.daemon.log()
     }
 }
 
 impl Drop for SnapshotterDaemon {
     fn drop(&mut self) {
-        self.stop();
+        let stopped = self.daemon.stop();
+        if stopped == Stopped::Killed && !std::thread::panicking() {
+            panic!("lazybd-snapshotter ignored SIGTERM:\n{}", self.log());
+        }
     }
+}
+
+/// `[registry]` of a snapshotter config that reads `registry` over plain HTTP.
+pub fn plain_http_config(registry: &Registry) -> String {
+    format!("[registry]\nplain_http = [\"{}\"]\n", registry.host())
+}
+
+/// Spawns the daemon on `(root, socket, control)` and waits until it serves.
+fn spawn(
+    (root, socket, control): &(PathBuf, PathBuf, PathBuf),
+    config: &Path,
+    log: &Path,
+    netns: Option<&str>,
+    metrics_address: &str,
+) -> Daemon {
+    let mut cmd = Command::new(bin_path("lazybd-snapshotter"));
+    cmd.arg("--root")
+        .arg(root)
+        .arg("--address")
+        .arg(socket)
+        .arg("--control-address")
+        .arg(control)
+        .args(["--metrics-address", metrics_address])
+        .arg("--config")
+        .arg(config);
+    if let Some(ns) = netns {
+        crate::netns::enter_netns(&mut cmd, ns);
+    }
+    let mut daemon = Daemon::spawn("lazybd-snapshotter", cmd, log).with_grace(STOP_GRACE);
+    daemon.wait_ready(Duration::from_secs(30), "snapshots socket", || {
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    });
+    daemon
 }
 
 /// The value of the sample `name` (with its labels) in a metrics text.
 pub fn metric(metrics: &str, name: &str) -> f64 {
+    sample(metrics, name).unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+}
+
+/// The value of the sample `name`, 0 when the daemon has not exported it
+/// (a counter never touched).
+pub fn metric_or_zero(metrics: &str, name: &str) -> f64 {
+    sample(metrics, name).unwrap_or(0.0)
+}
+
+fn sample(metrics: &str, name: &str) -> Option<f64> {
     metrics
         .lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
 }
 
 /// The sum of every sample whose line starts with `prefix`.

@@ -10,7 +10,6 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -19,12 +18,13 @@ use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::json;
 
+use crate::serve::{ServerThread, POLL};
+
 pub const SERVICE: &str = "lazybd-test-registry";
 pub const ISSUER: &str = "lazybd-test-issuer";
 
 pub struct TokenServer {
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
+    _thread: ServerThread,
     port: u16,
     /// Tokens handed out with some access granted.
     pub granted: Arc<AtomicU64>,
@@ -49,37 +49,36 @@ impl TokenServer {
         let x5c = STANDARD.encode(cert.der());
         let expected = format!("Basic {}", STANDARD.encode(format!("{user}:{password}")));
 
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
         let port = server.server_addr().to_ip().unwrap().port();
         let granted = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (server, granted) = (server.clone(), granted.clone());
-            std::thread::spawn(move || {
-                for request in server.incoming_requests() {
-                    let authorized = request
-                        .headers()
-                        .iter()
-                        .any(|h| h.field.equiv("Authorization") && h.value.as_str() == expected);
-                    if !authorized {
-                        let _ = request.respond(
-                            tiny_http::Response::from_string("bad credentials")
-                                .with_status_code(401),
-                        );
-                        continue;
-                    }
-                    let access = requested_access(request.url());
-                    if !access.is_empty() {
-                        granted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let token = sign_jwt(&signer, &x5c, access);
-                    let body = json!({"token": token, "expires_in": 300}).to_string();
-                    let _ = request.respond(tiny_http::Response::from_string(body));
+        let counter = granted.clone();
+        let thread = ServerThread::spawn(move |stop| {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(Some(request)) = server.recv_timeout(POLL) else {
+                    continue;
+                };
+                let authorized = request
+                    .headers()
+                    .iter()
+                    .any(|h| h.field.equiv("Authorization") && h.value.as_str() == expected);
+                if !authorized {
+                    let _ = request.respond(
+                        tiny_http::Response::from_string("bad credentials").with_status_code(401),
+                    );
+                    continue;
                 }
-            })
-        };
+                let access = requested_access(request.url());
+                if !access.is_empty() {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                let token = sign_jwt(&signer, &x5c, access);
+                let body = json!({"token": token, "expires_in": 300}).to_string();
+                let _ = request.respond(tiny_http::Response::from_string(body));
+            }
+        });
         TokenServer {
-            server,
-            thread: Some(thread),
+            _thread: thread,
             port,
             granted,
         }
@@ -87,15 +86,6 @@ impl TokenServer {
 
     pub fn realm(&self) -> String {
         format!("http://127.0.0.1:{}/token", self.port)
-    }
-}
-
-impl Drop for TokenServer {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use lazybd_blockdev::device::{AttachStep, DeviceError, LayerManager, NodeConfig};
 use lazybd_blockdev::fetch::FetchConfig;
 use lazybd_blockdev::source::ChunkSource;
-use lazybd_tests::lazy_layers::{leftovers, walk, BlobFile, ControlledSource};
+use lazybd_tests::images::noise;
+use lazybd_tests::lazy_layers::{assert_nothing_left, leftovers, walk, BlobFile, ControlledSource};
 use lazybd_tests::require_root;
 
 const CHUNK: u32 = 64 << 10;
@@ -23,16 +24,7 @@ fn make_tree(dir: &Path) {
     std::fs::create_dir_all(dir.join("empty")).unwrap();
     std::fs::write(dir.join("etc/hostname"), "lazybd\n").unwrap();
     std::fs::write(dir.join("etc/conf.d/app.conf"), "key = value\n".repeat(300)).unwrap();
-    let mut x = 0x9e3779b97f4a7c15u64;
-    let big: Vec<u8> = (0..3 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(dir.join("big.bin"), big).unwrap();
+    std::fs::write(dir.join("big.bin"), noise(0x9e37_79b9_7f4a_7c15, 3 << 20)).unwrap();
     std::os::unix::fs::symlink("etc/hostname", dir.join("link")).unwrap();
     // Ownership, setuid, a device node and a hardlink survive the trip.
     std::os::unix::fs::chown(dir.join("big.bin"), Some(1000), Some(1001)).unwrap();
@@ -57,6 +49,26 @@ struct Setup {
     tree: std::path::PathBuf,
     blob: BlobFile,
     root: std::path::PathBuf,
+}
+
+impl Setup {
+    /// A layer manager on this setup's root, with short fetch deadlines.
+    fn manager(&self) -> LayerManager {
+        LayerManager::new(config(&self.root)).unwrap()
+    }
+
+    /// Shuts `manager` down; nothing is left mounted or attached.
+    async fn shut_down(&self, manager: LayerManager) {
+        manager.shutdown().await.unwrap();
+        assert_nothing_left(&self.root);
+    }
+}
+
+/// Reads `path` on a blocking thread (a FUSE read may wait on this runtime).
+async fn read(path: std::path::PathBuf) -> std::io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await
+        .unwrap()
 }
 
 fn setup() -> Setup {
@@ -121,23 +133,12 @@ fn assert_same_tree(expected: &Path, actual: &Path) {
     }
 }
 
-fn assert_clean(root: &Path) {
-    let (mounts, loops) = leftovers(root);
-    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
-    assert!(loops.is_empty(), "loop devices left: {loops:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_serves_the_layer_lazily_and_detach_leaves_nothing() {
-    if !require_root("attach_serves_the_layer_lazily_and_detach_leaves_nothing") {
-        return;
-    }
+    require_root!();
     let s = setup();
-    let manager = LayerManager::new(config(&s.root)).unwrap();
-    let attached = manager
-        .attach(s.blob.source_with(vec![s.blob.file_source()]))
-        .await
-        .unwrap();
+    let manager = s.manager();
+    let attached = manager.attach(s.blob.file_layer()).await.unwrap();
     assert!(attached
         .loop_device
         .to_string_lossy()
@@ -166,10 +167,7 @@ async fn attach_serves_the_layer_lazily_and_detach_leaves_nothing() {
     assert!(status[0].chunks_present > after_small);
 
     // Attach is idempotent.
-    let again = manager
-        .attach(s.blob.source_with(vec![s.blob.file_source()]))
-        .await
-        .unwrap();
+    let again = manager.attach(s.blob.file_layer()).await.unwrap();
     assert_eq!(again, attached);
 
     manager.detach(&s.blob.digest).await.unwrap();
@@ -183,27 +181,20 @@ async fn attach_serves_the_layer_lazily_and_detach_leaves_nothing() {
         "only the FUSE dir stays mounted"
     );
     assert!(loops.is_empty(), "loop devices left: {loops:?}");
-    manager.shutdown().await.unwrap();
-    assert_clean(&s.root);
+    s.shut_down(manager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reattach_after_restart_serves_from_the_cache_offline() {
-    if !require_root("reattach_after_restart_serves_from_the_cache_offline") {
-        return;
-    }
+    require_root!();
     let s = setup();
-    let manager = LayerManager::new(config(&s.root)).unwrap();
-    let attached = manager
-        .attach(s.blob.source_with(vec![s.blob.file_source()]))
-        .await
-        .unwrap();
+    let manager = s.manager();
+    let attached = manager.attach(s.blob.file_layer()).await.unwrap();
     assert_same_tree(&s.tree, &attached.mountpoint);
-    manager.shutdown().await.unwrap();
-    assert_clean(&s.root);
+    s.shut_down(manager).await;
 
     // Same root, sources all down: the index and every chunk come from disk.
-    let manager = LayerManager::new(config(&s.root)).unwrap();
+    let manager = s.manager();
     let dead = Arc::new(ControlledSource::new(&s.blob, None));
     dead.up.store(false, Ordering::SeqCst);
     let attached = manager
@@ -214,17 +205,14 @@ async fn reattach_after_restart_serves_from_the_cache_offline() {
     let stats = manager.stats();
     assert_eq!(stats.chunks_fetched(), 0);
     assert_eq!(stats.cache_misses, 0);
-    manager.shutdown().await.unwrap();
-    assert_clean(&s.root);
+    s.shut_down(manager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_down_fails_reads_with_eio_after_the_deadline() {
-    if !require_root("source_down_fails_reads_with_eio_after_the_deadline") {
-        return;
-    }
+    require_root!();
     let s = setup();
-    let manager = LayerManager::new(config(&s.root)).unwrap();
+    let manager = s.manager();
     let source = Arc::new(ControlledSource::new(&s.blob, None));
     let attached = manager
         .attach(
@@ -237,10 +225,7 @@ async fn source_down_fails_reads_with_eio_after_the_deadline() {
     source.up.store(false, Ordering::SeqCst);
     let big = attached.mountpoint.join("big.bin");
     let started = Instant::now();
-    let err = tokio::task::spawn_blocking(move || std::fs::read(big))
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = read(big).await.unwrap_err();
     let waited = started.elapsed();
     assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
     assert!(
@@ -255,22 +240,16 @@ async fn source_down_fails_reads_with_eio_after_the_deadline() {
     // Back up: the same file reads fine (failed fetches left no stale state).
     source.up.store(true, Ordering::SeqCst);
     let big = attached.mountpoint.join("big.bin");
-    let data = tokio::task::spawn_blocking(move || std::fs::read(big))
-        .await
-        .unwrap()
-        .unwrap();
+    let data = read(big).await.unwrap();
     assert_eq!(data, std::fs::read(s.tree.join("big.bin")).unwrap());
-    manager.shutdown().await.unwrap();
-    assert_clean(&s.root);
+    s.shut_down(manager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_chunks_are_never_served() {
-    if !require_root("corrupt_chunks_are_never_served") {
-        return;
-    }
+    require_root!();
     let s = setup();
-    let manager = LayerManager::new(config(&s.root)).unwrap();
+    let manager = s.manager();
     // Chunks in the second half of the data area come back damaged.
     let data_len = s.blob.written.index.data_len;
     let source = Arc::new(ControlledSource::new(&s.blob, Some(data_len / 2..data_len)));
@@ -279,10 +258,7 @@ async fn corrupt_chunks_are_never_served() {
         .await
         .unwrap();
     let big = attached.mountpoint.join("big.bin");
-    let err = tokio::task::spawn_blocking(move || std::fs::read(big))
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = read(big).await.unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
     let stats = manager.stats();
     let src = stats.source("controlled").unwrap();
@@ -291,15 +267,12 @@ async fn corrupt_chunks_are_never_served() {
     // hole) wherever a chunk was refused.
     let index = &s.blob.written.index;
     assert!(manager.layers()[0].chunks_present < index.chunk_count());
-    manager.shutdown().await.unwrap();
-    assert_clean(&s.root);
+    s.shut_down(manager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_attach_at_any_step_leaves_nothing() {
-    if !require_root("failed_attach_at_any_step_leaves_nothing") {
-        return;
-    }
+    require_root!();
     let s = setup();
     for step in [
         AttachStep::FuseFile,
@@ -310,10 +283,7 @@ async fn failed_attach_at_any_step_leaves_nothing() {
         let mut c = config(&s.root);
         c.fail_attach_at = Some(step);
         let manager = LayerManager::new(c).unwrap();
-        let err = manager
-            .attach(s.blob.source_with(vec![s.blob.file_source()]))
-            .await
-            .unwrap_err();
+        let err = manager.attach(s.blob.file_layer()).await.unwrap_err();
         assert!(
             matches!(err, DeviceError::Injected { step: s, .. } if s == step),
             "{err}"
@@ -327,24 +297,20 @@ async fn failed_attach_at_any_step_leaves_nothing() {
             .join("mnt")
             .join(s.blob.digest.replace(':', "-"))
             .exists());
-        manager.shutdown().await.unwrap();
-        assert_clean(&s.root);
+        s.shut_down(manager).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_index_location_is_a_clear_error() {
-    if !require_root("bad_index_location_is_a_clear_error") {
-        return;
-    }
+    require_root!();
     let s = setup();
-    let manager = LayerManager::new(config(&s.root)).unwrap();
-    let mut src = s.blob.source_with(vec![s.blob.file_source()]);
+    let manager = s.manager();
+    let mut src = s.blob.file_layer();
     src.index_location = Some((1, 2));
     let err = manager.attach(src).await.unwrap_err().to_string();
     assert!(err.contains("do not fit the blob size"), "{err}");
-    manager.shutdown().await.unwrap();
-    assert_clean(&s.root);
+    s.shut_down(manager).await;
 }
 
 fn libc_eio() -> i32 {

@@ -6,10 +6,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::lazy_layers::{leftovers, walk, write_layout, BlobFile};
+use lazybd_tests::lazy_layers::{assert_nothing_left, walk, BlobFile, LayoutMount, LAZYBD_LAYER};
 use lazybd_tests::require_root;
-
-const LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
 
 /// Lower layer: a few files and a dir; upper layer: replaces one file,
 /// deletes another with an overlayfs whiteout, adds a big file.
@@ -55,17 +53,12 @@ fn build_layers(tmp: &Path) -> (BlobFile, BlobFile, std::path::PathBuf) {
 
 #[test]
 fn mount_stats_umount_round_trip() {
-    if !require_root("mount_stats_umount_round_trip") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let (lower, upper, merged) = build_layers(tmp.path());
-    let layout = tmp.path().join("image");
-    write_layout(&layout, &[&lower, &upper], LAZYBD_LAYER);
-    let root = tmp.path().join("state");
-    let dir = tmp.path().join("mnt");
-    std::fs::create_dir(&dir).unwrap();
-    let image = format!("{}:latest", layout.display());
+    let LayoutMount {
+        image, root, dir, ..
+    } = LayoutMount::new(tmp.path(), &[&lower, &upper], LAZYBD_LAYER);
 
     let out = ok(&lazybd(&[&"mount", &"--root", &root, &image, &dir]));
     assert!(out.contains("mounted"), "{out}");
@@ -111,9 +104,7 @@ fn mount_stats_umount_round_trip() {
 
     let out = ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
     assert!(out.contains("unmounted"), "{out}");
-    let (mounts, loops) = leftovers(tmp.path());
-    assert!(mounts.is_empty(), "{mounts:?}");
-    assert!(loops.is_empty(), "{loops:?}");
+    assert_nothing_left(tmp.path());
     assert!(
         std::fs::read_dir(&dir).unwrap().next().is_none(),
         "mount dir is empty again"
@@ -129,52 +120,33 @@ fn mount_stats_umount_round_trip() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["stats"]["cache_misses"], 0, "{json}");
     ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
-    let (mounts, loops) = leftovers(tmp.path());
-    assert!(
-        mounts.is_empty() && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    assert_nothing_left(tmp.path());
 }
 
 #[test]
 fn mounting_a_non_lazybd_image_is_a_clear_error() {
-    if !require_root("mounting_a_non_lazybd_image_is_a_clear_error") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let (lower, _, _) = build_layers(tmp.path());
-    let layout = tmp.path().join("image");
-    write_layout(
-        &layout,
-        &[&lower],
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-    );
-    let dir = tmp.path().join("mnt");
-    std::fs::create_dir(&dir).unwrap();
-    let root = tmp.path().join("state");
+    let tar_gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+    let LayoutMount {
+        layout, root, dir, ..
+    } = LayoutMount::new(tmp.path(), &[&lower], tar_gzip);
     let out = lazybd(&[&"mount", &"--root", &root, &layout, &dir]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not a lazybd image"), "{err}");
-    let (mounts, loops) = leftovers(tmp.path());
-    assert!(
-        mounts.is_empty() && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    assert_nothing_left(tmp.path());
 }
 
 #[test]
 fn umount_cleans_up_after_a_killed_daemon() {
-    if !require_root("umount_cleans_up_after_a_killed_daemon") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let (lower, upper, merged) = build_layers(tmp.path());
-    let layout = tmp.path().join("image");
-    write_layout(&layout, &[&lower, &upper], LAZYBD_LAYER);
-    let root = tmp.path().join("state");
-    let dir = tmp.path().join("mnt");
-    std::fs::create_dir(&dir).unwrap();
+    let LayoutMount {
+        layout, root, dir, ..
+    } = LayoutMount::new(tmp.path(), &[&lower, &upper], LAZYBD_LAYER);
     ok(&lazybd(&[&"mount", &"--root", &root, &layout, &dir]));
     // Fetch some chunks so the killed daemon leaves a cache behind.
     std::fs::read(dir.join("usr/bin/tool")).unwrap();
@@ -195,9 +167,7 @@ fn umount_cleans_up_after_a_killed_daemon() {
     }
     let out = ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
     assert!(out.contains("unmounted"), "{out}");
-    let (mounts, loops) = leftovers(tmp.path());
-    assert!(mounts.is_empty(), "{mounts:?}");
-    assert!(loops.is_empty(), "{loops:?}");
+    assert_nothing_left(tmp.path());
 
     // Mounting again recovers the caches the killed daemon left open
     // (re-verified, not trusted) and serves correct data.
@@ -215,9 +185,5 @@ fn umount_cleans_up_after_a_killed_daemon() {
     let log = std::fs::read_to_string(state.join("mount.log")).unwrap();
     assert!(log.contains("recovered after unclean shutdown"), "{log}");
     ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
-    let (mounts, loops) = leftovers(tmp.path());
-    assert!(
-        mounts.is_empty() && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    assert_nothing_left(tmp.path());
 }

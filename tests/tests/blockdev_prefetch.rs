@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use lazybd_blockdev::device::{LayerManager, LayerState, LayerStatus, NodeConfig, PrefetchStart};
 use lazybd_tests::cli::{lazybd, ok, MountGuard};
-use lazybd_tests::lazy_layers::{leftovers, walk, write_layout, BlobFile};
+use lazybd_tests::images::noise;
+use lazybd_tests::lazy_layers::{
+    assert_nothing_left, check_tree, BlobFile, LayoutMount, LAZYBD_LAYER,
+};
 use lazybd_tests::require_root;
 
 const CHUNK: u32 = 64 << 10;
@@ -22,19 +25,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-const LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Two incompressible files (every chunk costs its full size to fetch) and a
@@ -53,19 +43,9 @@ fn blob(tmp: &Path, name: &str, seed: u64) -> (PathBuf, BlobFile) {
     (tree, blob)
 }
 
+#[track_caller]
 fn assert_same_files(expected: &Path, actual: &Path) {
-    let paths = walk(expected);
-    assert_eq!(paths, walk(actual));
-    for p in paths {
-        let e = expected.join(&p);
-        if e.is_file() {
-            assert!(
-                std::fs::read(&e).unwrap() == std::fs::read(actual.join(&p)).unwrap(),
-                "{} differs",
-                p.display()
-            );
-        }
-    }
+    check_tree(expected, actual).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// What the kernel says the loop device reads.
@@ -85,20 +65,15 @@ fn stats_layers(guard: &MountGuard) -> Vec<serde_json::Value> {
 
 #[test]
 fn prefetch_hands_off_to_the_cache_file_and_reads_survive_the_daemon() {
-    if !require_root("prefetch_hands_off_to_the_cache_file_and_reads_survive_the_daemon") {
-        return;
-    }
+    require_root!();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (_, lower) = blob(tmp.path(), "lower", 1);
     let (upper_tree, upper) = blob(tmp.path(), "upper", 7);
     // Both trees have the same paths: the merged view is the upper tree.
-    let layout = tmp.path().join("image");
-    write_layout(&layout, &[&lower, &upper], LAZYBD_LAYER);
-    let root = tmp.path().join("state");
-    let dir = tmp.path().join("mnt");
-    std::fs::create_dir(&dir).unwrap();
-    let image = format!("{}:latest", layout.display());
+    let LayoutMount {
+        image, root, dir, ..
+    } = LayoutMount::new(tmp.path(), &[&lower, &upper], LAZYBD_LAYER);
     let guard = MountGuard::new(&root, &dir);
 
     ok(&lazybd(&[
@@ -176,11 +151,7 @@ fn prefetch_hands_off_to_the_cache_file_and_reads_survive_the_daemon() {
     assert_eq!(stats["stats"]["cache_misses"], 0, "{stats}");
     ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
     drop(guard);
-    let (mounts, loops) = leftovers(tmp.path());
-    assert!(
-        mounts.is_empty() && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    assert_nothing_left(tmp.path());
 }
 
 fn node_config(root: &Path, rate: u64) -> NodeConfig {
@@ -212,18 +183,13 @@ async fn wait_for_state(m: &LayerManager, digest: &str, want: LayerState) -> Lay
 // Each test has its own runtime; the guard only keeps other tests out.
 #[allow(clippy::await_holding_lock)]
 async fn reads_go_ahead_of_a_rate_limited_prefetch() {
-    if !require_root("reads_go_ahead_of_a_rate_limited_prefetch") {
-        return;
-    }
+    require_root!();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (tree, blob) = blob(tmp.path(), "layer", 3);
     // About one chunk per second: the 4 MiB layer would take a minute.
     let m = LayerManager::new(node_config(&tmp.path().join("node"), CHUNK as u64)).unwrap();
-    let attached = m
-        .attach(blob.source_with(vec![blob.file_source()]))
-        .await
-        .unwrap();
+    let attached = m.attach(blob.file_layer()).await.unwrap();
     let d = attached.digest.clone();
     assert_eq!(m.prefetch(&d).unwrap(), PrefetchStart::Started);
     assert_eq!(m.prefetch(&d).unwrap(), PrefetchStart::AlreadyRunning);
@@ -249,10 +215,7 @@ async fn reads_go_ahead_of_a_rate_limited_prefetch() {
     // attach, nobody asks again.
     m.shutdown().await.unwrap();
     let m = LayerManager::new(node_config(&tmp.path().join("node"), CHUNK as u64)).unwrap();
-    let attached = m
-        .attach(blob.source_with(vec![blob.file_source()]))
-        .await
-        .unwrap();
+    let attached = m.attach(blob.file_layer()).await.unwrap();
     assert_eq!(
         m.layers()[0].state,
         LayerState::Fetching,
@@ -274,34 +237,22 @@ async fn reads_go_ahead_of_a_rate_limited_prefetch() {
     assert_same_files(&tree, &attached.mountpoint);
 
     m.shutdown().await.unwrap();
-    let (mounts, loops) = leftovers(tmp.path());
-    assert!(
-        mounts.is_empty() && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    assert_nothing_left(tmp.path());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 // Each test has its own runtime; the guard only keeps other tests out.
 #[allow(clippy::await_holding_lock)]
 async fn eviction_removes_detached_caches_and_never_attached_ones() {
-    if !require_root("eviction_removes_detached_caches_and_never_attached_ones") {
-        return;
-    }
+    require_root!();
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (tree_a, a) = blob(tmp.path(), "a", 11);
     let (tree_b, b) = blob(tmp.path(), "b", 13);
     let root = tmp.path().join("node");
     let m = LayerManager::new(node_config(&root, 0)).unwrap();
-    let la = m
-        .attach(a.source_with(vec![a.file_source()]))
-        .await
-        .unwrap();
-    let lb = m
-        .attach(b.source_with(vec![b.file_source()]))
-        .await
-        .unwrap();
+    let la = m.attach(a.file_layer()).await.unwrap();
+    let lb = m.attach(b.file_layer()).await.unwrap();
     assert_same_files(&tree_a, &la.mountpoint);
     assert_same_files(&tree_b, &lb.mountpoint);
     let cache_dir = |d: &str| root.join("layers").join(d.replace(':', "-"));
@@ -322,10 +273,7 @@ async fn eviction_removes_detached_caches_and_never_attached_ones() {
 
     // An evicted layer attaches again, fetching anew.
     let before = m.stats().chunks_fetched();
-    let la = m
-        .attach(a.source_with(vec![a.file_source()]))
-        .await
-        .unwrap();
+    let la = m.attach(a.file_layer()).await.unwrap();
     assert_same_files(&tree_a, &la.mountpoint);
     assert!(m.stats().chunks_fetched() > before);
 
@@ -334,9 +282,5 @@ async fn eviction_removes_detached_caches_and_never_attached_ones() {
     assert!(m.evict_caches(0).await.evicted.is_empty());
     assert!(cache_dir(&lb.digest).exists());
     m.shutdown().await.unwrap();
-    let (mounts, loops) = leftovers(tmp.path());
-    assert!(
-        mounts.is_empty() && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    assert_nothing_left(tmp.path());
 }

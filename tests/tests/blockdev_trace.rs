@@ -5,25 +5,26 @@
 //! mount with the file named, and leaves nothing mounted.
 
 use std::path::Path;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use lazybd_blockdev::trace::Trace;
 use lazybd_tests::cli::{lazybd, ok, MountGuard};
-use lazybd_tests::lazy_layers::{leftovers, write_layout, BlobFile};
+use lazybd_tests::images::noise;
+use lazybd_tests::lazy_layers::{assert_nothing_left, BlobFile, LayoutMount, LAZYBD_LAYER};
 use lazybd_tests::require_root;
 
-const LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+/// `lazybd mount --root ROOT TRACE_FLAG TRACE_FILE IMAGE DIR`.
+fn mount(m: &LayoutMount, root: &Path, trace_flag: &str, trace_file: &Path) -> Output {
+    lazybd(&[
+        &"mount",
+        &"--root",
+        &root,
+        &trace_flag,
+        &trace_file,
+        &m.image,
+        &m.dir,
+    ])
 }
 
 /// The "startup": a small file and the first half of a big one.
@@ -36,9 +37,7 @@ fn startup_reads(dir: &Path) -> Vec<u8> {
 
 #[test]
 fn a_mount_records_a_trace_and_another_replays_it_before_the_reads() {
-    if !require_root("a_mount_records_a_trace_and_another_replays_it_before_the_reads") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let tree = t.join("tree");
@@ -48,24 +47,14 @@ fn a_mount_records_a_trace_and_another_replays_it_before_the_reads() {
     std::fs::write(tree.join("b.bin"), noise(4, 2 << 20)).unwrap();
     std::fs::create_dir(t.join("blob")).unwrap();
     let blob = BlobFile::from_tree(&tree, &t.join("blob"), 64 << 10);
-    write_layout(&t.join("image"), &[&blob], LAZYBD_LAYER);
-    let image = format!("{}:latest", t.join("image").display());
-    let dir = t.join("mnt");
-    std::fs::create_dir(&dir).unwrap();
+    let m = LayoutMount::new(t, &[&blob], LAZYBD_LAYER);
+    let dir = &m.dir;
     let trace_file = t.join("trace.json");
 
     let root = t.join("state-a");
-    let guard = MountGuard::new(&root, &dir);
-    ok(&lazybd(&[
-        &"mount",
-        &"--root",
-        &root,
-        &"--record-trace",
-        &trace_file,
-        &image,
-        &dir,
-    ]));
-    let expected = startup_reads(&dir);
+    let guard = MountGuard::new(&root, dir);
+    ok(&mount(&m, &root, "--record-trace", &trace_file));
+    let expected = startup_reads(dir);
     ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
     drop(guard);
     let trace = Trace::decode(&std::fs::read(&trace_file).unwrap()).unwrap();
@@ -78,23 +67,15 @@ fn a_mount_records_a_trace_and_another_replays_it_before_the_reads() {
     );
 
     let root = t.join("state-b");
-    let guard = MountGuard::new(&root, &dir);
-    ok(&lazybd(&[
-        &"mount",
-        &"--root",
-        &root,
-        &"--replay-trace",
-        &trace_file,
-        &image,
-        &dir,
-    ]));
+    let guard = MountGuard::new(&root, dir);
+    ok(&mount(&m, &root, "--replay-trace", &trace_file));
     let deadline = Instant::now() + Duration::from_secs(60);
     while guard.stats()["stats"]["trace"]["replays"] != 1 {
         assert!(Instant::now() < deadline, "no replay: {}", guard.stats());
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        startup_reads(&dir) == expected,
+        startup_reads(dir) == expected,
         "the replayed mount read other data"
     );
     let stats = guard.stats();
@@ -106,16 +87,8 @@ fn a_mount_records_a_trace_and_another_replays_it_before_the_reads() {
 
     std::fs::write(&trace_file, b"{\"version\":7}").unwrap();
     let root = t.join("state-c");
-    let _guard = MountGuard::new(&root, &dir);
-    let out = lazybd(&[
-        &"mount",
-        &"--root",
-        &root,
-        &"--replay-trace",
-        &trace_file,
-        &image,
-        &dir,
-    ]);
+    let _guard = MountGuard::new(&root, dir);
+    let out = mount(&m, &root, "--replay-trace", &trace_file);
     assert!(!out.status.success());
     let err =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
@@ -123,9 +96,5 @@ fn a_mount_records_a_trace_and_another_replays_it_before_the_reads() {
         err.contains("trace.json") && err.contains("version 7"),
         "{err}"
     );
-    let (mounts, loops) = leftovers(t);
-    assert!(
-        mounts.is_empty() && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    assert_nothing_left(t);
 }

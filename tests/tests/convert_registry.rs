@@ -13,7 +13,7 @@ use lazybd_tests::cli::{fails, lazybd, ok, MountGuard};
 use lazybd_tests::images::{
     listing, publish_lazy_rich, publish_rich, rich_layers, write_image, Compression,
 };
-use lazybd_tests::lazy_layers::leftovers;
+use lazybd_tests::lazy_layers::assert_nothing_left;
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
 
@@ -68,19 +68,9 @@ fn total_chunks(stats: &serde_json::Value) -> u64 {
         .sum()
 }
 
-fn assert_no_leftovers(tmp: &Path) {
-    let (mounts, loops) = leftovers(tmp);
-    assert!(
-        mounts.is_empty() && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
-}
-
 #[test]
 fn registry_to_registry_conversion_mounts_lazily_and_matches_an_unpack() {
-    if !require_root("registry_to_registry_conversion_mounts_lazily_and_matches_an_unpack") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let registry = Registry::start();
@@ -200,7 +190,7 @@ fn registry_to_registry_conversion_mounts_lazily_and_matches_an_unpack() {
     );
 
     drop(m);
-    assert_no_leftovers(t);
+    assert_nothing_left(t);
 }
 
 #[test]
@@ -236,17 +226,13 @@ fn the_lazy_layer_depends_only_on_the_uncompressed_tar() {
 
 #[test]
 fn basic_auth_credentials_come_from_the_docker_config() {
-    if !require_root("basic_auth_credentials_come_from_the_docker_config") {
-        return;
-    }
+    require_root!();
     authenticated_round_trip(&Registry::start_with_htpasswd("lazy", "s3cret:pw"));
 }
 
 #[test]
 fn bearer_tokens_are_fetched_from_the_registrys_token_realm() {
-    if !require_root("bearer_tokens_are_fetched_from_the_registrys_token_realm") {
-        return;
-    }
+    require_root!();
     let registry = Registry::start_with_token_auth("lazy", "t0ken-pw");
     authenticated_round_trip(&registry);
     assert!(registry.tokens_granted() > 0);
@@ -292,7 +278,7 @@ fn authenticated_round_trip(registry: &Registry) {
         b"lazybd-2\n"
     );
     drop(m);
-    assert_no_leftovers(t);
+    assert_nothing_left(t);
 }
 
 /// Converts the rich image into the registry; returns the lazy reference and
@@ -305,9 +291,7 @@ fn lazy_rich(t: &Path, registry: &Registry) -> (String, String) {
 
 #[test]
 fn corrupt_bytes_in_the_registry_fail_the_read_and_are_counted() {
-    if !require_root("corrupt_bytes_in_the_registry_fail_the_read_and_are_counted") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let registry = Registry::start();
@@ -340,14 +324,12 @@ fn corrupt_bytes_in_the_registry_fail_the_read_and_are_counted() {
     // Intact chunks still read.
     assert_eq!(std::fs::read(dir.join("data/big2")).unwrap().len(), 3 << 20);
     drop(m);
-    assert_no_leftovers(t);
+    assert_nothing_left(t);
 }
 
 #[test]
 fn reads_fail_with_eio_when_the_registry_is_down_and_cached_data_still_reads() {
-    if !require_root("reads_fail_with_eio_when_the_registry_is_down_and_cached_data_still_reads") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let mut registry = Registry::start();
@@ -367,7 +349,7 @@ fn reads_fail_with_eio_when_the_registry_is_down_and_cached_data_still_reads() {
         "{stats}"
     );
     drop(m);
-    assert_no_leftovers(t);
+    assert_nothing_left(t);
 }
 
 #[test]

@@ -4,20 +4,19 @@
 //! NIC another pod is adding, or one eni never moved, is left alone.
 
 use lazybd_tests::eni::{
-    ip, link_by_mac, link_by_name, parking_name, tag, unique_mac, with_prev, Call, Eni, StandIn,
-    TestNetns,
+    assert_parked, ip, link_by_mac, link_by_name, parking_name, pod_netns, tag, unique_mac,
+    with_prev, Call, Eni, OnePod, StandIn,
 };
+use lazybd_tests::netns::Netns;
 use lazybd_tests::require_root;
 use serde_json::json;
 
 #[test]
 fn eni_collision_on_the_old_name_loses_nothing() {
-    if !require_root("eni_collision_on_the_old_name_loses_nothing") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let ns = TestNetns::new(&t);
+    let ns = pod_netns(&t);
     let mac = unique_mac();
     // 1. Pod A's ENI arrives in the host as "<tag>eth1".
     let old_name = format!("{t}eth1");
@@ -53,22 +52,16 @@ fn eni_collision_on_the_old_name_loses_nothing() {
     assert_eq!(again["interfaces"][0]["mac"], mac.as_str());
     assert_eq!(link_by_mac(Some(&ns.name), &mac).unwrap().name, "eth0");
     eni.call("DEL", &with_prev(&conf, &again), &a).ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert_parked(&mac);
 }
 
 #[test]
 fn eni_netns_gone_before_del_device_returned_as_dev_n() {
-    if !require_root("eni_netns_gone_before_del_device_returned_as_dev_n") {
-        return;
-    }
-    let t = tag();
-    let eni = Eni::new();
-    let ns = TestNetns::new(&t);
-    let mac = unique_mac();
-    let _nic = StandIn::veth(&format!("{t}e0"), &mac);
-    let conf = eni.conf("1.1.0", "gone", &mac, "10.82.0.0/24");
-    let call = Call::new(&format!("{t}-pod"), &ns);
-    let result = eni.call("ADD", &conf, &call).ok();
+    require_root!();
+    let pod = OnePod::create();
+    let (eni, ns, mac, call) = (&pod.eni, &pod.ns, &pod.mac, &pod.call);
+    let conf = eni.conf("1.1.0", "gone", mac, "10.82.0.0/24");
+    let result = eni.call("ADD", &conf, call).ok();
 
     // What the kernel does to a physical NIC when its netns is destroyed:
     // it lands in init_net as dev<ifindex> (veth would be destroyed instead,
@@ -81,32 +74,27 @@ fn eni_netns_gone_before_del_device_returned_as_dev_n() {
 
     // DEL with the vanished netns path, and again with CNI_NETNS unset
     // (containerd's case once the netns is closed): both succeed.
-    eni.call("DEL", &with_prev(&conf, &result), &call).ok();
-    let home = link_by_mac(None, &mac).expect("ENI in the host");
-    assert_eq!(home.name, parking_name(&mac), "renamed from {dev_name}");
+    eni.call("DEL", &with_prev(&conf, &result), call).ok();
+    let home = link_by_mac(None, mac).expect("ENI in the host");
+    assert_eq!(home.name, parking_name(mac), "renamed from {dev_name}");
     assert!(eni.records().is_empty());
     assert_eq!(eni.ipam_allocations("gone"), 0);
     eni.call("DEL", &with_prev(&conf, &result), &call.without_netns())
         .ok();
-    eni.call("DEL", &conf, &call).ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    eni.call("DEL", &conf, call).ok();
+    assert_parked(mac);
 }
 
 #[test]
 fn eni_del_without_netns_or_mac_uses_state_and_is_idempotent() {
-    if !require_root("eni_del_without_netns_or_mac_uses_state_and_is_idempotent") {
-        return;
-    }
-    let t = tag();
-    let eni = Eni::new();
-    let ns = TestNetns::new(&t);
-    let mac = unique_mac();
-    let _nic = StandIn::veth(&format!("{t}e0"), &mac);
+    require_root!();
+    let pod = OnePod::create();
+    let (eni, mac, call) = (&pod.eni, &pod.mac, &pod.call);
     // The MAC comes from CNI_ARGS on ADD only; DEL must find it in state.
-    let mut conf = eni.conf("1.1.0", "st", &mac, "10.83.0.0/24");
+    let mut conf = eni.conf("1.1.0", "st", mac, "10.83.0.0/24");
     conf.as_object_mut().unwrap().remove("mac");
     conf["allowedMacs"] = json!([mac]);
-    let mut call = Call::new(&format!("{t}-pod"), &ns);
+    let mut call = call.clone();
     let plain = call.clone();
     call.args = format!("IgnoreUnknown=1;ENI_MAC={mac}");
     eni.call("ADD", &conf, &call).ok();
@@ -114,7 +102,7 @@ fn eni_del_without_netns_or_mac_uses_state_and_is_idempotent() {
     // DEL with neither a MAC in config/CNI_ARGS nor a prevResult: the
     // record for (container, ifname) names the ENI.
     eni.call("DEL", &conf, &plain).ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert_parked(mac);
     assert!(eni.records().is_empty());
     for _ in 0..2 {
         eni.call("DEL", &conf, &plain).ok();
@@ -125,21 +113,15 @@ fn eni_del_without_netns_or_mac_uses_state_and_is_idempotent() {
 
 #[test]
 fn eni_virtual_stand_in_destroyed_with_netns_del_succeeds() {
-    if !require_root("eni_virtual_stand_in_destroyed_with_netns_del_succeeds") {
-        return;
-    }
-    let t = tag();
-    let eni = Eni::new();
-    let ns = TestNetns::new(&t);
-    let mac = unique_mac();
-    let _nic = StandIn::veth(&format!("{t}e0"), &mac);
-    let conf = eni.conf("1.1.0", "vd", &mac, "10.84.0.0/24");
-    let call = Call::new(&format!("{t}-pod"), &ns);
-    let result = eni.call("ADD", &conf, &call).ok();
+    require_root!();
+    let pod = OnePod::create();
+    let (eni, ns, mac, call) = (&pod.eni, &pod.ns, &pod.mac, &pod.call);
+    let conf = eni.conf("1.1.0", "vd", mac, "10.84.0.0/24");
+    let result = eni.call("ADD", &conf, call).ok();
     ns.delete();
-    eni.call("DEL", &with_prev(&conf, &result), &call).ok();
+    eni.call("DEL", &with_prev(&conf, &result), call).ok();
     assert!(
-        link_by_mac(None, &mac).is_none(),
+        link_by_mac(None, mac).is_none(),
         "a veth dies with its netns"
     );
     assert!(eni.records().is_empty());
@@ -147,7 +129,7 @@ fn eni_virtual_stand_in_destroyed_with_netns_del_succeeds() {
 }
 
 /// Writes the record an ADD that crashed after the move would have left.
-fn crashed_add_record(eni: &Eni, mac: &str, container: &str, ns: &TestNetns, host_name: &str) {
+fn crashed_add_record(eni: &Eni, mac: &str, container: &str, ns: &Netns, host_name: &str) {
     let dir = eni.state_dir().join("enis");
     std::fs::create_dir_all(&dir).unwrap();
     let rec = json!({
@@ -163,12 +145,10 @@ fn crashed_add_record(eni: &Eni, mac: &str, container: &str, ns: &TestNetns, hos
 
 #[test]
 fn eni_crash_mid_add_is_recovered_by_del_or_a_retried_add() {
-    if !require_root("eni_crash_mid_add_is_recovered_by_del_or_a_retried_add") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let ns = TestNetns::new(&t);
+    let ns = pod_netns(&t);
     let mac = unique_mac();
     let name = format!("{t}e0");
     let _nic = StandIn::veth(&name, &mac);
@@ -188,7 +168,7 @@ fn eni_crash_mid_add_is_recovered_by_del_or_a_retried_add() {
     ]);
     crashed_add_record(&eni, &mac, &call.container, &ns, &name);
     eni.call("DEL", &conf, &call).ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert_parked(&mac);
     assert!(eni.records().is_empty());
 
     // Same crash, but the runtime retries ADD: it resumes from the pod.
@@ -199,11 +179,11 @@ fn eni_crash_mid_add_is_recovered_by_del_or_a_retried_add() {
     assert_eq!(eni.records()[0]["phase"], "attached");
     eni.call("CHECK", &with_prev(&conf, &result), &call).ok();
     eni.call("DEL", &with_prev(&conf, &result), &call).ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert_parked(&mac);
 
     // Crash before the move (record written, ENI still under its udev
     // name, netns already gone): DEL parks it in the host.
-    let gone = TestNetns::new(&format!("{t}g"));
+    let gone = pod_netns(&format!("{t}g"));
     crashed_add_record(&eni, &mac, &call.container, &gone, &name);
     ip(&["link", "set", &parking_name(&mac), "name", &name]);
     gone.delete();
@@ -216,22 +196,17 @@ fn eni_crash_mid_add_is_recovered_by_del_or_a_retried_add() {
         },
     )
     .ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert_parked(&mac);
     assert!(eni.records().is_empty());
     assert_eq!(eni.ipam_allocations("cr"), 0);
 }
 
 #[test]
 fn eni_gc_releases_attachments_the_runtime_no_longer_lists() {
-    if !require_root("eni_gc_releases_attachments_the_runtime_no_longer_lists") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let (ns_keep, ns_lost) = (
-        TestNetns::new(&format!("{t}k")),
-        TestNetns::new(&format!("{t}l")),
-    );
+    let (ns_keep, ns_lost) = (pod_netns(&format!("{t}k")), pod_netns(&format!("{t}l")));
     let (mac_keep, mac_lost) = (unique_mac(), unique_mac());
     let _n1 = StandIn::veth(&format!("{t}k0"), &mac_keep);
     let _n2 = StandIn::veth(&format!("{t}l0"), &mac_lost);
@@ -290,9 +265,7 @@ fn eni_gc_releases_attachments_the_runtime_no_longer_lists() {
 
 #[test]
 fn eni_twenty_pods_concurrently_without_leaks() {
-    if !require_root("eni_twenty_pods_concurrently_without_leaks") {
-        return;
-    }
+    require_root!();
     const PODS: usize = 20;
     let eni = Eni::new();
     let pods: Vec<_> = (0..PODS)
@@ -300,7 +273,7 @@ fn eni_twenty_pods_concurrently_without_leaks() {
             let t = tag();
             let mac = unique_mac();
             let nic = StandIn::veth(&format!("{t}e0"), &mac);
-            let ns = TestNetns::new(&t);
+            let ns = pod_netns(&t);
             let call = Call::new(&format!("{t}-pod{i}"), &ns);
             (mac, nic, ns, call)
         })
@@ -328,14 +301,12 @@ fn eni_twenty_pods_concurrently_without_leaks() {
 
 #[test]
 fn eni_another_pods_eni_in_its_adding_phase_is_not_taken() {
-    if !require_root("eni_another_pods_eni_in_its_adding_phase_is_not_taken") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
     let (ns_a, ns_b) = (
-        TestNetns::new(&format!("{t}a")),
-        TestNetns::new(&format!("{t}b")),
+        Netns::create(&format!("{t}a")),
+        Netns::create(&format!("{t}b")),
     );
     let mac = unique_mac();
     let name = format!("{t}e0");
@@ -371,14 +342,12 @@ fn eni_another_pods_eni_in_its_adding_phase_is_not_taken() {
 
 #[test]
 fn eni_leaves_a_nic_it_did_not_move_alone() {
-    if !require_root("eni_leaves_a_nic_it_did_not_move_alone") {
-        return;
-    }
+    require_root!();
     // Another plugin (say an SR-IOV VF) put a NIC into the pod. A DEL or ADD
     // that names its MAC must not take it: eni acts only on what it recorded.
     let t = tag();
     let eni = Eni::new();
-    let ns = TestNetns::new(&t);
+    let ns = Netns::create(&t);
     let mac = unique_mac();
     let name = format!("{t}vf");
     let _nic = StandIn::veth(&name, &mac);

@@ -3,22 +3,19 @@
 //! the trust rule: only NICs the operator offered, never one the host uses.
 
 use lazybd_tests::eni::{
-    addresses, ip, link_by_mac, link_by_name, parking_name, tag, unique_mac, with_prev, Call,
-    CniOutput, Eni, StandIn, TestNetns,
+    addresses, assert_parked, ip, link_by_mac, link_by_name, parking_name, pod_netns, tag,
+    unique_mac, with_prev, Call, CniOutput, Eni, OnePod, StandIn,
 };
+use lazybd_tests::netns::Netns;
 use lazybd_tests::require_root;
 use serde_json::{json, Value};
 
 fn round_trip(version: &str) {
-    let t = tag();
-    let eni = Eni::new();
-    let ns = TestNetns::new(&t);
-    let mac = unique_mac();
-    let nic = StandIn::veth(&format!("{t}e0"), &mac);
-    let conf = eni.conf(version, "rt", &mac, "10.91.0.0/24");
-    let call = Call::new(&format!("{t}-pod"), &ns);
+    let pod = OnePod::create();
+    let (eni, ns, mac, nic, call) = (&pod.eni, &pod.ns, &pod.mac, &pod.nic, &pod.call);
+    let conf = eni.conf(version, "rt", mac, "10.91.0.0/24");
 
-    let result = eni.call("ADD", &conf, &call).ok();
+    let result = eni.call("ADD", &conf, call).ok();
     assert_eq!(result["cniVersion"], version);
     let iface = &result["interfaces"][0];
     assert_eq!(iface["name"], "eth0");
@@ -42,17 +39,17 @@ fn round_trip(version: &str) {
         link_by_name(None, &nic.name).is_none(),
         "ENI still in the host"
     );
-    let inside = link_by_mac(Some(&ns.name), &mac).expect("ENI in the pod");
+    let inside = link_by_mac(Some(&ns.name), mac).expect("ENI in the pod");
     assert_eq!(inside.name, "eth0");
     assert!(inside.up);
     assert_eq!(
         addresses(&ns.name, "eth0"),
         vec!["10.91.0.2/24".to_string()]
     );
-    let routes = lazybd_tests::eni::ip(&["-n", &ns.name, "route", "show", "default"]);
+    let routes = lazybd_tests::netns::ip(&["-n", &ns.name, "route", "show", "default"]);
     assert!(routes.contains("via 10.91.0.1 dev eth0"), "{routes}");
     // Traffic to the pod's own address works (busybox-static is a test dep).
-    lazybd_tests::eni::ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+    lazybd_tests::netns::ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
     let ping = std::process::Command::new("ip")
         .args([
             "netns",
@@ -71,13 +68,13 @@ fn round_trip(version: &str) {
     assert_eq!(eni.records()[0]["phase"], "attached");
     assert_eq!(eni.ipam_allocations("rt"), 1);
 
-    eni.call("CHECK", &with_prev(&conf, &result), &call).ok();
+    eni.call("CHECK", &with_prev(&conf, &result), call).ok();
 
-    eni.call("DEL", &with_prev(&conf, &result), &call).ok();
-    let home = link_by_mac(None, &mac).expect("ENI back in the host");
-    assert_eq!(home.name, parking_name(&mac));
+    eni.call("DEL", &with_prev(&conf, &result), call).ok();
+    let home = link_by_mac(None, mac).expect("ENI back in the host");
+    assert_eq!(home.name, parking_name(mac));
     assert!(!home.up, "a parked ENI stays down");
-    assert!(link_by_mac(Some(&ns.name), &mac).is_none());
+    assert!(link_by_mac(Some(&ns.name), mac).is_none());
     assert!(eni.records().is_empty());
     assert_eq!(
         eni.ipam_allocations("rt"),
@@ -86,39 +83,34 @@ fn round_trip(version: &str) {
     );
 
     // CHECK after DEL is a clear failure, not a panic or a pass.
-    let after = eni.call("CHECK", &with_prev(&conf, &result), &call);
+    let after = eni.call("CHECK", &with_prev(&conf, &result), call);
     assert_eq!(after.code(), 103);
 }
 
 #[test]
 fn eni_round_trip_1_1_0() {
-    if require_root("eni_round_trip_1_1_0") {
-        round_trip("1.1.0");
-    }
+    require_root!();
+    round_trip("1.1.0");
 }
 
 #[test]
 fn eni_round_trip_1_0_0() {
-    if require_root("eni_round_trip_1_0_0") {
-        round_trip("1.0.0");
-    }
+    require_root!();
+    round_trip("1.0.0");
 }
 
 #[test]
 fn eni_round_trip_0_4_0() {
-    if require_root("eni_round_trip_0_4_0") {
-        round_trip("0.4.0");
-    }
+    require_root!();
+    round_trip("0.4.0");
 }
 
 #[test]
 fn eni_macvlan_stand_in_and_static_addressing() {
-    if !require_root("eni_macvlan_stand_in_and_static_addressing") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let ns = TestNetns::new(&t);
+    let ns = pod_netns(&t);
     let mac = unique_mac();
     let _nic = StandIn::macvlan(&format!("{t}v"), &mac);
     let mut conf = eni.conf("1.1.0", "st", &mac, "10.92.0.0/24");
@@ -138,7 +130,7 @@ fn eni_macvlan_stand_in_and_static_addressing() {
         addresses(&ns.name, "eth0"),
         vec!["10.92.0.7/24".to_string()]
     );
-    let routes = lazybd_tests::eni::ip(&["-n", &ns.name, "route"]);
+    let routes = lazybd_tests::netns::ip(&["-n", &ns.name, "route"]);
     assert!(
         routes.contains("10.200.0.0/16 via 10.92.0.254 dev eth0"),
         "{routes}"
@@ -147,51 +139,41 @@ fn eni_macvlan_stand_in_and_static_addressing() {
     // CHECK notices an address the pod lost.
     let prev_conf = with_prev(&conf, &result);
     eni.call("CHECK", &prev_conf, &call).ok();
-    lazybd_tests::eni::ip(&["-n", &ns.name, "addr", "del", "10.92.0.7/24", "dev", "eth0"]);
+    lazybd_tests::netns::ip(&["-n", &ns.name, "addr", "del", "10.92.0.7/24", "dev", "eth0"]);
     let broken = eni.call("CHECK", &prev_conf, &call);
     assert_eq!(broken.code(), 103);
     assert!(broken.msg().contains("10.92.0.7/24"), "{}", broken.msg());
 
     eni.call("DEL", &prev_conf, &call).ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert_parked(&mac);
 }
 
 #[test]
 fn eni_production_matching_ignores_virtual_links() {
-    if !require_root("eni_production_matching_ignores_virtual_links") {
-        return;
-    }
+    require_root!();
     // Without standInLinkKinds only physical links count: a veth with the
     // right MAC is not an ENI.
-    let t = tag();
-    let eni = Eni::new();
-    let ns = TestNetns::new(&t);
-    let mac = unique_mac();
-    let nic = StandIn::veth(&format!("{t}e0"), &mac);
-    let mut conf = eni.conf("1.1.0", "pm", &mac, "10.93.0.0/24");
+    let pod = OnePod::create();
+    let (eni, mac, nic, call) = (&pod.eni, &pod.mac, &pod.nic, &pod.call);
+    let mut conf = eni.conf("1.1.0", "pm", mac, "10.93.0.0/24");
     conf.as_object_mut().unwrap().remove("standInLinkKinds");
     conf["nicWaitMs"] = json!(200);
-    let out = eni.call("ADD", &conf, &Call::new(&format!("{t}-pod"), &ns));
+    let out = eni.call("ADD", &conf, call);
     assert_eq!(out.code(), 11);
-    assert!(out.msg().contains(&mac), "{}", out.msg());
+    assert!(out.msg().contains(mac.as_str()), "{}", out.msg());
     assert!(link_by_name(None, &nic.name).is_some(), "veth untouched");
     assert_eq!(eni.ipam_allocations("pm"), 0);
 }
 
 #[test]
 fn eni_clear_errors_for_bad_input() {
-    if !require_root("eni_clear_errors_for_bad_input") {
-        return;
-    }
-    let t = tag();
-    let eni = Eni::new();
-    let ns = TestNetns::new(&t);
-    let mac = unique_mac();
-    let nic = StandIn::veth(&format!("{t}e0"), &mac);
-    let conf = eni.conf("1.1.0", "be", &mac, "10.94.0.0/24");
-    let call = Call::new(&format!("{t}-pod"), &ns);
+    require_root!();
+    let pod = OnePod::create();
+    let t = &pod.t;
+    let (eni, ns, mac, nic, call) = (&pod.eni, &pod.ns, &pod.mac, &pod.nic, &pod.call);
+    let conf = eni.conf("1.1.0", "be", mac, "10.94.0.0/24");
     let untouched = || {
-        let l = link_by_mac(None, &mac).expect("ENI still in the host");
+        let l = link_by_mac(None, mac).expect("ENI still in the host");
         assert_eq!(l.name, nic.name);
         assert!(eni.records().is_empty());
         assert_eq!(eni.ipam_allocations("be"), 0);
@@ -201,7 +183,7 @@ fn eni_clear_errors_for_bad_input() {
     let mut wrong = conf.clone();
     wrong["mac"] = json!(unique_mac());
     let started = std::time::Instant::now();
-    let out = eni.call("ADD", &wrong, &call);
+    let out = eni.call("ADD", &wrong, call);
     assert_eq!(out.code(), 11);
     assert!(started.elapsed() >= std::time::Duration::from_millis(500));
     assert!(out.stderr.contains("waiting"), "{}", out.stderr);
@@ -240,7 +222,7 @@ fn eni_clear_errors_for_bad_input() {
         ("ipam and static", both, 7),
         ("missing ipam plugin", no_ipam_plugin, 7),
     ] {
-        let out = eni.call("ADD", &c, &call);
+        let out = eni.call("ADD", &c, call);
         assert_eq!(out.code(), code, "{what}: {}", out.json);
         assert_eq!(out.json["cniVersion"], c["cniVersion"], "{what}");
         assert!(!out.msg().is_empty(), "{what}");
@@ -276,16 +258,16 @@ fn eni_clear_errors_for_bad_input() {
     untouched();
 
     // CNI_IFNAME already taken in the pod: refused before anything moves.
-    lazybd_tests::eni::ip(&[
+    lazybd_tests::netns::ip(&[
         "-n", &ns.name, "link", "add", "eth0", "type", "veth", "peer", "name", "x0",
     ]);
-    let out = eni.call("ADD", &conf, &call);
+    let out = eni.call("ADD", &conf, call);
     assert_eq!(out.code(), 102);
     untouched();
 
     // VERSION.
     let v = eni
-        .call("VERSION", &json!({"cniVersion": "1.0.0"}), &call)
+        .call("VERSION", &json!({"cniVersion": "1.0.0"}), call)
         .ok();
     assert_eq!(
         v,
@@ -294,21 +276,16 @@ fn eni_clear_errors_for_bad_input() {
     // STATUS and GC are 1.1.0 verbs.
     let mut old = conf.clone();
     old["cniVersion"] = json!("1.0.0");
-    assert_eq!(eni.call("STATUS", &old, &call).code(), 1);
-    eni.call("STATUS", &conf, &call).ok();
+    assert_eq!(eni.call("STATUS", &old, call).code(), 1);
+    eni.call("STATUS", &conf, call).ok();
 }
 
 #[test]
 fn eni_busy_and_repeated_add_leave_the_owner_alone() {
-    if !require_root("eni_busy_and_repeated_add_leave_the_owner_alone") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let (ns_a, ns_b) = (
-        TestNetns::new(&format!("{t}a")),
-        TestNetns::new(&format!("{t}b")),
-    );
+    let (ns_a, ns_b) = (pod_netns(&format!("{t}a")), pod_netns(&format!("{t}b")));
     let mac = unique_mac();
     let _nic = StandIn::veth(&format!("{t}e0"), &mac);
     let conf = eni.conf("1.1.0", "bz", &mac, "10.95.0.0/24");
@@ -336,12 +313,10 @@ fn eni_busy_and_repeated_add_leave_the_owner_alone() {
 
 #[test]
 fn eni_waits_for_a_nic_that_is_hot_plugged_late() {
-    if !require_root("eni_waits_for_a_nic_that_is_hot_plugged_late") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let ns = TestNetns::new(&t);
+    let ns = pod_netns(&t);
     let mac = unique_mac();
     let mut conf = eni.conf("1.1.0", "hp", &mac, "10.96.0.0/24");
     conf["nicWaitMs"] = json!(5000);
@@ -357,36 +332,30 @@ fn eni_waits_for_a_nic_that_is_hot_plugged_late() {
     let result = out.ok();
     assert_eq!(result["interfaces"][0]["mac"], mac.as_str());
     eni.call("DEL", &with_prev(&conf, &result), &call).ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    assert_parked(&mac);
 }
 
 #[test]
 fn eni_failed_add_undoes_every_step() {
-    if !require_root("eni_failed_add_undoes_every_step") {
-        return;
-    }
-    let t = tag();
-    let eni = Eni::new();
-    let ns = TestNetns::new(&t);
-    let mac = unique_mac();
-    let _nic = StandIn::veth(&format!("{t}e0"), &mac);
+    require_root!();
+    let pod = OnePod::create();
+    let (eni, ns, mac, call) = (&pod.eni, &pod.ns, &pod.mac, &pod.call);
     // The IPAM plugin hands out a route whose gateway is not on the link:
     // the kernel refuses it after the move, the address and the allocation.
-    let mut conf = eni.conf("1.1.0", "ud", &mac, "10.97.0.0/24");
+    let mut conf = eni.conf("1.1.0", "ud", mac, "10.97.0.0/24");
     conf["ipam"]["routes"] = json!([{"dst": "10.200.0.0/16", "gw": "192.0.2.1"}]);
-    let call = Call::new(&format!("{t}-pod"), &ns);
-    let out = eni.call("ADD", &conf, &call);
+    let out = eni.call("ADD", &conf, call);
     assert_eq!(out.code(), 101, "{}", out.json);
     assert!(out.msg().contains("10.200.0.0/16"), "{}", out.msg());
 
-    let home = link_by_mac(None, &mac).expect("ENI back in the host");
-    assert_eq!(home.name, parking_name(&mac));
-    assert!(link_by_mac(Some(&ns.name), &mac).is_none());
+    let home = link_by_mac(None, mac).expect("ENI back in the host");
+    assert_eq!(home.name, parking_name(mac));
+    assert!(link_by_mac(Some(&ns.name), mac).is_none());
     assert!(eni.records().is_empty());
     assert_eq!(eni.ipam_allocations("ud"), 0, "IPAM allocation undone");
     // The runtime's DEL after a failed ADD is harmless.
-    eni.call("DEL", &conf, &call).ok();
-    assert_eq!(link_by_mac(None, &mac).unwrap().name, parking_name(&mac));
+    eni.call("DEL", &conf, call).ok();
+    assert_parked(mac);
 }
 
 // --- Trust: `eni` takes only NICs the operator offered, never one the host
@@ -419,7 +388,7 @@ fn annotated(conf: &Value, mac: &str) -> Value {
 /// Runs the plugin inside `node`, a private netns that plays the node's
 /// host netns: there the test can give an uplink a default route without
 /// touching the machine's own network.
-fn call_in(node: &TestNetns, eni: &Eni, command: &str, conf: &Value, call: &Call) -> CniOutput {
+fn call_in(node: &Netns, eni: &Eni, command: &str, conf: &Value, call: &Call) -> CniOutput {
     use std::io::Write;
     let mut cmd = std::process::Command::new("ip");
     cmd.args(["netns", "exec", &node.name])
@@ -454,7 +423,7 @@ fn call_in(node: &TestNetns, eni: &Eni, command: &str, conf: &Value, call: &Call
 
 /// A veth end `name` with `mac` inside `node`, its peer `<name>p` there too
 /// (both die with the netns).
-fn node_nic(node: &TestNetns, name: &str, mac: &str) {
+fn node_nic(node: &Netns, name: &str, mac: &str) {
     let peer = format!("{name}p");
     ip(&[
         "-n", &node.name, "link", "add", name, "address", mac, "type", "veth", "peer", "name",
@@ -464,13 +433,11 @@ fn node_nic(node: &TestNetns, name: &str, mac: &str) {
 
 #[test]
 fn eni_pod_annotation_cannot_take_the_uplink() {
-    if !require_root("eni_pod_annotation_cannot_take_the_uplink") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let node = TestNetns::new(&format!("{t}n"));
-    let pod = TestNetns::new(&format!("{t}p"));
+    let node = Netns::create(&format!("{t}n"));
+    let pod = Netns::create(&format!("{t}p"));
     // The node's uplink: up, the node's address, the node's default route.
     let up_mac = unique_mac();
     node_nic(&node, "uplink0", &up_mac);
@@ -560,13 +527,11 @@ fn eni_pod_annotation_cannot_take_the_uplink() {
 
 #[test]
 fn eni_refuses_a_listed_nic_that_carries_host_traffic() {
-    if !require_root("eni_refuses_a_listed_nic_that_carries_host_traffic") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let node = TestNetns::new(&format!("{t}n"));
-    let pod = TestNetns::new(&format!("{t}p"));
+    let node = Netns::create(&format!("{t}n"));
+    let pod = Netns::create(&format!("{t}p"));
     let mac = unique_mac();
     node_nic(&node, "nic0", &mac);
     // The network's own `mac`: offered by the operator, yet refused while
@@ -636,12 +601,10 @@ fn eni_refuses_a_listed_nic_that_carries_host_traffic() {
 
 #[test]
 fn eni_takes_only_offered_nics() {
-    if !require_root("eni_takes_only_offered_nics") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let ns = TestNetns::new(&t);
+    let ns = Netns::create(&t);
     let mac = unique_mac();
     let nic = StandIn::veth(&format!("{t}e0"), &mac);
     // The MAC comes per call (CNI_ARGS); the config offers nothing itself.
@@ -711,12 +674,10 @@ fn eni_takes_only_offered_nics() {
 
 #[test]
 fn eni_pod_annotation_is_refused_without_the_opt_in() {
-    if !require_root("eni_pod_annotation_is_refused_without_the_opt_in") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let ns = TestNetns::new(&t);
+    let ns = Netns::create(&t);
     let (mac_a, mac_b) = (unique_mac(), unique_mac());
     let nic_a = StandIn::veth(&format!("{t}a0"), &mac_a);
     let nic_b = StandIn::veth(&format!("{t}b0"), &mac_b);
@@ -753,13 +714,11 @@ fn eni_pod_annotation_is_refused_without_the_opt_in() {
 
 #[test]
 fn eni_own_record_is_no_licence_to_take_a_nic_the_host_now_uses() {
-    if !require_root("eni_own_record_is_no_licence_to_take_a_nic_the_host_now_uses") {
-        return;
-    }
+    require_root!();
     let t = tag();
     let eni = Eni::new();
-    let node = TestNetns::new(&format!("{t}n"));
-    let pod = TestNetns::new(&format!("{t}p"));
+    let node = Netns::create(&format!("{t}n"));
+    let pod = Netns::create(&format!("{t}p"));
     let mac = unique_mac();
     node_nic(&node, "nic0", &mac);
     let conf = eni.conf("1.1.0", "ru", &mac, "10.78.0.0/24");

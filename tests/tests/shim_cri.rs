@@ -4,8 +4,9 @@
 //! output in the CRI log files and through ExecSync, then everything
 //! stopped and removed with no shim, mount or runc state left.
 
-use lazybd_tests::cri::{CriContainerd, CriOptions, LAZYBD_HANDLER, POD_SUBNET};
-use lazybd_tests::cri_images::BUSYBOX_IMAGE;
+use lazybd_tests::busybox::BUSYBOX_IMAGE;
+use lazybd_tests::containerd::cri::{LAZYBD_HANDLER, POD_SUBNET};
+use lazybd_tests::containerd::Containerd;
 use lazybd_tests::require_root;
 
 use k8s_cri::v1::ContainerState;
@@ -13,7 +14,7 @@ use k8s_cri::v1::ContainerState;
 const LAZYBD_SHIM: &str = "containerd-shim-lazybd-v2";
 const RUNC_SHIM: &str = "containerd-shim-runc-v2";
 
-fn shims_named(ctd: &CriContainerd, shim: &str) -> Vec<u32> {
+fn shims_named(ctd: &Containerd, shim: &str) -> Vec<u32> {
     ctd.shims()
         .into_iter()
         .filter(|(_, name)| name == shim)
@@ -21,11 +22,22 @@ fn shims_named(ctd: &CriContainerd, shim: &str) -> Vec<u32> {
         .collect()
 }
 
+/// After the last RemovePodSandbox: no pod, container, shim, mount or runc
+/// state is left.
+fn assert_nothing_left(ctd: &Containerd) {
+    assert!(ctd.pods().is_empty() && ctd.containers().is_empty());
+    ctd.wait_for(30, "the shim to exit", || ctd.shims().is_empty());
+    ctd.wait_for(30, "mounts to go", || ctd.mounts().is_empty());
+    assert!(
+        ctd.runc_containers().is_empty(),
+        "runc state: {:?}",
+        ctd.runc_containers()
+    );
+}
+
 #[test]
 fn one_shim_serves_a_pod_and_its_two_containers() {
-    if !require_root("one_shim_serves_a_pod_and_its_two_containers") {
-        return;
-    }
+    require_root!();
     pod_with_two_containers(LAZYBD_HANDLER, LAZYBD_SHIM);
 }
 
@@ -33,15 +45,13 @@ fn one_shim_serves_a_pod_and_its_two_containers() {
 /// are containerd's behaviour, not ours.
 #[test]
 fn runc_v2_passes_the_same_pod_scenario() {
-    if !require_root("runc_v2_passes_the_same_pod_scenario") {
-        return;
-    }
+    require_root!();
     pod_with_two_containers("runc", RUNC_SHIM);
 }
 
 fn pod_with_two_containers(handler: &str, shim: &str) {
-    let ctd = CriContainerd::start(CriOptions::default());
-    let pod_shims = |ctd: &CriContainerd| shims_named(ctd, shim);
+    let ctd = Containerd::builder().cri().start();
+    let pod_shims = |ctd: &Containerd| shims_named(ctd, shim);
     let pod = ctd.run_pod("pod-two", handler);
     let sandbox_shims = pod_shims(&ctd);
     assert_eq!(
@@ -115,14 +125,7 @@ fn pod_with_two_containers(handler: &str, shim: &str) {
     );
     ctd.stop_pod(&pod.id);
     ctd.remove_pod(&pod.id);
-    assert!(ctd.pods().is_empty() && ctd.containers().is_empty());
-    ctd.wait_for(30, "the shim to exit", || ctd.shims().is_empty());
-    ctd.wait_for(30, "mounts to go", || ctd.mounts().is_empty());
-    assert!(
-        ctd.runc_containers().is_empty(),
-        "runc state: {:?}",
-        ctd.runc_containers()
-    );
+    assert_nothing_left(&ctd);
 }
 
 /// StopPodSandbox with its container still running (kubelet's path when a
@@ -130,10 +133,8 @@ fn pod_with_two_containers(handler: &str, shim: &str) {
 /// RemovePodSandbox, nothing is left.
 #[test]
 fn stopping_a_pod_stops_its_running_container() {
-    if !require_root("stopping_a_pod_stops_its_running_container") {
-        return;
-    }
-    let ctd = CriContainerd::start(CriOptions::default());
+    require_root!();
+    let ctd = Containerd::builder().cri().start();
     let pod = ctd.run_pod("pod-stop", LAZYBD_HANDLER);
     let id = ctd.create_container(
         &pod,
@@ -148,14 +149,7 @@ fn stopping_a_pod_stops_its_running_container() {
     let status = ctd.container_status(&id);
     assert_eq!(status.exit_code, 137, "SIGKILLed: {status:?}");
     ctd.remove_pod(&pod.id);
-    assert!(ctd.pods().is_empty() && ctd.containers().is_empty());
-    ctd.wait_for(30, "the shim to exit", || ctd.shims().is_empty());
-    ctd.wait_for(30, "mounts to go", || ctd.mounts().is_empty());
-    assert!(
-        ctd.runc_containers().is_empty(),
-        "runc state: {:?}",
-        ctd.runc_containers()
-    );
+    assert_nothing_left(&ctd);
 }
 
 /// Pods with a network of their own (CNI bridge + host-local, inside
@@ -163,13 +157,8 @@ fn stopping_a_pod_stops_its_running_container() {
 /// see the pod's one address; the pod's netns goes with RemovePodSandbox.
 #[test]
 fn a_pod_on_a_cni_bridge_shares_one_network_namespace() {
-    if !require_root("a_pod_on_a_cni_bridge_shares_one_network_namespace") {
-        return;
-    }
-    let ctd = CriContainerd::start(CriOptions {
-        pod_network: true,
-        ..CriOptions::default()
-    });
+    require_root!();
+    let ctd = Containerd::builder().pod_network().start();
     let pod = ctd.run_pod("pod-net", LAZYBD_HANDLER);
     let netns = pod.netns.clone().expect("pod netns");
     assert!(netns.exists(), "{}", netns.display());

@@ -23,15 +23,9 @@ fn run_detached(ctd: &Containerd, runtime: &str, id: &str, extra: &[&str], cmd: 
     ctd.ctr_ok(&args);
 }
 
-fn wait_status(ctd: &Containerd, id: &str, status: &str) {
-    ctd.wait_for(60, &format!("{id} {status}"), || {
-        ctd.tasks().iter().any(|(t, st)| t == id && st == status)
-    });
-}
-
 fn remove(ctd: &Containerd, id: &str) {
     ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    wait_status(ctd, id, "STOPPED");
+    ctd.wait_task(60, id, "STOPPED");
     ctd.ctr_ok(&["task", "rm", id]);
     ctd.ctr_ok(&["containers", "rm", id]);
 }
@@ -190,9 +184,7 @@ fn tty_and_resize(ctd: &Containerd, runtime: &str, id: &str) {
 
 #[test]
 fn tty_with_resize_like_runc_v2() {
-    if !lazybd_tests::require_root("tty_with_resize_like_runc_v2") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let ctd = Containerd::start();
     tty_and_resize(&ctd, RUNC_RUNTIME, "tty-rc");
     tty_and_resize(&ctd, LAZYBD_RUNTIME, "tty-lz");
@@ -207,12 +199,12 @@ fn control_scenario(
     id: &str,
 ) -> Vec<String> {
     run_detached(ctd, runtime, id, &[], &["/bin/sleep", "600"]);
-    wait_status(ctd, id, "RUNNING");
+    ctd.wait_task(60, id, "RUNNING");
 
     ctd.ctr_ok(&["task", "pause", id]);
-    wait_status(ctd, id, "PAUSED");
+    ctd.wait_task(60, id, "PAUSED");
     ctd.ctr_ok(&["task", "resume", id]);
-    wait_status(ctd, id, "RUNNING");
+    ctd.wait_task(60, id, "RUNNING");
 
     // ps: the init and a detached exec, by pid.
     ctd.ctr_ok(&[
@@ -266,9 +258,7 @@ fn control_scenario(
 
 #[test]
 fn pause_resume_ps_metrics_update_like_runc_v2() {
-    if !lazybd_tests::require_root("pause_resume_ps_metrics_update_like_runc_v2") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let ctd = Containerd::start();
     let events = EventRecorder::start(&ctd, "control");
     let ours = control_scenario(&ctd, &events, LAZYBD_RUNTIME, "ctl-lz");
@@ -329,9 +319,7 @@ fn oom_scenario(
 
 #[test]
 fn oom_kill_reports_task_oom_before_exit_like_runc_v2() {
-    if !lazybd_tests::require_root("oom_kill_reports_task_oom_before_exit_like_runc_v2") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let ctd = Containerd::start();
     let events = EventRecorder::start(&ctd, "oom");
     let (ours, code) = oom_scenario(&ctd, &events, LAZYBD_RUNTIME, "oom-lz");
@@ -356,9 +344,7 @@ fn oom_kill_reports_task_oom_before_exit_like_runc_v2() {
 
 #[test]
 fn fifty_containers_at_once_all_cleaned_up() {
-    if !lazybd_tests::require_root("fifty_containers_at_once_all_cleaned_up") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let ctd = Containerd::start();
     let rootfs = ctd.rootfs();
     let rootfs = rootfs.to_str().unwrap().to_string();
@@ -400,24 +386,20 @@ fn fifty_containers_at_once_all_cleaned_up() {
     assert!(ctd.tasks().is_empty(), "tasks left: {:?}", ctd.tasks());
     assert!(ctd.runc_containers().is_empty(), "runc state left");
     assert!(
-        !ctd.mounts()
-            .iter()
-            .any(|m| m.contains("io.containerd.runtime.v2.task")),
+        ctd.task_mounts().is_empty(),
         "rootfs mounts left: {:?}",
-        ctd.mounts()
+        ctd.task_mounts()
     );
 }
 
 #[test]
 fn containerd_restart_reconnects_to_running_shims() {
-    if !lazybd_tests::require_root("containerd_restart_reconnects_to_running_shims") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let mut ctd = Containerd::start();
     run_detached(&ctd, LAZYBD_RUNTIME, "keep-1", &[], &["/bin/sleep", "600"]);
     run_detached(&ctd, LAZYBD_RUNTIME, "keep-2", &[], &["/bin/sleep", "600"]);
-    wait_status(&ctd, "keep-1", "RUNNING");
-    wait_status(&ctd, "keep-2", "RUNNING");
+    ctd.wait_task(60, "keep-1", "RUNNING");
+    ctd.wait_task(60, "keep-2", "RUNNING");
     let shims = ctd.shim_pids();
     assert_eq!(shims.len(), 2, "one shim per container");
 
@@ -448,7 +430,7 @@ fn containerd_restart_reconnects_to_running_shims() {
     ]);
     assert_eq!(out.trim(), "still here");
     ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "keep-1"]);
-    wait_status(&ctd, "keep-1", "STOPPED");
+    ctd.wait_task(60, "keep-1", "STOPPED");
     remove(&ctd, "keep-1");
     remove(&ctd, "keep-2");
     ctd.wait_for(30, "shims gone", || ctd.shim_pids().is_empty());
@@ -456,9 +438,7 @@ fn containerd_restart_reconnects_to_running_shims() {
 
 #[test]
 fn killed_shim_is_cleaned_up_by_containerd() {
-    if !lazybd_tests::require_root("killed_shim_is_cleaned_up_by_containerd") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let ctd = Containerd::start();
     let events = EventRecorder::start(&ctd, "killed");
     ctd.import_busybox("lazybd.test/busybox:killed");
@@ -472,7 +452,7 @@ fn killed_shim_is_cleaned_up_by_containerd() {
         "/bin/sleep",
         "600",
     ]);
-    wait_status(&ctd, "victim", "RUNNING");
+    ctd.wait_task(60, "victim", "RUNNING");
     let init: i32 = ctd
         .ctr_ok(&["task", "ls"])
         .lines()
@@ -507,18 +487,12 @@ fn killed_shim_is_cleaned_up_by_containerd() {
     ctd.ctr(&["task", "rm", "victim"]);
     ctd.ctr_ok(&["containers", "rm", "victim"]);
     assert!(ctd.runc_containers().is_empty(), "runc state left");
-    ctd.wait_for(30, "rootfs unmounted", || {
-        !ctd.mounts()
-            .iter()
-            .any(|m| m.contains("io.containerd.runtime.v2.task"))
-    });
+    ctd.wait_for(30, "rootfs unmounted", || ctd.task_mounts().is_empty());
 }
 
 #[test]
 fn runc_options_come_from_the_runtime_config_file() {
-    if !lazybd_tests::require_root("runc_options_come_from_the_runtime_config_file") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let ctd = Containerd::start();
     // A runc that leaves a mark, so the test sees which binary the shim ran.
     let mark = ctd.dir().join("wrapped-runc.log");
@@ -576,9 +550,7 @@ fn runc_options_come_from_the_runtime_config_file() {
 
 #[test]
 fn a_failed_start_leaves_no_process_and_no_socket() {
-    if !lazybd_tests::require_root("a_failed_start_leaves_no_process_and_no_socket") {
-        return;
-    }
+    lazybd_tests::require_root!();
     // A containerd whose event socket is not there: the server cannot publish
     // events, so it must fail, and `start` must clean up after it.
     let bundle = tempfile::tempdir().unwrap();

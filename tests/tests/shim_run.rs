@@ -80,11 +80,7 @@ fn scenarios(ctd: &Containerd, events: &EventRecorder, runtime: &str, prefix: &s
         .ctr_cmd(&args(&run(&ids[3], &["/bin/sleep", "300"])))
         .spawn()
         .unwrap();
-    ctd.wait_for(30, "sigkill task running", || {
-        ctd.tasks()
-            .iter()
-            .any(|(id, st)| id == &ids[3] && st == "RUNNING")
-    });
+    ctd.wait_task(30, &ids[3], "RUNNING");
     ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &ids[3]]);
     exit_codes.push(("SIGKILL".into(), wait_child(&mut child, 60)));
 
@@ -119,9 +115,7 @@ fn scenarios(ctd: &Containerd, events: &EventRecorder, runtime: &str, prefix: &s
     ctd.ctr_ok(&["task", "kill", "--exec-id", "sleeper", "-s", "SIGTERM", id]);
     exit_codes.push(("exec SIGTERM".into(), wait_child(&mut exec, 60)));
     ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-    ctd.wait_for(30, "task stopped", || {
-        ctd.tasks().iter().any(|(t, st)| t == id && st == "STOPPED")
-    });
+    ctd.wait_task(30, id, "STOPPED");
     ctd.ctr_ok(&["task", "rm", id]);
     ctd.ctr_ok(&["containers", "rm", id]);
     // Events are delivered asynchronously.
@@ -154,9 +148,7 @@ fn args(v: &[String]) -> Vec<&str> {
 
 #[test]
 fn exit_codes_stdio_and_events_match_runc_v2() {
-    if !lazybd_tests::require_root("exit_codes_stdio_and_events_match_runc_v2") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let ctd = Containerd::start();
     let events = EventRecorder::start(&ctd, "run");
     let ours = scenarios(&ctd, &events, LAZYBD_RUNTIME, "lz");
@@ -201,9 +193,7 @@ fn exit_codes_stdio_and_events_match_runc_v2() {
 
 #[test]
 fn image_rootfs_is_mounted_for_the_task_and_unmounted_after() {
-    if !lazybd_tests::require_root("image_rootfs_is_mounted_for_the_task_and_unmounted_after") {
-        return;
-    }
+    lazybd_tests::require_root!();
     let ctd = Containerd::start();
     ctd.import_busybox("lazybd.test/busybox:1");
     let out = ctd.ctr_ok(&[
@@ -224,10 +214,6 @@ fn image_rootfs_is_mounted_for_the_task_and_unmounted_after() {
             .any(|l| l.contains(" / / ") && l.contains("overlay")),
         "root is not the snapshot overlay: {out}"
     );
-    ctd.wait_for(20, "rootfs unmounted", || {
-        !ctd.mounts()
-            .iter()
-            .any(|m| m.contains("io.containerd.runtime.v2.task"))
-    });
+    ctd.wait_for(20, "rootfs unmounted", || ctd.task_mounts().is_empty());
     assert!(ctd.shim_pids().is_empty(), "shim left running");
 }

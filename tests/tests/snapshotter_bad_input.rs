@@ -6,20 +6,19 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, Info, ListSnapshotsRequest, MountsRequest, PrepareSnapshotRequest,
-    StatSnapshotRequest, UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
+    CommitSnapshotRequest, Info, MountsRequest, PrepareSnapshotRequest, StatSnapshotRequest,
+    UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
 };
 use containerd_client::tonic::{Code, Status};
 use containerd_client::types::Mount;
-use lazybd_tests::images::publish_lazy_rich;
-use lazybd_tests::lazy_layers::leftovers;
-use lazybd_tests::registry::Registry;
-use lazybd_tests::snapshots_api::{cri_labels, remove, Client};
-use lazybd_tests::snapshotter::{metric, SnapshotterDaemon};
+use lazybd_tests::daemon::Daemon;
+use lazybd_tests::images::registry_with_lazy_rich;
+use lazybd_tests::snapshots_api::{cri_labels, list, remove, Client};
+use lazybd_tests::snapshotter::{metric, plain_http_config, SnapshotterDaemon};
 use lazybd_tests::{bin_path, require_root};
 
 /// containerd.snapshots.v1.Kind
@@ -56,21 +55,11 @@ async fn stat(c: &mut Client, key: &str) -> Result<Info, Status> {
     .map(|r| r.into_inner().info.unwrap())
 }
 
-async fn list(c: &mut Client) -> Vec<String> {
-    let mut stream = c
-        .list(ListSnapshotsRequest {
-            snapshotter: "lazybd".into(),
-            filters: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        out.extend(batch.info.into_iter().map(|i| i.name));
-    }
-    out.sort();
-    out
+/// Every snapshot's name, sorted.
+async fn list_all(c: &mut Client) -> Vec<String> {
+    let mut names = list(c, &[]).await;
+    names.sort();
+    names
 }
 
 fn assert_not_found(r: Result<impl std::fmt::Debug, Status>, key: &str, what: &str) {
@@ -100,11 +89,7 @@ fn layer_paths(root: &Path, digest: &str) -> Vec<std::path::PathBuf> {
 
 /// Only the layer manager's own FUSE mount; no EROFS mount, no loop device.
 fn assert_nothing_lazy_attached(daemon: &SnapshotterDaemon) {
-    let (mounts, loops) = leftovers(&daemon.root);
-    assert!(
-        mounts.iter().all(|m| m.ends_with("lazy/fuse")) && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    daemon.assert_only_fuse_left();
     let layers = daemon.control(&serde_json::json!({"op": "layers"}));
     assert_eq!(layers["layers"], serde_json::json!([]), "{layers}");
     assert_eq!(metric(&daemon.metrics(), "lazybd_attached_layers"), 0.0);
@@ -112,9 +97,7 @@ fn assert_nothing_lazy_attached(daemon: &SnapshotterDaemon) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_keys_and_missing_parents_are_not_found_and_leave_nothing() {
-    if !require_root("unknown_keys_and_missing_parents_are_not_found_and_leave_nothing") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let daemon = SnapshotterDaemon::start(tmp.path(), "");
     let mut c = daemon.client().await;
@@ -197,34 +180,13 @@ async fn unknown_keys_and_missing_parents_are_not_found_and_leave_nothing() {
     assert_eq!(stat(&mut c, "active").await.unwrap().kind, ACTIVE);
 
     // Only what was made on purpose exists.
-    assert_eq!(list(&mut c).await, ["active", "other"]);
+    assert_eq!(list_all(&mut c).await, ["active", "other"]);
     assert_eq!(snapshot_dirs(&daemon.root), 2);
     remove(&mut c, "active").await.unwrap();
     remove(&mut c, "other").await.unwrap();
-    assert_eq!(list(&mut c).await, Vec::<String>::new());
+    assert_eq!(list_all(&mut c).await, Vec::<String>::new());
     assert_eq!(snapshot_dirs(&daemon.root), 0);
-    let (mounts, loops) = leftovers(&daemon.root);
-    assert!(
-        mounts.iter().all(|m| m.ends_with("lazy/fuse")) && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
-}
-
-/// A converted three-layer image in a fresh registry: (image ref, manifest
-/// digest, layer digests bottom first).
-fn lazy_image(t: &Path, registry: &Registry) -> (String, String, Vec<String>) {
-    let converted = publish_lazy_rich(t, registry);
-    let layers = converted["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
-        .collect();
-    (
-        registry.reference("rich:lazy"),
-        converted["manifest_digest"].as_str().unwrap().to_owned(),
-        layers,
-    )
+    daemon.assert_only_fuse_left();
 }
 
 fn flip(path: &Path, range: std::ops::Range<usize>) {
@@ -240,31 +202,24 @@ const FOOTER_LEN: usize = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_lazybd_index_falls_back_to_the_normal_path() {
-    if !require_root("a_corrupt_lazybd_index_falls_back_to_the_normal_path") {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    require_root!();
+    let (tmp, registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let registry = Registry::start();
-    let (image, manifest, layers) = lazy_image(t, &registry);
 
     // Layer 0: bytes of its index (just before the footer) flipped; layer 1:
     // its footer flipped. Both behind the registry's back.
-    let blob = registry.blob_file(&layers[0]);
+    let blob = registry.blob_file(&img.layers[0]);
     let len = std::fs::metadata(&blob).unwrap().len() as usize;
     flip(&blob, len - FOOTER_LEN - 16..len - FOOTER_LEN);
-    let blob = registry.blob_file(&layers[1]);
+    let blob = registry.blob_file(&img.layers[1]);
     let len = std::fs::metadata(&blob).unwrap().len() as usize;
     flip(&blob, len - FOOTER_LEN..len);
 
-    let daemon = SnapshotterDaemon::start(
-        t,
-        &format!("[registry]\nplain_http = [\"{}\"]\n", registry.host()),
-    );
+    let daemon = SnapshotterDaemon::start(t, &plain_http_config(&registry));
     let mut c = daemon.client().await;
-    for (i, layer) in layers[..2].iter().enumerate() {
+    for (i, layer) in img.layers[..2].iter().enumerate() {
         let target = format!("chain-{i}");
-        let labels = cri_labels(&image, &manifest, layer, &target);
+        let labels = cri_labels(&img.image, &img.manifest, layer, &target);
         // The fallback: an ordinary active snapshot containerd unpacks into.
         let mounts = prepare(&mut c, &format!("extract-{i}"), "", labels)
             .await
@@ -290,7 +245,7 @@ async fn a_corrupt_lazybd_index_falls_back_to_the_normal_path() {
         );
     }
     assert_nothing_lazy_attached(&daemon);
-    assert_eq!(list(&mut c).await, ["extract-0", "extract-1"]);
+    assert_eq!(list_all(&mut c).await, ["extract-0", "extract-1"]);
     remove(&mut c, "extract-0").await.unwrap();
     remove(&mut c, "extract-1").await.unwrap();
     assert_eq!(snapshot_dirs(&daemon.root), 0);
@@ -298,19 +253,12 @@ async fn a_corrupt_lazybd_index_falls_back_to_the_normal_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
-    if !require_root("a_registry_down_during_prepare_falls_back_within_the_deadline") {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    require_root!();
+    let (tmp, mut registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let mut registry = Registry::start();
-    let (image, manifest, layers) = lazy_image(t, &registry);
     let daemon = SnapshotterDaemon::start(
         t,
-        &format!(
-            "read_deadline_secs = 3\n[registry]\nplain_http = [\"{}\"]\n",
-            registry.host()
-        ),
+        &format!("read_deadline_secs = 3\n{}", plain_http_config(&registry)),
     );
     let mut c = daemon.client().await;
 
@@ -319,7 +267,7 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
         &mut c,
         "extract-0",
         "",
-        cri_labels(&image, &manifest, &layers[0], "chain-0"),
+        cri_labels(&img.image, &img.manifest, &img.layers[0], "chain-0"),
     )
     .await
     .unwrap_err();
@@ -332,24 +280,24 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
         &mut c,
         "extract-1",
         "chain-0",
-        cri_labels(&image, &manifest, &layers[1], "chain-1"),
+        cri_labels(&img.image, &img.manifest, &img.layers[1], "chain-1"),
     )
     .await
     .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
     assert_eq!(mounts[0].r#type, "overlay", "{mounts:?}");
-    assert!(layer_paths(&daemon.root, &layers[1]).is_empty());
+    assert!(layer_paths(&daemon.root, &img.layers[1]).is_empty());
     // A manifest not cached: its fetch fails on the refused connection.
     let other = format!("sha256:{}", "0".repeat(64));
     let mounts = prepare(
         &mut c,
         "extract-other",
         "",
-        cri_labels(&image, &other, &layers[2], "chain-other"),
+        cri_labels(&img.image, &other, &img.layers[2], "chain-other"),
     )
     .await
     .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
     assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
-    assert!(layer_paths(&daemon.root, &layers[2]).is_empty());
+    assert!(layer_paths(&daemon.root, &img.layers[2]).is_empty());
 
     let log = daemon.log();
     for target in ["chain-1", "chain-other"] {
@@ -372,9 +320,9 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
         .iter()
         .map(|l| l["digest"].as_str().unwrap())
         .collect();
-    assert_eq!(attached, [layers[0].as_str()]);
+    assert_eq!(attached, [img.layers[0].as_str()]);
     assert_eq!(
-        list(&mut c).await,
+        list_all(&mut c).await,
         ["chain-0", "extract-1", "extract-other"]
     );
     for key in ["extract-1", "extract-other", "chain-0"] {
@@ -391,8 +339,8 @@ fn refused(dir: &Path, name: &str, config_toml: &str) -> String {
     std::fs::write(&config, config_toml).unwrap();
     let socket = dir.join(format!("{name}.sock"));
     let stderr = dir.join(format!("{name}.log"));
-    let mut child = Command::new(bin_path("lazybd-snapshotter"))
-        .arg("--config")
+    let mut cmd = Command::new(bin_path("lazybd-snapshotter"));
+    cmd.arg("--config")
         .arg(&config)
         .arg("--root")
         .arg(dir.join(format!("{name}-root")))
@@ -400,25 +348,14 @@ fn refused(dir: &Path, name: &str, config_toml: &str) -> String {
         .arg(&socket)
         .arg("--control-address")
         .arg(dir.join(format!("{name}-control.sock")))
-        .args(["--metrics-address", ""])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("start lazybd-snapshotter");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{name}: the daemon kept running on a bad config:\n{}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        .args(["--metrics-address", ""]);
+    let mut daemon = Daemon::spawn("lazybd-snapshotter", cmd, &stderr);
+    let Some(status) = daemon.wait_exit(Duration::from_secs(30)) else {
+        daemon.kill();
+        panic!(
+            "{name}: the daemon kept running on a bad config:\n{}",
+            daemon.log()
+        );
     };
     let text = std::fs::read_to_string(&stderr).unwrap();
     assert!(!status.success(), "{name}: exited with {status}:\n{text}");

@@ -9,9 +9,7 @@ use lazybd_tests::{bin_path, require_root};
 
 #[test]
 fn containerd_snapshotter_testsuite_passes() {
-    if !require_root("containerd_snapshotter_testsuite_passes") {
-        return;
-    }
+    require_root!();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance");
     let out = Command::new("go")
         .args(["test", "-count=1", "-v", "."])

@@ -5,25 +5,21 @@
 //! run on it through containerd-shim-lazybd-v2, reading a few files; with
 //! prefetch on task-start, the container's start makes its layers local.
 
-use std::path::{Path, PathBuf};
-
 use k8s_cri::v1::ContainerState;
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::cri::{CriContainerd, CriOptions, CriSnapshotter, LAZYBD_HANDLER};
-use lazybd_tests::images::{noise, publish_lazy_rich};
-use lazybd_tests::registry::Registry;
+use lazybd_tests::containerd::cri::LAZYBD_HANDLER;
+use lazybd_tests::images::noise;
+use lazybd_tests::lazy_node::LazyNode;
 use lazybd_tests::require_root;
-use lazybd_tests::snapshotter::{metric, metric_sum, SnapshotterDaemon};
+use lazybd_tests::snapshotter::{metric, metric_sum};
 use sha2::{Digest, Sha256};
 
 #[test]
 fn cri_pull_attaches_layers_lazily_and_a_pod_runs_on_them() {
-    if !require_root("cri_pull_attaches_layers_lazily_and_a_pod_runs_on_them") {
-        return;
-    }
+    require_root!();
     // No prefetch on task-start: what was fetched is what the container read.
-    let node = Node::start("[prefetch]\non_task_start = false\n");
-    let (ctd, snapshotter, lazy) = (&node.ctd, &node.snapshotter, &node.lazy);
+    let node = LazyNode::with_cri("[prefetch]\non_task_start = false\n");
+    let (ctd, snapshotter, lazy) = (&node.ctd, &node.snapshotter, &node.img.image);
 
     let image_ref = ctd.pull_image(lazy);
     let image = ctd.image_status(lazy).expect("pulled image in CRI's store");
@@ -110,67 +106,14 @@ fn cri_pull_attaches_layers_lazily_and_a_pod_runs_on_them() {
     ctd.wait_for(30, "container mounts to go", || ctd.mounts().is_empty());
 }
 
-/// A registry with the converted rich image, lazybd-snapshotter and
-/// containerd with CRI on it. Fields drop in order: containerd first, then
-/// the snapshotter (lazy layers are served by it and must outlive the
-/// containers on them), then the registry and the files.
-struct Node {
-    ctd: CriContainerd,
-    snapshotter: SnapshotterDaemon,
-    lazy: String,
-    _registry: Registry,
-    _tmp: tempfile::TempDir,
-}
-
-impl Node {
-    fn start(snapshotter_config: &str) -> Node {
-        let tmp = tempfile::tempdir().unwrap();
-        let t = tmp.path();
-        let registry = Registry::start();
-        publish_lazy_rich(t, &registry);
-        let lazy = registry.reference("rich:lazy");
-        let snapshotter = SnapshotterDaemon::start(
-            &dir(t, "snapshotter"),
-            &format!(
-                "[registry]\nplain_http = [\"{}\"]\n{snapshotter_config}",
-                registry.host()
-            ),
-        );
-        let ctd = CriContainerd::start(CriOptions {
-            snapshotter: CriSnapshotter::Lazybd {
-                socket: snapshotter.socket.clone(),
-                root: snapshotter.root.clone(),
-                control: snapshotter.control.clone(),
-            },
-            plain_http_registries: vec![registry.host()],
-            pod_network: false,
-        });
-        Node {
-            ctd,
-            snapshotter,
-            lazy,
-            _registry: registry,
-            _tmp: tmp,
-        }
-    }
-}
-
-fn dir(t: &Path, name: &str) -> PathBuf {
-    let d = t.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// With prefetch on task-start (the default), the container's start sets
 /// its layers fetching in the background until every one is local, and
 /// the container reads the same bytes before and after.
 #[test]
 fn task_start_through_cri_prefetches_the_layers_until_local() {
-    if !require_root("task_start_through_cri_prefetches_the_layers_until_local") {
-        return;
-    }
-    let node = Node::start("");
-    let (ctd, snapshotter, lazy) = (&node.ctd, &node.snapshotter, &node.lazy);
+    require_root!();
+    let node = LazyNode::with_cri("");
+    let (ctd, snapshotter, lazy) = (&node.ctd, &node.snapshotter, &node.img.image);
     ctd.pull_image(lazy);
     let pod = ctd.run_pod("prefetch-pod", LAZYBD_HANDLER);
     let id = ctd.create_container(&pod, "app", lazy, &["/bin/busybox", "sleep", "2147483647"]);

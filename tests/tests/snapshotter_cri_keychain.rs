@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::cri::{CriContainerd, CriOptions, CriSnapshotter};
+use lazybd_tests::containerd::Containerd;
 use lazybd_tests::images::publish_rich;
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
@@ -55,9 +55,7 @@ fn pull_with_auth(
 
 #[test]
 fn pull_credentials_reach_the_snapshotter_through_the_cri_keychain() {
-    if !require_root("pull_credentials_reach_the_snapshotter_through_the_cri_keychain") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let registry = Registry::start_with_htpasswd(USER, PASSWORD);
@@ -97,15 +95,11 @@ fn pull_credentials_reach_the_snapshotter_through_the_cri_keychain() {
             containerd_cri.display(),
         ),
     );
-    let ctd = CriContainerd::start(CriOptions {
-        snapshotter: CriSnapshotter::Lazybd {
-            socket: snapshotter.socket.clone(),
-            root: snapshotter.root.clone(),
-            control: snapshotter.control.clone(),
-        },
-        plain_http_registries: vec![registry.host()],
-        pod_network: false,
-    });
+    let ctd = Containerd::builder()
+        .proxy_snapshotter(snapshotter.proxy())
+        .cri_snapshotter("lazybd")
+        .plain_http_registry(&registry.host())
+        .start();
     std::os::unix::fs::symlink(ctd.socket(), &containerd_cri).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -8,18 +8,17 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use containerd_client::services::v1::snapshots::{
-    CleanupRequest, CommitSnapshotRequest, ListSnapshotsRequest, MountsRequest,
-    StatSnapshotRequest, UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
+    CleanupRequest, CommitSnapshotRequest, MountsRequest, StatSnapshotRequest,
+    UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
 };
 use containerd_client::tonic::Code;
 use lazybd_blockdev::oci::OciLayout;
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::images::{publish_lazy_rich, rich_layers, write_image, Compression};
-use lazybd_tests::lazy_layers::leftovers;
+use lazybd_tests::images::{registry_with_lazy_rich, rich_layers, write_image, Compression};
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
-use lazybd_tests::snapshots_api::{cri_labels, prepare, remove, Client};
-use lazybd_tests::snapshotter::{metric, Mounted, SnapshotterDaemon};
+use lazybd_tests::snapshots_api::{cri_labels, list, prepare, remove, Client};
+use lazybd_tests::snapshotter::{metric, plain_http_config, Mounted, SnapshotterDaemon};
 
 async fn commit(c: &mut Client, name: &str, key: &str) {
     c.commit(CommitSnapshotRequest {
@@ -52,9 +51,7 @@ const COMMITTED: i32 = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordinary_snapshots_behave_like_overlayfs_and_survive_a_restart() {
-    if !require_root("ordinary_snapshots_behave_like_overlayfs_and_survive_a_restart") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let mut daemon = SnapshotterDaemon::start(t, "");
@@ -207,49 +204,18 @@ fn prost_types_mask(paths: &[&str]) -> prost_types::FieldMask {
     }
 }
 
-async fn list(c: &mut Client, filters: &[&str]) -> Vec<String> {
-    let mut stream = c
-        .list(ListSnapshotsRequest {
-            snapshotter: "lazybd".into(),
-            filters: filters.iter().map(|s| s.to_string()).collect(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        out.extend(batch.info.into_iter().map(|i| i.name));
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
-    if !require_root("lazybd_layers_are_attached_lazily_and_come_back_after_a_restart") {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    require_root!();
+    let (tmp, registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let registry = Registry::start();
-    let converted = publish_lazy_rich(t, &registry);
-    let image = registry.reference("rich:lazy");
-    let manifest = converted["manifest_digest"].as_str().unwrap().to_owned();
-    let layers: Vec<String> = converted["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
-        .collect();
 
-    let mut daemon = SnapshotterDaemon::start(
-        t,
-        &format!("[registry]\nplain_http = [\"{}\"]\n", registry.host()),
-    );
+    let mut daemon = SnapshotterDaemon::start(t, &plain_http_config(&registry));
     let mut c = daemon.client().await;
     let mut parent = String::new();
-    for (i, layer) in layers.iter().enumerate() {
+    for (i, layer) in img.layers.iter().enumerate() {
         let target = format!("chain-{i}");
-        let labels = cri_labels(&image, &manifest, layer, &target);
+        let labels = cri_labels(&img.image, &img.manifest, layer, &target);
         let err = prepare(&mut c, &format!("extract-{i}"), &parent, labels)
             .await
             .unwrap_err();
@@ -292,10 +258,7 @@ async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
     let mounts = prepare(&mut c, "container-3", &parent, HashMap::new())
         .await
         .unwrap();
-    let reply = daemon.control(&serde_json::json!({
-        "event": "task-start", "namespace": "default", "container_id": "c3", "pid": 1,
-        "bundle": "/b", "rootfs": [{"type": "overlay", "source": "overlay", "options": mounts[0].options}],
-    }));
+    let reply = daemon.task_start("c3", &mounts);
     assert_eq!(reply["layers"].as_array().unwrap().len(), 3, "{reply}");
     let listed = ok(&lazybd(&[
         &"layers",
@@ -331,28 +294,19 @@ async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
     for i in (0..layers.len()).rev() {
         remove(&mut c, &format!("chain-{i}")).await.unwrap();
     }
-    let (mounts, loops) = leftovers(&daemon.root);
-    assert!(
-        mounts.iter().all(|m| m.ends_with("lazy/fuse")) && loops.is_empty(),
-        "{mounts:?} {loops:?}"
-    );
+    daemon.assert_only_fuse_left();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordinary_images_with_cri_labels_fall_back_to_the_normal_path() {
-    if !require_root("ordinary_images_with_cri_labels_fall_back_to_the_normal_path") {
-        return;
-    }
+    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let registry = Registry::start();
     let layout = t.join("src");
     let manifest = write_image(&layout, "v1", &rich_layers()[..1], &[Compression::Gzip]);
     registry.push_layout(&layout, "v1", "plain:v1");
-    let mut daemon = SnapshotterDaemon::start(
-        t,
-        &format!("[registry]\nplain_http = [\"{}\"]\n", registry.host()),
-    );
+    let mut daemon = SnapshotterDaemon::start(t, &plain_http_config(&registry));
     let mut c = daemon.client().await;
     let blob = OciLayout::open(&layout)
         .unwrap()

@@ -8,15 +8,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::images::publish_lazy_rich;
+use lazybd_tests::images::registry_with_lazy_rich;
 use lazybd_tests::lazy_layers::{leftovers, wait_nothing_left, walk};
-use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
 use lazybd_tests::snapshots_api::{attach_layers, prepare, remove};
-use lazybd_tests::snapshotter::{Mounted, SnapshotterDaemon};
+use lazybd_tests::snapshotter::{metric, plain_http_config, Mounted, SnapshotterDaemon};
 
 /// Every regular file's bytes under `dir`, by relative path.
 fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -35,47 +34,25 @@ fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect()
 }
 
-fn states(daemon: &SnapshotterDaemon) -> Vec<String> {
-    daemon.control(&serde_json::json!({"op": "layers"}))["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["state"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed_and_restarted() {
-    if !require_root(
-        "a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed_and_restarted",
-    ) {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    require_root!();
+    let (tmp, registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let registry = Registry::start();
-    let converted = publish_lazy_rich(t, &registry);
-    let image = registry.reference("rich:lazy");
-    let manifest = converted["manifest_digest"].as_str().unwrap().to_owned();
-    let layers: Vec<String> = converted["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
-        .collect();
     let mut daemon = SnapshotterDaemon::start(
         t,
-        &format!(
-            // A capacity of one byte: every detached layer's cache goes,
-            // attached ones must stay regardless.
-            "[registry]\nplain_http = [\"{}\"]\n[prefetch]\non_task_start = true\n\
-             [cache]\ncapacity_bytes = 1\nevict_interval_secs = 1\n",
-            registry.host()
-        ),
+        // A capacity of one byte: every detached layer's cache goes,
+        // attached ones must stay regardless.
+        &(plain_http_config(&registry)
+            + "[prefetch]\non_task_start = true\n\
+               [cache]\ncapacity_bytes = 1\nevict_interval_secs = 1\n"),
     );
     let mut c = daemon.client().await;
-    let parent = attach_layers(&mut c, &image, &manifest, &layers, || daemon.log()).await;
-    assert!(states(&daemon).iter().all(|s| s == "lazy"));
+    let parent = attach_layers(&mut c, &img.image, &img.manifest, &img.layers, || {
+        daemon.log()
+    })
+    .await;
+    assert!(daemon.layer_states().iter().all(|s| s == "lazy"));
 
     let rootfs = t.join("rootfs");
     std::fs::create_dir(&rootfs).unwrap();
@@ -83,23 +60,11 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
         .await
         .unwrap();
     let container = Mounted::new(&mounts, &rootfs);
-    let reply = daemon.control(&serde_json::json!({
-        "event": "task-start", "namespace": "default", "container_id": "c1", "pid": 1,
-        "bundle": "/b", "rootfs": [{"type": "overlay", "source": "overlay", "options": mounts[0].options}],
-    }));
+    let reply = daemon.task_start("c1", &mounts);
     assert_eq!(reply["layers"].as_array().unwrap().len(), 3, "{reply}");
 
     // Bounded wait for the prefetch and handoff of all three layers.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !states(&daemon).iter().all(|s| s == "local") {
-        assert!(
-            Instant::now() < deadline,
-            "not local after 120 s: {:?}\n{}",
-            states(&daemon),
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    daemon.wait_all_local(Duration::from_secs(120));
     // The kernel agrees: every loop device under the root reads a cache file.
     let (_, loops) = leftovers(&daemon.root);
     assert_eq!(loops.len(), 3, "{loops:?}");
@@ -109,7 +74,7 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
         .iter()
         .any(|(p, d)| p.ends_with("data/big") && d.len() == 6 << 20));
     let metrics = daemon.metrics();
-    let handoffs: f64 = lazybd_tests::snapshotter::metric(&metrics, "lazybd_handoffs_total");
+    let handoffs: f64 = metric(&metrics, "lazybd_handoffs_total");
     assert_eq!(handoffs, 3.0, "{metrics}");
 
     // The snapshotter dies; the container's reads do not need it any more.
@@ -121,9 +86,9 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
     // Restarted: complete layers come back on their cache files at once.
     daemon.restart();
     assert!(
-        states(&daemon).iter().all(|s| s == "local"),
+        daemon.layer_states().iter().all(|s| s == "local"),
         "{:?}",
-        states(&daemon)
+        daemon.layer_states()
     );
     let listed = ok(&lazybd(&[&"layers", &"--control", &daemon.control]));
     assert_eq!(listed.matches(" local ").count(), 3, "{listed}");
@@ -160,23 +125,23 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
     // Eviction: removing the top layer detaches it and its cache goes; the
     // layers below are still attached and keep theirs, over capacity or not.
     let cache = |d: &str| daemon.root.join("lazy/layers").join(d.replace(':', "-"));
-    assert!(layers.iter().all(|d| cache(d).join("image").exists()));
-    remove(&mut c, &format!("chain-{}", layers.len() - 1))
+    assert!(img.layers.iter().all(|d| cache(d).join("image").exists()));
+    remove(&mut c, &format!("chain-{}", img.layers.len() - 1))
         .await
         .unwrap();
-    assert!(!cache(&layers[layers.len() - 1]).exists());
+    assert!(!cache(&img.layers[img.layers.len() - 1]).exists());
     // Past a periodic eviction round, the attached ones are still there.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    for d in &layers[..layers.len() - 1] {
+    for d in &img.layers[..img.layers.len() - 1] {
         assert!(
             cache(d).join("image").exists(),
             "{d} evicted while attached"
         );
     }
-    for i in (0..layers.len() - 1).rev() {
+    for i in (0..img.layers.len() - 1).rev() {
         remove(&mut c, &format!("chain-{i}")).await.unwrap();
     }
-    assert!(layers.iter().all(|d| !cache(d).exists()));
+    assert!(img.layers.iter().all(|d| !cache(d).exists()));
     daemon.stop();
     // The first container's loop devices (from before the kill) clear once
     // its overlay is gone; the kernel may take a moment.
@@ -185,31 +150,19 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_back() {
-    if !require_root("a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_back") {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    require_root!();
+    let (tmp, registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let registry = Registry::start();
-    let converted = publish_lazy_rich(t, &registry);
-    let image = registry.reference("rich:lazy");
     // No prefetch: the layers stay lazy, on FUSE, across the crash.
     let mut daemon = SnapshotterDaemon::start(
         t,
-        &format!(
-            "[registry]\nplain_http = [\"{}\"]\n[prefetch]\non_task_start = false\n",
-            registry.host()
-        ),
+        &(plain_http_config(&registry) + "[prefetch]\non_task_start = false\n"),
     );
-    let manifest = converted["manifest_digest"].as_str().unwrap();
-    let layers: Vec<String> = converted["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
-        .collect();
     let mut c = daemon.client().await;
-    let top = attach_layers(&mut c, &image, manifest, &layers, || daemon.log()).await;
+    let top = attach_layers(&mut c, &img.image, &img.manifest, &img.layers, || {
+        daemon.log()
+    })
+    .await;
     let rootfs = t.join("rootfs");
     std::fs::create_dir(&rootfs).unwrap();
     let mounts = prepare(&mut c, "container-1", &top, HashMap::new())
@@ -220,7 +173,7 @@ async fn a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_bac
     assert!(!std::fs::read(rootfs.join("etc/hostname"))
         .unwrap()
         .is_empty());
-    assert!(states(&daemon).iter().all(|s| s == "lazy"));
+    assert!(daemon.layer_states().iter().all(|s| s == "lazy"));
 
     daemon.kill();
     daemon.restart();
@@ -250,7 +203,7 @@ async fn a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_bac
     drop(container);
     remove(&mut c, "container-2").await.unwrap();
     remove(&mut c, "container-1").await.unwrap();
-    for i in (0..layers.len()).rev() {
+    for i in (0..img.layers.len()).rev() {
         remove(&mut c, &format!("chain-{i}")).await.unwrap();
     }
     daemon.stop();

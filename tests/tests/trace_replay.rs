@@ -10,98 +10,47 @@
 //! oversized uploads.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use containerd_client::types::Mount;
 use lazybd_blockdev::trace::trace_key;
-use lazybd_tests::images::publish_lazy_rich;
+use lazybd_tests::http;
+use lazybd_tests::images::{registry_with_lazy_rich, LazyImage};
 use lazybd_tests::lazy_layers::{leftovers, wait_nothing_left, walk};
-use lazybd_tests::registry::Registry;
+use lazybd_tests::require_root;
 use lazybd_tests::snapshots_api::{attach_layers, prepare, remove};
 use lazybd_tests::snapshotter::{metric, Mounted, SnapshotterDaemon};
-use lazybd_tests::{bin_path, require_root};
+use lazybd_tests::supernode::Supernode;
 
 const TOKEN: &str = "trace-test-token";
 
-struct Supernode {
-    child: Child,
-    addr: String,
-    dir: PathBuf,
+/// A super node on 127.0.0.1 behind the cluster token.
+fn supernode(dir: &Path, registry: &str) -> Supernode {
+    std::fs::create_dir_all(dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    Supernode::start(
+        dir,
+        &listen,
+        registry,
+        &[&"--cluster-token-file", &token],
+        None,
+    )
 }
 
-impl Supernode {
-    fn start(dir: &Path, registry: &str) -> Supernode {
-        std::fs::create_dir_all(dir).unwrap();
-        let token = dir.join("token");
-        std::fs::write(&token, TOKEN).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(bin_path("lazybd-supernode"))
-            .args(["--listen", &addr, "--registry", registry, "--plain-http"])
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .arg("--cluster-token-file")
-            .arg(&token)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("log")).unwrap())
-            .spawn()
-            .expect("start lazybd-supernode");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
-        let sn = Supernode {
-            child,
-            addr,
-            dir: dir.to_owned(),
-        };
-        assert!(
-            line.starts_with("listening on"),
-            "super node: {line:?}\n{}",
-            sn.log()
-        );
-        sn
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-    }
-
-    /// A raw HTTP/1.1 request (bounded by socket timeouts); the status code.
-    fn request(&self, method: &str, path: &str, token: &str, body: &[u8]) -> u16 {
-        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nx-lazybd-token: {token}\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        // The server may answer (and close) before taking all of a body it refuses.
-        let _ = s.write_all(body);
-        let mut reply = Vec::new();
-        let _ = s.take(64 << 10).read_to_end(&mut reply);
-        let text = String::from_utf8_lossy(&reply);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
-    }
-}
-
-impl Drop for Supernode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A request to the super node with token `token`; the status code.
+fn request(sn: &Supernode, method: &str, path: &str, token: &str, body: &[u8]) -> u16 {
+    http::request(
+        None,
+        method,
+        &sn.addr,
+        path,
+        &[("x-lazybd-token", token)],
+        body,
+    )
+    .0
 }
 
 fn free_port() -> u16 {
@@ -128,30 +77,9 @@ fn node_config(registry: &str, supernode: Option<&Supernode>) -> String {
     c
 }
 
-struct Image {
-    image: String,
-    manifest: String,
-    layers: Vec<String>,
-}
-
-/// Converts the rich test image into `registry` as `rich:lazy`.
-fn publish_image(t: &Path, registry: &Registry) -> Image {
-    let converted = publish_lazy_rich(t, registry);
-    Image {
-        image: registry.reference("rich:lazy"),
-        manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
-        layers: converted["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap().to_owned())
-            .collect(),
-    }
-}
-
 /// Attaches the image's layers (the CRI labels of an unpack) and prepares
 /// a container snapshot on them; returns its mounts.
-async fn container(d: &SnapshotterDaemon, img: &Image) -> Vec<Mount> {
+async fn container(d: &SnapshotterDaemon, img: &LazyImage) -> Vec<Mount> {
     let mut c = d.client().await;
     let parent = attach_layers(&mut c, &img.image, &img.manifest, &img.layers, || d.log()).await;
     prepare(&mut c, "container", &parent, HashMap::new())
@@ -169,13 +97,6 @@ async fn cleanup(d: &mut SnapshotterDaemon, layers: usize) {
     }
     d.stop();
     wait_nothing_left(&d.root);
-}
-
-fn task_start(d: &SnapshotterDaemon, mounts: &[Mount]) -> serde_json::Value {
-    d.control(&serde_json::json!({
-        "event": "task-start", "namespace": "default", "container_id": "c1", "pid": 1,
-        "bundle": "/b", "rootfs": [{"type": "overlay", "source": "overlay", "options": mounts[0].options}],
-    }))
 }
 
 /// What the "container" reads at start: a few files, in a fixed order.
@@ -214,15 +135,11 @@ fn wait_metric(d: &SnapshotterDaemon, name: &str, at_least: f64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() {
-    if !require_root("a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads") {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    require_root!();
+    let (tmp, registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let registry = Registry::start();
-    let img = publish_image(t, &registry);
     let key = trace_key(&img.layers);
-    let sn = Supernode::start(&t.join("sn"), &registry.host());
+    let sn = supernode(&t.join("sn"), &registry.host());
 
     // Node A records and uploads.
     std::fs::create_dir(t.join("a")).unwrap();
@@ -231,7 +148,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     let rootfs_a = t.join("a/rootfs");
     std::fs::create_dir(&rootfs_a).unwrap();
     let mounted = Mounted::new(&mounts, &rootfs_a);
-    let reply = task_start(&a, &mounts);
+    let reply = a.task_start("c1", &mounts);
     assert_eq!(reply["layers"].as_array().unwrap().len(), 3, "{reply}");
     let expected = startup_reads(&rootfs_a);
     let m = wait_metric(&a, "lazybd_traces_uploaded_total", 1.0);
@@ -240,7 +157,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     assert_eq!(metric(&m, "lazybd_traces_stored_total"), 1.0, "{m}");
     assert!(a.root.join("traces").join(&key).exists());
     assert!(
-        sn.dir.join("cache/traces").join(&key).exists(),
+        sn.cache().join("traces").join(&key).exists(),
         "{}",
         sn.log()
     );
@@ -265,7 +182,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     let rootfs_b = t.join("b/rootfs");
     std::fs::create_dir(&rootfs_b).unwrap();
     let mounted = Mounted::new(&mounts, &rootfs_b);
-    task_start(&b, &mounts);
+    b.task_start("c1", &mounts);
     assert!(
         startup_reads(&rootfs_b) == expected,
         "node B read other data"
@@ -279,15 +196,15 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
 
     // The super node refuses what is not a trace, or too large, or unauthenticated.
     let path = format!("/v1/trace?key={key}");
-    assert_eq!(sn.request("PUT", &path, TOKEN, b"{\"version\":1,"), 400);
-    assert_eq!(sn.request("PUT", &path, TOKEN, &vec![b' '; 2 << 20]), 413);
-    assert_eq!(sn.request("PUT", "/v1/trace?key=../x", TOKEN, b"{}"), 400);
-    assert_eq!(sn.request("GET", &path, "wrong", b""), 401);
-    assert_eq!(sn.request("GET", &path, TOKEN, b""), 200);
+    assert_eq!(request(&sn, "PUT", &path, TOKEN, b"{\"version\":1,"), 400);
+    assert_eq!(request(&sn, "PUT", &path, TOKEN, &vec![b' '; 2 << 20]), 413);
+    assert_eq!(request(&sn, "PUT", "/v1/trace?key=../x", TOKEN, b"{}"), 400);
+    assert_eq!(request(&sn, "GET", &path, "wrong", b""), 401);
+    assert_eq!(request(&sn, "GET", &path, TOKEN, b""), 200);
 
     // Node C: a corrupt local trace and a corrupt super node answer (its
     // file damaged on disk) are refused; the container reads correct data.
-    std::fs::write(sn.dir.join("cache/traces").join(&key), b"\x00garbage").unwrap();
+    std::fs::write(sn.cache().join("traces").join(&key), b"\x00garbage").unwrap();
     std::fs::create_dir_all(t.join("c/root/traces")).unwrap();
     std::fs::write(t.join("c/root/traces").join(&key), vec![b'x'; 2 << 20]).unwrap();
     let mut c = SnapshotterDaemon::start(&t.join("c"), &node_config(&registry.host(), Some(&sn)));
@@ -315,13 +232,9 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
 /// recording does not keep the snapshotter alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_during_the_record_window_detaches_the_layers() {
-    if !require_root("a_shutdown_during_the_record_window_detaches_the_layers") {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    require_root!();
+    let (tmp, registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let registry = Registry::start();
-    let img = publish_image(t, &registry);
     std::fs::create_dir(t.join("a")).unwrap();
     let config =
         node_config(&registry.host(), None).replace("record_secs = 2", "record_secs = 600");
@@ -330,7 +243,7 @@ async fn a_shutdown_during_the_record_window_detaches_the_layers() {
     let rootfs = t.join("a/rootfs");
     std::fs::create_dir(&rootfs).unwrap();
     let mounted = Mounted::new(&mounts, &rootfs);
-    task_start(&a, &mounts);
+    a.task_start("c1", &mounts);
     startup_reads(&rootfs);
     assert!(metric(&a.metrics(), "lazybd_trace_recorded_chunks_total") > 0.0);
     drop(mounted);

@@ -323,7 +323,13 @@ proptest::proptest! {
 fn startup_chunks_are_stored_first_and_found_by_image_offset() {
     let img = sample_image();
     let size = img.len() as u64;
-    let layout = Layout::plan(size, 2 * CS, &[u64::from(CS)], &[2 * 4096..2 * 4096 + 10]).unwrap();
+    let layout = Layout::plan(
+        size,
+        2 * CS,
+        &[u64::from(CS)],
+        std::slice::from_ref(&(2 * 4096..2 * 4096 + 10)),
+    )
+    .unwrap();
     let mut blob = Vec::new();
     let w = write_blob(&img[..], &mut blob, &layout).unwrap();
     let index = parse(&blob).unwrap();

@@ -40,6 +40,8 @@ pub fn layer_labels(manifest: &str, layer: &str, target: &str) -> HashMap<String
 /// The annotations of a lazybd layer descriptor with `image_size`.
 pub fn lazy_annotations(image_size: u64) -> BTreeMap<String, String> {
     LazyLayerAnnotations {
+        version: 2,
+        index_digest: Some(digest(0xa1)),
         source_diff_id: digest(0xdd),
         index_offset: 4096,
         index_length: 112,

@@ -1,6 +1,8 @@
-//! Images for CRI tests, built here from Debian's busybox-static and written
-//! as OCI archives for `ctr images import`: a pause image (what a real node
-//! pulls as `registry.k8s.io/pause`) and a small busybox image.
+//! Busybox for the containers of the containerd tests, from Debian's
+//! busybox-static: a root filesystem for `ctr run --rootfs`, and one-layer
+//! images written as OCI archives for `ctr images import`: a pause image
+//! (what a real node pulls as `registry.k8s.io/pause`) and a small busybox
+//! image.
 
 use std::path::{Path, PathBuf};
 
@@ -10,19 +12,43 @@ use serde_json::json;
 
 use crate::images::TarLayer;
 
-/// The sandbox image every pod of the harness runs.
+/// The sandbox image every pod of a CRI containerd runs.
 pub const PAUSE_IMAGE: &str = "lazybd.test/pause:1";
 /// A busybox image for the containers of CRI tests.
 pub const BUSYBOX_IMAGE: &str = "lazybd.test/busybox:1";
 
+/// Applets the test containers run, linked to busybox.
 const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "true", "ls", "tr", "hostname", "id", "ip",
+    "sh", "echo", "cat", "sleep", "true", "false", "stty", "ls", "head", "dd", "kill", "tail",
+    "tr", "hostname", "id", "ip",
 ];
 
-fn busybox_layer() -> Vec<u8> {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (hack/install-deps.sh)");
+fn binary() -> Vec<u8> {
+    std::fs::read("/bin/busybox").expect("busybox-static (hack/install-deps.sh)")
+}
+
+/// A busybox root filesystem under `dir`, made once, for `ctr run --rootfs`.
+pub fn rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("busybox-rootfs");
+    if !root.exists() {
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("busybox"), binary()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("busybox"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        for applet in APPLETS {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+    root
+}
+
+fn layer() -> Vec<u8> {
     let mut layer = TarLayer::new();
-    layer.dir("bin", 0o755).file("bin/busybox", 0o755, &busybox);
+    layer
+        .dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &binary());
     for applet in APPLETS {
         layer.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -33,11 +59,15 @@ fn busybox_layer() -> Vec<u8> {
 }
 
 /// Writes an OCI archive of a one-layer busybox image named `name` whose
-/// config runs `entrypoint`; returns the archive's path.
-fn archive(dir: &Path, name: &str, entrypoint: &[&str]) -> PathBuf {
+/// config runs `entrypoint`; returns the archive's path. The layout tags it
+/// by its ref annotation alone: `ctr images import --index-name` would make
+/// a second image of the same name, whose update to the manifest lets
+/// containerd's GC collect the index while the import still reads it (CI
+/// saw "content digest ...: not found").
+pub fn archive(dir: &Path, name: &str, entrypoint: &[&str]) -> PathBuf {
     let layout_dir = dir.join(format!("layout-{}", name.replace(['/', ':'], "_")));
     let layout = OciLayout::open_or_create(&layout_dir).expect("create OCI layout");
-    let tar = busybox_layer();
+    let tar = layer();
     // Uncompressed: the lazybd snapshotter and overlayfs apply it alike, and
     // gzip would only cost time here.
     let layer_digest = layout.put_blob(&tar).unwrap();

@@ -1,0 +1,132 @@
+//! What runs on a P2P node, in its netns: `lazybd mount` (with or without
+//! `--p2p-config`), or a lazybd-snapshotter with a `[p2p]` table.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use super::{Fabric, PEER_PORT, PROXY_PORT, SUPERNODE_PORT};
+use crate::bin_path;
+use crate::cli::{ok, MountGuard};
+use crate::snapshotter::SnapshotterDaemon;
+
+/// One node: `lazybd mount` in its netns, unmounted on drop.
+pub struct Node {
+    pub i: usize,
+    /// Its peer address (empty without P2P).
+    pub addr: String,
+    /// Where the image is mounted.
+    pub dir: PathBuf,
+    guard: MountGuard,
+}
+
+impl Node {
+    /// `lazybd mount --p2p-config` of `image` on node `i`, its config
+    /// pointing at the hub's super node (https when `extra_toml` has a
+    /// `[p2p.tls]` table), plus `extra_toml` and `extra_args`.
+    pub fn mount(
+        f: &Fabric,
+        tmp: &Path,
+        i: usize,
+        image: &str,
+        extra_toml: &str,
+        extra_args: &[&dyn AsRef<OsStr>],
+    ) -> Node {
+        let scheme = if extra_toml.contains("[p2p.tls]") {
+            "https"
+        } else {
+            "http"
+        };
+        let addr = format!("{}:{PEER_PORT}", f.node_ip(i));
+        let cfg = tmp.join(format!("node{i}")).join("lazybd.toml");
+        std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+        std::fs::write(
+            &cfg,
+            format!(
+                "[p2p]\nsupernode = \"{scheme}://{}:{SUPERNODE_PORT}\"\nlisten = \"{addr}\"\n\
+                 heartbeat_ms = 1000\npeer_timeout_ms = 5000\nsupernode_timeout_ms = 5000\n{extra_toml}",
+                f.hub_ip()
+            ),
+        )
+        .unwrap();
+        let mut args: Vec<&dyn AsRef<OsStr>> =
+            vec![&"--read-deadline", &"30", &"--p2p-config", &cfg];
+        args.extend_from_slice(extra_args);
+        Self::run_mount(f, tmp, i, image, &args, addr)
+    }
+
+    /// A node reading the registry directly (no P2P), for the bench baseline.
+    pub fn mount_direct(f: &Fabric, tmp: &Path, i: usize, image: &str) -> Node {
+        Self::run_mount(f, tmp, i, image, &[], String::new())
+    }
+
+    /// `lazybd mount --root ROOT --plain-http ARGS IMAGE DIR` in node `i`'s
+    /// netns, under `tmp/node<i>`.
+    fn run_mount(
+        f: &Fabric,
+        tmp: &Path,
+        i: usize,
+        image: &str,
+        args: &[&dyn AsRef<OsStr>],
+        addr: String,
+    ) -> Node {
+        let base = tmp.join(format!("node{i}"));
+        let (root, dir) = (base.join("root"), base.join("mnt"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = Command::new(bin_path("lazybd"));
+        cmd.arg("mount")
+            .arg("--root")
+            .arg(&root)
+            .arg("--plain-http");
+        for arg in args {
+            cmd.arg(arg);
+        }
+        cmd.arg(image).arg(&dir);
+        f.nodes[i].enter(&mut cmd);
+        let guard = MountGuard::new(&root, &dir);
+        ok(&cmd.output().expect("run lazybd mount"));
+        Node {
+            i,
+            addr,
+            dir,
+            guard,
+        }
+    }
+
+    /// The node's `/v1/stats` (asked from the hub).
+    pub fn p2p_stats(&self, f: &Fabric) -> Value {
+        crate::http::get_json(Some(&f.hub.name), &self.addr, "/v1/stats")
+    }
+
+    /// Chunks the mount took from source `name` (`peer`, `supernode`, ...).
+    pub fn source_chunks(&self, name: &str) -> u64 {
+        let v = self.guard.stats();
+        v["stats"]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["chunks"].as_u64().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+/// `lazybd-snapshotter` with a `[p2p]` table in node `i`'s netns (metrics
+/// on the node's address), under `tmp/snap<i>`.
+pub fn snapshotter_node(f: &Fabric, tmp: &Path, i: usize) -> SnapshotterDaemon {
+    let config = format!(
+        "[registry]\nplain_http = [\"{hub}:{PROXY_PORT}\"]\n[p2p]\n\
+         supernode = \"http://{hub}:{SUPERNODE_PORT}\"\nlisten = \"{}:{PEER_PORT}\"\n\
+         heartbeat_ms = 1000\n",
+        f.node_ip(i),
+        hub = f.hub_ip()
+    );
+    SnapshotterDaemon::start_in_netns(
+        &tmp.join(format!("snap{i}")),
+        &config,
+        &f.nodes[i].name,
+        &format!("{}:9880", f.node_ip(i)),
+    )
+}
