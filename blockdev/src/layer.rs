@@ -16,7 +16,7 @@ use tracing::info;
 use crate::cache::{CacheError, ChunkCache, IMAGE_FILE};
 use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, ReadError};
 use crate::format::{sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN};
-use crate::prefetch::PriorityGate;
+use crate::gate::PriorityGate;
 use crate::source::ChunkSource;
 use crate::stats::Stats;
 

@@ -4,6 +4,7 @@ pub mod convert;
 pub mod device;
 pub mod fetch;
 pub mod format;
+pub mod gate;
 pub mod layer;
 pub mod oci;
 pub mod p2p;

@@ -37,8 +37,9 @@ use super::mounts;
 use super::orphans::{self, Orphans};
 use super::undo::Undo;
 use crate::fetch::FetchConfig;
+use crate::gate::PriorityGate;
 use crate::layer::{LayerError, LayerSource, LazyLayer};
-use crate::prefetch::{Prefetcher, PriorityGate};
+use crate::prefetch::Prefetcher;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::trace::Trace;
 

@@ -26,7 +26,7 @@ pub use verified_range::read_verified;
 
 use crate::cache::{CacheError, ChunkCache};
 use crate::format::Index;
-use crate::prefetch::PriorityGate;
+use crate::gate::PriorityGate;
 use crate::source::ChunkSource;
 use crate::stats::{SourceCounters, Stats};
 use crate::trace::MAX_TRACE_CHUNKS;
