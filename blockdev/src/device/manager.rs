@@ -39,6 +39,7 @@ use super::undo::Undo;
 use crate::fetch::FetchConfig;
 use crate::gate::PriorityGate;
 use crate::layer::{LayerError, LayerSource, LazyLayer};
+use crate::oci;
 use crate::prefetch::Prefetcher;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::trace::Trace;
@@ -110,7 +111,7 @@ pub enum AttachStep {
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
-    #[error("invalid layer digest {0:?}: expected <algorithm>:<hex>")]
+    #[error("invalid layer digest {0:?}: expected sha256:<64 lowercase hex digits>")]
     BadDigest(String),
     #[error(transparent)]
     Layer(#[from] LayerError),
@@ -936,23 +937,12 @@ fn cleanup_stale_mounts(root: &Path) {
     }
 }
 
-/// `sha256:ab12..` -> `sha256-ab12..`; anything else is refused, so a digest
-/// can never name a path outside the root.
+/// `sha256:ab12..` -> `sha256-ab12..`; anything but a valid digest
+/// ([`oci::digest_hex`]) is refused, so a digest can never name a path
+/// outside the root.
 fn layer_name(digest: &str) -> Result<String, DeviceError> {
-    let bad = || DeviceError::BadDigest(digest.to_owned());
-    let (algo, hex) = digest.split_once(':').ok_or_else(bad)?;
-    let algo_ok = !algo.is_empty()
-        && algo
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    let hex_ok = hex.len() >= 32
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
-    if !algo_ok || !hex_ok {
-        return Err(bad());
-    }
-    Ok(format!("{algo}-{hex}"))
+    let hex = oci::digest_hex(digest).map_err(|_| DeviceError::BadDigest(digest.to_owned()))?;
+    Ok(format!("sha256-{hex}"))
 }
 
 #[cfg(test)]
@@ -972,6 +962,8 @@ mod tests {
             "sha256:../../etc",
             "SHA:abcd",
             &format!("sha256:{}", "AB".repeat(32)),
+            &format!("sha256:{}", "ab".repeat(16)),
+            &format!("sha512:{}", "ab".repeat(32)),
         ] {
             assert!(layer_name(bad).is_err(), "{bad}");
         }

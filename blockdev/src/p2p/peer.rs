@@ -19,8 +19,9 @@ use tracing::{debug, info, warn};
 use super::config::P2pConfig;
 use super::http::{self, Body, PEER_HEADER, TOKEN_HEADER};
 use super::supernode::{AnnounceReply, MAX_RANGE};
-use super::{stored, valid_digest, P2pError};
+use super::{stored, P2pError};
 use crate::layer::LazyLayer;
+use crate::oci::valid_digest;
 use crate::trace::{Trace, MAX_TRACE_BYTES};
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]

@@ -27,7 +27,8 @@ use super::flight::SingleFlight;
 use super::http::{self, Body, REGISTRY_AUTH_HEADER};
 use super::traces::TraceStore;
 use super::tree::Membership;
-use super::{auth_from_header, valid_digest, P2pError};
+use super::{auth_from_header, P2pError};
+use crate::oci::valid_digest;
 use crate::registry::{RegistryClient, RegistryOptions};
 
 /// Largest range one request may ask for (the fetcher asks for 8 MiB).
