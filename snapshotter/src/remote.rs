@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use lazybd_blockdev::device::{DeviceError, LayerManager};
 use lazybd_blockdev::layer::LayerSource;
-use lazybd_blockdev::oci::{LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::oci::{self, LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
 use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
 use lazybd_blockdev::p2p::PeerNode;
 use lazybd_blockdev::registry::{RegistryClient, RegistryOptions};
@@ -26,12 +26,6 @@ use tracing::info;
 
 use crate::config::RegistryConfig;
 use crate::traces::{trace_key, Traces};
-
-/// The committed snapshot name containerd wants (set on every unpack).
-pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
-pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 
 /// Manifests kept for the layers of images being prepared.
 const MANIFEST_CACHE: usize = 64;
@@ -160,9 +154,9 @@ impl Remote {
         labels: &HashMap<String, String>,
     ) -> Result<Option<RemoteLayer>, String> {
         let (Some(image_ref), Some(manifest_digest), Some(layer_digest)) = (
-            labels.get(LABEL_IMAGE_REF),
-            labels.get(LABEL_MANIFEST_DIGEST),
-            labels.get(LABEL_LAYER_DIGEST),
+            labels.get(oci::labels::IMAGE_REF),
+            labels.get(oci::labels::MANIFEST_DIGEST),
+            labels.get(oci::labels::LAYER_DIGEST),
         ) else {
             return Ok(None);
         };

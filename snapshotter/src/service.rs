@@ -13,13 +13,14 @@ use std::time::SystemTime;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::{Info, Snapshotter};
 use futures_util::stream::{self, BoxStream};
+use lazybd_blockdev::oci;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::error::SnapshotError;
 use crate::filter::Filter;
 use crate::mounts;
-use crate::remote::{Remote, RemoteLayer, LABEL_TARGET};
+use crate::remote::{Remote, RemoteLayer};
 use crate::store::{Kind, Record, Store, Usage};
 
 /// How long a container snapshot's Prepare waits for its image's trace.
@@ -348,7 +349,7 @@ impl Snapshotter for LazySnapshotter {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         let _g = self.changes.lock().await;
-        if let Some(target) = labels.get(LABEL_TARGET) {
+        if let Some(target) = labels.get(oci::labels::TARGET) {
             match self.prepare_remote(&parent, target, &labels).await {
                 // containerd reads AlreadyExists as "the layer is there", stats
                 // the target and skips download and unpack.

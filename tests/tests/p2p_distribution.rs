@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lazybd_blockdev::oci;
 use lazybd_tests::cli::{ok, MountGuard};
 use lazybd_tests::images::noise;
 use lazybd_tests::lazy_layers::{walk, write_layout, BlobFile};
@@ -1271,16 +1272,10 @@ async fn snapshotters_share_chunks_and_count_uploads_per_peer() {
         for (i, layer) in layers.iter().enumerate() {
             let target = format!("chain-{i}");
             let labels = std::collections::HashMap::from([
-                ("containerd.io/snapshot.ref".to_string(), target.clone()),
-                ("containerd.io/snapshot/cri.image-ref".into(), image.clone()),
-                (
-                    "containerd.io/snapshot/cri.manifest-digest".into(),
-                    manifest.clone(),
-                ),
-                (
-                    "containerd.io/snapshot/cri.layer-digest".into(),
-                    layer.clone(),
-                ),
+                (oci::labels::TARGET.to_string(), target.clone()),
+                (oci::labels::IMAGE_REF.into(), image.clone()),
+                (oci::labels::MANIFEST_DIGEST.into(), manifest.clone()),
+                (oci::labels::LAYER_DIGEST.into(), layer.clone()),
             ]);
             let err = c
                 .prepare(PrepareSnapshotRequest {

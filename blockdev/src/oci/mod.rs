@@ -1,7 +1,9 @@
 //! OCI image vocabulary shared by the converter, `lazybd mount`, `inspect`
 //! and the snapshotter: media types, the lazybd annotations of docs/format.md,
-//! digests, and the OCI image layout on disk.
+//! digests, the OCI image layout on disk, and containerd's remote-snapshot
+//! labels.
 
+pub mod labels;
 pub mod layout;
 
 use std::collections::{BTreeMap, HashMap};
