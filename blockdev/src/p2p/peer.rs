@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::config::P2pConfig;
-use super::http::{self, Body, PEER_HEADER, TOKEN_HEADER};
-use super::supernode::{AnnounceReply, MAX_RANGE};
+use super::http::{self, Body};
+use super::wire::{header, path, query, AnnounceReply, MAX_RANGE};
 use super::{stored, P2pError};
 use crate::layer::LazyLayer;
 use crate::oci::valid_digest;
@@ -156,10 +156,10 @@ impl PeerNode {
     pub async fn forget_layer(&self, digest: &str) {
         lock(&self.layers).remove(digest);
         lock(&self.ancestors).remove(digest);
-        let url = format!("{}/v1/leave", self.config.supernode);
+        let url = format!("{}{}", self.config.supernode, path::LEAVE);
         let _ = self
             .authed(self.client.post(url))
-            .query(&[("blob", digest), ("addr", &self.advertised)])
+            .query(&[(query::BLOB, digest), (query::ADDR, &self.advertised)])
             .timeout(self.config.supernode_timeout())
             .send()
             .await;
@@ -167,10 +167,10 @@ impl PeerNode {
 
     /// Sends a startup trace to the super node (see p2p::traces).
     pub async fn put_trace(&self, key: &str, trace: &Trace) -> Result<(), String> {
-        let url = format!("{}/v1/trace", self.config.supernode);
+        let url = format!("{}{}", self.config.supernode, path::TRACE);
         let r = self
             .authed(self.client.put(url))
-            .query(&[("key", key)])
+            .query(&[(query::KEY, key)])
             .body(trace.encode())
             .timeout(self.config.supernode_timeout())
             .send()
@@ -189,11 +189,11 @@ impl PeerNode {
     /// error when it cannot be asked or its answer is not a valid trace
     /// (read at most [`MAX_TRACE_BYTES`] of it).
     pub async fn get_trace(&self, key: &str) -> Result<Option<Trace>, String> {
-        let url = format!("{}/v1/trace", self.config.supernode);
+        let url = format!("{}{}", self.config.supernode, path::TRACE);
         let ctx = |e: &dyn std::fmt::Display| format!("trace {key} from the super node: {e}");
         let mut r = self
             .authed(self.client.get(url))
-            .query(&[("key", key)])
+            .query(&[(query::KEY, key)])
             .timeout(self.config.supernode_timeout())
             .send()
             .await
@@ -227,16 +227,16 @@ impl PeerNode {
 
     pub(super) fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
-            Some(t) => rb.header(TOKEN_HEADER, t),
+            Some(t) => rb.header(header::TOKEN, t),
             None => rb,
         }
     }
 
     async fn announce(&self, digest: &str) {
-        let url = format!("{}/v1/announce", self.config.supernode);
+        let url = format!("{}{}", self.config.supernode, path::ANNOUNCE);
         let sent = self
             .authed(self.client.post(url))
-            .query(&[("blob", digest), ("addr", &self.advertised)])
+            .query(&[(query::BLOB, digest), (query::ADDR, &self.advertised)])
             .timeout(self.config.supernode_timeout())
             .send()
             .await;
@@ -312,17 +312,17 @@ impl PeerNode {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
-        if req.uri().path() == "/healthz" {
+        if req.uri().path() == path::HEALTHZ {
             return http::respond(StatusCode::OK, "ok\n");
         }
         if !http::token_ok(&req, self.token.as_deref()) {
             return http::respond(StatusCode::UNAUTHORIZED, "cluster token missing or wrong\n");
         }
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/v1/blob") => {
+            (&Method::GET, path::BLOB) => {
                 let asker = req
                     .headers()
-                    .get(PEER_HEADER)
+                    .get(header::PEER)
                     .and_then(|v| v.to_str().ok())
                     .filter(|v| v.len() <= 256)
                     .map(str::to_owned)
@@ -336,7 +336,7 @@ impl PeerNode {
                     }
                 }
             }
-            (&Method::GET, "/v1/stats") => http::json(&self.stats()),
+            (&Method::GET, path::STATS) => http::json(&self.stats()),
             _ => http::respond(StatusCode::NOT_FOUND, "no such endpoint\n"),
         }
     }
@@ -350,7 +350,7 @@ impl PeerNode {
     ) -> Result<Bytes, (StatusCode, String)> {
         let bad = |m: &str| (StatusCode::BAD_REQUEST, format!("{m}\n"));
         let digest = q
-            .get("digest")
+            .get(query::DIGEST)
             .filter(|d| valid_digest(d))
             .ok_or_else(|| bad("bad digest"))?;
         let num = |k: &str| -> Result<u64, (StatusCode, String)> {
@@ -358,7 +358,7 @@ impl PeerNode {
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| bad(&format!("bad {k}")))
         };
-        let (start, end) = (num("start")?, num("end")?);
+        let (start, end) = (num(query::START)?, num(query::END)?);
         if !(start < end && end - start <= MAX_RANGE) {
             return Err(bad("bad range"));
         }

@@ -10,9 +10,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tracing::{debug, warn};
 
-use super::auth_to_header;
-use super::http::{PEER_HEADER, REGISTRY_AUTH_HEADER};
 use super::peer::{chunks_exactly, PeerNode};
+use super::wire::{auth_to_header, header, path, query};
 use crate::layer::LazyLayer;
 use crate::registry::RegistryClient;
 use crate::source::{ChunkSource, SourceError};
@@ -36,15 +35,15 @@ impl PeerSource {
     }
 
     async fn ask(&self, peer: &str, range: &Range<u64>) -> Result<Bytes, String> {
-        let url = format!("{}://{peer}/v1/blob", self.node.scheme());
+        let url = format!("{}://{peer}{}", self.node.scheme(), path::BLOB);
         let resp = self
             .node
             .authed(self.node.client.get(url))
-            .header(PEER_HEADER, self.node.advertised())
+            .header(header::PEER, self.node.advertised())
             .query(&[
-                ("digest", self.digest.clone()),
-                ("start", range.start.to_string()),
-                ("end", range.end.to_string()),
+                (query::DIGEST, self.digest.clone()),
+                (query::START, range.start.to_string()),
+                (query::END, range.end.to_string()),
             ])
             .timeout(self.node.config.peer_timeout())
             .send()
@@ -175,22 +174,22 @@ impl ChunkSource for SupernodeSource {
     }
 
     async fn read_range(&self, range: Range<u64>) -> Result<Bytes, SourceError> {
-        let url = format!("{}/v1/blob", self.node.config.supernode);
+        let url = format!("{}{}", self.node.config.supernode, path::BLOB);
         let mut rb = self
             .node
             .authed(self.node.client.get(url))
-            .header(PEER_HEADER, self.node.advertised())
+            .header(header::PEER, self.node.advertised())
             .query(&[
-                ("registry", self.registry.clone()),
-                ("repo", self.repo.clone()),
-                ("digest", self.digest.clone()),
-                ("size", self.size.to_string()),
-                ("start", range.start.to_string()),
-                ("end", range.end.to_string()),
+                (query::REGISTRY, self.registry.clone()),
+                (query::REPO, self.repo.clone()),
+                (query::DIGEST, self.digest.clone()),
+                (query::SIZE, self.size.to_string()),
+                (query::START, range.start.to_string()),
+                (query::END, range.end.to_string()),
             ])
             .timeout(self.node.config.supernode_timeout());
         if !self.auth_header.is_empty() {
-            rb = rb.header(REGISTRY_AUTH_HEADER, &self.auth_header);
+            rb = rb.header(header::REGISTRY_AUTH, &self.auth_header);
         }
         let resp = rb
             .send()
