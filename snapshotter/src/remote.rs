@@ -15,10 +15,9 @@ use std::sync::{Arc, Mutex};
 use lazybd_blockdev::device::{DeviceError, LayerManager};
 use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{self, LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
-use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
 use lazybd_blockdev::p2p::PeerNode;
 use lazybd_blockdev::registry::{RegistryClient, RegistryOptions};
-use lazybd_blockdev::source::{ChunkSource, RegistrySource};
+use lazybd_blockdev::source::{ChunkSource, PeerSource, RegistrySource, SupernodeSource};
 use oci_spec::image::ImageManifest;
 use serde::{Deserialize, Serialize};
 

@@ -13,7 +13,7 @@ use lazybd_blockdev::device::{loopdev, mounts};
 use lazybd_blockdev::format::{write_blob, WrittenBlob};
 use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{canonical_json, LazyLayerAnnotations, OciLayout};
-use lazybd_blockdev::source::{ChunkSource, FileSource, SourceError};
+use lazybd_blockdev::source::{Answer, ChunkSource, FileSource, SourceError};
 use serde_json::json;
 
 /// A layer blob written to a file, with what an attach needs to know.
@@ -100,7 +100,7 @@ impl ChunkSource for ControlledSource {
         "controlled"
     }
 
-    async fn read_range(&self, range: Range<u64>) -> Result<Bytes, SourceError> {
+    async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
         if !self.up.load(Ordering::SeqCst) {
             if self.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
@@ -109,16 +109,16 @@ impl ChunkSource for ControlledSource {
                 "connection refused (source down)".into(),
             ));
         }
-        let data = self.inner.read_range(range.clone()).await?;
+        let data = self.inner.read_range(range.clone()).await?.bytes;
         match &self.corrupt {
             Some(bad) if range.end > bad.start && range.start < bad.end => {
                 let mut v = data.to_vec();
                 let from = bad.start.max(range.start) - range.start;
                 let to = bad.end.min(range.end) - range.start;
                 v[((from + to) / 2) as usize] ^= 0x01;
-                Ok(v.into())
+                Ok(Bytes::from(v).into())
             }
-            _ => Ok(data),
+            _ => Ok(data.into()),
         }
     }
 }

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use lazybd_blockdev::device::LayerManager;
 use lazybd_blockdev::layer::LayerSource;
-use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
 use lazybd_blockdev::p2p::{P2pConfig, PeerNode};
-use lazybd_blockdev::source::ChunkSource;
+use lazybd_blockdev::source::{ChunkSource, PeerSource, SupernodeSource};
 
 use crate::image_source::OpenImage;
 
