@@ -17,7 +17,7 @@ use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{self, LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
 use lazybd_blockdev::p2p::PeerNode;
 use lazybd_blockdev::registry::{RegistryClient, RegistryOptions};
-use lazybd_blockdev::source::{ChunkSource, PeerSource, RegistrySource, SupernodeSource};
+use lazybd_blockdev::source::registry_chain;
 use oci_spec::image::ImageManifest;
 use serde::{Deserialize, Serialize};
 
@@ -237,17 +237,7 @@ impl Remote {
     /// Attaches the layer (idempotent); returns its EROFS mount.
     pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, String> {
         let client = self.client(&layer.image_ref)?;
-        let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
-        if let Some(peer) = &self.peer {
-            sources.push(Arc::new(PeerSource::new(peer.clone(), &layer.digest)));
-            sources.push(Arc::new(SupernodeSource::new(
-                peer.clone(),
-                &client,
-                &layer.digest,
-                layer.blob_size,
-            )));
-        }
-        sources.push(Arc::new(RegistrySource::new(client, &layer.digest)));
+        let sources = registry_chain(&client, self.peer.as_ref(), &layer.digest, layer.blob_size);
         let attached = self
             .manager
             .attach(LayerSource {

@@ -1,12 +1,13 @@
 //! Where chunk bytes come from. A layer has an ordered list of sources (the
-//! peers, then the super node, then the registry); the fetcher asks them in
-//! order and verifies whatever they return, so a
+//! peers, then the super node, then the registry: [`registry_chain`]); the
+//! fetcher asks them in order and verifies whatever they return, so a
 //! source is never trusted.
 //!
 //! A source that picks among several servers (the peers) names the one that
 //! answered; the fetcher tells it what verification found ([`Verdict`]), so
 //! it can shun a server that sent bad bytes and be asked again at once.
 
+mod chain;
 mod file;
 mod peer;
 mod registry;
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use thiserror::Error;
 
+pub use chain::registry_chain;
 pub use file::FileSource;
 pub use peer::PeerSource;
 pub use registry::RegistrySource;
