@@ -27,7 +27,7 @@ pub use verified_range::read_verified;
 use crate::cache::{CacheError, ChunkCache};
 use crate::format::Index;
 use crate::gate::PriorityGate;
-use crate::source::{ChunkSource, Verdict};
+use crate::source::{Answer, ChunkSource, Verdict};
 use crate::stats::{SourceCounters, Stats};
 use crate::trace::MAX_TRACE_CHUNKS;
 
@@ -495,52 +495,16 @@ impl ChunkFetcher {
                     continue;
                 }
             };
-            slot.counters
-                .bytes
-                .fetch_add(answer.bytes.len() as u64, Relaxed);
-            let mut corrupt = Vec::new();
-            let mut stored = 0;
-            let outcomes = self
-                .verify_and_store(segment, range.start, answer.bytes)
-                .await;
-            for (chunk, outcome) in outcomes {
-                match outcome {
-                    Ok(()) => {
-                        slot.counters.chunks.fetch_add(1, Relaxed);
-                        stored += 1;
-                    }
-                    Err(Rejected::Corrupt(reason)) => {
-                        slot.counters.corrupt_chunks.fetch_add(1, Relaxed);
-                        corrupt.push((chunk, reason));
-                    }
-                    Err(Rejected::Cache(source)) => {
-                        return Err(FetchError::Cache {
-                            layer: self.layer.clone(),
-                            chunk,
-                            source,
-                        })
-                    }
-                }
-            }
-            let verdict = match corrupt.first() {
-                None => Verdict::Verified { chunks: stored },
-                Some((_, reason)) => Verdict::Corrupt(reason.clone()),
-            };
-            // The source shuns the server that sent bad bytes and may have
-            // another one to ask: then it is asked again at once, bounded.
-            let routed = answer
-                .server
-                .as_deref()
-                .is_some_and(|server| slot.source.verdict(server, &range, &verdict));
-            if corrupt.is_empty() {
+            let judged = self.judge(slot, &range, segment, answer).await?;
+            if judged.corrupt.is_empty() {
                 continue;
             }
-            let ask_again = routed && reasks < MAX_REASKS;
-            let from = answer
+            let ask_again = judged.routed && reasks < MAX_REASKS;
+            let from = judged
                 .server
                 .as_deref()
                 .map_or(String::new(), |s| format!(" (server {s})"));
-            for (chunk, reason) in &corrupt {
+            for (chunk, reason) in &judged.corrupt {
                 warn!(
                     "layer {}: chunk {chunk} from source {}{from} failed verification, \
                      not used; {}: {reason}",
@@ -553,7 +517,7 @@ impl ChunkFetcher {
                     }
                 );
             }
-            let chunks: Vec<u64> = corrupt.iter().map(|(c, _)| *c).collect();
+            let chunks: Vec<u64> = judged.corrupt.iter().map(|(c, _)| *c).collect();
             if ask_again {
                 reasks += 1;
                 for run in self.runs(&chunks).into_iter().rev() {
@@ -564,16 +528,68 @@ impl ChunkFetcher {
             // A source that served bad bytes is not asked again for this
             // fetch (it may well serve them again), unless it answers from
             // several servers: then it stays in for the next round.
-            if let Some((chunk, reason)) = corrupt.last() {
+            if let Some((chunk, reason)) = judged.corrupt.last() {
                 report.fail(
                     format!("chunk {chunk} corrupt: {reason}"),
-                    answer.server.is_some(),
+                    judged.server.is_some(),
                 );
             }
             still_missing.extend(chunks);
         }
         still_missing.sort_unstable();
         Ok(still_missing)
+    }
+
+    /// Verifies and stores the chunks of `segment` in `answer` (the bytes of
+    /// `range`), counts them, and gives the source its verdict when the
+    /// answer names the server that sent it.
+    async fn judge(
+        &self,
+        slot: &Slot,
+        range: &Range<u64>,
+        segment: Vec<u64>,
+        answer: Answer,
+    ) -> Result<Judged, FetchError> {
+        slot.counters
+            .bytes
+            .fetch_add(answer.bytes.len() as u64, Relaxed);
+        let mut corrupt = Vec::new();
+        let mut stored = 0;
+        let outcomes = self
+            .verify_and_store(segment, range.start, answer.bytes)
+            .await;
+        for (chunk, outcome) in outcomes {
+            match outcome {
+                Ok(()) => {
+                    slot.counters.chunks.fetch_add(1, Relaxed);
+                    stored += 1;
+                }
+                Err(Rejected::Corrupt(reason)) => {
+                    slot.counters.corrupt_chunks.fetch_add(1, Relaxed);
+                    corrupt.push((chunk, reason));
+                }
+                Err(Rejected::Cache(source)) => {
+                    return Err(FetchError::Cache {
+                        layer: self.layer.clone(),
+                        chunk,
+                        source,
+                    })
+                }
+            }
+        }
+        let verdict = match corrupt.first() {
+            None => Verdict::Verified { chunks: stored },
+            Some((_, reason)) => Verdict::Corrupt(reason.clone()),
+        };
+        let routed = answer
+            .server
+            .as_deref()
+            .is_some_and(|server| slot.source.verdict(server, range, &verdict));
+        Ok(Judged {
+            corrupt,
+            server: answer.server,
+            routed,
+        })
     }
 
     /// Decodes and verifies each chunk of `segment` out of `bytes` (which start
@@ -622,6 +638,17 @@ impl ChunkFetcher {
 enum Rejected {
     Corrupt(String),
     Cache(CacheError),
+}
+
+/// What verifying one answer found.
+struct Judged {
+    /// The chunks that failed verification, and why.
+    corrupt: Vec<(u64, String)>,
+    /// The server behind the source that sent the answer, if it named one.
+    server: Option<String>,
+    /// The source shunned that server for bad bytes and has another one to
+    /// ask: asking it again at once may get good ones.
+    routed: bool,
 }
 
 struct SourceReport {
