@@ -10,13 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use async_trait::async_trait;
 use thiserror::Error;
 use tracing::info;
 
 use crate::cache::{CacheError, ChunkCache, IMAGE_FILE};
 use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, ReadError};
 use crate::format::{sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN};
-use crate::prefetch::PriorityGate;
+use crate::gate::PriorityGate;
+use crate::p2p::ServedLayer;
 use crate::source::ChunkSource;
 use crate::stats::Stats;
 
@@ -275,6 +277,24 @@ impl LazyLayer {
             // next open re-verify, which is always safe.
             Err(_) => Ok(()),
         }
+    }
+}
+
+/// What the P2P peer server reads of a layer it serves to other nodes.
+#[async_trait]
+impl ServedLayer for LazyLayer {
+    fn digest(&self) -> &str {
+        LazyLayer::digest(self)
+    }
+
+    fn index(&self) -> &Index {
+        LazyLayer::index(self)
+    }
+
+    async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, String> {
+        LazyLayer::read(self, offset, size)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -13,7 +13,7 @@ use lazybd_blockdev::device::{loopdev, mounts};
 use lazybd_blockdev::format::{write_blob, Layout, WrittenBlob};
 use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{canonical_json, LazyLayerAnnotations, OciLayout};
-use lazybd_blockdev::source::{ChunkSource, FileSource, SourceError};
+use lazybd_blockdev::source::{Answer, ChunkSource, FileSource, SourceError};
 use serde_json::json;
 
 /// The media type of a lazybd layer in a manifest (docs/format.md).
@@ -114,7 +114,7 @@ impl ChunkSource for ControlledSource {
         "controlled"
     }
 
-    async fn read_range(&self, range: Range<u64>) -> Result<Bytes, SourceError> {
+    async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
         if !self.up.load(Ordering::SeqCst) {
             if self.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
@@ -123,16 +123,16 @@ impl ChunkSource for ControlledSource {
                 "connection refused (source down)".into(),
             ));
         }
-        let data = self.inner.read_range(range.clone()).await?;
+        let data = self.inner.read_range(range.clone()).await?.bytes;
         match &self.corrupt {
             Some(bad) if range.end > bad.start && range.start < bad.end => {
                 let mut v = data.to_vec();
                 let from = bad.start.max(range.start) - range.start;
                 let to = bad.end.min(range.end) - range.start;
                 v[((from + to) / 2) as usize] ^= 0x01;
-                Ok(v.into())
+                Ok(Bytes::from(v).into())
             }
-            _ => Ok(data),
+            _ => Ok(data.into()),
         }
     }
 }

@@ -9,6 +9,7 @@ use containerd_client::services::v1::snapshots::{
 };
 use containerd_client::tonic::{transport::Channel, Code, Status};
 use containerd_client::types::Mount;
+use lazybd_blockdev::oci::labels;
 
 pub type Client = SnapshotsClient<Channel>;
 
@@ -63,16 +64,10 @@ pub fn cri_labels(
     target: &str,
 ) -> HashMap<String, String> {
     HashMap::from([
-        ("containerd.io/snapshot.ref".to_string(), target.to_string()),
-        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
-        (
-            "containerd.io/snapshot/cri.manifest-digest".into(),
-            manifest.into(),
-        ),
-        (
-            "containerd.io/snapshot/cri.layer-digest".into(),
-            layer.into(),
-        ),
+        (labels::TARGET.to_string(), target.to_string()),
+        (labels::IMAGE_REF.into(), image.into()),
+        (labels::MANIFEST_DIGEST.into(), manifest.into()),
+        (labels::LAYER_DIGEST.into(), layer.into()),
     ])
 }
 

@@ -2,16 +2,53 @@
 //! filesystem, a read-only loop device on that file, and EROFS mounted from
 //! the loop device. [`LayerManager`] is the API the snapshotter and `lazybd
 //! mount` use.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! root/fuse/<layer>         the FUSE file of each attached layer (one FUSE mount)
+//! root/layers/<layer>/      index, image, chunks.map: the layer's cache (kept across detach)
+//! root/mnt/<layer>/         the layer's EROFS mount
+//! ```
+//!
+//! `<layer>` is the digest with `:` replaced by `-`. Attaching again after a
+//! restart on the same root reuses the saved index and cache. Every attach
+//! step registers its undo, so a failure at any step leaves nothing behind;
+//! detach unmounts EROFS, lets the loop device clear itself, removes the
+//! FUSE file and closes the cache cleanly.
+//!
+//! A layer whose cache is complete is *local*: its loop device reads the
+//! cache's image file directly (switched with `LOOP_CHANGE_FD` once the last
+//! chunk arrived, or attached that way when the cache was complete already),
+//! and FUSE and this process are out of its data path.
+//!
+//! Files by role: `manager.rs` is the facade and owns the state; one file per
+//! operation: `attach.rs` (with its blocking steps), `detach.rs` (and
+//! shutdown), `prefetch.rs` (the background jobs), `trace.rs` (record and
+//! replay startup traces), `handoff.rs` (to the local file, and the periodic
+//! persist); `table.rs` is the attachment table and the status it reports,
+//! `config.rs` and `error.rs` the public settings and errors. Below them:
+//! `fuse.rs`, `loopdev.rs`, `mounts.rs`, `orphans.rs`, `eviction.rs`,
+//! `undo.rs`.
 
+mod attach;
+mod config;
+mod detach;
+mod error;
 pub mod eviction;
 pub mod fuse;
+mod handoff;
 pub mod loopdev;
 mod manager;
 pub mod mounts;
 mod orphans;
+mod prefetch;
+mod table;
+mod trace;
 mod undo;
 
-pub use manager::{
-    AttachStep, AttachedLayer, DeviceError, LayerManager, LayerState, LayerStatus, NodeConfig,
-    PrefetchStart,
-};
+pub use config::{AttachStep, NodeConfig};
+pub use error::DeviceError;
+pub use manager::LayerManager;
+pub use prefetch::PrefetchStart;
+pub use table::{AttachedLayer, LayerState, LayerStatus};

@@ -8,7 +8,7 @@ mod config;
 mod tests;
 mod verified_range;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
@@ -26,8 +26,8 @@ pub use verified_range::read_verified;
 
 use crate::cache::{CacheError, ChunkCache};
 use crate::format::Index;
-use crate::prefetch::PriorityGate;
-use crate::source::ChunkSource;
+use crate::gate::PriorityGate;
+use crate::source::{Answer, ChunkSource, Verdict};
 use crate::stats::{SourceCounters, Stats};
 use crate::trace::MAX_TRACE_CHUNKS;
 
@@ -80,6 +80,11 @@ pub enum ReadError {
 }
 
 type FlightResult = Option<Result<(), Arc<FetchError>>>;
+
+/// How often one round asks a source again at once after it shunned the
+/// server that sent bad bytes (it has a few ancestors at most; this only
+/// bounds a source that keeps claiming another server).
+const MAX_REASKS: u32 = 8;
 
 /// A fetch in progress, as the chunks it claimed see it.
 #[derive(Clone)]
@@ -447,7 +452,9 @@ impl ChunkFetcher {
         deadline: Instant,
     ) -> Result<Vec<u64>, FetchError> {
         let mut still_missing = Vec::new();
-        for segment in self.runs(&pending) {
+        let mut queue: VecDeque<Vec<u64>> = self.runs(&pending).into();
+        let mut reasks = 0;
+        while let Some(segment) = queue.pop_front() {
             if report.given_up {
                 still_missing.extend(segment);
                 continue;
@@ -459,16 +466,16 @@ impl ChunkFetcher {
             report.attempts += 1;
             slot.counters.requests.fetch_add(1, Relaxed);
             let timeout = self.config.request_timeout;
-            let bytes = match timeout_at(
+            let answer = match timeout_at(
                 deadline.min(Instant::now() + timeout),
                 slot.source.read_range(range.clone()),
             )
             .await
             {
-                Ok(Ok(bytes)) if bytes.len() as u64 == range.end - range.start => bytes,
-                Ok(Ok(bytes)) => {
+                Ok(Ok(answer)) if answer.bytes.len() as u64 == range.end - range.start => answer,
+                Ok(Ok(answer)) => {
                     report.fail(
-                        format!("returned {} bytes for range {range:?}", bytes.len()),
+                        format!("returned {} bytes for range {range:?}", answer.bytes.len()),
                         false,
                     );
                     slot.counters.errors.fetch_add(1, Relaxed);
@@ -488,37 +495,101 @@ impl ChunkFetcher {
                     continue;
                 }
             };
-            slot.counters.bytes.fetch_add(bytes.len() as u64, Relaxed);
-            for (chunk, outcome) in self.verify_and_store(segment, range.start, bytes).await {
-                match outcome {
-                    Ok(()) => {
-                        slot.counters.chunks.fetch_add(1, Relaxed);
-                    }
-                    Err(Rejected::Corrupt(reason)) => {
-                        slot.counters.corrupt_chunks.fetch_add(1, Relaxed);
-                        warn!(
-                            "layer {}: chunk {chunk} from source {} failed verification, \
-                             not used; trying the next source: {reason}",
-                            self.layer,
-                            slot.source.name()
-                        );
-                        // A source that served bad bytes is not asked again
-                        // for this fetch: it may well serve them again.
-                        report.fail(format!("chunk {chunk} corrupt: {reason}"), false);
-                        still_missing.push(chunk);
-                    }
-                    Err(Rejected::Cache(source)) => {
-                        return Err(FetchError::Cache {
-                            layer: self.layer.clone(),
-                            chunk,
-                            source,
-                        })
-                    }
-                }
+            let judged = self.judge(slot, &range, segment, answer).await?;
+            if judged.corrupt.is_empty() {
+                continue;
             }
+            let ask_again = judged.routed && reasks < MAX_REASKS;
+            let from = judged
+                .server
+                .as_deref()
+                .map_or(String::new(), |s| format!(" (server {s})"));
+            for (chunk, reason) in &judged.corrupt {
+                warn!(
+                    "layer {}: chunk {chunk} from source {}{from} failed verification, \
+                     not used; {}: {reason}",
+                    self.layer,
+                    slot.source.name(),
+                    if ask_again {
+                        "asking the source again"
+                    } else {
+                        "trying the next source"
+                    }
+                );
+            }
+            let chunks: Vec<u64> = judged.corrupt.iter().map(|(c, _)| *c).collect();
+            if ask_again {
+                reasks += 1;
+                for run in self.runs(&chunks).into_iter().rev() {
+                    queue.push_front(run);
+                }
+                continue;
+            }
+            // A source that served bad bytes is not asked again for this
+            // fetch (it may well serve them again), unless it answers from
+            // several servers: then it stays in for the next round.
+            if let Some((chunk, reason)) = judged.corrupt.last() {
+                report.fail(
+                    format!("chunk {chunk} corrupt: {reason}"),
+                    judged.server.is_some(),
+                );
+            }
+            still_missing.extend(chunks);
         }
         still_missing.sort_unstable();
         Ok(still_missing)
+    }
+
+    /// Verifies and stores the chunks of `segment` in `answer` (the bytes of
+    /// `range`), counts them, and gives the source its verdict when the
+    /// answer names the server that sent it.
+    async fn judge(
+        &self,
+        slot: &Slot,
+        range: &Range<u64>,
+        segment: Vec<u64>,
+        answer: Answer,
+    ) -> Result<Judged, FetchError> {
+        slot.counters
+            .bytes
+            .fetch_add(answer.bytes.len() as u64, Relaxed);
+        let mut corrupt = Vec::new();
+        let mut stored = 0;
+        let outcomes = self
+            .verify_and_store(segment, range.start, answer.bytes)
+            .await;
+        for (chunk, outcome) in outcomes {
+            match outcome {
+                Ok(()) => {
+                    slot.counters.chunks.fetch_add(1, Relaxed);
+                    stored += 1;
+                }
+                Err(Rejected::Corrupt(reason)) => {
+                    slot.counters.corrupt_chunks.fetch_add(1, Relaxed);
+                    corrupt.push((chunk, reason));
+                }
+                Err(Rejected::Cache(source)) => {
+                    return Err(FetchError::Cache {
+                        layer: self.layer.clone(),
+                        chunk,
+                        source,
+                    })
+                }
+            }
+        }
+        let verdict = match corrupt.first() {
+            None => Verdict::Verified { chunks: stored },
+            Some((_, reason)) => Verdict::Corrupt(reason.clone()),
+        };
+        let routed = answer
+            .server
+            .as_deref()
+            .is_some_and(|server| slot.source.verdict(server, range, &verdict));
+        Ok(Judged {
+            corrupt,
+            server: answer.server,
+            routed,
+        })
     }
 
     /// Decodes and verifies each chunk of `segment` out of `bytes` (which start
@@ -567,6 +638,17 @@ impl ChunkFetcher {
 enum Rejected {
     Corrupt(String),
     Cache(CacheError),
+}
+
+/// What verifying one answer found.
+struct Judged {
+    /// The chunks that failed verification, and why.
+    corrupt: Vec<(u64, String)>,
+    /// The server behind the source that sent the answer, if it named one.
+    server: Option<String>,
+    /// The source shunned that server for bad bytes and has another one to
+    /// ask: asking it again at once may get good ones.
+    routed: bool,
 }
 
 struct SourceReport {

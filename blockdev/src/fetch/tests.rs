@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 
 use super::*;
 use crate::format::{sha256, write_blob, Layout};
-use crate::source::SourceError;
+use crate::source::{Answer, SourceError, Verdict};
 
 const CS: u32 = 4096;
 
@@ -40,9 +40,15 @@ impl ChunkSource for TestSource {
         self.name
     }
 
-    async fn read_range(&self, range: Range<u64>) -> Result<Bytes, SourceError> {
+    async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
         self.calls.fetch_add(1, Relaxed);
         let data = self.blob.slice(range.start as usize..range.end as usize);
+        self.answer(range, data).await.map(Answer::from)
+    }
+}
+
+impl TestSource {
+    async fn answer(&self, range: Range<u64>, data: Bytes) -> Result<Bytes, SourceError> {
         match &self.behavior {
             Behavior::Good => Ok(data),
             Behavior::Corrupt => {
@@ -66,6 +72,57 @@ impl ChunkSource for TestSource {
             Behavior::HangAt(offset) if range.start == *offset => std::future::pending().await,
             Behavior::HangAt(_) => Ok(data),
         }
+    }
+}
+
+/// Answers from several servers, like the peer source: the first one not
+/// shunned answers; a corrupt verdict shuns it.
+struct RelaySource {
+    blob: Bytes,
+    /// Server name and whether it tells the truth.
+    servers: Vec<(&'static str, bool)>,
+    shunned: Mutex<Vec<String>>,
+    verdicts: Mutex<Vec<(String, Verdict)>>,
+}
+
+#[async_trait]
+impl ChunkSource for RelaySource {
+    fn name(&self) -> &str {
+        "relay"
+    }
+
+    async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
+        let shunned = self.shunned.lock().unwrap().clone();
+        let Some(&(server, honest)) = self
+            .servers
+            .iter()
+            .find(|(s, _)| !shunned.iter().any(|x| x == s))
+        else {
+            return Err(SourceError::Transient("every server shunned".into()));
+        };
+        let mut data = self.blob[range.start as usize..range.end as usize].to_vec();
+        if !honest {
+            let mid = data.len() / 2;
+            data[mid] ^= 0x40;
+        }
+        Ok(Answer {
+            bytes: data.into(),
+            server: Some(server.to_owned()),
+        })
+    }
+
+    fn verdict(&self, server: &str, _range: &Range<u64>, verdict: &Verdict) -> bool {
+        self.verdicts
+            .lock()
+            .unwrap()
+            .push((server.to_owned(), verdict.clone()));
+        if matches!(verdict, Verdict::Corrupt(_)) {
+            self.shunned.lock().unwrap().push(server.to_owned());
+        }
+        let shunned = self.shunned.lock().unwrap();
+        self.servers
+            .iter()
+            .any(|(s, _)| !shunned.iter().any(|x| x == s))
     }
 }
 
@@ -109,11 +166,30 @@ impl Fixture {
         })
     }
 
+    fn relay(&self, servers: Vec<(&'static str, bool)>) -> Arc<RelaySource> {
+        Arc::new(RelaySource {
+            blob: self.blob.clone(),
+            servers,
+            shunned: Mutex::default(),
+            verdicts: Mutex::default(),
+        })
+    }
+
     fn fetcher(&self, sources: Vec<Arc<TestSource>>, config: FetchConfig) -> Arc<ChunkFetcher> {
-        let sources = sources
-            .into_iter()
-            .map(|s| s as Arc<dyn ChunkSource>)
-            .collect();
+        self.fetcher_of(
+            sources
+                .into_iter()
+                .map(|s| s as Arc<dyn ChunkSource>)
+                .collect(),
+            config,
+        )
+    }
+
+    fn fetcher_of(
+        &self,
+        sources: Vec<Arc<dyn ChunkSource>>,
+        config: FetchConfig,
+    ) -> Arc<ChunkFetcher> {
         Arc::new(ChunkFetcher::new(
             "sha256:test",
             self.index.clone(),
@@ -214,6 +290,52 @@ async fn corrupt_chunk_is_reported_and_taken_from_the_next_source() {
     assert_eq!(s.source("peer").unwrap().corrupt_chunks, 1);
     assert_eq!(s.source("peer").unwrap().chunks, 0);
     assert_eq!(s.source("registry").unwrap().chunks, 1);
+}
+
+#[tokio::test]
+async fn a_relayed_lie_is_told_to_the_source_which_is_asked_again_at_once() {
+    let f = fixture();
+    let relay = f.relay(vec![("liar", false), ("honest", true)]);
+    let registry = f.source("registry", Behavior::Good);
+    let fetcher = f.fetcher_of(vec![relay.clone(), registry.clone()], quick());
+    // The liar garbles the middle of the range: chunk 2 of chunks 1..3.
+    fetcher.ensure(1..3).await.unwrap();
+    f.cached(1);
+    f.cached(2);
+    assert_eq!(registry.calls.load(Relaxed), 0, "the honest server served");
+    let verdicts = relay.verdicts.lock().unwrap().clone();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert_eq!(verdicts[0].0, "liar");
+    assert!(
+        matches!(&verdicts[0].1, Verdict::Corrupt(why) if why.contains("chunk 2")),
+        "{verdicts:?}"
+    );
+    assert_eq!(
+        verdicts[1],
+        ("honest".to_owned(), Verdict::Verified { chunks: 1 }),
+        "only the bad chunk is asked again"
+    );
+    let s = f.stats.snapshot();
+    let r = s.source("relay").unwrap();
+    assert_eq!((r.requests, r.corrupt_chunks, r.chunks), (2, 1, 2));
+}
+
+#[tokio::test]
+async fn a_relay_of_liars_falls_through_to_the_next_source() {
+    let f = fixture();
+    let relay = f.relay(vec![("liar-1", false), ("liar-2", false)]);
+    let registry = f.source("registry", Behavior::Good);
+    let fetcher = f.fetcher_of(vec![relay.clone(), registry.clone()], quick());
+    fetcher.ensure(0..1).await.unwrap();
+    f.cached(0);
+    let verdicts = relay.verdicts.lock().unwrap().clone();
+    let servers: Vec<&str> = verdicts.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(servers, ["liar-1", "liar-2"], "each liar asked once");
+    assert!(verdicts
+        .iter()
+        .all(|(_, v)| matches!(v, Verdict::Corrupt(_))));
+    assert_eq!(registry.calls.load(Relaxed), 1);
+    assert_eq!(f.stats.snapshot().source("registry").unwrap().chunks, 1);
 }
 
 #[tokio::test]

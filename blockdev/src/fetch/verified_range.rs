@@ -8,10 +8,11 @@ use tokio::time::{timeout_at, Instant};
 use tracing::warn;
 
 use super::{describe, FetchConfig, SourceReport};
-use crate::source::ChunkSource;
+use crate::source::{ChunkSource, Verdict};
 
 /// Reads `range` of the blob from the first source whose bytes `verify`
-/// accepts. A rejected answer counts as that source's permanent failure.
+/// accepts. A rejected answer counts as that source's permanent failure
+/// (transient if the source has other servers to ask).
 /// On failure returns what every source did.
 pub async fn read_verified<T>(
     sources: &[Arc<dyn ChunkSource>],
@@ -31,13 +32,26 @@ pub async fn read_verified<T>(
             report.attempts += 1;
             let limit = deadline.min(Instant::now() + config.request_timeout);
             match timeout_at(limit, source.read_range(range.clone())).await {
-                Ok(Ok(bytes)) => match verify(&bytes) {
-                    Ok(value) => return Ok(value),
-                    Err(e) => {
-                        warn!("{what} from source {} rejected: {e}", source.name());
-                        report.fail(format!("rejected: {e}"), false);
+                Ok(Ok(answer)) => {
+                    let verified = verify(&answer.bytes);
+                    let verdict = match &verified {
+                        Ok(_) => Verdict::Verified { chunks: 0 },
+                        Err(e) => Verdict::Corrupt(e.clone()),
+                    };
+                    let routed = answer
+                        .server
+                        .as_deref()
+                        .is_some_and(|server| source.verdict(server, &range, &verdict));
+                    match verified {
+                        Ok(value) => return Ok(value),
+                        Err(e) => {
+                            warn!("{what} from source {} rejected: {e}", source.name());
+                            // Permanent, unless the source can ask another
+                            // server next time.
+                            report.fail(format!("rejected: {e}"), routed);
+                        }
                     }
-                },
+                }
                 Ok(Err(e)) => report.fail(e.to_string(), e.is_transient()),
                 Err(_) => report.fail(
                     format!("timed out after {:?}", config.request_timeout),

@@ -1,7 +1,9 @@
 //! OCI image vocabulary shared by the converter, `lazybd mount`, `inspect`
 //! and the snapshotter: media types, the lazybd annotations of docs/format.md,
-//! digests, and the OCI image layout on disk.
+//! digests, the OCI image layout on disk, and containerd's remote-snapshot
+//! labels.
 
+pub mod labels;
 pub mod layout;
 
 use std::collections::{BTreeMap, HashMap};
@@ -127,8 +129,9 @@ pub fn digest_of(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(crate::format::sha256(data)))
 }
 
-/// Validates a `sha256:<64 hex>` digest and returns its hex part; the only
-/// algorithm lazybd writes or accepts, and safe to use as a file name.
+/// The one digest rule of lazybd: `sha256:` and 64 lowercase hex digits (the
+/// only algorithm lazybd writes or accepts). Returns the hex part, which is
+/// safe to use as a file name or URL path segment.
 pub fn digest_hex(digest: &str) -> Result<&str, OciError> {
     match digest.split_once(':') {
         Some(("sha256", hex))
@@ -138,6 +141,11 @@ pub fn digest_hex(digest: &str) -> Result<&str, OciError> {
         }
         _ => Err(OciError::BadDigest(digest.to_owned())),
     }
+}
+
+/// Whether `digest` passes [`digest_hex`].
+pub fn valid_digest(digest: &str) -> bool {
+    digest_hex(digest).is_ok()
 }
 
 /// What a lazybd layer descriptor says about its blob (docs/format.md).
@@ -307,8 +315,20 @@ mod tests {
     #[test]
     fn digests_are_checked() {
         assert!(digest_hex(&digest_of(b"")).is_ok());
-        for bad in ["sha256:../../etc", "md5:abc", "sha256:ABCD", "", "sha256:"] {
+        assert!(valid_digest(&format!("sha256:{}", "a".repeat(64))));
+        for bad in [
+            "sha256:../../etc",
+            "md5:abc",
+            "sha256:ABCD",
+            "",
+            "sha256:",
+            "sha256",
+            &format!("sha256:{}", "AB".repeat(32)),
+            &format!("sha512:{}", "ab".repeat(32)),
+            &format!("sha256:{}", "ab".repeat(16)),
+        ] {
             assert!(digest_hex(bad).is_err(), "{bad}");
+            assert!(!valid_digest(bad), "{bad}");
         }
     }
 

@@ -23,13 +23,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::config::{Security, TlsConfig};
+use super::wire::header;
 use super::P2pError;
-
-pub const TOKEN_HEADER: &str = "x-lazybd-token";
-/// The advertised address of the peer asking (for per-peer upload counters).
-pub const PEER_HEADER: &str = "x-lazybd-peer";
-/// The client's registry credentials, for the super node to use on its behalf.
-pub const REGISTRY_AUTH_HEADER: &str = "x-lazybd-registry-auth";
 
 /// At most this many connections are served at once; more wait in the
 /// listen backlog.
@@ -106,7 +101,7 @@ pub fn token_ok(req: &Request<Incoming>, expected: Option<&str>) -> bool {
     };
     let got = req
         .headers()
-        .get(TOKEN_HEADER)
+        .get(header::TOKEN)
         .map(|v| v.as_bytes())
         .unwrap_or(b"");
     got.len() == expected.len()

@@ -4,7 +4,6 @@
 //! allows the bytes ([`RateLimiter`]); readers that need a chunk the job has
 //! claimed fetch it themselves instead of waiting.
 
-mod gate;
 mod rate;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -14,10 +13,10 @@ use std::time::Duration;
 use thiserror::Error;
 use tracing::{info, warn};
 
-pub use gate::{DemandGuard, JobGuard, PriorityGate, ReplayGuard};
 pub use rate::{RateLimiter, TokenBucket};
 
 use crate::fetch::FetchError;
+use crate::gate::{JobGuard, PriorityGate, ReplayGuard};
 use crate::layer::LazyLayer;
 
 /// Chunks per background request at most (also bounded by the fetcher's

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ChunkSource, SourceError};
+use super::{Answer, ChunkSource, SourceError};
 
 pub struct FileSource {
     name: String,
@@ -35,7 +35,7 @@ impl ChunkSource for FileSource {
         &self.name
     }
 
-    async fn read_range(&self, range: Range<u64>) -> Result<Bytes, SourceError> {
+    async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
         let file = self.file.clone();
         let path = self.path.clone();
         let len = usize::try_from(range.end.saturating_sub(range.start))
@@ -43,7 +43,7 @@ impl ChunkSource for FileSource {
         tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, range.start)
-                .map(|()| Bytes::from(buf))
+                .map(|()| Bytes::from(buf).into())
                 .map_err(|e| {
                     SourceError::Permanent(format!("{}: read {range:?}: {e}", path.display()))
                 })

@@ -1,9 +1,17 @@
-//! Where chunk bytes come from. A layer has an ordered list of sources (later:
-//! peers, then the super node, then the registry); the fetcher asks them in
-//! order and verifies whatever they return, so a source is never trusted.
+//! Where chunk bytes come from. A layer has an ordered list of sources (the
+//! peers, then the super node, then the registry: [`registry_chain`]); the
+//! fetcher asks them in order and verifies whatever they return, so a
+//! source is never trusted.
+//!
+//! A source that picks among several servers (the peers) names the one that
+//! answered; the fetcher tells it what verification found ([`Verdict`]), so
+//! it can shun a server that sent bad bytes and be asked again at once.
 
+mod chain;
 mod file;
+mod peer;
 mod registry;
+mod supernode;
 
 use std::ops::Range;
 
@@ -11,8 +19,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use thiserror::Error;
 
+pub use chain::registry_chain;
 pub use file::FileSource;
+pub use peer::PeerSource;
 pub use registry::RegistrySource;
+pub use supernode::SupernodeSource;
 
 /// One place that can serve byte ranges of one layer blob.
 #[async_trait]
@@ -21,7 +32,44 @@ pub trait ChunkSource: Send + Sync {
     fn name(&self) -> &str;
 
     /// Returns exactly the blob bytes `range` (stored, still compressed).
-    async fn read_range(&self, range: Range<u64>) -> Result<Bytes, SourceError>;
+    async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError>;
+
+    /// What the fetcher found in an answer that named its `server`. Returns
+    /// whether asking this source again right away may reach another server
+    /// (the fetcher then does, before moving on to the next source). Sources
+    /// with a single server never get a verdict.
+    fn verdict(&self, _server: &str, _range: &Range<u64>, _verdict: &Verdict) -> bool {
+        false
+    }
+}
+
+/// What a source returned for a range.
+#[derive(Debug)]
+pub struct Answer {
+    /// The bytes, not verified yet.
+    pub bytes: Bytes,
+    /// The server behind the source that sent them, when the source picks
+    /// among several; the fetcher's [`Verdict`] on them goes back to it.
+    pub server: Option<String>,
+}
+
+impl From<Bytes> for Answer {
+    fn from(bytes: Bytes) -> Self {
+        Answer {
+            bytes,
+            server: None,
+        }
+    }
+}
+
+/// The fetcher's verification of one [`Answer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every chunk in it verified (0 for a range that is not chunks, like
+    /// the index).
+    Verified { chunks: u64 },
+    /// At least one chunk failed verification; why, for the log.
+    Corrupt(String),
 }
 
 #[derive(Debug, Error)]

@@ -4,9 +4,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
-use super::{ChunkSource, SourceError};
+use super::{Answer, ChunkSource, SourceError};
 use crate::registry::RegistryClient;
 
 pub struct RegistrySource {
@@ -31,10 +30,11 @@ impl ChunkSource for RegistrySource {
         "registry"
     }
 
-    async fn read_range(&self, range: Range<u64>) -> Result<Bytes, SourceError> {
+    async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
         self.client
             .blob_range(&self.digest, range)
             .await
+            .map(Answer::from)
             .map_err(|e| {
                 if e.is_transient() {
                     SourceError::Transient(e.to_string())

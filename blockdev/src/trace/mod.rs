@@ -147,7 +147,7 @@ impl Trace {
         if let Some(l) = raw
             .layers
             .iter()
-            .find(|l| !crate::p2p::valid_digest(&l.digest))
+            .find(|l| !crate::oci::valid_digest(&l.digest))
         {
             return Err(TraceError::BadDigest(l.digest.clone()));
         }
@@ -172,11 +172,8 @@ pub fn trace_key<S: AsRef<str>>(layers: &[S]) -> String {
 /// Whether `key` has the shape [`trace_key`] makes (checked before it names
 /// a file).
 pub fn valid_key(key: &str) -> bool {
-    key.strip_prefix("sha256-").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    key.strip_prefix("sha256-")
+        .is_some_and(|hex| crate::oci::valid_digest(&format!("sha256:{hex}")))
 }
 
 #[cfg(test)]

@@ -16,9 +16,9 @@ use lazybd_blockdev::registry::RegistryError;
 use lazybd_blockdev::stats::Stats;
 use lazybd_blockdev::trace::Trace;
 
-use super::{LazyLayers, ManifestSource, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST};
-use super::{LABEL_MANIFEST_DIGEST, LABEL_TARGET};
+use super::{LazyLayers, ManifestSource};
 use crate::config::RegistryConfig;
+use lazybd_blockdev::oci;
 
 pub const IMAGE: &str = "registry.test/app:v1";
 
@@ -30,10 +30,10 @@ pub fn digest(n: u8) -> String {
 /// The labels containerd puts on the Prepare of an image layer.
 pub fn layer_labels(manifest: &str, layer: &str, target: &str) -> HashMap<String, String> {
     HashMap::from([
-        (LABEL_TARGET.to_owned(), target.to_owned()),
-        (LABEL_IMAGE_REF.to_owned(), IMAGE.to_owned()),
-        (LABEL_MANIFEST_DIGEST.to_owned(), manifest.to_owned()),
-        (LABEL_LAYER_DIGEST.to_owned(), layer.to_owned()),
+        (oci::labels::TARGET.to_owned(), target.to_owned()),
+        (oci::labels::IMAGE_REF.to_owned(), IMAGE.to_owned()),
+        (oci::labels::MANIFEST_DIGEST.to_owned(), manifest.to_owned()),
+        (oci::labels::LAYER_DIGEST.to_owned(), layer.to_owned()),
     ])
 }
 

@@ -26,10 +26,9 @@ use std::sync::{Arc, Mutex};
 
 use lazybd_blockdev::device::{DeviceError, LayerManager};
 use lazybd_blockdev::layer::LayerSource;
-use lazybd_blockdev::oci::{LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
-use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
+use lazybd_blockdev::oci::{self, LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
 use lazybd_blockdev::p2p::PeerNode;
-use lazybd_blockdev::source::{ChunkSource, RegistrySource};
+use lazybd_blockdev::source::{registry_chain, ChunkSource};
 use oci_spec::image::ImageManifest;
 use tracing::info;
 
@@ -40,12 +39,6 @@ use crate::traces::{trace_key, Traces};
 pub use error::RemoteError;
 pub use layers::LazyLayers;
 pub use registry::{ManifestSource, RegistryManifests};
-
-/// The committed snapshot name containerd wants (set on every unpack).
-pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
-pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 
 /// Manifests kept for the layers of images being prepared.
 const MANIFEST_CACHE: usize = 64;
@@ -112,9 +105,9 @@ impl<L: LazyLayers> Remote<L> {
         labels: &HashMap<String, String>,
     ) -> Result<Option<RemoteLayer>, RemoteError> {
         let (Some(image_ref), Some(manifest_digest), Some(layer_digest)) = (
-            labels.get(LABEL_IMAGE_REF),
-            labels.get(LABEL_MANIFEST_DIGEST),
-            labels.get(LABEL_LAYER_DIGEST),
+            labels.get(oci::labels::IMAGE_REF),
+            labels.get(oci::labels::MANIFEST_DIGEST),
+            labels.get(oci::labels::LAYER_DIGEST),
         ) else {
             return Ok(None);
         };
@@ -310,17 +303,11 @@ impl<L: LazyLayers> Remote<L> {
                 image_ref: layer.image_ref.clone(),
                 source,
             })?;
-        let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
-        if let Some(peer) = &self.peer {
-            sources.push(Arc::new(PeerSource::new(peer.clone(), &layer.digest)));
-            sources.push(Arc::new(SupernodeSource::new(
-                peer.clone(),
-                &client,
-                &layer.digest,
-                layer.blob_size,
-            )));
-        }
-        sources.push(Arc::new(RegistrySource::new(client, &layer.digest)));
-        Ok(sources)
+        Ok(registry_chain(
+            &client,
+            self.peer.as_ref(),
+            &layer.digest,
+            layer.blob_size,
+        ))
     }
 }

@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 
 use lazybd_blockdev::device::DeviceError;
+use lazybd_blockdev::oci;
 
 use super::fake::{self, digest, FakeLayers, FakeManifests, IMAGE};
 use super::*;
@@ -50,7 +51,7 @@ async fn labels_without_an_image_layer_ask_for_nothing() {
     let manifests = FakeManifests::default();
     let r = remote(dir.path(), &manifests, FakeLayers::default());
     let mut labels = fake::layer_labels(&digest(0xa0), &digest(1), "chain-1");
-    labels.remove(LABEL_LAYER_DIGEST);
+    labels.remove(oci::labels::LAYER_DIGEST);
     assert_eq!(r.resolve(&labels).await.unwrap(), None);
     assert_eq!(r.resolve(&HashMap::new()).await.unwrap(), None);
     assert_eq!(manifests.fetches(), 0);

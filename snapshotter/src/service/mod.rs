@@ -28,9 +28,10 @@ use tracing::{info, warn};
 use crate::error::SnapshotError;
 use crate::filter::Filter;
 use crate::mounts;
-use crate::remote::{LazyLayers, Remote, LABEL_TARGET};
+use crate::remote::{LazyLayers, Remote};
 use crate::store::{Kind, Record, Store, Usage};
 use disk_usage::disk_usage;
+use lazybd_blockdev::oci;
 
 pub struct LazySnapshotter<L = LayerManager> {
     root: PathBuf,
@@ -132,7 +133,7 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         let _g = self.changes.lock().await;
-        let target = labels.get(LABEL_TARGET);
+        let target = labels.get(oci::labels::TARGET);
         // containerd reads AlreadyExists as "the layer is there", stats the
         // target and skips download and unpack.
         if let Some(target) = target {

@@ -107,11 +107,13 @@ async fn summarize(
     if blob_size < FOOTER_LEN {
         bail!("{blob_size} bytes is too small for a lazybd blob");
     }
-    let footer = Footer::parse(&source.read_range(blob_size - FOOTER_LEN..blob_size).await?)?;
+    let tail = source.read_range(blob_size - FOOTER_LEN..blob_size).await?;
+    let footer = Footer::parse(&tail.bytes)?;
     footer.check_blob_len(blob_size)?;
     let bytes = source
         .read_range(footer.index_offset..footer.index_offset + footer.index_length)
-        .await?;
+        .await?
+        .bytes;
     let index = Index::parse(&bytes, &footer)?;
     let count = |k: ChunkKind| index.chunks.iter().filter(|c| c.kind == k).count() as u64;
     Ok(LayerSummary {

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use lazybd_blockdev::device::LayerManager;
 use lazybd_blockdev::layer::LayerSource;
-use lazybd_blockdev::p2p::sources::{PeerSource, SupernodeSource};
 use lazybd_blockdev::p2p::{P2pConfig, PeerNode};
-use lazybd_blockdev::source::ChunkSource;
+use lazybd_blockdev::source::registry_chain;
 
 use crate::image_source::OpenImage;
 
-/// Starts the peer and puts the P2P sources in front of each layer's own.
+/// Starts the peer and gives each layer the P2P sources in front of its
+/// registry.
 pub async fn start(
     config: &Path,
     image: &OpenImage,
@@ -25,17 +25,7 @@ pub async fn start(
     };
     let node = PeerNode::start(P2pConfig::load(config)?).await?;
     for layer in layers {
-        let mut sources: Vec<Arc<dyn ChunkSource>> = vec![
-            Arc::new(PeerSource::new(node.clone(), &layer.digest)),
-            Arc::new(SupernodeSource::new(
-                node.clone(),
-                client,
-                &layer.digest,
-                layer.blob_size,
-            )),
-        ];
-        sources.append(&mut layer.sources);
-        layer.sources = sources;
+        layer.sources = registry_chain(client, Some(&node), &layer.digest, layer.blob_size);
     }
     Ok(node)
 }

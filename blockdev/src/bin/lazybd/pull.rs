@@ -29,7 +29,9 @@ use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request};
 use containerd_client::types::{Descriptor, Mount};
 use futures_util::StreamExt;
-use lazybd_blockdev::oci::{config_diff_ids, is_manifest_list, pick_platform, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::oci::{
+    self, config_diff_ids, is_manifest_list, pick_platform, MEDIA_LAZYBD_LAYER,
+};
 use lazybd_blockdev::registry::RegistryClient;
 use oci_spec::image::{ImageIndex, ImageManifest};
 use sha2::{Digest as _, Sha256};
@@ -363,19 +365,13 @@ impl Containerd {
         }
         let key = format!("extract-{} {chain}", nanos());
         let labels = HashMap::from([
-            ("containerd.io/snapshot.ref".to_string(), chain.to_owned()),
+            (oci::labels::TARGET.to_string(), chain.to_owned()),
+            (oci::labels::IMAGE_REF.into(), args.reference.clone()),
             (
-                "containerd.io/snapshot/cri.image-ref".into(),
-                args.reference.clone(),
-            ),
-            (
-                "containerd.io/snapshot/cri.manifest-digest".into(),
+                oci::labels::MANIFEST_DIGEST.into(),
                 manifest_digest.to_owned(),
             ),
-            (
-                "containerd.io/snapshot/cri.layer-digest".into(),
-                layer.digest().to_string(),
-            ),
+            (oci::labels::LAYER_DIGEST.into(), layer.digest().to_string()),
         ]);
         let prepared = snapshots
             .prepare(self.req(PrepareSnapshotRequest {

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::P2pError;
+use crate::p2p::P2pError;
 
 /// A block of a blob: the blob is named by registry, repository, digest and
 /// size (a client naming a wrong size gets its own, separate blocks).

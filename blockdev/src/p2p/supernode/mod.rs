@@ -21,17 +21,23 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use super::block_cache::{BlockCache, BlockKey, CacheUsage};
+mod block_cache;
+pub mod flight;
+pub mod traces;
+pub mod tree;
+
+use block_cache::{BlockCache, BlockKey, CacheUsage};
+use flight::SingleFlight;
+use traces::TraceStore;
+use tree::Membership;
+
 use super::config::Security;
-use super::flight::SingleFlight;
-use super::http::{self, Body, REGISTRY_AUTH_HEADER};
-use super::traces::TraceStore;
-use super::tree::Membership;
-use super::{auth_from_header, valid_digest, P2pError};
+use super::http::{self, Body};
+use super::wire::{auth_from_header, header, path, query, AnnounceReply, MAX_RANGE};
+use super::P2pError;
+use crate::oci::valid_digest;
 use crate::registry::{RegistryClient, RegistryOptions};
 
-/// Largest range one request may ask for (the fetcher asks for 8 MiB).
-pub const MAX_RANGE: u64 = 64 << 20;
 const MAX_CLIENTS: usize = 256;
 const MAX_AUTH_ENTRIES: usize = 4096;
 
@@ -76,13 +82,6 @@ struct StatsReply<'a> {
     #[serde(flatten)]
     counters: &'a SupernodeCounters,
     cache: CacheUsage,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct AnnounceReply {
-    /// Parent first, then its parent, ...; empty: use the super node.
-    pub ancestors: Vec<String>,
-    pub heartbeat_ms: u64,
 }
 
 type BlockResult = Result<Bytes, (bool, String)>;
@@ -171,7 +170,7 @@ impl Supernode {
         req: Request<Incoming>,
         _remote: SocketAddr,
     ) -> Response<Body> {
-        if req.uri().path() == "/healthz" {
+        if req.uri().path() == path::HEALTHZ {
             return http::respond(StatusCode::OK, "ok\n");
         }
         if !http::token_ok(&req, self.token.as_deref()) {
@@ -179,10 +178,10 @@ impl Supernode {
         }
         let q = http::query(&req);
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/v1/blob") => {
+            (&Method::GET, path::BLOB) => {
                 let auth = req
                     .headers()
-                    .get(REGISTRY_AUTH_HEADER)
+                    .get(header::REGISTRY_AUTH)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_owned();
@@ -200,8 +199,8 @@ impl Supernode {
                     }
                 }
             }
-            (&Method::POST, "/v1/announce") => {
-                let (Some(blob), Some(addr)) = (q.get("blob"), q.get("addr")) else {
+            (&Method::POST, path::ANNOUNCE) => {
+                let (Some(blob), Some(addr)) = (q.get(query::BLOB), q.get(query::ADDR)) else {
                     return http::respond(StatusCode::BAD_REQUEST, "blob and addr required\n");
                 };
                 if !valid_digest(blob) || addr.len() > 256 {
@@ -219,8 +218,8 @@ impl Supernode {
                     heartbeat_ms: (self.config.member_ttl.as_millis() / 3) as u64,
                 })
             }
-            (&Method::POST, "/v1/leave") => {
-                if let (Some(blob), Some(addr)) = (q.get("blob"), q.get("addr")) {
+            (&Method::POST, path::LEAVE) => {
+                if let (Some(blob), Some(addr)) = (q.get(query::BLOB), q.get(query::ADDR)) {
                     self.membership
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -228,22 +227,22 @@ impl Supernode {
                 }
                 http::respond(StatusCode::OK, "")
             }
-            (&Method::GET, "/v1/trace") => {
-                let (status, body) = self.traces.get(q.get("key").map_or("", |k| k)).await;
+            (&Method::GET, path::TRACE) => {
+                let (status, body) = self.traces.get(q.get(query::KEY).map_or("", |k| k)).await;
                 if status.is_success() {
                     self.counters.traces_served.fetch_add(1, Relaxed);
                 }
                 http::respond(status, body)
             }
-            (&Method::PUT, "/v1/trace") => {
-                let key = q.get("key").cloned().unwrap_or_default();
+            (&Method::PUT, path::TRACE) => {
+                let key = q.get(query::KEY).cloned().unwrap_or_default();
                 let (status, body) = self.traces.put(&key, req.into_body()).await;
                 if status.is_success() {
                     self.counters.traces_stored.fetch_add(1, Relaxed);
                 }
                 http::respond(status, body)
             }
-            (&Method::GET, "/v1/stats") => http::json(&StatsReply {
+            (&Method::GET, path::STATS) => http::json(&StatsReply {
                 counters: &self.counters,
                 cache: self.cache.usage(),
             }),
@@ -261,8 +260,12 @@ impl Supernode {
         let num = |k: &str| -> Result<u64, (StatusCode, String)> {
             get(k)?.parse().map_err(|_| bad(&format!("bad {k}")))
         };
-        let (registry, repo, digest) = (get("registry")?, get("repo")?, get("digest")?);
-        let (size, start, end) = (num("size")?, num("start")?, num("end")?);
+        let (registry, repo, digest) = (
+            get(query::REGISTRY)?,
+            get(query::REPO)?,
+            get(query::DIGEST)?,
+        );
+        let (size, start, end) = (num(query::SIZE)?, num(query::START)?, num(query::END)?);
         if !self.config.registries.iter().any(|r| r == registry) {
             return Err((
                 StatusCode::FORBIDDEN,

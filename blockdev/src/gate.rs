@@ -5,6 +5,9 @@
 //! each request. A reader never waits for a background fetch: if it needs a
 //! chunk a background fetch has claimed, it fetches the chunk itself at once
 //! (see `ChunkFetcher`), so the two never queue behind each other.
+//!
+//! Pure bookkeeping below the fetcher: the fetcher marks its on-demand
+//! fetches here, the prefetcher and the trace replays wait here.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

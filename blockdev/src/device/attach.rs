@@ -1,0 +1,232 @@
+//! Attach: open the layer (its index and cache), then the blocking steps
+//! that expose it: FUSE file, loop device, EROFS mount. Every step registers
+//! its undo, so a failure at any step leaves nothing behind.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+
+use super::config::LOOP_CLEAR_WAIT;
+use super::detach::close_layer;
+use super::fuse::LayerFiles;
+use super::loopdev::{LoopDevice, LoopOptions};
+use super::mounts;
+use super::orphans;
+use super::prefetch::PREFETCH_MARKER;
+use super::table::{Attached, AttachedLayer};
+use super::undo::Undo;
+use super::{AttachStep, DeviceError, LayerManager, NodeConfig};
+use crate::layer::{LayerSource, LazyLayer};
+use crate::oci;
+
+impl LayerManager {
+    /// Attaches the layer (idempotent: an attached layer is returned as is).
+    pub async fn attach(&self, src: LayerSource) -> Result<AttachedLayer, DeviceError> {
+        let _op = self.shared.ops.lock().await;
+        let digest = src.digest.clone();
+        if let Some(a) = self.shared.table.lock().get(&digest) {
+            return Ok(a.info.clone());
+        }
+        let name = layer_name(&digest)?;
+        let layer = Arc::new(
+            LazyLayer::open(
+                &self.config.root.join("layers").join(&name),
+                src,
+                self.shared.stats.clone(),
+                self.config.fetch.clone(),
+                self.gate.clone(),
+            )
+            .await?,
+        );
+        let exposing = Exposing {
+            config: self.config.clone(),
+            files: self.shared.files.clone(),
+            name: name.clone(),
+            layer: layer.clone(),
+            orphans: self.orphans.take(&name),
+        };
+        // Blocking work, and mounting EROFS reads the superblock through our
+        // FUSE file, whose misses are fetched on this runtime: never block it.
+        let exposed = tokio::task::spawn_blocking(move || exposing.run())
+            .await
+            .map_err(|e| DeviceError::Task(e.to_string()))?;
+        match exposed {
+            Ok(attached) => {
+                let info = attached.info.clone();
+                let how = if attached.local {
+                    "the local cache file"
+                } else {
+                    "FUSE"
+                };
+                let resume = !attached.local
+                    && self
+                        .config
+                        .root
+                        .join("layers")
+                        .join(&attached.name)
+                        .join(PREFETCH_MARKER)
+                        .exists();
+                self.shared.table.lock().insert(digest.clone(), attached);
+                info!(
+                    "attached layer {digest} at {} via {} on {how}",
+                    info.mountpoint.display(),
+                    info.loop_device.display()
+                );
+                if resume {
+                    info!("layer {digest}: resuming the prefetch asked for before");
+                    self.prefetch(&digest)?;
+                }
+                Ok(info)
+            }
+            Err(e) => {
+                close_layer(layer);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The blocking part of an attach: FUSE file, loop device, EROFS mount.
+struct Exposing {
+    config: NodeConfig,
+    files: Arc<LayerFiles>,
+    name: String,
+    layer: Arc<LazyLayer>,
+    orphans: Vec<LoopDevice>,
+}
+
+impl Exposing {
+    fn run(self) -> Result<Attached, DeviceError> {
+        let digest = self.layer.digest().to_owned();
+        let step_err = |step: &'static str| {
+            let digest = digest.clone();
+            move |source| DeviceError::Step {
+                digest,
+                step,
+                source,
+            }
+        };
+        let inject = |step: AttachStep| match self.config.fail_attach_at {
+            Some(s) if s == step => Err(DeviceError::Injected {
+                digest: digest.clone(),
+                step,
+            }),
+            _ => Ok(()),
+        };
+        let mut undo = Undo::new();
+        // A complete cache needs neither FUSE nor this process: the loop
+        // device reads the image file (every chunk in it was verified when
+        // stored, or re-hashed when the cache was opened after a crash).
+        let local = self.config.handoff && self.layer.is_complete();
+
+        inject(AttachStep::FuseFile)?;
+        let backing_path = if local {
+            self.layer.image_path()
+        } else {
+            self.files
+                .add(&self.name, self.layer.clone())
+                .map_err(step_err("add FUSE file"))?;
+            let (files, name) = (self.files.clone(), self.name.clone());
+            undo.push("remove FUSE file", move || files.remove(&name));
+            self.config.root.join("fuse").join(&self.name)
+        };
+
+        inject(AttachStep::Loop)?;
+        let backing = File::open(&backing_path).map_err(step_err("open backing file"))?;
+        let image_size = self.layer.image_size();
+        let opts = LoopOptions {
+            direct_io: self.config.loop_direct_io,
+            block_size: if image_size % 4096 == 0 { 4096 } else { 512 },
+        };
+        let loop_dev = LoopDevice::attach(&backing, &backing_path, opts)
+            .map_err(step_err("attach loop device"))?;
+        drop(backing);
+        if self.config.read_ahead_kb > 0 {
+            if let Err(e) = loop_dev.set_read_ahead_kb(self.config.read_ahead_kb) {
+                warn!("layer {digest}: setting loop readahead: {e}");
+            }
+        }
+        let loop_path = loop_dev.path().to_owned();
+        // Until the attach is committed the loop device is ours to release;
+        // the undo closure gets it back through this slot.
+        let slot = Arc::new(Mutex::new(Some(loop_dev)));
+        let (undo_slot, undo_file) = (slot.clone(), backing_path.clone());
+        undo.push("release loop device", move || {
+            if let Some(dev) = undo_slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                dev.release(&undo_file, LOOP_CLEAR_WAIT);
+            }
+        });
+
+        inject(AttachStep::Mount)?;
+        let mountpoint = self.config.root.join("mnt").join(&self.name);
+        std::fs::create_dir_all(&mountpoint).map_err(step_err("create mountpoint"))?;
+        let mp = mountpoint.clone();
+        undo.push("remove mountpoint", move || {
+            let _ = std::fs::remove_dir(&mp);
+        });
+        mounts::mount_erofs(&loop_path, &mountpoint).map_err(step_err("mount EROFS"))?;
+        let mp = mountpoint.clone();
+        undo.push("unmount EROFS", move || {
+            let _ = mounts::unmount(&mp, false).or_else(|_| mounts::unmount(&mp, true));
+        });
+
+        inject(AttachStep::Register)?;
+        let loop_dev = slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("loop device still in its slot");
+        undo.commit();
+        // A container from before a crash reads again, through this run.
+        orphans::switch_all(&self.orphans, &backing_path, &digest);
+        Ok(Attached {
+            info: AttachedLayer {
+                digest,
+                mountpoint,
+                loop_device: loop_path,
+                image_size,
+            },
+            layer: self.layer,
+            loop_dev,
+            backing: backing_path,
+            local,
+            handoff_failed: false,
+            name: self.name,
+            orphans: self.orphans,
+        })
+    }
+}
+
+/// `sha256:ab12..` -> `sha256-ab12..`; anything but a valid digest
+/// ([`oci::digest_hex`]) is refused, so a digest can never name a path
+/// outside the root.
+fn layer_name(digest: &str) -> Result<String, DeviceError> {
+    let hex = oci::digest_hex(digest).map_err(|_| DeviceError::BadDigest(digest.to_owned()))?;
+    Ok(format!("sha256-{hex}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_are_safe() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            layer_name(&d).unwrap(),
+            format!("sha256-{}", "ab".repeat(32))
+        );
+        for bad in [
+            "",
+            "sha256",
+            "sha256:../../etc",
+            "SHA:abcd",
+            &format!("sha256:{}", "AB".repeat(32)),
+            &format!("sha256:{}", "ab".repeat(16)),
+            &format!("sha512:{}", "ab".repeat(32)),
+        ] {
+            assert!(layer_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! How a node's layer manager is set up ([`NodeConfig`]), and the attach
+//! steps a test can make fail.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::fetch::FetchConfig;
+
+/// How long detach waits for the kernel to clear a loop device.
+pub(super) const LOOP_CLEAR_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Cache, FUSE mount and EROFS mounts live here; one manager per root.
+    pub root: PathBuf,
+    pub fetch: FetchConfig,
+    /// How often new chunks' bits are made durable (a crash loses at most
+    /// this much fetching, never correctness).
+    pub persist_interval: Duration,
+    /// Loop devices read the FUSE file with O_DIRECT: one page cache (the
+    /// block device's) instead of two, and with FUSE async DIO several reads
+    /// in flight; about 4x the sequential throughput of buffered loop reads
+    /// when the cache is in memory (docs/benchmarks.md).
+    pub loop_direct_io: bool,
+    /// Readahead of each loop device in KiB (more 1 MiB reads in flight for
+    /// sequential readers); 0 keeps the kernel default.
+    pub read_ahead_kb: u32,
+    /// FUSE request threads (reads of cached chunks run on them).
+    pub fuse_threads: usize,
+    /// Fault injection for tests: fail the attach right before this step.
+    pub fail_attach_at: Option<AttachStep>,
+    /// Bandwidth of all background prefetches together, bytes per second;
+    /// 0 = unlimited. On-demand reads are never limited.
+    pub prefetch_rate: u64,
+    /// Complete layers read their local cache file instead of FUSE. Off only
+    /// to measure the FUSE path (the read benchmark).
+    pub handoff: bool,
+}
+
+impl NodeConfig {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            root: root.into(),
+            fetch: FetchConfig::default(),
+            persist_interval: Duration::from_secs(1),
+            loop_direct_io: true,
+            read_ahead_kb: 4096,
+            fuse_threads: 2,
+            fail_attach_at: None,
+            prefetch_rate: 0,
+            handoff: true,
+        }
+    }
+}
+
+/// The steps of an attach, in order (for fault injection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachStep {
+    /// Adding the layer's file to the FUSE directory.
+    FuseFile,
+    /// Attaching the loop device.
+    Loop,
+    /// Mounting EROFS.
+    Mount,
+    /// After everything succeeded (tests the final rollback).
+    Register,
+}

@@ -1,0 +1,120 @@
+//! Background prefetch of attached layers: one job per layer fetches every
+//! missing chunk behind on-demand reads, then hands the layer off to its
+//! local cache file. The job tables also hold the trace replays
+//! ([`super::trace`]), so detach stops both.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use super::config::LOOP_CLEAR_WAIT;
+use super::handoff::handoff;
+use super::table::lock;
+use super::{DeviceError, LayerManager};
+
+/// In a layer's cache directory: a prefetch was asked for. A restarted
+/// process resumes it on attach, so a layer under a running container does
+/// not stay dependent on the daemon just because the daemon restarted.
+pub(super) const PREFETCH_MARKER: &str = "prefetch";
+
+/// What starting a prefetch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefetchStart {
+    Started,
+    AlreadyRunning,
+    /// Nothing to fetch: the layer is local already.
+    AlreadyLocal,
+}
+
+/// The background work running per layer.
+#[derive(Default)]
+pub(super) struct Jobs {
+    /// Running (or finished) prefetch jobs by digest.
+    pub prefetch: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Running (or finished) trace replays by digest.
+    pub replays: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl Jobs {
+    /// Aborts every job without waiting (the manager is going away).
+    pub fn abort_all(&self) {
+        for table in [&self.prefetch, &self.replays] {
+            for (_, job) in lock(table).drain() {
+                job.abort();
+            }
+        }
+    }
+}
+
+pub(super) fn running(jobs: &HashMap<String, JoinHandle<()>>, digest: &str) -> bool {
+    jobs.get(digest).is_some_and(|h| !h.is_finished())
+}
+
+impl LayerManager {
+    /// Starts fetching every missing chunk of an attached layer in the
+    /// background (on-demand reads go first); when it is complete, the loop
+    /// device is switched to the local cache file.
+    pub fn prefetch(&self, digest: &str) -> Result<PrefetchStart, DeviceError> {
+        let (layer, name) = {
+            let layers = self.shared.table.lock();
+            let a = layers
+                .get(digest)
+                .ok_or_else(|| DeviceError::NotAttached(digest.to_owned()))?;
+            if a.local {
+                return Ok(PrefetchStart::AlreadyLocal);
+            }
+            (a.layer.clone(), a.name.clone())
+        };
+        let marker = self
+            .config
+            .root
+            .join("layers")
+            .join(name)
+            .join(PREFETCH_MARKER);
+        if let Err(e) = std::fs::write(&marker, b"") {
+            warn!(
+                "layer {digest}: writing {}: {e} (a restart will not resume the prefetch)",
+                marker.display()
+            );
+        }
+        let mut jobs = lock(&self.jobs.prefetch);
+        if running(&jobs, digest) {
+            return Ok(PrefetchStart::AlreadyRunning);
+        }
+        let (prefetcher, shared, d) = (
+            self.prefetcher.clone(),
+            self.shared.clone(),
+            digest.to_owned(),
+        );
+        info!("layer {digest}: background prefetch started");
+        let job = self.gate.job();
+        jobs.insert(
+            digest.to_owned(),
+            tokio::spawn(async move {
+                match prefetcher.run(&layer, job).await {
+                    Ok(()) => {
+                        drop(layer);
+                        handoff(&shared, &d).await;
+                    }
+                    Err(e) => error!("{e}"),
+                }
+            }),
+        );
+        Ok(PrefetchStart::Started)
+    }
+
+    /// Stops the layer's prefetch job and trace replay, if any, and waits
+    /// (bounded) until they have let go of the layer.
+    pub(super) async fn stop_prefetch(&self, digest: &str) {
+        let replay = lock(&self.jobs.replays).remove(digest);
+        let job = lock(&self.jobs.prefetch).remove(digest);
+        for job in replay.into_iter().chain(job) {
+            job.abort();
+            if tokio::time::timeout(LOOP_CLEAR_WAIT, job).await.is_err() {
+                warn!("layer {digest}: prefetch job did not stop within {LOOP_CLEAR_WAIT:?}");
+            }
+        }
+    }
+}

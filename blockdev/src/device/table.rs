@@ -1,0 +1,130 @@
+//! The attachment table: what the manager holds for each attached layer,
+//! shared with its background tasks (handoff, periodic persist, prefetch
+//! jobs), and the status it reports about them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::fuse::LayerFiles;
+use super::loopdev::LoopDevice;
+use crate::layer::LazyLayer;
+use crate::stats::Stats;
+
+/// What the caller gets back from an attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedLayer {
+    pub digest: String,
+    /// The read-only EROFS mount of the layer.
+    pub mountpoint: PathBuf,
+    pub loop_device: PathBuf,
+    pub image_size: u64,
+}
+
+/// Where an attached layer's data comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerState {
+    /// Through FUSE; missing chunks are fetched when read.
+    #[default]
+    Lazy,
+    /// Through FUSE, and a background prefetch is fetching the rest.
+    Fetching,
+    /// Complete: the loop device reads the local cache file, FUSE is out.
+    Local,
+}
+
+impl LayerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerState::Lazy => "lazy",
+            LayerState::Fetching => "fetching",
+            LayerState::Local => "local",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerStatus {
+    pub digest: String,
+    pub mountpoint: PathBuf,
+    pub loop_device: PathBuf,
+    pub chunks_present: u64,
+    pub chunks_total: u64,
+    pub image_size: u64,
+    #[serde(default)]
+    pub state: LayerState,
+    /// The loop device's backing file: the FUSE file, or the cache's image
+    /// file once local.
+    #[serde(default)]
+    pub backing_file: PathBuf,
+}
+
+/// One attached layer.
+pub(super) struct Attached {
+    pub info: AttachedLayer,
+    pub layer: Arc<LazyLayer>,
+    pub loop_dev: LoopDevice,
+    /// What the loop device reads now (the FUSE file, or the image file).
+    pub backing: PathBuf,
+    pub local: bool,
+    /// A handoff failed: the periodic check does not retry it (every second
+    /// a warning); the next attach tries again.
+    pub handoff_failed: bool,
+    /// The digest as a file name (`sha256-<hex>`): the layer's FUSE file,
+    /// cache directory and mountpoint.
+    pub name: String,
+    /// Loop devices a previous run left on this layer's FUSE file, still
+    /// under a running container's EROFS mount; switched along with ours.
+    pub orphans: Vec<LoopDevice>,
+}
+
+impl Attached {
+    /// `prefetching`: a prefetch job of the layer is running.
+    pub fn status(&self, prefetching: bool) -> LayerStatus {
+        LayerStatus {
+            digest: self.info.digest.clone(),
+            mountpoint: self.info.mountpoint.clone(),
+            loop_device: self.info.loop_device.clone(),
+            chunks_present: self.layer.chunks_present(),
+            chunks_total: self.layer.index().chunk_count(),
+            image_size: self.info.image_size,
+            state: if self.local {
+                LayerState::Local
+            } else if prefetching {
+                LayerState::Fetching
+            } else {
+                LayerState::Lazy
+            },
+            backing_file: self.backing.clone(),
+        }
+    }
+}
+
+/// The attached layers by digest.
+#[derive(Clone, Default)]
+pub(super) struct Table(Arc<Mutex<HashMap<String, Attached>>>);
+
+impl Table {
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<String, Attached>> {
+        lock(&self.0)
+    }
+}
+
+/// What the manager shares with its background tasks.
+#[derive(Clone)]
+pub(super) struct Shared {
+    pub files: Arc<LayerFiles>,
+    pub table: Table,
+    /// Serialises attach, detach, handoff and eviction, which span awaits.
+    pub ops: Arc<tokio::sync::Mutex<()>>,
+    pub stats: Arc<Stats>,
+    /// [`NodeConfig::handoff`](super::NodeConfig::handoff).
+    pub handoff: bool,
+}
+
+/// A poisoned lock still guards consistent data here (every update is a
+/// single insert, remove or field store), so it is used as is.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

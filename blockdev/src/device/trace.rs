@@ -1,0 +1,63 @@
+//! Startup traces of attached layers (`crate::trace`): recording the
+//! on-demand misses, and replaying a trace's chunks in the background.
+
+use tracing::info;
+
+use super::prefetch::running;
+use super::table::lock;
+use super::LayerManager;
+use crate::trace::Trace;
+
+impl LayerManager {
+    /// Starts recording the on-demand misses of these attached layers
+    /// (unknown digests are skipped) for a startup trace.
+    pub fn start_trace(&self, digests: &[String]) {
+        for d in digests {
+            if let Some(l) = self.layer(d) {
+                l.fetcher().start_recording();
+            }
+        }
+    }
+
+    /// Ends the recordings of [`start_trace`](Self::start_trace): the trace
+    /// of these layers, in this order (layers detached meanwhile are missing).
+    pub fn stop_trace(&self, digests: &[String]) -> Trace {
+        Trace::new(digests.iter().filter_map(|d| {
+            self.layer(d)
+                .map(|l| (d.clone(), l.fetcher().stop_recording()))
+        }))
+    }
+
+    /// Fetches the trace's chunks of the attached layers in the background,
+    /// in parallel, behind on-demand reads and ahead of full prefetches.
+    /// Returns the layers a replay was started for (one running replay per
+    /// layer; complete layers and layers not attached are skipped).
+    pub fn replay_trace(&self, trace: &Trace) -> usize {
+        let mut replays = lock(&self.jobs.replays);
+        let mut started = 0;
+        for lt in &trace.layers {
+            let Some(layer) = self.layer(&lt.digest) else {
+                continue;
+            };
+            if layer.is_complete() || running(&replays, &lt.digest) {
+                continue;
+            }
+            let (prefetcher, chunks) = (self.prefetcher.clone(), lt.chunks.clone());
+            // Taken now, so a full prefetch started right after already waits.
+            let guard = self.gate.replay();
+            info!(
+                "layer {}: replaying a trace of {} chunks",
+                lt.digest,
+                chunks.len()
+            );
+            replays.insert(
+                lt.digest.clone(),
+                tokio::spawn(async move {
+                    prefetcher.replay(&layer, &chunks, guard).await;
+                }),
+            );
+            started += 1;
+        }
+        started
+    }
+}
