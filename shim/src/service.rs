@@ -177,9 +177,17 @@ impl Task for TaskService {
         if containers.contains_key(&req.id) {
             return Err(Error::AlreadyExists(format!("container {}", req.id)).into());
         }
-        let c = Container::create(&req, &s.namespace, &s.reaper).await?;
+        let mut c = Container::create(&req, &s.namespace, &s.reaper).await?;
         let pid = c.init.pid;
         info!("created container {} (pid {pid})", req.id);
+        // Watched from create on: the init process waits in `runc init`
+        // until start, so the counter's baseline is read before the
+        // container can run, let alone be OOM-killed. Read at start, a
+        // container killed within microseconds had no TaskOOM.
+        match OomWatcher::start(&c.id, pid, s.events.clone()) {
+            Ok(watcher) => c.oom = Some(watcher),
+            Err(e) => warn!("no OOM events for {}: {e}", c.id),
+        }
         s.events
             .send(TaskCreate {
                 container_id: req.id.clone(),
@@ -211,10 +219,6 @@ impl Task for TaskService {
         let c = get_mut(&mut containers, &req.id)?;
         let pid = if req.exec_id.is_empty() {
             let pid = c.start(&s.reaper).await?;
-            match OomWatcher::start(&c.id, pid, s.events.clone()) {
-                Ok(watcher) => c.oom = Some(watcher),
-                Err(e) => warn!("no OOM events for {}: {e}", c.id),
-            }
             s.events
                 .send(TaskStart {
                     container_id: c.id.clone(),

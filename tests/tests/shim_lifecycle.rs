@@ -297,6 +297,9 @@ fn oom_scenario(
 ) -> (Vec<String>, i32) {
     let rootfs = ctd.rootfs();
     // dd's 64 MiB buffer is touched in full by the read from /dev/zero.
+    // It starts a second after the task: runc-v2 arms its OOM watch only
+    // after start and would miss a kill that comes sooner (ours watches
+    // from create on), and the two are compared.
     let out = ctd.ctr(&[
         "run",
         "--rm",
@@ -307,11 +310,9 @@ fn oom_scenario(
         "--rootfs",
         rootfs.to_str().unwrap(),
         id,
-        "/bin/dd",
-        "if=/dev/zero",
-        "of=/dev/null",
-        "bs=64M",
-        "count=1",
+        "/bin/sh",
+        "-c",
+        "sleep 1; exec /bin/dd if=/dev/zero of=/dev/null bs=64M count=1",
     ]);
     let code = out.status.code().unwrap_or(-1);
     (events_until(events, ctd, id, "/tasks/delete"), code)
