@@ -15,6 +15,7 @@ use std::ops::Range;
 
 use tracing::warn;
 
+use super::unpack::{LayerLimits, UnpackError};
 use super::{erofs, erofs_map, unpack, ConvertError};
 use crate::format::{self, Layout, WrittenBlob};
 use crate::oci::{LayerCompression, LazyLayerAnnotations};
@@ -38,11 +39,13 @@ pub struct LayerPlan<'a> {
 
 /// Converts the layer blob `src` (compressed as its media type says) using
 /// the scratch directory `work`, which it leaves holding only the result.
-/// `plan` gets the layer's diff_id and says how to cut it.
+/// `limits` bound the unpacked layer; `plan` gets the layer's diff_id and
+/// says how to cut it.
 pub fn convert_layer<'a>(
     src: &Path,
     compression: LayerCompression,
     work: &Path,
+    limits: &LayerLimits,
     plan: impl FnOnce(&str) -> LayerPlan<'a>,
 ) -> Result<ConvertedLayer, ConvertError> {
     let io_ctx = |what: &str| {
@@ -56,14 +59,19 @@ pub fn convert_layer<'a>(
     let mut tar = HashingReader {
         inner: decompressor(file, compression, src)?,
         hasher: Sha256::new(),
+        left: limits.max_bytes,
     };
-    unpack::unpack_layer(&mut tar, &rootfs).map_err(|e| ConvertError::Unpack {
+    let unpack_err = |e| ConvertError::Unpack {
         layer: src.display().to_string(),
         source: e,
-    })?;
+    };
+    unpack::unpack_layer(&mut tar, &rootfs, limits).map_err(unpack_err)?;
     // The diff_id covers the whole tar stream, including the padding after
     // the end-of-archive marker that the unpacker does not read.
-    io::copy(&mut tar, &mut io::sink()).map_err(io_ctx("reading the layer to its end"))?;
+    io::copy(&mut tar, &mut io::sink()).map_err(|e| match e.kind() {
+        io::ErrorKind::FileTooLarge => unpack_err(UnpackError::Tar(e)),
+        _ => io_ctx("reading the layer to its end")(e),
+    })?;
     let diff_id = format!("sha256:{}", hex::encode(tar.hasher.finalize()));
 
     let image = work.join("image.erofs");
@@ -161,15 +169,37 @@ fn decompressor<'a, R: io::BufRead + 'a>(
     })
 }
 
+/// The uncompressed tar stream, hashed as it is read and cut off past the
+/// layer size limit (a gzip bomb decompresses a thousandfold: its length
+/// is bounded here, the files it writes by the unpacker).
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
+    left: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            // One byte more than allowed means the stream is too long.
+            let mut probe = [0u8; 1];
+            if self.inner.read(&mut probe)? == 0 {
+                return Ok(0);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                "the uncompressed layer is longer than the layer size limit (see --max-layer-size)",
+            ));
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
         self.hasher.update(&buf[..n]);
+        self.left -= n as u64;
         Ok(n)
     }
 }

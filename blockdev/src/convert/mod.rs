@@ -6,6 +6,7 @@
 //! annotations of docs/format.md. Output depends only on the input image,
 //! the chunk size and the startup profile.
 
+mod beneath;
 pub mod erofs;
 mod erofs_map;
 pub mod layer;
@@ -36,6 +37,7 @@ use crate::oci::{
 pub use layer::{ConvertedLayer, LayerPlan};
 pub use registry_store::RegistryStore;
 pub use store::{ImageStore, LayoutStore};
+pub use unpack::LayerLimits;
 
 #[derive(Debug, Error)]
 pub enum ConvertError {
@@ -76,6 +78,8 @@ pub struct ConvertOptions {
     pub parallel: usize,
     /// Platform to pick from a multi-platform index.
     pub platform: (String, String),
+    /// What one layer may cost to unpack; past it the conversion stops.
+    pub limits: LayerLimits,
 }
 
 impl Default for ConvertOptions {
@@ -86,6 +90,7 @@ impl Default for ConvertOptions {
             work_dir: std::env::temp_dir(),
             parallel: 2,
             platform: ("linux".into(), "amd64".into()),
+            limits: LayerLimits::default(),
         }
     }
 }
@@ -285,9 +290,11 @@ fn convert_one(
     })?;
     let blob = work.join("source.blob");
     src.blob_to_file(&digest, &blob)?;
-    let converted = layer::convert_layer(&blob, compression, work, |diff_id| LayerPlan {
-        chunk_size: opts.chunk_size,
-        profile: opts.profile.get(diff_id).map_or(&[], Vec::as_slice),
+    let converted = layer::convert_layer(&blob, compression, work, &opts.limits, |diff_id| {
+        LayerPlan {
+            chunk_size: opts.chunk_size,
+            profile: opts.profile.get(diff_id).map_or(&[], Vec::as_slice),
+        }
     })?;
     std::fs::remove_file(&blob).map_err(|e| ConvertError::Io {
         what: format!("removing {}", blob.display()),

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use lazybd_blockdev::convert::profile::Profile;
-use lazybd_blockdev::convert::{self, ConvertOptions, ImageStore, LayoutStore, RegistryStore};
+use lazybd_blockdev::convert::{
+    self, ConvertOptions, ImageStore, LayerLimits, LayoutStore, RegistryStore,
+};
 
 use crate::image_ref::ImageRef;
 
@@ -32,6 +34,15 @@ pub struct Args {
     /// Layers converted at the same time.
     #[arg(long, default_value_t = 2)]
     parallel: usize,
+    /// Largest uncompressed layer (file data and tar stream), in bytes or
+    /// with a K, M, G or T suffix (powers of 1024). A layer past it stops
+    /// the conversion: --work-dir needs room for about twice this per
+    /// layer converted at once.
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
+    max_layer_size: u64,
+    /// Most tar entries (files, directories, links, whiteouts) in one layer.
+    #[arg(long, value_name = "N", default_value_t = LayerLimits::DEFAULT_MAX_ENTRIES)]
+    max_layer_entries: u64,
     /// Platform to convert from a multi-platform image, OS/ARCH.
     #[arg(long, default_value = "linux/amd64")]
     platform: String,
@@ -66,6 +77,10 @@ pub fn run(args: Args) -> Result<()> {
         work_dir: args.work_dir.clone(),
         parallel: args.parallel,
         platform: (os.to_owned(), arch.to_owned()),
+        limits: LayerLimits {
+            max_bytes: args.max_layer_size,
+            max_entries: args.max_layer_entries,
+        },
     };
     let src =
         open(&args.src, false, &args.registry).with_context(|| format!("source {}", args.src))?;
@@ -91,4 +106,51 @@ fn open(
         ImageRef::Layout { dir, tag } => Box::new(LayoutStore::open(&dir, tag)?),
         ImageRef::Registry(r) => Box::new(RegistryStore::new(&r, &registry.options())?),
     })
+}
+
+/// `123`, `64K`, `64G`, `1T` (powers of 1024; a trailing `B`/`iB` is
+/// allowed). A dozen lines instead of a size-parsing crate for one flag.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{text:?}: unknown unit {c:?} (K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 4096, 512M or 64G"))?;
+    n.checked_mul(1 << shift)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is zero or too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64G"), Ok(64 << 30));
+        assert_eq!(parse_size("64GiB"), Ok(64 << 30));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert_eq!(parse_size("2KB"), Ok(2048));
+        for bad in ["", "G", "0", "1X", "-1", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }
