@@ -71,10 +71,19 @@ fn main() -> Result<()> {
 }
 
 async fn serve(mut config: Config) -> Result<()> {
-    let keychain = config
-        .cri_keychain
-        .as_ref()
-        .map(|_| Arc::new(lazybd_snapshotter::cri_keychain::Keychain::default()));
+    let keychain = match &config.cri_keychain {
+        Some(_) => {
+            // The root as the snapshotter makes it; only the keychain's
+            // own directory is 0700.
+            std::fs::create_dir_all(&config.root)
+                .with_context(|| format!("creating {}", config.root.display()))?;
+            let dir = config.root.join("cri-keychain");
+            let keychain = lazybd_snapshotter::cri_keychain::Keychain::open(&dir)
+                .with_context(|| format!("opening the CRI keychain in {}", dir.display()))?;
+            Some(Arc::new(keychain))
+        }
+        None => None,
+    };
     config.registry.keychain = keychain.clone();
     let mut node = NodeConfig::new(config.root.join("lazy"));
     node.fetch.read_deadline = config.read_deadline();
