@@ -27,7 +27,9 @@
 //! ```
 //!
 //! [`convert`] (OCI image to lazybd image) stands beside the read path and
-//! uses only `format`, `oci` and `registry`.
+//! uses only `format`, `oci` and `registry`; [`local_server`] (sockets,
+//! peer checks and connection slots of the node's local control servers)
+//! uses nothing of it.
 
 pub mod cache;
 pub mod convert;
@@ -36,6 +38,7 @@ pub mod fetch;
 pub mod format;
 pub mod gate;
 pub mod layer;
+pub mod local_server;
 pub mod oci;
 pub mod p2p;
 pub mod prefetch;

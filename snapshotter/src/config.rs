@@ -15,6 +15,10 @@ pub struct Config {
     pub address: PathBuf,
     /// The control API socket (the shim's task events, `lazybd layers`).
     pub control_address: PathBuf,
+    /// Users besides root that may use the control API (the shim and
+    /// `lazybd layers` run as root). Empty: the socket is 0600 for root;
+    /// otherwise 0666, and each caller's uid is checked (SO_PEERCRED).
+    pub control_allowed_uids: Vec<u32>,
     /// `host:port` for Prometheus metrics at `/metrics`; empty: none.
     pub metrics_address: String,
     /// Reads of lazy layers that no source can serve fail with EIO after
@@ -93,6 +97,7 @@ impl Default for Config {
             root: "/var/lib/lazybd-snapshotter".into(),
             address: "/run/lazybd/snapshotter.sock".into(),
             control_address: "/run/lazybd/control.sock".into(),
+            control_allowed_uids: Vec::new(),
             metrics_address: "127.0.0.1:9880".into(),
             read_deadline_secs: 60,
             registry: RegistryConfig::default(),

@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+
+use lazybd_blockdev::local_server::{accept_failed, PeerPolicy, Slot, Slots};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -18,9 +20,14 @@ use tracing::{debug, info, warn};
 use crate::service::LazySnapshotter;
 use crate::traces::trace_key;
 
-/// Requests are small; a longer line is refused, not buffered.
-const MAX_LINE: u64 = 1 << 20;
+/// What one connection may send in all: requests are small (a task-start
+/// names a rootfs of at most a page of mount options); past it the
+/// connection ends, nothing longer is buffered.
+const MAX_INPUT: u64 = 64 << 10;
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections at once; a new one pushes out the oldest that has not sent
+/// its first request (the shim connects once per task event).
+const MAX_CONNECTIONS: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -107,20 +114,42 @@ impl Containers {
     }
 }
 
+/// Serves the control API on `listener` to the callers `peers` allows.
+/// Accept errors are logged and waited out, never fatal.
 pub async fn serve(
     listener: UnixListener,
     snapshotter: Arc<LazySnapshotter>,
     containers: Arc<Containers>,
+    peers: PeerPolicy,
 ) -> std::io::Result<()> {
     info!("control API on {:?}", listener.local_addr()?);
+    let slots = Slots::new(MAX_CONNECTIONS);
+    let last_error_log = Mutex::new(None);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_failed("control API", &e, &slots, &last_error_log).await;
+                continue;
+            }
+        };
+        if let Err(why) = peers.check(&stream) {
+            warn!("control API: refused a caller: {why}");
+            continue;
+        }
+        let Some(mut slot) = slots.admit() else {
+            continue;
+        };
         let (s, c) = (snapshotter.clone(), containers.clone());
         tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &s, &c)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!("control connection: {e}"),
-                Err(_) => warn!("control connection: no request within {CONNECTION_DEADLINE:?}"),
+            let eviction = slot.eviction();
+            tokio::select! {
+                handled = tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &slot, &s, &c)) => match handled {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!("control connection: {e}"),
+                    Err(_) => warn!("control connection: not done within {CONNECTION_DEADLINE:?}"),
+                },
+                _ = eviction.wait() => debug!("control connection: closed before its first request to make room"),
             }
         });
     }
@@ -128,12 +157,14 @@ pub async fn serve(
 
 async fn handle(
     stream: UnixStream,
+    slot: &Slot,
     snapshotter: &Arc<LazySnapshotter>,
     containers: &Containers,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read.take(MAX_LINE)).lines();
+    let mut lines = BufReader::new(read.take(MAX_INPUT)).lines();
     while let Some(line) = lines.next_line().await? {
+        slot.busy();
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(req) => answer(req, snapshotter, containers).await,
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),

@@ -2,15 +2,17 @@
 //! at scrape time (so there is one source of truth), served over HTTP.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use lazybd_blockdev::device::{LayerManager, LayerState};
+use lazybd_blockdev::local_server::{accept_failed, Slots};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -18,7 +20,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{debug, info};
 
 use crate::service::LazySnapshotter;
 
@@ -321,25 +323,62 @@ pub fn render(snapshotter: Arc<LazySnapshotter>) -> String {
     out
 }
 
-/// Serves `GET /metrics` until the task is dropped.
+/// Connections at once; a new one pushes out the oldest still waiting for
+/// its request (a scraper needs one or two).
+const MAX_CONNECTIONS: usize = 64;
+/// A request's head must arrive within this (hyper's own timeout).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection (one request, no keep-alive) is closed after this,
+/// whatever it does: a slow reader cannot hold a response forever.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest request head buffered (a scraper's is a few hundred bytes;
+/// hyper's default would let each half-sent request hold 400 KiB).
+const MAX_HEAD: usize = 16 << 10;
+
+/// Serves `GET /metrics` until the task is dropped. Bounded against local
+/// floods (docs/snapshotter.md#metrics): accept errors are logged and
+/// waited out, never fatal.
 pub async fn serve(
     listener: TcpListener,
     snapshotter: Arc<LazySnapshotter>,
 ) -> std::io::Result<()> {
     info!("metrics on http://{}/metrics", listener.local_addr()?);
+    let slots = Slots::new(MAX_CONNECTIONS);
+    let last_error_log = Mutex::new(None);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_failed("metrics", &e, &slots, &last_error_log).await;
+                continue;
+            }
+        };
+        // Every connection busy answering: this one is closed at once.
+        let Some(mut slot) = slots.admit() else {
+            continue;
+        };
         let snapshotter = snapshotter.clone();
         tokio::spawn(async move {
+            let eviction = slot.eviction();
+            let slot = Arc::new(slot);
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                slot.busy();
                 let snapshotter = snapshotter.clone();
                 async move { Ok::<_, Infallible>(respond(&req, snapshotter)) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                warn!("metrics connection: {e}");
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                served = tokio::time::timeout(CONNECTION_DEADLINE, conn) => match served {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!("metrics connection: {e}"),
+                    Err(_) => debug!("metrics connection: closed after {CONNECTION_DEADLINE:?}"),
+                },
+                _ = eviction.wait() => debug!("metrics connection: closed, waiting for its request, to make room"),
             }
         });
     }

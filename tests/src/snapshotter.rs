@@ -116,16 +116,25 @@ impl SnapshotterDaemon {
         }
     }
 
-    /// `GET /metrics` (the address is the one the daemon logged last).
-    pub fn metrics(&self) -> String {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid().expect("the snapshotter runs")
+    }
+
+    /// `host:port` of its metrics server (the one the daemon logged last).
+    pub fn metrics_address(&self) -> String {
         let log = self.log();
-        let addr = log
-            .rsplit("metrics on http://")
+        log.rsplit("metrics on http://")
             .next()
             .and_then(|rest| rest.split('/').next())
             .filter(|_| log.contains("metrics on http://"))
             .expect("the daemon logs its metrics address")
-            .to_owned();
+            .to_owned()
+    }
+
+    /// `GET /metrics` (the address is the one the daemon logged last).
+    pub fn metrics(&self) -> String {
+        let addr = self.metrics_address();
         let (status, body) =
             crate::http::request(self.netns.as_deref(), "GET", &addr, "/metrics", &[], b"");
         let body = String::from_utf8_lossy(&body).into_owned();

@@ -187,3 +187,60 @@ fn umount_cleans_up_after_a_killed_daemon() {
     ok(&lazybd(&[&"umount", &"--root", &root, &dir]));
     assert_nothing_left(tmp.path());
 }
+
+#[test]
+fn the_control_socket_is_private_and_serves_past_idle_and_overlong_callers() {
+    use std::io::{BufRead, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (lower, upper, _) = build_layers(tmp.path());
+    let LayoutMount {
+        image, root, dir, ..
+    } = LayoutMount::new(tmp.path(), &[&lower, &upper], LAZYBD_LAYER);
+    ok(&lazybd(&[&"mount", &"--root", &root, &image, &dir]));
+    // Unmounts even if an assertion fails.
+    let mounted = lazybd_tests::cli::MountGuard::new(&root, &dir);
+    let socket = std::fs::read_dir(root.join("mounts"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("control.sock"))
+        .find(|p| p.exists())
+        .expect("the mount's control socket");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Callers that never finish their request line, or send a huge one.
+    let mut idle = Vec::new();
+    for i in 0..64 {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        if i % 8 == 0 {
+            s.set_write_timeout(Some(std::time::Duration::from_millis(50)))
+                .unwrap();
+            let _ = s.write_all(&vec![b'x'; 64 << 10]);
+        }
+        idle.push(s);
+    }
+    let start = std::time::Instant::now();
+    let json = ok(&lazybd(&[&"stats", &"--root", &root, &"--json", &dir]));
+    assert!(json.contains("\"layers\""), "{json}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(3),
+        "stats waited {:?} behind idle callers",
+        start.elapsed()
+    );
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut long = vec![b'y'; 10_000];
+    long.push(b'\n');
+    s.write_all(&long).unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(&s).read_line(&mut reply).unwrap();
+    assert!(reply.starts_with("error: unknown request"), "{reply}");
+    assert!(reply.len() < 200, "{reply}");
+    drop(idle);
+    // `lazybd umount`; nothing may be left.
+    drop(mounted);
+    assert_nothing_left(tmp.path());
+}

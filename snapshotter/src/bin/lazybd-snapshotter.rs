@@ -6,11 +6,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use lazybd_blockdev::device::{LayerManager, NodeConfig};
+use lazybd_blockdev::local_server::{bind_unix, PeerPolicy};
 use lazybd_snapshotter::config::Config;
 use lazybd_snapshotter::remote::Remote;
 use lazybd_snapshotter::service::LazySnapshotter;
 use lazybd_snapshotter::{control, metrics};
-use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info};
@@ -107,11 +107,6 @@ async fn serve(mut config: Config) -> Result<()> {
             .with_context(|| format!("opening {}", config.root.display()))?,
     );
 
-    for socket in [&config.address, &config.control_address] {
-        if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-    }
     let mut side_tasks = tokio::task::JoinSet::new();
     if !config.metrics_address.is_empty() {
         let addr: std::net::SocketAddr = config
@@ -123,13 +118,15 @@ async fn serve(mut config: Config) -> Result<()> {
             .with_context(|| format!("binding metrics address {addr}"))?;
         side_tasks.spawn(metrics::serve(listener, snapshotter.clone()));
     }
-    let _ = std::fs::remove_file(&config.control_address);
-    let control_listener = UnixListener::bind(&config.control_address)
-        .with_context(|| format!("binding {}", config.control_address.display()))?;
+    let peers = PeerPolicy {
+        extra_uids: config.control_allowed_uids.clone(),
+    };
+    let control_listener = bind_unix(&config.control_address, peers.socket_mode())?;
     side_tasks.spawn(control::serve(
         control_listener,
         snapshotter.clone(),
         Arc::new(control::Containers::new(config.prefetch.on_task_start)),
+        peers,
     ));
     if config.cache.capacity_bytes > 0 {
         let (s, every) = (
@@ -147,10 +144,8 @@ async fn serve(mut config: Config) -> Result<()> {
     if let (Some(kc), Some(keychain)) = (&config.cri_keychain, keychain) {
         side_tasks.spawn(serve_cri_keychain(kc.clone(), keychain).await?);
     }
-    // A socket file left by a previous run would make bind fail.
-    let _ = std::fs::remove_file(&config.address);
-    let listener = UnixListener::bind(&config.address)
-        .with_context(|| format!("binding {}", config.address.display()))?;
+    // Only containerd (root) speaks the Snapshots API.
+    let listener = bind_unix(&config.address, 0o600)?;
     info!(
         "serving snapshots on {} (root {})",
         config.address.display(),
@@ -193,12 +188,8 @@ async fn serve_cri_keychain(
 ) -> Result<impl std::future::Future<Output = std::io::Result<()>>> {
     use k8s_cri::v1::image_service_server::ImageServiceServer;
     use lazybd_snapshotter::cri_keychain::ImageProxy;
-    if let Some(dir) = kc.listen.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&kc.listen);
-    let listener = UnixListener::bind(&kc.listen)
-        .with_context(|| format!("binding cri_keychain.listen {}", kc.listen.display()))?;
+    // Only kubelet (root) speaks CRI to it.
+    let listener = bind_unix(&kc.listen, 0o600).context("cri_keychain.listen")?;
     info!(
         "CRI image service on {} (forwarded to {})",
         kc.listen.display(),

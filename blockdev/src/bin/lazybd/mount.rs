@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use lazybd_blockdev::device::{mounts, LayerManager, NodeConfig};
+use lazybd_blockdev::local_server::{accept_failed, bind_unix, PeerPolicy, Slot, Slots};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -222,9 +223,8 @@ async fn serve(args: Args) -> Result<()> {
             return Err(e);
         }
     };
-    let _ = std::fs::remove_file(state.socket());
-    let listener = UnixListener::bind(state.socket())
-        .with_context(|| format!("binding {}", state.socket().display()))?;
+    // Root and this process's user only (0600, callers checked).
+    let listener = bind_unix(&state.socket(), 0o600)?;
     std::fs::write(
         state.dir.join("target"),
         target.as_os_str().as_encoded_bytes(),
@@ -244,27 +244,29 @@ async fn serve(args: Args) -> Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let (requests_tx, mut requests) = tokio::sync::mpsc::channel(MAX_CONNECTIONS);
+    let acceptor = tokio::spawn(accept_requests(listener, requests_tx));
     let requester = loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                match handle(stream, &args.image, &target, &manager, &peer).await {
-                    Ok(Some(stream)) => {
-                        // A shutdown request: unmount the stack first; if it is
-                        // busy, say so and keep serving.
-                        match mounts::unmount(&target, false) {
-                            Ok(()) => break Some(stream),
-                            Err(e) => reply(stream, &format!("error: {e}")).await,
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => warn!("control request: {e:#}"),
+            Some(request) = requests.recv() => {
+                let Request { line, stream, slot } = request;
+                match answer(&line, &args.image, &target, &manager, &peer) {
+                    Answer::Reply(text) => spawn_reply(stream, slot, text),
+                    // A shutdown request: unmount the stack first; if it is
+                    // busy, say so and keep serving.
+                    Answer::Shutdown => match mounts::unmount(&target, false) {
+                        Ok(()) => break Some(stream),
+                        Err(e) => spawn_reply(stream, slot, format!("error: {e}")),
+                    },
                 }
             }
             _ = sigterm.recv() => break None,
             _ = sigint.recv() => break None,
         }
     };
+    // Stops accepting; the listener goes with the task.
+    acceptor.abort();
+    let _ = acceptor.await;
     if requester.is_none() {
         // A signal: the stack may be busy; detach it lazily so the layers
         // below can go.
@@ -273,7 +275,6 @@ async fn serve(args: Args) -> Result<()> {
             let _ = mounts::unmount(&target, true);
         }
     }
-    drop(listener);
     let _ = std::fs::remove_file(state.socket());
     if let Some(path) = &record {
         crate::mount_trace::save(&manager, &digests, path);
@@ -292,48 +293,116 @@ async fn serve(args: Args) -> Result<()> {
     result.map_err(Into::into)
 }
 
-/// Answers one request; returns the stream back for a shutdown request.
-async fn handle(
+/// Control connections at once; a new one pushes out the oldest that has
+/// not sent its request yet.
+const MAX_CONNECTIONS: usize = 16;
+/// Requests are one word; a longer line is cut here, never buffered.
+const MAX_REQUEST_LINE: u64 = 256;
+/// The request line must arrive within this, and a reply be taken.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// One request line and the connection to answer on.
+struct Request {
+    line: String,
     stream: UnixStream,
+    slot: Slot,
+}
+
+enum Answer {
+    Reply(String),
+    Shutdown,
+}
+
+/// Accepts control connections (root and this process's user only), reads
+/// each one's request line concurrently, and hands it to the main loop,
+/// which owns the layer manager. Accept errors are logged and waited out.
+async fn accept_requests(listener: UnixListener, to_main: tokio::sync::mpsc::Sender<Request>) {
+    let slots = Slots::new(MAX_CONNECTIONS);
+    let peers = PeerPolicy::root_and_self();
+    let last_error_log = std::sync::Mutex::new(None);
+    loop {
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_failed("control socket", &e, &slots, &last_error_log).await;
+                continue;
+            }
+        };
+        if let Err(why) = peers.check(&stream) {
+            warn!("control socket: refused a caller: {why}");
+            continue;
+        }
+        let Some(mut slot) = slots.admit() else {
+            continue;
+        };
+        let to_main = to_main.clone();
+        tokio::spawn(async move {
+            let eviction = slot.eviction();
+            let read = tokio::time::timeout(REQUEST_DEADLINE, read_request(&mut stream));
+            let line = tokio::select! {
+                line = read => line,
+                _ = eviction.wait() => return,
+            };
+            match line {
+                Ok(Ok(line)) => {
+                    slot.busy();
+                    let _ = to_main.send(Request { line, stream, slot }).await;
+                }
+                Ok(Err(e)) => warn!("control request: {e}"),
+                Err(_) => warn!("control request: no request line within {REQUEST_DEADLINE:?}"),
+            }
+        });
+    }
+}
+
+async fn read_request(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(stream, MAX_REQUEST_LINE))
+        .read_line(&mut line)
+        .await?;
+    Ok(line)
+}
+
+/// The answer to one request line.
+fn answer(
+    line: &str,
     image: &str,
     target: &Path,
     manager: &LayerManager,
     peer: &Option<std::sync::Arc<lazybd_blockdev::p2p::PeerNode>>,
-) -> Result<Option<UnixStream>> {
-    let mut stream = tokio::io::BufReader::new(stream);
-    let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut line))
-        .await
-        .context("request timed out")??;
-    let stream = stream.into_inner();
+) -> Answer {
+    let json =
+        |v: serde_json::Result<String>| Answer::Reply(v.unwrap_or_else(|e| format!("error: {e}")));
     match line.trim_end() {
-        "stats" => {
-            let status = StatusReply {
-                image: image.to_owned(),
-                target: target.to_owned(),
-                pid: std::process::id(),
-                layers: manager.layers(),
-                stats: manager.stats(),
-            };
-            reply(stream, &serde_json::to_string(&status)?).await;
-            Ok(None)
-        }
-        "p2p-stats" => {
-            let text = match peer {
-                Some(p) => serde_json::to_string(&p.stats())?,
-                None => "error: not taking part in P2P".to_owned(),
-            };
-            reply(stream, &text).await;
-            Ok(None)
-        }
-        "shutdown" => Ok(Some(stream)),
+        "stats" => json(serde_json::to_string(&StatusReply {
+            image: image.to_owned(),
+            target: target.to_owned(),
+            pid: std::process::id(),
+            layers: manager.layers(),
+            stats: manager.stats(),
+        })),
+        "p2p-stats" => match peer {
+            Some(p) => json(serde_json::to_string(&p.stats())),
+            None => Answer::Reply("error: not taking part in P2P".to_owned()),
+        },
+        "shutdown" => Answer::Shutdown,
         other => {
-            reply(stream, &format!("error: unknown request {other:?}")).await;
-            Ok(None)
+            let shown: String = other.chars().take(64).collect();
+            Answer::Reply(format!("error: unknown request {shown:?}"))
         }
     }
 }
 
+/// Writes the reply in the background (a slow reader holds only its own
+/// slot, until the deadline).
+fn spawn_reply(stream: UnixStream, slot: Slot, text: String) {
+    tokio::spawn(async move {
+        reply(stream, &text).await;
+        drop(slot);
+    });
+}
+
 async fn reply(mut stream: UnixStream, text: &str) {
-    let _ = stream.write_all(format!("{text}\n").as_bytes()).await;
+    let line = format!("{text}\n");
+    let _ = tokio::time::timeout(REQUEST_DEADLINE, stream.write_all(line.as_bytes())).await;
 }

@@ -1,5 +1,6 @@
 //! Where a `lazybd mount` process keeps its state, and how `umount` and
-//! `stats` talk to it: a unix socket, one request line, one reply.
+//! `stats` talk to it: a unix socket (0600, root and the mount's user only,
+//! see `mount.rs`), one request line, one reply.
 //!
 //! `<root>/mounts/<id>/` with `<id>` derived from the canonical mount
 //! directory holds `control.sock`, `target` (the mount directory),
