@@ -11,6 +11,8 @@ use std::{
     time::Duration,
 };
 
+use std::os::unix::fs::DirBuilderExt;
+
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use tokio::net::UnixListener;
 
@@ -20,7 +22,9 @@ use crate::error::{io_context, Error, Result};
 /// terminal by then, its create/exec has failed and reported why.
 const RECEIVE_DEADLINE: Duration = Duration::from_secs(60);
 
-/// A listening console socket in a private temp dir, removed on drop.
+/// A listening console socket in a private (0700, freshly made) temp dir,
+/// removed on drop. Only root may hand it a terminal: the pty master it
+/// receives becomes the container's console.
 pub struct ConsoleSocket {
     listener: UnixListener,
     dir: PathBuf,
@@ -31,12 +35,21 @@ impl ConsoleSocket {
     pub fn new() -> Result<Self> {
         // Bundle paths can exceed the 108-byte sun_path limit; the temp dir cannot.
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lazybd-pty-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).map_err(io_context(format!("mkdir {}", dir.display())))?;
+        // A directory made now with mode 0700, never one that exists: in a
+        // shared temp dir another user could have made it (or a symlink)
+        // under the predictable name, and then reach the socket.
+        let dir = loop {
+            let dir = std::env::temp_dir().join(format!(
+                "lazybd-pty-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => break dir,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_context(format!("mkdir {}", dir.display()))(e)),
+            }
+        };
         let path = dir.join("pty.sock");
         let listener =
             UnixListener::bind(&path).map_err(io_context(format!("bind {}", path.display())))?;
@@ -53,8 +66,8 @@ impl ConsoleSocket {
 
     /// Waits for runc to send the pty master.
     pub async fn receive_master(&self) -> Result<File> {
-        let accept = tokio::time::timeout(RECEIVE_DEADLINE, self.listener.accept()).await;
-        let (stream, _) = accept
+        let accept = tokio::time::timeout(RECEIVE_DEADLINE, self.accept_root()).await;
+        let stream = accept
             .map_err(|_| Error::DeadlineExceeded("receive the console from runc".into()))?
             .map_err(io_context("accept on the console socket"))?;
         let stream = stream
@@ -69,6 +82,27 @@ impl ConsoleSocket {
         tokio::task::spawn_blocking(move || receive_fd(stream.as_raw_fd()))
             .await
             .map_err(|e| Error::io("receive the console", std::io::Error::other(e)))?
+    }
+}
+
+impl ConsoleSocket {
+    /// The next connection from root (runc); others are dropped.
+    async fn accept_root(&self) -> std::io::Result<tokio::net::UnixStream> {
+        loop {
+            let (stream, _) = self.listener.accept().await?;
+            match stream.peer_cred() {
+                Ok(cred) if cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw() => {
+                    return Ok(stream)
+                }
+                Ok(cred) => log::warn!(
+                    "console socket {}: refused uid {} (pid {:?})",
+                    self.path.display(),
+                    cred.uid(),
+                    cred.pid()
+                ),
+                Err(e) => log::warn!("console socket {}: {e}", self.path.display()),
+            }
+        }
     }
 }
 
@@ -129,4 +163,41 @@ pub fn resize(master: &impl AsFd, width: u32, height: u32) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_console_socket_lives_in_a_fresh_private_dir() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Another user squatting on the next names (with an open
+            // directory) is skipped, never used.
+            let squatted: Vec<PathBuf> = (0..64)
+                .map(|n| {
+                    std::env::temp_dir().join(format!("lazybd-pty-{}-{n}", std::process::id()))
+                })
+                .filter(|d| std::fs::create_dir(d).is_ok())
+                .collect();
+            for d in &squatted {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+            }
+            let socket = ConsoleSocket::new().unwrap();
+            let dir = socket.path().parent().unwrap().to_owned();
+            for d in &squatted {
+                std::fs::remove_dir(d).unwrap();
+            }
+            assert!(!squatted.contains(&dir), "{dir:?}");
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+            drop(socket);
+            assert!(!dir.exists());
+        });
+    }
 }

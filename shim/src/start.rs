@@ -73,7 +73,7 @@ pub fn start(flags: &Flags) -> anyhow::Result<String> {
     if let Some(dir) = Path::new(path).parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {path}"))?;
+    let listener = bind_private(Path::new(path)).with_context(|| format!("bind {path}"))?;
     let launched = launch_server(flags, &address, listener, &read_start_options()?);
     if let Err(e) = launched {
         let _ = std::fs::remove_file(path);
@@ -81,6 +81,28 @@ pub fn start(flags: &Flags) -> anyhow::Result<String> {
     }
     std::fs::write("address", &address).context("write address")?;
     Ok(address)
+}
+
+/// Binds the shim's socket with mode 0600 (only containerd, as root, may
+/// drive the shim): bound in a fresh 0700 directory beside `path`, given its
+/// mode, then renamed into place, so it never exists at `path` with the
+/// umask's mode. (`lazybd_blockdev::local_server::bind_unix` does the same
+/// for the other daemons; the shim does not depend on blockdev.)
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let private = parent.join(format!(".bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let bound = (|| {
+        let temp = private.join("s");
+        let listener = UnixListener::bind(&temp)?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&temp, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// The runtime options containerd pipes to `start` (may be empty).
@@ -242,5 +264,25 @@ mod tests {
         assert_eq!(grouping(&dir, "c1"), "c1");
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(grouping(&dir, "c2"), "c2", "no config.json: own group");
+    }
+
+    #[test]
+    fn the_shim_socket_is_bound_for_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s").join("shim.sock");
+        std::fs::create_dir(path.parent().unwrap()).unwrap();
+        // A stale socket is replaced.
+        std::fs::write(&path, b"").unwrap();
+        let _listener = bind_private(&path).unwrap();
+        // Bound as usual it would have 0777 less the umask.
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        UnixStream::connect(&path).unwrap();
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["shim.sock"], "no private dir left");
     }
 }
