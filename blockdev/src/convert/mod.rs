@@ -288,8 +288,20 @@ fn convert_one(
         what: format!("creating {}", work.display()),
         source: e,
     })?;
+    // A compressed layer is not larger than the uncompressed limit (an
+    // uncompressed one is exactly its tar): refused before it is fetched.
+    if desc.size() > opts.limits.max_bytes {
+        return Err(ConvertError::Unpack {
+            layer: digest,
+            source: unpack::UnpackError::TooLarge {
+                what: "bytes",
+                flag: "size",
+                limit: opts.limits.max_bytes,
+            },
+        });
+    }
     let blob = work.join("source.blob");
-    src.blob_to_file(&digest, &blob)?;
+    src.blob_to_file(&digest, desc.size(), &blob)?;
     let converted = layer::convert_layer(&blob, compression, work, &opts.limits, |diff_id| {
         LayerPlan {
             chunk_size: opts.chunk_size,

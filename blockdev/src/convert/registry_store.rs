@@ -58,10 +58,10 @@ impl ImageStore for RegistryStore {
         Ok(self.runtime.block_on(self.client.blob(digest))?)
     }
 
-    fn blob_to_file(&self, digest: &str, path: &Path) -> Result<(), ConvertError> {
+    fn blob_to_file(&self, digest: &str, size: u64, path: &Path) -> Result<(), ConvertError> {
         Ok(self
             .runtime
-            .block_on(self.client.blob_to_file(digest, path))?)
+            .block_on(self.client.blob_to_file(digest, size, path))?)
     }
 
     fn put_blob(&self, bytes: &[u8]) -> Result<String, ConvertError> {

@@ -16,8 +16,9 @@ pub trait ImageStore: Send + Sync {
     fn manifest_by_digest(&self, digest: &str) -> Result<Vec<u8>, ConvertError>;
     /// A small blob (config), digest verified.
     fn blob(&self, digest: &str) -> Result<Vec<u8>, ConvertError>;
-    /// A large blob into `path`, digest verified.
-    fn blob_to_file(&self, digest: &str, path: &Path) -> Result<(), ConvertError>;
+    /// A large blob of `size` bytes (its descriptor's) into `path`, digest
+    /// verified; a source may refuse to send more than `size`.
+    fn blob_to_file(&self, digest: &str, size: u64, path: &Path) -> Result<(), ConvertError>;
     fn put_blob(&self, bytes: &[u8]) -> Result<String, ConvertError>;
     /// Stores a file whose digest the caller computed; the file may be moved.
     fn put_blob_file(&self, digest: &str, path: &Path) -> Result<(), ConvertError>;
@@ -72,7 +73,7 @@ impl ImageStore for LayoutStore {
         Ok(self.layout.read_blob(digest)?)
     }
 
-    fn blob_to_file(&self, digest: &str, path: &Path) -> Result<(), ConvertError> {
+    fn blob_to_file(&self, digest: &str, _size: u64, path: &Path) -> Result<(), ConvertError> {
         let src = self.layout.blob_path(digest)?;
         let actual = super::file_digest(&src)?;
         if actual != digest {

@@ -7,7 +7,10 @@
 //! retries of transient failures, and errors that say whether asking again
 //! can help (the fetcher's source fallback depends on that).
 
+mod bounded;
 mod credentials;
+#[cfg(test)]
+mod tests_hostile;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -37,6 +40,8 @@ const ACCEPTED_MANIFESTS: &[&str] = &[
     MEDIA_DOCKER_MANIFEST,
     MEDIA_DOCKER_LIST,
 ];
+
+const USER_AGENT: &str = concat!("lazybd/", env!("CARGO_PKG_VERSION"));
 
 /// Attempts for whole-object operations (manifests, blobs, pushes). Range
 /// reads are attempted once: the chunk fetcher owns their retries and
@@ -131,6 +136,8 @@ pub struct RegistryClient {
     reference: Reference,
     client: Client,
     auth: RegistryAuth,
+    /// Manifests and configs: streamed, cut off at their limit.
+    bounded: bounded::BoundedGet,
 }
 
 impl RegistryClient {
@@ -186,18 +193,20 @@ impl RegistryClient {
             // need the whole blob in memory with this client.
             use_monolithic_push: true,
             platform_resolver: None,
-            user_agent: concat!("lazybd/", env!("CARGO_PKG_VERSION")),
+            user_agent: USER_AGENT,
             ..Default::default()
         };
         let client = Client::try_from(config).map_err(|e| RegistryError::Permanent {
             what: format!("{registry}: creating the HTTP client"),
             message: e.to_string(),
         })?;
+        let bounded = bounded::BoundedGet::new(opts, USER_AGENT)?;
         debug!(%registry, auth = ?auth, "registry client");
         Ok(RegistryClient {
             reference: parsed,
             client,
             auth,
+            bounded,
         })
     }
 
@@ -239,15 +248,43 @@ impl RegistryClient {
 
     async fn fetch_manifest(&self, reference: &Reference) -> Result<RawManifest, RegistryError> {
         let what = format!("manifest {}", reference.whole());
-        let (bytes, digest) = self
-            .retry(&what, || {
-                self.client
-                    .pull_manifest_raw(reference, &self.auth, ACCEPTED_MANIFESTS)
+        let name = reference
+            .digest()
+            .or(reference.tag())
+            .unwrap_or("latest")
+            .to_owned();
+        let url = self.bounded.url(reference, "manifests", &name);
+        let accept = ACCEPTED_MANIFESTS.join(", ");
+        let (bytes, headers) = self
+            .retry_bounded(&what, || {
+                let target = bounded::Target {
+                    oci: &self.client,
+                    reference,
+                    auth: &self.auth,
+                };
+                let (url, accept, what) = (&url, &accept, &what);
+                async move {
+                    self.bounded
+                        .get(&target, url, accept, MAX_METADATA_LEN as usize, what)
+                        .await
+                }
             })
             .await?;
-        // The raw API does not hand out Content-Type; manifests written by
-        // current tools carry `mediaType`, older OCI ones are told apart by
-        // their shape.
+        let digest = digest_of(&bytes);
+        let claimed = headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| d.starts_with("sha256:"));
+        for expected in [reference.digest(), claimed].into_iter().flatten() {
+            if expected != digest {
+                return Err(RegistryError::Permanent {
+                    what,
+                    message: format!("expected {expected}, the content has digest {digest}"),
+                });
+            }
+        }
+        // Current tools write `mediaType` into manifests; older OCI ones are
+        // told apart by their shape.
         let media_type = media_type_of(&bytes).ok_or_else(|| RegistryError::Permanent {
             what: what.clone(),
             message: "not a JSON image manifest or index".into(),
@@ -262,13 +299,20 @@ impl RegistryClient {
     /// A small blob (an image config), digest verified.
     pub async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         let what = format!("blob {}@{digest}", self.reference.repository());
-        let bytes = self
-            .retry(&what, || async {
-                let stream = self
-                    .client
-                    .pull_blob_stream(&self.reference, &descriptor(digest))
-                    .await?;
-                collect(stream, MAX_METADATA_LEN).await
+        let url = self.bounded.url(&self.reference, "blobs", digest);
+        let (bytes, _) = self
+            .retry_bounded(&what, || {
+                let target = bounded::Target {
+                    oci: &self.client,
+                    reference: &self.reference,
+                    auth: &self.auth,
+                };
+                let (url, what) = (&url, &what);
+                async move {
+                    self.bounded
+                        .get(&target, url, "", MAX_METADATA_LEN as usize, what)
+                        .await
+                }
             })
             .await?;
         let actual = digest_of(&bytes);
@@ -281,16 +325,45 @@ impl RegistryClient {
         Ok(bytes.to_vec())
     }
 
-    /// A whole blob into `path` (created or truncated), digest verified.
-    pub async fn blob_to_file(&self, digest: &str, path: &Path) -> Result<(), RegistryError> {
+    /// A whole blob of `size` bytes (as its descriptor says) into `path`
+    /// (created or truncated), digest verified. More than `size` bytes is
+    /// a permanent error: a registry cannot fill the disk with one blob.
+    pub async fn blob_to_file(
+        &self,
+        digest: &str,
+        size: u64,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
         let what = format!("blob {}@{digest}", self.reference.repository());
-        self.retry(&what, || async {
-            let file = tokio::fs::File::create(path).await?;
-            self.client
-                .pull_blob(&self.reference, &descriptor(digest), file)
-                .await
-        })
-        .await
+        let url = self.bounded.url(&self.reference, "blobs", digest);
+        let (len, actual) = self
+            .retry_bounded(&what, || {
+                let target = bounded::Target {
+                    oci: &self.client,
+                    reference: &self.reference,
+                    auth: &self.auth,
+                };
+                let (url, what) = (&url, &what);
+                async move {
+                    let mut file = tokio::fs::File::create(path).await.map_err(|source| {
+                        RegistryError::Io {
+                            what: format!("creating {}", path.display()),
+                            source,
+                        }
+                    })?;
+                    self.bounded
+                        .to_file(&target, url, size, &mut file, what)
+                        .await
+                }
+            })
+            .await?;
+        if actual != digest || len != size {
+            return Err(RegistryError::Permanent {
+                what,
+                message: format!("content has digest {actual} and {len} bytes, not {size}"),
+            });
+        }
+        Ok(())
     }
 
     /// Exactly the bytes `range` of a blob (one attempt; see [`ATTEMPTS`]).
@@ -409,6 +482,26 @@ impl RegistryClient {
         self.client
             .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
             .await;
+    }
+
+    /// [`retry`](Self::retry) for requests that classify their own errors.
+    async fn retry_bounded<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1.. {
+            match op().await {
+                Err(e) if attempt < ATTEMPTS && e.is_transient() => {
+                    warn!("{what}: attempt {attempt} failed, retrying in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+                done => return done,
+            }
+        }
+        unreachable!("the loop returns on its last attempt")
     }
 
     async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>

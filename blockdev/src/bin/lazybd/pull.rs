@@ -430,7 +430,9 @@ impl Containerd {
         }
         let digest = layer.digest().to_string();
         let tmp = tempfile::NamedTempFile::new()?;
-        registry.blob_to_file(&digest, tmp.path()).await?;
+        registry
+            .blob_to_file(&digest, layer.size(), tmp.path())
+            .await?;
         self.write_file(tmp.path(), &digest, layer.size()).await?;
         DiffClient::new(self.channel.clone())
             .apply(self.req(ApplyRequest {

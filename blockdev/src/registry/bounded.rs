@@ -1,0 +1,297 @@
+//! GETs of small registry objects (manifests, image configs) whose answer is
+//! read as a stream and cut off at a limit before it is buffered, and whose
+//! error answers are read only far enough for a message.
+//!
+//! `oci-client` reads every manifest and every error body whole before
+//! anything looks at its length (`Response::bytes`): a registry streaming
+//! an endless manifest made `lazybd inspect` hold a GiB and then ask again.
+//! Here the registry gets [`MAX_ERROR_BODY`] bytes to explain an error and
+//! `limit` bytes of content; more is a lying registry, a permanent error
+//! that is not retried. oci-client still does the bearer-token flow
+//! ([`oci_client::Client::auth`]), whose token is kept here and renewed on
+//! a 401.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Reference, RegistryOperation};
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH};
+use reqwest::StatusCode;
+use tokio::sync::Mutex;
+
+use super::{RegistryError, RegistryOptions};
+
+/// Of an error answer, this much is read for its message.
+pub const MAX_ERROR_BODY: usize = 4 << 10;
+/// One metadata request, however the registry trickles its answer.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(120);
+
+/// How requests are authorized, as learned from the registry.
+#[derive(Clone)]
+enum Authorization {
+    Bearer(String),
+    /// No token flow: the credentials as basic auth, if any.
+    Basic,
+}
+
+/// Whose registry, and with which credentials, a request goes to.
+pub struct Target<'a> {
+    pub oci: &'a oci_client::Client,
+    pub reference: &'a Reference,
+    pub auth: &'a RegistryAuth,
+}
+
+pub struct BoundedGet {
+    http: reqwest::Client,
+    plain_http: bool,
+    authorization: Mutex<Option<Authorization>>,
+}
+
+impl BoundedGet {
+    pub fn new(opts: &RegistryOptions, user_agent: &'static str) -> Result<Self, RegistryError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.read_timeout)
+            .user_agent(user_agent)
+            .build()
+            .map_err(|e| RegistryError::Permanent {
+                what: "creating the HTTP client".into(),
+                message: e.to_string(),
+            })?;
+        Ok(BoundedGet {
+            http,
+            plain_http: opts.plain_http,
+            authorization: Mutex::new(None),
+        })
+    }
+
+    /// `/v2/<repo>/<kind>/<name>` of `reference`'s registry and repository.
+    pub fn url(&self, reference: &Reference, kind: &str, name: &str) -> String {
+        let scheme = if self.plain_http { "http" } else { "https" };
+        let ns = reference
+            .namespace()
+            .map(|ns| format!("?ns={ns}"))
+            .unwrap_or_default();
+        format!(
+            "{scheme}://{}/v2/{}/{kind}/{name}{ns}",
+            reference.resolve_registry(),
+            reference.repository()
+        )
+    }
+
+    /// GETs `url` with `reference`'s credentials: the body, at most `limit`
+    /// bytes, and the answer's headers. Over-long answers and error statuses
+    /// are errors (transient for 5xx, 429 and 408, as asking again may help;
+    /// permanent otherwise, over-long answers included).
+    pub async fn get(
+        &self,
+        target: &Target<'_>,
+        url: &str,
+        accept: &str,
+        limit: usize,
+        what: &str,
+    ) -> Result<(Bytes, HeaderMap), RegistryError> {
+        let exchange = async {
+            let response = self.respond(target, url, accept, what).await?;
+            read_body(response, limit, what).await
+        };
+        tokio::time::timeout(REQUEST_DEADLINE, exchange)
+            .await
+            .map_err(|_| RegistryError::Transient {
+                what: what.to_owned(),
+                message: format!("no complete answer within {REQUEST_DEADLINE:?}"),
+            })?
+    }
+
+    /// GETs the blob at `url` into `file`, hashing it: at most `max_len`
+    /// bytes, else a permanent error. Returns the length and the sha256
+    /// digest of what was written. (oci-client's `pull_blob` buffers error
+    /// bodies whole and writes whatever length the registry sends.)
+    pub async fn to_file(
+        &self,
+        target: &Target<'_>,
+        url: &str,
+        max_len: u64,
+        file: &mut tokio::fs::File,
+        what: &str,
+    ) -> Result<(u64, String), RegistryError> {
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
+        let mut response = self.respond(target, url, "", what).await?;
+        let response = &mut response;
+        let too_long = || RegistryError::Permanent {
+            what: what.to_owned(),
+            message: format!(
+                "the blob is longer than the {max_len} bytes its descriptor says; not asked again"
+            ),
+        };
+        if response.content_length().is_some_and(|n| n > max_len) {
+            return Err(too_long());
+        }
+        let (mut len, mut hash) = (0u64, sha2::Sha256::new());
+        let io = |e: std::io::Error| RegistryError::Io {
+            what: what.to_owned(),
+            source: e,
+        };
+        // No overall deadline: a layer may take long; each read has the
+        // client's read timeout.
+        while let Some(piece) = response.chunk().await.map_err(|e| transport(what, e))? {
+            len += piece.len() as u64;
+            if len > max_len {
+                return Err(too_long());
+            }
+            hash.update(&piece);
+            file.write_all(&piece).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)?;
+        Ok((len, format!("sha256:{}", hex::encode(hash.finalize()))))
+    }
+
+    /// A successful response to GET `url` (a 401 renews the token once);
+    /// for any other status an error with the start of its body.
+    async fn respond(
+        &self,
+        target: &Target<'_>,
+        url: &str,
+        accept: &str,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let auth = target.auth;
+        let mut renewed = false;
+        loop {
+            let authorization = self.authorization(target, what).await?;
+            let mut request = self.http.get(url);
+            if !accept.is_empty() {
+                request = request.header(ACCEPT, accept);
+            }
+            request = match (&authorization, auth) {
+                (Authorization::Bearer(token), _) => {
+                    request.header(AUTHORIZATION, format!("Bearer {token}"))
+                }
+                (Authorization::Basic, RegistryAuth::Basic(user, password)) => {
+                    request.basic_auth(user, Some(password))
+                }
+                (Authorization::Basic, _) => request,
+            };
+            let mut response = request.send().await.map_err(|e| transport(what, e))?;
+            // A token may expire: get a new one, once.
+            if response.status() == StatusCode::UNAUTHORIZED && !renewed {
+                renewed = true;
+                *self.authorization.lock().await = None;
+                continue;
+            }
+            if !response.status().is_success() {
+                return Err(error_answer(&mut response, what).await);
+            }
+            return Ok(response);
+        }
+    }
+
+    async fn authorization(
+        &self,
+        target: &Target<'_>,
+        what: &str,
+    ) -> Result<Authorization, RegistryError> {
+        let mut cached = self.authorization.lock().await;
+        if let Some(a) = &*cached {
+            return Ok(a.clone());
+        }
+        let granted = target
+            .oci
+            .auth(target.reference, target.auth, RegistryOperation::Pull)
+            .await;
+        let a = match granted {
+            Ok(Some(token)) => Authorization::Bearer(token),
+            Ok(None) => Authorization::Basic,
+            Err(e) => return Err(RegistryError::from_oci(format!("{what}: authorizing"), e)),
+        };
+        *cached = Some(a.clone());
+        Ok(a)
+    }
+}
+
+fn transport(what: &str, e: reqwest::Error) -> RegistryError {
+    let message = e.to_string();
+    if e.is_timeout() || e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
+        RegistryError::Transient {
+            what: what.to_owned(),
+            message,
+        }
+    } else {
+        RegistryError::Permanent {
+            what: what.to_owned(),
+            message,
+        }
+    }
+}
+
+/// An error for a non-success answer, with the start of its body.
+async fn error_answer(response: &mut reqwest::Response, what: &str) -> RegistryError {
+    let status = response.status();
+    let body = read_at_most(response, MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = format!("the registry answered {status}: {}", text.trim());
+    let transient = status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT;
+    if transient {
+        RegistryError::Transient {
+            what: what.to_owned(),
+            message,
+        }
+    } else {
+        RegistryError::Permanent {
+            what: what.to_owned(),
+            message,
+        }
+    }
+}
+
+/// The body of a successful answer, at most `limit` bytes.
+async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<(Bytes, HeaderMap), RegistryError> {
+    let too_long = || RegistryError::Permanent {
+        what: what.to_owned(),
+        message: format!(
+            "the answer is longer than the {limit} bytes such an object may have; not asked again"
+        ),
+    };
+    let declared = response
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_long());
+    }
+    let headers = response.headers().clone();
+    let body = read_at_most(&mut response, limit + 1)
+        .await
+        .map_err(|e| transport(what, e))?;
+    if body.len() > limit {
+        return Err(too_long());
+    }
+    Ok((body, headers))
+}
+
+/// The body up to `max` bytes (the rest is never read; the connection is
+/// dropped with the response).
+async fn read_at_most(
+    response: &mut reqwest::Response,
+    max: usize,
+) -> Result<Bytes, reqwest::Error> {
+    let mut out = BytesMut::new();
+    while out.len() < max {
+        let Some(piece) = response.chunk().await? else {
+            break;
+        };
+        let take = piece.len().min(max - out.len());
+        out.extend_from_slice(&piece[..take]);
+    }
+    Ok(out.freeze())
+}

@@ -1,0 +1,167 @@
+//! The registry client against a registry that lies about sizes: a tiny
+//! HTTP server on loopback that streams endless answers (bounded: it stops
+//! when the client hangs up, and at 1 GiB).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+
+#[derive(Clone, Copy)]
+enum Lie {
+    /// 200, no length, bytes until the client hangs up.
+    EndlessManifest,
+    /// 500 with an endless explanation.
+    EndlessError,
+    /// 200 claiming a 10 GB body.
+    HugeLength,
+}
+
+#[derive(Default)]
+struct Seen {
+    requests: AtomicU64,
+    bytes_sent: AtomicU64,
+}
+
+/// Serves `lie` for every manifest request on 127.0.0.1; `/v2/` answers
+/// 200 (no auth).
+async fn lying_registry(lie: Lie) -> (String, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = s.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 << 10 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                if !head.contains("/manifests/") && !head.contains("/blobs/") {
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                }
+                seen.requests.fetch_add(1, Ordering::Relaxed);
+                let status = match lie {
+                    Lie::EndlessManifest => "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n".to_owned(),
+                    Lie::EndlessError => "HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n".to_owned(),
+                    Lie::HugeLength => "HTTP/1.1 200 OK\r\nContent-Length: 10000000000\r\nConnection: close\r\n\r\n".to_owned(),
+                };
+                if conn.write_all(status.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 64 << 10];
+                for _ in 0..(1u64 << 30) / chunk.len() as u64 {
+                    if conn.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    seen.bytes_sent
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn client(addr: &str) -> RegistryClient {
+    let opts = RegistryOptions {
+        plain_http: true,
+        ..RegistryOptions::default()
+    };
+    RegistryClient::with_auth(&format!("{addr}/app:v1"), &opts, RegistryAuth::Anonymous).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_manifest_is_cut_off_and_not_asked_again() {
+    let (addr, seen) = lying_registry(Lie::EndlessManifest).await;
+    let start = Instant::now();
+    let e = client(&addr).manifest().await.unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    assert!(
+        e.to_string().contains("longer than the 4194304 bytes"),
+        "{e}"
+    );
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 64 << 20, "read {} MiB of it", sent >> 20);
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_error_is_read_only_for_its_message() {
+    let (addr, seen) = lying_registry(Lie::EndlessError).await;
+    let e = client(&addr).manifest().await.unwrap_err();
+    assert!(e.to_string().contains("500"), "{e}");
+    assert!(
+        e.to_string().len() < 8 << 10,
+        "{} bytes of message",
+        e.to_string().len()
+    );
+    // Transient, so asked again, but only as often as any 500.
+    assert_eq!(seen.requests.load(Ordering::Relaxed), u64::from(ATTEMPTS));
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 64 << 20, "read {} MiB of errors", sent >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_declared_length_is_refused_unread() {
+    let (addr, seen) = lying_registry(Lie::HugeLength).await;
+    let e = client(&addr).manifest().await.unwrap_err();
+    assert!(e.to_string().contains("longer than"), "{e}");
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 64 << 20, "read {} MiB", sent >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_config_blob_is_cut_off() {
+    let (addr, seen) = lying_registry(Lie::EndlessManifest).await;
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let e = client(&addr).blob(&digest).await.unwrap_err();
+    assert!(e.to_string().contains("longer than"), "{e}");
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    assert!(seen.bytes_sent.load(Ordering::Relaxed) < 64 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_longer_than_its_descriptor_does_not_fill_the_disk() {
+    let (addr, seen) = lying_registry(Lie::EndlessManifest).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("blob");
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let e = client(&addr)
+        .blob_to_file(&digest, 1 << 20, &path)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("longer than the 1048576 bytes"),
+        "{e}"
+    );
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    let written = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    assert!(written <= 1 << 20, "{written} bytes written");
+    let (addr, _) = lying_registry(Lie::HugeLength).await;
+    let e = client(&addr)
+        .blob_to_file(&digest, 1 << 20, &path)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("longer than"), "{e}");
+}
