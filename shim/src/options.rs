@@ -125,13 +125,31 @@ struct ConfigFile {
     shim_cgroup: String,
 }
 
+/// A runtime config file is a few lines; a bigger one (or a device that
+/// never ends, like /dev/zero) is refused, not read into memory.
+const MAX_CONFIG_FILE: u64 = 64 << 10;
+
 fn read_config_file(path: &Path) -> Result<Options> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::InvalidArgument(format!("runtime config file {}: {e}", path.display()))
-    })?;
-    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
-        Error::InvalidArgument(format!("runtime config file {}: {e}", path.display()))
-    })?;
+    use std::io::Read;
+    let bad =
+        |e: String| Error::InvalidArgument(format!("runtime config file {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    if !file.metadata().map_err(|e| bad(e.to_string()))?.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    if text.len() as u64 > MAX_CONFIG_FILE {
+        return Err(bad(format!("longer than {MAX_CONFIG_FILE} bytes")));
+    }
+    parse_config(&text).map_err(bad)
+}
+
+/// The runc options a runtime config file's text sets.
+pub fn parse_config(text: &str) -> std::result::Result<Options, String> {
+    let file: ConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
     Ok(Options {
         binary_name: file.binary_name,
         root: file.root,
@@ -145,7 +163,7 @@ fn read_config_file(path: &Path) -> Result<Options> {
 /// `runtimeoptions.v1.Options.config_path` (field 2); the crate set has no
 /// generated type for CRI's runtimeoptions, and two string fields do not
 /// justify a protobuf build step.
-fn decode_cri_config_path(bytes: &[u8]) -> Result<String> {
+pub fn decode_cri_config_path(bytes: &[u8]) -> Result<String> {
     let bad = |e: containerd_shim_protos::protobuf::Error| {
         Error::InvalidArgument(format!("{CRI_RUNTIME_OPTIONS}: {e}"))
     };
@@ -235,6 +253,12 @@ mod tests {
         std::fs::write(&path, "BinaryNam = \"typo\"\n").unwrap();
         let err = RuntimeOptions::decode(Some(&cri_options(path.to_str().unwrap()))).unwrap_err();
         assert!(err.to_string().contains("BinaryNam"), "{err}");
+        // Not a regular file: refused, never read (/dev/zero would not end).
+        let err = RuntimeOptions::decode(Some(&cri_options("/dev/zero"))).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        std::fs::write(&path, "#".repeat(1 << 20)).unwrap();
+        let err = RuntimeOptions::decode(Some(&cri_options(path.to_str().unwrap()))).unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
         let missing = dir.path().join("missing.toml");
         let err =
             RuntimeOptions::decode(Some(&cri_options(missing.to_str().unwrap()))).unwrap_err();

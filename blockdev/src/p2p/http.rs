@@ -88,9 +88,7 @@ pub fn json(value: &impl serde::Serialize) -> Response<Body> {
 }
 
 pub fn query(req: &Request<Incoming>) -> HashMap<String, String> {
-    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-        .into_owned()
-        .collect()
+    super::wire::parse_query(req.uri().query().unwrap_or(""))
 }
 
 /// Constant-time comparison of the caller's token with ours (`None`: no

@@ -62,6 +62,19 @@ pub mod query {
 /// Largest range one blob request may ask for (the fetcher asks for 8 MiB).
 pub const MAX_RANGE: u64 = 64 << 20;
 
+/// Query parameters read of one request: every endpoint has fewer, and a
+/// caller cannot make a server hold more.
+pub const MAX_QUERY_PAIRS: usize = 16;
+
+/// The parameters of a query string (percent-decoded; for a repeated
+/// name, the last wins), at most [`MAX_QUERY_PAIRS`] of them.
+pub fn parse_query(query: &str) -> std::collections::HashMap<String, String> {
+    form_urlencoded::parse(query.as_bytes())
+        .take(MAX_QUERY_PAIRS)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
 /// The reply to an announce.
 #[derive(Serialize, Deserialize)]
 pub struct AnnounceReply {
@@ -105,6 +118,15 @@ pub fn auth_from_header(v: &str) -> Result<RegistryAuth, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queries_are_decoded_and_bounded() {
+        let q = parse_query("digest=sha256%3Aab&start=0&end=10&start=5");
+        assert_eq!(q["digest"], "sha256:ab");
+        assert_eq!(q["start"], "5");
+        let many: Vec<String> = (0..1000).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(parse_query(&many.join("&")).len(), MAX_QUERY_PAIRS);
+    }
 
     #[test]
     fn credentials_round_trip_through_the_header() {
