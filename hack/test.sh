@@ -19,3 +19,5 @@ echo "== build"
 cargo build --workspace --bins --locked
 echo "== tests (unit + integration; integration tests need root)"
 cargo test --workspace --locked -- --test-threads="${LAZYBD_TEST_THREADS:-2}"
+echo "== fuzz (30 s per target; longer: hack/fuzz.sh SECONDS [TARGET])"
+hack/fuzz.sh 30
