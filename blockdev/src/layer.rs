@@ -15,12 +15,13 @@ use thiserror::Error;
 use tracing::info;
 
 use crate::cache::{CacheError, ChunkCache, IMAGE_FILE};
-use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, ReadError};
+use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, LinkEstimate, ReadError};
 use crate::format::{sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN};
 use crate::gate::PriorityGate;
 use crate::p2p::ServedLayer;
 use crate::source::ChunkSource;
 use crate::stats::Stats;
+use crate::trace::{LayerTrace, Recorder};
 
 pub const INDEX_FILE: &str = "index";
 
@@ -61,28 +62,66 @@ pub struct LayerSource {
     pub index_location: Option<(u64, u64)>,
     /// Asked in order for every missing range.
     pub sources: Vec<Arc<dyn ChunkSource>>,
+    /// The source layer's diff_id, when the image says it: recorded in
+    /// startup traces so `lazybd convert --profile` can use them.
+    pub diff_id: Option<String>,
+}
+
+/// What the layers of a node share.
+#[derive(Clone)]
+pub struct NodeContext {
+    pub stats: Arc<Stats>,
+    pub fetch: FetchConfig,
+    /// The priority between reads and prefetches.
+    pub gate: Arc<PriorityGate>,
+    /// What the link to the sources moves: sizes demand windows.
+    pub link: Arc<LinkEstimate>,
+}
+
+impl NodeContext {
+    pub fn new(fetch: FetchConfig) -> Self {
+        NodeContext {
+            stats: Arc::default(),
+            fetch,
+            gate: PriorityGate::new(),
+            link: Arc::default(),
+        }
+    }
 }
 
 pub struct LazyLayer {
     digest: String,
+    diff_id: Option<String>,
     index: Arc<Index>,
     cache: Arc<ChunkCache>,
     fetcher: Arc<ChunkFetcher>,
     stats: Arc<Stats>,
     config: FetchConfig,
+    recorder: Recorder,
+    /// The startup stream, stopped when the layer goes.
+    _stream: AbortOnDrop,
+}
+
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 impl LazyLayer {
     /// Opens the layer in `dir`: the saved index if it is valid for this blob,
     /// else the index fetched (and verified) from the sources; then the cache.
-    /// `gate` is the node's priority between reads and prefetches.
+    /// Starts streaming the blob's startup chunks (its prefetch area) at once.
     pub async fn open(
         dir: &Path,
         src: LayerSource,
-        stats: Arc<Stats>,
-        config: FetchConfig,
-        gate: Arc<PriorityGate>,
+        node: &NodeContext,
     ) -> Result<Self, LayerError> {
+        let (stats, config) = (node.stats.clone(), node.fetch.clone());
         let (index, index_digest) = load_index(dir, &src, &config).await?;
         let index = Arc::new(index);
         // Opening may re-hash the whole cache after a crash: not on the
@@ -129,16 +168,60 @@ impl LazyLayer {
                 stats.clone(),
                 config.clone(),
             )
-            .with_gate(gate),
+            .on_node(node.gate.clone(), node.link.clone()),
         );
+        let stream = AbortOnDrop(fetcher.start_stream());
         Ok(LazyLayer {
             digest: src.digest,
+            diff_id: src.diff_id,
             index,
             cache,
             fetcher,
             stats,
             config,
+            recorder: Recorder::default(),
+            _stream: stream,
         })
+    }
+
+    /// Starts (or restarts, empty) recording what this layer's reads touch.
+    pub fn start_recording(&self) {
+        self.recorder.start(self.index.image_size);
+    }
+
+    /// Ends the recording: what was read, as a layer of a startup trace.
+    pub fn stop_recording(&self) -> LayerTrace {
+        let ranges: Vec<[u64; 2]> = self
+            .recorder
+            .stop()
+            .into_iter()
+            .map(|r| [r.start, r.end - r.start])
+            .collect();
+        LayerTrace {
+            layer: self.digest.clone(),
+            diff_id: self.diff_id.clone(),
+            ranges,
+        }
+    }
+
+    fn record(&self, offset: u64, len: u64) {
+        let started = self.recorder.read(offset, len);
+        if started > 0 {
+            let counters = &self.stats.trace;
+            counters
+                .recorded_ranges
+                .fetch_add(started, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The chunks covering a trace's ranges of this layer, first read first.
+    pub fn chunks_of(&self, trace: &LayerTrace) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        trace
+            .ranges()
+            .flat_map(|r| self.index.chunks_for(r.start, r.end - r.start))
+            .filter(|&c| seen.insert(c))
+            .collect()
     }
 
     pub fn fetcher(&self) -> &Arc<ChunkFetcher> {
@@ -166,8 +249,10 @@ impl LazyLayer {
 
     /// Stored (compressed) bytes of the missing chunks in `chunks`: what
     /// fetching them costs on the network.
-    pub fn missing_stored_bytes(&self, chunks: std::ops::Range<u64>) -> u64 {
+    pub fn missing_stored_bytes(&self, chunks: &[u64]) -> u64 {
         chunks
+            .iter()
+            .copied()
             .filter(|&c| !self.cache.is_present(c))
             .map(|c| &self.index.chunks[c as usize])
             .filter(|e| e.kind != ChunkKind::Zero)
@@ -215,6 +300,7 @@ impl LazyLayer {
         if !chunks.clone().all(|c| self.cache.is_present(c)) {
             return None;
         }
+        self.record(offset, len);
         self.stats.cache_hits.fetch_add(
             chunks.end - chunks.start,
             std::sync::atomic::Ordering::Relaxed,
@@ -233,6 +319,13 @@ impl LazyLayer {
     /// Reads image bytes, fetching missing chunks first; fails after the
     /// read deadline if they cannot be had.
     pub async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
+        self.record(offset, self.span(offset, size));
+        self.read_unrecorded(offset, size).await
+    }
+
+    /// [`read`](Self::read) for readers other than the layer's container
+    /// (peers), which a startup trace must not include.
+    async fn read_unrecorded(&self, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
         let started = Instant::now();
         let len = self.span(offset, size);
         let result = match self
@@ -292,7 +385,7 @@ impl ServedLayer for LazyLayer {
     }
 
     async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, String> {
-        LazyLayer::read(self, offset, size)
+        self.read_unrecorded(offset, size)
             .await
             .map_err(|e| e.to_string())
     }

@@ -20,6 +20,9 @@ pub struct Config {
     /// Reads of lazy layers that no source can serve fail with EIO after
     /// this many seconds instead of hanging the container.
     pub read_deadline_secs: u64,
+    /// Readahead (KiB) of a lazy layer's device until the layer is
+    /// complete; readahead of a lazy layer fetches what may never be read.
+    pub lazy_read_ahead_kb: u32,
     pub registry: RegistryConfig,
     pub prefetch: PrefetchConfig,
     pub cache: CacheConfig,
@@ -95,6 +98,7 @@ impl Default for Config {
             control_address: "/run/lazybd/control.sock".into(),
             metrics_address: "127.0.0.1:9880".into(),
             read_deadline_secs: 60,
+            lazy_read_ahead_kb: 0,
             registry: RegistryConfig::default(),
             prefetch: PrefetchConfig::default(),
             cache: CacheConfig::default(),

@@ -256,9 +256,9 @@ impl Collector for LazyLayerCollector {
         let t = &s.trace;
         for (name, help, value) in [
             (
-                "lazybd_trace_recorded_chunks",
-                "Chunks recorded into startup traces (on-demand misses in a record window)",
-                t.recorded_chunks,
+                "lazybd_trace_recorded_ranges",
+                "Image ranges recorded into startup traces (what containers read in a record window)",
+                t.recorded_ranges,
             ),
             (
                 "lazybd_traces_stored",

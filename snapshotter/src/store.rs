@@ -43,6 +43,10 @@ pub struct RemoteLayer {
     pub index_offset: u64,
     pub index_length: u64,
     pub image_size: u64,
+    /// The source layer's diff_id (recorded in startup traces); absent in
+    /// records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -224,6 +228,7 @@ mod tests {
                 index_offset: 4096,
                 index_length: 112,
                 image_size: 1 << 20,
+                diff_id: None,
             })
         );
         assert_eq!(serde_json::to_string(&r).unwrap(), old);

@@ -109,8 +109,8 @@ impl Traces {
             Ok(Some(t)) => {
                 stats.trace.downloaded.fetch_add(1, Relaxed);
                 info!(
-                    "trace {key}: {} chunks from the super node",
-                    t.chunk_count()
+                    "trace {key}: {} ranges from the super node",
+                    t.range_count()
                 );
                 self.save(key, &t, stats);
                 Some(t)
@@ -146,7 +146,7 @@ impl Traces {
         if !self.save(key, trace, stats) {
             return;
         }
-        info!("trace {key}: stored, {} chunks", trace.chunk_count());
+        info!("trace {key}: stored, {} chunks", trace.range_count());
         if let Some(peer) = peer {
             match peer.put_trace(key, trace).await {
                 Ok(()) => {

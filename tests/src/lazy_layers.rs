@@ -65,6 +65,7 @@ impl BlobFile {
                 self.written.footer.index_length,
             )),
             sources,
+            diff_id: None,
         }
     }
 
@@ -123,16 +124,22 @@ impl ChunkSource for ControlledSource {
                 "connection refused (source down)".into(),
             ));
         }
-        let data = self.inner.read_range(range.clone()).await?.bytes;
+        let len = range.end - range.start;
+        let data = self
+            .inner
+            .read_range(range.clone())
+            .await?
+            .collect(len)
+            .await?;
         match &self.corrupt {
             Some(bad) if range.end > bad.start && range.start < bad.end => {
                 let mut v = data.to_vec();
                 let from = bad.start.max(range.start) - range.start;
                 let to = bad.end.min(range.end) - range.start;
                 v[((from + to) / 2) as usize] ^= 0x01;
-                Ok(Bytes::from(v).into())
+                Ok(Answer::whole(Bytes::from(v)))
             }
-            _ => Ok(data.into()),
+            _ => Ok(Answer::whole(data)),
         }
     }
 }

@@ -152,7 +152,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     assert_eq!(reply["layers"].as_array().unwrap().len(), 3, "{reply}");
     let expected = startup_reads(&rootfs_a);
     let m = wait_metric(&a, "lazybd_traces_uploaded_total", 1.0);
-    let recorded = metric(&m, "lazybd_trace_recorded_chunks_total");
+    let recorded = metric(&m, "lazybd_trace_recorded_ranges_total");
     assert!(recorded > 0.0, "{m}");
     assert_eq!(metric(&m, "lazybd_traces_stored_total"), 1.0, "{m}");
     assert!(a.root.join("traces").join(&key).exists());
@@ -172,7 +172,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
         &std::fs::read(a.root.join("traces").join(&key)).unwrap(),
     )
     .unwrap();
-    assert_eq!(trace.chunk_count() as f64, recorded);
+    assert_eq!(trace.range_count() as f64, recorded);
     let m = wait_metric(&b, "lazybd_trace_replays_total", trace.layers.len() as f64);
     assert_eq!(metric(&m, "lazybd_traces_downloaded_total"), 1.0, "{m}");
     assert!(
@@ -190,14 +190,15 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     let m = b.metrics();
     assert_eq!(metric(&m, "lazybd_trace_demand_misses_total"), 0.0, "{m}");
     // It had a trace: nothing recorded, nothing uploaded.
-    assert_eq!(metric(&m, "lazybd_trace_recorded_chunks_total"), 0.0, "{m}");
+    assert_eq!(metric(&m, "lazybd_trace_recorded_ranges_total"), 0.0, "{m}");
     drop(mounted);
     cleanup(&mut b, img.layers.len()).await;
 
     // The super node refuses what is not a trace, or too large, or unauthenticated.
     let path = format!("/v1/trace?key={key}");
-    assert_eq!(request(&sn, "PUT", &path, TOKEN, b"{\"version\":1,"), 400);
-    assert_eq!(request(&sn, "PUT", &path, TOKEN, &vec![b' '; 2 << 20]), 413);
+    assert_eq!(request(&sn, "PUT", &path, TOKEN, b"{\"version\":2,"), 400);
+    let too_large = vec![b' '; lazybd_blockdev::trace::MAX_TRACE_BYTES + 1];
+    assert_eq!(request(&sn, "PUT", &path, TOKEN, &too_large), 413);
     assert_eq!(request(&sn, "PUT", "/v1/trace?key=../x", TOKEN, b"{}"), 400);
     assert_eq!(request(&sn, "GET", &path, "wrong", b""), 401);
     assert_eq!(request(&sn, "GET", &path, TOKEN, b""), 200);
@@ -245,7 +246,7 @@ async fn a_shutdown_during_the_record_window_detaches_the_layers() {
     let mounted = Mounted::new(&mounts, &rootfs);
     a.task_start("c1", &mounts);
     startup_reads(&rootfs);
-    assert!(metric(&a.metrics(), "lazybd_trace_recorded_chunks_total") > 0.0);
+    assert!(metric(&a.metrics(), "lazybd_trace_recorded_ranges_total") > 0.0);
     drop(mounted);
     a.stop();
     let log = a.log();

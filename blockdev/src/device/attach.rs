@@ -33,9 +33,7 @@ impl LayerManager {
             LazyLayer::open(
                 &self.config.root.join("layers").join(&name),
                 src,
-                self.shared.stats.clone(),
-                self.config.fetch.clone(),
-                self.gate.clone(),
+                &self.node,
             )
             .await?,
         );
@@ -142,8 +140,14 @@ impl Exposing {
         let loop_dev = LoopDevice::attach(&backing, &backing_path, opts)
             .map_err(step_err("attach loop device"))?;
         drop(backing);
-        if self.config.read_ahead_kb > 0 {
-            if let Err(e) = loop_dev.set_read_ahead_kb(self.config.read_ahead_kb) {
+        let read_ahead_kb = if self.layer.is_complete() {
+            self.config.read_ahead_kb
+        } else {
+            self.config.lazy_read_ahead_kb
+        };
+        let keep_default = read_ahead_kb == 0 && self.layer.is_complete();
+        if !keep_default {
+            if let Err(e) = loop_dev.set_read_ahead_kb(read_ahead_kb) {
                 warn!("layer {digest}: setting loop readahead: {e}");
             }
         }

@@ -38,6 +38,7 @@ pub(super) async fn handoff(shared: &Shared, digest: &str) {
         return;
     };
     let layer_digest = digest.to_owned();
+    let read_ahead_kb = shared.read_ahead_kb;
     let counters = &shared.stats.prefetch;
     let image = layer.image_path();
     let path = image.clone();
@@ -48,6 +49,12 @@ pub(super) async fn handoff(shared: &Shared, digest: &str) {
         layer.persist().map_err(|e| e.to_string())?;
         let file = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
         dev.change_backing(&file).map_err(|e| e.to_string())?;
+        // Nothing is left to fetch: read ahead like any local device.
+        if read_ahead_kb > 0 {
+            if let Err(e) = dev.set_read_ahead_kb(read_ahead_kb) {
+                warn!("layer {layer_digest}: raising loop readahead: {e}");
+            }
+        }
         // Old devices that cannot follow still need the FUSE file.
         Ok(match orphans {
             Ok(orphans) => orphans::switch_all(&orphans, &path, &layer_digest),

@@ -89,7 +89,7 @@ impl LayerManager {
             digest.to_owned(),
         );
         info!("layer {digest}: background prefetch started");
-        let job = self.gate.job();
+        let job = self.node.gate.job();
         jobs.insert(
             digest.to_owned(),
             tokio::spawn(async move {

@@ -121,6 +121,9 @@ pub(super) struct Shared {
     pub stats: Arc<Stats>,
     /// [`NodeConfig::handoff`](super::NodeConfig::handoff).
     pub handoff: bool,
+    /// [`NodeConfig::read_ahead_kb`](super::NodeConfig::read_ahead_kb): set
+    /// at the handoff.
+    pub read_ahead_kb: u32,
 }
 
 /// A poisoned lock still guards consistent data here (every update is a

@@ -13,8 +13,15 @@ pub struct FetchConfig {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// Adjacent missing chunks are fetched in one request up to this many
-    /// stored bytes.
+    /// stored bytes (the startup stream is not limited: it is one range).
     pub max_request_bytes: u64,
+    /// The most a demand fetch adds after the chunks a reader missed (the
+    /// chunks stored next in the blob, which are likely read next): the
+    /// window itself follows the link, see `fetch::link`.
+    pub window_max: u64,
+    /// A reader whose chunk the startup stream will reach only after this
+    /// many more bytes fetches it itself instead of waiting.
+    pub lookahead: u64,
 }
 
 impl Default for FetchConfig {
@@ -25,6 +32,8 @@ impl Default for FetchConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             max_request_bytes: 8 << 20,
+            window_max: 1 << 20,
+            lookahead: 1 << 20,
         }
     }
 }

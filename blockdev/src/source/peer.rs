@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use tracing::{debug, warn};
 
 use super::{Answer, ChunkSource, SourceError, Verdict};
@@ -57,11 +58,9 @@ impl ChunkSource for PeerSource {
         let mut failures = Vec::new();
         for peer in ancestors {
             match self.node.blob_from_peer(&peer, &self.digest, &range).await {
-                Ok(bytes) => {
-                    return Ok(Answer {
-                        bytes,
-                        server: Some(peer),
-                    })
+                Ok(body) => {
+                    let body = body.map(|piece| piece.map_err(SourceError::Transient));
+                    return Ok(Answer::streamed(body).from_server(peer));
                 }
                 Err(e) => {
                     debug!(
@@ -82,6 +81,14 @@ impl ChunkSource for PeerSource {
                 self.node
                     .record_download(peer, range.end - range.start, *chunks);
                 false
+            }
+            Verdict::Failed(reason) => {
+                debug!(
+                    "blob {}: peer {peer} broke off {range:?}: {reason}",
+                    self.digest
+                );
+                self.node.peer_failed(peer, SHUN_FAILED);
+                !self.node.ancestors(&self.digest).is_empty()
             }
             Verdict::Corrupt(reason) => {
                 warn!(

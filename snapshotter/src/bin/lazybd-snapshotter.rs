@@ -79,6 +79,7 @@ async fn serve(mut config: Config) -> Result<()> {
     let mut node = NodeConfig::new(config.root.join("lazy"));
     node.fetch.read_deadline = config.read_deadline();
     node.prefetch_rate = config.prefetch.rate_bytes_per_sec;
+    node.lazy_read_ahead_kb = config.lazy_read_ahead_kb;
     let manager = LayerManager::new(node).context("setting up the lazy layer manager")?;
     let mut remote = Remote::new(manager, config.registry.clone())
         .with_cache_capacity(config.cache.capacity_bytes)

@@ -142,6 +142,7 @@ impl<L: LazyLayers> Remote<L> {
             index_offset: ann.index_offset,
             index_length: ann.index_length,
             image_size: ann.image_size,
+            diff_id: Some(ann.source_diff_id),
         }))
     }
 
@@ -154,6 +155,7 @@ impl<L: LazyLayers> Remote<L> {
                 blob_size: layer.blob_size,
                 index_location: Some((layer.index_offset, layer.index_length)),
                 sources: self.sources(layer)?,
+                diff_id: layer.diff_id.clone(),
             })
             .await
             .map_err(|source| RemoteError::Attach {
@@ -213,7 +215,7 @@ impl<L: LazyLayers> Remote<L> {
         let started = self.manager.replay_trace(&trace);
         info!(
             "trace {key}: {} chunks, replay started on {started} layers",
-            trace.chunk_count()
+            trace.range_count()
         );
         true
     }

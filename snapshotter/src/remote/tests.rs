@@ -36,6 +36,7 @@ async fn resolves_a_lazybd_layer_from_its_descriptor() {
             index_offset: 4096,
             index_length: 112,
             image_size: 1 << 20,
+            diff_id: Some(digest(0xdd)),
         })
     );
     // The other layers of the image find the manifest in the cache.
@@ -120,6 +121,7 @@ async fn attaches_from_the_registry_and_detaches() {
         index_offset: 4096,
         index_length: 112,
         image_size: 1 << 20,
+        diff_id: None,
     };
     let mountpoint = r.attach(&layer).await.unwrap();
     assert_eq!(mountpoint, FakeLayers::mountpoint_of(&layer.digest));
@@ -157,6 +159,7 @@ async fn a_failed_attach_keeps_its_reason() {
         index_offset: 4096,
         index_length: 112,
         image_size: 1 << 20,
+        diff_id: None,
     };
     let e = r.attach(&layer).await.unwrap_err();
     assert!(

@@ -86,6 +86,7 @@ async fn a_lazy_layer_is_committed_as_the_target_with_a_remote_record() {
             index_offset: 4096,
             index_length: 112,
             image_size: 1 << 20,
+            diff_id: Some(fake::digest(0xdd)),
         })
     );
     assert_eq!(s.usage("chain-1".into()).await.unwrap().size, 1 << 20);

@@ -107,6 +107,7 @@ impl OpenImage {
                     blob_size: l.size(),
                     index_location: Some((ann.index_offset, ann.index_length)),
                     sources: vec![source.clone()],
+                    diff_id: Some(ann.source_diff_id),
                 })
             })
             .collect()

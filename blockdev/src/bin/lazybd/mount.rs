@@ -165,7 +165,7 @@ async fn serve(args: Args) -> Result<()> {
     }
     // Checked before anything is mounted; absolute, for the background child.
     let replay = match &args.replay_trace {
-        Some(p) => Some((crate::mount_trace::load(p)?, p.clone())),
+        Some(p) => Some((crate::trace_file::load(p)?, p.clone())),
         None => None,
     };
     let record = args
@@ -197,7 +197,7 @@ async fn serve(args: Args) -> Result<()> {
         }
         // The replay first: a prefetch started after it waits for it.
         if let Some((trace, path)) = &replay {
-            crate::mount_trace::replay(&manager, trace, path);
+            crate::trace_file::replay(&manager, trace, path);
         }
         if args.prefetch {
             for d in &digests {
@@ -276,7 +276,7 @@ async fn serve(args: Args) -> Result<()> {
     drop(listener);
     let _ = std::fs::remove_file(state.socket());
     if let Some(path) = &record {
-        crate::mount_trace::save(&manager, &digests, path);
+        crate::trace_file::save(&manager, &digests, path);
     }
     crate::mount_p2p::shutdown(&peer).await;
     let result = manager.shutdown().await;

@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use bytes::Bytes;
+use futures_util::stream::{BoxStream, StreamExt};
 use reqwest::StatusCode;
 use thiserror::Error;
 use tracing::{debug, warn};
@@ -65,7 +66,7 @@ impl PeerNode {
         peer: &str,
         digest: &str,
         range: &Range<u64>,
-    ) -> Result<Bytes, String> {
+    ) -> Result<BoxStream<'static, Result<Bytes, String>>, String> {
         let url = format!("{}://{peer}{}", self.scheme(), path::BLOB);
         let resp = self
             .authed(self.client.get(url))
@@ -82,11 +83,11 @@ impl PeerNode {
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status()));
         }
-        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        if bytes.len() as u64 != range.end - range.start {
-            return Err(format!("{} bytes for {range:?}", bytes.len()));
-        }
-        Ok(bytes)
+        // The reader checks the length as the bytes arrive.
+        Ok(resp
+            .bytes_stream()
+            .map(|piece| piece.map_err(|e| e.to_string()))
+            .boxed())
     }
 
     /// The bytes `range` of `blob` from the super node, which fetches them
@@ -95,7 +96,7 @@ impl PeerNode {
         &self,
         blob: &RegistryBlob,
         range: &Range<u64>,
-    ) -> Result<Bytes, SupernodeError> {
+    ) -> Result<BoxStream<'static, Result<Bytes, SupernodeError>>, SupernodeError> {
         let url = format!("{}{}", self.config.supernode, path::BLOB);
         let mut rb = self
             .authed(self.client.get(url))
@@ -124,9 +125,10 @@ impl PeerNode {
                 message: body.trim().to_owned(),
             });
         }
-        resp.bytes()
-            .await
-            .map_err(|e| SupernodeError::Unreachable(e.to_string()))
+        Ok(resp
+            .bytes_stream()
+            .map(|piece| piece.map_err(|e| SupernodeError::Unreachable(e.to_string())))
+            .boxed())
     }
 
     /// Sends a startup trace to the super node (see p2p::supernode::traces).

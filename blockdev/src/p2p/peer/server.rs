@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -14,7 +13,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
 use super::{lock, stored, PeerNode};
-use crate::format::Index;
 use crate::oci::valid_digest;
 use crate::p2p::http::{self, Body};
 use crate::p2p::wire::{header, path, query, MAX_RANGE};
@@ -80,33 +78,37 @@ impl PeerNode {
             self.upload_misses.fetch_add(1, Relaxed);
             return Err((StatusCode::NOT_FOUND, "blob not held here\n".into()));
         };
-        let chunks = chunks_exactly(layer.index(), start, end)
+        let chunks = layer
+            .index()
+            .chunks_in_blob_range(start, end)
             .ok_or_else(|| bad("range is not a run of whole chunks"))?;
-        let image = layer.index().image_range(chunks.start).start
-            ..layer.index().image_range(chunks.end - 1).end;
+        let image_len: u64 = chunks
+            .iter()
+            .map(|&c| u64::from(layer.index().chunk_len(c)))
+            .sum();
         // The decoded chunks and their rebuilt stored form, both in memory.
         let _room = self
             .budget
-            .reserve(
-                image.end - image.start + (end - start),
-                self.config.peer_timeout(),
-            )
+            .reserve(image_len + (end - start), self.config.peer_timeout())
             .await
             .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "busy\n".to_owned()))?;
-        let data = layer
-            .read(image.start, (image.end - image.start) as u32)
-            .await
-            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")))?;
+        let mut data = Vec::with_capacity(chunks.len());
+        for &c in &chunks {
+            let r = layer.index().image_range(c);
+            let bytes = layer
+                .read(r.start, (r.end - r.start) as u32)
+                .await
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")))?;
+            data.push(bytes);
+        }
         let rebuilt = {
             let layer = layer.clone();
             let chunks = chunks.clone();
             tokio::task::spawn_blocking(move || {
                 let index = layer.index();
                 let mut out = BytesMut::with_capacity((end - start) as usize);
-                for c in chunks {
-                    let r = index.image_range(c);
-                    let at = (r.start - image.start) as usize..(r.end - image.start) as usize;
-                    out.extend_from_slice(&stored::rebuild(index, c, &data[at])?);
+                for (c, data) in chunks.into_iter().zip(data) {
+                    out.extend_from_slice(&stored::rebuild(index, c, &data)?);
                 }
                 Some(out.freeze())
             })
@@ -122,7 +124,7 @@ impl PeerNode {
                     "cannot rebuild the stored chunks here\n".to_owned(),
                 )
             })?;
-        let n = chunks.end - chunks.start;
+        let n = chunks.len() as u64;
         self.uploaded_bytes.fetch_add(bytes.len() as u64, Relaxed);
         self.uploaded_chunks.fetch_add(n, Relaxed);
         let mut l = lock(&self.ledger);
@@ -134,21 +136,4 @@ impl PeerNode {
         }
         Ok(bytes)
     }
-}
-
-/// The chunks whose stored bytes are exactly `start..end`.
-fn chunks_exactly(index: &Index, start: u64, end: u64) -> Option<Range<u64>> {
-    let first = index.chunks.partition_point(|e| e.offset < start);
-    let entry = index.chunks.get(first)?;
-    if entry.offset != start {
-        return None;
-    }
-    let mut last = first;
-    while index.chunks[last].stored_range().end < end {
-        last += 1;
-        if last >= index.chunks.len() {
-            return None;
-        }
-    }
-    (index.chunks[last].stored_range().end == end).then_some(first as u64..last as u64 + 1)
 }
