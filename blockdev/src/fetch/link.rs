@@ -12,36 +12,74 @@
 //! slow registry it grows, on a slow link it shrinks to nothing, so bytes
 //! are spent where round trips, not bytes, are what a container waits for.
 //!
-//! The estimate is node-wide (every layer shares the link) and smoothed;
-//! until the first samples arrive there is no window.
+//! The round trip is the *shortest* time to the first byte among recent
+//! requests sent while no other was in flight, not their average: while our
+//! own fetches fill the link, answers wait in its queue (a shaped 100 Mbit/s
+//! link queues for up to 100 ms; a window still streaming in is such a
+//! queue), and that wait is no reason to fetch more: counting it would grow
+//! the window that caused it. The throughput is smoothed. The estimate is node-wide (every layer shares the
+//! link); until the first samples arrive there is no window.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Weight of a new sample.
+/// Weight of a new throughput sample.
 const ALPHA: f64 = 0.3;
+/// Requests whose time to the first byte the round trip is the minimum of.
+const RTT_SAMPLES: usize = 16;
 /// Transfers shorter than this say little about throughput.
 const MIN_SAMPLE_BYTES: u64 = 32 << 10;
 
 #[derive(Debug, Default)]
 pub struct LinkEstimate {
     state: Mutex<State>,
+    /// Requests in flight on the node.
+    active: AtomicUsize,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+/// A request in flight; [`LinkEstimate::sample`] takes it back.
+pub struct InFlight<'a> {
+    link: &'a LinkEstimate,
+    /// No other request was in flight when this one was sent.
+    alone: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.link.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Default)]
 struct State {
-    /// Seconds from sending a request to its first body byte.
-    ttfb: Option<f64>,
+    /// Seconds from sending a request to its first body byte, latest last.
+    ttfb: VecDeque<f64>,
     /// Bytes per second while a body streams.
     throughput: Option<f64>,
 }
 
 impl LinkEstimate {
-    /// One finished request: time to its first byte, then `bytes` over
-    /// `transfer` until its last.
-    pub fn sample(&self, ttfb: Duration, bytes: u64, transfer: Duration) {
+    /// Marks a request as sent, until the guard is dropped.
+    pub fn send(&self) -> InFlight<'_> {
+        let before = self.active.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            link: self,
+            alone: before == 0,
+        }
+    }
+
+    /// The request `sent` finished: time to its first byte, then `bytes`
+    /// over `transfer` until its last.
+    pub fn sample(&self, sent: InFlight<'_>, ttfb: Duration, bytes: u64, transfer: Duration) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.ttfb = Some(smooth(s.ttfb, ttfb.as_secs_f64()));
+        if sent.alone {
+            if s.ttfb.len() == RTT_SAMPLES {
+                s.ttfb.pop_front();
+            }
+            s.ttfb.push_back(ttfb.as_secs_f64());
+        }
         if bytes >= MIN_SAMPLE_BYTES && !transfer.is_zero() {
             let rate = bytes as f64 / transfer.as_secs_f64();
             s.throughput = Some(smooth(s.throughput, rate));
@@ -50,9 +88,10 @@ impl LinkEstimate {
 
     /// Bytes a demand fetch should add after the missed chunks, at most `max`.
     pub fn window(&self, max: u64) -> u64 {
-        let s = *self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match (s.ttfb, s.throughput) {
-            (Some(ttfb), Some(rate)) => ((rate * ttfb / 2.0) as u64).min(max),
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let rtt = s.ttfb.iter().copied().reduce(f64::min);
+        match (rtt, s.throughput) {
+            (Some(rtt), Some(rate)) => ((rate * rtt / 2.0) as u64).min(max),
             _ => 0,
         }
     }
@@ -72,6 +111,7 @@ mod tests {
         assert_eq!(link.window(1 << 20), 0, "no samples, no window");
         // 100 MB/s, 2 ms to the first byte.
         link.sample(
+            link.send(),
             Duration::from_millis(2),
             1_000_000,
             Duration::from_millis(10),
@@ -79,9 +119,23 @@ mod tests {
         let w = link.window(1 << 20);
         assert!((99_000..=101_000).contains(&w), "{w}");
         assert_eq!(link.window(4096), 4096, "capped");
-        // Small transfers move the latency, not the throughput.
-        link.sample(Duration::from_millis(12), 100, Duration::from_micros(1));
+        // A slow first byte (a queue) does not grow the window; small
+        // transfers do not move the throughput.
+        let micro = Duration::from_micros(1);
+        link.sample(link.send(), Duration::from_millis(80), 100, micro);
         let w = link.window(1 << 20);
-        assert!((249_000..=251_000).contains(&w), "{w}");
+        assert!((99_000..=101_000).contains(&w), "{w}");
+        // A request sent behind another says nothing about the round trip.
+        let first = link.send();
+        link.sample(link.send(), micro, 100, micro);
+        drop(first);
+        let w = link.window(1 << 20);
+        assert!((99_000..=101_000).contains(&w), "{w}");
+        // Once the fast samples are old, the window follows the new ones.
+        for _ in 0..RTT_SAMPLES {
+            link.sample(link.send(), Duration::from_millis(4), 100, micro);
+        }
+        let w = link.window(1 << 20);
+        assert!((199_000..=201_000).contains(&w), "{w}");
     }
 }

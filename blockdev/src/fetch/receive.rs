@@ -61,6 +61,7 @@ impl ChunkFetcher {
         let end = entry(segment[segment.len() - 1]).stored_range().end;
         let len = end - start;
         let asked = Instant::now();
+        let sent = self.link.send();
         let timed_out = || format!("timed out after {:?}", self.config.request_timeout);
         let answer = match timeout_at(limit, slot.source.read_range(start..end)).await {
             Err(_elapsed) => return Ok(Received::failed(segment, timed_out(), true)),
@@ -133,7 +134,8 @@ impl ChunkFetcher {
         out.unreceived = segment[next..].to_vec();
         out.unreceived.retain(|c| !corrupt.contains(c));
         if let Some(first) = first_byte {
-            self.link.sample(first - asked, received, first.elapsed());
+            self.link
+                .sample(sent, first - asked, received, first.elapsed());
         }
         Ok(out)
     }

@@ -511,6 +511,7 @@ async fn a_window_takes_the_chunks_stored_next() {
     // A link worth about 2.5 chunks of this blob after a miss.
     let chunk = u64::from(f.index.chunks[3].stored_len);
     fetcher.link.sample(
+        fetcher.link.send(),
         Duration::from_millis(10),
         1 << 20,
         Duration::from_secs_f64((1 << 20) as f64 / (chunk as f64 * 500.0)),
