@@ -6,25 +6,27 @@ use tracing::info;
 use super::prefetch::running;
 use super::table::lock;
 use super::LayerManager;
+use crate::oci::LayerId;
 use crate::trace::Trace;
 
 impl LayerManager {
     /// Starts recording the on-demand misses of these attached layers
-    /// (unknown digests are skipped) for a startup trace.
-    pub fn start_trace(&self, digests: &[String]) {
-        for d in digests {
-            if let Some(l) = self.layer(d) {
+    /// (unknown ones are skipped) for a startup trace.
+    pub fn start_trace(&self, ids: &[LayerId]) {
+        for id in ids {
+            if let Some(l) = self.layer(id) {
                 l.fetcher().start_recording();
             }
         }
     }
 
     /// Ends the recordings of [`start_trace`](Self::start_trace): the trace
-    /// of these layers, in this order (layers detached meanwhile are missing).
-    pub fn stop_trace(&self, digests: &[String]) -> Trace {
-        Trace::new(digests.iter().filter_map(|d| {
-            self.layer(d)
-                .map(|l| (d.clone(), l.fetcher().stop_recording()))
+    /// of these layers (named by identity), in this order (layers detached
+    /// meanwhile are missing).
+    pub fn stop_trace(&self, ids: &[LayerId]) -> Trace {
+        Trace::new(ids.iter().filter_map(|id| {
+            self.layer(id)
+                .map(|l| (id.to_string(), l.fetcher().stop_recording()))
         }))
     }
 
@@ -36,10 +38,13 @@ impl LayerManager {
         let mut replays = lock(&self.jobs.replays);
         let mut started = 0;
         for lt in &trace.layers {
-            let Some(layer) = self.layer(&lt.digest) else {
+            let Ok(id) = LayerId::parse(&lt.digest) else {
                 continue;
             };
-            if layer.is_complete() || running(&replays, &lt.digest) {
+            let Some(layer) = self.layer(&id) else {
+                continue;
+            };
+            if layer.is_complete() || running(&replays, &id) {
                 continue;
             }
             let (prefetcher, chunks) = (self.prefetcher.clone(), lt.chunks.clone());
@@ -51,7 +56,7 @@ impl LayerManager {
                 chunks.len()
             );
             replays.insert(
-                lt.digest.clone(),
+                id,
                 tokio::spawn(async move {
                     prefetcher.replay(&layer, &chunks, guard).await;
                 }),

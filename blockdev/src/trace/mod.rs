@@ -42,6 +42,8 @@ pub enum TraceError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerTrace {
+    /// The layer's identity ([`crate::oci::LayerId`] as text: its anchor),
+    /// not its blob digest: a trace is about content.
     pub digest: String,
     pub chunks: Vec<u64>,
 }
@@ -147,7 +149,7 @@ impl Trace {
         if let Some(l) = raw
             .layers
             .iter()
-            .find(|l| !crate::oci::valid_digest(&l.digest))
+            .find(|l| crate::oci::LayerId::parse(&l.digest).is_err())
         {
             return Err(TraceError::BadDigest(l.digest.clone()));
         }
@@ -158,8 +160,9 @@ impl Trace {
 }
 
 /// The key a trace is stored under: the sha256 of the image's ordered layer
-/// digests (bottom first, one per line), as `sha256-<hex>` (a file name and
-/// a URL path segment as is).
+/// identities (bottom first, one per line: their anchors, so the key is
+/// about content, not about what a registry calls it), as `sha256-<hex>` (a
+/// file name and a URL path segment as is).
 pub fn trace_key<S: AsRef<str>>(layers: &[S]) -> String {
     let mut h = Sha256::new();
     for l in layers {

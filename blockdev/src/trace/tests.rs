@@ -81,3 +81,17 @@ fn keys_depend_on_the_layer_order() {
     assert!(!valid_key("sha256-../../etc"));
     assert!(!valid_key(A));
 }
+
+#[test]
+fn layers_are_named_by_identity() {
+    // Unanchored (version 1) layers have an identity of their own.
+    let unanchored = format!("unanchored:{A}");
+    let t = Trace::new([(unanchored.clone(), vec![1]), (B.to_owned(), vec![2])]);
+    assert_eq!(Trace::decode(&t.encode()).unwrap(), t);
+    let bad = format!(r#"{{"version":1,"layers":[{{"digest":"unanchored:{A}x","chunks":[1]}}]}}"#);
+    assert!(matches!(
+        Trace::decode(bad.as_bytes()),
+        Err(TraceError::BadDigest(_))
+    ));
+    assert_ne!(trace_key(&[&unanchored]), trace_key(&[A]));
+}
