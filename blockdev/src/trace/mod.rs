@@ -34,7 +34,7 @@ pub enum TraceError {
     TooManyChunks(usize),
     #[error("trace has {0} layers, more than {MAX_TRACE_LAYERS}")]
     TooManyLayers(usize),
-    #[error("trace names an invalid layer digest {0:?}")]
+    #[error("trace names an invalid layer identity {0:?}")]
     BadDigest(String),
 }
 
