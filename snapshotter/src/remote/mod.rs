@@ -148,13 +148,8 @@ impl<L: LazyLayers> Remote<L> {
             let Some(manifest_digest) = labels.get(oci::labels::MANIFEST_DIGEST) else {
                 return Ok(None);
             };
-            match self
-                .manifest_annotations(image_ref, manifest_digest, layer_digest)
+            self.manifest_annotations(image_ref, manifest_digest, layer_digest)
                 .await?
-            {
-                Some(found) => found,
-                None => return Ok(None),
-            }
         };
         // The digests name files and URLs: refused here if malformed.
         LayerId::of(layer_digest, ann.index_digest.as_deref()).map_err(bad)?;
@@ -175,7 +170,7 @@ impl<L: LazyLayers> Remote<L> {
         image_ref: &str,
         manifest_digest: &str,
         layer_digest: &str,
-    ) -> Result<Option<(LazyLayerAnnotations, u64)>, RemoteError> {
+    ) -> Result<(LazyLayerAnnotations, u64), RemoteError> {
         let manifest = self.manifest(image_ref, manifest_digest).await?;
         let desc = manifest
             .layers()
@@ -200,7 +195,7 @@ impl<L: LazyLayers> Remote<L> {
                     layer: layer_digest.to_owned(),
                     source,
                 })?;
-        Ok(Some((ann, desc.size())))
+        Ok((ann, desc.size()))
     }
 
     /// Attaches the layer (idempotent for its identity); its index must
