@@ -1,6 +1,12 @@
 //! One lazily loaded layer: its verified index, its chunk cache and fetcher,
 //! and reads of its uncompressed image at any offset.
 //!
+//! The layer is bound to the image that names it through its anchor (the
+//! sha256 of its index, [`LayerSource::anchor`]): a tail, saved or fetched
+//! from any source, is used only if its index hashes to the anchor, and
+//! every chunk is checked against that index. Its [`LayerId`] (the anchor)
+//! is what the node keys it by; the blob digest only says what to fetch.
+//!
 //! Files in the layer's directory: `index` (the blob's tail: index and footer,
 //! so re-attaching works without the network), `image` and `chunks.map` (the
 //! cache, see [`crate::cache`]).
@@ -12,12 +18,13 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use thiserror::Error;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cache::{CacheError, ChunkCache, IMAGE_FILE};
 use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, LinkEstimate, ReadError};
 use crate::format::{sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN};
 use crate::gate::PriorityGate;
+use crate::oci::{digest_hex, LayerId, OciError};
 use crate::p2p::ServedLayer;
 use crate::source::ChunkSource;
 use crate::stats::Stats;
@@ -44,6 +51,12 @@ pub enum LayerError {
         source: std::io::Error,
     },
     #[error("layer {digest}: {source}")]
+    BadIdentity {
+        digest: String,
+        #[source]
+        source: OciError,
+    },
+    #[error("layer {digest}: {source}")]
     Cache {
         digest: String,
         #[source]
@@ -54,8 +67,13 @@ pub enum LayerError {
 /// Where a layer's bytes are and what is known about them up front.
 #[derive(Clone)]
 pub struct LayerSource {
-    /// The blob digest (`sha256:...`): the layer's identity.
+    /// The blob digest (`sha256:...`): what to fetch from the sources.
     pub digest: String,
+    /// `sha256:` + the sha256 of the index, from the layer descriptor of the
+    /// image's manifest (`lazybd.index-digest`): the only tail accepted, and
+    /// the layer's identity. `None` only for an unanchored (version 1) layer
+    /// its operator allowed.
+    pub anchor: Option<String>,
     pub blob_size: u64,
     /// `(index_offset, index_length)` from the descriptor annotations; saves a
     /// round trip and is checked against the footer.
@@ -89,7 +107,16 @@ impl NodeContext {
     }
 }
 
+impl LayerSource {
+    /// The layer's identity on the node: its anchor, or its blob digest in
+    /// the namespace of unanchored layers.
+    pub fn id(&self) -> Result<LayerId, OciError> {
+        LayerId::of(&self.digest, self.anchor.as_deref())
+    }
+}
+
 pub struct LazyLayer {
+    id: LayerId,
     digest: String,
     diff_id: Option<String>,
     index: Arc<Index>,
@@ -122,7 +149,20 @@ impl LazyLayer {
         node: &NodeContext,
     ) -> Result<Self, LayerError> {
         let (stats, config) = (node.stats.clone(), node.fetch.clone());
-        let (index, index_digest) = load_index(dir, &src, &config).await?;
+        let id = src.id().map_err(|source| LayerError::BadIdentity {
+            digest: src.digest.clone(),
+            source,
+        })?;
+        let anchor = src
+            .anchor
+            .as_deref()
+            .map(anchor_bytes)
+            .transpose()
+            .map_err(|source| LayerError::BadIdentity {
+                digest: src.digest.clone(),
+                source,
+            })?;
+        let (index, index_digest) = load_index(dir, &src, anchor.as_ref(), &config).await?;
         let index = Arc::new(index);
         // Opening may re-hash the whole cache after a crash: not on the
         // async threads.
@@ -172,6 +212,7 @@ impl LazyLayer {
         );
         let stream = AbortOnDrop(fetcher.start_stream());
         Ok(LazyLayer {
+            id,
             digest: src.digest,
             diff_id: src.diff_id,
             index,
@@ -198,7 +239,7 @@ impl LazyLayer {
             .map(|r| [r.start, r.end - r.start])
             .collect();
         LayerTrace {
-            layer: self.digest.clone(),
+            layer: self.id.clone(),
             diff_id: self.diff_id.clone(),
             ranges,
         }
@@ -260,8 +301,14 @@ impl LazyLayer {
             .sum()
     }
 
+    /// The blob digest (what is fetched); the layer may be attached for
+    /// another blob with the same anchor too.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    pub fn id(&self) -> &LayerId {
+        &self.id
     }
 
     pub fn index(&self) -> &Index {
@@ -380,6 +427,10 @@ impl ServedLayer for LazyLayer {
         LazyLayer::digest(self)
     }
 
+    fn id(&self) -> &LayerId {
+        LazyLayer::id(self)
+    }
+
     fn index(&self) -> &Index {
         LazyLayer::index(self)
     }
@@ -391,11 +442,22 @@ impl ServedLayer for LazyLayer {
     }
 }
 
+/// The anchor's 32 bytes.
+fn anchor_bytes(anchor: &str) -> Result<Sha256Digest, OciError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(digest_hex(anchor)?, &mut out)
+        .map_err(|_| OciError::BadDigest(anchor.to_owned()))?;
+    Ok(out)
+}
+
 /// The blob's tail (index + footer) from `dir/index` if it is valid for this
-/// blob, else from the sources; returns the index and the sha256 of its bytes.
+/// blob and hashes to `anchor`, else from the sources (a source whose tail
+/// does not is rejected, and the next one asked); returns the index and the
+/// sha256 of its bytes.
 async fn load_index(
     dir: &Path,
     src: &LayerSource,
+    anchor: Option<&Sha256Digest>,
     config: &FetchConfig,
 ) -> Result<(Index, Sha256Digest), LayerError> {
     let path = dir.join(INDEX_FILE);
@@ -405,8 +467,17 @@ async fn load_index(
         source,
     };
     if let Ok(tail) = std::fs::read(&path) {
-        if let Ok(parsed) = parse_tail(&tail, src) {
-            return Ok(parsed);
+        match parse_tail(&tail, src, anchor) {
+            Ok(parsed) => return Ok(parsed),
+            // Never trusted: the tail is fetched (and checked) again.
+            Err(e) => {
+                warn!(
+                    "layer {}: saved index {} discarded: {e}",
+                    src.digest,
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
     let index_err = |failures: String| LayerError::Index {
@@ -457,7 +528,7 @@ async fn load_index(
         config,
         &format!("layer {} index", src.digest),
         src.blob_size - tail_len..src.blob_size,
-        |b| parse_tail(b, src).map(|p| (b.to_vec(), p)),
+        |b| parse_tail(b, src, anchor).map(|p| (b.to_vec(), p)),
     )
     .await
     .map_err(index_err)?;
@@ -466,7 +537,11 @@ async fn load_index(
     Ok(parsed)
 }
 
-fn parse_tail(tail: &[u8], src: &LayerSource) -> Result<(Index, Sha256Digest), String> {
+fn parse_tail(
+    tail: &[u8],
+    src: &LayerSource,
+    anchor: Option<&Sha256Digest>,
+) -> Result<(Index, Sha256Digest), String> {
     let footer = Footer::parse(tail).map_err(|e| e.to_string())?;
     footer
         .check_blob_len(src.blob_size)
@@ -488,7 +563,16 @@ fn parse_tail(tail: &[u8], src: &LayerSource) -> Result<(Index, Sha256Digest), S
     }
     let bytes = &tail[..footer.index_length as usize];
     let index = Index::parse(bytes, &footer).map_err(|e| e.to_string())?;
-    Ok((index, sha256(bytes)))
+    // A well-formed tail that is not the anchor's is another layer's.
+    let digest = sha256(bytes);
+    if let Some(anchor) = anchor.filter(|a| **a != digest) {
+        return Err(format!(
+            "the index's sha256:{} is not the layer's anchor sha256:{}",
+            hex::encode(digest),
+            hex::encode(anchor)
+        ));
+    }
+    Ok((index, digest))
 }
 
 fn save_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -497,4 +581,93 @@ fn save_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{write_blob, Layout};
+    use crate::source::FileSource;
+
+    /// A blob of `image` (4 KiB chunks) in `dir/name`, and its anchor.
+    fn blob(dir: &Path, name: &str, image: &[u8]) -> (PathBuf, u64, String) {
+        let layout = Layout::fixed(image.len() as u64, 4096).unwrap();
+        let mut bytes = Vec::new();
+        let written = write_blob(image, &mut bytes, &layout).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let anchor = format!("sha256:{}", hex::encode(written.anchor()));
+        (path, written.blob_len, anchor)
+    }
+
+    fn source(name: &str, path: &Path, size: u64, anchor: &str) -> LayerSource {
+        LayerSource {
+            digest: crate::oci::digest_of(b"the blob"),
+            anchor: Some(anchor.to_owned()),
+            blob_size: size,
+            index_location: None,
+            sources: vec![Arc::new(FileSource::open(name, path).unwrap())],
+            diff_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_anchors_tail_is_used_from_any_source_or_the_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Same length, other bytes: a foreign tail parses for this blob.
+        let (honest, size, anchor) = blob(
+            tmp.path(),
+            "honest",
+            &crate::format::sha256(b"a").repeat(512),
+        );
+        let (foreign, foreign_size, foreign_anchor) = blob(
+            tmp.path(),
+            "foreign",
+            &crate::format::sha256(b"b").repeat(512),
+        );
+        assert_eq!(size, foreign_size);
+        assert_ne!(anchor, foreign_anchor);
+        let config = FetchConfig::default();
+        let want = anchor_bytes(&anchor).unwrap();
+
+        // A lying source first: rejected, the next one serves.
+        let mut src = source("liar", &foreign, size, &anchor);
+        src.sources
+            .push(Arc::new(FileSource::open("honest", &honest).unwrap()));
+        let dir = tmp.path().join("layer");
+        let (_, digest) = load_index(&dir, &src, Some(&want), &config).await.unwrap();
+        assert_eq!(digest, want);
+        let saved = std::fs::read(dir.join(INDEX_FILE)).unwrap();
+
+        // Only liars: a clear error naming the anchor.
+        let liar = source("liar", &foreign, size, &anchor);
+        let e = load_index(&tmp.path().join("other"), &liar, Some(&want), &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not the layer's anchor"), "{e}");
+
+        // A saved tail that is not the anchor's is discarded, not trusted.
+        let foreign_dir = tmp.path().join("foreign-layer");
+        let foreign_src = source("foreign", &foreign, size, &foreign_anchor);
+        let theirs = anchor_bytes(&foreign_anchor).unwrap();
+        load_index(&foreign_dir, &foreign_src, Some(&theirs), &config)
+            .await
+            .unwrap();
+        std::fs::copy(foreign_dir.join(INDEX_FILE), dir.join(INDEX_FILE)).unwrap();
+        let honest_only = source("honest", &honest, size, &anchor);
+        let (_, digest) = load_index(&dir, &honest_only, Some(&want), &config)
+            .await
+            .unwrap();
+        assert_eq!(digest, want);
+        assert_eq!(std::fs::read(dir.join(INDEX_FILE)).unwrap(), saved);
+
+        // Unanchored (an operator's choice): any well-formed tail.
+        let mut unanchored = source("foreign", &foreign, size, &anchor);
+        unanchored.anchor = None;
+        let (_, digest) = load_index(&tmp.path().join("v1"), &unanchored, None, &config)
+            .await
+            .unwrap();
+        assert_eq!(digest, theirs);
+    }
 }

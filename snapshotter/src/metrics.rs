@@ -10,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lazybd_blockdev::device::{LayerManager, LayerState};
+use lazybd_blockdev::device::{LayerManager, LayerState, LayerStatus};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -188,8 +188,7 @@ impl Collector for LazyLayerCollector {
             MetricType::Gauge,
         )?;
         for l in &layers {
-            let labels: Labels = vec![("layer", l.digest.clone())];
-            ConstGauge::new(l.chunks_present as i64).encode(present.encode_family(&labels)?)?;
+            ConstGauge::new(l.chunks_present as i64).encode(present.encode_family(&layer(l))?)?;
         }
         let mut total = enc.encode_descriptor(
             "lazybd_layer_chunks",
@@ -198,8 +197,7 @@ impl Collector for LazyLayerCollector {
             MetricType::Gauge,
         )?;
         for l in &layers {
-            let labels: Labels = vec![("layer", l.digest.clone())];
-            ConstGauge::new(l.chunks_total as i64).encode(total.encode_family(&labels)?)?;
+            ConstGauge::new(l.chunks_total as i64).encode(total.encode_family(&layer(l))?)?;
         }
         // One series per state, 1 for the layer's current one: the usual
         // encoding of an enum, so `sum by (state)` counts layers per state.
@@ -211,10 +209,8 @@ impl Collector for LazyLayerCollector {
         )?;
         for l in &layers {
             for st in [LayerState::Lazy, LayerState::Fetching, LayerState::Local] {
-                let labels: Labels = vec![
-                    ("layer", l.digest.clone()),
-                    ("state", st.as_str().to_owned()),
-                ];
+                let mut labels = layer(l);
+                labels.push(("state", st.as_str().to_owned()));
                 ConstGauge::new(i64::from(l.state == st)).encode(state.encode_family(&labels)?)?;
             }
         }
@@ -300,6 +296,15 @@ impl Collector for LazyLayerCollector {
         }
         Ok(())
     }
+}
+
+/// The labels of an attached layer's series: its blob digest and its
+/// anchor (one digest may be attached with several anchors).
+fn layer(l: &LayerStatus) -> Labels {
+    vec![
+        ("layer", l.digest.clone()),
+        ("anchor", l.anchor.clone().unwrap_or_else(|| "none".into())),
+    ]
 }
 
 fn counter(

@@ -59,7 +59,8 @@ fn a_mount_records_a_trace_and_another_replays_it_before_the_reads() {
     drop(guard);
     let trace = Trace::decode(&std::fs::read(&trace_file).unwrap()).unwrap();
     assert_eq!(trace.layers.len(), 1, "{trace:?}");
-    assert_eq!(trace.layers[0].layer, blob.digest);
+    // Layers are named by identity (the anchor), not by blob digest.
+    assert_eq!(trace.layers[0].layer.as_str(), blob.anchor());
     // a.bin (2 MiB, read whole) and some metadata; not b.bin.
     let read: u64 = trace.layers[0].ranges.iter().map(|[_, n]| n).sum();
     assert!((2 << 20..3 << 20).contains(&read), "{trace:?}");

@@ -421,7 +421,7 @@ async fn snapshotters_share_chunks_and_count_uploads_per_peer() {
     let mut top = String::new();
     for (ni, c) in clients.iter_mut().enumerate() {
         let log = || format!("node {ni}:\n{}", nodes[ni].log());
-        top = attach_layers(c, &image, &img.manifest, &img.layers, log).await;
+        top = attach_layers(c, &image, &img, log).await;
     }
     std::thread::sleep(Duration::from_millis(2500));
 

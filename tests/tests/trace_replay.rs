@@ -81,19 +81,19 @@ fn node_config(registry: &str, supernode: Option<&Supernode>) -> String {
 /// a container snapshot on them; returns its mounts.
 async fn container(d: &SnapshotterDaemon, img: &LazyImage) -> Vec<Mount> {
     let mut c = d.client().await;
-    let parent = attach_layers(&mut c, &img.image, &img.manifest, &img.layers, || d.log()).await;
+    let parent = attach_layers(&mut c, &img.image, img, || d.log()).await;
     prepare(&mut c, "container", &parent, HashMap::new())
         .await
         .unwrap()
 }
 
-async fn cleanup(d: &mut SnapshotterDaemon, layers: usize) {
+async fn cleanup(d: &mut SnapshotterDaemon, img: &LazyImage) {
     let mut c = d.client().await;
     // Best effort: the test is cleaning up.
     let _ = remove(&mut c, "container").await;
-    for i in (0..layers).rev() {
+    for chain in img.chain_ids().iter().rev() {
         // Best effort: the test is cleaning up.
-        let _ = remove(&mut c, &format!("chain-{i}")).await;
+        let _ = remove(&mut c, chain).await;
     }
     d.stop();
     wait_nothing_left(&d.root);
@@ -138,7 +138,8 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     require_root!();
     let (tmp, registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let key = trace_key(&img.layers);
+    // Keyed by the layers' identities (their anchors), not their digests.
+    let key = trace_key(&img.anchors);
     let sn = supernode(&t.join("sn"), &registry.host());
 
     // Node A records and uploads.
@@ -162,7 +163,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
         sn.log()
     );
     drop(mounted);
-    cleanup(&mut a, img.layers.len()).await;
+    cleanup(&mut a, &img).await;
 
     // Node B, fresh root: the Prepare of the container snapshot replays it.
     std::fs::create_dir(t.join("b")).unwrap();
@@ -192,7 +193,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     // It had a trace: nothing recorded, nothing uploaded.
     assert_eq!(metric(&m, "lazybd_trace_recorded_ranges_total"), 0.0, "{m}");
     drop(mounted);
-    cleanup(&mut b, img.layers.len()).await;
+    cleanup(&mut b, &img).await;
 
     // The super node refuses what is not a trace, or too large, or unauthenticated.
     let path = format!("/v1/trace?key={key}");
@@ -226,7 +227,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
         "{log}"
     );
     drop(mounted);
-    cleanup(&mut c, img.layers.len()).await;
+    cleanup(&mut c, &img).await;
 }
 
 /// A SIGTERM during a record window still detaches every layer: the

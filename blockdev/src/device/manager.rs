@@ -21,6 +21,7 @@ use super::table::{lock, LayerStatus, Shared, Table};
 use super::{DeviceError, NodeConfig};
 use crate::gate::PriorityGate;
 use crate::layer::{LazyLayer, NodeContext};
+use crate::oci::LayerId;
 use crate::prefetch::Prefetcher;
 use crate::stats::{Stats, StatsSnapshot};
 
@@ -130,12 +131,8 @@ impl LayerManager {
 
     /// The attached layer itself: the P2P peer server reads and relays
     /// chunks through it.
-    pub fn layer(&self, digest: &str) -> Option<Arc<LazyLayer>> {
-        self.shared
-            .table
-            .lock()
-            .get(digest)
-            .map(|a| a.layer.clone())
+    pub fn layer(&self, id: &LayerId) -> Option<Arc<LazyLayer>> {
+        self.shared.table.lock().get(id).map(|a| a.layer.clone())
     }
 
     pub fn layers(&self) -> Vec<LayerStatus> {
@@ -144,9 +141,9 @@ impl LayerManager {
         let layers = self.shared.table.lock();
         let mut out: Vec<LayerStatus> = layers
             .values()
-            .map(|a| a.status(running(&jobs, &a.info.digest)))
+            .map(|a| a.status(running(&jobs, &a.info.id)))
             .collect();
-        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out.sort_by(|a, b| (&a.digest, &a.id).cmp(&(&b.digest, &b.id)));
         out
     }
 }

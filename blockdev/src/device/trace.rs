@@ -6,26 +6,27 @@ use tracing::info;
 use super::prefetch::running;
 use super::table::lock;
 use super::LayerManager;
+use crate::oci::LayerId;
 use crate::trace::Trace;
 
 impl LayerManager {
-    /// Starts recording the reads of these attached layers (unknown
-    /// digests are skipped) for a startup trace.
-    pub fn start_trace(&self, digests: &[String]) {
-        for d in digests {
-            if let Some(l) = self.layer(d) {
+    /// Starts recording the reads of these attached layers (unknown ones
+    /// are skipped) for a startup trace.
+    pub fn start_trace(&self, ids: &[LayerId]) {
+        for id in ids {
+            if let Some(l) = self.layer(id) {
                 l.start_recording();
             }
         }
     }
 
     /// Ends the recordings of [`start_trace`](Self::start_trace): the trace
-    /// of these layers, in this order (layers detached meanwhile are missing).
-    pub fn stop_trace(&self, digests: &[String]) -> Trace {
+    /// of these layers (named by identity), in this order (layers detached
+    /// meanwhile are missing).
+    pub fn stop_trace(&self, ids: &[LayerId]) -> Trace {
         Trace::new(
-            digests
-                .iter()
-                .filter_map(|d| self.layer(d).map(|l| l.stop_recording())),
+            ids.iter()
+                .filter_map(|id| self.layer(id).map(|l| l.stop_recording())),
         )
     }
 

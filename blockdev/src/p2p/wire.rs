@@ -17,7 +17,7 @@ pub mod path {
     /// GET, both servers: stored bytes `start..end` of a blob. The super node
     /// serves any blob of a registry it is configured for (query: registry,
     /// repo, digest, size, start, end); a peer serves whole chunks of a blob
-    /// it holds (query: digest, start, end).
+    /// it holds (query: digest, anchor, start, end).
     pub const BLOB: &str = "/v1/blob";
     /// POST, super node: join a blob's tree or heartbeat (query: blob, addr);
     /// replies [`AnnounceReply`](super::AnnounceReply).
@@ -48,6 +48,10 @@ pub mod query {
     pub const DIGEST: &str = "digest";
     pub const START: &str = "start";
     pub const END: &str = "end";
+    /// Blob requests to a peer: the anchor of the layer the asker reads
+    /// (absent: an unanchored version 1 layer). A peer serves only a layer
+    /// with that identity.
+    pub const ANCHOR: &str = "anchor";
     /// Blob requests to the super node: where the blob is, and its size.
     pub const REGISTRY: &str = "registry";
     pub const REPO: &str = "repo";

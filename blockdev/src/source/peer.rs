@@ -24,13 +24,16 @@ const SHUN_LIAR: Duration = Duration::from_secs(60);
 pub struct PeerSource {
     node: Arc<PeerNode>,
     digest: String,
+    /// The layer's anchor: peers serve only a layer with it.
+    anchor: Option<String>,
 }
 
 impl PeerSource {
-    pub fn new(node: Arc<PeerNode>, digest: &str) -> Self {
+    pub fn new(node: Arc<PeerNode>, digest: &str, anchor: Option<&str>) -> Self {
         PeerSource {
             node,
             digest: digest.to_owned(),
+            anchor: anchor.map(str::to_owned),
         }
     }
 }
@@ -57,7 +60,10 @@ impl ChunkSource for PeerSource {
         }
         let mut failures = Vec::new();
         for peer in ancestors {
-            match self.node.blob_from_peer(&peer, &self.digest, &range).await {
+            let asked =
+                self.node
+                    .blob_from_peer(&peer, &self.digest, self.anchor.as_deref(), &range);
+            match asked.await {
                 Ok(body) => {
                     let body = body.map(|piece| piece.map_err(SourceError::Transient));
                     return Ok(Answer::streamed(body).from_server(peer));

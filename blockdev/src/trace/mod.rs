@@ -23,7 +23,7 @@ use thiserror::Error;
 
 pub use recorder::Recorder;
 
-use crate::oci::valid_digest;
+use crate::oci::{valid_digest, LayerId};
 
 /// Version 1 listed chunk numbers of fixed 1 MiB chunks; ranges survive a
 /// change of chunking (and a re-conversion with a profile), numbers do not.
@@ -47,19 +47,20 @@ pub enum TraceError {
     TooManyRanges(usize),
     #[error("trace has {0} layers, more than {MAX_TRACE_LAYERS}")]
     TooManyLayers(usize),
-    #[error("trace names an invalid layer digest {0:?}")]
+    #[error("trace names an invalid layer identity {0:?}")]
     BadDigest(String),
     #[error("trace range [{0}, +{1}) is empty or overflows")]
     BadRange(u64, u64),
 }
 
 /// What a container read of one layer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerTrace {
-    /// The layer as a node knows it: its anchor, or for an unanchored
-    /// layer its blob digest. Replays match on this.
-    pub layer: String,
+    /// The layer's identity on a node (its anchor; for an unanchored layer
+    /// its blob digest in that namespace): a trace is about content.
+    /// Replays match on this.
+    pub layer: LayerId,
     /// The source layer's diff_id, when known: `lazybd convert --profile`
     /// matches on this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,7 +115,7 @@ impl Trace {
     }
 
     pub fn layer(&self, layer: &str) -> Option<&LayerTrace> {
-        self.layers.iter().find(|l| l.layer == layer)
+        self.layers.iter().find(|l| l.layer.as_str() == layer)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -146,8 +147,8 @@ impl Trace {
             return Err(TraceError::TooManyRanges(t.range_count()));
         }
         for l in &t.layers {
-            let digests = std::iter::once(&l.layer).chain(&l.diff_id);
-            if let Some(bad) = digests.into_iter().find(|d| !valid_digest(d)) {
+            // `layer` was checked as it was parsed (a LayerId).
+            if let Some(bad) = l.diff_id.as_ref().filter(|d| !valid_digest(d)) {
                 return Err(TraceError::BadDigest(bad.clone()));
             }
             if let Some(&[o, n]) = l
@@ -163,8 +164,9 @@ impl Trace {
 }
 
 /// The key a trace is stored under: the sha256 of the image's ordered layer
-/// identities (bottom first, one per line), as `sha256-<hex>` (a file name
-/// and a URL path segment as is).
+/// identities (bottom first, one per line: their anchors, so the key is
+/// about content, not about what a registry calls it), as `sha256-<hex>` (a
+/// file name and a URL path segment as is).
 pub fn trace_key<S: AsRef<str>>(layers: &[S]) -> String {
     let mut h = Sha256::new();
     for l in layers {

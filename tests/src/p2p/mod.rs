@@ -12,6 +12,7 @@
 
 mod fabric;
 mod fake_peer;
+mod lying_supernode;
 mod node;
 mod proxy;
 
@@ -21,6 +22,7 @@ use std::process::Command;
 
 pub use fabric::{Fabric, RegistryLink};
 pub use fake_peer::{Fake, FakePeer};
+pub use lying_supernode::LyingSupernode;
 pub use node::{snapshotter_node, Node};
 pub use proxy::{blob_ranges, CountingProxy, Seen};
 

@@ -64,6 +64,11 @@ pub struct Args {
     /// Registry images only.
     #[arg(long)]
     p2p_config: Option<PathBuf>,
+    /// Also mount version 1 layers, which carry no content anchor: their
+    /// bytes are then only as trustworthy as every source that serves them
+    /// (docs/security.md).
+    #[arg(long)]
+    allow_unanchored: bool,
     /// Internal: the background child; reports readiness on stdout.
     #[arg(long, hide = true)]
     daemon_child: bool,
@@ -104,6 +109,7 @@ fn daemonize(args: &Args) -> Result<()> {
         .arg("--prefetch-rate")
         .arg(args.prefetch_rate.to_string())
         .args(args.prefetch.then_some("--prefetch"))
+        .args(args.allow_unanchored.then_some("--allow-unanchored"))
         .args(
             args.record_trace
                 .iter()
@@ -175,7 +181,7 @@ async fn serve(args: Args) -> Result<()> {
         .transpose()
         .context("--record-trace")?;
     let image = OpenImage::open(&args.image, &args.registry).await?;
-    let mut layers = image.lazy_layers(&args.image)?;
+    let mut layers = image.lazy_layers(&args.image, args.allow_unanchored)?;
     let peer = match &args.p2p_config {
         Some(path) => Some(crate::mount_p2p::start(path, &image, &mut layers).await?),
         None => None,
@@ -186,13 +192,13 @@ async fn serve(args: Args) -> Result<()> {
     config.prefetch_rate = args.prefetch_rate;
     let manager = LayerManager::new(config)?;
 
-    let mut digests = Vec::new();
+    let mut ids = Vec::new();
     let mounted = async {
         let mut lowers = Vec::new();
         for layer in layers {
             let attached = manager.attach(layer).await?;
-            crate::mount_p2p::attached(&peer, &manager, &attached.digest).await;
-            digests.push(attached.digest);
+            crate::mount_p2p::attached(&peer, &manager, &attached.id).await;
+            ids.push(attached.id);
             lowers.push(attached.mountpoint);
         }
         // The replay first: a prefetch started after it waits for it.
@@ -200,8 +206,8 @@ async fn serve(args: Args) -> Result<()> {
             crate::trace_file::replay(&manager, trace, path);
         }
         if args.prefetch {
-            for d in &digests {
-                manager.prefetch(d)?;
+            for id in &ids {
+                manager.prefetch(id)?;
             }
         }
         lowers.reverse(); // overlayfs wants the top layer first
@@ -210,7 +216,7 @@ async fn serve(args: Args) -> Result<()> {
     }
     .await;
     if record.is_some() {
-        manager.start_trace(&digests);
+        manager.start_trace(&ids);
     }
     let layer_count = match mounted {
         Ok(n) => n,
@@ -276,7 +282,7 @@ async fn serve(args: Args) -> Result<()> {
     drop(listener);
     let _ = std::fs::remove_file(state.socket());
     if let Some(path) = &record {
-        crate::trace_file::save(&manager, &digests, path);
+        crate::trace_file::save(&manager, &ids, path);
     }
     crate::mount_p2p::shutdown(&peer).await;
     let result = manager.shutdown().await;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use lazybd_blockdev::device::LayerManager;
 use lazybd_blockdev::layer::LayerSource;
+use lazybd_blockdev::oci::LayerId;
 use lazybd_blockdev::p2p::{P2pConfig, PeerNode};
 use lazybd_blockdev::source::registry_chain;
 
@@ -25,14 +26,20 @@ pub async fn start(
     };
     let node = PeerNode::start(P2pConfig::load(config)?).await?;
     for layer in layers {
-        layer.sources = registry_chain(client, Some(&node), &layer.digest, layer.blob_size);
+        layer.sources = registry_chain(
+            client,
+            Some(&node),
+            &layer.digest,
+            layer.anchor.as_deref(),
+            layer.blob_size,
+        );
     }
     Ok(node)
 }
 
 /// Serves an attached layer to other peers.
-pub async fn attached(peer: &Option<Arc<PeerNode>>, manager: &LayerManager, digest: &str) {
-    if let (Some(peer), Some(layer)) = (peer, manager.layer(digest)) {
+pub async fn attached(peer: &Option<Arc<PeerNode>>, manager: &LayerManager, id: &LayerId) {
+    if let (Some(peer), Some(layer)) = (peer, manager.layer(id)) {
         peer.serve_layer(layer).await;
     }
 }

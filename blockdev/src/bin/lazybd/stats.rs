@@ -35,8 +35,9 @@ pub fn run(args: Args) -> Result<()> {
     println!("layers:");
     for l in &s.layers {
         println!(
-            "  {}  {:<8} {}/{} chunks cached  {} on {}  {}",
+            "  {}  anchor {}  {:<8} {}/{} chunks cached  {} on {}  {}",
             l.digest,
+            l.anchor.as_deref().unwrap_or("none (unanchored)"),
             l.state.as_str(),
             l.chunks_present,
             l.chunks_total,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use lazybd_blockdev::device::LayerManager;
+use lazybd_blockdev::oci::LayerId;
 use lazybd_blockdev::trace::{Trace, MAX_TRACE_BYTES};
 use tracing::{info, warn};
 
@@ -37,10 +38,10 @@ pub fn replay(manager: &LayerManager, trace: &Trace, path: &Path) {
     );
 }
 
-/// Ends the recording of `digests` and writes it to `path` (atomically);
+/// Ends the recording of layers `ids` and writes it to `path` (atomically);
 /// a failure is logged, the unmount goes on.
-pub fn save(manager: &LayerManager, digests: &[String], path: &Path) {
-    let trace = manager.stop_trace(digests);
+pub fn save(manager: &LayerManager, ids: &[LayerId], path: &Path) {
+    let trace = manager.stop_trace(ids);
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let written = std::fs::write(&tmp, trace.encode()).and_then(|()| std::fs::rename(&tmp, path));
     match written {

@@ -60,22 +60,28 @@ impl SupernodeError {
 }
 
 impl PeerNode {
-    /// Exactly the stored bytes `range` of blob `digest` from `peer`.
+    /// Exactly the stored bytes `range` of blob `digest` from `peer`, of
+    /// the layer with `anchor` (`None`: unanchored).
     pub async fn blob_from_peer(
         &self,
         peer: &str,
         digest: &str,
+        anchor: Option<&str>,
         range: &Range<u64>,
     ) -> Result<BoxStream<'static, Result<Bytes, String>>, String> {
         let url = format!("{}://{peer}{}", self.scheme(), path::BLOB);
+        let mut params = vec![
+            (query::DIGEST, digest.to_owned()),
+            (query::START, range.start.to_string()),
+            (query::END, range.end.to_string()),
+        ];
+        if let Some(anchor) = anchor {
+            params.push((query::ANCHOR, anchor.to_owned()));
+        }
         let resp = self
             .authed(self.client.get(url))
             .header(header::PEER, self.advertised())
-            .query(&[
-                (query::DIGEST, digest.to_owned()),
-                (query::START, range.start.to_string()),
-                (query::END, range.end.to_string()),
-            ])
+            .query(&params)
             .timeout(self.config.peer_timeout())
             .send()
             .await

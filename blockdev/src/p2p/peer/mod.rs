@@ -24,14 +24,18 @@ pub use client::{RegistryBlob, SupernodeError};
 use super::config::P2pConfig;
 use super::{http, P2pError};
 use crate::format::Index;
+use crate::oci::LayerId;
 
 /// What the peer server needs of a layer it serves: the blob's index, and
 /// reads of the uncompressed image that fetch what is missing through the
 /// node's own sources (`crate::layer::LazyLayer` is one).
 #[async_trait]
 pub trait ServedLayer: Send + Sync {
-    /// The blob digest.
+    /// The blob digest (its tree at the super node).
     fn digest(&self) -> &str;
+    /// What the layer is (its anchor): a peer asks for a blob's chunks
+    /// under the identity it reads, and is served only a layer of it.
+    fn id(&self) -> &LayerId;
     fn index(&self) -> &Index;
     /// `size` image bytes at `offset`, fetched first if missing.
     async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, String>;
@@ -77,7 +81,9 @@ pub struct PeerNode {
     token: Option<String>,
     client: reqwest::Client,
     advertised: String,
-    layers: Mutex<HashMap<String, Arc<dyn ServedLayer>>>,
+    /// By identity: one blob digest may be held with several anchors (other
+    /// images' bytes under the same digest), each in the blob's one tree.
+    layers: Mutex<HashMap<LayerId, Arc<dyn ServedLayer>>>,
     ancestors: Mutex<HashMap<String, Vec<String>>>,
     /// Peers not to ask until the given time (dead, slow or lying).
     shunned: Mutex<HashMap<String, Instant>>,
@@ -153,32 +159,43 @@ impl PeerNode {
     /// Serves `layer` to other peers and joins its blob's tree.
     pub async fn serve_layer(&self, layer: Arc<dyn ServedLayer>) {
         let digest = layer.digest().to_owned();
-        lock(&self.layers).insert(digest.clone(), layer);
+        lock(&self.layers).insert(layer.id().clone(), layer);
         self.announce(&digest).await;
     }
 
-    /// Stops serving the blob and leaves its tree.
-    pub async fn forget_layer(&self, digest: &str) {
-        lock(&self.layers).remove(digest);
-        lock(&self.ancestors).remove(digest);
-        self.leave(digest).await;
+    /// Stops serving the layer; leaves its blob's tree unless another layer
+    /// of the blob is still served.
+    pub async fn forget_layer(&self, id: &LayerId) {
+        let digest = {
+            let mut layers = lock(&self.layers);
+            let Some(layer) = layers.remove(id) else {
+                return;
+            };
+            let digest = layer.digest().to_owned();
+            if layers.values().any(|l| l.digest() == digest) {
+                return;
+            }
+            digest
+        };
+        lock(&self.ancestors).remove(&digest);
+        self.leave(&digest).await;
     }
 
     /// Leaves every tree and stops the server.
     pub async fn shutdown(&self) {
-        let digests: Vec<String> = lock(&self.layers).keys().cloned().collect();
-        for d in digests {
-            self.forget_layer(&d).await;
+        let ids: Vec<LayerId> = lock(&self.layers).keys().cloned().collect();
+        for id in ids {
+            self.forget_layer(&id).await;
         }
         for t in lock(&self.tasks).drain(..) {
             t.abort();
         }
     }
 
-    /// Whether this node serves blob `digest` (it is attached here, so the
-    /// node has a place in the blob's tree).
+    /// Whether this node serves a layer of blob `digest` (attached here, so
+    /// the node has a place in the blob's tree).
     pub fn serves(&self, digest: &str) -> bool {
-        lock(&self.layers).contains_key(digest)
+        lock(&self.layers).values().any(|l| l.digest() == digest)
     }
 
     /// The ancestors worth asking now, parent first.
@@ -224,8 +241,9 @@ impl PeerNode {
         s.insert(peer.to_owned(), now + for_);
     }
 
-    fn layer(&self, digest: &str) -> Option<Arc<dyn ServedLayer>> {
-        lock(&self.layers).get(digest).cloned()
+    /// The served layer `id` (of whichever blob with that content).
+    fn layer(&self, id: &LayerId) -> Option<Arc<dyn ServedLayer>> {
+        lock(&self.layers).get(id).cloned()
     }
 
     pub fn stats(&self) -> PeerStats {
@@ -257,7 +275,10 @@ async fn heartbeat(node: std::sync::Weak<PeerNode>) {
         };
         tokio::time::sleep(every).await;
         let Some(n) = node.upgrade() else { return };
-        let digests: Vec<String> = lock(&n.layers).keys().cloned().collect();
+        let digests: std::collections::BTreeSet<String> = lock(&n.layers)
+            .values()
+            .map(|l| l.digest().to_owned())
+            .collect();
         for d in digests {
             n.announce(&d).await;
         }

@@ -13,7 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
 use super::{lock, stored, PeerNode};
-use crate::oci::valid_digest;
+use crate::oci::{valid_digest, LayerId};
 use crate::p2p::http::{self, Body};
 use crate::p2p::wire::{header, path, query, MAX_RANGE};
 
@@ -73,8 +73,12 @@ impl PeerNode {
         if !(start < end && end - start <= MAX_RANGE) {
             return Err(bad("bad range"));
         }
+        // The layer the asker reads: its anchor, else the unanchored blob.
+        // Another layer under the same digest is not served for it.
+        let id = LayerId::of(digest, q.get(query::ANCHOR).map(String::as_str))
+            .map_err(|_| bad("bad anchor"))?;
         self.upload_requests.fetch_add(1, Relaxed);
-        let Some(layer) = self.layer(digest) else {
+        let Some(layer) = self.layer(&id) else {
             self.upload_misses.fetch_add(1, Relaxed);
             return Err((StatusCode::NOT_FOUND, "blob not held here\n".into()));
         };
