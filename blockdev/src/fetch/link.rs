@@ -12,12 +12,15 @@
 //! slow registry it grows, on a slow link it shrinks to nothing, so bytes
 //! are spent where round trips, not bytes, are what a container waits for.
 //!
-//! The round trip is the *shortest* time to the first byte among recent
-//! requests sent while no other was in flight, not their average: while our
-//! own fetches fill the link, answers wait in its queue (a shaped 100 Mbit/s
+//! The round trip is the median time to the first byte of recent requests
+//! sent while no other was in flight. Not of all requests: while our own
+//! fetches fill the link, answers wait in its queue (a shaped 100 Mbit/s
 //! link queues for up to 100 ms; a window still streaming in is such a
 //! queue), and that wait is no reason to fetch more: counting it would grow
-//! the window that caused it. The throughput is smoothed. The estimate is node-wide (every layer shares the
+//! the window that caused it. The median, because a registry's time to
+//! answer a range varies several-fold from one request to the next (1 to 8
+//! ms for Debian's docker-registry on loopback), and a miss costs the
+//! typical one. The throughput is smoothed. The estimate is node-wide (every layer shares the
 //! link); until the first samples arrive there is no window.
 
 use std::collections::VecDeque;
@@ -27,7 +30,7 @@ use std::time::Duration;
 
 /// Weight of a new throughput sample.
 const ALPHA: f64 = 0.3;
-/// Requests whose time to the first byte the round trip is the minimum of.
+/// Requests whose time to the first byte the round trip is the median of.
 const RTT_SAMPLES: usize = 16;
 /// Transfers shorter than this say little about throughput.
 const MIN_SAMPLE_BYTES: u64 = 32 << 10;
@@ -89,12 +92,18 @@ impl LinkEstimate {
     /// Bytes a demand fetch should add after the missed chunks, at most `max`.
     pub fn window(&self, max: u64) -> u64 {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let rtt = s.ttfb.iter().copied().reduce(f64::min);
+        let rtt = median(&s.ttfb);
         match (rtt, s.throughput) {
             (Some(rtt), Some(rate)) => ((rate * rtt / 2.0) as u64).min(max),
             _ => 0,
         }
     }
+}
+
+fn median(samples: &VecDeque<f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = samples.iter().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied()
 }
 
 fn smooth(old: Option<f64>, new: f64) -> f64 {
@@ -119,9 +128,10 @@ mod tests {
         let w = link.window(1 << 20);
         assert!((99_000..=101_000).contains(&w), "{w}");
         assert_eq!(link.window(4096), 4096, "capped");
-        // A slow first byte (a queue) does not grow the window; small
-        // transfers do not move the throughput.
+        // One slow first byte moves the median little; small transfers do
+        // not move the throughput.
         let micro = Duration::from_micros(1);
+        link.sample(link.send(), Duration::from_millis(2), 100, micro);
         link.sample(link.send(), Duration::from_millis(80), 100, micro);
         let w = link.window(1 << 20);
         assert!((99_000..=101_000).contains(&w), "{w}");

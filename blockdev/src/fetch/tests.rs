@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::format::{sha256, write_blob, Layout};
+use crate::format::{sha256, write_blob, Layout, Shape};
 use crate::source::{Answer, SourceError, Verdict};
 
 const CS: u32 = 4096;
@@ -176,7 +176,11 @@ fn fixture_profiled(profile: &[u64]) -> Fixture {
         .iter()
         .map(|&c| c * u64::from(CS)..(c + 1) * u64::from(CS))
         .collect();
-    let layout = Layout::plan(image.len() as u64, CS, &[], &ranges).unwrap();
+    let shape = Shape {
+        profile: &ranges,
+        ..Shape::default()
+    };
+    let layout = Layout::plan(image.len() as u64, CS, &shape).unwrap();
     let written = write_blob(&image[..], &mut blob, &layout).unwrap();
     let index = Arc::new(written.index);
     let dir = tempfile::tempdir().unwrap();
