@@ -127,8 +127,9 @@ impl LazyLayer {
         // Opening may re-hash the whole cache after a crash: not on the
         // async threads.
         let (cache_dir, cache_index) = (dir.to_owned(), index.clone());
+        let keep_stored = config.keep_stored;
         let opened = tokio::task::spawn_blocking(move || {
-            ChunkCache::open(&cache_dir, &cache_index, index_digest)
+            ChunkCache::open_with(&cache_dir, &cache_index, index_digest, keep_stored)
         })
         .await
         .map_err(|e| LayerError::Cache {
