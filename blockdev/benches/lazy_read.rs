@@ -68,6 +68,7 @@ fn main() {
             blob_size: written.blob_len,
             index_location: None,
             sources: vec![source],
+            diff_id: None,
         }))
         .expect("attach");
     // Warm the chunk cache: every chunk present before measuring.
