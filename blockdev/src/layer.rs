@@ -375,6 +375,7 @@ impl LazyLayer {
 }
 
 /// What the P2P peer server reads of a layer it serves to other nodes.
+/// Its reads are not recorded in startup traces.
 #[async_trait]
 impl ServedLayer for LazyLayer {
     fn digest(&self) -> &str {
@@ -385,9 +386,37 @@ impl ServedLayer for LazyLayer {
         LazyLayer::index(self)
     }
 
-    async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, String> {
-        self.read_unrecorded(offset, size)
-            .await
+    async fn ensure(&self, chunks: &[u64]) -> Result<(), String> {
+        // Runs of chunks adjacent in the image, each one ensure (the
+        // fetcher plans its requests by blob order itself).
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut sorted = chunks.to_vec();
+        sorted.sort_unstable();
+        for c in sorted {
+            match runs.last_mut() {
+                Some(r) if r.end == c => r.end += 1,
+                _ => runs.push(c..c + 1),
+            }
+        }
+        let all = futures_util::future::join_all(runs.into_iter().map(|r| self.fetcher.ensure(r)));
+        all.await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn stored(&self, chunk: u64) -> Result<Option<Vec<u8>>, String> {
+        self.cache
+            .read_stored(&self.index, chunk)
+            .map_err(|e| e.to_string())
+    }
+
+    fn image_chunk(&self, chunk: u64) -> Result<Vec<u8>, String> {
+        let r = self.index.image_range(chunk);
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        self.read_present(r.start, &mut buf)
+            .map(|()| buf)
             .map_err(|e| e.to_string())
     }
 }

@@ -18,7 +18,7 @@ pub fn registry_chain(
 ) -> Vec<Arc<dyn ChunkSource>> {
     let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
     if let Some(peer) = peer {
-        sources.push(Arc::new(PeerSource::new(peer.clone(), digest)));
+        sources.push(Arc::new(PeerSource::new(peer.clone(), digest, None)));
         sources.push(Arc::new(SupernodeSource::new(
             peer.clone(),
             registry,

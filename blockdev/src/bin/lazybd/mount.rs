@@ -184,14 +184,17 @@ async fn serve(args: Args) -> Result<()> {
     let mut config = NodeConfig::new(state.node_root());
     config.fetch.read_deadline = Duration::from_secs(args.read_deadline);
     config.prefetch_rate = args.prefetch_rate;
+    // A peer sends the stored bytes it was sent: keep them.
+    config.fetch.keep_stored = peer.is_some();
     let manager = LayerManager::new(config)?;
 
     let mut digests = Vec::new();
     let mounted = async {
         let mut lowers = Vec::new();
         for layer in layers {
+            let blob_size = layer.blob_size;
             let attached = manager.attach(layer).await?;
-            crate::mount_p2p::attached(&peer, &manager, &attached.digest).await;
+            crate::mount_p2p::attached(&peer, &image, &manager, &attached.digest, blob_size).await;
             digests.push(attached.digest);
             lowers.push(attached.mountpoint);
         }

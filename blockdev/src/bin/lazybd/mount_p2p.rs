@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use lazybd_blockdev::device::LayerManager;
 use lazybd_blockdev::layer::LayerSource;
-use lazybd_blockdev::p2p::{P2pConfig, PeerNode};
+use lazybd_blockdev::p2p::{P2pConfig, PeerNode, RegistryBlob};
 use lazybd_blockdev::source::registry_chain;
 
 use crate::image_source::OpenImage;
@@ -30,10 +30,19 @@ pub async fn start(
     Ok(node)
 }
 
-/// Serves an attached layer to other peers.
-pub async fn attached(peer: &Option<Arc<PeerNode>>, manager: &LayerManager, digest: &str) {
-    if let (Some(peer), Some(layer)) = (peer, manager.layer(digest)) {
-        peer.serve_layer(layer).await;
+/// Serves an attached layer (blob `digest`, `blob_size` bytes, of `image`'s
+/// registry) to other peers.
+pub async fn attached(
+    peer: &Option<Arc<PeerNode>>,
+    image: &OpenImage,
+    manager: &LayerManager,
+    digest: &str,
+    blob_size: u64,
+) {
+    if let (Some(peer), Some(client), Some(layer)) = (peer, &image.registry, manager.layer(digest))
+    {
+        peer.serve_layer(layer, RegistryBlob::new(client, digest, blob_size))
+            .await;
     }
 }
 
