@@ -91,6 +91,11 @@ fn eight_nodes_share_one_registry_copy() {
     let mut report = BTreeMap::new();
     for n in &nodes {
         let st = n.p2p_stats();
+        assert_eq!(
+            st["rebuilt_chunks_sent"], 0,
+            "node {}: chunks are sent as the stored bytes the node kept: {st}",
+            n.i
+        );
         let max = st["max_chunk_uploads"].as_u64().unwrap();
         assert!(
             max <= FANOUT,
@@ -196,6 +201,34 @@ fn faults_dead_and_lying_peers_super_node_and_registry_down() {
             .unwrap_or_else(|e| panic!("node {} after registry down: {e}", n.i));
     }
     drop((a, b, c));
+}
+
+/// A node whose cache was filled before it took part in P2P (no stored
+/// bytes kept) still serves its chunks: rebuilt from the image, counted,
+/// verified by the receiver like any other.
+#[test]
+fn a_cache_from_before_p2p_is_served_rebuilt() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let (tree, _blob) = publish_image(tmp.path(), &registry);
+    let fabric = Fabric::new(29, 2);
+    let _proxy = hub_proxy(&fabric, &registry);
+    let _sn = hub_supernode(&fabric, &tmp.path().join("sn"), 1, 120_000, &[]);
+    let image = hub_image(&fabric);
+    let before = Node::mount_direct(&fabric, tmp.path(), 0, &image);
+    check_tree(&tree, &before.dir).expect("node A reads the registry");
+    drop(before);
+    let a = Node::mount(&fabric, tmp.path(), 0, &image, "", &[]);
+    let b = Node::mount(&fabric, tmp.path(), 1, &image, "", &[]);
+    std::thread::sleep(Duration::from_millis(2500));
+    check_tree(&tree, &b.dir).expect("node B reads correct data from A");
+    let st = a.p2p_stats();
+    assert!(st["rebuilt_chunks_sent"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(b.p2p_stats()["corrupt_from_peers"], 0);
+    assert!(b.source_chunks("peer") > 0);
+    assert_eq!(b.source_chunks("registry"), 0);
+    drop((a, b));
 }
 
 #[test]
@@ -393,6 +426,8 @@ async fn snapshotters_share_chunks_and_count_uploads_per_peer() {
     );
     assert!(up > 0.0, "node 0 uploaded to node 1:\n{m0}");
     assert!(metric(&m0, "lazybd_p2p_max_chunk_uploads") <= 1.0);
+    assert_eq!(metric(&m0, "lazybd_p2p_rebuilt_chunks_sent_total"), 0.0);
+    assert!(metric(&m0, "lazybd_p2p_stored_chunks_sent_total") > 0.0);
     assert!(
         metric(&m1, r#"lazybd_source_chunks_total{source="peer"}"#) > 0.0,
         "{m1}"
