@@ -167,8 +167,9 @@ impl LazyLayer {
         // Opening may re-hash the whole cache after a crash: not on the
         // async threads.
         let (cache_dir, cache_index) = (dir.to_owned(), index.clone());
+        let keep_stored = config.keep_stored;
         let opened = tokio::task::spawn_blocking(move || {
-            ChunkCache::open(&cache_dir, &cache_index, index_digest)
+            ChunkCache::open_with(&cache_dir, &cache_index, index_digest, keep_stored)
         })
         .await
         .map_err(|e| LayerError::Cache {
@@ -421,23 +422,60 @@ impl LazyLayer {
 }
 
 /// What the P2P peer server reads of a layer it serves to other nodes.
+/// Its reads are not recorded in startup traces.
 #[async_trait]
 impl ServedLayer for LazyLayer {
     fn digest(&self) -> &str {
         LazyLayer::digest(self)
     }
 
-    fn id(&self) -> &LayerId {
-        LazyLayer::id(self)
-    }
-
     fn index(&self) -> &Index {
         LazyLayer::index(self)
     }
 
-    async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, String> {
-        self.read_unrecorded(offset, size)
-            .await
+    /// The anchor the layer was checked against; an unanchored layer is
+    /// told apart in the P2P trees by the hash of its index all the same.
+    fn anchor(&self) -> String {
+        match LazyLayer::id(self).anchor() {
+            Some(anchor) => anchor.to_owned(),
+            None => format!(
+                "sha256:{}",
+                hex::encode(crate::format::sha256(&self.index.to_bytes()))
+            ),
+        }
+    }
+
+    async fn ensure(&self, chunks: &[u64]) -> Result<(), String> {
+        // Runs of chunks adjacent in the image, each one ensure (the
+        // fetcher plans its requests by blob order itself).
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut sorted = chunks.to_vec();
+        sorted.sort_unstable();
+        for c in sorted {
+            match runs.last_mut() {
+                Some(r) if r.end == c => r.end += 1,
+                _ => runs.push(c..c + 1),
+            }
+        }
+        let all = futures_util::future::join_all(runs.into_iter().map(|r| self.fetcher.ensure(r)));
+        all.await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn stored(&self, chunk: u64) -> Result<Option<Vec<u8>>, String> {
+        self.cache
+            .read_stored(&self.index, chunk)
+            .map_err(|e| e.to_string())
+    }
+
+    fn image_chunk(&self, chunk: u64) -> Result<Vec<u8>, String> {
+        let r = self.index.image_range(chunk);
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        self.read_present(r.start, &mut buf)
+            .map(|()| buf)
             .map_err(|e| e.to_string())
     }
 }

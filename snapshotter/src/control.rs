@@ -297,7 +297,7 @@ fn start_recording(
         // The Prepare may have missed the super node's trace (it waits for
         // it only briefly): if it has one, replay that and drop the recording.
         let found = match &peer {
-            Some(p) => traces.load(&key, Some(p), &stats).await,
+            Some(p) => traces.load(&key, &chain, Some(p), &stats).await,
             None => None,
         };
         if found.is_none() {
@@ -322,7 +322,9 @@ fn start_recording(
         if recorded.is_empty() {
             info!("container {id}: no on-demand reads in the trace window; nothing stored");
         } else {
-            traces.store(&key, &recorded, peer.as_deref(), &stats).await;
+            traces
+                .store(&key, &chain, &recorded, peer.as_deref(), &stats)
+                .await;
         }
     });
     true

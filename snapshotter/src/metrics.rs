@@ -84,19 +84,48 @@ impl Collector for LazyLayerCollector {
                     ConstCounter::new(get(t)).encode(family.encode_family(&labels)?)?;
                 }
             }
-            counter(
-                &mut enc,
-                "lazybd_p2p_corrupt_from_peers",
-                "Peer answers that failed verification (the peer was skipped)",
-                p.corrupt_from_peers,
-            )?;
-            counter(
-                &mut enc,
-                "lazybd_p2p_peer_failures",
-                "Peer requests that failed or timed out",
-                p.peer_failures,
-            )?;
-            ConstGauge::new(i64::from(p.max_chunk_uploads)).encode(enc.encode_descriptor(
+            let c = &p.counters;
+            let p2p_counters: [(&str, &str, u64); 7] = [
+                (
+                    "lazybd_p2p_corrupt_from_peers",
+                    "Peer answers that failed verification (the peer was skipped)",
+                    c.corrupt_from_peers,
+                ),
+                (
+                    "lazybd_p2p_peer_failures",
+                    "Peer requests that failed or timed out",
+                    c.peer_failures,
+                ),
+                (
+                    "lazybd_p2p_refused_tickets",
+                    "Peer requests refused for a missing, bad or foreign ticket",
+                    c.refused_tickets,
+                ),
+                (
+                    "lazybd_p2p_stored_chunks_sent",
+                    "Chunks sent to peers as the stored bytes this node kept",
+                    c.stored_chunks_sent,
+                ),
+                (
+                    "lazybd_p2p_rebuilt_chunks_sent",
+                    "Chunks sent to peers rebuilt from the image (cached before P2P kept stored bytes)",
+                    c.rebuilt_chunks_sent,
+                ),
+                (
+                    "lazybd_p2p_refused_connections",
+                    "Peer server connections closed at once: over the limits",
+                    c.refused_connections,
+                ),
+                (
+                    "lazybd_p2p_slow_readers_dropped",
+                    "Peer server connections dropped: a response not read in time",
+                    c.slow_readers_dropped,
+                ),
+            ];
+            for (name, help, value) in p2p_counters {
+                counter(&mut enc, name, help, value)?;
+            }
+            ConstGauge::new(i64::from(c.max_chunk_uploads)).encode(enc.encode_descriptor(
                 "lazybd_p2p_max_chunk_uploads",
                 "Most copies of any one chunk this node uploaded",
                 None,

@@ -195,8 +195,16 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     drop(mounted);
     cleanup(&mut b, &img).await;
 
-    // The super node refuses what is not a trace, or too large, or unauthenticated.
-    let path = format!("/v1/trace?key={key}");
+    // The super node refuses what is not a trace, or too large, or
+    // unauthenticated, or not named with its layer chain (this test runs on
+    // the nodes' address, which holds tickets for those layers).
+    let path = format!("/v1/trace?key={key}&chain={}", img.anchors.join(","));
+    assert_eq!(
+        request(&sn, "GET", &format!("/v1/trace?key={key}"), TOKEN, b""),
+        400
+    );
+    let other_chain = format!("/v1/trace?key={key}&chain={}", img.anchors[0]);
+    assert_eq!(request(&sn, "GET", &other_chain, TOKEN, b""), 400);
     assert_eq!(request(&sn, "PUT", &path, TOKEN, b"{\"version\":2,"), 400);
     let too_large = vec![b' '; lazybd_blockdev::trace::MAX_TRACE_BYTES + 1];
     assert_eq!(request(&sn, "PUT", &path, TOKEN, &too_large), 413);

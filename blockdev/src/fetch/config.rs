@@ -22,6 +22,10 @@ pub struct FetchConfig {
     /// A reader whose chunk the startup stream will reach only after this
     /// many more bytes fetches it itself instead of waiting.
     pub lookahead: u64,
+    /// Also keep each fetched chunk's stored (compressed) bytes in the cache,
+    /// for the P2P peer server to send on unchanged (`crate::cache`). On when
+    /// the node serves its layers to peers.
+    pub keep_stored: bool,
 }
 
 impl Default for FetchConfig {
@@ -34,6 +38,7 @@ impl Default for FetchConfig {
             max_request_bytes: 8 << 20,
             window_max: 1 << 20,
             lookahead: 1 << 20,
+            keep_stored: false,
         }
     }
 }

@@ -185,8 +185,12 @@ impl ChunkFetcher {
                 .into_iter()
                 .map(|(c, stored)| {
                     let outcome = match index.decode_chunk(c, &stored) {
+                        // The stored bytes first (kept only for P2P serving):
+                        // a peer server that sees the chunk present finds
+                        // them too.
                         Ok(data) => cache
-                            .store(c, index.image_range(c).start, &data)
+                            .store_stored(&index, c, &stored)
+                            .and_then(|()| cache.store(c, index.image_range(c).start, &data))
                             .map_err(Rejected::Cache),
                         Err(e) => Err(Rejected::Corrupt(e.to_string())),
                     };

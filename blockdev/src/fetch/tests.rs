@@ -259,6 +259,7 @@ fn quick() -> FetchConfig {
         // No demand window unless a test wants one: requests stay exact.
         window_max: 0,
         lookahead: 1 << 20,
+        keep_stored: false,
     }
 }
 

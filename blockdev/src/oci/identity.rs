@@ -67,6 +67,11 @@ impl LayerId {
         (!self.0.starts_with(UNANCHORED)).then_some(self.0.as_str())
     }
 
+    /// The blob digest an unanchored layer is known by.
+    pub fn unanchored_blob(&self) -> Option<&str> {
+        self.0.strip_prefix(UNANCHORED)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -35,8 +35,9 @@ use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{
     self, LayerId, LazyLayerAnnotations, OciError, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER,
 };
-use lazybd_blockdev::p2p::PeerNode;
-use lazybd_blockdev::source::{registry_chain, ChunkSource};
+use lazybd_blockdev::p2p::{PeerNode, RegistryBlob};
+use lazybd_blockdev::registry::RegistryClient;
+use lazybd_blockdev::source::registry_chain;
 use oci_spec::image::ImageManifest;
 use tracing::info;
 
@@ -202,6 +203,7 @@ impl<L: LazyLayers> Remote<L> {
     /// Attaches the layer (idempotent for its identity); its index must
     /// hash to its anchor. Returns its EROFS mount.
     pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, RemoteError> {
+        let client = self.client(layer)?;
         let mountpoint = self
             .manager
             .attach(LayerSource {
@@ -209,7 +211,13 @@ impl<L: LazyLayers> Remote<L> {
                 anchor: layer.anchor.clone(),
                 blob_size: layer.blob_size,
                 index_location: Some((layer.index_offset, layer.index_length)),
-                sources: self.sources(layer)?,
+                sources: registry_chain(
+                    &client,
+                    self.peer.as_ref(),
+                    &layer.digest,
+                    layer.anchor.as_deref(),
+                    layer.blob_size,
+                ),
                 diff_id: layer.source_diff_id.clone(),
             })
             .await
@@ -222,7 +230,8 @@ impl<L: LazyLayers> Remote<L> {
             _ => None,
         };
         if let Some((peer, l)) = served {
-            peer.serve_layer(l).await;
+            let origin = RegistryBlob::new(&client, &layer.digest, layer.blob_size);
+            peer.serve_layer(l, origin).await;
         }
         Ok(mountpoint)
     }
@@ -271,7 +280,7 @@ impl<L: LazyLayers> Remote<L> {
         let key = trace_key(chain);
         let stats = self.manager.counters();
         let peer = self.peer.as_deref().filter(|_| ask_supernode);
-        let Some(trace) = traces.load(&key, peer, stats).await else {
+        let Some(trace) = traces.load(&key, chain, peer, stats).await else {
             return false;
         };
         let started = self.manager.replay_trace(&trace);
@@ -358,21 +367,15 @@ impl<L: LazyLayers> Remote<L> {
             .cloned()
     }
 
-    /// Where the layer's chunks come from, asked in this order: this node's
-    /// P2P parent (and its ancestors), the super node, the registry.
-    fn sources(&self, layer: &RemoteLayer) -> Result<Vec<Arc<dyn ChunkSource>>, RemoteError> {
-        let client = registry::client(&self.registry, &layer.image_ref)
+    /// The registry client of the layer's image: for its chunk sources
+    /// (this node's P2P parent and ancestors, the super node, the registry:
+    /// `registry_chain`) and for the super node's check of its credentials.
+    fn client(&self, layer: &RemoteLayer) -> Result<Arc<RegistryClient>, RemoteError> {
+        registry::client(&self.registry, &layer.image_ref)
             .map(Arc::new)
             .map_err(|source| RemoteError::Client {
                 image_ref: layer.image_ref.clone(),
                 source,
-            })?;
-        Ok(registry_chain(
-            &client,
-            self.peer.as_ref(),
-            &layer.digest,
-            layer.anchor.as_deref(),
-            layer.blob_size,
-        ))
+            })
     }
 }

@@ -190,14 +190,17 @@ async fn serve(args: Args) -> Result<()> {
     let mut config = NodeConfig::new(state.node_root());
     config.fetch.read_deadline = Duration::from_secs(args.read_deadline);
     config.prefetch_rate = args.prefetch_rate;
+    // A peer sends the stored bytes it was sent: keep them.
+    config.fetch.keep_stored = peer.is_some();
     let manager = LayerManager::new(config)?;
 
     let mut ids = Vec::new();
     let mounted = async {
         let mut lowers = Vec::new();
         for layer in layers {
+            let blob_size = layer.blob_size;
             let attached = manager.attach(layer).await?;
-            crate::mount_p2p::attached(&peer, &manager, &attached.id).await;
+            crate::mount_p2p::attached(&peer, &image, &manager, &attached.id, blob_size).await;
             ids.push(attached.id);
             lowers.push(attached.mountpoint);
         }
