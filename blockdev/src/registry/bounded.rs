@@ -1,6 +1,7 @@
-//! GETs of small registry objects (manifests, image configs) whose answer is
-//! read as a stream and cut off at a limit before it is buffered, and whose
-//! error answers are read only far enough for a message.
+//! GETs of registry objects whose answer is read as a stream and cut off at
+//! a limit before it is buffered (manifests, image configs, whole blobs), or
+//! handed on as a stream (blob ranges), and whose error answers are read
+//! only far enough for a message.
 //!
 //! `oci-client` reads every manifest and every error body whole before
 //! anything looks at its length (`Response::bytes`): a registry streaming
@@ -16,7 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH};
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, RANGE};
 use reqwest::StatusCode;
 use tokio::sync::Mutex;
 
@@ -148,6 +149,24 @@ impl BoundedGet {
         Ok((len, format!("sha256:{}", hex::encode(hash.finalize()))))
     }
 
+    /// A successful answer to GET `url` for blob bytes `range` (`206`, or
+    /// `200` with the whole blob from a registry that ignores Range), its
+    /// body not read yet. (oci-client's `pull_blob_stream_partial` reads an
+    /// error answer whole, however long.) One attempt: the fetcher owns the
+    /// retries of range reads and their deadline.
+    pub async fn range(
+        &self,
+        target: &Target<'_>,
+        url: &str,
+        range: std::ops::Range<u64>,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let last = range.end.saturating_sub(1).max(range.start);
+        let header = format!("bytes={}-{last}", range.start);
+        self.respond_with(target, url, "", Some(&header), what)
+            .await
+    }
+
     /// A successful response to GET `url` (a 401 renews the token once);
     /// for any other status an error with the start of its body.
     async fn respond(
@@ -157,6 +176,17 @@ impl BoundedGet {
         accept: &str,
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
+        self.respond_with(target, url, accept, None, what).await
+    }
+
+    async fn respond_with(
+        &self,
+        target: &Target<'_>,
+        url: &str,
+        accept: &str,
+        range: Option<&str>,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
         let auth = target.auth;
         let mut renewed = false;
         loop {
@@ -164,6 +194,9 @@ impl BoundedGet {
             let mut request = self.http.get(url);
             if !accept.is_empty() {
                 request = request.header(ACCEPT, accept);
+            }
+            if let Some(range) = range {
+                request = request.header(RANGE, range);
             }
             request = match (&authorization, auth) {
                 (Authorization::Bearer(token), _) => {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol, SizedStream};
+use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 pub use oci_client::secrets::RegistryAuth;
@@ -369,7 +369,8 @@ impl RegistryClient {
     /// The bytes `range` of blob `digest`, as they arrive: at most the range
     /// (a registry that ignores Range has the rest of its answer skipped and
     /// cut off, never buffered); a short body ends early, which the caller
-    /// sees by counting.
+    /// sees by counting. An error answer is read only for its message
+    /// (4 KiB).
     pub async fn blob_range_stream(
         &self,
         digest: &str,
@@ -382,20 +383,26 @@ impl RegistryClient {
             range.end
         );
         let len = range.end.saturating_sub(range.start);
-        self.ensure_auth().await;
-        let response = self
-            .client
-            .pull_blob_stream_partial(&self.reference, &descriptor(digest), range.start, Some(len))
-            .await
-            .map_err(|e| RegistryError::from_oci(what.clone(), e))?;
-        let (stream, skip) = match response {
-            BlobResponse::Partial(stream) => (stream, 0),
-            BlobResponse::Full(stream) => {
-                warn!("{what}: the registry ignored the Range header");
-                (stream, range.start)
-            }
+        let url = self.bounded.url(&self.reference, "blobs", digest);
+        let target = bounded::Target {
+            oci: &self.client,
+            reference: &self.reference,
+            auth: &self.auth,
         };
-        Ok(window(stream, skip, len)
+        let response = self
+            .bounded
+            .range(&target, &url, range.clone(), &what)
+            .await?;
+        let skip = if response.status() == reqwest::StatusCode::PARTIAL_CONTENT {
+            0
+        } else {
+            warn!("{what}: the registry ignored the Range header");
+            range.start
+        };
+        let body = response
+            .bytes_stream()
+            .map(|piece| piece.map_err(std::io::Error::other));
+        Ok(window(Box::pin(body), skip, len)
             .map(move |piece| {
                 piece.map_err(|e| RegistryError::Transient {
                     what: what.clone(),
@@ -565,11 +572,14 @@ pub type BlobStream = futures_util::stream::BoxStream<'static, Result<Bytes, Reg
 
 /// Bytes `[skip, skip + len)` of `stream`: what comes before is dropped, what
 /// comes after is never read.
-fn window(
-    stream: SizedStream,
+fn window<S>(
+    stream: S,
     skip: u64,
     len: u64,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send
+where
+    S: futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin,
+{
     futures_util::stream::unfold(
         (stream, 0u64, 0u64),
         move |(mut stream, mut pos, mut sent)| async move {

@@ -165,3 +165,47 @@ async fn a_blob_longer_than_its_descriptor_does_not_fill_the_disk() {
         .unwrap_err();
     assert!(e.to_string().contains("longer than"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_error_to_a_range_read_is_read_only_for_its_message() {
+    let (addr, seen) = lying_registry(Lie::EndlessError).await;
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let e = match client(&addr).blob_range_stream(&digest, 0..4096).await {
+        Ok(_) => panic!("a 500 is an error"),
+        Err(e) => e,
+    };
+    assert!(e.is_transient(), "{e}");
+    assert!(e.to_string().contains("500"), "{e}");
+    assert!(
+        e.to_string().len() < 8 << 10,
+        "{} bytes",
+        e.to_string().len()
+    );
+    // One attempt: the fetcher owns the retries of range reads.
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 64 << 20, "read {} MiB of an error", sent >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_read_takes_only_its_range_of_an_endless_answer() {
+    // The lying registry ignores Range and streams without end.
+    let (addr, seen) = lying_registry(Lie::EndlessManifest).await;
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let mut stream = client(&addr)
+        .blob_range_stream(&digest, 100..100 + 8192)
+        .await
+        .unwrap();
+    let mut got = 0usize;
+    while let Some(piece) = stream.next().await {
+        got += piece.unwrap().len();
+    }
+    assert_eq!(got, 8192);
+    drop(stream);
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(
+        sent < 64 << 20,
+        "sent {} MiB for an 8 KiB range",
+        sent >> 20
+    );
+}
