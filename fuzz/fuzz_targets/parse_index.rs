@@ -6,7 +6,7 @@
 //! (format version 2, or 1 when bit 1 of the first byte is set).
 #![no_main]
 
-use lazybd_blockdev::format::{sha256, Footer, Index, FORMAT_VERSION};
+use lazybd_blockdev::format::{sha256, Footer, Index, FORMAT_V1, FORMAT_VERSION};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {
@@ -25,7 +25,7 @@ fuzz_target!(|input: &[u8]| {
     let (data, index) = rest[2..].split_at(data_len);
     // Both versions are still read (version 1 blobs exist).
     let footer = Footer {
-        version: if mode & 2 == 0 { FORMAT_VERSION } else { 1 },
+        version: if mode & 2 == 0 { FORMAT_VERSION } else { FORMAT_V1 },
         index_offset: data.len() as u64,
         index_length: index.len() as u64,
         index_digest: sha256(index),
@@ -52,5 +52,12 @@ fn parse_blob(blob: &[u8]) {
     for i in 0..index.chunk_count() {
         let range = index.entry(i).expect("i < chunk_count").stored_range();
         let _ = index.decode_chunk(i, &blob[range.start as usize..range.end as usize]);
+        // The lookups the fetcher makes (version 2: chunks in any blob order).
+        let image = index.image_range(i);
+        let _ = index.chunks_for(image.start, image.end - image.start);
+        let _ = index.next_in_blob(i);
+        let _ = index.chunks_in_blob_range(range.start, range.end);
     }
+    let _ = index.prefetch_chunks();
+    let _ = index.stored_bytes();
 }

@@ -1,17 +1,20 @@
-//! Startup profiles (`lazybd convert --profile`) are files a user hands in:
-//! decoding any bytes must not panic, and what decodes is usable.
+//! Startup profiles (`lazybd convert --profile FILE`) are trace files a
+//! user hands in, read as a trace and turned into per-diff_id ranges
+//! (`convert::profile_of`): any bytes must not panic, and every range the
+//! converter is given is a non-empty one.
 #![no_main]
 
-use lazybd_blockdev::convert::profile::Profile;
+use lazybd_blockdev::convert::profile_of;
+use lazybd_blockdev::trace::Trace;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(profile) = Profile::decode(data) {
-        for ranges in profile.by_diff_id().values() {
-            for r in ranges {
-                assert!(r.start < r.end, "a decoded range is not empty");
-            }
+    let Ok(trace) = Trace::decode(data) else {
+        return;
+    };
+    for ranges in profile_of(&trace).values() {
+        for r in ranges {
+            assert!(r.start < r.end, "a profile range is not empty");
         }
-        Profile::decode(&profile.encode()).expect("an encoded profile decodes");
     }
 });
