@@ -137,6 +137,16 @@ impl<L: LazyLayers> Remote<L> {
             source,
         };
         let (ann, blob_size) = if labels.contains_key(oci::ANN_VERSION) {
+            // With the CRI keychain, fetching the manifest is how the
+            // registry says which of the repository's credentials it
+            // accepts (the layer's chunks are fetched with that one, see
+            // `RegistryManifests`): asked for even when containerd passed
+            // the layer's annotations (cached: once per image).
+            if self.registry.keychain.is_some() {
+                if let Some(manifest_digest) = labels.get(oci::labels::MANIFEST_DIGEST) {
+                    self.manifest(image_ref, manifest_digest).await?;
+                }
+            }
             let ann = LazyLayerAnnotations::from_map(labels).map_err(bad)?;
             let size = ann.blob_size().ok_or_else(|| {
                 bad(OciError::BadAnnotation {
