@@ -20,7 +20,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
-use oci_client::manifest::OciDescriptor;
 pub use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use thiserror::Error;
@@ -557,13 +556,6 @@ impl RegistryClient {
             }
         }
         unreachable!("the loop returns on its last attempt")
-    }
-}
-
-fn descriptor(digest: &str) -> OciDescriptor {
-    OciDescriptor {
-        digest: digest.to_owned(),
-        ..Default::default()
     }
 }
 
