@@ -35,6 +35,34 @@ pub struct Config {
     /// The CRI image-service proxy that keeps kubelet's pull credentials;
     /// absent: credentials come from the docker config only.
     pub cri_keychain: Option<crate::cri_keychain::CriKeychainConfig>,
+    /// containerd, whose task events start the prefetch and the traces of
+    /// containers under any runtime.
+    pub containerd: ContainerdConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdConfig {
+    /// containerd's gRPC socket; its `/tasks/start` and `/tasks/exit`
+    /// events act like the task events of `containerd-shim-lazybd-v2`, so
+    /// containers under `io.containerd.runc.v2` get the same prefetch,
+    /// handoff and traces. Empty: not watched (only our shim reports).
+    pub address: PathBuf,
+    /// The containerd namespaces watched; empty: all.
+    pub namespaces: Vec<String>,
+    /// The name containerd knows this snapshotter by (`[proxy_plugins.NAME]`):
+    /// containers on other snapshotters are left alone.
+    pub snapshotter: String,
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        ContainerdConfig {
+            address: "/run/containerd/containerd.sock".into(),
+            namespaces: Vec::new(),
+            snapshotter: "lazybd".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -118,6 +146,7 @@ impl Default for Config {
             trace: crate::traces::TraceConfig::default(),
             p2p: None,
             cri_keychain: None,
+            containerd: ContainerdConfig::default(),
         }
     }
 }
@@ -169,6 +198,18 @@ mod tests {
         let c: Config = toml::from_str("[remote]\nallow_unanchored_layers = true\n").unwrap();
         assert!(c.remote.allow_unanchored_layers);
         assert!(toml::from_str::<Config>("[remote]\nallow_unanchored = true\n").is_err());
+        // A stock node: containerd's default socket, every namespace.
+        assert_eq!(
+            c.containerd.address,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert!(c.containerd.namespaces.is_empty());
+        assert_eq!(c.containerd.snapshotter, "lazybd");
+        let c: Config =
+            toml::from_str("[containerd]\naddress = \"\"\nnamespaces = [\"k8s.io\"]\n").unwrap();
+        assert_eq!(c.containerd.address, PathBuf::new());
+        assert_eq!(c.containerd.namespaces, ["k8s.io"]);
+        assert!(toml::from_str::<Config>("[containerd]\nsocket = \"/x\"\n").is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use lazybd_blockdev::device::{LayerManager, NodeConfig};
 use lazybd_snapshotter::config::Config;
 use lazybd_snapshotter::remote::Remote;
 use lazybd_snapshotter::service::LazySnapshotter;
-use lazybd_snapshotter::{control, metrics};
+use lazybd_snapshotter::{containerd_events, control, metrics, tasks};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -128,11 +128,17 @@ async fn serve(mut config: Config) -> Result<()> {
     let _ = std::fs::remove_file(&config.control_address);
     let control_listener = UnixListener::bind(&config.control_address)
         .with_context(|| format!("binding {}", config.control_address.display()))?;
+    let containers = Arc::new(tasks::Containers::new(config.prefetch.on_task_start));
     side_tasks.spawn(control::serve(
         control_listener,
         snapshotter.clone(),
-        Arc::new(control::Containers::new(config.prefetch.on_task_start)),
+        containers.clone(),
     ));
+    let (ctd, s, c) = (config.containerd.clone(), snapshotter.clone(), containers);
+    side_tasks.spawn(async move {
+        containerd_events::watch(ctd, s, c).await;
+        Ok(())
+    });
     if config.cache.capacity_bytes > 0 {
         let (s, every) = (
             snapshotter.clone(),
