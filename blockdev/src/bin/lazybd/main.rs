@@ -9,6 +9,7 @@ mod mount;
 mod mount_control;
 mod mount_p2p;
 mod pull;
+mod record;
 mod registry_args;
 mod stats;
 mod trace_file;
