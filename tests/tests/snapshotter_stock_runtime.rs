@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::containerd::{Containerd, RUNC_RUNTIME};
+use lazybd_tests::containerd::RUNC_RUNTIME;
 use lazybd_tests::lazy_node::LazyNode;
 use lazybd_tests::require_root;
 use lazybd_tests::snapshotter::{metric, metric_or_zero, SnapshotterDaemon};
