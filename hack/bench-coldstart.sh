@@ -13,6 +13,9 @@
 #   profile the same image converted again with that trace as its startup
 #           profile (`lazybd convert --profile`): the chunks it read first
 #           are stored first in each blob and streamed at attach
+#   optimize the image converted with `lazybd convert --record-profile`:
+#           its entrypoint run once under runc at conversion, what it read
+#           stored first (the analogue of `ctr-remote image optimize`)
 #   p2p     the same, with P2P on: a warm peer (that has read the whole
 #           image) and the super node are one unshaped hop away; fan-out 1
 #           so the peer is the cold node's parent
@@ -42,8 +45,8 @@
 # A report, not a test. Needs root.
 #
 # Knobs: RATES (default "100mbit 1gbit"), RUNS (default 3), IMAGES (default
-# "python node large"), MODES (default "full warm lazy trace profile p2p
-# stargz stargz-plain"), CHUNK (largest lazybd chunk in bytes, default the
+# "python node large"), MODES (default "full warm lazy trace profile optimize
+# p2p stargz stargz-plain"), CHUNK (largest lazybd chunk in bytes, default the
 # converter's 64 KiB), IMAGES_DIR (default /var/tmp/lazybd-images), DOCS=1; for the stargz
 # modes STARGZ_BIN (a containerd-stargz-grpc to use), else STARGZ_ANCHOR (the
 # directory with build.sh, default ../shared/anchors/stargz beside the main
@@ -59,7 +62,7 @@ die() { echo "bench-coldstart: $*" >&2; exit 1; }
 RATES=${RATES:-100mbit 1gbit}
 RUNS=${RUNS:-3}
 IMAGES=${IMAGES:-python node large}
-MODES=${MODES:-full warm lazy trace profile p2p stargz stargz-plain}
+MODES=${MODES:-full warm lazy trace profile optimize p2p stargz stargz-plain}
 IMAGES_DIR=${IMAGES_DIR:-/var/tmp/lazybd-images}
 CHUNK=${CHUNK:-65536}
 main_checkout=$(dirname "$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || echo "$PWD/.git")")
@@ -67,7 +70,7 @@ STARGZ_ANCHOR=${STARGZ_ANCHOR:-$main_checkout/../shared/anchors/stargz}
 STARGZ_BUILD_DIR=${STARGZ_BUILD_DIR:-/var/tmp/lazybd-stargz}
 
 for m in $MODES; do
-  case $m in full | warm | lazy | trace | profile | p2p | stargz | stargz-plain) ;; *) die "unknown mode $m" ;; esac
+  case $m in full | warm | lazy | trace | profile | optimize | p2p | stargz | stargz-plain) ;; *) die "unknown mode $m" ;; esac
 done
 has_mode() { [[ " $MODES " == *" $1 "* ]]; }
 has_stargz() { has_mode stargz || has_mode stargz-plain; }
@@ -298,8 +301,12 @@ lazy_profiled_start() {
   lazy_start "$1" lazybd-profiled
 }
 
+lazy_optimized_start() {
+  lazy_start "$1" lazybd-optimized
+}
+
 # The starts run under timeout(1), in a child bash.
-export -f full_start warm_start lazy_start lazy_profiled_start stargz_start stargz_opt_start stargz_plain_start ctr_
+export -f full_start warm_start lazy_start lazy_profiled_start lazy_optimized_start stargz_start stargz_opt_start stargz_plain_start ctr_
 export STACK NS REGISTRY BIN
 
 # One measured start: `measure RATE IMAGE MODE RUN START_FUNCTION`.
@@ -405,6 +412,18 @@ for rate in $RATES; do
       for run in $(seq "$RUNS"); do
         fresh_node ""
         measure "$rate" "$image" profile "$run" lazy_profiled_start
+      done
+    fi
+    if has_mode optimize; then
+      phase "$rate $image: optimize"
+      if [ ! -f "$STACK/convert-optimized-$image.log" ]; then
+        logged "$STACK/convert-optimized-$image.log" "$BIN/lazybd" convert --plain-http \
+          --work-dir "$STACK" --chunk-size "$CHUNK" --record-profile --record-secs 60 \
+          "$REGISTRY/bench/$image:oci" "$REGISTRY/bench/$image:lazybd-optimized"
+      fi
+      for run in $(seq "$RUNS"); do
+        fresh_node ""
+        measure "$rate" "$image" optimize "$run" lazy_optimized_start
       done
     fi
     if has_mode p2p; then
