@@ -55,6 +55,34 @@ pub struct Stats {
     inflight: Mutex<InFlight>,
     pub prefetch: PrefetchCounters,
     pub trace: TraceCounters,
+    pub eviction: EvictionCounters,
+}
+
+/// Chunk cache eviction (`LayerManager::evict_caches`).
+#[derive(Debug, Default)]
+pub struct EvictionCounters {
+    /// Caches of detached layers removed, and the bytes that freed.
+    pub evicted_layers: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    /// Bytes all caches took after the last eviction pass.
+    pub cache_bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictionSnapshot {
+    pub evicted_layers: u64,
+    pub evicted_bytes: u64,
+    pub cache_bytes: u64,
+}
+
+impl EvictionCounters {
+    pub fn snapshot(&self) -> EvictionSnapshot {
+        EvictionSnapshot {
+            evicted_layers: self.evicted_layers.load(Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Relaxed),
+            cache_bytes: self.cache_bytes.load(Relaxed),
+        }
+    }
 }
 
 /// Startup traces (crate::trace): recorded, stored and replayed.
@@ -263,6 +291,7 @@ impl Stats {
             oldest_waiting_ms,
             prefetch: self.prefetch.snapshot(),
             trace: self.trace.snapshot(),
+            eviction: self.eviction.snapshot(),
         }
     }
 }
@@ -321,6 +350,8 @@ pub struct StatsSnapshot {
     pub prefetch: PrefetchSnapshot,
     #[serde(default)]
     pub trace: TraceSnapshot,
+    #[serde(default)]
+    pub eviction: EvictionSnapshot,
 }
 
 impl StatsSnapshot {

@@ -99,6 +99,8 @@ impl Default for PrefetchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Disk space for the chunk caches of all lazy layers; 0 = unlimited.
+    /// The default, 20 GiB, keeps a node that never set it from filling
+    /// its disk with the caches of images it no longer runs.
     /// Over it, caches of detached layers are removed, least recently used
     /// first; caches of attached layers are never removed.
     pub capacity_bytes: u64,
@@ -106,10 +108,13 @@ pub struct CacheConfig {
     pub evict_interval_secs: u64,
 }
 
+/// 20 GiB: room for the layers a node runs, bounded on every node.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 20 << 30;
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            capacity_bytes: 0,
+            capacity_bytes: DEFAULT_CACHE_CAPACITY,
             evict_interval_secs: 60,
         }
     }
@@ -177,7 +182,7 @@ mod tests {
         assert_eq!(c.read_deadline_secs, 60);
         assert_eq!(c.registry.plain_http, ["127.0.0.1:5000"]);
         assert!(c.prefetch.on_task_start);
-        assert_eq!(c.cache.capacity_bytes, 0);
+        assert_eq!(c.cache.capacity_bytes, 20 << 30);
         let c: Config = toml::from_str(
             "[prefetch]\non_task_start = false\nrate_bytes_per_sec = 1048576\n\
              [cache]\ncapacity_bytes = 10737418240\n",

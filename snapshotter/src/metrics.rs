@@ -275,9 +275,25 @@ impl Collector for LazyLayerCollector {
                 "Failed switches to the local cache file",
                 p.handoff_failures,
             ),
+            (
+                "lazybd_cache_evicted_layers",
+                "Caches of detached layers removed to stay within [cache] capacity_bytes",
+                s.eviction.evicted_layers,
+            ),
+            (
+                "lazybd_cache_evicted_bytes",
+                "Bytes freed by removing caches of detached layers",
+                s.eviction.evicted_bytes,
+            ),
         ] {
             counter(&mut enc, name, help, value)?;
         }
+        ConstGauge::new(s.eviction.cache_bytes as i64).encode(enc.encode_descriptor(
+            "lazybd_cache_bytes",
+            "Bytes all chunk caches took at the last eviction pass",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let t = &s.trace;
         for (name, help, value) in [
             (

@@ -5,7 +5,8 @@
 //! [`super::handoff`]).
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::Handle;
@@ -104,12 +105,25 @@ impl LayerManager {
             .map(|a| a.name.clone())
             .collect();
         let dir = self.config.root.join("layers");
-        tokio::task::spawn_blocking(move || eviction::evict(&dir, &attached, capacity))
-            .await
-            .unwrap_or_else(|e| {
-                warn!("cache eviction task failed: {e}");
-                EvictionReport::default()
-            })
+        let report =
+            tokio::task::spawn_blocking(move || eviction::evict(&dir, &attached, capacity))
+                .await
+                .unwrap_or_else(|e| {
+                    warn!("cache eviction task failed: {e}");
+                    EvictionReport::default()
+                });
+        let c = &self.shared.stats.eviction;
+        c.evicted_layers
+            .fetch_add(report.evicted.len() as u64, Relaxed);
+        c.evicted_bytes.fetch_add(report.freed_bytes, Relaxed);
+        c.cache_bytes.store(report.remaining_bytes, Relaxed);
+        report
+    }
+
+    /// Where the cache of layer `id` lives (also after it is detached,
+    /// until it is evicted): what the layer takes on this node's disk.
+    pub fn cache_dir(&self, id: &LayerId) -> PathBuf {
+        self.config.root.join("layers").join(id.file_name())
     }
 
     pub fn root(&self) -> &Path {

@@ -110,9 +110,16 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
 
     async fn usage(&self, key: String) -> Result<containerd_snapshots::Usage, SnapshotError> {
         let r = self.store.require(&key)?;
-        let u = match (r.kind, r.usage) {
-            (Kind::Committed, Some(u)) => u,
-            (Kind::Committed, None) => Usage::default(),
+        let u = match (r.kind, r.usage, &r.remote) {
+            // What the lazy layer's cache holds, not its image size: kubelet's
+            // image GC and `ctr snapshots usage` see the disk it takes.
+            (Kind::Committed, recorded, Some(layer)) => match self.lazy_cache_dir(layer) {
+                Some(dir) if dir.exists() => disk_usage(&dir)?,
+                Some(_) => Usage::default(),
+                None => recorded.unwrap_or_default(),
+            },
+            (Kind::Committed, Some(u), None) => u,
+            (Kind::Committed, None, None) => Usage::default(),
             _ => disk_usage(&self.dir(r.id).join("fs"))?,
         };
         Ok(containerd_snapshots::Usage {
