@@ -227,6 +227,39 @@ pub fn source_config(src: &dyn ImageStore, opts: &ConvertOptions) -> Result<Valu
         .map_err(|e| ConvertError::Invalid(format!("{}: image config: {e}", src.describe())))
 }
 
+/// The EROFS image of every layer of `src` (for an index, `opts.platform`'s)
+/// as conversion builds it, in manifest order: `(diff_id, work/<i>/image.erofs)`.
+/// `lazybd check --against` compares them with what a converted image's
+/// blobs hold.
+pub fn layer_images(
+    src: &dyn ImageStore,
+    opts: &ConvertOptions,
+    work: &Path,
+) -> Result<Vec<(String, PathBuf)>, ConvertError> {
+    let (_, _, manifest) = source_manifest(src, opts)?;
+    let mut out = Vec::new();
+    for (i, desc) in manifest.layers().iter().enumerate() {
+        let media_type = desc.media_type().to_string();
+        let digest = desc.digest().to_string();
+        let compression = layer_compression(&media_type).ok_or_else(|| {
+            ConvertError::Invalid(format!(
+                "layer {digest}: unsupported media type {media_type:?}"
+            ))
+        })?;
+        let dir = work.join(i.to_string());
+        std::fs::create_dir_all(&dir).map_err(|e| ConvertError::Io {
+            what: format!("creating {}", dir.display()),
+            source: e,
+        })?;
+        let blob = dir.join("source.blob");
+        src.blob_to_file(&digest, &blob)?;
+        let (image, diff_id) = layer::build_layer_image(&blob, compression, &dir)?;
+        let _ = std::fs::remove_file(&blob);
+        out.push((diff_id, image));
+    }
+    Ok(out)
+}
+
 /// The image manifest to convert: its digest, bytes and parsed form,
 /// choosing the platform from an index.
 fn source_manifest(

@@ -1,5 +1,6 @@
 //! `lazybd`: convert images to lazy layers, mount them lazily, inspect them.
 
+mod check;
 mod convert;
 mod image_ref;
 mod image_source;
@@ -30,6 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Check(check::Args),
     Convert(convert::Args),
     Inspect(inspect::Args),
     Layers(layers::Args),
@@ -47,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Check(a) => check::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Layers(a) => layers::run(a),
