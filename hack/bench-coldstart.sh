@@ -38,8 +38,12 @@
 #
 # Once per image, hack/read-volume.sh measures the workload's own read volume
 # (its rootfs as one EROFS image on a plain loop device, readahead 0).
+# For every lazybd run it also records where the time went (the pull and in
+# it the layers' attach: index, then FUSE file, loop and EROFS; the container
+# until "ready"; the time reads waited for fetches; misses; registry
+# requests), from the pull's wall time and the snapshotter's metrics.
 # Prints markdown tables (times and bytes; ratios, the read volume and the
-# physical limit) and, with DOCS=1, writes them and a PNG chart (gnuplot)
+# physical limit; the breakdown) and, with DOCS=1, writes them and a PNG chart (gnuplot)
 # into docs/benchmarks.md (between the coldstart markers) and
 # docs/coldstart.png. The results stay in /var/tmp/lazybd-coldstart-*.tsv.
 # A report, not a test. Needs root.
@@ -131,6 +135,7 @@ SUPERNODE=127.0.0.1:7444
 NS=bench
 RESULTS=$STACK/results.tsv
 READVOL=$STACK/read-volume.tsv
+BREAKDOWN=$STACK/breakdown.tsv
 # shellcheck source=hack/lib/stack.sh
 . hack/lib/stack.sh
 
@@ -291,8 +296,12 @@ stargz_opt_start() { stargz_start "$1:esgz-opt"; }
 stargz_plain_start() { stargz_start "$1:esgz"; }
 
 lazy_start() {
+  local t0 t1
+  t0=$(date +%s%N)
   "$BIN/lazybd" pull --address "$STACK/containerd/containerd.sock" -n "$NS" --plain-http \
     "$REGISTRY/bench/$1:${2:-lazybd}" >"$STACK/pull.log"
+  t1=$(date +%s%N)
+  echo "$(((t1 - t0) / 1000000))" >"$STACK/pull-ms"
   ctr_ -n "$NS" run --rm --snapshotter lazybd --runtime io.containerd.lazybd.v2 \
     "$REGISTRY/bench/$1:${2:-lazybd}" "cs-$1"
 }
@@ -319,6 +328,25 @@ measure() {
   [ "$line" = ready ] || die "$image/$mode: first output '$line', not 'ready'"
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$rate" "$image" "$mode" "$run" "$ms" "$((bytes - base))" >>"$RESULTS"
   printf '  %-6s %-6s run %s: %6s ms, %11s registry bytes\n' "$image" "$mode" "$run" "$ms" "$((bytes - base))"
+  case $mode in lazy | trace | profile | optimize | p2p) breakdown "$rate" "$image" "$mode" "$run" "$ms" ;; esac
+}
+
+# Where a lazybd cold start's time went, from the pull's wall time and the
+# snapshotter's counters (docs/snapshotter.md#metrics): the pull (every
+# Prepare, which attaches the layers: index, then FUSE file, loop, EROFS),
+# then the container until "ready", and in it the time reads waited for
+# fetches (the read latency sum; reads after "ready" count too).
+breakdown() {
+  local rate=$1 image=$2 mode=$3 run=$4 ms=$5 m pull
+  pull=$(cat "$STACK/pull-ms")
+  m=$(curl -sf "http://$SNAPSHOTTER_METRICS/metrics") || die "no snapshotter metrics"
+  metric() { awk -v n="$1" '$1 == n { print $2 }' <<<"$m"; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rate" "$image" "$mode" "$run" \
+    "$pull" "$(metric lazybd_attach_index_milliseconds_total)" \
+    "$(metric lazybd_attach_expose_milliseconds_total)" "$((ms - pull))" \
+    "$(awk -v s="$(metric lazybd_read_latency_seconds_sum)" 'BEGIN { printf "%d", s * 1000 }')" \
+    "$(metric lazybd_cache_misses_total)" "$(metric lazybd_source_requests_total'{source="registry"}')" \
+    >>"$BREAKDOWN"
 }
 
 # The warm peer for P2P runs: a `lazybd mount` in the same datacenter that has
@@ -365,6 +393,7 @@ for image in $IMAGES; do
 done
 
 : >"$RESULTS"
+: >"$BREAKDOWN"
 for rate in $RATES; do
   shape "$rate"
   echo "== registry link $rate"
@@ -462,4 +491,5 @@ echo "$(printf '%6d s' $((SECONDS - T0)))  in all"
 
 cp "$RESULTS" /var/tmp/lazybd-coldstart-results.tsv
 cp "$READVOL" /var/tmp/lazybd-coldstart-read-volume.tsv
-python3 hack/coldstart-report.py ${DOCS:+--docs} --read-volume "$READVOL" "$RESULTS"
+cp "$BREAKDOWN" /var/tmp/lazybd-coldstart-breakdown.tsv
+python3 hack/coldstart-report.py ${DOCS:+--docs} --read-volume "$READVOL" --breakdown "$BREAKDOWN" "$RESULTS"

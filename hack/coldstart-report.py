@@ -59,6 +59,44 @@ def read_volume(path):
     return vol
 
 
+BREAKDOWN_COLUMNS = [
+    "pull", "index", "FUSE/loop/EROFS", "container", "reads waiting", "misses", "registry requests",
+]
+
+
+def read_breakdown(path):
+    """(rate, image, mode) -> [[pull_ms, index_ms, expose_ms, container_ms, wait_ms, misses, requests]]"""
+    rows = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            rate, image, mode, _run, *nums = line.rstrip("\n").split("\t")
+            rows[(rate, image, mode)].append([float(x) if x else 0.0 for x in nums])
+    return rows
+
+
+def breakdown_table(rows, order):
+    """Median of each part per lazybd mode: where a cold start's time went."""
+    out = []
+    for rate, image in order:
+        for mode, _title in MODES:
+            runs = rows.get((rate, image, mode))
+            if not runs:
+                continue
+            med = [statistics.median(r[i] for r in runs) for i in range(len(BREAKDOWN_COLUMNS))]
+            cells = [f"{v / 1000:.2f} s" for v in med[:5]] + [f"{med[5]:.0f}", f"{med[6]:.0f}"]
+            out.append([image, rate, mode] + cells)
+    if not out:
+        return ""
+    return render(["image", "link", "mode"] + BREAKDOWN_COLUMNS, out) + (
+        "\nMedians. pull: `lazybd pull` (every Prepare; in it, attaching the layers: index "
+        "= reading and checking each index and opening its cache, then the FUSE file, loop "
+        "device and EROFS mount); container: from the pull to \"ready\"; reads waiting: the "
+        "time all reads spent waiting for fetches (the snapshotter's read latency sum, whole "
+        "run); misses: chunks reads waited for; registry requests: range requests sent to "
+        "the registry.\n"
+    )
+
+
 def rate_bps(rate):
     m = re.fullmatch(r"([0-9.]+)([a-z]*)", rate.lower())
     if not m or m.group(2) not in RATE_UNITS:
@@ -237,6 +275,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("results")
     p.add_argument("--read-volume", help="hack/read-volume.sh's lines, one per image")
+    p.add_argument("--breakdown", help="hack/bench-coldstart.sh's breakdown lines")
     p.add_argument("--docs", action="store_true")
     args = p.parse_args()
     runs, order = read(args.results)
@@ -244,6 +283,8 @@ def main():
         sys.exit("coldstart-report: no results")
     vol = read_volume(args.read_volume) if args.read_volume else {}
     md = table(runs, order, vol)
+    if args.breakdown:
+        md += "\n" + breakdown_table(read_breakdown(args.breakdown), order)
     print(md)
     if args.docs:
         chart(runs, order, "docs/coldstart.png")

@@ -56,6 +56,34 @@ pub struct Stats {
     pub prefetch: PrefetchCounters,
     pub trace: TraceCounters,
     pub eviction: EvictionCounters,
+    pub attach: AttachCounters,
+}
+
+/// Where attach time goes (a Prepare of a lazy layer waits for all of it):
+/// reading and checking the index and opening the cache, then the FUSE
+/// file, loop device and EROFS mount. Cold-start breakdowns read these.
+#[derive(Debug, Default)]
+pub struct AttachCounters {
+    pub attaches: AtomicU64,
+    pub index_ms: AtomicU64,
+    pub expose_ms: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachSnapshot {
+    pub attaches: u64,
+    pub index_ms: u64,
+    pub expose_ms: u64,
+}
+
+impl AttachCounters {
+    pub fn snapshot(&self) -> AttachSnapshot {
+        AttachSnapshot {
+            attaches: self.attaches.load(Relaxed),
+            index_ms: self.index_ms.load(Relaxed),
+            expose_ms: self.expose_ms.load(Relaxed),
+        }
+    }
 }
 
 /// Chunk cache eviction (`LayerManager::evict_caches`).
@@ -292,6 +320,7 @@ impl Stats {
             prefetch: self.prefetch.snapshot(),
             trace: self.trace.snapshot(),
             eviction: self.eviction.snapshot(),
+            attach: self.attach.snapshot(),
         }
     }
 }
@@ -352,6 +381,8 @@ pub struct StatsSnapshot {
     pub trace: TraceSnapshot,
     #[serde(default)]
     pub eviction: EvictionSnapshot,
+    #[serde(default)]
+    pub attach: AttachSnapshot,
 }
 
 impl StatsSnapshot {

@@ -276,6 +276,21 @@ impl Collector for LazyLayerCollector {
                 p.handoff_failures,
             ),
             (
+                "lazybd_attaches",
+                "Lazy layers attached (each Prepare of a new lazy layer)",
+                s.attach.attaches,
+            ),
+            (
+                "lazybd_attach_index_milliseconds",
+                "Attach time spent reading and checking indexes and opening caches",
+                s.attach.index_ms,
+            ),
+            (
+                "lazybd_attach_expose_milliseconds",
+                "Attach time spent on FUSE files, loop devices and EROFS mounts",
+                s.attach.expose_ms,
+            ),
+            (
                 "lazybd_cache_evicted_layers",
                 "Caches of detached layers removed to stay within [cache] capacity_bytes",
                 s.eviction.evicted_layers,

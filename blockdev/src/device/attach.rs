@@ -3,7 +3,9 @@
 //! its undo, so a failure at any step leaves nothing behind.
 
 use std::fs::File;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tracing::{info, warn};
 
@@ -35,6 +37,7 @@ impl LayerManager {
             return Ok(a.info.clone());
         }
         let name = id.file_name();
+        let started = Instant::now();
         let layer = Arc::new(
             LazyLayer::open(
                 &self.config.root.join("layers").join(&name),
@@ -43,6 +46,7 @@ impl LayerManager {
             )
             .await?,
         );
+        let opened = started.elapsed();
         let exposing = Exposing {
             config: self.config.clone(),
             files: self.shared.files.clone(),
@@ -72,10 +76,17 @@ impl LayerManager {
                         .join(PREFETCH_MARKER)
                         .exists();
                 self.shared.table.lock().insert(id.clone(), attached);
+                let exposed = started.elapsed() - opened;
+                let c = &self.shared.stats.attach;
+                c.attaches.fetch_add(1, Relaxed);
+                c.index_ms.fetch_add(opened.as_millis() as u64, Relaxed);
+                c.expose_ms.fetch_add(exposed.as_millis() as u64, Relaxed);
                 info!(
-                    "attached layer {digest} (identity {id}) at {} via {} on {how}",
+                    "attached layer {digest} (identity {id}) at {} via {} on {how} in {:?} \
+                     (index and cache {opened:?}, FUSE file, loop and EROFS {exposed:?})",
                     info.mountpoint.display(),
-                    info.loop_device.display()
+                    info.loop_device.display(),
+                    started.elapsed()
                 );
                 if resume {
                     info!("layer {digest}: resuming the prefetch asked for before");
