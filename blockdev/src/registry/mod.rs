@@ -8,6 +8,7 @@
 //! can help (the fetcher's source fallback depends on that).
 
 mod credentials;
+pub mod hosts;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
