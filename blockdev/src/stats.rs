@@ -53,6 +53,11 @@ pub struct Stats {
     inflight: Mutex<InFlight>,
     pub prefetch: PrefetchCounters,
     pub trace: TraceCounters,
+    /// Cached chunks re-hashed to verify a cache left open before a reboot
+    /// (a restart in the same boot, or of a complete layer, hashes nothing).
+    pub rehashed_chunks: AtomicU64,
+    /// ... of those, chunks that did not match (dropped, fetched again).
+    pub rehash_dropped: AtomicU64,
 }
 
 /// Startup traces (crate::trace): recorded, stored and replayed.
@@ -232,6 +237,8 @@ impl Stats {
             cache_misses: self.cache_misses.load(Relaxed),
             read_errors: self.read_errors.load(Relaxed),
             bytes_read: self.bytes_read.load(Relaxed),
+            rehashed_chunks: self.rehashed_chunks.load(Relaxed),
+            rehash_dropped: self.rehash_dropped.load(Relaxed),
             read_latency: LatencyHistogram {
                 bounds_us: LATENCY_BUCKETS_US.to_vec(),
                 counts: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
@@ -297,6 +304,10 @@ pub struct StatsSnapshot {
     pub prefetch: PrefetchSnapshot,
     #[serde(default)]
     pub trace: TraceSnapshot,
+    #[serde(default)]
+    pub rehashed_chunks: u64,
+    #[serde(default)]
+    pub rehash_dropped: u64,
 }
 
 impl StatsSnapshot {
