@@ -106,6 +106,7 @@ pub(super) async fn persist_periodically(shared: Shared, every: Duration) {
         for digest in complete {
             handoff(&shared, &digest).await;
         }
+        super::resume::touch_heartbeat(&shared.root);
         let _ = tokio::task::spawn_blocking(move || {
             for layer in open {
                 if let Err(e) = layer.persist() {

@@ -121,6 +121,8 @@ pub(super) struct Shared {
     pub stats: Arc<Stats>,
     /// [`NodeConfig::handoff`](super::NodeConfig::handoff).
     pub handoff: bool,
+    /// The root, whose heartbeat the periodic persist touches.
+    pub root: std::path::PathBuf,
 }
 
 /// A poisoned lock still guards consistent data here (every update is a
