@@ -1,6 +1,7 @@
 //! `lazybd`: convert images to lazy layers, mount them lazily, inspect them.
 
 mod convert;
+mod fd_holder;
 mod image_ref;
 mod image_source;
 mod inspect;
@@ -30,6 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Convert(convert::Args),
+    FdHolder(fd_holder::Args),
     Inspect(inspect::Args),
     Layers(layers::Args),
     Mount(mount::Args),
@@ -47,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Convert(a) => convert::run(a),
+        Command::FdHolder(a) => fd_holder::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Layers(a) => layers::run(a),
         Command::Mount(a) => mount::run(a),
