@@ -33,6 +33,20 @@ enum Request {
 #[serde(rename_all = "kebab-case")]
 enum Op {
     Layers,
+    /// Planned upgrade: stop and leave everything to the next daemon.
+    Handover,
+    /// Stop and detach every layer no container uses (the FUSE session
+    /// ends: lazy layers under running containers fail until a next start).
+    Shutdown,
+}
+
+/// How the daemon stops (a signal or the control API says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Leave everything attached and the FUSE session in the fd store.
+    HandOver,
+    /// Detach what no container uses and unmount.
+    Detach,
 }
 
 /// What the shim sends (the shim's `hook::TaskEvent`).
@@ -82,6 +96,8 @@ pub struct Containers {
     layers: Mutex<HashMap<String, Vec<String>>>,
     /// A task start prefetches the container's lazy layers.
     prefetch_on_start: bool,
+    /// Where `handover` and `shutdown` requests go.
+    stop: Option<tokio::sync::watch::Sender<Option<Stop>>>,
 }
 
 impl Containers {
@@ -89,7 +105,14 @@ impl Containers {
         Containers {
             layers: Mutex::default(),
             prefetch_on_start,
+            stop: None,
         }
+    }
+
+    /// `handover` and `shutdown` requests are sent to `stop`.
+    pub fn with_stop(mut self, stop: tokio::sync::watch::Sender<Option<Stop>>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Layers of running containers, by digest.
@@ -149,6 +172,27 @@ async fn answer(
     containers: &Containers,
 ) -> serde_json::Value {
     match req {
+        Request::Op {
+            op: op @ (Op::Handover | Op::Shutdown),
+        } => {
+            let Some(stop) = &containers.stop else {
+                return serde_json::json!({ "error": "this daemon cannot be stopped from here" });
+            };
+            let how = if let Op::Handover = op {
+                if !snapshotter.remote().manager().can_hand_over() {
+                    return serde_json::json!({
+                        "error": "no fd store keeps the FUSE session: a handover would fail \
+                                  reads of lazy layers (configure [restart], docs/operations.md)"
+                    });
+                }
+                Stop::HandOver
+            } else {
+                Stop::Detach
+            };
+            info!("control API: stopping ({how:?})");
+            let _ = stop.send(Some(how));
+            serde_json::json!({ "ok": true })
+        }
         Request::Op { op: Op::Layers } => {
             let users = containers.by_layer();
             let layers = snapshotter

@@ -95,8 +95,9 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         }
     }
 
-    /// Attaches the layer of every lazily attached snapshot, each once.
-    pub(super) async fn reattach(&self) -> Result<(), SnapshotError> {
+    /// Attaches the layer of every lazily attached snapshot, each once
+    /// (after a restart: adopting what the previous daemon left mounted).
+    pub async fn reattach(&self) -> Result<(), SnapshotError> {
         let mut seen = HashSet::new();
         for (name, r) in self.store.all()? {
             let Some(layer) = r.remote else { continue };
