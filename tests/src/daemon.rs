@@ -188,6 +188,11 @@ impl Daemon {
         }
     }
 
+    /// The pid while it runs (not yet stopped or killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }
