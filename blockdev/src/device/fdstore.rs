@@ -104,13 +104,20 @@ impl FdStore {
         &self.kind
     }
 
-    /// Whether descriptors put here outlive this process.
+    /// Whether descriptors put here outlive this process (right now: a
+    /// holder may be down for a while).
     pub fn keeps_fds(&self) -> bool {
         match self.kind {
             FdStoreKind::None => false,
             FdStoreKind::Systemd => true,
-            FdStoreKind::Holder(_) => self.holder.is_some(),
+            FdStoreKind::Holder(_) => self.holder.as_ref().is_some_and(|h| h.is_connected()),
         }
+    }
+
+    /// Whether this daemon puts its descriptors anywhere (a holder that is
+    /// down now gets them once it is back).
+    pub fn configured(&self) -> bool {
+        self.holder.is_some() || self.kind == FdStoreKind::Systemd
     }
 
     /// What the previous daemon left under our key, by name (without the

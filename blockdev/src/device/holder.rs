@@ -322,19 +322,31 @@ pub struct Client {
 
 impl Client {
     /// Connects and says hello; what the holder kept for `key` is then
-    /// [`inherited`](Self::inherited).
+    /// [`inherited`](Self::inherited). A holder that cannot be reached is
+    /// logged, and connected to once it is up (everything stored is given
+    /// to it then).
     pub fn connect(
         socket: &Path,
         key: &str,
         deadline: Duration,
         stored: Arc<Mutex<BTreeMap<String, OwnedFd>>>,
     ) -> io::Result<Arc<Client>> {
-        let (conn, inherited) = hello(socket, key, deadline)?;
+        let (conn, inherited) = match hello(socket, key, deadline) {
+            Ok((conn, inherited)) => (Some(conn), inherited),
+            Err(e) => {
+                warn!(
+                    "fd holder {}: {e}; FUSE sessions would not outlive this daemon until \
+                     it is up",
+                    socket.display()
+                );
+                (None, Vec::new())
+            }
+        };
         let client = Arc::new(Client {
             socket: socket.to_owned(),
             key: key.to_owned(),
             deadline,
-            conn: Mutex::new(Some(conn)),
+            conn: Mutex::new(conn),
             inherited: Mutex::new(inherited),
             stored,
             serving: AtomicBool::new(false),
@@ -344,6 +356,14 @@ impl Client {
             .name("fd-holder".into())
             .spawn(move || watch(weak))?;
         Ok(client)
+    }
+
+    /// Whether the holder is there now (and so keeps what we stored).
+    pub fn is_connected(&self) -> bool {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     pub fn inherited(&self) -> Vec<(String, OwnedFd)> {

@@ -84,7 +84,7 @@ impl LayerManager {
                 (files, fuse, orphans)
             }
         };
-        if store.keeps_fds() {
+        if store.configured() {
             for (name, fd) in fuse.held_fds() {
                 if let Err(e) = store.put(&name, fd) {
                     warn!("fd store: keeping {name}: {e}");
