@@ -436,3 +436,75 @@ pub fn listing(root: &Path) -> BTreeMap<String, Entry> {
     }
     out
 }
+
+/// An image for reading many files of a lazy layer: busybox in one layer,
+/// `/files/fNNN` (`count` files of `size` random bytes) in another,
+/// converted (64 KiB chunks) into `registry` as `files:lazy`.
+pub struct FilesImage {
+    pub image: LazyImage,
+    /// `/files/fNNN` and the sha256 (hex) of its bytes, in name order.
+    pub files: Vec<(String, String)>,
+}
+
+pub fn publish_lazy_files(
+    dir: &Path,
+    registry: &crate::registry::Registry,
+    count: usize,
+    size: usize,
+) -> FilesImage {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (apt install busybox-static; hack/install-deps.sh does)");
+    let mut base = TarLayer::new();
+    base.dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .symlink("bin/sh", "busybox")
+        .dir("tmp", 0o1777)
+        .dir("dev", 0o755)
+        .dir("proc", 0o755)
+        .dir("sys", 0o755);
+    let mut data = TarLayer::new();
+    data.dir("files", 0o755);
+    let mut files = Vec::new();
+    for i in 0..count {
+        let bytes = noise(1000 + i as u64, size);
+        let path = format!("files/f{i:03}");
+        files.push((
+            format!("/{path}"),
+            hex::encode(lazybd_blockdev::format::sha256(&bytes)),
+        ));
+        data.file(&path, 0o644, &bytes);
+    }
+    let layout = dir.join("files-src");
+    write_image(
+        &layout,
+        "v1",
+        &[base.finish(), data.finish()],
+        &[Compression::Gzip, Compression::Gzip],
+    );
+    registry.push_layout(&layout, "v1", "files:v1");
+    let out = crate::cli::ok(&crate::cli::lazybd(&[
+        &"convert",
+        &"--plain-http",
+        &"--json",
+        &"--chunk-size",
+        &"65536",
+        &"--work-dir",
+        &dir,
+        &registry.reference("files:v1"),
+        &registry.reference("files:lazy"),
+    ]));
+    let converted: serde_json::Value = serde_json::from_str(&out).expect("convert --json");
+    FilesImage {
+        image: LazyImage {
+            image: registry.reference("files:lazy"),
+            manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
+            layers: converted["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l.as_str().unwrap().to_owned())
+                .collect(),
+        },
+        files,
+    }
+}

@@ -233,6 +233,16 @@ impl SnapshotterDaemon {
 
 impl Drop for SnapshotterDaemon {
     fn drop(&mut self) {
+        // SIGTERM hands over when an fd store keeps the session, leaving
+        // every mount for a next daemon that will not come: shut down.
+        if self.daemon.pid().is_some() {
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.control) {
+                use std::io::Write;
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = writeln!(stream, "{}", json!({"op": "shutdown"}));
+                let _ = std::io::Read::read(&mut stream, &mut [0u8; 64]);
+            }
+        }
         let stopped = self.daemon.stop();
         if stopped == Stopped::Killed && !std::thread::panicking() {
             panic!("lazybd-snapshotter ignored SIGTERM:\n{}", self.log());
