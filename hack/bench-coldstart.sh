@@ -10,6 +10,9 @@
 #           io.containerd.lazybd.v2`, nothing cached
 #   trace   the same, with the startup trace an earlier run recorded in the
 #           node's trace store (it is replayed at the container's Prepare)
+#   profile the same image converted again with that trace as its startup
+#           profile (`lazybd convert --profile`): the chunks it read first
+#           are stored first in each blob and streamed at attach
 #   p2p     the same, with P2P on: a warm peer (that has read the whole
 #           image) and the super node are one unshaped hop away; fan-out 1
 #           so the peer is the cold node's parent
@@ -39,9 +42,9 @@
 # A report, not a test. Needs root.
 #
 # Knobs: RATES (default "100mbit 1gbit"), RUNS (default 3), IMAGES (default
-# "python node large"), MODES (default "full warm lazy trace p2p stargz
-# stargz-plain"), CHUNK (lazybd chunk size in bytes, default the converter's
-# 1 MiB), IMAGES_DIR (default /var/tmp/lazybd-images), DOCS=1; for the stargz
+# "python node large"), MODES (default "full warm lazy trace profile p2p
+# stargz stargz-plain"), CHUNK (largest lazybd chunk in bytes, default the
+# converter's 64 KiB), IMAGES_DIR (default /var/tmp/lazybd-images), DOCS=1; for the stargz
 # modes STARGZ_BIN (a containerd-stargz-grpc to use), else STARGZ_ANCHOR (the
 # directory with build.sh, default ../shared/anchors/stargz beside the main
 # checkout) builds one into STARGZ_BUILD_DIR (default /var/tmp/lazybd-stargz,
@@ -56,15 +59,15 @@ die() { echo "bench-coldstart: $*" >&2; exit 1; }
 RATES=${RATES:-100mbit 1gbit}
 RUNS=${RUNS:-3}
 IMAGES=${IMAGES:-python node large}
-MODES=${MODES:-full warm lazy trace p2p stargz stargz-plain}
+MODES=${MODES:-full warm lazy trace profile p2p stargz stargz-plain}
 IMAGES_DIR=${IMAGES_DIR:-/var/tmp/lazybd-images}
-CHUNK=${CHUNK:-1048576}
+CHUNK=${CHUNK:-65536}
 main_checkout=$(dirname "$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || echo "$PWD/.git")")
 STARGZ_ANCHOR=${STARGZ_ANCHOR:-$main_checkout/../shared/anchors/stargz}
 STARGZ_BUILD_DIR=${STARGZ_BUILD_DIR:-/var/tmp/lazybd-stargz}
 
 for m in $MODES; do
-  case $m in full | warm | lazy | trace | p2p | stargz | stargz-plain) ;; *) die "unknown mode $m" ;; esac
+  case $m in full | warm | lazy | trace | profile | p2p | stargz | stargz-plain) ;; *) die "unknown mode $m" ;; esac
 done
 has_mode() { [[ " $MODES " == *" $1 "* ]]; }
 has_stargz() { has_mode stargz || has_mode stargz-plain; }
@@ -286,13 +289,17 @@ stargz_plain_start() { stargz_start "$1:esgz"; }
 
 lazy_start() {
   "$BIN/lazybd" pull --address "$STACK/containerd/containerd.sock" -n "$NS" --plain-http \
-    "$REGISTRY/bench/$1:lazybd" >"$STACK/pull.log"
+    "$REGISTRY/bench/$1:${2:-lazybd}" >"$STACK/pull.log"
   ctr_ -n "$NS" run --rm --snapshotter lazybd --runtime io.containerd.lazybd.v2 \
-    "$REGISTRY/bench/$1:lazybd" "cs-$1"
+    "$REGISTRY/bench/$1:${2:-lazybd}" "cs-$1"
+}
+
+lazy_profiled_start() {
+  lazy_start "$1" lazybd-profiled
 }
 
 # The starts run under timeout(1), in a child bash.
-export -f full_start warm_start lazy_start stargz_start stargz_opt_start stargz_plain_start ctr_
+export -f full_start warm_start lazy_start lazy_profiled_start stargz_start stargz_opt_start stargz_plain_start ctr_
 export STACK NS REGISTRY BIN
 
 # One measured start: `measure RATE IMAGE MODE RUN START_FUNCTION`.
@@ -367,7 +374,7 @@ for rate in $RATES; do
       fi
     fi
     rm -rf "$STACK/traces-$image"
-    if has_mode lazy || has_mode trace; then
+    if has_mode lazy || has_mode trace || has_mode profile; then
       phase "$rate $image: lazy and trace"
       for run in $(seq "$RUNS"); do
         fresh_node ""
@@ -384,6 +391,20 @@ for rate in $RATES; do
       for run in $(seq "$RUNS"); do
         fresh_node "" "$STACK/traces-$image"
         measure "$rate" "$image" trace "$run" lazy_start
+      done
+    fi
+    if has_mode profile; then
+      phase "$rate $image: profile"
+      if [ ! -f "$STACK/convert-profiled-$image.log" ]; then
+        profile_file=$(find "$STACK/traces-$image" -type f | head -n 1)
+        [ -n "$profile_file" ] || die "$image: no startup trace to convert with"
+        logged "$STACK/convert-profiled-$image.log" "$BIN/lazybd" convert --plain-http \
+          --work-dir "$STACK" --chunk-size "$CHUNK" --profile "$profile_file" \
+          "$REGISTRY/bench/$image:oci" "$REGISTRY/bench/$image:lazybd-profiled"
+      fi
+      for run in $(seq "$RUNS"); do
+        fresh_node ""
+        measure "$rate" "$image" profile "$run" lazy_profiled_start
       done
     fi
     if has_mode p2p; then

@@ -24,6 +24,7 @@ MODES = [
     ("warm", "warm (local)"),
     ("lazy", "lazybd"),
     ("trace", "lazybd + trace"),
+    ("profile", "lazybd, profiled image"),
     ("p2p", "lazybd + P2P"),
     ("stargz", "stargz, optimized eStargz"),
     ("stargz-plain", "stargz, plain eStargz"),
@@ -128,12 +129,13 @@ def ratios_tables(runs, order, vol):
         return compressed_read(v) * 8 / bps * 1000 + med["warm"][0]
 
     speed = []  # (title, cell function of (med, rate, image))
-    for mode in ("lazy", "trace", "stargz"):
+    for mode in ("lazy", "trace", "profile", "stargz"):
         if "full" in measured and mode in measured:
             speed.append((f"full / {mode}", lambda med, r, i, m=mode: ratio(t(med, "full"), t(med, m), "{:.1f}x")))
     if vol and {"full", "warm"} <= measured:
         speed.append(("full / limit", lambda med, r, i: ratio(t(med, "full"), limit_ms(med, r, i), "{:.1f}x")))
-    for a, b in (("lazy", "stargz"), ("trace", "stargz"), ("trace", "warm")):
+    for a, b in (("lazy", "stargz"), ("trace", "stargz"), ("profile", "stargz"),
+                 ("trace", "warm"), ("profile", "warm")):
         if {a, b} <= measured:
             speed.append((f"{a} / {b}", lambda med, r, i, a=a, b=b: ratio(t(med, a), t(med, b))))
 
@@ -147,10 +149,10 @@ def ratios_tables(runs, order, vol):
         if "warm" in measured:
             limit.append(("physical limit",
                           lambda med, r, i: f"{limit_ms(med, r, i) / 1000:.2f} s" if limit_ms(med, r, i) else ""))
-            for mode in ("lazy", "trace", "stargz"):
+            for mode in ("lazy", "trace", "profile", "stargz"):
                 if mode in measured:
                     limit.append((f"{mode} / limit", lambda med, r, i, m=mode: ratio(t(med, m), limit_ms(med, r, i))))
-        for mode in ("lazy", "trace", "stargz", "stargz-plain"):
+        for mode in ("lazy", "trace", "profile", "stargz", "stargz-plain"):
             if mode in measured:
                 limit.append((f"{mode}: link / compressed read",
                               lambda med, r, i, m=mode: ratio(med[m][1], compressed_read(vol[i]))

@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 
 hack/install-deps.sh
 
+# One clean build, no incremental caches: CI starts from a fresh clone, and
+# incremental artefacts only double the target directory's size.
+export CARGO_INCREMENTAL=0
+
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"

@@ -80,7 +80,7 @@ out, section, on = [], "", False
 for line in open(src):
     s = line.rstrip("\n")
     if uncomment:
-        m = re.match(r"^# (\[(p2p|cri_keychain)\])\s*$", s)
+        m = re.match(r"^# (\[(p2p|p2p\.tls|cri_keychain)\])\s*$", s)
         if m:
             on, s = True, m.group(1)
         elif on and re.match(r"^# [a-z_]+ = ", s):
@@ -98,6 +98,8 @@ for line in open(src):
             "control_address": f'"{d}/control.sock"', "metrics_address": '"127.0.0.1:0"',
             "p2p.listen": '"127.0.0.1:0"', "p2p.advertise": '"127.0.0.1:7070"',
             "p2p.cluster_token_file": f'"{d}/cluster-token"',
+            "p2p.tls.cert": f'"{d}/tls.pem"', "p2p.tls.key": f'"{d}/tls.key"',
+            "p2p.tls.ca": f'"{d}/tls.pem"',
             "cri_keychain.listen": f'"{d}/cri.sock"',
         }.get(key)
         if repl:
@@ -132,6 +134,10 @@ if [ "$(id -u)" = 0 ] && [ -e /dev/fuse ]; then
       d=$tmp/snap$n
       mkdir -p "$d"
       echo token >"$d/cluster-token"
+      # [p2p.tls]: a self-signed certificate, which is also its CA.
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+        -subj /CN=lazybd-validate -keyout "$d/tls.key" -out "$d/tls.pem" 2>/dev/null ||
+        fail "openssl could not make a test certificate"
       if [ $variant = as-is ]; then privatize "$cfg" "$d/config.toml" "$d"; else privatize "$cfg" "$d/config.toml" "$d" 1; fi
       grep -q '^\[p2p\]' "$d/config.toml" || [ $variant = as-is ] || fail "$cfg: no [p2p] example to check"
       check "lazybd-snapshotter loads $(basename "$cfg") ($variant)"

@@ -65,9 +65,11 @@ fn main() {
     let attached = runtime
         .block_on(manager.attach(LayerSource {
             digest,
+            anchor: Some(format!("sha256:{}", hex::encode(written.anchor()))),
             blob_size: written.blob_len,
             index_location: None,
             sources: vec![source],
+            diff_id: None,
         }))
         .expect("attach");
     // Warm the chunk cache: every chunk present before measuring.

@@ -1,6 +1,12 @@
 //! One lazily loaded layer: its verified index, its chunk cache and fetcher,
 //! and reads of its uncompressed image at any offset.
 //!
+//! The layer is bound to the image that names it through its anchor (the
+//! sha256 of its index, [`LayerSource::anchor`]): a tail, saved or fetched
+//! from any source, is used only if its index hashes to the anchor, and
+//! every chunk is checked against that index. Its [`LayerId`] (the anchor)
+//! is what the node keys it by; the blob digest only says what to fetch.
+//!
 //! Files in the layer's directory: `index` (the blob's tail: index and footer,
 //! so re-attaching works without the network), `image` and `chunks.map` (the
 //! cache, see [`crate::cache`]).
@@ -12,15 +18,17 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use thiserror::Error;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cache::{CacheError, ChunkCache, IMAGE_FILE};
-use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, ReadError};
+use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, LinkEstimate, ReadError};
 use crate::format::{sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN};
 use crate::gate::PriorityGate;
+use crate::oci::{digest_hex, LayerId, OciError};
 use crate::p2p::ServedLayer;
 use crate::source::ChunkSource;
 use crate::stats::Stats;
+use crate::trace::{LayerTrace, Recorder};
 
 pub const INDEX_FILE: &str = "index";
 
@@ -43,6 +51,12 @@ pub enum LayerError {
         source: std::io::Error,
     },
     #[error("layer {digest}: {source}")]
+    BadIdentity {
+        digest: String,
+        #[source]
+        source: OciError,
+    },
+    #[error("layer {digest}: {source}")]
     Cache {
         digest: String,
         #[source]
@@ -53,42 +67,108 @@ pub enum LayerError {
 /// Where a layer's bytes are and what is known about them up front.
 #[derive(Clone)]
 pub struct LayerSource {
-    /// The blob digest (`sha256:...`): the layer's identity.
+    /// The blob digest (`sha256:...`): what to fetch from the sources.
     pub digest: String,
+    /// `sha256:` + the sha256 of the index, from the layer descriptor of the
+    /// image's manifest (`lazybd.index-digest`): the only tail accepted, and
+    /// the layer's identity. `None` only for an unanchored (version 1) layer
+    /// its operator allowed.
+    pub anchor: Option<String>,
     pub blob_size: u64,
     /// `(index_offset, index_length)` from the descriptor annotations; saves a
     /// round trip and is checked against the footer.
     pub index_location: Option<(u64, u64)>,
     /// Asked in order for every missing range.
     pub sources: Vec<Arc<dyn ChunkSource>>,
+    /// The source layer's diff_id, when the image says it: recorded in
+    /// startup traces so `lazybd convert --profile` can use them.
+    pub diff_id: Option<String>,
+}
+
+/// What the layers of a node share.
+#[derive(Clone)]
+pub struct NodeContext {
+    pub stats: Arc<Stats>,
+    pub fetch: FetchConfig,
+    /// The priority between reads and prefetches.
+    pub gate: Arc<PriorityGate>,
+    /// What the link to the sources moves: sizes demand windows.
+    pub link: Arc<LinkEstimate>,
+}
+
+impl NodeContext {
+    pub fn new(fetch: FetchConfig) -> Self {
+        NodeContext {
+            stats: Arc::default(),
+            fetch,
+            gate: PriorityGate::new(),
+            link: Arc::default(),
+        }
+    }
+}
+
+impl LayerSource {
+    /// The layer's identity on the node: its anchor, or its blob digest in
+    /// the namespace of unanchored layers.
+    pub fn id(&self) -> Result<LayerId, OciError> {
+        LayerId::of(&self.digest, self.anchor.as_deref())
+    }
 }
 
 pub struct LazyLayer {
+    id: LayerId,
     digest: String,
+    diff_id: Option<String>,
     index: Arc<Index>,
     cache: Arc<ChunkCache>,
     fetcher: Arc<ChunkFetcher>,
     stats: Arc<Stats>,
     config: FetchConfig,
+    recorder: Recorder,
+    /// The startup stream, stopped when the layer goes.
+    _stream: AbortOnDrop,
+}
+
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 impl LazyLayer {
     /// Opens the layer in `dir`: the saved index if it is valid for this blob,
     /// else the index fetched (and verified) from the sources; then the cache.
-    /// `gate` is the node's priority between reads and prefetches.
+    /// Starts streaming the blob's startup chunks (its prefetch area) at once.
     pub async fn open(
         dir: &Path,
         src: LayerSource,
-        stats: Arc<Stats>,
-        config: FetchConfig,
-        gate: Arc<PriorityGate>,
+        node: &NodeContext,
     ) -> Result<Self, LayerError> {
-        let (index, index_digest) = load_index(dir, &src, &config).await?;
+        let (stats, config) = (node.stats.clone(), node.fetch.clone());
+        let id = src.id().map_err(|source| LayerError::BadIdentity {
+            digest: src.digest.clone(),
+            source,
+        })?;
+        let anchor = src
+            .anchor
+            .as_deref()
+            .map(anchor_bytes)
+            .transpose()
+            .map_err(|source| LayerError::BadIdentity {
+                digest: src.digest.clone(),
+                source,
+            })?;
+        let (index, index_digest) = load_index(dir, &src, anchor.as_ref(), &config).await?;
         let index = Arc::new(index);
         // Opening reads the bitmap file: not on the async threads.
         let (cache_dir, cache_index) = (dir.to_owned(), index.clone());
+        let keep_stored = config.keep_stored;
         let opened = tokio::task::spawn_blocking(move || {
-            ChunkCache::open(&cache_dir, cache_index, index_digest)
+            ChunkCache::open_with(&cache_dir, cache_index, index_digest, keep_stored)
         })
         .await
         .map_err(|e| LayerError::Cache {
@@ -127,16 +207,61 @@ impl LazyLayer {
                 stats.clone(),
                 config.clone(),
             )
-            .with_gate(gate),
+            .on_node(node.gate.clone(), node.link.clone()),
         );
+        let stream = AbortOnDrop(fetcher.start_stream());
         Ok(LazyLayer {
+            id,
             digest: src.digest,
+            diff_id: src.diff_id,
             index,
             cache,
             fetcher,
             stats,
             config,
+            recorder: Recorder::default(),
+            _stream: stream,
         })
+    }
+
+    /// Starts (or restarts, empty) recording what this layer's reads touch.
+    pub fn start_recording(&self) {
+        self.recorder.start(self.index.image_size);
+    }
+
+    /// Ends the recording: what was read, as a layer of a startup trace.
+    pub fn stop_recording(&self) -> LayerTrace {
+        let ranges: Vec<[u64; 2]> = self
+            .recorder
+            .stop()
+            .into_iter()
+            .map(|r| [r.start, r.end - r.start])
+            .collect();
+        LayerTrace {
+            layer: self.id.clone(),
+            diff_id: self.diff_id.clone(),
+            ranges,
+        }
+    }
+
+    fn record(&self, offset: u64, len: u64) {
+        let started = self.recorder.read(offset, len);
+        if started > 0 {
+            let counters = &self.stats.trace;
+            counters
+                .recorded_ranges
+                .fetch_add(started, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The chunks covering a trace's ranges of this layer, first read first.
+    pub fn chunks_of(&self, trace: &LayerTrace) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        trace
+            .ranges()
+            .flat_map(|r| self.index.chunks_for(r.start, r.end - r.start))
+            .filter(|&c| seen.insert(c))
+            .collect()
     }
 
     pub fn fetcher(&self) -> &Arc<ChunkFetcher> {
@@ -164,8 +289,10 @@ impl LazyLayer {
 
     /// Stored (compressed) bytes of the missing chunks in `chunks`: what
     /// fetching them costs on the network.
-    pub fn missing_stored_bytes(&self, chunks: std::ops::Range<u64>) -> u64 {
+    pub fn missing_stored_bytes(&self, chunks: &[u64]) -> u64 {
         chunks
+            .iter()
+            .copied()
             .filter(|&c| !self.cache.is_present(c))
             .map(|c| &self.index.chunks[c as usize])
             .filter(|e| e.kind != ChunkKind::Zero)
@@ -173,8 +300,14 @@ impl LazyLayer {
             .sum()
     }
 
+    /// The blob digest (what is fetched); the layer may be attached for
+    /// another blob with the same anchor too.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    pub fn id(&self) -> &LayerId {
+        &self.id
     }
 
     pub fn index(&self) -> &Index {
@@ -213,6 +346,7 @@ impl LazyLayer {
         if !chunks.clone().all(|c| self.cache.is_present(c)) {
             return None;
         }
+        self.record(offset, len);
         self.stats.cache_hits.fetch_add(
             chunks.end - chunks.start,
             std::sync::atomic::Ordering::Relaxed,
@@ -231,6 +365,13 @@ impl LazyLayer {
     /// Reads image bytes, fetching missing chunks first; fails after the
     /// read deadline if they cannot be had.
     pub async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
+        self.record(offset, self.span(offset, size));
+        self.read_unrecorded(offset, size).await
+    }
+
+    /// [`read`](Self::read) for readers other than the layer's container
+    /// (peers), which a startup trace must not include.
+    async fn read_unrecorded(&self, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
         let started = Instant::now();
         let len = self.span(offset, size);
         let result = match self
@@ -290,6 +431,7 @@ impl LazyLayer {
 }
 
 /// What the P2P peer server reads of a layer it serves to other nodes.
+/// Its reads are not recorded in startup traces.
 #[async_trait]
 impl ServedLayer for LazyLayer {
     fn digest(&self) -> &str {
@@ -300,18 +442,69 @@ impl ServedLayer for LazyLayer {
         LazyLayer::index(self)
     }
 
-    async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, String> {
-        LazyLayer::read(self, offset, size)
-            .await
+    /// The anchor the layer was checked against; an unanchored layer is
+    /// told apart in the P2P trees by the hash of its index all the same.
+    fn anchor(&self) -> String {
+        match LazyLayer::id(self).anchor() {
+            Some(anchor) => anchor.to_owned(),
+            None => format!(
+                "sha256:{}",
+                hex::encode(crate::format::sha256(&self.index.to_bytes()))
+            ),
+        }
+    }
+
+    async fn ensure(&self, chunks: &[u64]) -> Result<(), String> {
+        // Runs of chunks adjacent in the image, each one ensure (the
+        // fetcher plans its requests by blob order itself).
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut sorted = chunks.to_vec();
+        sorted.sort_unstable();
+        for c in sorted {
+            match runs.last_mut() {
+                Some(r) if r.end == c => r.end += 1,
+                _ => runs.push(c..c + 1),
+            }
+        }
+        let all = futures_util::future::join_all(runs.into_iter().map(|r| self.fetcher.ensure(r)));
+        all.await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn stored(&self, chunk: u64) -> Result<Option<Vec<u8>>, String> {
+        self.cache
+            .read_stored(&self.index, chunk)
+            .map_err(|e| e.to_string())
+    }
+
+    fn image_chunk(&self, chunk: u64) -> Result<Vec<u8>, String> {
+        let r = self.index.image_range(chunk);
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        self.read_present(r.start, &mut buf)
+            .map(|()| buf)
             .map_err(|e| e.to_string())
     }
 }
 
+/// The anchor's 32 bytes.
+fn anchor_bytes(anchor: &str) -> Result<Sha256Digest, OciError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(digest_hex(anchor)?, &mut out)
+        .map_err(|_| OciError::BadDigest(anchor.to_owned()))?;
+    Ok(out)
+}
+
 /// The blob's tail (index + footer) from `dir/index` if it is valid for this
-/// blob, else from the sources; returns the index and the sha256 of its bytes.
+/// blob and hashes to `anchor`, else from the sources (a source whose tail
+/// does not is rejected, and the next one asked); returns the index and the
+/// sha256 of its bytes.
 async fn load_index(
     dir: &Path,
     src: &LayerSource,
+    anchor: Option<&Sha256Digest>,
     config: &FetchConfig,
 ) -> Result<(Index, Sha256Digest), LayerError> {
     let path = dir.join(INDEX_FILE);
@@ -321,8 +514,17 @@ async fn load_index(
         source,
     };
     if let Ok(tail) = std::fs::read(&path) {
-        if let Ok(parsed) = parse_tail(&tail, src) {
-            return Ok(parsed);
+        match parse_tail(&tail, src, anchor) {
+            Ok(parsed) => return Ok(parsed),
+            // Never trusted: the tail is fetched (and checked) again.
+            Err(e) => {
+                warn!(
+                    "layer {}: saved index {} discarded: {e}",
+                    src.digest,
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
     let index_err = |failures: String| LayerError::Index {
@@ -373,7 +575,7 @@ async fn load_index(
         config,
         &format!("layer {} index", src.digest),
         src.blob_size - tail_len..src.blob_size,
-        |b| parse_tail(b, src).map(|p| (b.to_vec(), p)),
+        |b| parse_tail(b, src, anchor).map(|p| (b.to_vec(), p)),
     )
     .await
     .map_err(index_err)?;
@@ -382,7 +584,11 @@ async fn load_index(
     Ok(parsed)
 }
 
-fn parse_tail(tail: &[u8], src: &LayerSource) -> Result<(Index, Sha256Digest), String> {
+fn parse_tail(
+    tail: &[u8],
+    src: &LayerSource,
+    anchor: Option<&Sha256Digest>,
+) -> Result<(Index, Sha256Digest), String> {
     let footer = Footer::parse(tail).map_err(|e| e.to_string())?;
     footer
         .check_blob_len(src.blob_size)
@@ -404,7 +610,16 @@ fn parse_tail(tail: &[u8], src: &LayerSource) -> Result<(Index, Sha256Digest), S
     }
     let bytes = &tail[..footer.index_length as usize];
     let index = Index::parse(bytes, &footer).map_err(|e| e.to_string())?;
-    Ok((index, sha256(bytes)))
+    // A well-formed tail that is not the anchor's is another layer's.
+    let digest = sha256(bytes);
+    if let Some(anchor) = anchor.filter(|a| **a != digest) {
+        return Err(format!(
+            "the index's sha256:{} is not the layer's anchor sha256:{}",
+            hex::encode(digest),
+            hex::encode(anchor)
+        ));
+    }
+    Ok((index, digest))
 }
 
 fn save_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -413,4 +628,93 @@ fn save_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{write_blob, Layout};
+    use crate::source::FileSource;
+
+    /// A blob of `image` (4 KiB chunks) in `dir/name`, and its anchor.
+    fn blob(dir: &Path, name: &str, image: &[u8]) -> (PathBuf, u64, String) {
+        let layout = Layout::fixed(image.len() as u64, 4096).unwrap();
+        let mut bytes = Vec::new();
+        let written = write_blob(image, &mut bytes, &layout).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let anchor = format!("sha256:{}", hex::encode(written.anchor()));
+        (path, written.blob_len, anchor)
+    }
+
+    fn source(name: &str, path: &Path, size: u64, anchor: &str) -> LayerSource {
+        LayerSource {
+            digest: crate::oci::digest_of(b"the blob"),
+            anchor: Some(anchor.to_owned()),
+            blob_size: size,
+            index_location: None,
+            sources: vec![Arc::new(FileSource::open(name, path).unwrap())],
+            diff_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_anchors_tail_is_used_from_any_source_or_the_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Same length, other bytes: a foreign tail parses for this blob.
+        let (honest, size, anchor) = blob(
+            tmp.path(),
+            "honest",
+            &crate::format::sha256(b"a").repeat(512),
+        );
+        let (foreign, foreign_size, foreign_anchor) = blob(
+            tmp.path(),
+            "foreign",
+            &crate::format::sha256(b"b").repeat(512),
+        );
+        assert_eq!(size, foreign_size);
+        assert_ne!(anchor, foreign_anchor);
+        let config = FetchConfig::default();
+        let want = anchor_bytes(&anchor).unwrap();
+
+        // A lying source first: rejected, the next one serves.
+        let mut src = source("liar", &foreign, size, &anchor);
+        src.sources
+            .push(Arc::new(FileSource::open("honest", &honest).unwrap()));
+        let dir = tmp.path().join("layer");
+        let (_, digest) = load_index(&dir, &src, Some(&want), &config).await.unwrap();
+        assert_eq!(digest, want);
+        let saved = std::fs::read(dir.join(INDEX_FILE)).unwrap();
+
+        // Only liars: a clear error naming the anchor.
+        let liar = source("liar", &foreign, size, &anchor);
+        let e = load_index(&tmp.path().join("other"), &liar, Some(&want), &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not the layer's anchor"), "{e}");
+
+        // A saved tail that is not the anchor's is discarded, not trusted.
+        let foreign_dir = tmp.path().join("foreign-layer");
+        let foreign_src = source("foreign", &foreign, size, &foreign_anchor);
+        let theirs = anchor_bytes(&foreign_anchor).unwrap();
+        load_index(&foreign_dir, &foreign_src, Some(&theirs), &config)
+            .await
+            .unwrap();
+        std::fs::copy(foreign_dir.join(INDEX_FILE), dir.join(INDEX_FILE)).unwrap();
+        let honest_only = source("honest", &honest, size, &anchor);
+        let (_, digest) = load_index(&dir, &honest_only, Some(&want), &config)
+            .await
+            .unwrap();
+        assert_eq!(digest, want);
+        assert_eq!(std::fs::read(dir.join(INDEX_FILE)).unwrap(), saved);
+
+        // Unanchored (an operator's choice): any well-formed tail.
+        let mut unanchored = source("foreign", &foreign, size, &anchor);
+        unanchored.anchor = None;
+        let (_, digest) = load_index(&tmp.path().join("v1"), &unanchored, None, &config)
+            .await
+            .unwrap();
+        assert_eq!(digest, theirs);
+    }
 }

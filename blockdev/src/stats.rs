@@ -36,6 +36,8 @@ pub struct SourceCounters {
     pub errors: AtomicU64,
     /// Chunks that failed verification (digest, length, decompression).
     pub corrupt_chunks: AtomicU64,
+    /// Answers that went on past the range asked for (cut off, not believed).
+    pub overlong_answers: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -63,8 +65,8 @@ pub struct Stats {
 /// Startup traces (crate::trace): recorded, stored and replayed.
 #[derive(Debug, Default)]
 pub struct TraceCounters {
-    /// Chunks a recording took in (on-demand misses during a record window).
-    pub recorded_chunks: AtomicU64,
+    /// Ranges recordings took in (what containers read during a record window).
+    pub recorded_ranges: AtomicU64,
     /// Traces saved locally, sent to the super node, got from it.
     pub stored: AtomicU64,
     pub uploaded: AtomicU64,
@@ -82,7 +84,8 @@ pub struct TraceCounters {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceSnapshot {
-    pub recorded_chunks: u64,
+    #[serde(default)]
+    pub recorded_ranges: u64,
     pub stored: u64,
     pub uploaded: u64,
     pub downloaded: u64,
@@ -95,7 +98,7 @@ pub struct TraceSnapshot {
 impl TraceCounters {
     pub fn snapshot(&self) -> TraceSnapshot {
         TraceSnapshot {
-            recorded_chunks: self.recorded_chunks.load(Relaxed),
+            recorded_ranges: self.recorded_ranges.load(Relaxed),
             stored: self.stored.load(Relaxed),
             uploaded: self.uploaded.load(Relaxed),
             downloaded: self.downloaded.load(Relaxed),
@@ -122,6 +125,15 @@ pub struct PrefetchCounters {
     /// Chunks a reader fetched itself although a background fetch had
     /// claimed them (instead of waiting behind it).
     pub demand_overtook_background: AtomicU64,
+    /// Chunks a reader fetched itself because the startup stream that had
+    /// claimed them was still more than the lookahead away from them.
+    pub demand_overtook_stream: AtomicU64,
+    /// Chunks the startup stream stored (the blob's prefetch area, fetched
+    /// in one range when the layer is attached).
+    pub startup_chunks: AtomicU64,
+    /// Chunks stored because they followed a missed chunk in the blob
+    /// (the demand window), before any reader asked for them.
+    pub window_chunks: AtomicU64,
     /// Background requests sent and the chunks they stored.
     pub background_fetches: AtomicU64,
     pub background_chunks: AtomicU64,
@@ -140,6 +152,12 @@ pub struct PrefetchSnapshot {
     pub demand_fetches_while_prefetching: u64,
     pub demand_waited_on_background: u64,
     pub demand_overtook_background: u64,
+    #[serde(default)]
+    pub demand_overtook_stream: u64,
+    #[serde(default)]
+    pub startup_chunks: u64,
+    #[serde(default)]
+    pub window_chunks: u64,
     pub background_fetches: u64,
     pub background_chunks: u64,
     pub background_yields: u64,
@@ -155,6 +173,9 @@ impl PrefetchCounters {
             demand_fetches_while_prefetching: self.demand_fetches_while_prefetching.load(Relaxed),
             demand_waited_on_background: self.demand_waited_on_background.load(Relaxed),
             demand_overtook_background: self.demand_overtook_background.load(Relaxed),
+            demand_overtook_stream: self.demand_overtook_stream.load(Relaxed),
+            startup_chunks: self.startup_chunks.load(Relaxed),
+            window_chunks: self.window_chunks.load(Relaxed),
             background_fetches: self.background_fetches.load(Relaxed),
             background_chunks: self.background_chunks.load(Relaxed),
             background_yields: self.background_yields.load(Relaxed),
@@ -221,6 +242,7 @@ impl Stats {
                 chunks: c.chunks.load(Relaxed),
                 errors: c.errors.load(Relaxed),
                 corrupt_chunks: c.corrupt_chunks.load(Relaxed),
+                overlong_answers: c.overlong_answers.load(Relaxed),
             })
             .collect();
         let (waiting_reads, oldest_waiting_ms) = {
@@ -277,6 +299,8 @@ pub struct SourceSnapshot {
     pub chunks: u64,
     pub errors: u64,
     pub corrupt_chunks: u64,
+    #[serde(default)]
+    pub overlong_answers: u64,
 }
 
 /// Per-bucket (not cumulative) counts; `counts` has one more entry than

@@ -20,7 +20,12 @@ pub struct Config {
     /// Reads of lazy layers that no source can serve fail with EIO after
     /// this many seconds instead of hanging the container.
     pub read_deadline_secs: u64,
+    /// Readahead (KiB) of a lazy layer's device until the layer is
+    /// complete; readahead of a lazy layer fetches what may never be read.
+    pub lazy_read_ahead_kb: u32,
     pub registry: RegistryConfig,
+    /// What the remote (lazy) path accepts (docs/security.md).
+    pub remote: RemoteConfig,
     pub prefetch: PrefetchConfig,
     pub cache: CacheConfig,
     /// Startup traces (docs/snapshotter.md#startup-traces).
@@ -59,6 +64,16 @@ impl RestartConfig {
         lazybd_blockdev::device::FdStoreKind::parse(&self.fd_store, &self.fd_holder)
             .map_err(|e| anyhow::anyhow!("[restart] {e}"))
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// Attach version 1 layers lazily, which carry no content anchor:
+    /// nothing then ties the bytes served for them to their image, so every
+    /// registry, mirror, super node and peer that serves them must be
+    /// trusted. Off: Prepare refuses them with an error naming this key.
+    pub allow_unanchored_layers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,7 +139,9 @@ impl Default for Config {
             control_address: "/run/lazybd/control.sock".into(),
             metrics_address: "127.0.0.1:9880".into(),
             read_deadline_secs: 60,
+            lazy_read_ahead_kb: 0,
             registry: RegistryConfig::default(),
+            remote: RemoteConfig::default(),
             prefetch: PrefetchConfig::default(),
             cache: CacheConfig::default(),
             trace: crate::traces::TraceConfig::default(),
@@ -187,6 +204,10 @@ mod tests {
         );
         let c: Config = toml::from_str("[restart]\nfd_store = \"sometimes\"\n").unwrap();
         assert!(c.restart.fd_store().is_err());
+        assert!(!c.remote.allow_unanchored_layers);
+        let c: Config = toml::from_str("[remote]\nallow_unanchored_layers = true\n").unwrap();
+        assert!(c.remote.allow_unanchored_layers);
+        assert!(toml::from_str::<Config>("[remote]\nallow_unanchored = true\n").is_err());
     }
 
     #[test]

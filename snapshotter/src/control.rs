@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lazybd_blockdev::oci::LayerId;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -73,7 +74,12 @@ struct RootfsMount {
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct LayerState {
+    /// The blob digest the layer was attached as.
     pub digest: String,
+    /// The anchor its index was checked against (`null`: an unanchored
+    /// version 1 layer the operator allowed). One digest may be attached
+    /// with several anchors: they are different layers.
+    pub anchor: Option<String>,
     pub mountpoint: String,
     /// `lazy` (through FUSE, fetched on demand), `fetching` (a background
     /// prefetch runs) or `local` (complete; the loop device reads the local
@@ -93,7 +99,7 @@ pub struct LayersReply {
 /// Running containers and the lazy layers under them.
 #[derive(Default)]
 pub struct Containers {
-    layers: Mutex<HashMap<String, Vec<String>>>,
+    layers: Mutex<HashMap<String, Vec<LayerId>>>,
     /// A task start prefetches the container's lazy layers.
     prefetch_on_start: bool,
     /// Where `handover` and `shutdown` requests go.
@@ -115,12 +121,12 @@ impl Containers {
         self
     }
 
-    /// Layers of running containers, by digest.
-    pub fn by_layer(&self) -> BTreeMap<String, Vec<String>> {
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (container, digests) in self.layers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            for d in digests {
-                out.entry(d.clone()).or_default().push(container.clone());
+    /// Running containers by the layers under them.
+    pub fn by_layer(&self) -> BTreeMap<LayerId, Vec<String>> {
+        let mut out: BTreeMap<LayerId, Vec<String>> = BTreeMap::new();
+        for (container, ids) in self.layers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for id in ids {
+                out.entry(id.clone()).or_default().push(container.clone());
             }
         }
         for v in out.values_mut() {
@@ -202,8 +208,9 @@ async fn answer(
                 .into_iter()
                 .map(|l| LayerState {
                     state: l.state.as_str().into(),
-                    containers: users.get(&l.digest).cloned().unwrap_or_default(),
+                    containers: users.get(&l.id).cloned().unwrap_or_default(),
                     mountpoint: l.mountpoint.display().to_string(),
+                    anchor: l.anchor,
                     digest: l.digest,
                     chunks_present: l.chunks_present,
                     chunks_total: l.chunks_total,
@@ -216,9 +223,9 @@ async fn answer(
             container_id,
             rootfs,
         }) => {
-            let digests = lazy_layers_of(snapshotter, &rootfs);
+            let layers = lazy_layers_of(snapshotter, &rootfs);
             let id = format!("{namespace}/{container_id}");
-            info!("container {id} started on {} lazy layers", digests.len());
+            info!("container {id} started on {} lazy layers", layers.len());
             let lowers = lower_dirs(&rootfs);
             let chain = snapshotter
                 .remote()
@@ -235,17 +242,17 @@ async fn answer(
                     // So it waits for the startup window, as after a
                     // recording.
                     Some(traces) => {
-                        prefetch_after(snapshotter, &id, &digests, traces.record_window())
+                        prefetch_after(snapshotter, &id, &layers, traces.record_window())
                     }
-                    None => prefetch(snapshotter, &id, &digests),
+                    None => prefetch(snapshotter, &id, &layers),
                 }
             }
             containers
                 .layers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(id, digests.clone());
-            serde_json::json!({ "ok": true, "layers": digests })
+                .insert(id, layers.clone());
+            serde_json::json!({ "ok": true, "layers": layers })
         }
         Request::Event(TaskEvent::TaskExit {
             namespace,
@@ -266,11 +273,11 @@ async fn answer(
     }
 }
 
-fn prefetch(snapshotter: &LazySnapshotter, id: &str, digests: &[String]) {
+fn prefetch(snapshotter: &LazySnapshotter, id: &str, layers: &[LayerId]) {
     let manager = snapshotter.remote().manager();
-    for d in digests {
-        if let Err(e) = manager.prefetch(d) {
-            warn!("container {id}: prefetching layer {d}: {e}");
+    for l in layers {
+        if let Err(e) = manager.prefetch(l) {
+            warn!("container {id}: prefetching layer {l}: {e}");
         }
     }
 }
@@ -280,14 +287,14 @@ fn prefetch(snapshotter: &LazySnapshotter, id: &str, digests: &[String]) {
 fn prefetch_after(
     snapshotter: &Arc<LazySnapshotter>,
     id: &str,
-    digests: &[String],
+    layers: &[LayerId],
     delay: Duration,
 ) {
-    let (weak, id, digests) = (Arc::downgrade(snapshotter), id.to_owned(), digests.to_vec());
+    let (weak, id, layers) = (Arc::downgrade(snapshotter), id.to_owned(), layers.to_vec());
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
         if let Some(s) = weak.upgrade() {
-            prefetch(&s, &id, &digests);
+            prefetch(&s, &id, &layers);
         }
     });
 }
@@ -300,7 +307,7 @@ fn prefetch_after(
 fn start_recording(
     snapshotter: &Arc<LazySnapshotter>,
     id: &str,
-    chain: &[String],
+    chain: &[LayerId],
     containers: &Containers,
 ) -> bool {
     let Some(traces) = snapshotter.remote().traces().filter(|t| t.config.record) else {
@@ -334,7 +341,7 @@ fn start_recording(
         // The Prepare may have missed the super node's trace (it waits for
         // it only briefly): if it has one, replay that and drop the recording.
         let found = match &peer {
-            Some(p) => traces.load(&key, Some(p), &stats).await,
+            Some(p) => traces.load(&key, &chain, Some(p), &stats).await,
             None => None,
         };
         if found.is_none() {
@@ -359,7 +366,9 @@ fn start_recording(
         if recorded.is_empty() {
             info!("container {id}: no on-demand reads in the trace window; nothing stored");
         } else {
-            traces.store(&key, &recorded, peer.as_deref(), &stats).await;
+            traces
+                .store(&key, &chain, &recorded, peer.as_deref(), &stats)
+                .await;
         }
     });
     true
@@ -376,7 +385,7 @@ fn lower_dirs(rootfs: &[RootfsMount]) -> Vec<&str> {
 }
 
 /// The attached layers whose EROFS mounts are lower dirs of the rootfs.
-fn lazy_layers_of(snapshotter: &LazySnapshotter, rootfs: &[RootfsMount]) -> Vec<String> {
+fn lazy_layers_of(snapshotter: &LazySnapshotter, rootfs: &[RootfsMount]) -> Vec<LayerId> {
     let lowers = lower_dirs(rootfs);
     snapshotter
         .remote()
@@ -384,6 +393,6 @@ fn lazy_layers_of(snapshotter: &LazySnapshotter, rootfs: &[RootfsMount]) -> Vec<
         .layers()
         .into_iter()
         .filter(|l| lowers.iter().any(|d| Path::new(d) == l.mountpoint))
-        .map(|l| l.digest)
+        .map(|l| l.id)
         .collect()
 }

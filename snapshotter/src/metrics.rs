@@ -10,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lazybd_blockdev::device::{LayerManager, LayerState};
+use lazybd_blockdev::device::{LayerManager, LayerState, LayerStatus};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -84,19 +84,48 @@ impl Collector for LazyLayerCollector {
                     ConstCounter::new(get(t)).encode(family.encode_family(&labels)?)?;
                 }
             }
-            counter(
-                &mut enc,
-                "lazybd_p2p_corrupt_from_peers",
-                "Peer answers that failed verification (the peer was skipped)",
-                p.corrupt_from_peers,
-            )?;
-            counter(
-                &mut enc,
-                "lazybd_p2p_peer_failures",
-                "Peer requests that failed or timed out",
-                p.peer_failures,
-            )?;
-            ConstGauge::new(i64::from(p.max_chunk_uploads)).encode(enc.encode_descriptor(
+            let c = &p.counters;
+            let p2p_counters: [(&str, &str, u64); 7] = [
+                (
+                    "lazybd_p2p_corrupt_from_peers",
+                    "Peer answers that failed verification (the peer was skipped)",
+                    c.corrupt_from_peers,
+                ),
+                (
+                    "lazybd_p2p_peer_failures",
+                    "Peer requests that failed or timed out",
+                    c.peer_failures,
+                ),
+                (
+                    "lazybd_p2p_refused_tickets",
+                    "Peer requests refused for a missing, bad or foreign ticket",
+                    c.refused_tickets,
+                ),
+                (
+                    "lazybd_p2p_stored_chunks_sent",
+                    "Chunks sent to peers as the stored bytes this node kept",
+                    c.stored_chunks_sent,
+                ),
+                (
+                    "lazybd_p2p_rebuilt_chunks_sent",
+                    "Chunks sent to peers rebuilt from the image (cached before P2P kept stored bytes)",
+                    c.rebuilt_chunks_sent,
+                ),
+                (
+                    "lazybd_p2p_refused_connections",
+                    "Peer server connections closed at once: over the limits",
+                    c.refused_connections,
+                ),
+                (
+                    "lazybd_p2p_slow_readers_dropped",
+                    "Peer server connections dropped: a response not read in time",
+                    c.slow_readers_dropped,
+                ),
+            ];
+            for (name, help, value) in p2p_counters {
+                counter(&mut enc, name, help, value)?;
+            }
+            ConstGauge::new(i64::from(c.max_chunk_uploads)).encode(enc.encode_descriptor(
                 "lazybd_p2p_max_chunk_uploads",
                 "Most copies of any one chunk this node uploaded",
                 None,
@@ -194,8 +223,7 @@ impl Collector for LazyLayerCollector {
             MetricType::Gauge,
         )?;
         for l in &layers {
-            let labels: Labels = vec![("layer", l.digest.clone())];
-            ConstGauge::new(l.chunks_present as i64).encode(present.encode_family(&labels)?)?;
+            ConstGauge::new(l.chunks_present as i64).encode(present.encode_family(&layer(l))?)?;
         }
         let mut total = enc.encode_descriptor(
             "lazybd_layer_chunks",
@@ -204,8 +232,7 @@ impl Collector for LazyLayerCollector {
             MetricType::Gauge,
         )?;
         for l in &layers {
-            let labels: Labels = vec![("layer", l.digest.clone())];
-            ConstGauge::new(l.chunks_total as i64).encode(total.encode_family(&labels)?)?;
+            ConstGauge::new(l.chunks_total as i64).encode(total.encode_family(&layer(l))?)?;
         }
         // One series per state, 1 for the layer's current one: the usual
         // encoding of an enum, so `sum by (state)` counts layers per state.
@@ -217,10 +244,8 @@ impl Collector for LazyLayerCollector {
         )?;
         for l in &layers {
             for st in [LayerState::Lazy, LayerState::Fetching, LayerState::Local] {
-                let labels: Labels = vec![
-                    ("layer", l.digest.clone()),
-                    ("state", st.as_str().to_owned()),
-                ];
+                let mut labels = layer(l);
+                labels.push(("state", st.as_str().to_owned()));
                 ConstGauge::new(i64::from(l.state == st)).encode(state.encode_family(&labels)?)?;
             }
         }
@@ -262,9 +287,9 @@ impl Collector for LazyLayerCollector {
         let t = &s.trace;
         for (name, help, value) in [
             (
-                "lazybd_trace_recorded_chunks",
-                "Chunks recorded into startup traces (on-demand misses in a record window)",
-                t.recorded_chunks,
+                "lazybd_trace_recorded_ranges",
+                "Image ranges recorded into startup traces (what containers read in a record window)",
+                t.recorded_ranges,
             ),
             (
                 "lazybd_traces_stored",
@@ -306,6 +331,15 @@ impl Collector for LazyLayerCollector {
         }
         Ok(())
     }
+}
+
+/// The labels of an attached layer's series: its blob digest and its
+/// anchor (one digest may be attached with several anchors).
+fn layer(l: &LayerStatus) -> Labels {
+    vec![
+        ("layer", l.digest.clone()),
+        ("anchor", l.anchor.clone().unwrap_or_else(|| "none".into())),
+    ]
 }
 
 fn counter(

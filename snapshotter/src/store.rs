@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::SystemTime;
 
+use lazybd_blockdev::oci::{self, LayerId, OciError};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,31 @@ pub struct RemoteLayer {
     pub index_offset: u64,
     pub index_length: u64,
     pub image_size: u64,
+    /// The source layer's diff_id (recorded in startup traces, so they can
+    /// serve as `lazybd convert --profile`); absent in records written
+    /// before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_diff_id: Option<String>,
+    /// The layer's anchor (`sha256:` + the sha256 of its index) from the
+    /// image's manifest: every attach, after a restart too, checks the
+    /// layer's index against it. `None`: an unanchored (version 1) layer,
+    /// or a record of a release that did not keep it (see
+    /// [`Record::remote_layer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<String>,
+}
+
+impl RemoteLayer {
+    /// The layer's identity on the node ([`LayerId`]).
+    pub fn id(&self) -> Result<LayerId, OciError> {
+        LayerId::of(&self.digest, self.anchor.as_deref())
+    }
+
+    /// The layer's diff_id in its image's config: its anchor, or (version
+    /// 1) its blob digest.
+    pub fn diff_id(&self) -> &str {
+        self.anchor.as_deref().unwrap_or(&self.digest)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +88,20 @@ pub struct Record {
     /// Set for committed snapshots that are lazily attached lazybd layers.
     #[serde(default)]
     pub remote: Option<RemoteLayer>,
+}
+
+impl Record {
+    /// The lazily attached layer of this snapshot. Records of releases that
+    /// did not keep the anchor get it from the Prepare's labels they kept
+    /// (containerd passes the layer's `lazybd.index-digest` annotation), so
+    /// they are checked against it as well.
+    pub fn remote_layer(&self) -> Option<RemoteLayer> {
+        let mut layer = self.remote.clone()?;
+        if layer.anchor.is_none() {
+            layer.anchor = self.labels.get(oci::ANN_INDEX_DIGEST).cloned();
+        }
+        Some(layer)
+    }
 }
 
 pub struct Store {
@@ -224,9 +264,29 @@ mod tests {
                 index_offset: 4096,
                 index_length: 112,
                 image_size: 1 << 20,
+                anchor: None,
+                source_diff_id: None,
             })
         );
         assert_eq!(serde_json::to_string(&r).unwrap(), old);
+        // Its anchor, if any, comes from the labels it kept.
+        let anchor = oci::digest_of(b"index");
+        let mut labelled = r.clone();
+        labelled
+            .labels
+            .insert(oci::ANN_INDEX_DIGEST.into(), anchor.clone());
+        assert_eq!(
+            labelled.remote_layer().unwrap().anchor,
+            Some(anchor.clone())
+        );
+        assert_eq!(r.remote_layer().unwrap().anchor, None);
+        // New records keep it, and read back.
+        let mut new = r.clone();
+        new.remote.as_mut().unwrap().anchor = Some(anchor.clone());
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(&format!(r#""anchor":"{anchor}""#)), "{json}");
+        let back: Record = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.remote, new.remote);
         // Ordinary snapshots had neither usage nor remote.
         let r: Record = serde_json::from_str(concat!(
             r#"{"id":1,"kind":"Active","parent":null,"#,

@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lazybd_blockdev::oci::LayerId;
 use lazybd_blockdev::p2p::PeerNode;
 use lazybd_blockdev::stats::Stats;
 use lazybd_blockdev::trace::{Trace, MAX_TRACE_BYTES};
@@ -100,17 +101,24 @@ impl Traces {
         }
     }
 
-    /// The local trace, else the super node's (then kept locally).
-    pub async fn load(&self, key: &str, peer: Option<&PeerNode>, stats: &Stats) -> Option<Trace> {
+    /// The local trace of `key`, else the super node's for the layer chain
+    /// `chain` (whose key `key` is; then kept locally).
+    pub async fn load(
+        &self,
+        key: &str,
+        chain: &[LayerId],
+        peer: Option<&PeerNode>,
+        stats: &Stats,
+    ) -> Option<Trace> {
         if let Some(t) = self.load_local(key, stats) {
             return Some(t);
         }
-        match peer?.get_trace(key).await {
+        match peer?.get_trace(chain).await {
             Ok(Some(t)) => {
                 stats.trace.downloaded.fetch_add(1, Relaxed);
                 info!(
-                    "trace {key}: {} chunks from the super node",
-                    t.chunk_count()
+                    "trace {key}: {} ranges from the super node",
+                    t.range_count()
                 );
                 self.save(key, &t, stats);
                 Some(t)
@@ -141,14 +149,22 @@ impl Traces {
         }
     }
 
-    /// Stores a recorded trace here and on the super node.
-    pub async fn store(&self, key: &str, trace: &Trace, peer: Option<&PeerNode>, stats: &Stats) {
+    /// Stores a recorded trace of the layer chain `chain` (key `key`) here
+    /// and on the super node.
+    pub async fn store(
+        &self,
+        key: &str,
+        chain: &[LayerId],
+        trace: &Trace,
+        peer: Option<&PeerNode>,
+        stats: &Stats,
+    ) {
         if !self.save(key, trace, stats) {
             return;
         }
-        info!("trace {key}: stored, {} chunks", trace.chunk_count());
+        info!("trace {key}: stored, {} chunks", trace.range_count());
         if let Some(peer) = peer {
-            match peer.put_trace(key, trace).await {
+            match peer.put_trace(chain, trace).await {
                 Ok(()) => {
                     stats.trace.uploaded.fetch_add(1, Relaxed);
                 }

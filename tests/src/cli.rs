@@ -57,6 +57,14 @@ impl MountGuard {
         ]));
         serde_json::from_str(&json).expect("stats JSON")
     }
+
+    /// `lazybd stats --p2p` of this mount.
+    pub fn p2p_stats(&self) -> serde_json::Value {
+        let json = ok(&lazybd(&[
+            &"stats", &"--root", &self.root, &"--p2p", &self.dir,
+        ]));
+        serde_json::from_str(&json).expect("p2p stats JSON")
+    }
 }
 
 impl Drop for MountGuard {

@@ -188,9 +188,9 @@ impl Daemon {
         }
     }
 
-    /// The pid while it runs (not yet stopped or killed).
+    /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_path(&self) -> &Path {

@@ -335,20 +335,61 @@ pub struct LazyImage {
     pub manifest: String,
     /// Layer digests, bottom first.
     pub layers: Vec<String>,
+    /// The layers' anchors (their diff_ids), bottom first.
+    pub anchors: Vec<String>,
+}
+
+impl LazyImage {
+    /// The snapshot names containerd gives the layers: their chain IDs
+    /// (from the anchors, the image's diff_ids), bottom first.
+    pub fn chain_ids(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for a in &self.anchors {
+            out.push(lazybd_blockdev::oci::chain_id(
+                out.last().map(String::as_str),
+                a,
+            ));
+        }
+        out
+    }
 }
 
 /// [`publish_lazy_rich`], returning what a Prepare's labels name.
 pub fn publish_lazy_image(dir: &Path, registry: &crate::registry::Registry) -> LazyImage {
     let converted = publish_lazy_rich(dir, registry);
+    lazy_image(registry, "rich:lazy", &converted)
+}
+
+/// What a Prepare's labels name for the image `tag` that `lazybd convert
+/// --json` wrote (`converted`) into `registry`.
+fn lazy_image(
+    registry: &crate::registry::Registry,
+    tag: &str,
+    converted: &serde_json::Value,
+) -> LazyImage {
+    let manifest = converted["manifest_digest"].as_str().unwrap().to_owned();
+    let m: serde_json::Value = serde_json::from_slice(&registry.read_blob(&manifest)).unwrap();
+    let anchors = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["annotations"][lazybd_blockdev::oci::ANN_INDEX_DIGEST]
+                .as_str()
+                .expect("converted layers carry their anchor")
+                .to_owned()
+        })
+        .collect();
     LazyImage {
-        image: registry.reference("rich:lazy"),
-        manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
+        image: registry.reference(tag),
+        manifest,
         layers: converted["layers"]
             .as_array()
             .unwrap()
             .iter()
             .map(|l| l.as_str().unwrap().to_owned())
             .collect(),
+        anchors,
     }
 }
 
@@ -495,16 +536,7 @@ pub fn publish_lazy_files(
     ]));
     let converted: serde_json::Value = serde_json::from_str(&out).expect("convert --json");
     FilesImage {
-        image: LazyImage {
-            image: registry.reference("files:lazy"),
-            manifest: converted["manifest_digest"].as_str().unwrap().to_owned(),
-            layers: converted["layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l.as_str().unwrap().to_owned())
-                .collect(),
-        },
+        image: lazy_image(registry, "files:lazy", &converted),
         files,
     }
 }

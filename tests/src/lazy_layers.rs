@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use lazybd_blockdev::device::{loopdev, mounts};
-use lazybd_blockdev::format::{write_blob, Layout, WrittenBlob};
+use lazybd_blockdev::format::{write_blob, write_blob_v1, Layout, WrittenBlob};
 use lazybd_blockdev::layer::LayerSource;
 use lazybd_blockdev::oci::{canonical_json, LazyLayerAnnotations, OciLayout};
 use lazybd_blockdev::source::{Answer, ChunkSource, FileSource, SourceError};
@@ -30,24 +30,41 @@ impl BlobFile {
     /// Builds an EROFS image of `tree` and writes it as a lazybd blob into
     /// `out_dir` with the given chunk size.
     pub fn from_tree(tree: &Path, out_dir: &Path, chunk_size: u32) -> BlobFile {
-        let image = out_dir.join("layer.erofs");
-        let status = Command::new("mkfs.erofs")
-            .args(["--quiet", "-T0"])
-            .arg(&image)
-            .arg(tree)
-            .status()
-            .expect("run mkfs.erofs");
-        assert!(status.success(), "mkfs.erofs failed");
+        let image = mkfs_erofs(tree, out_dir);
         Self::from_image(&image, out_dir, chunk_size)
     }
 
     pub fn from_image(image: &Path, out_dir: &Path, chunk_size: u32) -> BlobFile {
+        Self::write(image, out_dir, |input, size, out| {
+            let layout = Layout::fixed(size, chunk_size).expect("layout");
+            write_blob(input, out, &layout)
+        })
+    }
+
+    /// A format version 1 blob (fixed chunks, no anchor on its descriptor,
+    /// docs/format.md#version-1) of the EROFS image of `tree`, as nodes of
+    /// earlier releases were given.
+    pub fn from_tree_v1(tree: &Path, out_dir: &Path, chunk_size: u32) -> BlobFile {
+        let image = mkfs_erofs(tree, out_dir);
+        Self::write(&image, out_dir, |input, size, out| {
+            write_blob_v1(input, size, out, chunk_size)
+        })
+    }
+
+    fn write(
+        image: &Path,
+        out_dir: &Path,
+        write: impl FnOnce(
+            &std::fs::File,
+            u64,
+            std::io::BufWriter<std::fs::File>,
+        ) -> std::io::Result<WrittenBlob>,
+    ) -> BlobFile {
         let path = out_dir.join("layer.blob");
         let input = std::fs::File::open(image).expect("open image");
         let size = input.metadata().expect("image size").len();
-        let layout = Layout::fixed(size, chunk_size).expect("layout");
         let out = std::io::BufWriter::new(std::fs::File::create(&path).expect("create blob"));
-        let written = write_blob(&input, out, &layout).expect("write blob");
+        let written = write(&input, size, out).expect("write blob");
         let digest = format!("sha256:{}", hex(&written.blob_digest));
         BlobFile {
             path,
@@ -56,15 +73,62 @@ impl BlobFile {
         }
     }
 
+    /// What an attacker serves under this blob's digest: a blob of the same
+    /// length and index location whose file with content `data` holds
+    /// `other` instead, written to `out_dir`. Its tail is self-consistent
+    /// (the footer's digest matches its index), so only the anchor tells it
+    /// apart. `image` is this blob's EROFS image (`layer.erofs` of
+    /// [`from_tree`](Self::from_tree)); `data` is incompressible noise, so
+    /// its chunks stay raw and the lengths equal.
+    pub fn foreign_twin(
+        &self,
+        image: &Path,
+        data: &[u8],
+        other: &[u8],
+        out_dir: &Path,
+    ) -> BlobFile {
+        assert_eq!(data.len(), other.len());
+        let mut bytes = std::fs::read(image).unwrap();
+        let at: Vec<usize> = bytes
+            .windows(64)
+            .enumerate()
+            .filter(|(_, w)| *w == &data[..64])
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(at.len(), 1, "the file's data must occur once in the image");
+        bytes[at[0]..at[0] + data.len()].copy_from_slice(other);
+        std::fs::create_dir_all(out_dir).unwrap();
+        let foreign_image = out_dir.join("layer.erofs");
+        std::fs::write(&foreign_image, bytes).unwrap();
+        let chunk_size = self.written.index.chunk_size;
+        let twin = BlobFile::from_image(&foreign_image, out_dir, chunk_size);
+        assert_eq!(twin.written.blob_len, self.written.blob_len);
+        assert_eq!(
+            (
+                twin.written.footer.index_offset,
+                twin.written.footer.index_length
+            ),
+            (
+                self.written.footer.index_offset,
+                self.written.footer.index_length
+            )
+        );
+        assert_ne!(twin.anchor(), self.anchor());
+        twin
+    }
+
     pub fn source_with(&self, sources: Vec<std::sync::Arc<dyn ChunkSource>>) -> LayerSource {
         LayerSource {
             digest: self.digest.clone(),
+            // As its descriptor carries it: version 1 layers have none.
+            anchor: (self.written.index.version >= 2).then(|| self.anchor()),
             blob_size: self.written.blob_len,
             index_location: Some((
                 self.written.footer.index_offset,
                 self.written.footer.index_length,
             )),
             sources,
+            diff_id: None,
         }
     }
 
@@ -81,6 +145,19 @@ impl BlobFile {
     pub fn file_source(&self) -> std::sync::Arc<FileSource> {
         std::sync::Arc::new(FileSource::open("file", &self.path).expect("open blob"))
     }
+}
+
+/// `out_dir/layer.erofs`: the EROFS image of `tree` (timestamps zeroed).
+pub fn mkfs_erofs(tree: &Path, out_dir: &Path) -> PathBuf {
+    let image = out_dir.join("layer.erofs");
+    let status = Command::new("mkfs.erofs")
+        .args(["--quiet", "-T0"])
+        .arg(&image)
+        .arg(tree)
+        .status()
+        .expect("run mkfs.erofs");
+    assert!(status.success(), "mkfs.erofs failed");
+    image
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -123,16 +200,22 @@ impl ChunkSource for ControlledSource {
                 "connection refused (source down)".into(),
             ));
         }
-        let data = self.inner.read_range(range.clone()).await?.bytes;
+        let len = range.end - range.start;
+        let data = self
+            .inner
+            .read_range(range.clone())
+            .await?
+            .collect(len)
+            .await?;
         match &self.corrupt {
             Some(bad) if range.end > bad.start && range.start < bad.end => {
                 let mut v = data.to_vec();
                 let from = bad.start.max(range.start) - range.start;
                 let to = bad.end.min(range.end) - range.start;
                 v[((from + to) / 2) as usize] ^= 0x01;
-                Ok(Bytes::from(v).into())
+                Ok(Answer::whole(Bytes::from(v)))
             }
-            _ => Ok(data.into()),
+            _ => Ok(Answer::whole(data)),
         }
     }
 }
@@ -245,8 +328,59 @@ impl LayoutMount {
 /// its anchor. These layers come from trees, not tars: the blob digest
 /// stands in for the source diff_id.
 pub fn write_layout(dir: &Path, layers: &[&BlobFile], media_type: &str) {
+    write_layout_with(dir, layers, media_type, BlobFile::anchor, |l| {
+        LazyLayerAnnotations {
+            version: l.written.index.version,
+            index_digest: Some(l.anchor()),
+            source_diff_id: l.digest.clone(),
+            index_offset: l.written.footer.index_offset,
+            index_length: l.written.footer.index_length,
+            image_size: l.written.index.image_size,
+            chunk_size: l.written.index.chunk_size,
+        }
+        .to_map()
+    });
+}
+
+/// [`write_layout`] of version 1 layers ([`BlobFile::from_tree_v1`]) as
+/// version 1 images were: `dev.lazybd.layer.*` annotations, no anchor, and
+/// each blob's digest as its diff_id.
+pub fn write_layout_v1(dir: &Path, layers: &[&BlobFile]) {
+    use lazybd_blockdev::oci::v1;
+    let digest = |l: &BlobFile| l.digest.clone();
+    write_layout_with(dir, layers, LAZYBD_LAYER, digest, |l| {
+        std::collections::BTreeMap::from([
+            (v1::ANN_VERSION.to_owned(), "1".to_owned()),
+            (v1::ANN_SOURCE_DIFF_ID.to_owned(), l.digest.clone()),
+            (
+                v1::ANN_INDEX_OFFSET.to_owned(),
+                l.written.footer.index_offset.to_string(),
+            ),
+            (
+                v1::ANN_INDEX_LENGTH.to_owned(),
+                l.written.footer.index_length.to_string(),
+            ),
+            (
+                v1::ANN_IMAGE_SIZE.to_owned(),
+                l.written.index.image_size.to_string(),
+            ),
+            (
+                v1::ANN_CHUNK_SIZE.to_owned(),
+                l.written.index.chunk_size.to_string(),
+            ),
+        ])
+    });
+}
+
+fn write_layout_with(
+    dir: &Path,
+    layers: &[&BlobFile],
+    media_type: &str,
+    diff_id: impl Fn(&BlobFile) -> String,
+    annotations: impl Fn(&BlobFile) -> std::collections::BTreeMap<String, String>,
+) {
     let layout = OciLayout::open_or_create(dir).expect("create layout");
-    let diff_ids: Vec<String> = layers.iter().map(|l| l.anchor()).collect();
+    let diff_ids: Vec<String> = layers.iter().map(|l| diff_id(l)).collect();
     let config = canonical_json(&json!({
         "architecture": "amd64",
         "os": "linux",
@@ -257,20 +391,11 @@ pub fn write_layout(dir: &Path, layers: &[&BlobFile], media_type: &str) {
     let mut descs = Vec::new();
     for l in layers {
         std::fs::copy(&l.path, layout.blob_path(&l.digest).unwrap()).expect("store layer blob");
-        let ann = LazyLayerAnnotations {
-            version: l.written.index.version,
-            index_digest: Some(l.anchor()),
-            source_diff_id: l.digest.clone(),
-            index_offset: l.written.footer.index_offset,
-            index_length: l.written.footer.index_length,
-            image_size: l.written.index.image_size,
-            chunk_size: l.written.index.chunk_size,
-        };
         descs.push(json!({
             "mediaType": media_type,
             "digest": l.digest,
             "size": l.written.blob_len,
-            "annotations": ann.to_map(),
+            "annotations": annotations(l),
         }));
     }
     let manifest = canonical_json(&json!({

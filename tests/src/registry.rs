@@ -146,6 +146,51 @@ impl Registry {
             .join("data")
     }
 
+    /// The bytes of blob `digest` as the registry stores them.
+    pub fn read_blob(&self, digest: &str) -> Vec<u8> {
+        std::fs::read(self.blob_file(digest))
+            .unwrap_or_else(|e| panic!("blob {digest} in {}: {e}", self.host()))
+    }
+
+    /// Stores `data` as blob `digest` of repository `repo` straight into the
+    /// registry's storage, as a malicious or compromised registry serves it
+    /// (the registry refuses an upload whose bytes do not hash to its
+    /// digest; from the storage it serves whatever is there).
+    pub fn plant_blob(&self, repo: &str, digest: &str, data: &[u8]) {
+        let file = self.blob_file(digest);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, data).unwrap();
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        let link = self
+            .storage()
+            .join("docker/registry/v2/repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(hex);
+        std::fs::create_dir_all(&link).unwrap();
+        std::fs::write(link.join("link"), digest).unwrap();
+    }
+
+    /// PUTs `manifest` (an OCI image manifest) as `repo:tag`; the registry
+    /// checks that the blobs it names are in `repo`. Returns its digest.
+    pub fn put_manifest(&self, repo: &str, tag: &str, manifest: &[u8]) -> String {
+        let (status, body) = crate::http::request(
+            None,
+            "PUT",
+            &self.host(),
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+            manifest,
+        );
+        assert_eq!(
+            status,
+            201,
+            "PUT {repo}:{tag}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        lazybd_blockdev::oci::digest_of(manifest)
+    }
+
     fn credentials(&self) -> Option<(&str, &str)> {
         match &self.auth {
             Auth::Anonymous => None,

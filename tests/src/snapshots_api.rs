@@ -71,20 +71,19 @@ pub fn cri_labels(
     ])
 }
 
-/// Prepares the layers of `image` bottom first with CRI's unpack labels, as
-/// containerd does when it pulls: each is attached lazily and committed as
-/// `chain-N`, so each Prepare answers AlreadyExists. Returns the top one.
+/// Prepares the layers of `img` (named `image`) bottom first with CRI's
+/// unpack labels, as containerd does when it pulls: each is attached lazily
+/// and committed as its chain ID, so each Prepare answers AlreadyExists.
+/// Returns the top one's chain ID.
 pub async fn attach_layers(
     c: &mut Client,
     image: &str,
-    manifest: &str,
-    layers: &[String],
+    img: &crate::images::LazyImage,
     log: impl Fn() -> String,
 ) -> String {
     let mut parent = String::new();
-    for (i, layer) in layers.iter().enumerate() {
-        let target = format!("chain-{i}");
-        let labels = cri_labels(image, manifest, layer, &target);
+    for (i, (layer, target)) in img.layers.iter().zip(img.chain_ids()).enumerate() {
+        let labels = cri_labels(image, &img.manifest, layer, &target);
         let err = prepare(c, &format!("extract-{i}"), &parent, labels)
             .await
             .unwrap_err();

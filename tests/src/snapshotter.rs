@@ -139,6 +139,11 @@ impl SnapshotterDaemon {
         self.daemon.pid()
     }
 
+    /// Replaces the config file; the next [`restart`](Self::restart) reads it.
+    pub fn rewrite_config(&self, config_toml: &str) {
+        std::fs::write(&self.config, config_toml).unwrap();
+    }
+
     pub async fn client(&self) -> SnapshotsClient<Channel> {
         SnapshotsClient::new(containerd_client::connect(&self.socket).await.unwrap())
     }

@@ -61,6 +61,10 @@ impl Supernode {
         self.daemon.log()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid().expect("super node running")
+    }
+
     /// SIGKILL: the super node is down.
     pub fn kill(&mut self) {
         self.daemon.kill();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use lazybd_blockdev::device::{AttachStep, DeviceError, LayerManager, NodeConfig};
 use lazybd_blockdev::fetch::FetchConfig;
-use lazybd_blockdev::source::ChunkSource;
+use lazybd_blockdev::source::{ChunkSource, FileSource};
 use lazybd_tests::images::noise;
 use lazybd_tests::lazy_layers::{assert_nothing_left, leftovers, walk, BlobFile, ControlledSource};
 use lazybd_tests::require_root;
@@ -170,8 +170,8 @@ async fn attach_serves_the_layer_lazily_and_detach_leaves_nothing() {
     let again = manager.attach(s.blob.file_layer()).await.unwrap();
     assert_eq!(again, attached);
 
-    manager.detach(&s.blob.digest).await.unwrap();
-    manager.detach(&s.blob.digest).await.unwrap(); // no-op
+    manager.detach(&attached.id).await.unwrap();
+    manager.detach(&attached.id).await.unwrap(); // no-op
     assert!(manager.layers().is_empty());
     assert!(!attached.mountpoint.exists());
     let (mounts, loops) = leftovers(&s.root);
@@ -295,10 +295,81 @@ async fn failed_attach_at_any_step_leaves_nothing() {
         assert!(!s
             .root
             .join("mnt")
-            .join(s.blob.digest.replace(':', "-"))
+            .join(s.blob.anchor().replace(':', "-"))
             .exists());
         s.shut_down(manager).await;
     }
+}
+
+/// A source that serves another blob's self-consistent tail and chunks
+/// under this blob's digest (a lying mirror, super node or peer) cannot
+/// decide what the layer reads: only the tail that hashes to the anchor is
+/// used, from the sources or from the disk. A layer with another anchor
+/// under the same digest is another layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anchor_picks_the_tail_and_names_the_layer() {
+    require_root!();
+    let s = setup();
+    let big = noise(0x9e37_79b9_7f4a_7c15, 3 << 20);
+    let other = noise(7, 3 << 20);
+    let tmp = s._tmp.path();
+    let foreign = s
+        .blob
+        .foreign_twin(&tmp.join("layer.erofs"), &big, &other, &tmp.join("foreign"));
+    let liar =
+        || -> Arc<dyn ChunkSource> { Arc::new(FileSource::open("liar", &foreign.path).unwrap()) };
+    let manager = s.manager();
+
+    // The liar first: its tail is refused, the next source's is used, and
+    // every read is this image's.
+    let honest = manager
+        .attach(s.blob.source_with(vec![liar(), s.blob.file_source()]))
+        .await
+        .unwrap();
+    assert_eq!(honest.id.anchor(), Some(s.blob.anchor().as_str()));
+    assert_same_tree(&s.tree, &honest.mountpoint);
+
+    // The foreign blob as its own layer under the same digest (its own
+    // anchor): another layer, with its own mount and cache.
+    let mut forged = foreign.file_layer();
+    forged.digest = s.blob.digest.clone();
+    let theirs = manager.attach(forged).await.unwrap();
+    assert_ne!(theirs.id, honest.id);
+    assert_ne!(theirs.mountpoint, honest.mountpoint);
+    assert_eq!(
+        read(theirs.mountpoint.join("big.bin")).await.unwrap(),
+        other
+    );
+    assert_eq!(read(honest.mountpoint.join("big.bin")).await.unwrap(), big);
+    let status = manager.layers();
+    assert_eq!(status.len(), 2);
+    assert!(status.iter().all(|l| l.digest == s.blob.digest));
+
+    // Detached, the honest layer's saved index replaced by the foreign one:
+    // discarded and fetched again, never trusted.
+    manager.detach(&honest.id).await.unwrap();
+    manager.detach(&theirs.id).await.unwrap();
+    let layers = s.root.join("layers");
+    let saved = |id: &lazybd_blockdev::oci::LayerId| layers.join(id.file_name()).join("index");
+    let honest_tail = std::fs::read(saved(&honest.id)).unwrap();
+    std::fs::copy(saved(&theirs.id), saved(&honest.id)).unwrap();
+    let again = manager.attach(s.blob.file_layer()).await.unwrap();
+    assert_eq!(again.id, honest.id);
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_same_tree(&s.tree, &again.mountpoint);
+    assert_eq!(std::fs::read(saved(&honest.id)).unwrap(), honest_tail);
+
+    // Only the liar, nothing saved: the attach fails, naming the anchor.
+    manager.detach(&again.id).await.unwrap();
+    std::fs::remove_dir_all(layers.join(honest.id.file_name())).unwrap();
+    let err = manager
+        .attach(s.blob.source_with(vec![liar()]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not the layer's anchor"), "{err}");
+    assert!(manager.layers().is_empty());
+    s.shut_down(manager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lazybd_blockdev::device::{LayerManager, LayerState, LayerStatus, NodeConfig, PrefetchStart};
+use lazybd_blockdev::oci::LayerId;
 use lazybd_tests::cli::{lazybd, ok, MountGuard};
 use lazybd_tests::images::noise;
 use lazybd_tests::lazy_layers::{
@@ -167,10 +168,10 @@ async fn read_file(path: PathBuf) -> Vec<u8> {
         .unwrap()
 }
 
-async fn wait_for_state(m: &LayerManager, digest: &str, want: LayerState) -> LayerStatus {
+async fn wait_for_state(m: &LayerManager, id: &LayerId, want: LayerState) -> LayerStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let l = m.layers().into_iter().find(|l| l.digest == digest).unwrap();
+        let l = m.layers().into_iter().find(|l| &l.id == id).unwrap();
         if l.state == want {
             return l;
         }
@@ -190,7 +191,7 @@ async fn reads_go_ahead_of_a_rate_limited_prefetch() {
     // About one chunk per second: the 4 MiB layer would take a minute.
     let m = LayerManager::new(node_config(&tmp.path().join("node"), CHUNK as u64)).unwrap();
     let attached = m.attach(blob.file_layer()).await.unwrap();
-    let d = attached.digest.clone();
+    let d = attached.id.clone();
     assert_eq!(m.prefetch(&d).unwrap(), PrefetchStart::Started);
     assert_eq!(m.prefetch(&d).unwrap(), PrefetchStart::AlreadyRunning);
     assert_eq!(
@@ -255,8 +256,9 @@ async fn eviction_removes_detached_caches_and_never_attached_ones() {
     let lb = m.attach(b.file_layer()).await.unwrap();
     assert_same_files(&tree_a, &la.mountpoint);
     assert_same_files(&tree_b, &lb.mountpoint);
-    let cache_dir = |d: &str| root.join("layers").join(d.replace(':', "-"));
-    assert!(cache_dir(&la.digest).exists() && cache_dir(&lb.digest).exists());
+    // Named by the layers' identities (their anchors).
+    let cache_dir = |id: &LayerId| root.join("layers").join(id.file_name());
+    assert!(cache_dir(&la.id).exists() && cache_dir(&lb.id).exists());
 
     // Both attached: over any capacity, nothing goes.
     let report = m.evict_caches(1).await;
@@ -264,11 +266,11 @@ async fn eviction_removes_detached_caches_and_never_attached_ones() {
     assert!(report.remaining_bytes > 4 << 20, "{report:?}");
 
     // A detached: its cache goes, B's stays although still over capacity.
-    m.detach(&la.digest).await.unwrap();
+    m.detach(&la.id).await.unwrap();
     let report = m.evict_caches(1).await;
-    assert_eq!(report.evicted, [la.digest.replace(':', "-")], "{report:?}");
-    assert!(!cache_dir(&la.digest).exists());
-    assert!(cache_dir(&lb.digest).join("image").exists());
+    assert_eq!(report.evicted, [la.id.file_name()], "{report:?}");
+    assert!(!cache_dir(&la.id).exists());
+    assert!(cache_dir(&lb.id).join("image").exists());
     assert_same_files(&tree_b, &lb.mountpoint);
 
     // An evicted layer attaches again, fetching anew.
@@ -278,9 +280,9 @@ async fn eviction_removes_detached_caches_and_never_attached_ones() {
     assert!(m.stats().chunks_fetched() > before);
 
     // Unlimited capacity never evicts.
-    m.detach(&lb.digest).await.unwrap();
+    m.detach(&lb.id).await.unwrap();
     assert!(m.evict_caches(0).await.evicted.is_empty());
-    assert!(cache_dir(&lb.digest).exists());
+    assert!(cache_dir(&lb.id).exists());
     m.shutdown().await.unwrap();
     assert_nothing_left(tmp.path());
 }

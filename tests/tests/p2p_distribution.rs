@@ -11,15 +11,14 @@ use std::time::Duration;
 use lazybd_tests::images::{noise, registry_with_lazy_rich};
 use lazybd_tests::lazy_layers::walk;
 use lazybd_tests::p2p::{
-    announce, blob_ranges, check_tree, curl, drop_page_cache, hub_image, hub_proxy, hub_supernode,
-    publish_image, publish_tree, snapshotter_node, supernode, CountingProxy, Fabric, Fake,
-    FakePeer, Node, RegistryLink, PEER_PORT, PROXY_PORT, SUPERNODE_PORT,
+    announce, blob_ranges, check_tree, curl, docker_config, drop_page_cache, hub_image, hub_proxy,
+    hub_supernode, publish_image, publish_tree, snapshotter_node, supernode, CountingProxy, Fabric,
+    Fake, FakePeer, Node, Pki, RegistryLink, PEER_PORT, PROXY_PORT, SUPERNODE_PORT, TOKEN,
 };
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
 use lazybd_tests::snapshots_api::{attach_layers, prepare};
 use lazybd_tests::snapshotter::{metric_or_zero as metric, Mounted};
-use serde_json::Value;
 
 #[test]
 fn eight_nodes_share_one_registry_copy() {
@@ -91,7 +90,12 @@ fn eight_nodes_share_one_registry_copy() {
     let mut peer_chunks = 0;
     let mut report = BTreeMap::new();
     for n in &nodes {
-        let st = n.p2p_stats(&fabric);
+        let st = n.p2p_stats();
+        assert_eq!(
+            st["rebuilt_chunks_sent"], 0,
+            "node {}: chunks are sent as the stored bytes the node kept: {st}",
+            n.i
+        );
         let max = st["max_chunk_uploads"].as_u64().unwrap();
         assert!(
             max <= FANOUT,
@@ -152,15 +156,15 @@ fn faults_dead_and_lying_peers_super_node_and_registry_down() {
         format!("{hub}:7072").parse().unwrap(),
         Fake::Corrupt,
     );
-    announce(&fabric, &blob.digest, &format!("{hub}:7071"));
+    announce(&fabric, &blob, &format!("{hub}:7071"));
     let a = Node::mount(&fabric, tmp.path(), 0, &image, "", &[]);
-    announce(&fabric, &blob.digest, &format!("{hub}:7072"));
+    announce(&fabric, &blob, &format!("{hub}:7072"));
     let b = Node::mount(&fabric, tmp.path(), 1, &image, "", &[]);
     std::thread::sleep(Duration::from_millis(2500));
 
     // A's parent dies mid-transfer on every request: A fetches elsewhere.
     check_tree(&tree, &a.dir).expect("node A reads correct data");
-    let st_a = a.p2p_stats(&fabric);
+    let st_a = a.p2p_stats();
     assert!(
         dying.requests.load(Ordering::SeqCst) > 0,
         "A asked its parent: {st_a}"
@@ -171,7 +175,7 @@ fn faults_dead_and_lying_peers_super_node_and_registry_down() {
     // B's parent lies: verification rejects, it is counted, and B gets the
     // chunks from the next ancestor up, A.
     check_tree(&tree, &b.dir).expect("node B reads correct data");
-    let st_b = b.p2p_stats(&fabric);
+    let st_b = b.p2p_stats();
     assert!(liar.requests.load(Ordering::SeqCst) > 0, "{st_b}");
     assert!(st_b["corrupt_from_peers"].as_u64().unwrap() > 0, "{st_b}");
     let from_a = st_b["downloaded_from"][&a.addr]["chunks"]
@@ -199,6 +203,34 @@ fn faults_dead_and_lying_peers_super_node_and_registry_down() {
     drop((a, b, c));
 }
 
+/// A node whose cache was filled before it took part in P2P (no stored
+/// bytes kept) still serves its chunks: rebuilt from the image, counted,
+/// verified by the receiver like any other.
+#[test]
+fn a_cache_from_before_p2p_is_served_rebuilt() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let (tree, _blob) = publish_image(tmp.path(), &registry);
+    let fabric = Fabric::new(29, 2);
+    let _proxy = hub_proxy(&fabric, &registry);
+    let _sn = hub_supernode(&fabric, &tmp.path().join("sn"), 1, 120_000, &[]);
+    let image = hub_image(&fabric);
+    let before = Node::mount_direct(&fabric, tmp.path(), 0, &image);
+    check_tree(&tree, &before.dir).expect("node A reads the registry");
+    drop(before);
+    let a = Node::mount(&fabric, tmp.path(), 0, &image, "", &[]);
+    let b = Node::mount(&fabric, tmp.path(), 1, &image, "", &[]);
+    std::thread::sleep(Duration::from_millis(2500));
+    check_tree(&tree, &b.dir).expect("node B reads correct data from A");
+    let st = a.p2p_stats();
+    assert!(st["rebuilt_chunks_sent"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(b.p2p_stats()["corrupt_from_peers"], 0);
+    assert!(b.source_chunks("peer") > 0);
+    assert_eq!(b.source_chunks("registry"), 0);
+    drop((a, b));
+}
+
 #[test]
 fn slow_parent_is_skipped_after_the_peer_timeout() {
     require_root!();
@@ -214,11 +246,11 @@ fn slow_parent_is_skipped_after_the_peer_timeout() {
         format!("{hub}:7073").parse().unwrap(),
         Fake::Slow,
     );
-    announce(&fabric, &blob.digest, &format!("{hub}:7073"));
+    announce(&fabric, &blob, &format!("{hub}:7073"));
     let a = Node::mount(&fabric, tmp.path(), 0, &hub_image(&fabric), "", &[]);
     std::thread::sleep(Duration::from_millis(1500));
     check_tree(&tree, &a.dir).expect("node A reads correct data past its slow parent");
-    let st = a.p2p_stats(&fabric);
+    let st = a.p2p_stats();
     assert!(slow.requests.load(Ordering::SeqCst) > 0, "{st}");
     assert!(st["peer_failures"].as_u64().unwrap() > 0, "{st}");
     assert_eq!(
@@ -231,7 +263,6 @@ fn slow_parent_is_skipped_after_the_peer_timeout() {
 
 #[test]
 fn private_image_over_tls_with_cluster_token() {
-    use base64::Engine as _;
     require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let (user, password) = ("p2puser", "p2p-secret");
@@ -241,65 +272,17 @@ fn private_image_over_tls_with_cluster_token() {
     let hub = fabric.hub_ip();
     let _proxy = hub_proxy(&fabric, &registry);
 
-    // One CA; one certificate for every address (super node and peers).
-    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // Distinct names: OpenSSL (curl) takes subject == issuer for self-signed.
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "lazybd test CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let names = vec![hub.clone(), fabric.node_ip(0), fabric.node_ip(1)];
-    let mut leaf = rcgen::CertificateParams::new(names).unwrap();
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, "lazybd p2p");
-    let cert = leaf.signed_by(&key, &ca).unwrap();
-    let pki = tmp.path().join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    std::fs::write(pki.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(pki.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(pki.join("key.pem"), key.serialize_pem()).unwrap();
-    std::fs::write(pki.join("token"), "cluster-secret-1\n").unwrap();
-    let (ca_pem, cert_pem, key_pem, token) = (
-        pki.join("ca.pem"),
-        pki.join("cert.pem"),
-        pki.join("key.pem"),
-        pki.join("token"),
-    );
-
-    let _sn = hub_supernode(
+    let pki = Pki::new(&tmp.path().join("pki"), &fabric);
+    let sn_args = pki.supernode_args();
+    let sn_args: Vec<&dyn AsRef<std::ffi::OsStr>> = sn_args.iter().map(|a| a as _).collect();
+    let _sn = hub_supernode(&fabric, &tmp.path().join("sn"), 1, 60_000, &sn_args);
+    let docker_config = docker_config(
+        &tmp.path().join("docker-config.json"),
         &fabric,
-        &tmp.path().join("sn"),
-        1,
-        60_000,
-        &[
-            &"--tls-cert",
-            &cert_pem,
-            &"--tls-key",
-            &key_pem,
-            &"--tls-ca",
-            &ca_pem,
-            &"--cluster-token-file",
-            &token,
-        ],
+        user,
+        password,
     );
-    // Credentials for the registry as the nodes name it (through the proxy).
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    let docker_config = tmp.path().join("docker-config.json");
-    std::fs::write(
-        &docker_config,
-        format!(r#"{{"auths":{{"{hub}:{PROXY_PORT}":{{"auth":"{auth}"}}}}}}"#),
-    )
-    .unwrap();
-    let toml = format!(
-        "cluster_token_file = \"{}\"\n[p2p.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
-        token.display(),
-        cert_pem.display(),
-        key_pem.display(),
-        ca_pem.display()
-    );
+    let toml = pki.node_toml();
     let image = format!("{hub}:{PROXY_PORT}/p2p:latest");
     let mount = |i| {
         let args: [&dyn AsRef<std::ffi::OsStr>; 2] = [&"--docker-config", &docker_config];
@@ -310,20 +293,10 @@ fn private_image_over_tls_with_cluster_token() {
     check_tree(&tree, &a.dir).expect("node A reads correct data");
     check_tree(&tree, &b.dir).expect("node B reads correct data");
 
-    let ca_arg = ca_pem.to_str().unwrap();
-    let token_hdr = "X-Lazybd-Token: cluster-secret-1";
-    let (status, body) = curl(
-        &fabric.hub.name,
-        &[
-            "--cacert",
-            ca_arg,
-            "-H",
-            token_hdr,
-            &format!("https://{}/v1/stats", b.addr),
-        ],
-    );
-    assert_eq!(status, 200, "{body}");
-    let st_b: Value = serde_json::from_str(&body).unwrap();
+    let ca_arg = pki.ca.to_str().unwrap();
+    let token_hdr = format!("X-Lazybd-Token: {TOKEN}");
+    let token_hdr = token_hdr.as_str();
+    let st_b = b.p2p_stats();
     let from_a = st_b["downloaded_from"][&a.addr]["chunks"]
         .as_u64()
         .unwrap_or(0);
@@ -421,7 +394,7 @@ async fn snapshotters_share_chunks_and_count_uploads_per_peer() {
     let mut top = String::new();
     for (ni, c) in clients.iter_mut().enumerate() {
         let log = || format!("node {ni}:\n{}", nodes[ni].log());
-        top = attach_layers(c, &image, &img.manifest, &img.layers, log).await;
+        top = attach_layers(c, &image, &img, log).await;
     }
     std::thread::sleep(Duration::from_millis(2500));
 
@@ -453,6 +426,8 @@ async fn snapshotters_share_chunks_and_count_uploads_per_peer() {
     );
     assert!(up > 0.0, "node 0 uploaded to node 1:\n{m0}");
     assert!(metric(&m0, "lazybd_p2p_max_chunk_uploads") <= 1.0);
+    assert_eq!(metric(&m0, "lazybd_p2p_rebuilt_chunks_sent_total"), 0.0);
+    assert!(metric(&m0, "lazybd_p2p_stored_chunks_sent_total") > 0.0);
     assert!(
         metric(&m1, r#"lazybd_source_chunks_total{source="peer"}"#) > 0.0,
         "{m1}"

@@ -76,10 +76,10 @@ fn snapshot_dirs(root: &Path) -> usize {
     std::fs::read_dir(root.join("snapshots")).unwrap().count()
 }
 
-/// What the layer manager keeps per layer (`lazy/{layers,fuse,mnt}/NAME`):
-/// the paths of `digest` that exist.
-fn layer_paths(root: &Path, digest: &str) -> Vec<std::path::PathBuf> {
-    let name = digest.replace(':', "-");
+/// What the layer manager keeps per layer (`lazy/{layers,fuse,mnt}/NAME`,
+/// named by its anchor): the paths of the layer with `anchor` that exist.
+fn layer_paths(root: &Path, anchor: &str) -> Vec<std::path::PathBuf> {
+    let name = anchor.replace(':', "-");
     ["layers", "fuse", "mnt"]
         .iter()
         .map(|d| root.join("lazy").join(d).join(&name))
@@ -217,8 +217,9 @@ async fn a_corrupt_lazybd_index_falls_back_to_the_normal_path() {
 
     let daemon = SnapshotterDaemon::start(t, &plain_http_config(&registry));
     let mut c = daemon.client().await;
+    // Each as a bottom layer: its snapshot name is its anchor.
     for (i, layer) in img.layers[..2].iter().enumerate() {
-        let target = format!("chain-{i}");
+        let target = img.anchors[i].clone();
         let labels = cri_labels(&img.image, &img.manifest, layer, &target);
         // The fallback: an ordinary active snapshot containerd unpacks into.
         let mounts = prepare(&mut c, &format!("extract-{i}"), "", labels)
@@ -230,18 +231,19 @@ async fn a_corrupt_lazybd_index_falls_back_to_the_normal_path() {
             Code::NotFound
         );
         assert!(
-            layer_paths(&daemon.root, layer).is_empty(),
+            layer_paths(&daemon.root, &img.anchors[i]).is_empty(),
             "layer {i}: {:?}",
-            layer_paths(&daemon.root, layer)
+            layer_paths(&daemon.root, &img.anchors[i])
         );
     }
     let log = daemon.log();
     for (i, why) in [(0, "index digest mismatch"), (1, "rejected")] {
+        let target = &img.anchors[i];
         assert!(
             log.lines().any(|l| l.contains(&format!(
-                "chain-{i}: not attached lazily, unpacking normally"
+                "{target}: not attached lazily, unpacking normally"
             )) && l.contains(why)),
-            "chain-{i}: the log says why ({why}):\n{log}"
+            "layer {i}: the log says why ({why}):\n{log}"
         );
     }
     assert_nothing_lazy_attached(&daemon);
@@ -263,11 +265,12 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
     let mut c = daemon.client().await;
 
     // Layer 0 attaches (and the manifest is cached) while the registry is up.
+    let chains = img.chain_ids();
     let e = prepare(
         &mut c,
         "extract-0",
         "",
-        cri_labels(&img.image, &img.manifest, &img.layers[0], "chain-0"),
+        cri_labels(&img.image, &img.manifest, &img.layers[0], &chains[0]),
     )
     .await
     .unwrap_err();
@@ -279,13 +282,13 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
     let mounts = prepare(
         &mut c,
         "extract-1",
-        "chain-0",
-        cri_labels(&img.image, &img.manifest, &img.layers[1], "chain-1"),
+        &chains[0],
+        cri_labels(&img.image, &img.manifest, &img.layers[1], &chains[1]),
     )
     .await
     .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
     assert_eq!(mounts[0].r#type, "overlay", "{mounts:?}");
-    assert!(layer_paths(&daemon.root, &img.layers[1]).is_empty());
+    assert!(layer_paths(&daemon.root, &img.anchors[1]).is_empty());
     // A manifest not cached: its fetch fails on the refused connection.
     let other = format!("sha256:{}", "0".repeat(64));
     let mounts = prepare(
@@ -297,10 +300,10 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
     .await
     .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
     assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
-    assert!(layer_paths(&daemon.root, &img.layers[2]).is_empty());
+    assert!(layer_paths(&daemon.root, &img.anchors[2]).is_empty());
 
     let log = daemon.log();
-    for target in ["chain-1", "chain-other"] {
+    for target in [chains[1].as_str(), "chain-other"] {
         assert!(
             log.lines().any(|l| l.contains(&format!(
                 "{target}: not attached lazily, unpacking normally"
@@ -323,9 +326,9 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
     assert_eq!(attached, [img.layers[0].as_str()]);
     assert_eq!(
         list_all(&mut c).await,
-        ["chain-0", "extract-1", "extract-other"]
+        ["extract-1", "extract-other", chains[0].as_str()]
     );
-    for key in ["extract-1", "extract-other", "chain-0"] {
+    for key in ["extract-1", "extract-other", chains[0].as_str()] {
         remove(&mut c, key).await.unwrap();
     }
     assert_eq!(snapshot_dirs(&daemon.root), 0);

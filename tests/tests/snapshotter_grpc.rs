@@ -213,8 +213,8 @@ async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
     let mut daemon = SnapshotterDaemon::start(t, &plain_http_config(&registry));
     let mut c = daemon.client().await;
     let mut parent = String::new();
-    for (i, layer) in img.layers.iter().enumerate() {
-        let target = format!("chain-{i}");
+    let chains = img.chain_ids();
+    for (i, (layer, target)) in img.layers.iter().zip(chains.clone()).enumerate() {
         let labels = cri_labels(&img.image, &img.manifest, layer, &target);
         let err = prepare(&mut c, &format!("extract-{i}"), &parent, labels)
             .await
@@ -291,8 +291,8 @@ async fn lazybd_layers_are_attached_lazily_and_come_back_after_a_restart() {
     check_container(&mut c, "container-2").await;
 
     // Remove the chain: every lazy layer is detached, nothing stays mounted.
-    for i in (0..layers.len()).rev() {
-        remove(&mut c, &format!("chain-{i}")).await.unwrap();
+    for chain in chains.iter().rev() {
+        remove(&mut c, chain).await.unwrap();
     }
     daemon.assert_only_fuse_left();
 }

@@ -48,10 +48,7 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
                [cache]\ncapacity_bytes = 1\nevict_interval_secs = 1\n"),
     );
     let mut c = daemon.client().await;
-    let parent = attach_layers(&mut c, &img.image, &img.manifest, &img.layers, || {
-        daemon.log()
-    })
-    .await;
+    let parent = attach_layers(&mut c, &img.image, &img, || daemon.log()).await;
     assert!(daemon.layer_states().iter().all(|s| s == "lazy"));
 
     let rootfs = t.join("rootfs");
@@ -124,24 +121,25 @@ async fn a_container_keeps_reading_after_handoff_while_the_snapshotter_is_killed
     remove(&mut c, "container-1").await.unwrap();
     // Eviction: removing the top layer detaches it and its cache goes; the
     // layers below are still attached and keep theirs, over capacity or not.
-    let cache = |d: &str| daemon.root.join("lazy/layers").join(d.replace(':', "-"));
-    assert!(img.layers.iter().all(|d| cache(d).join("image").exists()));
-    remove(&mut c, &format!("chain-{}", img.layers.len() - 1))
-        .await
-        .unwrap();
-    assert!(!cache(&img.layers[img.layers.len() - 1]).exists());
+    // Caches are named by the layers' anchors.
+    let cache = |a: &str| daemon.root.join("lazy/layers").join(a.replace(':', "-"));
+    assert!(img.anchors.iter().all(|a| cache(a).join("image").exists()));
+    let chains = img.chain_ids();
+    let top = img.layers.len() - 1;
+    remove(&mut c, &chains[top]).await.unwrap();
+    assert!(!cache(&img.anchors[top]).exists());
     // Past a periodic eviction round, the attached ones are still there.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    for d in &img.layers[..img.layers.len() - 1] {
+    for a in &img.anchors[..top] {
         assert!(
-            cache(d).join("image").exists(),
-            "{d} evicted while attached"
+            cache(a).join("image").exists(),
+            "{a} evicted while attached"
         );
     }
-    for i in (0..img.layers.len() - 1).rev() {
-        remove(&mut c, &format!("chain-{i}")).await.unwrap();
+    for chain in chains[..top].iter().rev() {
+        remove(&mut c, chain).await.unwrap();
     }
-    assert!(img.layers.iter().all(|d| !cache(d).exists()));
+    assert!(img.anchors.iter().all(|a| !cache(a).exists()));
     daemon.stop();
     // The first container's loop devices (from before the kill) clear once
     // its overlay is gone; the kernel may take a moment.
@@ -159,10 +157,7 @@ async fn a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_bac
         &(plain_http_config(&registry) + "[prefetch]\non_task_start = false\n"),
     );
     let mut c = daemon.client().await;
-    let top = attach_layers(&mut c, &img.image, &img.manifest, &img.layers, || {
-        daemon.log()
-    })
-    .await;
+    let top = attach_layers(&mut c, &img.image, &img, || daemon.log()).await;
     let rootfs = t.join("rootfs");
     std::fs::create_dir(&rootfs).unwrap();
     let mounts = prepare(&mut c, "container-1", &top, HashMap::new())
@@ -203,8 +198,8 @@ async fn a_container_on_lazy_layers_reads_again_once_a_killed_snapshotter_is_bac
     drop(container);
     remove(&mut c, "container-2").await.unwrap();
     remove(&mut c, "container-1").await.unwrap();
-    for i in (0..img.layers.len()).rev() {
-        remove(&mut c, &format!("chain-{i}")).await.unwrap();
+    for chain in img.chain_ids().iter().rev() {
+        remove(&mut c, chain).await.unwrap();
     }
     daemon.stop();
     wait_nothing_left(&daemon.root);

@@ -81,19 +81,19 @@ fn node_config(registry: &str, supernode: Option<&Supernode>) -> String {
 /// a container snapshot on them; returns its mounts.
 async fn container(d: &SnapshotterDaemon, img: &LazyImage) -> Vec<Mount> {
     let mut c = d.client().await;
-    let parent = attach_layers(&mut c, &img.image, &img.manifest, &img.layers, || d.log()).await;
+    let parent = attach_layers(&mut c, &img.image, img, || d.log()).await;
     prepare(&mut c, "container", &parent, HashMap::new())
         .await
         .unwrap()
 }
 
-async fn cleanup(d: &mut SnapshotterDaemon, layers: usize) {
+async fn cleanup(d: &mut SnapshotterDaemon, img: &LazyImage) {
     let mut c = d.client().await;
     // Best effort: the test is cleaning up.
     let _ = remove(&mut c, "container").await;
-    for i in (0..layers).rev() {
+    for chain in img.chain_ids().iter().rev() {
         // Best effort: the test is cleaning up.
-        let _ = remove(&mut c, &format!("chain-{i}")).await;
+        let _ = remove(&mut c, chain).await;
     }
     d.stop();
     wait_nothing_left(&d.root);
@@ -138,7 +138,8 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     require_root!();
     let (tmp, registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
-    let key = trace_key(&img.layers);
+    // Keyed by the layers' identities (their anchors), not their digests.
+    let key = trace_key(&img.anchors);
     let sn = supernode(&t.join("sn"), &registry.host());
 
     // Node A records and uploads.
@@ -152,7 +153,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     assert_eq!(reply["layers"].as_array().unwrap().len(), 3, "{reply}");
     let expected = startup_reads(&rootfs_a);
     let m = wait_metric(&a, "lazybd_traces_uploaded_total", 1.0);
-    let recorded = metric(&m, "lazybd_trace_recorded_chunks_total");
+    let recorded = metric(&m, "lazybd_trace_recorded_ranges_total");
     assert!(recorded > 0.0, "{m}");
     assert_eq!(metric(&m, "lazybd_traces_stored_total"), 1.0, "{m}");
     assert!(a.root.join("traces").join(&key).exists());
@@ -162,7 +163,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
         sn.log()
     );
     drop(mounted);
-    cleanup(&mut a, img.layers.len()).await;
+    cleanup(&mut a, &img).await;
 
     // Node B, fresh root: the Prepare of the container snapshot replays it.
     std::fs::create_dir(t.join("b")).unwrap();
@@ -172,7 +173,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
         &std::fs::read(a.root.join("traces").join(&key)).unwrap(),
     )
     .unwrap();
-    assert_eq!(trace.chunk_count() as f64, recorded);
+    assert_eq!(trace.range_count() as f64, recorded);
     let m = wait_metric(&b, "lazybd_trace_replays_total", trace.layers.len() as f64);
     assert_eq!(metric(&m, "lazybd_traces_downloaded_total"), 1.0, "{m}");
     assert!(
@@ -190,14 +191,23 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     let m = b.metrics();
     assert_eq!(metric(&m, "lazybd_trace_demand_misses_total"), 0.0, "{m}");
     // It had a trace: nothing recorded, nothing uploaded.
-    assert_eq!(metric(&m, "lazybd_trace_recorded_chunks_total"), 0.0, "{m}");
+    assert_eq!(metric(&m, "lazybd_trace_recorded_ranges_total"), 0.0, "{m}");
     drop(mounted);
-    cleanup(&mut b, img.layers.len()).await;
+    cleanup(&mut b, &img).await;
 
-    // The super node refuses what is not a trace, or too large, or unauthenticated.
-    let path = format!("/v1/trace?key={key}");
-    assert_eq!(request(&sn, "PUT", &path, TOKEN, b"{\"version\":1,"), 400);
-    assert_eq!(request(&sn, "PUT", &path, TOKEN, &vec![b' '; 2 << 20]), 413);
+    // The super node refuses what is not a trace, or too large, or
+    // unauthenticated, or not named with its layer chain (this test runs on
+    // the nodes' address, which holds tickets for those layers).
+    let path = format!("/v1/trace?key={key}&chain={}", img.anchors.join(","));
+    assert_eq!(
+        request(&sn, "GET", &format!("/v1/trace?key={key}"), TOKEN, b""),
+        400
+    );
+    let other_chain = format!("/v1/trace?key={key}&chain={}", img.anchors[0]);
+    assert_eq!(request(&sn, "GET", &other_chain, TOKEN, b""), 400);
+    assert_eq!(request(&sn, "PUT", &path, TOKEN, b"{\"version\":2,"), 400);
+    let too_large = vec![b' '; lazybd_blockdev::trace::MAX_TRACE_BYTES + 1];
+    assert_eq!(request(&sn, "PUT", &path, TOKEN, &too_large), 413);
     assert_eq!(request(&sn, "PUT", "/v1/trace?key=../x", TOKEN, b"{}"), 400);
     assert_eq!(request(&sn, "GET", &path, "wrong", b""), 401);
     assert_eq!(request(&sn, "GET", &path, TOKEN, b""), 200);
@@ -225,7 +235,7 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
         "{log}"
     );
     drop(mounted);
-    cleanup(&mut c, img.layers.len()).await;
+    cleanup(&mut c, &img).await;
 }
 
 /// A SIGTERM during a record window still detaches every layer: the
@@ -245,7 +255,7 @@ async fn a_shutdown_during_the_record_window_detaches_the_layers() {
     let mounted = Mounted::new(&mounts, &rootfs);
     a.task_start("c1", &mounts);
     startup_reads(&rootfs);
-    assert!(metric(&a.metrics(), "lazybd_trace_recorded_chunks_total") > 0.0);
+    assert!(metric(&a.metrics(), "lazybd_trace_recorded_ranges_total") > 0.0);
     drop(mounted);
     a.stop();
     let log = a.log();

@@ -50,8 +50,34 @@ struct Args {
     #[arg(long, default_value_t = 100_000)]
     max_blobs: usize,
     /// Shared secret peers must send (X-Lazybd-Token); read from this file.
+    /// Required (with TLS) unless --listen is loopback or --allow-insecure.
     #[arg(long)]
     cluster_token_file: Option<PathBuf>,
+    /// Serve plain HTTP and/or without a token on an address off loopback:
+    /// registry credentials and tickets then cross the network in clear.
+    /// Only for test beds and networks trusted as a whole; logged loudly.
+    #[arg(long)]
+    allow_insecure: bool,
+    /// Ed25519 private key (PKCS#8 PEM: `openssl genpkey -algorithm
+    /// ed25519`) that signs the peers' tickets. Without it, a new key is
+    /// made at every start (nodes fetch it from /v1/keys).
+    #[arg(long)]
+    ticket_key: Option<PathBuf>,
+    /// Public key (SPKI PEM: `openssl pkey -pubout`) of an earlier
+    /// --ticket-key whose tickets are still accepted (key rotation);
+    /// repeatable.
+    #[arg(long = "ticket-verify-key")]
+    ticket_verify_keys: Vec<PathBuf>,
+    /// How long a ticket is valid, seconds (renewed at every heartbeat
+    /// after half of it).
+    #[arg(long, default_value_t = 600)]
+    ticket_ttl_secs: u64,
+    /// Memory for responses being written at once, MiB.
+    #[arg(long, default_value_t = 512)]
+    response_budget_mib: u64,
+    /// Registry requests (block fetches and access checks) at once.
+    #[arg(long, default_value_t = 64)]
+    max_registry_fetches: usize,
     /// PEM certificate chain for TLS (with --tls-key and --tls-ca).
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<PathBuf>,
@@ -89,7 +115,13 @@ fn main() -> Result<()> {
             cluster_token: None,
             cluster_token_file: a.cluster_token_file,
             tls,
+            allow_insecure: a.allow_insecure,
         },
+        ticket_key: a.ticket_key,
+        ticket_verify_keys: a.ticket_verify_keys,
+        ticket_ttl: Duration::from_secs(a.ticket_ttl_secs.max(10)),
+        response_budget: a.response_budget_mib.max(1) << 20,
+        max_registry_fetches: a.max_registry_fetches.max(1),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

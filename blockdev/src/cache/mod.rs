@@ -1,18 +1,28 @@
 //! Per-layer chunk cache: a sparse file holding the uncompressed image, and a
-//! persisted bitmap of the chunks present in it.
+//! persisted bitmap of the chunks present in it. A node that serves its
+//! layers to P2P peers also keeps the stored (zstd) bytes of the chunks it
+//! fetched, in a second sparse file laid out like the blob's data area
+//! (`stored`, with its own bitmap `stored.map`), so a peer sends what it was
+//! sent byte for byte instead of compressing again. Raw chunks are not
+//! copied there (their stored bytes are the image's) and zero chunks store
+//! nothing.
 //!
 //! # Crash consistency
 //!
-//! The invariant is: **a bit set in the bitmap file means that chunk's bytes
-//! are durably in the image file and verified.** Three rules keep it:
+//! The invariant is: **a bit set in a bitmap file means that chunk's bytes
+//! are durably in the file it covers and verified**: `chunks.map` covers the
+//! image file, `stored.map` the stored file. Three rules keep it:
 //!
-//! 1. A chunk is stored only after [`Index::decode_chunk`] verified it.
-//! 2. [`ChunkCache::persist`] orders its steps: `fdatasync(image)` first, then
-//!    the bits of the chunks written before that sync go into the bitmap file,
-//!    then `fdatasync(bitmap)`. A crash before the bitmap sync loses only bits,
-//!    never adds a bit whose data might be missing: the chunk is fetched again.
+//! 1. A chunk is stored only after [`Index::decode_chunk`] verified it (its
+//!    stored bytes decoded to the chunk's sha256; both files get bytes from
+//!    that one verification).
+//! 2. [`ChunkCache::persist`] orders its steps: `fdatasync` of the image and
+//!    stored files first, then the bits of the chunks written before those
+//!    syncs go into the bitmap files, then `fdatasync` of the bitmaps. A crash
+//!    before the bitmap sync loses only bits, never adds a bit whose data
+//!    might be missing: the chunk is fetched again.
 //! 3. Bits are only ever set while a cache is open; a bitmap whose header does
-//!    not name this index (digest, sizes) is thrown away with the image file.
+//!    not name this index (digest, sizes) is thrown away with its file.
 //!
 //! In memory a chunk counts as present as soon as its bytes are in the image
 //! file (`pwrite` returned): reads in this process go through the same page
@@ -37,13 +47,21 @@
 //!   it). Their bits stay on disk, and the header says *verifying*, so a
 //!   crash during the verification only makes the next open verify again.
 //!
-//! No open re-hashes anything: a restart serves at once, whatever the size
+//! No open re-hashes the image: a restart serves at once, whatever the size
 //! of the caches, and cannot be killed by a start timeout in a loop.
+//!
+//! The stored copy (P2P serving, [`stored`]) has a bitmap of its own with
+//! the same header: trusted when closed cleanly or left open in this boot;
+//! left open before a reboot, its frames are decoded and checked at open
+//! and the bad ones dropped (only nodes that serve peers keep one). A node
+//! that turns P2P serving on or off later keeps or ignores the stored copy,
+//! which stays valid for its index.
 //!
 //! Zero chunks are never written: they are holes of the sparse file, read as
 //! zeros, and count as present from the start.
 
 mod bitmap;
+mod stored;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -57,9 +75,12 @@ use thiserror::Error;
 
 use crate::format::{ChunkKind, Index, Sha256Digest};
 use bitmap::{BitmapFile, BootId, Left, MapHeader};
+use stored::StoredCopy;
 
 pub const IMAGE_FILE: &str = "image";
 pub const BITMAP_FILE: &str = "chunks.map";
+pub const STORED_FILE: &str = "stored";
+pub const STORED_MAP_FILE: &str = "stored.map";
 
 #[derive(Debug, Error)]
 pub enum CacheError {
@@ -94,6 +115,8 @@ pub struct OpenReport {
     pub to_verify: u64,
     /// Chunks present (including zero chunks) after opening.
     pub present: u64,
+    /// Chunks whose stored bytes are kept (0 when not kept).
+    pub stored: u64,
 }
 
 /// What [`ChunkCache::verify_pending`] did.
@@ -120,6 +143,8 @@ pub struct ChunkCache {
     pending: Mutex<Vec<u64>>,
     chunk_count: u64,
     index: std::sync::Arc<Index>,
+    /// The stored bytes, when this node serves its layers to peers.
+    stored: Option<StoredCopy>,
 }
 
 impl ChunkCache {
@@ -130,15 +155,27 @@ impl ChunkCache {
         index: std::sync::Arc<Index>,
         index_digest: Sha256Digest,
     ) -> Result<(Self, OpenReport), CacheError> {
-        Self::open_in_boot(dir, index, index_digest, bitmap::boot_id())
+        Self::open_with(dir, index, index_digest, false)
     }
 
-    /// [`open`](Self::open) as a process of the boot `boot` (tests simulate
-    /// a reboot with another id).
+    /// [`open`](Self::open); with `keep_stored`, also keeps the stored bytes
+    /// of the chunks stored from now on ([`store_stored`](Self::store_stored)).
+    pub fn open_with(
+        dir: &Path,
+        index: std::sync::Arc<Index>,
+        index_digest: Sha256Digest,
+        keep_stored: bool,
+    ) -> Result<(Self, OpenReport), CacheError> {
+        Self::open_in_boot(dir, index, index_digest, keep_stored, bitmap::boot_id())
+    }
+
+    /// [`open_with`](Self::open_with) as a process of the boot `boot` (tests
+    /// simulate a reboot with another id).
     pub(crate) fn open_in_boot(
         dir: &Path,
         index: std::sync::Arc<Index>,
         index_digest: Sha256Digest,
+        keep_stored: bool,
         boot: BootId,
     ) -> Result<(Self, OpenReport), CacheError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "create dir"))?;
@@ -203,6 +240,11 @@ impl ChunkCache {
             *present[(i / 64) as usize].get_mut() |= 1 << (i % 64);
             present_count += 1;
         }
+        let stored = if keep_stored {
+            Some(StoredCopy::open(dir, &index, &header, boot)?)
+        } else {
+            None
+        };
         // From here on writes may happen: a crash must be noticed.
         bitmap
             .mark_open(!pending.is_empty())
@@ -212,6 +254,7 @@ impl ChunkCache {
             left_open: matches!(left, Some(Left::Open(_) | Left::Verifying)),
             to_verify: pending.len() as u64,
             present: present_count,
+            stored: stored.as_ref().map_or(0, StoredCopy::count),
         };
         let cache = ChunkCache {
             dir: dir.to_owned(),
@@ -224,6 +267,7 @@ impl ChunkCache {
             pending: Mutex::new(pending),
             chunk_count,
             index,
+            stored,
         };
         Ok((cache, report))
     }
@@ -319,6 +363,42 @@ impl ChunkCache {
         Ok(())
     }
 
+    /// Keeps the stored bytes of chunk `chunk`, verified with its image
+    /// bytes (rule 1), when this cache keeps them; else does nothing.
+    pub fn store_stored(&self, index: &Index, chunk: u64, stored: &[u8]) -> Result<(), CacheError> {
+        match &self.stored {
+            Some(s) => s.store(&self.dir, index, chunk, stored),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this cache keeps stored bytes.
+    pub fn keeps_stored(&self) -> bool {
+        self.stored.is_some()
+    }
+
+    /// The stored bytes of a present chunk as they are in the blob: kept as
+    /// fetched, or for a raw chunk its image bytes; `None` when they are not
+    /// here (not kept, or the chunk was cached before they were).
+    pub fn read_stored(&self, index: &Index, chunk: u64) -> Result<Option<Vec<u8>>, CacheError> {
+        let Some(entry) = index.chunks.get(chunk as usize) else {
+            return Ok(None);
+        };
+        match entry.kind {
+            ChunkKind::Zero => Ok(Some(Vec::new())),
+            ChunkKind::Raw if self.is_present(chunk) => {
+                let mut buf = vec![0u8; entry.stored_len as usize];
+                self.read_at(&mut buf, index.image_range(chunk).start)?;
+                Ok(Some(buf))
+            }
+            ChunkKind::Raw => Ok(None),
+            ChunkKind::Zstd => match &self.stored {
+                Some(s) => s.read(&self.dir, entry, chunk),
+                None => Ok(None),
+            },
+        }
+    }
+
     /// Makes the bits of every chunk stored so far durable, data first.
     pub fn persist(&self) -> Result<(), CacheError> {
         // Holding the bitmap lock for the whole sequence keeps two persists
@@ -326,6 +406,11 @@ impl ChunkCache {
         let mut bitmap = self.bitmap.lock().unwrap_or_else(|e| e.into_inner());
         let chunks =
             std::mem::take(&mut *self.unpersisted.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(s) = &self.stored {
+            // Its own data sync, bits and bitmap sync (rule 2), before the
+            // image's: either may be lost in a crash, neither lies.
+            s.persist(&self.dir)?;
+        }
         if chunks.is_empty() {
             return Ok(());
         }
@@ -356,6 +441,9 @@ impl ChunkCache {
     /// its bitmap without re-hashing.
     pub fn close(self) -> Result<(), CacheError> {
         self.persist()?;
+        if let Some(s) = &self.stored {
+            s.mark_clean(&self.dir)?;
+        }
         if !self
             .pending
             .lock()

@@ -62,7 +62,8 @@ fn clean_close_keeps_chunks_without_rehash() {
             created: false,
             left_open: false,
             to_verify: 0,
-            present: 3
+            present: 3,
+            stored: 0,
         }
     );
     assert_eq!(read_chunk(&cache, &index, 0), img[..4096]);
@@ -131,7 +132,7 @@ fn after_a_reboot_an_incomplete_cache_is_verified_in_the_background() {
     image.write_all_at(&[0u8; 512], 0).unwrap();
 
     let (cache, report) =
-        ChunkCache::open_in_boot(dir.path(), index.clone(), d, OTHER_BOOT).unwrap();
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
     assert!(report.left_open);
     assert_eq!(report.to_verify, 2, "opening hashes nothing");
     assert!(!cache.is_present(0) && !cache.is_present(2) && cache.is_present(1));
@@ -139,7 +140,7 @@ fn after_a_reboot_an_incomplete_cache_is_verified_in_the_background() {
     // boot as the one that started verifying) verifies again.
     drop(cache);
     let (cache, report) =
-        ChunkCache::open_in_boot(dir.path(), index.clone(), d, OTHER_BOOT).unwrap();
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
     assert_eq!(report.to_verify, 2);
     let verified = cache.verify_pending().unwrap();
     assert_eq!(
@@ -155,7 +156,7 @@ fn after_a_reboot_an_incomplete_cache_is_verified_in_the_background() {
     // the boot that verified).
     drop(cache);
     let (cache, report) =
-        ChunkCache::open_in_boot(dir.path(), index.clone(), d, OTHER_BOOT).unwrap();
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
     assert_eq!(report.to_verify, 0);
     assert!(!cache.is_present(0) && cache.is_present(2));
 }
@@ -173,7 +174,7 @@ fn a_complete_cache_is_trusted_after_a_reboot() {
     cache.persist().unwrap();
     drop(cache);
     let (cache, report) =
-        ChunkCache::open_in_boot(dir.path(), index.clone(), d, OTHER_BOOT).unwrap();
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
     assert_eq!(
         (report.left_open, report.to_verify, report.present),
         (true, 0, 4)
@@ -191,7 +192,8 @@ fn a_chunk_fetched_during_verification_is_left_alone() {
     store(&cache, &index, &img, 0);
     cache.persist().unwrap();
     drop(cache);
-    let (cache, _) = ChunkCache::open_in_boot(dir.path(), index.clone(), d, OTHER_BOOT).unwrap();
+    let (cache, _) =
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
     store(&cache, &index, &img, 0); // a reader fetched it meanwhile
     assert_eq!(cache.verify_pending().unwrap(), VerifyReport::default());
     cache.close().unwrap();
@@ -241,4 +243,101 @@ fn second_open_is_refused_while_in_use() {
     ));
     drop(cache);
     assert!(ChunkCache::open(dir.path(), index.clone(), d).is_ok());
+}
+
+/// The sample's blob too, for the stored bytes of its chunks.
+fn sample_blob() -> (Vec<u8>, Vec<u8>, std::sync::Arc<Index>, Sha256Digest) {
+    let (img, index, d) = sample();
+    let mut blob = Vec::new();
+    let layout = Layout::fixed(img.len() as u64, CS).unwrap();
+    write_blob(&img[..], &mut blob, &layout).unwrap();
+    (img, blob, index, d)
+}
+
+fn stored_of<'a>(blob: &'a [u8], index: &Index, chunk: u64) -> &'a [u8] {
+    let r = index.chunks[chunk as usize].stored_range();
+    &blob[r.start as usize..r.end as usize]
+}
+
+/// Stores chunk `chunk` as the fetcher does: stored bytes, then the image.
+fn store_both(cache: &ChunkCache, index: &Index, img: &[u8], blob: &[u8], chunk: u64) {
+    cache
+        .store_stored(index, chunk, stored_of(blob, index, chunk))
+        .unwrap();
+    store(cache, index, img, chunk);
+}
+
+#[test]
+fn stored_bytes_are_kept_as_the_blob_holds_them_across_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, blob, index, d) = sample_blob();
+    assert_eq!(index.chunks[0].kind, ChunkKind::Zstd);
+    let (cache, _) = ChunkCache::open_with(dir.path(), index.clone(), d, true).unwrap();
+    assert_eq!(
+        cache.read_stored(&index, 0).unwrap(),
+        None,
+        "not fetched yet"
+    );
+    for c in [0, 2, 3] {
+        store_both(&cache, &index, &img, &blob, c);
+    }
+    for c in 0..4 {
+        assert_eq!(
+            cache.read_stored(&index, c).unwrap().as_deref(),
+            Some(stored_of(&blob, &index, c)),
+            "chunk {c}"
+        );
+    }
+    cache.close().unwrap();
+
+    let (cache, report) = ChunkCache::open_with(dir.path(), index.clone(), d, true).unwrap();
+    assert!(!report.left_open);
+    let zstd = (0..4)
+        .filter(|&c| index.chunks[c as usize].kind == ChunkKind::Zstd)
+        .count() as u64;
+    assert_eq!(report.stored, zstd);
+    assert_eq!(
+        cache.read_stored(&index, 2).unwrap().as_deref(),
+        Some(stored_of(&blob, &index, 2))
+    );
+    drop(cache);
+    // Without keeping stored bytes, a zstd chunk has none to offer (its
+    // peer server rebuilds it); raw and zero chunks always do.
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
+    assert_eq!(cache.read_stored(&index, 0).unwrap(), None);
+    assert_eq!(cache.read_stored(&index, 1).unwrap(), Some(Vec::new()));
+}
+
+/// The stored copy follows the crash rule: a frame written after the last
+/// persist is forgotten, and after a reboot one whose bytes did not survive
+/// is caught by decoding it again.
+#[test]
+fn crash_and_reboot_drop_unpersisted_and_damaged_stored_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, blob, index, d) = sample_blob();
+    let (cache, _) = ChunkCache::open_with(dir.path(), index.clone(), d, true).unwrap();
+    store_both(&cache, &index, &img, &blob, 0);
+    store_both(&cache, &index, &img, &blob, 2);
+    cache.persist().unwrap();
+    store_both(&cache, &index, &img, &blob, 3);
+    drop(cache);
+    let stored = OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(STORED_FILE))
+        .unwrap();
+    stored
+        .write_all_at(&[0u8; 8], index.chunks[0].offset)
+        .unwrap();
+
+    let (cache, report) =
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, true, OTHER_BOOT).unwrap();
+    assert!(report.left_open);
+    assert_eq!(cache.read_stored(&index, 0).unwrap(), None, "damaged");
+    let kept = cache.read_stored(&index, 2).unwrap();
+    if index.chunks[2].kind == ChunkKind::Zstd {
+        assert_eq!(kept.as_deref(), Some(stored_of(&blob, &index, 2)));
+    }
+    if index.chunks[3].kind == ChunkKind::Zstd {
+        assert_eq!(cache.read_stored(&index, 3).unwrap(), None, "unpersisted");
+    }
 }

@@ -7,6 +7,13 @@
 //! only (each carries its own mtime) and then set the build time to zero and
 //! recompute the superblock checksum. `-T` is no help: it overrides every
 //! file's mtime. The UUID is derived from the source layer digest.
+//!
+//! `noinline_data` keeps file contents out of the inode blocks: without it
+//! a small file's bytes sit inside the metadata, which then is most of the
+//! image's small-file data (4.5 MB of the python image's base layer instead
+//! of 0.15 MB). Kept apart, the metadata every path lookup reads is small
+//! enough to fetch whole when a layer is attached (docs/format.md), and a
+//! file read fetches that file.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -38,7 +45,7 @@ pub enum ErofsError {
 pub fn build_image(dir: &Path, image: &Path, uuid_seed: &str) -> Result<(), ErofsError> {
     let out = Command::new("mkfs.erofs")
         .arg("-E")
-        .arg("force-inode-extended")
+        .arg("force-inode-extended,noinline_data")
         .arg("--preserve-mtime")
         .arg(format!("-U{}", uuid_from(uuid_seed)))
         .arg(image)

@@ -1,5 +1,7 @@
-//! Where each file's data lies in an EROFS image we built: the layout cuts
-//! chunks at these edges, so reading one file fetches that file.
+//! Where each regular file's data lies in an EROFS image we built: the
+//! layout cuts chunks at these edges, so reading one file fetches that file,
+//! and everything else (superblock, inodes, directories, symlinks: the
+//! metadata every path lookup reads) is fetched up front.
 //!
 //! Hand-written because no crate reads EROFS, and only a sliver of it is
 //! needed: the images come from our own `mkfs.erofs` run (uncompressed,
@@ -23,7 +25,6 @@ const DIRENT_LEN: usize = 12;
 const S_IFMT: u16 = 0o170_000;
 const S_IFDIR: u16 = 0o040_000;
 const S_IFREG: u16 = 0o100_000;
-const S_IFLNK: u16 = 0o120_000;
 const LAYOUT_FLAT_PLAIN: u16 = 0;
 const LAYOUT_FLAT_INLINE: u16 = 2;
 /// Bounds on what a walk may visit, far above any real layer.
@@ -38,9 +39,8 @@ pub enum MapError {
     Unsupported(String),
 }
 
-/// The block ranges (as image byte ranges) of every regular file's,
-/// symlink's and directory's data blocks; inline tails are not included
-/// (they live with the metadata).
+/// The block ranges (as image byte ranges) of every regular file's data,
+/// sorted; inline tails are not included (they live with the metadata).
 pub fn data_ranges(image: &File) -> Result<Vec<Range<u64>>, MapError> {
     let size = image.metadata()?.len();
     let mut sb = [0u8; 128];
@@ -87,11 +87,8 @@ impl Walker<'_> {
             }
             let inode = self.inode(nid)?;
             let kind = inode.mode & S_IFMT;
-            if ![S_IFDIR, S_IFREG, S_IFLNK].contains(&kind) {
-                continue;
-            }
-            if let Some(blocks) = self.blocks(&inode)? {
-                out.push(blocks);
+            if kind == S_IFREG {
+                out.extend(self.blocks(&inode)?);
             }
             if kind == S_IFDIR {
                 stack.extend(self.children(&inode)?);

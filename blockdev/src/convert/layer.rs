@@ -16,7 +16,7 @@ use std::ops::Range;
 use tracing::warn;
 
 use super::{erofs, erofs_map, unpack, ConvertError};
-use crate::format::{self, Layout, WrittenBlob};
+use crate::format::{self, Layout, Shape, WrittenBlob};
 use crate::oci::{LayerCompression, LazyLayerAnnotations};
 
 pub struct ConvertedLayer {
@@ -98,8 +98,9 @@ pub fn convert_layer<'a>(
     })
 }
 
-/// Chunks cut where files begin and end (when the image can be read as
-/// EROFS; fixed-size chunks otherwise) and at the profile's edges.
+/// Chunks cut where files' data begins and ends, the metadata apart and in
+/// the prefetch area (when the image can be read as EROFS; fixed-size chunks
+/// and no prefetch area otherwise), and the profile's chunks first.
 fn layout_of(image: &File, diff_id: &str, plan: LayerPlan) -> Result<Layout, ConvertError> {
     let size = image
         .metadata()
@@ -108,15 +109,41 @@ fn layout_of(image: &File, diff_id: &str, plan: LayerPlan) -> Result<Layout, Con
             source: e,
         })?
         .len();
-    let cuts: Vec<u64> = match erofs_map::data_ranges(image) {
-        Ok(ranges) => ranges.iter().flat_map(|r| [r.start, r.end]).collect(),
+    let file_data = match erofs_map::data_ranges(image) {
+        Ok(ranges) => ranges,
         Err(e) => {
             warn!("layer {diff_id}: {e}; cutting fixed-size chunks instead");
             Vec::new()
         }
     };
-    Layout::plan(size, plan.chunk_size, &cuts, plan.profile)
+    let metadata = if file_data.is_empty() {
+        Vec::new()
+    } else {
+        gaps(&file_data, size)
+    };
+    let shape = Shape {
+        file_data: &file_data,
+        metadata: &metadata,
+        profile: plan.profile,
+    };
+    Layout::plan(size, plan.chunk_size, &shape)
         .map_err(|e| ConvertError::Invalid(format!("layer {diff_id}: {e}")))
+}
+
+/// What of `[0, size)` the sorted `ranges` leave out.
+fn gaps(ranges: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for r in ranges {
+        if r.start > at {
+            out.push(at..r.start);
+        }
+        at = at.max(r.end);
+    }
+    if at < size {
+        out.push(at..size);
+    }
+    out
 }
 
 /// A reader for the layer's tar stream, after checking that the bytes look

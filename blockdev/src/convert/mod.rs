@@ -9,7 +9,6 @@
 pub mod erofs;
 mod erofs_map;
 pub mod layer;
-pub mod profile;
 pub mod registry_store;
 pub mod store;
 pub mod unpack;
@@ -33,6 +32,7 @@ use crate::oci::{
     canonical_json, config_diff_ids, is_manifest_list, layer_compression, pick_platform, OciError,
     ANN_SOURCE_MANIFEST, MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST,
 };
+use crate::trace::Trace;
 pub use layer::{ConvertedLayer, LayerPlan};
 pub use registry_store::RegistryStore;
 pub use store::{ImageStore, LayoutStore};
@@ -67,7 +67,7 @@ pub struct ConvertOptions {
     /// The largest chunk.
     pub chunk_size: u32,
     /// Startup profile: per source layer diff_id, the image byte ranges a
-    /// container read at start, in first-read order.
+    /// container read at start, in first-read order ([`profile_of`]).
     pub profile: HashMap<String, Vec<Range<u64>>>,
     /// Scratch space for unpacked layers and images (needs room for a few
     /// uncompressed layers at once).
@@ -88,6 +88,17 @@ impl Default for ConvertOptions {
             platform: ("linux".into(), "amd64".into()),
         }
     }
+}
+
+/// The startup profile in a trace (a node's, or one recorded for the
+/// purpose): per source layer diff_id, its ranges. Layers the trace does not
+/// name by diff_id cannot be matched and are left out.
+pub fn profile_of(trace: &Trace) -> HashMap<String, Vec<Range<u64>>> {
+    trace
+        .layers
+        .iter()
+        .filter_map(|l| Some((l.diff_id.clone()?, l.ranges().collect())))
+        .collect()
 }
 
 /// What a conversion produced.

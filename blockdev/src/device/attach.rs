@@ -22,17 +22,23 @@ use super::undo::Undo;
 use super::{AttachStep, DeviceError, LayerManager, NodeConfig};
 use crate::cache::CacheError;
 use crate::layer::{LayerError, LayerSource, LazyLayer};
-use crate::oci;
+use crate::oci::OciError;
 
 impl LayerManager {
-    /// Attaches the layer (idempotent: an attached layer is returned as is).
+    /// Attaches the layer (idempotent: a layer already attached with the
+    /// same identity, i.e. the same anchor, is returned as is; one of the
+    /// same blob digest with another anchor is another layer).
     pub async fn attach(&self, src: LayerSource) -> Result<AttachedLayer, DeviceError> {
         let _op = self.shared.ops.lock().await;
+        let id = src.id().map_err(|e| match e {
+            OciError::BadDigest(d) => DeviceError::BadDigest(d),
+            other => DeviceError::BadDigest(other.to_string()),
+        })?;
         let digest = src.digest.clone();
-        if let Some(a) = self.shared.table.lock().get(&digest) {
+        if let Some(a) = self.shared.table.lock().get(&id) {
             return Ok(a.info.clone());
         }
-        let name = layer_name(&digest)?;
+        let name = id.file_name();
         let layer = Arc::new(self.open_layer(&name, src).await?);
         let exposing = Exposing {
             config: self.config.clone(),
@@ -63,15 +69,15 @@ impl LayerManager {
                         .join(&attached.name)
                         .join(PREFETCH_MARKER)
                         .exists();
-                self.shared.table.lock().insert(digest.clone(), attached);
+                self.shared.table.lock().insert(id.clone(), attached);
                 info!(
-                    "attached layer {digest} at {} via {} on {how}",
+                    "attached layer {digest} (identity {id}) at {} via {} on {how}",
                     info.mountpoint.display(),
                     info.loop_device.display()
                 );
                 if resume {
                     info!("layer {digest}: resuming the prefetch asked for before");
-                    self.prefetch(&digest)?;
+                    self.prefetch(&id)?;
                 }
                 if layer.needs_verify() {
                     self.verify_in_background(layer);
@@ -96,9 +102,7 @@ impl LayerManager {
             let opened = LazyLayer::open(
                 &self.config.root.join("layers").join(name),
                 src.clone(),
-                self.shared.stats.clone(),
-                self.config.fetch.clone(),
-                self.gate.clone(),
+                &self.node,
             )
             .await;
             match opened {
@@ -180,6 +184,7 @@ impl Exposing {
         );
         Ok(Attached {
             info: AttachedLayer {
+                id: self.layer.id().clone(),
                 digest,
                 mountpoint: self.config.root.join("mnt").join(&self.name),
                 loop_device: adopted.loop_dev.path().to_owned(),
@@ -245,8 +250,14 @@ impl Exposing {
         let loop_dev = LoopDevice::attach(&backing, &backing_path, opts)
             .map_err(step_err("attach loop device"))?;
         drop(backing);
-        if self.config.read_ahead_kb > 0 {
-            if let Err(e) = loop_dev.set_read_ahead_kb(self.config.read_ahead_kb) {
+        let read_ahead_kb = if self.layer.is_complete() {
+            self.config.read_ahead_kb
+        } else {
+            self.config.lazy_read_ahead_kb
+        };
+        let keep_default = read_ahead_kb == 0 && self.layer.is_complete();
+        if !keep_default {
+            if let Err(e) = loop_dev.set_read_ahead_kb(read_ahead_kb) {
                 warn!("layer {digest}: setting loop readahead: {e}");
             }
         }
@@ -285,6 +296,7 @@ impl Exposing {
         orphans::switch_all(&self.orphans, &backing_path, &digest);
         Ok(Attached {
             info: AttachedLayer {
+                id: self.layer.id().clone(),
                 digest,
                 mountpoint,
                 loop_device: loop_path,
@@ -298,38 +310,5 @@ impl Exposing {
             name: self.name,
             orphans: self.orphans,
         })
-    }
-}
-
-/// `sha256:ab12..` -> `sha256-ab12..`; anything but a valid digest
-/// ([`oci::digest_hex`]) is refused, so a digest can never name a path
-/// outside the root.
-fn layer_name(digest: &str) -> Result<String, DeviceError> {
-    let hex = oci::digest_hex(digest).map_err(|_| DeviceError::BadDigest(digest.to_owned()))?;
-    Ok(format!("sha256-{hex}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layer_names_are_safe() {
-        let d = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(
-            layer_name(&d).unwrap(),
-            format!("sha256-{}", "ab".repeat(32))
-        );
-        for bad in [
-            "",
-            "sha256",
-            "sha256:../../etc",
-            "SHA:abcd",
-            &format!("sha256:{}", "AB".repeat(32)),
-            &format!("sha256:{}", "ab".repeat(16)),
-            &format!("sha512:{}", "ab".repeat(32)),
-        ] {
-            assert!(layer_name(bad).is_err(), "{bad}");
-        }
     }
 }

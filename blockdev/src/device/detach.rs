@@ -12,31 +12,30 @@ use super::mounts;
 use super::table::{lock, Attached};
 use super::{DeviceError, LayerManager};
 use crate::layer::LazyLayer;
+use crate::oci::LayerId;
 
 impl LayerManager {
     /// Unmounts and forgets the layer; its cache stays for a later attach.
     /// Detaching an unknown layer is a no-op.
-    pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
-        self.stop_prefetch(digest).await;
+    pub async fn detach(&self, id: &LayerId) -> Result<(), DeviceError> {
+        self.stop_prefetch(id).await;
         let _op = self.shared.ops.lock().await;
-        let Some(attached) = self.shared.table.lock().remove(digest) else {
+        let Some(attached) = self.shared.table.lock().remove(id) else {
             return Ok(());
         };
+        let digest = attached.info.digest.clone();
         let files = self.shared.files.clone();
         let result = tokio::task::spawn_blocking(move || teardown(attached, &files))
             .await
             .map_err(|e| DeviceError::Task(e.to_string()))?;
         match result.map_err(|b| *b) {
             Ok(()) => {
-                info!("detached layer {digest}");
+                info!("detached layer {digest} (identity {id})");
                 Ok(())
             }
             Err((e, Some(still_mounted))) => {
                 // Busy: it stays attached and can be detached again later.
-                self.shared
-                    .table
-                    .lock()
-                    .insert(digest.to_owned(), still_mounted);
+                self.shared.table.lock().insert(id.clone(), still_mounted);
                 Err(e)
             }
             Err((e, None)) => Err(e),
@@ -45,10 +44,10 @@ impl LayerManager {
 
     /// Detaches every layer and unmounts the FUSE directory.
     pub async fn shutdown(self) -> Result<(), DeviceError> {
-        let digests: Vec<String> = self.shared.table.lock().keys().cloned().collect();
+        let ids: Vec<LayerId> = self.shared.table.lock().keys().cloned().collect();
         let mut first_err = None;
-        for d in digests {
-            if let Err(e) = self.detach(&d).await {
+        for id in ids {
+            if let Err(e) = self.detach(&id).await {
                 error!("shutdown: {e}");
                 first_err.get_or_insert(e);
             }

@@ -9,7 +9,7 @@ use crate::layer::LayerError;
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
-    #[error("invalid layer digest {0:?}: expected sha256:<64 lowercase hex digits>")]
+    #[error("invalid layer digest or anchor {0:?}: expected sha256:<64 lowercase hex digits>")]
     BadDigest(String),
     #[error(transparent)]
     Layer(#[from] LayerError),

@@ -13,12 +13,13 @@ use super::loopdev::LoopDevice;
 use super::orphans;
 use super::table::Shared;
 use crate::layer::LazyLayer;
+use crate::oci::LayerId;
 
 /// Switches a complete layer's loop device from its FUSE file to the cache's
 /// image file (`LOOP_CHANGE_FD`: the device is read-only and both files have
 /// the image's size), then removes the FUSE file. Failures are logged and
 /// counted; the layer simply stays on FUSE.
-pub(super) async fn handoff(shared: &Shared, digest: &str) {
+pub(super) async fn handoff(shared: &Shared, id: &LayerId) {
     if !shared.handoff {
         return;
     }
@@ -26,7 +27,7 @@ pub(super) async fn handoff(shared: &Shared, digest: &str) {
     let found = {
         let layers = shared.table.lock();
         layers
-            .get(digest)
+            .get(id)
             .filter(|a| !a.local && a.layer.is_complete())
             .map(|a| {
                 let orphans: std::io::Result<Vec<_>> =
@@ -37,7 +38,9 @@ pub(super) async fn handoff(shared: &Shared, digest: &str) {
     let Some((layer, dev, orphans)) = found else {
         return;
     };
-    let layer_digest = digest.to_owned();
+    let digest = layer.digest().to_owned();
+    let layer_digest = digest.clone();
+    let read_ahead_kb = shared.read_ahead_kb;
     let counters = &shared.stats.prefetch;
     let image = layer.image_path();
     let path = image.clone();
@@ -48,6 +51,12 @@ pub(super) async fn handoff(shared: &Shared, digest: &str) {
         layer.persist().map_err(|e| e.to_string())?;
         let file = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
         dev.change_backing(&file).map_err(|e| e.to_string())?;
+        // Nothing is left to fetch: read ahead like any local device.
+        if read_ahead_kb > 0 {
+            if let Err(e) = dev.set_read_ahead_kb(read_ahead_kb) {
+                warn!("layer {layer_digest}: raising loop readahead: {e}");
+            }
+        }
         // Old devices that cannot follow still need the FUSE file.
         Ok(match orphans {
             Ok(orphans) => orphans::switch_all(&orphans, &path, &layer_digest),
@@ -63,7 +72,7 @@ pub(super) async fn handoff(shared: &Shared, digest: &str) {
     match switched {
         Ok(orphans_switched) => {
             let mut layers = shared.table.lock();
-            if let Some(a) = layers.get_mut(digest) {
+            if let Some(a) = layers.get_mut(id) {
                 a.backing = image;
                 a.local = true;
                 // The kernel released it at the switch; no reader is left.
@@ -76,7 +85,7 @@ pub(super) async fn handoff(shared: &Shared, digest: &str) {
         }
         Err(e) => {
             counters.handoff_failures.fetch_add(1, Relaxed);
-            if let Some(a) = shared.table.lock().get_mut(digest) {
+            if let Some(a) = shared.table.lock().get_mut(id) {
                 a.handoff_failed = true;
             }
             warn!("layer {digest}: handoff to the local cache file failed, staying on FUSE: {e}");
@@ -91,7 +100,7 @@ pub(super) async fn persist_periodically(shared: Shared, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (open, complete): (Vec<Arc<LazyLayer>>, Vec<String>) = {
+        let (open, complete): (Vec<Arc<LazyLayer>>, Vec<LayerId>) = {
             let layers = shared.table.lock();
             (
                 layers.values().map(|a| a.layer.clone()).collect(),
@@ -103,8 +112,8 @@ pub(super) async fn persist_periodically(shared: Shared, every: Duration) {
             )
         };
         // Reads alone can complete a layer, too.
-        for digest in complete {
-            handoff(&shared, &digest).await;
+        for id in complete {
+            handoff(&shared, &id).await;
         }
         super::resume::touch_heartbeat(&shared.root);
         let _ = tokio::task::spawn_blocking(move || {

@@ -22,7 +22,8 @@ use super::resume;
 use super::table::{lock, LayerStatus, Shared, Table};
 use super::{DeviceError, NodeConfig};
 use crate::gate::PriorityGate;
-use crate::layer::LazyLayer;
+use crate::layer::{LazyLayer, NodeContext};
+use crate::oci::LayerId;
 use crate::prefetch::Prefetcher;
 use crate::stats::{Stats, StatsSnapshot};
 
@@ -30,7 +31,8 @@ pub struct LayerManager {
     pub(super) config: NodeConfig,
     pub(super) shared: Shared,
     pub(super) fuse: Mutex<Option<FuseMount>>,
-    pub(super) gate: Arc<PriorityGate>,
+    /// What the layers share: counters, fetch settings, gate, link.
+    pub(super) node: NodeContext,
     pub(super) prefetcher: Arc<Prefetcher>,
     pub(super) jobs: Jobs,
     persister: tokio::task::JoinHandle<()>,
@@ -100,6 +102,7 @@ impl LayerManager {
             stats: Arc::new(Stats::default()),
             handoff: config.handoff,
             root: root.clone(),
+            read_ahead_kb: config.read_ahead_kb,
         };
         let persister = tokio::spawn(persist_periodically(
             shared.clone(),
@@ -116,8 +119,11 @@ impl LayerManager {
                 }
             });
         }
-        let gate = PriorityGate::new();
-        let prefetcher = Prefetcher::new(gate.clone(), config.prefetch_rate);
+        let node = NodeContext {
+            stats: shared.stats.clone(),
+            ..NodeContext::new(config.fetch.clone())
+        };
+        let prefetcher = Prefetcher::new(node.gate.clone(), config.prefetch_rate);
         info!(
             "lazy layer manager ready at {}{}",
             root.display(),
@@ -134,7 +140,7 @@ impl LayerManager {
             config,
             shared,
             fuse: Mutex::new(Some(fuse)),
-            gate,
+            node,
             prefetcher,
             jobs: Jobs::default(),
             persister,
@@ -252,17 +258,13 @@ impl LayerManager {
     }
 
     pub fn gate(&self) -> &Arc<PriorityGate> {
-        &self.gate
+        &self.node.gate
     }
 
     /// The attached layer itself: the P2P peer server reads and relays
     /// chunks through it.
-    pub fn layer(&self, digest: &str) -> Option<Arc<LazyLayer>> {
-        self.shared
-            .table
-            .lock()
-            .get(digest)
-            .map(|a| a.layer.clone())
+    pub fn layer(&self, id: &LayerId) -> Option<Arc<LazyLayer>> {
+        self.shared.table.lock().get(id).map(|a| a.layer.clone())
     }
 
     pub fn layers(&self) -> Vec<LayerStatus> {
@@ -271,9 +273,9 @@ impl LayerManager {
         let layers = self.shared.table.lock();
         let mut out: Vec<LayerStatus> = layers
             .values()
-            .map(|a| a.status(running(&jobs, &a.info.digest)))
+            .map(|a| a.status(running(&jobs, &a.info.id)))
             .collect();
-        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out.sort_by(|a, b| (&a.digest, &a.id).cmp(&(&b.digest, &b.id)));
         out
     }
 }

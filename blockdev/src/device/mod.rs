@@ -7,12 +7,16 @@
 //!
 //! ```text
 //! root/fuse/<layer>         the FUSE file of each attached layer (one FUSE mount)
-//! root/layers/<layer>/      index, image, chunks.map: the layer's cache (kept across detach)
+//! root/layers/<layer>/      index, image, chunks.map, prefetch: the layer's cache (kept across detach)
 //! root/mnt/<layer>/         the layer's EROFS mount
 //! ```
 //!
-//! `<layer>` is the digest with `:` replaced by `-`. Attaching again after a
-//! restart on the same root reuses the saved index and cache. Every attach
+//! Layers are keyed by their identity ([`LayerId`](crate::oci::LayerId):
+//! the anchor, not the blob digest, see docs/security.md), and `<layer>` is
+//! its file name (`sha256-<anchor hex>`, or `unanchored-sha256-<blob hex>`):
+//! two images that name one blob digest with different anchors never share
+//! an attachment or a cache. Attaching again after a restart on the same
+//! root reuses the saved index (checked against the anchor again) and cache. Every attach
 //! step registers its undo, so a failure at any step leaves nothing behind;
 //! detach unmounts EROFS, lets the loop device clear itself, removes the
 //! FUSE file and closes the cache cleanly.

@@ -121,7 +121,7 @@ pub fn mount_info(path: &Path) -> Option<(String, String)> {
             let mut tail = tail.split(' ');
             Some((tail.next()?.to_owned(), unescape(tail.next()?)))
         })
-        .last()
+        .next_back()
 }
 
 /// The device (`major:minor`) of the mount at `path`, from mountinfo
@@ -134,7 +134,7 @@ pub fn mount_device(path: &Path) -> Option<(u32, u32)> {
             let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
             Some((major.parse().ok()?, minor.parse().ok()?))
         })
-        .last()
+        .next_back()
 }
 
 /// The filesystem type of the mount at `path`.

@@ -13,6 +13,7 @@ use super::config::LOOP_CLEAR_WAIT;
 use super::handoff::handoff;
 use super::table::lock;
 use super::{DeviceError, LayerManager};
+use crate::oci::LayerId;
 
 /// In a layer's cache directory: a prefetch was asked for. A restarted
 /// process resumes it on attach, so a layer under a running container does
@@ -31,10 +32,10 @@ pub enum PrefetchStart {
 /// The background work running per layer.
 #[derive(Default)]
 pub(super) struct Jobs {
-    /// Running (or finished) prefetch jobs by digest.
-    pub prefetch: Mutex<HashMap<String, JoinHandle<()>>>,
-    /// Running (or finished) trace replays by digest.
-    pub replays: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Running (or finished) prefetch jobs by layer.
+    pub prefetch: Mutex<HashMap<LayerId, JoinHandle<()>>>,
+    /// Running (or finished) trace replays by layer.
+    pub replays: Mutex<HashMap<LayerId, JoinHandle<()>>>,
 }
 
 impl Jobs {
@@ -48,25 +49,26 @@ impl Jobs {
     }
 }
 
-pub(super) fn running(jobs: &HashMap<String, JoinHandle<()>>, digest: &str) -> bool {
-    jobs.get(digest).is_some_and(|h| !h.is_finished())
+pub(super) fn running(jobs: &HashMap<LayerId, JoinHandle<()>>, id: &LayerId) -> bool {
+    jobs.get(id).is_some_and(|h| !h.is_finished())
 }
 
 impl LayerManager {
     /// Starts fetching every missing chunk of an attached layer in the
     /// background (on-demand reads go first); when it is complete, the loop
     /// device is switched to the local cache file.
-    pub fn prefetch(&self, digest: &str) -> Result<PrefetchStart, DeviceError> {
+    pub fn prefetch(&self, id: &LayerId) -> Result<PrefetchStart, DeviceError> {
         let (layer, name) = {
             let layers = self.shared.table.lock();
             let a = layers
-                .get(digest)
-                .ok_or_else(|| DeviceError::NotAttached(digest.to_owned()))?;
+                .get(id)
+                .ok_or_else(|| DeviceError::NotAttached(id.to_string()))?;
             if a.local {
                 return Ok(PrefetchStart::AlreadyLocal);
             }
             (a.layer.clone(), a.name.clone())
         };
+        let digest = layer.digest().to_owned();
         let marker = self
             .config
             .root
@@ -80,18 +82,14 @@ impl LayerManager {
             );
         }
         let mut jobs = lock(&self.jobs.prefetch);
-        if running(&jobs, digest) {
+        if running(&jobs, id) {
             return Ok(PrefetchStart::AlreadyRunning);
         }
-        let (prefetcher, shared, d) = (
-            self.prefetcher.clone(),
-            self.shared.clone(),
-            digest.to_owned(),
-        );
+        let (prefetcher, shared, d) = (self.prefetcher.clone(), self.shared.clone(), id.clone());
         info!("layer {digest}: background prefetch started");
-        let job = self.gate.job();
+        let job = self.node.gate.job();
         jobs.insert(
-            digest.to_owned(),
+            id.clone(),
             tokio::spawn(async move {
                 match prefetcher.run(&layer, job).await {
                     Ok(()) => {
@@ -107,13 +105,13 @@ impl LayerManager {
 
     /// Stops the layer's prefetch job and trace replay, if any, and waits
     /// (bounded) until they have let go of the layer.
-    pub(super) async fn stop_prefetch(&self, digest: &str) {
-        let replay = lock(&self.jobs.replays).remove(digest);
-        let job = lock(&self.jobs.prefetch).remove(digest);
+    pub(super) async fn stop_prefetch(&self, id: &LayerId) {
+        let replay = lock(&self.jobs.replays).remove(id);
+        let job = lock(&self.jobs.prefetch).remove(id);
         for job in replay.into_iter().chain(job) {
             job.abort();
             if tokio::time::timeout(LOOP_CLEAR_WAIT, job).await.is_err() {
-                warn!("layer {digest}: prefetch job did not stop within {LOOP_CLEAR_WAIT:?}");
+                warn!("layer {id}: prefetch job did not stop within {LOOP_CLEAR_WAIT:?}");
             }
         }
     }

@@ -9,11 +9,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::fuse::LayerFiles;
 use super::loopdev::LoopDevice;
 use crate::layer::LazyLayer;
+use crate::oci::LayerId;
 use crate::stats::Stats;
 
 /// What the caller gets back from an attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedLayer {
+    /// What the layer is (its anchor): the key of every call about it.
+    pub id: LayerId,
+    /// The blob digest it was attached as (what its sources are asked for).
     pub digest: String,
     /// The read-only EROFS mount of the layer.
     pub mountpoint: PathBuf,
@@ -46,7 +50,13 @@ impl LayerState {
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LayerStatus {
+    /// The layer's identity (its anchor, or `unanchored:` + blob digest).
+    pub id: LayerId,
+    /// The blob digest it was attached as.
     pub digest: String,
+    /// The anchor its index was checked against; `None`: an unanchored
+    /// (version 1) layer its operator allowed.
+    pub anchor: Option<String>,
     pub mountpoint: PathBuf,
     pub loop_device: PathBuf,
     pub chunks_present: u64,
@@ -71,8 +81,8 @@ pub(super) struct Attached {
     /// A handoff failed: the periodic check does not retry it (every second
     /// a warning); the next attach tries again.
     pub handoff_failed: bool,
-    /// The digest as a file name (`sha256-<hex>`): the layer's FUSE file,
-    /// cache directory and mountpoint.
+    /// The identity as a file name ([`LayerId::file_name`]): the layer's
+    /// FUSE file, cache directory and mountpoint.
     pub name: String,
     /// Loop devices a previous run left on this layer's FUSE file, still
     /// under a running container's EROFS mount; switched along with ours.
@@ -83,7 +93,9 @@ impl Attached {
     /// `prefetching`: a prefetch job of the layer is running.
     pub fn status(&self, prefetching: bool) -> LayerStatus {
         LayerStatus {
+            id: self.info.id.clone(),
             digest: self.info.digest.clone(),
+            anchor: self.info.id.anchor().map(str::to_owned),
             mountpoint: self.info.mountpoint.clone(),
             loop_device: self.info.loop_device.clone(),
             chunks_present: self.layer.chunks_present(),
@@ -101,12 +113,12 @@ impl Attached {
     }
 }
 
-/// The attached layers by digest.
+/// The attached layers by identity.
 #[derive(Clone, Default)]
-pub(super) struct Table(Arc<Mutex<HashMap<String, Attached>>>);
+pub(super) struct Table(Arc<Mutex<HashMap<LayerId, Attached>>>);
 
 impl Table {
-    pub fn lock(&self) -> MutexGuard<'_, HashMap<String, Attached>> {
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<LayerId, Attached>> {
         lock(&self.0)
     }
 }
@@ -123,6 +135,9 @@ pub(super) struct Shared {
     pub handoff: bool,
     /// The root, whose heartbeat the periodic persist touches.
     pub root: std::path::PathBuf,
+    /// [`NodeConfig::read_ahead_kb`](super::NodeConfig::read_ahead_kb): set
+    /// at the handoff.
+    pub read_ahead_kb: u32,
 }
 
 /// A poisoned lock still guards consistent data here (every update is a

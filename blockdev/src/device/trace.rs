@@ -1,31 +1,33 @@
-//! Startup traces of attached layers (`crate::trace`): recording the
-//! on-demand misses, and replaying a trace's chunks in the background.
+//! Startup traces of attached layers (`crate::trace`): recording what the
+//! container reads, and replaying a trace's chunks in the background.
 
 use tracing::info;
 
 use super::prefetch::running;
 use super::table::lock;
 use super::LayerManager;
+use crate::oci::LayerId;
 use crate::trace::Trace;
 
 impl LayerManager {
-    /// Starts recording the on-demand misses of these attached layers
-    /// (unknown digests are skipped) for a startup trace.
-    pub fn start_trace(&self, digests: &[String]) {
-        for d in digests {
-            if let Some(l) = self.layer(d) {
-                l.fetcher().start_recording();
+    /// Starts recording the reads of these attached layers (unknown ones
+    /// are skipped) for a startup trace.
+    pub fn start_trace(&self, ids: &[LayerId]) {
+        for id in ids {
+            if let Some(l) = self.layer(id) {
+                l.start_recording();
             }
         }
     }
 
     /// Ends the recordings of [`start_trace`](Self::start_trace): the trace
-    /// of these layers, in this order (layers detached meanwhile are missing).
-    pub fn stop_trace(&self, digests: &[String]) -> Trace {
-        Trace::new(digests.iter().filter_map(|d| {
-            self.layer(d)
-                .map(|l| (d.clone(), l.fetcher().stop_recording()))
-        }))
+    /// of these layers (named by identity), in this order (layers detached
+    /// meanwhile are missing).
+    pub fn stop_trace(&self, ids: &[LayerId]) -> Trace {
+        Trace::new(
+            ids.iter()
+                .filter_map(|id| self.layer(id).map(|l| l.stop_recording())),
+        )
     }
 
     /// Fetches the trace's chunks of the attached layers in the background,
@@ -36,22 +38,22 @@ impl LayerManager {
         let mut replays = lock(&self.jobs.replays);
         let mut started = 0;
         for lt in &trace.layers {
-            let Some(layer) = self.layer(&lt.digest) else {
+            let Some(layer) = self.layer(&lt.layer) else {
                 continue;
             };
-            if layer.is_complete() || running(&replays, &lt.digest) {
+            if layer.is_complete() || running(&replays, &lt.layer) {
                 continue;
             }
-            let (prefetcher, chunks) = (self.prefetcher.clone(), lt.chunks.clone());
+            let (prefetcher, chunks) = (self.prefetcher.clone(), layer.chunks_of(lt));
             // Taken now, so a full prefetch started right after already waits.
-            let guard = self.gate.replay();
+            let guard = self.node.gate.replay();
             info!(
                 "layer {}: replaying a trace of {} chunks",
-                lt.digest,
+                lt.layer,
                 chunks.len()
             );
             replays.insert(
-                lt.digest.clone(),
+                lt.layer.clone(),
                 tokio::spawn(async move {
                     prefetcher.replay(&layer, &chunks, guard).await;
                 }),

@@ -13,8 +13,19 @@ pub struct FetchConfig {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// Adjacent missing chunks are fetched in one request up to this many
-    /// stored bytes.
+    /// stored bytes (the startup stream is not limited: it is one range).
     pub max_request_bytes: u64,
+    /// The most a demand fetch adds after the chunks a reader missed (the
+    /// chunks stored next in the blob, which are likely read next): the
+    /// window itself follows the link, see `fetch::link`.
+    pub window_max: u64,
+    /// A reader whose chunk the startup stream will reach only after this
+    /// many more bytes fetches it itself instead of waiting.
+    pub lookahead: u64,
+    /// Also keep each fetched chunk's stored (compressed) bytes in the cache,
+    /// for the P2P peer server to send on unchanged (`crate::cache`). On when
+    /// the node serves its layers to peers.
+    pub keep_stored: bool,
 }
 
 impl Default for FetchConfig {
@@ -25,6 +36,9 @@ impl Default for FetchConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             max_request_bytes: 8 << 20,
+            window_max: 1 << 20,
+            lookahead: 1 << 20,
+            keep_stored: false,
         }
     }
 }

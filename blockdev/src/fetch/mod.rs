@@ -1,35 +1,57 @@
 //! Making missing chunks present: one fetch per chunk however many readers
-//! want it, adjacent chunks in one request, every chunk verified before it is
-//! stored, sources tried in order with retries and backoff, and a deadline so
-//! no read waits forever.
+//! want it, chunks adjacent in the blob in one request, every chunk verified
+//! before it is stored, sources tried in order with retries and backoff, and
+//! a deadline so no read waits forever.
+//!
+//! Three kinds of fetch claim chunks, and a reader joins a claim only where
+//! waiting is the fastest way to its chunk:
+//!
+//! - **demand**: a reader missed chunks. Its request also takes the chunks
+//!   stored right after them in the blob, up to the link's window
+//!   ([`link`]), since those are often read next. Readers join it.
+//! - **stream**: the blob's startup chunks (its prefetch area: what the
+//!   container read at start, in that order), fetched as one range as soon
+//!   as the layer is attached ([`ChunkFetcher::start_stream`]). It runs at
+//!   demand priority. A reader joins it unless the stream is still more than
+//!   [`FetchConfig::lookahead`] bytes away from its chunk; then it fetches
+//!   the chunk itself.
+//! - **background**: a prefetch. Readers never wait for one: they fetch the
+//!   chunk themselves at once (storing the same verified bytes twice is
+//!   harmless).
+//!
+//! Answers are streams: each chunk is verified and stored as soon as its
+//! bytes are in ([`receive`]), so a reader waits for its chunk, not for the
+//! end of a long range.
 
 mod config;
+mod link;
+mod receive;
+mod retry;
 #[cfg(test)]
 mod tests;
 mod verified_range;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::fmt::Write as _;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 pub use config::FetchConfig;
+pub use link::LinkEstimate;
 pub use verified_range::read_verified;
 
 use crate::cache::{CacheError, ChunkCache};
 use crate::format::Index;
 use crate::gate::PriorityGate;
-use crate::source::{Answer, ChunkSource, Verdict};
+use crate::source::ChunkSource;
 use crate::stats::{SourceCounters, Stats};
-use crate::trace::MAX_TRACE_CHUNKS;
+use crate::trace::MAX_TRACE_RANGES;
 
 #[derive(Debug, Error)]
 pub enum FetchError {
@@ -49,14 +71,8 @@ pub enum FetchError {
         #[source]
         source: CacheError,
     },
-    #[error(
-        "layer {layer}: fetch of chunks {first}..={last} ended without a result (task failed)"
-    )]
-    Aborted {
-        layer: String,
-        first: u64,
-        last: u64,
-    },
+    #[error("layer {layer}: the fetch of chunk {chunk} ended without storing it")]
+    Aborted { layer: String, chunk: u64 },
 }
 
 #[derive(Debug, Error)]
@@ -79,20 +95,29 @@ pub enum ReadError {
     },
 }
 
-type FlightResult = Option<Result<(), Arc<FetchError>>>;
+type Outcome = Result<(), Arc<FetchError>>;
 
-/// How often one round asks a source again at once after it shunned the
-/// server that sent bad bytes (it has a few ancestors at most; this only
-/// bounds a source that keeps claiming another server).
-const MAX_REASKS: u32 = 8;
+/// How a fetch is going, as the readers waiting on it see it.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// The blob offset its answer has been stored up to.
+    position: u64,
+    /// Set when it ended.
+    outcome: Option<Outcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Demand,
+    Stream,
+    Background,
+}
 
 /// A fetch in progress, as the chunks it claimed see it.
 #[derive(Clone)]
 struct Flight {
-    rx: watch::Receiver<FlightResult>,
-    /// A prefetch's fetch: readers do not wait for it (they fetch the chunk
-    /// themselves), so background work never delays a read.
-    background: bool,
+    rx: watch::Receiver<Progress>,
+    kind: Kind,
 }
 
 /// A source together with its counters.
@@ -108,20 +133,14 @@ pub struct ChunkFetcher {
     sources: Vec<Slot>,
     stats: Arc<Stats>,
     config: FetchConfig,
-    /// Chunks being fetched right now, each mapped to its fetch's outcome.
+    /// Chunks being fetched right now, each mapped to its fetch.
     inflight: Mutex<HashMap<u64, Flight>>,
     /// Shared by the node's fetchers: background fetches yield to on-demand ones.
     gate: Arc<PriorityGate>,
-    trace: Mutex<TraceState>,
-}
-
-/// Startup-trace bookkeeping of one layer; touched only on cache misses.
-#[derive(Default)]
-struct TraceState {
-    /// Missed chunks while a recording runs (bounded by `MAX_TRACE_CHUNKS`).
-    recording: Option<BTreeSet<u64>>,
+    /// Shared by the node's fetchers: sizes demand windows.
+    link: Arc<LinkEstimate>,
     /// Chunks of replayed traces: a miss on one is counted.
-    replayed: HashSet<u64>,
+    replayed: Mutex<HashSet<u64>>,
 }
 
 impl ChunkFetcher {
@@ -149,13 +168,15 @@ impl ChunkFetcher {
             config,
             inflight: Mutex::new(HashMap::new()),
             gate: PriorityGate::new(),
-            trace: Mutex::default(),
+            link: Arc::default(),
+            replayed: Mutex::default(),
         }
     }
 
-    /// Uses the node's priority gate instead of a private one.
-    pub fn with_gate(mut self, gate: Arc<PriorityGate>) -> Self {
+    /// Uses the node's priority gate and link estimate instead of private ones.
+    pub fn on_node(mut self, gate: Arc<PriorityGate>, link: Arc<LinkEstimate>) -> Self {
         self.gate = gate;
+        self.link = link;
         self
     }
 
@@ -180,95 +201,98 @@ impl ChunkFetcher {
         self.stats
             .cache_misses
             .fetch_add(missing.len() as u64, Relaxed);
-        self.trace_misses(&missing);
+        self.count_replayed_misses(&missing);
         let _waiting = self.stats.waiting_read();
         let deadline = Instant::now() + self.config.read_deadline;
-        let flights = self.join_or_start(&missing);
-        let behind_background = flights.iter().filter(|f| f.background).count() as u64;
-        self.stats
-            .prefetch
-            .demand_waited_on_background
-            .fetch_add(behind_background, Relaxed);
-        for Flight { rx: mut flight, .. } in flights {
-            match timeout_at(deadline, flight.wait_for(Option::is_some)).await {
-                Ok(Ok(outcome)) => {
-                    if let Some(Err(e)) = &*outcome {
-                        return Err(ReadError::Fetch(e.clone()));
+        for (chunk, flight) in self.join_or_start(&missing) {
+            self.wait_for(chunk, flight, deadline)
+                .await
+                .map_err(|e| match e {
+                    WaitError::Failed(e) => ReadError::Fetch(e),
+                    WaitError::Deadline => {
+                        let err = ReadError::Deadline {
+                            layer: self.layer.clone(),
+                            chunks: chunks.clone(),
+                            deadline: self.config.read_deadline,
+                        };
+                        warn!("{err}");
+                        err
                     }
-                }
-                Ok(Err(_sender_gone)) => {
-                    return Err(ReadError::Fetch(Arc::new(FetchError::Aborted {
-                        layer: self.layer.clone(),
-                        first: chunks.start,
-                        last: chunks.end - 1,
-                    })))
-                }
-                Err(_elapsed) => {
-                    let err = ReadError::Deadline {
-                        layer: self.layer.clone(),
-                        chunks,
-                        deadline: self.config.read_deadline,
-                    };
-                    warn!("{err}");
-                    return Err(err);
-                }
-            }
+                })?;
         }
         Ok(())
     }
 
-    /// Starts (or restarts, empty) recording this layer's on-demand misses.
-    pub fn start_recording(&self) {
-        self.trace
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .recording = Some(BTreeSet::new());
+    /// Waits until `chunk` is present or its fetch failed.
+    async fn wait_for(
+        &self,
+        chunk: u64,
+        mut flight: Flight,
+        deadline: Instant,
+    ) -> Result<(), WaitError> {
+        if flight.kind == Kind::Background {
+            // Counted where that wait would happen, so a change that breaks
+            // the rule (readers never wait for a prefetch) shows up.
+            let counters = &self.stats.prefetch;
+            counters.demand_waited_on_background.fetch_add(1, Relaxed);
+        }
+        loop {
+            // Seen before the presence check: a chunk stored after it is
+            // followed by a change that wakes us.
+            let progress = flight.rx.borrow_and_update().clone();
+            if self.cache.is_present(chunk) {
+                return Ok(());
+            }
+            if let Some(outcome) = progress.outcome {
+                outcome.map_err(WaitError::Failed)?;
+                return Err(self.aborted(chunk));
+            }
+            match timeout_at(deadline, flight.rx.changed()).await {
+                Err(_elapsed) => return Err(WaitError::Deadline),
+                Ok(Err(_fetch_gone)) if self.cache.is_present(chunk) => return Ok(()),
+                Ok(Err(_fetch_gone)) => return Err(self.aborted(chunk)),
+                Ok(Ok(())) => {}
+            }
+        }
     }
 
-    /// Ends the recording; the chunks it saw, sorted (empty if none ran).
-    pub fn stop_recording(&self) -> Vec<u64> {
-        let mut t = self.trace.lock().unwrap_or_else(|e| e.into_inner());
-        t.recording
-            .take()
-            .map_or_else(Vec::new, |s| s.into_iter().collect())
+    fn aborted(&self, chunk: u64) -> WaitError {
+        WaitError::Failed(Arc::new(FetchError::Aborted {
+            layer: self.layer.clone(),
+            chunk,
+        }))
     }
 
     /// Remembers chunks a replay is about to fetch, so later misses on them
     /// are counted as the replay's misses.
     pub fn mark_replayed(&self, chunks: &[u64]) {
-        let mut t = self.trace.lock().unwrap_or_else(|e| e.into_inner());
+        let mut replayed = self.replayed.lock().unwrap_or_else(|e| e.into_inner());
         for &c in chunks {
-            if t.replayed.len() >= MAX_TRACE_CHUNKS {
+            if replayed.len() >= MAX_TRACE_RANGES {
                 break;
             }
-            t.replayed.insert(c);
+            replayed.insert(c);
         }
     }
 
-    fn trace_misses(&self, missing: &[u64]) {
-        let mut t = self.trace.lock().unwrap_or_else(|e| e.into_inner());
-        let traced = missing.iter().filter(|c| t.replayed.contains(c)).count() as u64;
+    fn count_replayed_misses(&self, missing: &[u64]) {
+        let replayed = self.replayed.lock().unwrap_or_else(|e| e.into_inner());
+        if replayed.is_empty() {
+            return;
+        }
+        let traced = missing.iter().filter(|c| replayed.contains(c)).count() as u64;
         let counters = &self.stats.trace;
         counters.demand_misses_traced.fetch_add(traced, Relaxed);
-        if let Some(rec) = &mut t.recording {
-            for &c in missing {
-                if rec.len() >= MAX_TRACE_CHUNKS {
-                    break;
-                }
-                if rec.insert(c) {
-                    counters.recorded_chunks.fetch_add(1, Relaxed);
-                }
-            }
-        }
     }
 
-    /// Joins the fetches already running for some of `missing` and starts one
-    /// fetch per run of adjacent chunks nobody fetches yet.
-    fn join_or_start(self: &Arc<Self>, missing: &[u64]) -> Vec<Flight> {
+    /// For each missing chunk, the fetch to wait for: a running one it can
+    /// join, or a new demand fetch started here for the chunks nobody
+    /// fetches yet (with the window after them).
+    fn join_or_start(self: &Arc<Self>, missing: &[u64]) -> Vec<(u64, Flight)> {
         let counters = &self.stats.prefetch;
-        let mut flights: Vec<Flight> = Vec::new();
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waits = Vec::new();
         let mut unclaimed = Vec::new();
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         for &c in missing {
             // Checked under the lock: a fetch marks chunks present before it
             // leaves the map, so a chunk is present, in flight, or ours.
@@ -276,36 +300,29 @@ impl ChunkFetcher {
                 continue;
             }
             match inflight.get(&c) {
-                // Never queue behind a prefetch (it may be about to be rate
-                // limited or yield): fetch the chunk now; storing the same
-                // verified bytes twice is harmless.
-                Some(f) if f.background => {
+                Some(f) if f.kind == Kind::Background => {
                     counters.demand_overtook_background.fetch_add(1, Relaxed);
                     unclaimed.push(c);
                 }
-                Some(f) => {
-                    if !flights.iter().any(|g| g.rx.same_channel(&f.rx)) {
-                        flights.push(f.clone());
-                    }
+                Some(f) if f.kind == Kind::Stream && self.stream_is_far(f, c) => {
+                    counters.demand_overtook_stream.fetch_add(1, Relaxed);
+                    unclaimed.push(c);
                 }
+                Some(f) => waits.push((c, f.clone())),
                 None => unclaimed.push(c),
             }
         }
-        for run in self.runs(&unclaimed) {
-            let (tx, rx) = watch::channel(None);
-            for &c in &run {
-                inflight.insert(
-                    c,
-                    Flight {
-                        rx: rx.clone(),
-                        background: false,
-                    },
-                );
-            }
-            flights.push(Flight {
-                rx,
-                background: false,
-            });
+        let window = self.link.window(self.config.window_max);
+        let wanted: HashSet<u64> = unclaimed.iter().copied().collect();
+        for run in self.plan(&unclaimed, self.config.max_request_bytes, window, &inflight) {
+            let flight = claim(&mut inflight, &self.index, &run, Kind::Demand);
+            waits.extend(
+                run.iter()
+                    .filter(|c| wanted.contains(c))
+                    .map(|&c| (c, flight.0.clone())),
+            );
+            let extra = run.iter().filter(|c| !wanted.contains(c)).count();
+            counters.window_chunks.fetch_add(extra as u64, Relaxed);
             counters.demand_fetches.fetch_add(1, Relaxed);
             if self.gate.prefetching() {
                 counters
@@ -318,76 +335,169 @@ impl ChunkFetcher {
             let fetcher = self.clone();
             tokio::spawn(async move {
                 let _demand = demand;
-                fetcher.fetch_run(run, tx).await
+                // The readers see the outcome through the flight.
+                let _ = fetcher.fetch_run(run, flight.1, Kind::Demand).await;
             });
         }
-        flights
+        waits
     }
 
-    /// Fetches the missing chunks of `chunks` that nobody is fetching, as
-    /// background work: the caller has waited for the gate and the rate
-    /// limit. Readers that need one of these chunks meanwhile fetch it
-    /// themselves. Returns the chunks this call stored.
-    pub async fn fetch_background(
-        self: &Arc<Self>,
-        chunks: Range<u64>,
-    ) -> Result<u64, Arc<FetchError>> {
-        let (tx, rx) = watch::channel(None);
-        let claimed: Vec<u64> = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            let claimed: Vec<u64> = chunks
-                .filter(|c| !self.cache.is_present(*c) && !inflight.contains_key(c))
-                .collect();
-            for &c in &claimed {
-                inflight.insert(
-                    c,
-                    Flight {
-                        rx: rx.clone(),
-                        background: true,
-                    },
-                );
-            }
-            claimed
-        };
-        if claimed.is_empty() {
-            return Ok(0);
-        }
-        let counters = &self.stats.prefetch;
-        counters.background_fetches.fetch_add(1, Relaxed);
-        let guard = FlightGuard {
-            fetcher: self,
-            chunks: &claimed,
-            rx: &rx,
-        };
-        let result = self.fetch_chunks(claimed.clone()).await;
-        drop(guard);
-        let _ = tx.send(Some(Ok(())));
-        result.map_err(Arc::new)?;
-        counters
-            .background_chunks
-            .fetch_add(claimed.len() as u64, Relaxed);
-        Ok(claimed.len() as u64)
+    /// Whether the startup stream `f` is still more than the lookahead away
+    /// from chunk `c`.
+    fn stream_is_far(&self, f: &Flight, c: u64) -> bool {
+        let position = f.rx.borrow().position;
+        self.index.chunks[c as usize].offset > position.saturating_add(self.config.lookahead)
     }
 
-    /// Splits sorted chunk numbers into runs of consecutive chunks whose
-    /// stored bytes fit one request.
-    fn runs(&self, chunks: &[u64]) -> Vec<Vec<u64>> {
+    /// Splits `chunks` into runs of chunks adjacent in the blob, each at
+    /// most `max_bytes` of stored bytes, then extends each run with up to
+    /// `window` bytes of the chunks stored after it that are neither present
+    /// nor claimed. Runs are in blob order.
+    fn plan(
+        &self,
+        chunks: &[u64],
+        max_bytes: u64,
+        window: u64,
+        inflight: &HashMap<u64, Flight>,
+    ) -> Vec<Vec<u64>> {
+        let entry = |c: u64| &self.index.chunks[c as usize];
+        let mut sorted: Vec<u64> = chunks.to_vec();
+        sorted.sort_by_key(|&c| entry(c).offset);
+        sorted.dedup();
         let mut runs: Vec<Vec<u64>> = Vec::new();
-        for &c in chunks {
-            let extend = runs.last().is_some_and(|run| {
-                let first = self.index.chunks[run[0] as usize].offset;
-                let end = self.index.chunks[c as usize].stored_range().end;
-                run.last() == Some(&(c - 1)) && end - first <= self.config.max_request_bytes
+        for c in sorted {
+            let extends = runs.last().is_some_and(|run| {
+                let last = *run.last().expect("runs are never empty");
+                let first = entry(run[0]).offset;
+                entry(last).stored_range().end == entry(c).offset
+                    && entry(c).stored_range().end - first <= max_bytes
             });
             match runs.last_mut() {
-                Some(run) if extend => run.push(c),
+                Some(run) if extends => run.push(c),
                 _ => runs.push(vec![c]),
+            }
+        }
+        if window == 0 {
+            return runs;
+        }
+        let taken: HashSet<u64> = runs.iter().flatten().copied().collect();
+        for run in &mut runs {
+            let first = entry(run[0]).offset;
+            let mut extra = 0u64;
+            while let Some(next) = self.index.next_in_blob(*run.last().expect("non-empty")) {
+                let e = entry(next);
+                let free = !self.cache.is_present(next)
+                    && !inflight.contains_key(&next)
+                    && !taken.contains(&next);
+                extra += u64::from(e.stored_len);
+                if !free || extra > window || e.stored_range().end - first > max_bytes {
+                    break;
+                }
+                run.push(next);
             }
         }
         runs
     }
 
-    async fn fetch_run(self: Arc<Self>, run: Vec<u64>, tx: watch::Sender<FlightResult>) {
+    /// Fetches the missing chunks among `chunks` that nobody is fetching, as
+    /// background work: the caller has waited for the gate and the rate
+    /// limit. Readers that need one of these chunks meanwhile fetch it
+    /// themselves. Returns the chunks this call stored.
+    pub async fn fetch_background(
+        self: &Arc<Self>,
+        chunks: &[u64],
+    ) -> Result<u64, Arc<FetchError>> {
+        let runs = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let free: Vec<u64> = chunks
+                .iter()
+                .copied()
+                .filter(|c| !self.cache.is_present(*c) && !inflight.contains_key(c))
+                .collect();
+            let runs = self.plan(&free, self.config.max_request_bytes, 0, &inflight);
+            runs.into_iter()
+                .map(|run| {
+                    let flight = claim(&mut inflight, &self.index, &run, Kind::Background);
+                    (run, flight.1)
+                })
+                .collect::<Vec<_>>()
+        };
+        let counters = &self.stats.prefetch;
+        let mut stored = 0;
+        let mut first_err = None;
+        for (run, tx) in runs {
+            counters.background_fetches.fetch_add(1, Relaxed);
+            let n = run.len() as u64;
+            match self.clone().fetch_run(run, tx, Kind::Background).await {
+                Ok(()) => stored += n,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        counters.background_chunks.fetch_add(stored, Relaxed);
+        first_err.map_or(Ok(stored), Err)
+    }
+
+    /// Starts fetching the blob's startup chunks (its prefetch area) as one
+    /// streamed range per run of missing ones, at demand priority; readers
+    /// join it (see the module docs). Returns the task, or `None` when
+    /// there is nothing to fetch.
+    pub fn start_stream(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let missing: Vec<u64> = self
+            .index
+            .prefetch_chunks()
+            .into_iter()
+            .filter(|&c| !self.cache.is_present(c))
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        let fetcher = self.clone();
+        let demand = self.gate.demand();
+        info!(
+            "layer {}: streaming {} startup chunks",
+            self.layer,
+            missing.len()
+        );
+        Some(tokio::spawn(async move {
+            let _demand = demand;
+            // One run at a time, claimed when it starts: until then a reader
+            // simply fetches what it needs, which the stream then skips.
+            let runs = {
+                let inflight = fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                fetcher.plan(&missing, u64::MAX, 0, &inflight)
+            };
+            for run in runs {
+                let (run, tx) = {
+                    let mut inflight = fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                    let free: Vec<u64> = run
+                        .into_iter()
+                        .filter(|c| !fetcher.cache.is_present(*c) && !inflight.contains_key(c))
+                        .collect();
+                    if free.is_empty() {
+                        continue;
+                    }
+                    let flight = claim(&mut inflight, &fetcher.index, &free, Kind::Stream);
+                    (free, flight.1)
+                };
+                if let Err(e) = fetcher.clone().fetch_run(run, tx, Kind::Stream).await {
+                    warn!(
+                        "layer {}: startup stream: {e}; readers fetch the rest",
+                        fetcher.layer
+                    );
+                }
+            }
+        }))
+    }
+
+    /// Fetches one claimed run and publishes its outcome.
+    async fn fetch_run(
+        self: Arc<Self>,
+        run: Vec<u64>,
+        tx: watch::Sender<Progress>,
+        kind: Kind,
+    ) -> Outcome {
         // Leaves the in-flight map even if this task panics, so later readers
         // start a new fetch instead of joining a dead one.
         let rx = tx.subscribe();
@@ -396,312 +506,51 @@ impl ChunkFetcher {
             chunks: &run,
             rx: &rx,
         };
-        let result = self.fetch_chunks(run.clone()).await;
+        let result = self
+            .fetch_chunks(run.clone(), &tx, kind)
+            .await
+            .map_err(Arc::new);
         if let Err(e) = &result {
-            error!("{e}");
+            if kind != Kind::Background {
+                error!("{e}");
+            }
         }
         drop(guard);
-        let _ = tx.send(Some(result.map_err(Arc::new)));
-    }
-
-    /// Tries the sources in order, then again after a backoff, until every
-    /// chunk is stored, every source failed for good, or the deadline passed.
-    async fn fetch_chunks(&self, mut pending: Vec<u64>) -> Result<(), FetchError> {
-        let (first, last) = (pending[0], pending[pending.len() - 1]);
-        let started = Instant::now();
-        let deadline = started + self.config.read_deadline;
-        let mut reports: Vec<SourceReport> = self
-            .sources
-            .iter()
-            .map(|s| SourceReport::new(&*s.source))
-            .collect();
-        let mut backoff = self.config.backoff_initial;
-        loop {
-            for (slot, report) in self.sources.iter().zip(&mut reports) {
-                if report.given_up {
-                    continue;
-                }
-                pending = self.fetch_from(slot, report, pending, deadline).await?;
-                if pending.is_empty() {
-                    return Ok(());
-                }
-            }
-            let now = Instant::now();
-            let out_of_time = now + backoff >= deadline;
-            if out_of_time || reports.iter().all(|r| r.given_up) {
-                return Err(FetchError::Unavailable {
-                    layer: self.layer.clone(),
-                    first,
-                    last,
-                    elapsed: now - started,
-                    failures: describe(&reports),
-                });
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.config.backoff_max);
-        }
-    }
-
-    /// Asks one source for the pending chunks (one request per run of
-    /// adjacent chunks); returns the chunks still missing afterwards.
-    async fn fetch_from(
-        &self,
-        slot: &Slot,
-        report: &mut SourceReport,
-        pending: Vec<u64>,
-        deadline: Instant,
-    ) -> Result<Vec<u64>, FetchError> {
-        let mut still_missing = Vec::new();
-        let mut queue: VecDeque<Vec<u64>> = self.runs(&pending).into();
-        let mut reasks = 0;
-        while let Some(segment) = queue.pop_front() {
-            if report.given_up {
-                still_missing.extend(segment);
-                continue;
-            }
-            let range = self.index.chunks[segment[0] as usize].offset
-                ..self.index.chunks[segment[segment.len() - 1] as usize]
-                    .stored_range()
-                    .end;
-            report.attempts += 1;
-            slot.counters.requests.fetch_add(1, Relaxed);
-            let timeout = self.config.request_timeout;
-            let answer = match timeout_at(
-                deadline.min(Instant::now() + timeout),
-                slot.source.read_range(range.clone()),
-            )
-            .await
-            {
-                Ok(Ok(answer)) if answer.bytes.len() as u64 == range.end - range.start => answer,
-                Ok(Ok(answer)) => {
-                    report.fail(
-                        format!("returned {} bytes for range {range:?}", answer.bytes.len()),
-                        false,
-                    );
-                    slot.counters.errors.fetch_add(1, Relaxed);
-                    still_missing.extend(segment);
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    report.fail(e.to_string(), e.is_transient());
-                    slot.counters.errors.fetch_add(1, Relaxed);
-                    still_missing.extend(segment);
-                    continue;
-                }
-                Err(_elapsed) => {
-                    report.fail(format!("timed out after {timeout:?}"), true);
-                    slot.counters.errors.fetch_add(1, Relaxed);
-                    still_missing.extend(segment);
-                    continue;
-                }
-            };
-            let judged = self.judge(slot, &range, segment, answer).await?;
-            if judged.corrupt.is_empty() {
-                continue;
-            }
-            let ask_again = judged.routed && reasks < MAX_REASKS;
-            let from = judged
-                .server
-                .as_deref()
-                .map_or(String::new(), |s| format!(" (server {s})"));
-            for (chunk, reason) in &judged.corrupt {
-                warn!(
-                    "layer {}: chunk {chunk} from source {}{from} failed verification, \
-                     not used; {}: {reason}",
-                    self.layer,
-                    slot.source.name(),
-                    if ask_again {
-                        "asking the source again"
-                    } else {
-                        "trying the next source"
-                    }
-                );
-            }
-            let chunks: Vec<u64> = judged.corrupt.iter().map(|(c, _)| *c).collect();
-            if ask_again {
-                reasks += 1;
-                for run in self.runs(&chunks).into_iter().rev() {
-                    queue.push_front(run);
-                }
-                continue;
-            }
-            // A source that served bad bytes is not asked again for this
-            // fetch (it may well serve them again), unless it answers from
-            // several servers: then it stays in for the next round.
-            if let Some((chunk, reason)) = judged.corrupt.last() {
-                report.fail(
-                    format!("chunk {chunk} corrupt: {reason}"),
-                    judged.server.is_some(),
-                );
-            }
-            still_missing.extend(chunks);
-        }
-        still_missing.sort_unstable();
-        Ok(still_missing)
-    }
-
-    /// Verifies and stores the chunks of `segment` in `answer` (the bytes of
-    /// `range`), counts them, and gives the source its verdict when the
-    /// answer names the server that sent it.
-    async fn judge(
-        &self,
-        slot: &Slot,
-        range: &Range<u64>,
-        segment: Vec<u64>,
-        answer: Answer,
-    ) -> Result<Judged, FetchError> {
-        slot.counters
-            .bytes
-            .fetch_add(answer.bytes.len() as u64, Relaxed);
-        let mut corrupt = Vec::new();
-        let mut stored = 0;
-        let outcomes = self
-            .verify_and_store(segment, range.start, answer.bytes)
-            .await;
-        for (chunk, outcome) in outcomes {
-            match outcome {
-                Ok(()) => {
-                    slot.counters.chunks.fetch_add(1, Relaxed);
-                    stored += 1;
-                }
-                Err(Rejected::Corrupt(reason)) => {
-                    slot.counters.corrupt_chunks.fetch_add(1, Relaxed);
-                    corrupt.push((chunk, reason));
-                }
-                Err(Rejected::Cache(source)) => {
-                    return Err(FetchError::Cache {
-                        layer: self.layer.clone(),
-                        chunk,
-                        source,
-                    })
-                }
-            }
-        }
-        let verdict = match corrupt.first() {
-            None => Verdict::Verified { chunks: stored },
-            Some((_, reason)) => Verdict::Corrupt(reason.clone()),
-        };
-        let routed = answer
-            .server
-            .as_deref()
-            .is_some_and(|server| slot.source.verdict(server, range, &verdict));
-        Ok(Judged {
-            corrupt,
-            server: answer.server,
-            routed,
-        })
-    }
-
-    /// Decodes and verifies each chunk of `segment` out of `bytes` (which start
-    /// at blob offset `base`) and stores the good ones. Off the async threads:
-    /// zstd and sha256 of a 1 MiB chunk take milliseconds.
-    async fn verify_and_store(
-        &self,
-        segment: Vec<u64>,
-        base: u64,
-        bytes: Bytes,
-    ) -> Vec<(u64, Result<(), Rejected>)> {
-        let index = self.index.clone();
-        let cache = self.cache.clone();
-        let work = segment.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            work.into_iter()
-                .map(|c| {
-                    let entry = index.chunks[c as usize];
-                    let start = (entry.offset - base) as usize;
-                    let stored = &bytes[start..start + entry.stored_len as usize];
-                    let outcome = match index.decode_chunk(c, stored) {
-                        Ok(data) => cache
-                            .store(c, index.image_range(c).start, &data)
-                            .map_err(Rejected::Cache),
-                        Err(e) => Err(Rejected::Corrupt(e.to_string())),
-                    };
-                    (c, outcome)
-                })
-                .collect()
-        })
-        .await;
-        result.unwrap_or_else(|e| {
-            segment
-                .into_iter()
-                .map(|c| {
-                    (
-                        c,
-                        Err(Rejected::Corrupt(format!("verification task failed: {e}"))),
-                    )
-                })
-                .collect()
-        })
+        tx.send_modify(|p| p.outcome = Some(result.clone()));
+        result
     }
 }
 
-enum Rejected {
-    Corrupt(String),
-    Cache(CacheError),
+enum WaitError {
+    Failed(Arc<FetchError>),
+    Deadline,
 }
 
-/// What verifying one answer found.
-struct Judged {
-    /// The chunks that failed verification, and why.
-    corrupt: Vec<(u64, String)>,
-    /// The server behind the source that sent the answer, if it named one.
-    server: Option<String>,
-    /// The source shunned that server for bad bytes and has another one to
-    /// ask: asking it again at once may get good ones.
-    routed: bool,
-}
-
-struct SourceReport {
-    source: String,
-    attempts: u32,
-    last_error: Option<String>,
-    /// Failed in a way retrying will not fix; skipped for the rest of this fetch.
-    given_up: bool,
-}
-
-impl SourceReport {
-    fn new(source: &dyn ChunkSource) -> Self {
-        SourceReport {
-            source: source.name().to_owned(),
-            attempts: 0,
-            last_error: None,
-            given_up: false,
-        }
+/// Claims `run` for a new fetch of `kind`; returns the flight readers wait
+/// on and the sender the fetch reports on.
+fn claim(
+    inflight: &mut HashMap<u64, Flight>,
+    index: &Index,
+    run: &[u64],
+    kind: Kind,
+) -> (Flight, watch::Sender<Progress>) {
+    let (tx, rx) = watch::channel(Progress {
+        position: index.chunks[run[0] as usize].offset,
+        outcome: None,
+    });
+    let flight = Flight { rx, kind };
+    for &c in run {
+        inflight.insert(c, flight.clone());
     }
-
-    fn fail(&mut self, error: String, transient: bool) {
-        self.last_error = Some(error);
-        self.given_up |= !transient;
-    }
-}
-
-/// One line naming what every source did, for the log and the error.
-fn describe(reports: &[SourceReport]) -> String {
-    let mut out = String::new();
-    for r in reports {
-        if !out.is_empty() {
-            out.push_str("; ");
-        }
-        let _ = write!(
-            out,
-            "{}: {} ({} attempts)",
-            r.source,
-            r.last_error.as_deref().unwrap_or("not tried"),
-            r.attempts
-        );
-    }
-    if out.is_empty() {
-        out.push_str("no sources configured");
-    }
-    out
+    (flight, tx)
 }
 
 struct FlightGuard<'a> {
     fetcher: &'a ChunkFetcher,
     chunks: &'a [u64],
     /// Only this flight's entries go: a reader may have replaced a
-    /// background claim with its own fetch.
-    rx: &'a watch::Receiver<FlightResult>,
+    /// background or stream claim with its own fetch.
+    rx: &'a watch::Receiver<Progress>,
 }
 
 impl Drop for FlightGuard<'_> {

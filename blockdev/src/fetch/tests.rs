@@ -5,10 +5,12 @@
 use std::sync::atomic::AtomicU32;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::format::{sha256, write_blob, Layout};
+use crate::format::{sha256, write_blob, Layout, Shape};
 use crate::source::{Answer, SourceError, Verdict};
 
 const CS: u32 = 4096;
@@ -25,6 +27,11 @@ enum Behavior {
     Gated(Arc<Semaphore>),
     /// Never answers requests that start at this blob offset; serves the rest.
     HangAt(u64),
+    /// Sends the answer in pieces of this many bytes, each once a permit is
+    /// available.
+    Trickle(Arc<Semaphore>, usize),
+    /// Sends this many bytes after the range.
+    TooLong(usize),
 }
 
 struct TestSource {
@@ -32,6 +39,7 @@ struct TestSource {
     blob: Bytes,
     behavior: Behavior,
     calls: AtomicU32,
+    ranges: Mutex<Vec<Range<u64>>>,
 }
 
 #[async_trait]
@@ -42,8 +50,29 @@ impl ChunkSource for TestSource {
 
     async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
         self.calls.fetch_add(1, Relaxed);
+        self.ranges.lock().unwrap().push(range.clone());
         let data = self.blob.slice(range.start as usize..range.end as usize);
-        self.answer(range, data).await.map(Answer::from)
+        if let Behavior::Trickle(gate, piece) = &self.behavior {
+            let (gate, piece) = (gate.clone(), *piece);
+            let pieces: Vec<Bytes> = (0..data.len())
+                .step_by(piece)
+                .map(|at| data.slice(at..(at + piece).min(data.len())))
+                .collect();
+            let body = futures_util::stream::iter(pieces).then(move |p| {
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await.expect("gate open").forget();
+                    Ok(p)
+                }
+            });
+            return Ok(Answer::streamed(body));
+        }
+        if let Behavior::TooLong(extra) = &self.behavior {
+            let mut v = data.to_vec();
+            v.extend(std::iter::repeat_n(7u8, *extra));
+            return Ok(Answer::whole(v.into()));
+        }
+        self.answer(range, data).await.map(Answer::whole)
     }
 }
 
@@ -70,7 +99,7 @@ impl TestSource {
                 Ok(data)
             }
             Behavior::HangAt(offset) if range.start == *offset => std::future::pending().await,
-            Behavior::HangAt(_) => Ok(data),
+            Behavior::HangAt(_) | Behavior::Trickle(..) | Behavior::TooLong(_) => Ok(data),
         }
     }
 }
@@ -105,10 +134,7 @@ impl ChunkSource for RelaySource {
             let mid = data.len() / 2;
             data[mid] ^= 0x40;
         }
-        Ok(Answer {
-            bytes: data.into(),
-            server: Some(server.to_owned()),
-        })
+        Ok(Answer::whole(data.into()).from_server(server.to_owned()))
     }
 
     fn verdict(&self, server: &str, _range: &Range<u64>, verdict: &Verdict) -> bool {
@@ -137,11 +163,24 @@ struct Fixture {
 
 /// Eight chunks of distinct, compressible text.
 fn fixture() -> Fixture {
+    fixture_profiled(&[])
+}
+
+/// [`fixture`] with the chunks `profile` names stored first, in its order.
+fn fixture_profiled(profile: &[u64]) -> Fixture {
     let image: Vec<u8> = (0..8 * CS as usize)
         .map(|i| b"abcdefgh"[(i / CS as usize) % 8] ^ (i % 7) as u8)
         .collect();
     let mut blob = Vec::new();
-    let layout = Layout::fixed(image.len() as u64, CS).unwrap();
+    let ranges: Vec<Range<u64>> = profile
+        .iter()
+        .map(|&c| c * u64::from(CS)..(c + 1) * u64::from(CS))
+        .collect();
+    let shape = Shape {
+        profile: &ranges,
+        ..Shape::default()
+    };
+    let layout = Layout::plan(image.len() as u64, CS, &shape).unwrap();
     let written = write_blob(&image[..], &mut blob, &layout).unwrap();
     let index = Arc::new(written.index);
     let dir = tempfile::tempdir().unwrap();
@@ -164,6 +203,7 @@ impl Fixture {
             blob: self.blob.clone(),
             behavior,
             calls: AtomicU32::new(0),
+            ranges: Mutex::default(),
         })
     }
 
@@ -217,6 +257,10 @@ fn quick() -> FetchConfig {
         backoff_initial: Duration::from_millis(1),
         backoff_max: Duration::from_millis(4),
         max_request_bytes: 1 << 20,
+        // No demand window unless a test wants one: requests stay exact.
+        window_max: 0,
+        lookahead: 1 << 20,
+        keep_stored: false,
     }
 }
 
@@ -422,7 +466,7 @@ async fn readers_overtake_a_stuck_background_fetch_instead_of_waiting() {
     let source = f.source("registry", Behavior::HangAt(f.index.chunks[0].offset));
     let fetcher = f.fetcher(vec![source], quick());
     let bg = fetcher.clone();
-    let background = tokio::spawn(async move { bg.fetch_background(0..2).await });
+    let background = tokio::spawn(async move { bg.fetch_background(&[0, 1]).await });
     for _ in 0..1000 {
         if !fetcher.inflight.lock().unwrap().is_empty() {
             break;
@@ -451,12 +495,169 @@ async fn background_fetch_skips_present_and_claimed_chunks() {
     let source = f.source("registry", Behavior::Good);
     let fetcher = f.fetcher(vec![source.clone()], quick());
     fetcher.ensure(0..2).await.unwrap();
-    assert_eq!(fetcher.fetch_background(0..4).await.unwrap(), 2);
-    assert_eq!(fetcher.fetch_background(0..4).await.unwrap(), 0);
+    assert_eq!(fetcher.fetch_background(&[0, 1, 2, 3]).await.unwrap(), 2);
+    assert_eq!(fetcher.fetch_background(&[0, 1, 2, 3]).await.unwrap(), 0);
     for c in 0..4 {
         f.cached(c);
     }
     let p = f.stats.prefetch.snapshot();
     assert_eq!((p.background_fetches, p.background_chunks), (1, 2), "{p:?}");
     assert!(fetcher.inflight.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_window_takes_the_chunks_stored_next() {
+    let f = fixture();
+    let registry = f.source("registry", Behavior::Good);
+    let config = FetchConfig {
+        window_max: 1 << 20,
+        ..quick()
+    };
+    let fetcher = f.fetcher(vec![registry.clone()], config);
+    // A link worth about 2.5 chunks of this blob after a miss.
+    let chunk = u64::from(f.index.chunks[3].stored_len);
+    fetcher.link.sample(
+        fetcher.link.send(),
+        Duration::from_millis(10),
+        1 << 20,
+        Duration::from_secs_f64((1 << 20) as f64 / (chunk as f64 * 500.0)),
+    );
+    fetcher.ensure(2..3).await.unwrap();
+    assert_eq!(registry.calls.load(Relaxed), 1, "one request");
+    let got: Vec<u64> = (0..8).filter(|&c| f.cache.is_present(c)).collect();
+    assert!(got.len() >= 3 && got[0] == 2, "{got:?}");
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    let p = f.stats.prefetch.snapshot();
+    assert_eq!(p.window_chunks, got.len() as u64 - 1, "{p:?}");
+    // Readers of the window's chunks now hit the cache.
+    fetcher.ensure(3..4).await.unwrap();
+    assert_eq!(registry.calls.load(Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_gets_its_chunk_before_the_rest_of_the_answer_arrives() {
+    let f = fixture();
+    let gate = Arc::new(Semaphore::new(0));
+    let chunk0 = f.index.chunks[0].stored_len as usize;
+    let registry = f.source("registry", Behavior::Trickle(gate.clone(), chunk0));
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    let all = tokio::spawn({
+        let fetcher = fetcher.clone();
+        async move { fetcher.ensure(0..4).await }
+    });
+    while !fetcher.inflight.lock().unwrap().contains_key(&3) {
+        tokio::task::yield_now().await;
+    }
+    // The first piece is exactly chunk 0: a reader of it is served while
+    // the rest of the answer is still held back.
+    gate.add_permits(1);
+    fetcher.ensure(0..1).await.unwrap();
+    f.cached(0);
+    assert!(!f.cache.is_present(3) && !all.is_finished());
+    gate.add_permits(1000);
+    all.await.unwrap().unwrap();
+    assert_eq!(registry.calls.load(Relaxed), 1, "one request, joined");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_startup_stream_fetches_the_profile_first_in_one_request() {
+    let f = fixture_profiled(&[5, 2, 6]);
+    assert_eq!(f.index.prefetch_chunks(), [5, 2, 6]);
+    let gate = Arc::new(Semaphore::new(0));
+    let piece = f.index.chunks[5].stored_len as usize;
+    let registry = f.source("registry", Behavior::Trickle(gate.clone(), piece));
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    let stream = fetcher.start_stream().expect("something to stream");
+    while !fetcher.inflight.lock().unwrap().contains_key(&2) {
+        tokio::task::yield_now().await;
+    }
+    // A reader of chunk 2 joins the stream instead of asking on its own.
+    let reader = tokio::spawn({
+        let fetcher = fetcher.clone();
+        async move { fetcher.ensure(2..3).await }
+    });
+    gate.add_permits(1000);
+    reader.await.unwrap().unwrap();
+    stream.await.unwrap();
+    assert_eq!(registry.calls.load(Relaxed), 1, "one range for the stream");
+    let prefix = 0..f.index.prefetch_len;
+    assert_eq!(registry.ranges.lock().unwrap()[0], prefix);
+    for c in [5, 2, 6] {
+        f.cached(c);
+    }
+    assert!(!f.cache.is_present(0), "only the profile was streamed");
+    let p = f.stats.prefetch.snapshot();
+    assert_eq!(
+        (p.startup_chunks, p.demand_overtook_stream),
+        (3, 0),
+        "{p:?}"
+    );
+    assert!(fetcher.start_stream().is_none(), "nothing left to stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_far_ahead_of_the_stream_fetches_its_chunk_itself() {
+    let f = fixture_profiled(&[5, 2, 6]);
+    let gate = Arc::new(Semaphore::new(0));
+    let registry = f.source("registry", Behavior::Trickle(gate.clone(), 1));
+    let config = FetchConfig {
+        lookahead: 0,
+        ..quick()
+    };
+    let fetcher = f.fetcher(vec![registry.clone()], config);
+    let stream = fetcher.start_stream().expect("something to stream");
+    while !fetcher.inflight.lock().unwrap().contains_key(&6) {
+        tokio::task::yield_now().await;
+    }
+    // The stream is held at its first byte; chunk 6 is its last. The
+    // reader's own request trickles too: let it through.
+    let reader = tokio::spawn({
+        let fetcher = fetcher.clone();
+        async move { fetcher.ensure(6..7).await }
+    });
+    while registry.calls.load(Relaxed) < 2 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(100_000);
+    reader.await.unwrap().unwrap();
+    stream.await.unwrap();
+    f.cached(6);
+    let p = f.stats.prefetch.snapshot();
+    assert_eq!(p.demand_overtook_stream, 1, "{p:?}");
+    let asked = registry.ranges.lock().unwrap().clone();
+    assert_eq!(asked[1], f.index.chunks[6].stored_range(), "{asked:?}");
+}
+
+#[tokio::test]
+async fn chunks_adjacent_in_the_blob_come_in_one_request_whatever_their_image_order() {
+    let f = fixture_profiled(&[5, 2, 6]);
+    let registry = f.source("registry", Behavior::Good);
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    fetcher.ensure(2..3).await.unwrap();
+    fetcher.ensure(5..7).await.unwrap();
+    let asked = registry.ranges.lock().unwrap().clone();
+    // Chunk 2 alone, then 5 and 6, which are not adjacent in the blob
+    // (2 lies between them): two requests.
+    assert_eq!(asked.len(), 3, "{asked:?}");
+    fetcher.ensure(0..2).await.unwrap();
+    assert_eq!(
+        registry.ranges.lock().unwrap().len(),
+        4,
+        "0 and 1 are adjacent"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_longer_than_asked_is_cut_off_and_counted() {
+    let f = fixture();
+    let registry = f.source("registry", Behavior::TooLong(100));
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    fetcher.ensure(1..3).await.unwrap();
+    f.cached(1);
+    f.cached(2);
+    let s = f.stats.snapshot();
+    let r = s.source("registry").unwrap();
+    assert_eq!((r.overlong_answers, r.chunks), (1, 2), "{r:?}");
+    let asked = f.index.chunks[2].stored_range().end - f.index.chunks[1].offset;
+    assert_eq!(r.bytes, asked + 100, "counted as it came, never stored");
 }

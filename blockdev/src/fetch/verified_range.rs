@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio::time::{timeout_at, Instant};
 use tracing::warn;
 
-use super::{describe, FetchConfig, SourceReport};
+use super::retry::{describe, SourceReport};
+use super::FetchConfig;
 use crate::source::{ChunkSource, Verdict};
 
 /// Reads `range` of the blob from the first source whose bytes `verify`
@@ -31,15 +32,20 @@ pub async fn read_verified<T>(
             }
             report.attempts += 1;
             let limit = deadline.min(Instant::now() + config.request_timeout);
-            match timeout_at(limit, source.read_range(range.clone())).await {
-                Ok(Ok(answer)) => {
-                    let verified = verify(&answer.bytes);
+            let len = range.end - range.start;
+            let read = async {
+                let answer = source.read_range(range.clone()).await?;
+                let server = answer.server.clone();
+                answer.collect(len).await.map(|bytes| (bytes, server))
+            };
+            match timeout_at(limit, read).await {
+                Ok(Ok((bytes, server))) => {
+                    let verified = verify(&bytes);
                     let verdict = match &verified {
                         Ok(_) => Verdict::Verified { chunks: 0 },
                         Err(e) => Verdict::Corrupt(e.clone()),
                     };
-                    let routed = answer
-                        .server
+                    let routed = server
                         .as_deref()
                         .is_some_and(|server| source.verdict(server, &range, &verdict));
                     match verified {

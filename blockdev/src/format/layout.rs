@@ -1,16 +1,19 @@
 //! Where an image is cut into chunks and in which order the chunks are stored.
 //!
-//! Cuts come from two places. *Soft* cuts are where files begin and end in
-//! the EROFS image: a container reading a small file then fetches that file,
-//! not its neighbours. Runs of small pieces are merged up to
-//! [`MERGE_BELOW`], so tiny files do not each pay for a zstd frame and an
-//! index entry. *Hard* cuts are the edges of what a startup profile says was
-//! read; they are never merged away, so the startup set is exactly what was
-//! read, rounded to whole blocks.
+//! Cuts come from three places. *Soft* cuts are where files' data begins
+//! and ends in the EROFS image: a container reading a small file then
+//! fetches that file, not its neighbours. Runs of small pieces are merged up
+//! to [`MERGE_BELOW`], so tiny files do not each pay for a zstd frame and an
+//! index entry. *Hard* cuts, never merged away, are the edges of the
+//! metadata (inodes, directories: what path lookups read) and of what a
+//! startup profile says was read, so each is exactly itself, rounded to
+//! whole blocks.
 //!
-//! The chunks a profile touches are stored first, in the order they were
-//! first read; everything else follows in image order. The same image, cuts,
-//! profile and chunk size always give the same layout.
+//! Stored first, in this order, and together the blob's prefetch area: the
+//! chunks a profile touches, in the order they were first read; then the
+//! metadata, in image order (small, and read by every lookup, like a TOC).
+//! Everything else follows in image order. The same image, shape and chunk
+//! size always give the same layout.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
@@ -36,6 +39,17 @@ pub enum LayoutError {
     TooManyChunks(u64),
 }
 
+/// What is known about an image besides its bytes (all image byte ranges).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape<'a> {
+    /// Where files' data lies.
+    pub file_data: &'a [Range<u64>],
+    /// The metadata: stored in the prefetch area.
+    pub metadata: &'a [Range<u64>],
+    /// What a container read at start, first read first: stored first.
+    pub profile: &'a [Range<u64>],
+}
+
 /// The chunks of an image, in image order, and the order they are stored in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -48,22 +62,16 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Fixed-size chunks in image order, no startup set (format version 1's layout).
+    /// Fixed-size chunks in image order, no prefetch area (format version 1's layout).
     pub fn fixed(image_size: u64, chunk_size: u32) -> Result<Self, LayoutError> {
-        Self::plan(image_size, chunk_size, &[], &[])
+        Self::plan(image_size, chunk_size, &Shape::default())
     }
 
-    /// Cuts the image at `soft_cuts` (merged where pieces are small) and at
-    /// the edges of `profile` (image byte ranges in the order they were first
-    /// read), and stores the profiled chunks first.
-    pub fn plan(
-        image_size: u64,
-        chunk_size: u32,
-        soft_cuts: &[u64],
-        profile: &[Range<u64>],
-    ) -> Result<Self, LayoutError> {
+    /// Cuts the image at the edges of `shape`'s ranges and every
+    /// `chunk_size`, and orders the chunks as the module docs say.
+    pub fn plan(image_size: u64, chunk_size: u32, shape: &Shape) -> Result<Self, LayoutError> {
         check_chunk_size(chunk_size).map_err(|_| LayoutError::BadChunkSize(chunk_size))?;
-        for r in profile {
+        for r in shape.profile {
             if r.start >= r.end || r.end > image_size {
                 return Err(LayoutError::ProfileOutsideImage {
                     start: r.start,
@@ -75,13 +83,15 @@ impl Layout {
         // Cut points inside the image, block-aligned; `true` = hard.
         let mut cuts: BTreeMap<u64, bool> = BTreeMap::new();
         let inside = |p: u64| p > 0 && p < image_size;
-        for &c in soft_cuts {
-            let c = c / BLOCK_SIZE * BLOCK_SIZE;
-            if inside(c) {
-                cuts.entry(c).or_insert(false);
+        for r in shape.file_data {
+            for c in [r.start, r.end] {
+                let c = c / BLOCK_SIZE * BLOCK_SIZE;
+                if inside(c) {
+                    cuts.entry(c).or_insert(false);
+                }
             }
         }
-        for r in profile {
+        for r in shape.metadata.iter().chain(shape.profile) {
             let start = r.start / BLOCK_SIZE * BLOCK_SIZE;
             let end = r.end.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
             for c in [start, end] {
@@ -101,14 +111,15 @@ impl Layout {
             order: Vec::new(),
             prefetch: 0,
         };
-        Ok(layout.ordered(profile))
+        Ok(layout.ordered(shape))
     }
 
-    /// Startup chunks first (by first read), then the rest in image order.
-    fn ordered(mut self, profile: &[Range<u64>]) -> Self {
+    /// Profiled chunks first (by first read), then the metadata, then the
+    /// rest, each in image order.
+    fn ordered(mut self, shape: &Shape) -> Self {
         let mut placed = HashSet::new();
         let mut order = Vec::with_capacity(self.chunk_count() as usize);
-        for r in profile {
+        for r in shape.profile.iter().chain(shape.metadata) {
             for c in self.chunks_for(r) {
                 if placed.insert(c) {
                     order.push(c);
@@ -194,6 +205,8 @@ fn split_groups(image_size: u64, max: u64, cuts: &BTreeMap<u64, bool>) -> Vec<u6
 }
 
 #[cfg(test)]
+// A one-range profile is a list of ranges, not a range to collect.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 
@@ -223,8 +236,12 @@ mod tests {
     #[test]
     fn files_are_cut_out_and_small_ones_merged() {
         // A 4 KiB file, an 8 KiB file, then a 100 KiB file, then the rest.
-        let cuts = [4 * K, 12 * K, 112 * K];
-        let l = Layout::plan(256 * K, 64 * K as u32, &cuts, &[]).unwrap();
+        let files = [0..4 * K, 4 * K..12 * K, 12 * K..112 * K];
+        let shape = Shape {
+            file_data: &files,
+            ..Shape::default()
+        };
+        let l = Layout::plan(256 * K, 64 * K as u32, &shape).unwrap();
         assert_eq!(
             ranges(&l),
             [
@@ -243,7 +260,11 @@ mod tests {
     #[test]
     fn profile_edges_are_hard_and_its_chunks_come_first() {
         let profile = [200 * K..204 * K, 10 * K..30 * K, 201 * K..202 * K];
-        let l = Layout::plan(256 * K, 64 * K as u32, &[], &profile).unwrap();
+        let shape = Shape {
+            profile: &profile,
+            ..Shape::default()
+        };
+        let l = Layout::plan(256 * K, 64 * K as u32, &shape).unwrap();
         let order: Vec<Range<u64>> = l.order().iter().map(|&c| l.image_range(c)).collect();
         assert_eq!(l.prefetch_count(), 2);
         assert_eq!(order[0], 200 * K..204 * K);
@@ -259,43 +280,66 @@ mod tests {
 
     #[test]
     fn planning_is_deterministic_and_checks_the_profile() {
-        let cuts = [4 * K, 40 * K, 44 * K];
+        let files = [4 * K..40 * K, 40 * K..44 * K];
         let profile = vec![50 * K..51 * K, 50 * K..51 * K];
-        let a = Layout::plan(300 * K, 64 * K as u32, &cuts, &profile).unwrap();
+        let shape = |profile| Shape {
+            file_data: &files,
+            profile,
+            ..Shape::default()
+        };
+        let a = Layout::plan(300 * K, 64 * K as u32, &shape(&profile)).unwrap();
         assert_eq!(
             a,
-            Layout::plan(300 * K, 64 * K as u32, &cuts, &profile).unwrap()
+            Layout::plan(300 * K, 64 * K as u32, &shape(&profile)).unwrap()
         );
+        let outside = [299 * K..301 * K];
         assert_eq!(
-            Layout::plan(
-                300 * K,
-                64 * K as u32,
-                &cuts,
-                std::slice::from_ref(&(299 * K..301 * K))
-            ),
+            Layout::plan(300 * K, 64 * K as u32, &shape(&outside)),
             Err(LayoutError::ProfileOutsideImage {
                 start: 299 * K,
                 end: 301 * K,
                 image_size: 300 * K
             })
         );
-        assert!(Layout::plan(
-            300 * K,
-            64 * K as u32,
-            &cuts,
-            std::slice::from_ref(&(5 * K..5 * K))
-        )
-        .is_err());
+        let empty = [5 * K..5 * K];
+        assert!(Layout::plan(300 * K, 64 * K as u32, &shape(&empty)).is_err());
         assert_eq!(
-            Layout::plan(300 * K, 5000, &[], &[]),
+            Layout::fixed(300 * K, 5000),
             Err(LayoutError::BadChunkSize(5000))
         );
     }
 
     #[test]
     fn unaligned_and_outside_cuts_are_ignored_or_rounded() {
-        let l = Layout::plan(64 * K, 64 * K as u32, &[0, 5000, 64 * K, 1 << 40], &[]).unwrap();
+        let files = [0..5000, 5000..64 * K, 64 * K..1 << 40];
+        let shape = Shape {
+            file_data: &files,
+            ..Shape::default()
+        };
+        let l = Layout::plan(64 * K, 64 * K as u32, &shape).unwrap();
         // 5000 rounds down to 4096, which is below the merge size: one chunk.
         assert_eq!(ranges(&l), vec![0..64 * K]);
+    }
+
+    #[test]
+    fn metadata_is_cut_exactly_and_stored_after_the_profile() {
+        // Files at 16..48 KiB and 64..200 KiB; metadata around them.
+        let files = [16 * K..48 * K, 64 * K..200 * K];
+        let metadata = [0..16 * K, 48 * K..64 * K, 200 * K..256 * K];
+        let profile = [100 * K..101 * K];
+        let shape = Shape {
+            file_data: &files,
+            metadata: &metadata,
+            profile: &profile,
+        };
+        let l = Layout::plan(256 * K, 64 * K as u32, &shape).unwrap();
+        let order: Vec<Range<u64>> = l.order().iter().map(|&c| l.image_range(c)).collect();
+        assert_eq!(order[0], 100 * K..104 * K, "the profile first");
+        assert_eq!(
+            order[1..4],
+            [0..16 * K, 48 * K..64 * K, 200 * K..256 * K],
+            "then the metadata, exactly, never merged with file data"
+        );
+        assert_eq!(l.prefetch_count(), 4);
     }
 }

@@ -35,7 +35,7 @@ use thiserror::Error;
 
 pub use footer::Footer;
 pub use index::Index;
-pub use layout::{Layout, LayoutError};
+pub use layout::{Layout, LayoutError, Shape};
 pub use write::{write_blob, write_blob_v1, ReadAt, WrittenBlob};
 
 /// The version this build writes.

@@ -1,5 +1,8 @@
 //! Parsing, validation and round trips of both format versions.
 
+// A one-range profile is a list of ranges, not a range to collect.
+#![allow(clippy::single_range_in_vec_init)]
+
 use super::*;
 
 const CS: u32 = 4096;
@@ -323,13 +326,14 @@ proptest::proptest! {
 fn startup_chunks_are_stored_first_and_found_by_image_offset() {
     let img = sample_image();
     let size = img.len() as u64;
-    let layout = Layout::plan(
-        size,
-        2 * CS,
-        &[u64::from(CS)],
-        std::slice::from_ref(&(2 * 4096..2 * 4096 + 10)),
-    )
-    .unwrap();
+    let files = [0..u64::from(CS), u64::from(CS)..size];
+    let profile = [2 * 4096..2 * 4096 + 10];
+    let shape = Shape {
+        file_data: &files,
+        profile: &profile,
+        ..Shape::default()
+    };
+    let layout = Layout::plan(size, 2 * CS, &shape).unwrap();
     let mut blob = Vec::new();
     let w = write_blob(&img[..], &mut blob, &layout).unwrap();
     let index = parse(&blob).unwrap();
@@ -433,7 +437,9 @@ proptest::proptest! {
             .filter(|&(s, l)| s + l <= size)
             .map(|(s, l)| s..s + l)
             .collect();
-        let layout = Layout::plan(size, 2 * CS, &cuts, &profile).unwrap();
+        let files: Vec<_> = cuts.windows(2).map(|w| w[0].min(w[1])..w[0].max(w[1])).collect();
+        let shape = Shape { file_data: &files, profile: &profile, ..Shape::default() };
+        let layout = Layout::plan(size, 2 * CS, &shape).unwrap();
         let mut blob = Vec::new();
         let w = write_blob(&img[..], &mut blob, &layout).unwrap();
         let index = parse(&blob).unwrap();

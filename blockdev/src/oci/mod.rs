@@ -3,6 +3,7 @@
 //! digests, the OCI image layout on disk, and containerd's remote-snapshot
 //! labels.
 
+mod identity;
 pub mod labels;
 pub mod layout;
 
@@ -11,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use thiserror::Error;
 
+pub use identity::LayerId;
 pub use layout::OciLayout;
 
 pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -204,6 +206,22 @@ impl LazyLayerAnnotations {
             image_size: num(map, v1::ANN_IMAGE_SIZE)?,
             chunk_size: num(map, v1::ANN_CHUNK_SIZE)?,
         })
+    }
+
+    /// The blob size the annotations imply (`index_offset + index_length +`
+    /// the footer, docs/format.md): what Prepare uses when containerd passed
+    /// the annotations as labels and the manifest (with the descriptor's
+    /// size) is not fetched. A wrong value only fails the tail's checks.
+    pub fn blob_size(&self) -> Option<u64> {
+        self.index_offset
+            .checked_add(self.index_length)?
+            .checked_add(crate::format::FOOTER_LEN)
+    }
+
+    /// The layer's diff_id in its image config: the anchor (version 2), or
+    /// the blob digest `blob_digest` (version 1 images used it).
+    pub fn diff_id<'a>(&'a self, blob_digest: &'a str) -> &'a str {
+        self.index_digest.as_deref().unwrap_or(blob_digest)
     }
 }
 

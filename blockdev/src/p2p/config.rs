@@ -1,7 +1,10 @@
-//! The `[p2p]` table of a node's TOML config, and the TLS/token settings
-//! the super node shares with the peers.
+//! The `[p2p]` table of a node's TOML config, the TLS/token settings the
+//! super node shares with the peers, and the transport rule both follow:
+//! off loopback, P2P traffic (registry credentials, the token, tickets)
+//! goes only over TLS with a token, unless the operator explicitly allows
+//! plain HTTP (`allow_insecure`), which is then logged loudly.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,6 +44,18 @@ pub struct P2pConfig {
     pub cluster_token_file: Option<PathBuf>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Plain HTTP and no token off loopback (a test bed or a network that is
+    /// trusted as a whole): credentials and tickets then cross it in clear.
+    #[serde(default)]
+    pub allow_insecure: bool,
+    /// The super node's ticket public keys (SPKI PEM, one or more); absent:
+    /// fetched from the super node (over TLS) at start and when a ticket
+    /// names a key not known yet.
+    #[serde(default)]
+    pub ticket_keys_file: Option<PathBuf>,
+    /// Memory the peer server holds for responses at once, MiB.
+    #[serde(default = "default_response_budget_mib")]
+    pub response_budget_mib: u64,
 }
 
 /// Shared by the super node and the peers.
@@ -49,6 +64,8 @@ pub struct Security {
     pub cluster_token: Option<String>,
     pub cluster_token_file: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
+    /// See [`P2pConfig::allow_insecure`].
+    pub allow_insecure: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +91,9 @@ fn default_heartbeat_ms() -> u64 {
 }
 fn default_max_ancestors() -> usize {
     3
+}
+fn default_response_budget_mib() -> u64 {
+    512
 }
 
 impl P2pConfig {
@@ -112,6 +132,26 @@ impl P2pConfig {
         if self.heartbeat_ms == 0 || self.peer_timeout_ms == 0 || self.supernode_timeout_ms == 0 {
             return Err("timeouts and heartbeat must be positive".into());
         }
+        if self.response_budget_mib == 0 {
+            return Err("response_budget_mib must be positive".into());
+        }
+        if let Some(a) = &self.advertise {
+            if a.parse::<SocketAddr>().is_err() {
+                return Err(format!(
+                    "advertise {a:?}: must be ip:port (the super node checks the IP)"
+                ));
+            }
+        }
+        let host = url_host(&self.supernode);
+        if self.supernode.starts_with("http://") && !self.allow_insecure && !is_loopback_host(host)
+        {
+            return Err(format!(
+                "supernode {:?}: plain HTTP to a host off loopback would send registry \
+                 credentials, the token and tickets in clear; use https:// with [p2p.tls], \
+                 or set allow_insecure = true",
+                self.supernode
+            ));
+        }
         Ok(())
     }
 
@@ -126,7 +166,12 @@ impl P2pConfig {
             cluster_token: self.cluster_token.clone(),
             cluster_token_file: self.cluster_token_file.clone(),
             tls: self.tls.clone(),
+            allow_insecure: self.allow_insecure,
         }
+    }
+
+    pub fn response_budget(&self) -> u64 {
+        self.response_budget_mib.saturating_mul(1 << 20)
     }
 
     pub fn peer_timeout(&self) -> Duration {
@@ -159,6 +204,57 @@ impl Security {
         }
         Ok(self.cluster_token.clone().filter(|t| !t.is_empty()))
     }
+
+    /// A server listening on `addr` off loopback needs TLS and a token,
+    /// unless insecure operation is allowed (then it says so, loudly).
+    pub fn check_listener(
+        &self,
+        what: &str,
+        addr: SocketAddr,
+        token: Option<&str>,
+    ) -> Result<(), P2pError> {
+        if addr.ip().is_loopback() {
+            return Ok(());
+        }
+        let missing = match (self.tls.is_some(), token.is_some()) {
+            (true, true) => return Ok(()),
+            (false, true) => "TLS",
+            (true, false) => "a cluster token",
+            (false, false) => "TLS and a cluster token",
+        };
+        if self.allow_insecure {
+            tracing::warn!(
+                "INSECURE: {what} listens on {addr} without {missing} (allow_insecure): anyone \
+                 on the network can read and alter P2P traffic, registry credentials and \
+                 tickets included"
+            );
+            return Ok(());
+        }
+        Err(P2pError::Insecure(format!(
+            "{what} on {addr} (not loopback) needs {missing}; configure them, listen on \
+             loopback, or allow insecure operation explicitly"
+        )))
+    }
+
+    /// Whether credentials may be sent to `host` (an IP or a name) over plain
+    /// HTTP: on loopback, or when insecure operation is allowed.
+    pub fn plain_http_ok(&self, host: &str) -> bool {
+        self.allow_insecure || is_loopback_host(host)
+    }
+}
+
+/// The host of an `http(s)://host[:port][/...]` URL, or of `host:port`.
+pub fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or("");
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -198,5 +294,46 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("fanout"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_the_explicit_override() {
+        let base = "[p2p]\nsupernode = \"http://10.1.0.1:7443\"\nlisten = \"0.0.0.0:7070\"\n";
+        let e = P2pConfig::parse(base).unwrap_err();
+        assert!(e.contains("allow_insecure"), "{e}");
+        assert!(P2pConfig::parse(&format!("{base}allow_insecure = true\n")).is_ok());
+        let local = "[p2p]\nsupernode = \"http://127.0.0.1:7443\"\nlisten = \"127.0.0.1:7070\"\n";
+        assert!(P2pConfig::parse(local).is_ok());
+        let e = P2pConfig::parse(&format!("{local}advertise = \"node7:7070\"\n")).unwrap_err();
+        assert!(e.contains("ip:port"), "{e}");
+    }
+
+    #[test]
+    fn listeners_off_loopback_need_tls_and_a_token() {
+        let tls = TlsConfig {
+            cert: "c".into(),
+            key: "k".into(),
+            ca: "a".into(),
+        };
+        let open: SocketAddr = "0.0.0.0:7070".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let mut s = Security::default();
+        assert!(s.check_listener("peer", local, None).is_ok());
+        let e = s
+            .check_listener("peer", open, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("TLS and a cluster token"), "{e}");
+        s.tls = Some(tls);
+        assert!(s.check_listener("peer", open, None).is_err());
+        assert!(s.check_listener("peer", open, Some("t")).is_ok());
+        let insecure = Security {
+            allow_insecure: true,
+            ..Security::default()
+        };
+        assert!(insecure.check_listener("peer", open, None).is_ok());
+        assert_eq!(url_host("http://[::1]:7443/x"), "::1");
+        assert_eq!(url_host("https://sn.example:7443"), "sn.example");
+        assert_eq!(url_host("10.0.0.1:7070"), "10.0.0.1");
     }
 }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod http;
 pub mod peer;
 pub mod supernode;
+pub mod ticket;
 pub mod wire;
 
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub enum P2pError {
     Config { path: PathBuf, message: String },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("refusing insecure P2P transport: {0}")]
+    Insecure(String),
     #[error("{what}: {source}")]
     Io {
         what: String,

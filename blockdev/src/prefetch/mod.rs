@@ -1,5 +1,5 @@
-//! Background full prefetch of a layer: every missing chunk, in order, at
-//! low priority. Before each request the job waits until no on-demand fetch
+//! Background full prefetch of a layer: every missing chunk, in blob order,
+//! at low priority. Before each request the job waits until no on-demand fetch
 //! runs on the node ([`PriorityGate`]) and until the node's rate limit
 //! allows the bytes ([`RateLimiter`]); readers that need a chunk the job has
 //! claimed fetch it themselves instead of waiting.
@@ -19,9 +19,9 @@ use crate::fetch::FetchError;
 use crate::gate::{JobGuard, PriorityGate, ReplayGuard};
 use crate::layer::LazyLayer;
 
-/// Chunks per background request at most (also bounded by the fetcher's
-/// `max_request_bytes`): small requests let readers in between.
-const CHUNKS_PER_REQUEST: u64 = 4;
+/// Stored bytes per background request at most: small requests let readers
+/// in between.
+const BYTES_PER_REQUEST: u64 = 1 << 20;
 /// Requests a trace replay keeps in flight per layer: the traced chunks are
 /// scattered, so parallel small requests beat one after the other.
 const REPLAY_PARALLEL: usize = 4;
@@ -39,6 +39,28 @@ pub enum PrefetchError {
         #[source]
         source: Arc<FetchError>,
     },
+}
+
+/// `chunks` in groups of up to [`BYTES_PER_REQUEST`] stored bytes, in order
+/// (the fetcher sends one request per run of them adjacent in the blob).
+fn windows(layer: &LazyLayer, chunks: impl Iterator<Item = u64>) -> Vec<Vec<u64>> {
+    let index = layer.index();
+    let mut out: Vec<Vec<u64>> = Vec::new();
+    let mut bytes = 0;
+    for c in chunks {
+        let len = u64::from(index.chunks[c as usize].stored_len);
+        match out.last_mut() {
+            Some(w) if bytes + len <= BYTES_PER_REQUEST => {
+                w.push(c);
+                bytes += len;
+            }
+            _ => {
+                out.push(vec![c]);
+                bytes = len;
+            }
+        }
+    }
+    out
 }
 
 /// Shared by every prefetch job of a node.
@@ -64,13 +86,11 @@ impl Prefetcher {
     /// until the job ends.
     pub async fn run(&self, layer: &LazyLayer, _job: JobGuard) -> Result<(), PrefetchError> {
         let total = layer.index().chunk_count();
+        let windows = windows(layer, layer.index().blob_order());
         let mut last_err = None;
         for pass in 0..PASSES {
-            let mut next = 0;
-            while next < total {
-                let window = self.window(layer, next, total);
-                next = window.end;
-                let missing = layer.missing_stored_bytes(window.clone());
+            for window in &windows {
+                let missing = layer.missing_stored_bytes(window);
                 if missing == 0 {
                     continue;
                 }
@@ -99,27 +119,10 @@ impl Prefetcher {
             source: last_err.unwrap_or_else(|| {
                 Arc::new(FetchError::Aborted {
                     layer: layer.digest().to_owned(),
-                    first: 0,
-                    last: total.saturating_sub(1),
+                    chunk: 0,
                 })
             }),
         })
-    }
-
-    /// Chunks `start..end` for one request: up to [`CHUNKS_PER_REQUEST`] and
-    /// the fetcher's request size.
-    fn window(&self, layer: &LazyLayer, start: u64, total: u64) -> std::ops::Range<u64> {
-        let max_bytes = layer.fetch_config().max_request_bytes;
-        let index = layer.index();
-        let first = index.chunks[start as usize].offset;
-        let mut end = start + 1;
-        while end < total
-            && end - start < CHUNKS_PER_REQUEST
-            && index.chunks[end as usize].stored_range().end - first <= max_bytes
-        {
-            end += 1;
-        }
-        start..end
     }
 
     /// Fetches a trace's chunks of `layer` (those still missing), up to
@@ -142,27 +145,21 @@ impl Prefetcher {
             );
         }
         layer.fetcher().mark_replayed(&wanted);
-        let mut requests: Vec<std::ops::Range<u64>> = Vec::new();
-        for &c in &wanted {
-            match requests.last_mut() {
-                Some(r) if r.end == c && r.end - r.start < CHUNKS_PER_REQUEST => r.end += 1,
-                _ => requests.push(c..c + 1),
-            }
-        }
+        let requests = windows(layer, wanted.iter().copied());
         let mut stored = 0;
         let mut running = tokio::task::JoinSet::new();
         let mut pending = requests.into_iter();
         loop {
             while running.len() < REPLAY_PARALLEL {
                 let Some(window) = pending.next() else { break };
-                let missing = layer.missing_stored_bytes(window.clone());
+                let missing = layer.missing_stored_bytes(&window);
                 if missing == 0 {
                     continue;
                 }
                 self.limiter.acquire(missing).await;
                 self.yield_to_demand(layer, false).await;
                 let fetcher = layer.fetcher().clone();
-                running.spawn(async move { fetcher.fetch_background(window).await });
+                running.spawn(async move { fetcher.fetch_background(&window).await });
             }
             match running.join_next().await {
                 Some(Ok(Ok(n))) => stored += n,

@@ -293,12 +293,15 @@ impl RegistryClient {
         .await
     }
 
-    /// Exactly the bytes `range` of a blob (one attempt; see [`ATTEMPTS`]).
-    pub async fn blob_range(
+    /// The bytes `range` of blob `digest`, as they arrive: at most the range
+    /// (a registry that ignores Range has the rest of its answer skipped and
+    /// cut off, never buffered); a short body ends early, which the caller
+    /// sees by counting.
+    pub async fn blob_range_stream(
         &self,
         digest: &str,
         range: Range<u64>,
-    ) -> Result<Bytes, RegistryError> {
+    ) -> Result<BlobStream, RegistryError> {
         let what = format!(
             "blob {}@{digest} bytes {}-{}",
             self.reference.repository(),
@@ -312,23 +315,47 @@ impl RegistryClient {
             .pull_blob_stream_partial(&self.reference, &descriptor(digest), range.start, Some(len))
             .await
             .map_err(|e| RegistryError::from_oci(what.clone(), e))?;
-        let bytes = match response {
-            BlobResponse::Partial(stream) => collect(stream, len).await,
-            // A registry that ignores Range sends the whole blob: keep only
-            // the wanted part, never buffering more than it.
+        let (stream, skip) = match response {
+            BlobResponse::Partial(stream) => (stream, 0),
             BlobResponse::Full(stream) => {
                 warn!("{what}: the registry ignored the Range header");
-                skip_then_collect(stream, range.start, len).await
+                (stream, range.start)
             }
+        };
+        Ok(window(stream, skip, len)
+            .map(move |piece| {
+                piece.map_err(|e| RegistryError::Transient {
+                    what: what.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .boxed())
+    }
+
+    /// [`blob_range_stream`](Self::blob_range_stream), collected: exactly
+    /// the range's bytes or an error.
+    pub async fn blob_range(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+    ) -> Result<Bytes, RegistryError> {
+        let len = range.end.saturating_sub(range.start);
+        let what = format!(
+            "blob {}@{digest} bytes {range:?}",
+            self.reference.repository()
+        );
+        let mut stream = self.blob_range_stream(digest, range).await?;
+        let mut out = BytesMut::new();
+        while let Some(piece) = stream.next().await {
+            out.extend_from_slice(&piece?);
         }
-        .map_err(|e| RegistryError::from_oci(what.clone(), e))?;
-        if bytes.len() as u64 != len {
+        if out.len() as u64 != len {
             return Err(RegistryError::Transient {
                 what,
-                message: format!("got {} bytes", bytes.len()),
+                message: format!("got {} bytes", out.len()),
             });
         }
-        Ok(bytes)
+        Ok(out.freeze())
     }
 
     /// Pushes `path` as blob `digest` (which the caller computed) unless the
@@ -455,29 +482,38 @@ async fn collect(mut stream: SizedStream, limit: u64) -> Result<Bytes, OciDistri
     Ok(out.freeze())
 }
 
-async fn skip_then_collect(
-    mut stream: SizedStream,
+/// The bytes of a blob range, in order, as the registry sends them.
+pub type BlobStream = futures_util::stream::BoxStream<'static, Result<Bytes, RegistryError>>;
+
+/// Bytes `[skip, skip + len)` of `stream`: what comes before is dropped, what
+/// comes after is never read.
+fn window(
+    stream: SizedStream,
     skip: u64,
     len: u64,
-) -> Result<Bytes, OciDistributionError> {
-    let mut out = BytesMut::new();
-    let mut pos = 0u64;
-    while let Some(piece) = stream.next().await {
-        let piece = piece?;
-        let start = pos;
-        pos += piece.len() as u64;
-        if pos <= skip {
-            continue;
-        }
-        let from = skip.saturating_sub(start) as usize;
-        let want = (len - out.len() as u64) as usize;
-        let rest = &piece[from..];
-        out.extend_from_slice(&rest[..rest.len().min(want)]);
-        if out.len() as u64 == len {
-            break;
-        }
-    }
-    Ok(out.freeze())
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures_util::stream::unfold(
+        (stream, 0u64, 0u64),
+        move |(mut stream, mut pos, mut sent)| async move {
+            while sent < len {
+                let mut piece = match stream.next().await? {
+                    Ok(piece) => piece,
+                    Err(e) => return Some((Err(e), (stream, pos, len))),
+                };
+                let start = pos;
+                pos += piece.len() as u64;
+                if pos <= skip {
+                    continue;
+                }
+                let from = skip.saturating_sub(start) as usize;
+                let piece = piece.split_off(from);
+                let take = (len - sent).min(piece.len() as u64) as usize;
+                sent += take as u64;
+                return Some((Ok(piece.slice(..take)), (stream, pos, sent)));
+            }
+            None
+        },
+    )
 }
 
 /// The media type a manifest declares, or the one its shape implies.

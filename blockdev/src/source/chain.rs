@@ -8,17 +8,18 @@ use crate::registry::RegistryClient;
 
 /// The sources of blob `digest` (`blob_size` bytes) of the repository
 /// `registry` names, in the order the fetcher asks them: with this node's
-/// P2P peer, the peers above it, then the super node, then the registry
-/// itself; without one, the registry alone.
+/// P2P peer, the peers above it (for the layer with `anchor`), then the
+/// super node, then the registry itself; without one, the registry alone.
 pub fn registry_chain(
     registry: &Arc<RegistryClient>,
     peer: Option<&Arc<PeerNode>>,
     digest: &str,
+    anchor: Option<&str>,
     blob_size: u64,
 ) -> Vec<Arc<dyn ChunkSource>> {
     let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
     if let Some(peer) = peer {
-        sources.push(Arc::new(PeerSource::new(peer.clone(), digest)));
+        sources.push(Arc::new(PeerSource::new(peer.clone(), digest, anchor)));
         sources.push(Arc::new(SupernodeSource::new(
             peer.clone(),
             registry,

@@ -43,7 +43,7 @@ impl ChunkSource for FileSource {
         tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, range.start)
-                .map(|()| Bytes::from(buf).into())
+                .map(|()| Answer::whole(Bytes::from(buf)))
                 .map_err(|e| {
                     SourceError::Permanent(format!("{}: read {range:?}: {e}", path.display()))
                 })

@@ -3,6 +3,11 @@
 //! fetcher asks them in order and verifies whatever they return, so a
 //! source is never trusted.
 //!
+//! An answer is a stream of the range's bytes ([`Body`]): the fetcher
+//! verifies and stores each chunk as soon as its bytes are in, so a reader
+//! waits for its chunk, not for a whole multi-megabyte range, and never more
+//! than the range is read from the network.
+//!
 //! A source that picks among several servers (the peers) names the one that
 //! answered; the fetcher tells it what verification found ([`Verdict`]), so
 //! it can shun a server that sent bad bytes and be asked again at once.
@@ -16,7 +21,8 @@ mod supernode;
 use std::ops::Range;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{self, BoxStream, StreamExt};
 use thiserror::Error;
 
 pub use chain::registry_chain;
@@ -31,7 +37,9 @@ pub trait ChunkSource: Send + Sync {
     /// Short, stable name for logs and counters, e.g. `registry`.
     fn name(&self) -> &str;
 
-    /// Returns exactly the blob bytes `range` (stored, still compressed).
+    /// Starts answering with the blob bytes `range` (stored, still
+    /// compressed); the body may still fail, or hold too few or too many
+    /// bytes: the caller checks.
     async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError>;
 
     /// What the fetcher found in an answer that named its `server`. Returns
@@ -43,22 +51,66 @@ pub trait ChunkSource: Send + Sync {
     }
 }
 
+/// The bytes of an answer, in order, as they arrive; not verified yet.
+pub type Body = BoxStream<'static, Result<Bytes, SourceError>>;
+
 /// What a source returned for a range.
-#[derive(Debug)]
 pub struct Answer {
-    /// The bytes, not verified yet.
-    pub bytes: Bytes,
+    pub body: Body,
     /// The server behind the source that sent them, when the source picks
     /// among several; the fetcher's [`Verdict`] on them goes back to it.
     pub server: Option<String>,
 }
 
-impl From<Bytes> for Answer {
-    fn from(bytes: Bytes) -> Self {
+impl Answer {
+    /// An answer whose bytes are all here.
+    pub fn whole(bytes: Bytes) -> Self {
+        Answer::streamed(stream::once(async move { Ok(bytes) }))
+    }
+
+    pub fn streamed(
+        body: impl futures_util::Stream<Item = Result<Bytes, SourceError>> + Send + 'static,
+    ) -> Self {
         Answer {
-            bytes,
+            body: body.boxed(),
             server: None,
         }
+    }
+
+    pub fn from_server(mut self, server: String) -> Self {
+        self.server = Some(server);
+        self
+    }
+
+    /// The whole body, which must be exactly `len` bytes; reading stops as
+    /// soon as it is longer (a source that sends more than it was asked for
+    /// is not believed, and not buffered).
+    pub async fn collect(mut self, len: u64) -> Result<Bytes, SourceError> {
+        let mut out = BytesMut::new();
+        while let Some(piece) = self.body.next().await {
+            let piece = piece?;
+            if (out.len() + piece.len()) as u64 > len {
+                return Err(SourceError::Permanent(format!(
+                    "answer is longer than the {len} bytes asked for"
+                )));
+            }
+            out.extend_from_slice(&piece);
+        }
+        if out.len() as u64 != len {
+            return Err(SourceError::Transient(format!(
+                "answer ended after {} of {len} bytes",
+                out.len()
+            )));
+        }
+        Ok(out.freeze())
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,6 +122,9 @@ pub enum Verdict {
     Verified { chunks: u64 },
     /// At least one chunk failed verification; why, for the log.
     Corrupt(String),
+    /// The answer broke off or stalled before its end (the chunks that came
+    /// were good); why, for the log.
+    Failed(String),
 }
 
 #[derive(Debug, Error)]

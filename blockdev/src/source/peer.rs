@@ -10,27 +10,37 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use tracing::{debug, warn};
 
 use super::{Answer, ChunkSource, SourceError, Verdict};
+use crate::p2p::wire::BlobId;
 use crate::p2p::PeerNode;
 
 /// A dead or slow peer is left alone this long; a lying one longer.
 const SHUN_FAILED: Duration = Duration::from_secs(5);
 const SHUN_LIAR: Duration = Duration::from_secs(60);
 
-/// One blob from the peers above this node in the blob's tree.
+/// One layer from the peers above this node in the layer's tree.
 pub struct PeerSource {
     node: Arc<PeerNode>,
     digest: String,
+    /// The layer's anchor when the caller knows it; without one, the layer
+    /// the node serves for the digest (if it serves exactly one).
+    anchor: Option<String>,
 }
 
 impl PeerSource {
-    pub fn new(node: Arc<PeerNode>, digest: &str) -> Self {
+    pub fn new(node: Arc<PeerNode>, digest: &str, anchor: Option<&str>) -> Self {
         PeerSource {
             node,
             digest: digest.to_owned(),
+            anchor: anchor.map(str::to_owned),
         }
+    }
+
+    fn layer(&self) -> Option<BlobId> {
+        self.node.resolve(&self.digest, self.anchor.as_deref())
     }
 }
 
@@ -42,13 +52,13 @@ impl ChunkSource for PeerSource {
 
     async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
         // Until the layer is attached (its index still being read) the node
-        // has no place in the blob's tree.
-        if !self.node.serves(&self.digest) {
+        // has no place in the layer's tree, and no ticket.
+        let Some(id) = self.layer() else {
             return Err(SourceError::Transient(
                 "no peers until the layer is attached".into(),
             ));
-        }
-        let ancestors = self.node.ancestors(&self.digest);
+        };
+        let ancestors = self.node.ancestors(&id);
         if ancestors.is_empty() {
             return Err(SourceError::Transient(
                 "no parent peer (the super node is the parent)".into(),
@@ -56,12 +66,10 @@ impl ChunkSource for PeerSource {
         }
         let mut failures = Vec::new();
         for peer in ancestors {
-            match self.node.blob_from_peer(&peer, &self.digest, &range).await {
-                Ok(bytes) => {
-                    return Ok(Answer {
-                        bytes,
-                        server: Some(peer),
-                    })
+            match self.node.blob_from_peer(&peer, &id, &range).await {
+                Ok(body) => {
+                    let body = body.map(|piece| piece.map_err(SourceError::Transient));
+                    return Ok(Answer::streamed(body).from_server(peer));
                 }
                 Err(e) => {
                     debug!(
@@ -83,14 +91,29 @@ impl ChunkSource for PeerSource {
                     .record_download(peer, range.end - range.start, *chunks);
                 false
             }
+            Verdict::Failed(reason) => {
+                debug!(
+                    "blob {}: peer {peer} broke off {range:?}: {reason}",
+                    self.digest
+                );
+                self.node.peer_failed(peer, SHUN_FAILED);
+                self.has_ancestors()
+            }
             Verdict::Corrupt(reason) => {
                 warn!(
                     "blob {}: peer {peer} sent bad data for {range:?}, skipping it: {reason}",
                     self.digest
                 );
                 self.node.peer_lied(peer, SHUN_LIAR);
-                !self.node.ancestors(&self.digest).is_empty()
+                self.has_ancestors()
             }
         }
+    }
+}
+
+impl PeerSource {
+    fn has_ancestors(&self) -> bool {
+        self.layer()
+            .is_some_and(|id| !self.node.ancestors(&id).is_empty())
     }
 }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use futures_util::StreamExt;
+
 use super::{Answer, ChunkSource, SourceError};
 use crate::registry::RegistryClient;
 
@@ -31,16 +33,21 @@ impl ChunkSource for RegistrySource {
     }
 
     async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
-        self.client
-            .blob_range(&self.digest, range)
+        let body = self
+            .client
+            .blob_range_stream(&self.digest, range)
             .await
-            .map(Answer::from)
-            .map_err(|e| {
-                if e.is_transient() {
-                    SourceError::Transient(e.to_string())
-                } else {
-                    SourceError::Permanent(e.to_string())
-                }
-            })
+            .map_err(source_error)?;
+        Ok(Answer::streamed(
+            body.map(|piece| piece.map_err(source_error)),
+        ))
+    }
+}
+
+fn source_error(e: crate::registry::RegistryError) -> SourceError {
+    if e.is_transient() {
+        SourceError::Transient(e.to_string())
+    } else {
+        SourceError::Permanent(e.to_string())
     }
 }

@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 
 use super::{Answer, ChunkSource, SourceError};
 use crate::p2p::{PeerNode, RegistryBlob};
@@ -35,19 +36,23 @@ impl ChunkSource for SupernodeSource {
     }
 
     async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
-        self.node
+        let body = self
+            .node
             .blob_from_supernode(&self.blob, &range)
             .await
-            .map(Answer::from)
-            .map_err(|e| {
-                // Refusals (bad credentials, unknown registry) will not
-                // change on a retry; the registry itself is the next source
-                // anyway.
-                if e.is_refusal() {
-                    SourceError::Permanent(e.to_string())
-                } else {
-                    SourceError::Transient(e.to_string())
-                }
-            })
+            .map_err(source_error)?;
+        Ok(Answer::streamed(
+            body.map(|piece| piece.map_err(source_error)),
+        ))
+    }
+}
+
+fn source_error(e: crate::p2p::SupernodeError) -> SourceError {
+    // Refusals (bad credentials, unknown registry) will not change on a
+    // retry; the registry itself is the next source anyway.
+    if e.is_refusal() {
+        SourceError::Permanent(e.to_string())
+    } else {
+        SourceError::Transient(e.to_string())
     }
 }

@@ -1,24 +1,37 @@
-//! Startup traces (DADI's trace-based prefetch): which chunks of which
-//! layers a container read on demand during its first seconds. Stored per
-//! image (see docs/snapshotter.md#startup-traces) and replayed ahead of the
-//! full background prefetch on the next start.
+//! Startup traces (DADI's trace-based prefetch) and startup profiles: which
+//! bytes of which layers a container read during its first seconds, as
+//! image byte ranges in the order it first read them.
+//!
+//! A node records one when a container starts and stores it per image (see
+//! docs/snapshotter.md#startup-traces); the next start of that image, on
+//! any node, fetches those chunks ahead of the container. The same file is a
+//! startup profile for `lazybd convert --profile`, which stores those chunks
+//! first in each blob: layers are matched there by the source layer's
+//! diff_id, which the trace carries where the node knew it.
 //!
 //! The encoding is JSON with a version, so a reader refuses what it does not
 //! understand instead of misreading it. Everything is bounded: the encoded
-//! size, the layers and the chunks, since a trace may come from another node.
+//! size, the layers and the ranges, since a trace may come from another node.
 
-use std::collections::BTreeSet;
+mod recorder;
+
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-/// The only encoding version so far.
-pub const TRACE_VERSION: u32 = 1;
+pub use recorder::Recorder;
+
+use crate::oci::{valid_digest, LayerId};
+
+/// Version 1 listed chunk numbers of fixed 1 MiB chunks; ranges survive a
+/// change of chunking (and a re-conversion with a profile), numbers do not.
+pub const TRACE_VERSION: u32 = 2;
 /// Largest encoded trace accepted (file, super node request or answer).
-pub const MAX_TRACE_BYTES: usize = 1 << 20;
-/// Chunks in one trace, over all layers (with 1 MiB chunks: 16 GiB).
-pub const MAX_TRACE_CHUNKS: usize = 16 << 10;
+pub const MAX_TRACE_BYTES: usize = 4 << 20;
+/// Ranges in one trace, over all layers.
+pub const MAX_TRACE_RANGES: usize = 64 << 10;
 /// Layers in one trace.
 pub const MAX_TRACE_LAYERS: usize = 256;
 
@@ -30,20 +43,36 @@ pub enum TraceError {
     Malformed(String),
     #[error("trace version {0} is not supported (this build reads {TRACE_VERSION})")]
     Version(u32),
-    #[error("trace has {0} chunks, more than {MAX_TRACE_CHUNKS}")]
-    TooManyChunks(usize),
+    #[error("trace has {0} ranges, more than {MAX_TRACE_RANGES}")]
+    TooManyRanges(usize),
     #[error("trace has {0} layers, more than {MAX_TRACE_LAYERS}")]
     TooManyLayers(usize),
-    #[error("trace names an invalid layer digest {0:?}")]
+    #[error("trace names an invalid layer identity {0:?}")]
     BadDigest(String),
+    #[error("trace range [{0}, +{1}) is empty or overflows")]
+    BadRange(u64, u64),
 }
 
-/// The chunks read of one layer, sorted and without duplicates.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a container read of one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerTrace {
-    pub digest: String,
-    pub chunks: Vec<u64>,
+    /// The layer's identity on a node (its anchor; for an unanchored layer
+    /// its blob digest in that namespace): a trace is about content.
+    /// Replays match on this.
+    pub layer: LayerId,
+    /// The source layer's diff_id, when known: `lazybd convert --profile`
+    /// matches on this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_id: Option<String>,
+    /// `[offset, length]` of each range of the image read, first read first.
+    pub ranges: Vec<[u64; 2]>,
+}
+
+impl LayerTrace {
+    pub fn ranges(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.ranges.iter().map(|&[o, n]| o..o + n)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,78 +83,51 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// A trace of the given layers' chunks, normalised (see [`merge`](Self::merge)).
-    pub fn new(layers: impl IntoIterator<Item = (String, Vec<u64>)>) -> Self {
-        let mut t = Trace {
+    /// A trace of these layers (empty ones left out), in this order, cut to
+    /// the bounds ([`MAX_TRACE_RANGES`] over all, [`MAX_TRACE_LAYERS`]).
+    pub fn new(layers: impl IntoIterator<Item = LayerTrace>) -> Self {
+        let mut room = MAX_TRACE_RANGES;
+        let layers = layers
+            .into_iter()
+            .filter(|l| !l.ranges.is_empty())
+            .take(MAX_TRACE_LAYERS)
+            .map_while(|mut l| {
+                if room == 0 {
+                    return None;
+                }
+                l.ranges.truncate(room);
+                room -= l.ranges.len();
+                Some(l)
+            })
+            .collect();
+        Trace {
             version: TRACE_VERSION,
-            layers: Vec::new(),
-        };
-        for (digest, chunks) in layers {
-            t.merge(&Trace {
-                version: TRACE_VERSION,
-                layers: vec![LayerTrace { digest, chunks }],
-            });
+            layers,
         }
-        t
     }
 
-    pub fn chunk_count(&self) -> usize {
-        self.layers.iter().map(|l| l.chunks.len()).sum()
+    pub fn range_count(&self) -> usize {
+        self.layers.iter().map(|l| l.ranges.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.chunk_count() == 0
+        self.range_count() == 0
     }
 
-    pub fn chunks_of(&self, digest: &str) -> &[u64] {
-        self.layers
-            .iter()
-            .find(|l| l.digest == digest)
-            .map_or(&[], |l| &l.chunks)
-    }
-
-    /// Adds `other`'s chunks: layers keep their first-seen order, chunks are
-    /// sorted and deduplicated, and the total stays within
-    /// [`MAX_TRACE_CHUNKS`] (what does not fit is dropped, last layers first).
-    pub fn merge(&mut self, other: &Trace) {
-        let mut room = MAX_TRACE_CHUNKS.saturating_sub(self.chunk_count());
-        for theirs in &other.layers {
-            let pos = match self.layers.iter().position(|l| l.digest == theirs.digest) {
-                Some(p) => p,
-                None if self.layers.len() < MAX_TRACE_LAYERS => {
-                    self.layers.push(LayerTrace {
-                        digest: theirs.digest.clone(),
-                        chunks: Vec::new(),
-                    });
-                    self.layers.len() - 1
-                }
-                None => continue,
-            };
-            let mine = &mut self.layers[pos];
-            let mut set: BTreeSet<u64> = mine.chunks.iter().copied().collect();
-            for &c in &theirs.chunks {
-                if room == 0 {
-                    break;
-                }
-                if set.insert(c) {
-                    room -= 1;
-                }
-            }
-            mine.chunks = set.into_iter().collect();
-        }
-        self.layers.retain(|l| !l.chunks.is_empty());
+    pub fn layer(&self, layer: &str) -> Option<&LayerTrace> {
+        self.layers.iter().find(|l| l.layer.as_str() == layer)
     }
 
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("plain data serialises")
     }
 
-    /// Parses and checks a trace from an untrusted source; normalises it.
+    /// Parses and checks a trace from an untrusted source.
     pub fn decode(bytes: &[u8]) -> Result<Self, TraceError> {
         if bytes.len() > MAX_TRACE_BYTES {
             return Err(TraceError::TooLarge(bytes.len()));
         }
-        // The version first, so a newer format is reported as such and not
+        // The version first, so another format is reported as such and not
         // as a parse error of fields this build does not know.
         #[derive(Deserialize)]
         struct Versioned {
@@ -136,30 +138,35 @@ impl Trace {
         if v.version != TRACE_VERSION {
             return Err(TraceError::Version(v.version));
         }
-        let raw: Trace =
+        let t: Trace =
             serde_json::from_slice(bytes).map_err(|e| TraceError::Malformed(e.to_string()))?;
-        if raw.layers.len() > MAX_TRACE_LAYERS {
-            return Err(TraceError::TooManyLayers(raw.layers.len()));
+        if t.layers.len() > MAX_TRACE_LAYERS {
+            return Err(TraceError::TooManyLayers(t.layers.len()));
         }
-        if raw.chunk_count() > MAX_TRACE_CHUNKS {
-            return Err(TraceError::TooManyChunks(raw.chunk_count()));
+        if t.range_count() > MAX_TRACE_RANGES {
+            return Err(TraceError::TooManyRanges(t.range_count()));
         }
-        if let Some(l) = raw
-            .layers
-            .iter()
-            .find(|l| !crate::oci::valid_digest(&l.digest))
-        {
-            return Err(TraceError::BadDigest(l.digest.clone()));
+        for l in &t.layers {
+            // `layer` was checked as it was parsed (a LayerId).
+            if let Some(bad) = l.diff_id.as_ref().filter(|d| !valid_digest(d)) {
+                return Err(TraceError::BadDigest(bad.clone()));
+            }
+            if let Some(&[o, n]) = l
+                .ranges
+                .iter()
+                .find(|&&[o, n]| n == 0 || o.checked_add(n).is_none())
+            {
+                return Err(TraceError::BadRange(o, n));
+            }
         }
-        let mut t = Trace::new(std::iter::empty());
-        t.merge(&raw);
         Ok(t)
     }
 }
 
 /// The key a trace is stored under: the sha256 of the image's ordered layer
-/// digests (bottom first, one per line), as `sha256-<hex>` (a file name and
-/// a URL path segment as is).
+/// identities (bottom first, one per line: their anchors, so the key is
+/// about content, not about what a registry calls it), as `sha256-<hex>` (a
+/// file name and a URL path segment as is).
 pub fn trace_key<S: AsRef<str>>(layers: &[S]) -> String {
     let mut h = Sha256::new();
     for l in layers {
@@ -173,7 +180,7 @@ pub fn trace_key<S: AsRef<str>>(layers: &[S]) -> String {
 /// a file).
 pub fn valid_key(key: &str) -> bool {
     key.strip_prefix("sha256-")
-        .is_some_and(|hex| crate::oci::valid_digest(&format!("sha256:{hex}")))
+        .is_some_and(|h| valid_digest(&format!("sha256:{h}")))
 }
 
 #[cfg(test)]

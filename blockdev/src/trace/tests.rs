@@ -1,40 +1,41 @@
 use super::*;
+use crate::oci::LayerId;
 
 const A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 
+fn layer(l: &str, ranges: &[[u64; 2]]) -> LayerTrace {
+    LayerTrace {
+        layer: LayerId::parse(l).unwrap(),
+        diff_id: None,
+        ranges: ranges.to_vec(),
+    }
+}
+
 #[test]
 fn round_trips_with_its_version() {
-    let t = Trace::new([(A.to_owned(), vec![5, 1, 5, 3]), (B.to_owned(), vec![0])]);
-    assert_eq!(t.chunks_of(A), [1, 3, 5]);
+    let mut a = layer(A, &[[8192, 4096], [0, 4096]]);
+    a.diff_id = Some(B.to_owned());
+    let t = Trace::new([a, layer(B, &[]), layer(B, &[[4096, 8192]])]);
+    assert_eq!(t.layers.len(), 2, "empty layers are left out");
+    assert_eq!(
+        t.layer(A).unwrap().ranges().collect::<Vec<_>>(),
+        [8192..12288, 0..4096]
+    );
     let bytes = t.encode();
-    assert!(String::from_utf8_lossy(&bytes).contains("\"version\":1"));
+    assert!(String::from_utf8_lossy(&bytes).contains("\"version\":2"));
     assert_eq!(Trace::decode(&bytes).unwrap(), t);
+    assert_eq!(t.range_count(), 3);
 }
 
 #[test]
-fn merge_dedups_and_keeps_layer_order() {
-    let mut t = Trace::new([(B.to_owned(), vec![2]), (A.to_owned(), vec![1])]);
-    t.merge(&Trace::new([
-        (A.to_owned(), vec![1, 0]),
-        (B.to_owned(), vec![2, 9]),
-    ]));
-    assert_eq!(t.layers[0].digest, B);
-    assert_eq!(t.chunks_of(B), [2, 9]);
-    assert_eq!(t.chunks_of(A), [0, 1]);
-    assert_eq!(t.chunk_count(), 4);
-    let empty = Trace::new([(A.to_owned(), vec![])]);
-    assert!(empty.is_empty() && empty.layers.is_empty());
-}
-
-#[test]
-fn merge_is_bounded() {
-    let many: Vec<u64> = (0..MAX_TRACE_CHUNKS as u64 + 10).collect();
-    let mut t = Trace::new([(A.to_owned(), many)]);
-    assert_eq!(t.chunk_count(), MAX_TRACE_CHUNKS);
-    t.merge(&Trace::new([(B.to_owned(), vec![1])]));
-    assert_eq!(t.chunk_count(), MAX_TRACE_CHUNKS);
-    assert!(t.chunks_of(B).is_empty());
+fn new_is_bounded() {
+    let many: Vec<[u64; 2]> = (0..MAX_TRACE_RANGES as u64 + 10)
+        .map(|i| [i * 4096, 4096])
+        .collect();
+    let t = Trace::new([layer(A, &many), layer(B, &[[0, 1]])]);
+    assert_eq!(t.range_count(), MAX_TRACE_RANGES);
+    assert!(t.layer(B).is_none());
 }
 
 #[test]
@@ -44,31 +45,47 @@ fn refuses_bad_input() {
         Err(TraceError::Malformed(_))
     ));
     assert_eq!(
-        Trace::decode(br#"{"version":2,"layers":[],"extra":1}"#),
-        Err(TraceError::Version(2))
+        Trace::decode(br#"{"version":1,"layers":[],"extra":1}"#),
+        Err(TraceError::Version(1))
     );
     assert!(matches!(
-        Trace::decode(br#"{"version":1,"layers":[],"extra":1}"#),
+        Trace::decode(br#"{"version":2,"layers":[],"extra":1}"#),
         Err(TraceError::Malformed(_))
     ));
+    assert!(matches!(
+        Trace::decode(br#"{"version":2,"layers":[{"layer":"../x","ranges":[[0,1]]}]}"#),
+        Err(TraceError::Malformed(_))
+    ));
+    let bad_diff =
+        format!(r#"{{"version":2,"layers":[{{"layer":"{A}","diff_id":"x","ranges":[]}}]}}"#);
     assert_eq!(
-        Trace::decode(br#"{"version":1,"layers":[{"digest":"../x","chunks":[1]}]}"#),
-        Err(TraceError::BadDigest("../x".into()))
+        Trace::decode(bad_diff.as_bytes()),
+        Err(TraceError::BadDigest("x".into()))
     );
+    for range in ["[5,0]", "[18446744073709551615,2]"] {
+        let json = format!(r#"{{"version":2,"layers":[{{"layer":"{A}","ranges":[{range}]}}]}}"#);
+        assert!(
+            matches!(
+                Trace::decode(json.as_bytes()),
+                Err(TraceError::BadRange(..))
+            ),
+            "{range}"
+        );
+    }
     let big = vec![b' '; MAX_TRACE_BYTES + 1];
     assert_eq!(
         Trace::decode(&big),
         Err(TraceError::TooLarge(MAX_TRACE_BYTES + 1))
     );
-    let chunks: Vec<String> = (0..=MAX_TRACE_CHUNKS).map(|c| c.to_string()).collect();
+    let ranges: Vec<String> = (0..=MAX_TRACE_RANGES).map(|c| format!("[{c},1]")).collect();
     let json = format!(
-        r#"{{"version":1,"layers":[{{"digest":"{A}","chunks":[{}]}}]}}"#,
-        chunks.join(",")
+        r#"{{"version":2,"layers":[{{"layer":"{A}","ranges":[{}]}}]}}"#,
+        ranges.join(",")
     );
     assert!(json.len() < MAX_TRACE_BYTES);
     assert_eq!(
         Trace::decode(json.as_bytes()),
-        Err(TraceError::TooManyChunks(MAX_TRACE_CHUNKS + 1))
+        Err(TraceError::TooManyRanges(MAX_TRACE_RANGES + 1))
     );
 }
 
@@ -80,4 +97,19 @@ fn keys_depend_on_the_layer_order() {
     assert_eq!(k, trace_key(&[A.to_owned(), B.to_owned()]));
     assert!(!valid_key("sha256-../../etc"));
     assert!(!valid_key(A));
+}
+
+#[test]
+fn layers_are_named_by_identity() {
+    // Unanchored (version 1) layers have an identity of their own.
+    let unanchored = format!("unanchored:{A}");
+    let t = Trace::new([layer(&unanchored, &[[0, 1]]), layer(B, &[[0, 2]])]);
+    assert_eq!(Trace::decode(&t.encode()).unwrap(), t);
+    let bad =
+        format!(r#"{{"version":2,"layers":[{{"layer":"unanchored:{A}x","ranges":[[0,1]]}}]}}"#);
+    assert!(matches!(
+        Trace::decode(bad.as_bytes()),
+        Err(TraceError::Malformed(_))
+    ));
+    assert_ne!(trace_key(&[&unanchored]), trace_key(&[A]));
 }

@@ -14,7 +14,7 @@ use lazybd_snapshotter::{control, metrics};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// containerd snapshotter (proxy plugin) that mounts lazybd layers lazily
 /// and behaves like the overlayfs snapshotter for all other layers.
@@ -85,11 +85,22 @@ async fn serve(mut config: Config) -> Result<()> {
     let mut node = NodeConfig::new(config.root.join("lazy"));
     node.fetch.read_deadline = config.read_deadline();
     node.prefetch_rate = config.prefetch.rate_bytes_per_sec;
+    node.lazy_read_ahead_kb = config.lazy_read_ahead_kb;
+    // A P2P peer sends the stored bytes it was sent: keep them.
+    node.fetch.keep_stored = config.p2p.is_some();
     node.fd_store = config.restart.fd_store()?;
     // Resumes the previous run's FUSE session if the fd store kept it:
     // reads that waited through the restart are served from here on.
     let manager = LayerManager::new(node).context("setting up the lazy layer manager")?;
+    if config.remote.allow_unanchored_layers {
+        warn!(
+            "[remote] allow_unanchored_layers: version 1 layers are attached without a content \
+             anchor; every registry, mirror, super node and peer serving them is trusted \
+             (docs/security.md)"
+        );
+    }
     let mut remote = Remote::new(manager, config.registry.clone())
+        .with_unanchored_layers(config.remote.allow_unanchored_layers)
         .with_cache_capacity(config.cache.capacity_bytes)
         .with_traces(Arc::new(lazybd_snapshotter::traces::Traces::new(
             &config.root.join("traces"),

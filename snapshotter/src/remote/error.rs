@@ -1,7 +1,8 @@
 //! Why a layer cannot be served lazily. Prepare turns each of these into a
-//! fallback (containerd unpacks the layer itself) and logs it, so every
-//! variant names the image and digests, and keeps the underlying error as
-//! its source and in its message.
+//! fallback (containerd unpacks the layer itself) and logs it, except the
+//! refusals of docs/security.md ([`RemoteError::is_refusal`]), which it
+//! returns to containerd: every variant names the image and digests, and
+//! keeps the underlying error as its source and in its message.
 
 use lazybd_blockdev::device::DeviceError;
 use lazybd_blockdev::oci::OciError;
@@ -57,6 +58,28 @@ pub enum RemoteError {
         #[source]
         source: OciError,
     },
+    /// A version 1 layer: nothing ties the bytes served for it to the image.
+    #[error(
+        "layer {layer} of {image_ref} is a version 1 lazybd layer without a content anchor; \
+         lazybd-snapshotter attaches such layers only with `[remote] \
+         allow_unanchored_layers = true` in its config (docs/security.md); convert the \
+         image again to give it one"
+    )]
+    Unanchored { image_ref: String, layer: String },
+    /// containerd would name the snapshot after other content than the
+    /// layer's: its chain ID is not the one of the parent and the anchor.
+    #[error(
+        "layer {layer} of {image_ref}: containerd asks for snapshot {target}, but {chain}; \
+         refusing to attach a layer under another layer's snapshot name (its image config \
+         does not name the anchor on its descriptor, docs/security.md)"
+    )]
+    ChainMismatch {
+        image_ref: String,
+        layer: String,
+        target: String,
+        /// What the name should be, and why.
+        chain: String,
+    },
     /// The blockdev core could not attach the layer (its index could not
     /// be fetched or verified, FUSE, loop device, mount).
     #[error("attaching layer {digest}: {source}")]
@@ -81,7 +104,20 @@ impl RemoteError {
             | RemoteError::BadManifest { .. }
             | RemoteError::NoSuchLayer { .. }
             | RemoteError::NotLazy { .. }
-            | RemoteError::BadAnnotations { .. } => false,
+            | RemoteError::BadAnnotations { .. }
+            | RemoteError::Unanchored { .. }
+            | RemoteError::ChainMismatch { .. } => false,
         }
+    }
+
+    /// The layer is refused by the node's trust rules (docs/security.md),
+    /// not merely unavailable: Prepare answers containerd with this error
+    /// instead of falling back (containerd cannot unpack a lazybd layer
+    /// itself, so the fallback would only hide the reason).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Unanchored { .. } | RemoteError::ChainMismatch { .. }
+        )
     }
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use lazybd_blockdev::device::{AttachStep, DeviceError};
 use lazybd_blockdev::layer::{LayerSource, LazyLayer};
-use lazybd_blockdev::oci::{LazyLayerAnnotations, MEDIA_LAZYBD_LAYER};
+use lazybd_blockdev::oci::{LayerId, LazyLayerAnnotations, MEDIA_LAZYBD_LAYER};
 use lazybd_blockdev::registry::RegistryError;
 use lazybd_blockdev::stats::Stats;
 use lazybd_blockdev::trace::Trace;
@@ -27,7 +27,28 @@ pub fn digest(n: u8) -> String {
     format!("sha256:{}", format!("{n:02x}").repeat(32))
 }
 
-/// The labels containerd puts on the Prepare of an image layer.
+/// The anchor the fake images give layer `layer` (one per blob digest).
+pub fn anchor_of(layer: &str) -> String {
+    oci::digest_of(format!("index of {layer}").as_bytes())
+}
+
+/// The identity of layer `layer` with its fake anchor.
+pub fn id_of(layer: &str) -> LayerId {
+    LayerId::anchored(&anchor_of(layer)).unwrap()
+}
+
+/// The chain IDs of lazybd layers `layers` (bottom first) with their fake
+/// anchors as diff_ids: the snapshot names containerd asks for.
+pub fn chain(layers: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in layers {
+        out.push(oci::chain_id(out.last().map(String::as_str), &anchor_of(l)));
+    }
+    out
+}
+
+/// The labels containerd puts on the Prepare of an image layer when the
+/// descriptor's annotations do not reach it (the manifest path).
 pub fn layer_labels(manifest: &str, layer: &str, target: &str) -> HashMap<String, String> {
     HashMap::from([
         (oci::labels::TARGET.to_owned(), target.to_owned()),
@@ -37,11 +58,24 @@ pub fn layer_labels(manifest: &str, layer: &str, target: &str) -> HashMap<String
     ])
 }
 
-/// The annotations of a lazybd layer descriptor with `image_size`.
-pub fn lazy_annotations(image_size: u64) -> BTreeMap<String, String> {
+/// [`layer_labels`] plus the layer descriptor's lazybd annotations, as
+/// containerd's unpacker passes them: no manifest is needed.
+pub fn lazy_labels(
+    manifest: &str,
+    layer: &str,
+    image_size: u64,
+    target: &str,
+) -> HashMap<String, String> {
+    let mut labels = layer_labels(manifest, layer, target);
+    labels.extend(lazy_annotations(layer, image_size));
+    labels
+}
+
+/// The annotations of lazybd layer `layer`'s descriptor with `image_size`.
+pub fn lazy_annotations(layer: &str, image_size: u64) -> BTreeMap<String, String> {
     LazyLayerAnnotations {
         version: 2,
-        index_digest: Some(digest(0xa1)),
+        index_digest: Some(anchor_of(layer)),
         source_diff_id: digest(0xdd),
         index_offset: 4096,
         index_length: 112,
@@ -51,13 +85,32 @@ pub fn lazy_annotations(image_size: u64) -> BTreeMap<String, String> {
     .to_map()
 }
 
-/// A layer descriptor of a lazybd layer.
+/// A layer descriptor of a lazybd layer (8192 bytes: index at 4096, 112
+/// bytes, then the footer... as the annotations say).
 pub fn lazy_layer(digest: &str, image_size: u64) -> serde_json::Value {
     serde_json::json!({
         "mediaType": MEDIA_LAZYBD_LAYER,
         "digest": digest,
-        "size": 8192,
-        "annotations": lazy_annotations(image_size),
+        "size": 4096 + 112 + 64,
+        "annotations": lazy_annotations(digest, image_size),
+    })
+}
+
+/// A descriptor of a version 1 lazybd layer: no anchor.
+pub fn v1_layer(digest: &str, image_size: u64) -> serde_json::Value {
+    use lazybd_blockdev::oci::v1;
+    serde_json::json!({
+        "mediaType": MEDIA_LAZYBD_LAYER,
+        "digest": digest,
+        "size": 4096 + 112 + 64,
+        "annotations": {
+            v1::ANN_VERSION: "1",
+            v1::ANN_SOURCE_DIFF_ID: self::digest(0xdd),
+            v1::ANN_INDEX_OFFSET: "4096",
+            v1::ANN_INDEX_LENGTH: "112",
+            v1::ANN_IMAGE_SIZE: image_size.to_string(),
+            v1::ANN_CHUNK_SIZE: "4096",
+        },
     })
 }
 
@@ -99,6 +152,7 @@ pub fn registry_config(dir: &Path) -> RegistryConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachCall {
     pub digest: String,
+    pub anchor: Option<String>,
     pub blob_size: u64,
     pub index_location: Option<(u64, u64)>,
     /// The sources' names, in order.
@@ -114,9 +168,10 @@ pub struct FakeLayers {
 
 #[derive(Default)]
 struct LayerState {
-    attached: BTreeMap<String, PathBuf>,
+    /// By identity: the blob digest and the mountpoint.
+    attached: BTreeMap<LayerId, (String, PathBuf)>,
     attaches: Vec<AttachCall>,
-    detaches: Vec<String>,
+    detaches: Vec<LayerId>,
     failing: bool,
 }
 
@@ -128,12 +183,23 @@ impl FakeLayers {
         layers
     }
 
-    pub fn mountpoint_of(digest: &str) -> PathBuf {
-        Path::new("/lazy").join(digest)
+    pub fn mountpoint_of(id: &LayerId) -> PathBuf {
+        Path::new("/lazy").join(id.file_name())
     }
 
-    /// Digests of the attached layers.
+    /// Blob digests of the attached layers, sorted (one per identity).
     pub fn attached(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .lock()
+            .attached
+            .values()
+            .map(|(d, _)| d.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn attached_ids(&self) -> Vec<LayerId> {
         self.lock().attached.keys().cloned().collect()
     }
 
@@ -141,7 +207,7 @@ impl FakeLayers {
         self.lock().attaches.clone()
     }
 
-    pub fn detaches(&self) -> Vec<String> {
+    pub fn detaches(&self) -> Vec<LayerId> {
         self.lock().detaches.clone()
     }
 
@@ -156,6 +222,7 @@ impl LazyLayers for FakeLayers {
         let mut state = self.lock();
         state.attaches.push(AttachCall {
             digest: source.digest.clone(),
+            anchor: source.anchor.clone(),
             blob_size: source.blob_size,
             index_location: source.index_location,
             sources: source.sources.iter().map(|s| s.name().to_owned()).collect(),
@@ -166,29 +233,36 @@ impl LazyLayers for FakeLayers {
                 step: AttachStep::Loop,
             });
         }
-        let mountpoint = Self::mountpoint_of(&source.digest);
-        state.attached.insert(source.digest, mountpoint.clone());
+        let id = source
+            .id()
+            .map_err(|_| DeviceError::BadDigest(source.digest.clone()))?;
+        let mountpoint = Self::mountpoint_of(&id);
+        // As the layer manager: one attachment per identity.
+        state
+            .attached
+            .entry(id)
+            .or_insert((source.digest, mountpoint.clone()));
         Ok(mountpoint)
     }
 
-    async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
+    async fn detach(&self, id: &LayerId) -> Result<(), DeviceError> {
         let mut state = self.lock();
-        state.detaches.push(digest.to_owned());
-        match state.attached.remove(digest) {
+        state.detaches.push(id.clone());
+        match state.attached.remove(id) {
             Some(_) => Ok(()),
-            None => Err(DeviceError::NotAttached(digest.to_owned())),
+            None => Err(DeviceError::NotAttached(id.to_string())),
         }
     }
 
-    fn mountpoints(&self) -> Vec<(String, PathBuf)> {
+    fn mountpoints(&self) -> Vec<(LayerId, PathBuf)> {
         self.lock()
             .attached
             .iter()
-            .map(|(d, m)| (d.clone(), m.clone()))
+            .map(|(id, (_, m))| (id.clone(), m.clone()))
             .collect()
     }
 
-    fn layer(&self, _digest: &str) -> Option<Arc<LazyLayer>> {
+    fn layer(&self, _id: &LayerId) -> Option<Arc<LazyLayer>> {
         None
     }
 

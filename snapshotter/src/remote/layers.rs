@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use lazybd_blockdev::device::{DeviceError, LayerManager};
 use lazybd_blockdev::layer::{LayerSource, LazyLayer};
+use lazybd_blockdev::oci::LayerId;
 use lazybd_blockdev::stats::Stats;
 use lazybd_blockdev::trace::Trace;
 
@@ -19,13 +20,13 @@ pub trait LazyLayers: Send + Sync + 'static {
     /// Attaches the layer (idempotent); returns its EROFS mount.
     async fn attach(&self, source: LayerSource) -> Result<PathBuf, DeviceError>;
 
-    async fn detach(&self, digest: &str) -> Result<(), DeviceError>;
+    async fn detach(&self, id: &LayerId) -> Result<(), DeviceError>;
 
-    /// `(digest, EROFS mount)` of every attached layer.
-    fn mountpoints(&self) -> Vec<(String, PathBuf)>;
+    /// `(identity, EROFS mount)` of every attached layer.
+    fn mountpoints(&self) -> Vec<(LayerId, PathBuf)>;
 
     /// An attached layer, to serve it to peers.
-    fn layer(&self, digest: &str) -> Option<Arc<LazyLayer>>;
+    fn layer(&self, id: &LayerId) -> Option<Arc<LazyLayer>>;
 
     /// Removes least recently used caches of detached layers while they
     /// take more than `capacity` bytes.
@@ -44,19 +45,19 @@ impl LazyLayers for LayerManager {
         Ok(LayerManager::attach(self, source).await?.mountpoint)
     }
 
-    async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
-        LayerManager::detach(self, digest).await
+    async fn detach(&self, id: &LayerId) -> Result<(), DeviceError> {
+        LayerManager::detach(self, id).await
     }
 
-    fn mountpoints(&self) -> Vec<(String, PathBuf)> {
+    fn mountpoints(&self) -> Vec<(LayerId, PathBuf)> {
         self.layers()
             .into_iter()
-            .map(|l| (l.digest, l.mountpoint))
+            .map(|l| (l.id, l.mountpoint))
             .collect()
     }
 
-    fn layer(&self, digest: &str) -> Option<Arc<LazyLayer>> {
-        LayerManager::layer(self, digest)
+    fn layer(&self, id: &LayerId) -> Option<Arc<LazyLayer>> {
+        LayerManager::layer(self, id)
     }
 
     async fn evict_caches(&self, capacity: u64) {

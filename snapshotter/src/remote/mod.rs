@@ -4,9 +4,14 @@
 //!
 //! containerd (CRI with `disable_snapshot_annotations = false`, or `lazybd
 //! pull`) labels the Prepare of each image layer with the snapshot it will
-//! be committed as and with the image, manifest and layer digests. The
-//! manifest (fetched from the image's registry by digest) says whether the
-//! layer is a lazybd layer and where its index is.
+//! be committed as and with the image, manifest and layer digests. Its
+//! unpacker also copies the layer descriptor's `containerd.io/snapshot/`
+//! annotations into the labels: for a lazybd layer, where its index is and
+//! its anchor, so Prepare needs nothing else. Without them (older images,
+//! clients that do not pass them) the manifest, fetched from the image's
+//! registry by digest, says whether the layer is a lazybd layer and where
+//! its index is. Either way the layer must pass the trust rules of
+//! [`trust`] (docs/security.md) before it is attached.
 //!
 //! Two seams keep this path testable without root: [`LazyLayers`], what it
 //! needs from this node's layers ([`LayerManager`] in production), and
@@ -19,6 +24,7 @@ mod layers;
 mod registry;
 #[cfg(test)]
 mod tests;
+pub mod trust;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,9 +32,12 @@ use std::sync::{Arc, Mutex};
 
 use lazybd_blockdev::device::{DeviceError, LayerManager};
 use lazybd_blockdev::layer::LayerSource;
-use lazybd_blockdev::oci::{self, LazyLayerAnnotations, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER};
-use lazybd_blockdev::p2p::PeerNode;
-use lazybd_blockdev::source::{registry_chain, ChunkSource};
+use lazybd_blockdev::oci::{
+    self, LayerId, LazyLayerAnnotations, OciError, MAX_METADATA_LEN, MEDIA_LAZYBD_LAYER,
+};
+use lazybd_blockdev::p2p::{PeerNode, RegistryBlob};
+use lazybd_blockdev::registry::RegistryClient;
+use lazybd_blockdev::source::registry_chain;
 use oci_spec::image::ImageManifest;
 use tracing::info;
 
@@ -56,6 +65,8 @@ pub struct Remote<L = LayerManager> {
     peer: Option<Arc<PeerNode>>,
     /// Startup traces; `None`: neither recorded nor replayed.
     traces: Option<Arc<Traces>>,
+    /// `[remote] allow_unanchored_layers`: version 1 layers are attached.
+    allow_unanchored: bool,
 }
 
 impl<L: LazyLayers> Remote<L> {
@@ -69,7 +80,15 @@ impl<L: LazyLayers> Remote<L> {
             cache_capacity: 0,
             peer: None,
             traces: None,
+            allow_unanchored: false,
         }
+    }
+
+    /// Attaches unanchored (version 1) layers too (`[remote]
+    /// allow_unanchored_layers`); refused by default.
+    pub fn with_unanchored_layers(mut self, allow: bool) -> Self {
+        self.allow_unanchored = allow;
+        self
     }
 
     /// Takes manifests from `source` instead of the image's registry.
@@ -99,105 +118,159 @@ impl<L: LazyLayers> Remote<L> {
 
     /// The lazybd layer these Prepare labels ask for: `Ok(None)` when they
     /// do not describe an image layer (a container's rootfs, a plain `ctr`
-    /// unpack), an error when they do but it cannot be served lazily.
+    /// unpack), an error when they do but it cannot be served lazily. The
+    /// layer's own labels (its descriptor's lazybd annotations) are used
+    /// when containerd passed them, else the image's manifest.
     pub async fn resolve(
         &self,
         labels: &HashMap<String, String>,
     ) -> Result<Option<RemoteLayer>, RemoteError> {
-        let (Some(image_ref), Some(manifest_digest), Some(layer_digest)) = (
+        let (Some(image_ref), Some(layer_digest)) = (
             labels.get(oci::labels::IMAGE_REF),
-            labels.get(oci::labels::MANIFEST_DIGEST),
             labels.get(oci::labels::LAYER_DIGEST),
         ) else {
             return Ok(None);
         };
+        let bad = |source| RemoteError::BadAnnotations {
+            image_ref: image_ref.clone(),
+            layer: layer_digest.clone(),
+            source,
+        };
+        let (ann, blob_size) = if labels.contains_key(oci::ANN_VERSION) {
+            let ann = LazyLayerAnnotations::from_map(labels).map_err(bad)?;
+            let size = ann.blob_size().ok_or_else(|| {
+                bad(OciError::BadAnnotation {
+                    key: oci::ANN_INDEX_LENGTH,
+                    value: ann.index_length.to_string(),
+                })
+            })?;
+            (ann, size)
+        } else {
+            let Some(manifest_digest) = labels.get(oci::labels::MANIFEST_DIGEST) else {
+                return Ok(None);
+            };
+            self.manifest_annotations(image_ref, manifest_digest, layer_digest)
+                .await?
+        };
+        // The digests name files and URLs: refused here if malformed.
+        LayerId::of(layer_digest, ann.index_digest.as_deref()).map_err(bad)?;
+        Ok(Some(RemoteLayer {
+            image_ref: image_ref.clone(),
+            digest: layer_digest.clone(),
+            blob_size,
+            index_offset: ann.index_offset,
+            index_length: ann.index_length,
+            image_size: ann.image_size,
+            anchor: ann.index_digest,
+            source_diff_id: Some(ann.source_diff_id),
+        }))
+    }
+
+    /// The layer's annotations and blob size from the image's manifest.
+    async fn manifest_annotations(
+        &self,
+        image_ref: &str,
+        manifest_digest: &str,
+        layer_digest: &str,
+    ) -> Result<(LazyLayerAnnotations, u64), RemoteError> {
         let manifest = self.manifest(image_ref, manifest_digest).await?;
         let desc = manifest
             .layers()
             .iter()
-            .find(|l| l.digest().to_string() == *layer_digest)
+            .find(|l| l.digest().to_string() == layer_digest)
             .ok_or_else(|| RemoteError::NoSuchLayer {
-                image_ref: image_ref.clone(),
-                manifest: manifest_digest.clone(),
-                layer: layer_digest.clone(),
+                image_ref: image_ref.to_owned(),
+                manifest: manifest_digest.to_owned(),
+                layer: layer_digest.to_owned(),
             })?;
         if desc.media_type().to_string() != MEDIA_LAZYBD_LAYER {
             return Err(RemoteError::NotLazy {
-                image_ref: image_ref.clone(),
-                layer: layer_digest.clone(),
+                image_ref: image_ref.to_owned(),
+                layer: layer_digest.to_owned(),
                 media_type: desc.media_type().to_string(),
             });
         }
         let ann =
             LazyLayerAnnotations::from_map(desc.annotations().as_ref().unwrap_or(&HashMap::new()))
                 .map_err(|source| RemoteError::BadAnnotations {
-                    image_ref: image_ref.clone(),
-                    layer: layer_digest.clone(),
+                    image_ref: image_ref.to_owned(),
+                    layer: layer_digest.to_owned(),
                     source,
                 })?;
-        Ok(Some(RemoteLayer {
-            image_ref: image_ref.clone(),
-            digest: layer_digest.clone(),
-            blob_size: desc.size(),
-            index_offset: ann.index_offset,
-            index_length: ann.index_length,
-            image_size: ann.image_size,
-        }))
+        Ok((ann, desc.size()))
     }
 
-    /// Attaches the layer (idempotent); returns its EROFS mount.
+    /// Attaches the layer (idempotent for its identity); its index must
+    /// hash to its anchor. Returns its EROFS mount.
     pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, RemoteError> {
+        let client = self.client(layer)?;
         let mountpoint = self
             .manager
             .attach(LayerSource {
                 digest: layer.digest.clone(),
+                anchor: layer.anchor.clone(),
                 blob_size: layer.blob_size,
                 index_location: Some((layer.index_offset, layer.index_length)),
-                sources: self.sources(layer)?,
+                sources: registry_chain(
+                    &client,
+                    self.peer.as_ref(),
+                    &layer.digest,
+                    layer.anchor.as_deref(),
+                    layer.blob_size,
+                ),
+                diff_id: layer.source_diff_id.clone(),
             })
             .await
             .map_err(|source| RemoteError::Attach {
                 digest: layer.digest.clone(),
                 source,
             })?;
-        if let (Some(peer), Some(l)) = (&self.peer, self.manager.layer(&layer.digest)) {
-            peer.serve_layer(l).await;
+        let served = match (&self.peer, layer.id()) {
+            (Some(peer), Ok(id)) => self.manager.layer(&id).map(|l| (peer, l)),
+            _ => None,
+        };
+        if let Some((peer, l)) = served {
+            let origin = RegistryBlob::new(&client, &layer.digest, layer.blob_size);
+            peer.serve_layer(l, origin).await;
         }
         Ok(mountpoint)
     }
 
-    pub async fn detach(&self, digest: &str) -> Result<(), DeviceError> {
+    pub async fn detach(&self, id: &LayerId) -> Result<(), DeviceError> {
         if let Some(peer) = &self.peer {
-            peer.forget_layer(digest).await;
+            peer.forget_layer(id).await;
         }
-        self.manager.detach(digest).await?;
+        self.manager.detach(id).await?;
         self.evict().await;
         Ok(())
     }
 
     /// The EROFS mount of an attached layer.
-    pub fn mountpoint(&self, digest: &str) -> Option<PathBuf> {
+    pub fn mountpoint(&self, id: &LayerId) -> Option<PathBuf> {
         self.manager
             .mountpoints()
             .into_iter()
-            .find(|(d, _)| d == digest)
+            .find(|(attached, _)| attached == id)
             .map(|(_, mountpoint)| mountpoint)
     }
 
-    /// The digests of the attached lazy layers among `lowers` (overlay lower
-    /// dirs, top first), bottom first: the key of the image's trace.
-    pub fn lazy_chain<'a>(&self, lowers: impl DoubleEndedIterator<Item = &'a Path>) -> Vec<String> {
+    /// The attached lazy layers among `lowers` (overlay lower dirs, top
+    /// first), bottom first: the key of the image's trace.
+    pub fn lazy_chain<'a>(
+        &self,
+        lowers: impl DoubleEndedIterator<Item = &'a Path>,
+    ) -> Vec<LayerId> {
         let layers = self.manager.mountpoints();
         lowers
             .rev()
             .filter_map(|dir| layers.iter().find(|(_, mountpoint)| mountpoint == dir))
-            .map(|(digest, _)| digest.clone())
+            .map(|(id, _)| id.clone())
             .collect()
     }
 
     /// Replays the stored trace of the image with these lazy layers (local,
     /// else, with `ask_supernode`, from the super node); whether there was one.
-    pub async fn replay_trace(&self, chain: &[String], ask_supernode: bool) -> bool {
+    pub async fn replay_trace(&self, chain: &[LayerId], ask_supernode: bool) -> bool {
         let Some(traces) = self.traces.as_ref().filter(|t| t.config.replay) else {
             return false;
         };
@@ -207,13 +280,13 @@ impl<L: LazyLayers> Remote<L> {
         let key = trace_key(chain);
         let stats = self.manager.counters();
         let peer = self.peer.as_deref().filter(|_| ask_supernode);
-        let Some(trace) = traces.load(&key, peer, stats).await else {
+        let Some(trace) = traces.load(&key, chain, peer, stats).await else {
             return false;
         };
         let started = self.manager.replay_trace(&trace);
         info!(
             "trace {key}: {} chunks, replay started on {started} layers",
-            trace.chunk_count()
+            trace.range_count()
         );
         true
     }
@@ -294,20 +367,15 @@ impl<L: LazyLayers> Remote<L> {
             .cloned()
     }
 
-    /// Where the layer's chunks come from, asked in this order: this node's
-    /// P2P parent (and its ancestors), the super node, the registry.
-    fn sources(&self, layer: &RemoteLayer) -> Result<Vec<Arc<dyn ChunkSource>>, RemoteError> {
-        let client = registry::client(&self.registry, &layer.image_ref)
+    /// The registry client of the layer's image: for its chunk sources
+    /// (this node's P2P parent and ancestors, the super node, the registry:
+    /// `registry_chain`) and for the super node's check of its credentials.
+    fn client(&self, layer: &RemoteLayer) -> Result<Arc<RegistryClient>, RemoteError> {
+        registry::client(&self.registry, &layer.image_ref)
             .map(Arc::new)
             .map_err(|source| RemoteError::Client {
                 image_ref: layer.image_ref.clone(),
                 source,
-            })?;
-        Ok(registry_chain(
-            &client,
-            self.peer.as_ref(),
-            &layer.digest,
-            layer.blob_size,
-        ))
+            })
     }
 }

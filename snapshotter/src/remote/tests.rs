@@ -3,7 +3,7 @@ use std::collections::HashMap;
 use lazybd_blockdev::device::DeviceError;
 use lazybd_blockdev::oci;
 
-use super::fake::{self, digest, FakeLayers, FakeManifests, IMAGE};
+use super::fake::{self, anchor_of, digest, id_of, FakeLayers, FakeManifests, IMAGE};
 use super::*;
 
 fn remote(dir: &Path, manifests: &FakeManifests, layers: FakeLayers) -> Remote<FakeLayers> {
@@ -27,22 +27,61 @@ async fn resolves_a_lazybd_layer_from_its_descriptor() {
         .resolve(&fake::layer_labels(&m, &layer, "chain-1"))
         .await
         .unwrap();
-    assert_eq!(
-        resolved,
-        Some(RemoteLayer {
-            image_ref: IMAGE.into(),
-            digest: layer.clone(),
-            blob_size: 8192,
-            index_offset: 4096,
-            index_length: 112,
-            image_size: 1 << 20,
-        })
-    );
+    let want = RemoteLayer {
+        image_ref: IMAGE.into(),
+        digest: layer.clone(),
+        blob_size: 4272,
+        index_offset: 4096,
+        index_length: 112,
+        image_size: 1 << 20,
+        anchor: Some(anchor_of(&layer)),
+        source_diff_id: Some(digest(0xdd)),
+    };
+    assert_eq!(resolved, Some(want.clone()));
     // The other layers of the image find the manifest in the cache.
     r.resolve(&fake::layer_labels(&m, &layer, "chain-2"))
         .await
         .unwrap();
     assert_eq!(manifests.fetches(), 1);
+
+    // With the descriptor's annotations among the labels (containerd's
+    // unpacker passes them), the same layer and no manifest at all.
+    let labelled = Remote::new(FakeLayers::default(), fake::registry_config(dir.path()))
+        .with_manifest_source(FakeManifests::default());
+    let labels = fake::lazy_labels(&digest(0xa9), &layer, 1 << 20, "chain-1");
+    assert_eq!(labelled.resolve(&labels).await.unwrap(), Some(want));
+    // The manifest digest is not needed either.
+    let mut labels = labels;
+    labels.remove(oci::labels::MANIFEST_DIGEST);
+    assert!(labelled.resolve(&labels).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn labels_that_name_a_layer_badly_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let r = remote(dir.path(), &manifests, FakeLayers::default());
+    let layer = digest(1);
+    let good = fake::lazy_labels(&digest(0xa0), &layer, 1 << 20, "t");
+    for (key, value) in [
+        (oci::ANN_INDEX_DIGEST, "sha256:../../etc"),
+        (oci::ANN_INDEX_LENGTH, &u64::MAX.to_string()),
+        (oci::labels::LAYER_DIGEST, "sha256:../../etc"),
+    ] {
+        let mut labels = good.clone();
+        labels.insert(key.to_owned(), value.to_owned());
+        let e = r.resolve(&labels).await.unwrap_err();
+        assert!(
+            matches!(e, RemoteError::BadAnnotations { .. }),
+            "{key}: {e:?}"
+        );
+    }
+    // A version 2 layer without its anchor is not a version 1 layer.
+    let mut labels = good.clone();
+    labels.remove(oci::ANN_INDEX_DIGEST);
+    let e = r.resolve(&labels).await.unwrap_err();
+    assert!(e.to_string().contains("index-digest"), "{e}");
+    assert_eq!(manifests.fetches(), 0);
 }
 
 #[tokio::test]
@@ -120,14 +159,18 @@ async fn attaches_from_the_registry_and_detaches() {
         index_offset: 4096,
         index_length: 112,
         image_size: 1 << 20,
+        anchor: Some(anchor_of(&digest(1))),
+        source_diff_id: None,
     };
+    let id = id_of(&layer.digest);
     let mountpoint = r.attach(&layer).await.unwrap();
-    assert_eq!(mountpoint, FakeLayers::mountpoint_of(&layer.digest));
-    assert_eq!(r.mountpoint(&layer.digest), Some(mountpoint.clone()));
+    assert_eq!(mountpoint, FakeLayers::mountpoint_of(&id));
+    assert_eq!(r.mountpoint(&id), Some(mountpoint.clone()));
     assert_eq!(
         r.manager().attaches(),
         [fake::AttachCall {
             digest: layer.digest.clone(),
+            anchor: layer.anchor.clone(),
             blob_size: 8192,
             index_location: Some((4096, 112)),
             // No `[p2p]`: the registry only.
@@ -135,14 +178,12 @@ async fn attaches_from_the_registry_and_detaches() {
         }]
     );
     let other = Path::new("/elsewhere");
-    assert_eq!(
-        r.lazy_chain([mountpoint.as_path(), other].into_iter()),
-        [layer.digest.as_str()]
-    );
+    let chain = r.lazy_chain([mountpoint.as_path(), other].into_iter());
+    assert_eq!(chain, std::slice::from_ref(&id));
     assert_eq!(r.manager().attached(), [layer.digest.as_str()]);
-    r.detach(&layer.digest).await.unwrap();
-    assert_eq!(r.mountpoint(&layer.digest), None);
-    assert_eq!(r.manager().detaches(), [layer.digest.as_str()]);
+    r.detach(&id).await.unwrap();
+    assert_eq!(r.mountpoint(&id), None);
+    assert_eq!(r.manager().detaches(), [id]);
     assert!(r.manager().attached().is_empty());
 }
 
@@ -157,6 +198,8 @@ async fn a_failed_attach_keeps_its_reason() {
         index_offset: 4096,
         index_length: 112,
         image_size: 1 << 20,
+        anchor: Some(anchor_of(&digest(1))),
+        source_diff_id: None,
     };
     let e = r.attach(&layer).await.unwrap_err();
     assert!(

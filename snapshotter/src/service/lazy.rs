@@ -1,7 +1,9 @@
 //! The service's side of the remote path: committed snapshots that are
-//! lazily attached lazybd layers. Prepare makes them, Remove detaches their
-//! layer once no snapshot uses it, opening the store attaches them again,
-//! and a container's Prepare on top of them replays the image's trace.
+//! lazily attached lazybd layers. Prepare makes them (after the trust rules
+//! of `crate::remote::trust`), Remove detaches their layer once no snapshot
+//! uses it, opening the store attaches them again (checking the same rules
+//! and the anchor again), and a container's Prepare on top of them replays
+//! the image's trace.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -11,7 +13,8 @@ use tracing::{info, warn};
 
 use super::LazySnapshotter;
 use crate::error::SnapshotError;
-use crate::remote::LazyLayers;
+use crate::remote::trust::parent_chain_id;
+use crate::remote::{LazyLayers, RemoteError};
 use crate::store::{Kind, Record, RemoteLayer, Usage};
 
 /// How long a container snapshot's Prepare waits for its image's trace.
@@ -20,8 +23,9 @@ const TRACE_LOOKUP_AT_PREPARE: Duration = Duration::from_secs(2);
 impl<L: LazyLayers> LazySnapshotter<L> {
     /// The remote path of Prepare, on a checked parent: `Ok(true)` when
     /// `target` now exists as a committed lazily attached snapshot,
-    /// `Ok(false)` when the labels do not ask for a lazybd layer. Any error
-    /// means containerd should unpack the layer itself.
+    /// `Ok(false)` when the labels do not ask for a lazybd layer. An error
+    /// means containerd should unpack the layer itself, unless it is a
+    /// refusal of the trust rules.
     pub(super) async fn prepare_lazy(
         &self,
         target: &str,
@@ -31,6 +35,8 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         let Some(layer) = self.remote.resolve(labels).await? else {
             return Ok(false);
         };
+        let parent_chain = self.chain_id(parent.as_deref())?;
+        self.remote.admit(&layer, target, parent_chain.as_deref())?;
         self.remote.attach(&layer).await?;
         let now = SystemTime::now();
         let made = self.store.create(target, |id| Record {
@@ -78,30 +84,59 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         }
     }
 
+    /// Detaches the layer once no snapshot is on it (snapshots of other
+    /// layers under the same blob digest do not count).
     pub(super) async fn detach_if_unused(&self, layer: &RemoteLayer) {
+        let Ok(id) = layer.id() else { return };
         let used = match self.store.all() {
-            Ok(all) => all
-                .iter()
-                .any(|(_, r)| r.remote.as_ref().is_some_and(|l| l.digest == layer.digest)),
+            Ok(all) => all.iter().any(|(_, r)| {
+                r.remote_layer()
+                    .is_some_and(|l| l.id().is_ok_and(|other| other == id))
+            }),
             Err(e) => {
                 warn!("not detaching {}: {e}", layer.digest);
                 return;
             }
         };
         if !used {
-            if let Err(e) = self.remote.detach(&layer.digest).await {
+            if let Err(e) = self.remote.detach(&id).await {
                 warn!("detaching layer {}: {e}", layer.digest);
             }
         }
     }
 
-    /// Attaches the layer of every lazily attached snapshot, each once
-    /// (after a restart: adopting what the previous daemon left mounted).
+    /// The chain ID of the committed snapshot `key` (`None` for none).
+    fn chain_id(&self, key: Option<&str>) -> Result<Option<String>, SnapshotError> {
+        let Some(key) = key else { return Ok(None) };
+        let r = self.store.require(key)?;
+        Ok(Some(parent_chain_id(key, r.remote.is_some()).to_owned()))
+    }
+
+    /// Attaches the layer of every lazily attached snapshot, each once,
+    /// after checking the trust rules again (the operator may have changed
+    /// them; records of older releases were not checked) and, in the
+    /// attach, the layer's index against its anchor.
     pub async fn reattach(&self) -> Result<(), SnapshotError> {
         let mut seen = HashSet::new();
         for (name, r) in self.store.all()? {
-            let Some(layer) = r.remote else { continue };
-            if !seen.insert(layer.digest.clone()) {
+            let Some(layer) = r.remote_layer() else {
+                continue;
+            };
+            let checked = self
+                .chain_id(r.parent.as_deref())
+                .map_err(|e| e.to_string())
+                .and_then(|parent| {
+                    self.remote
+                        .admit(&layer, &name, parent.as_deref())
+                        .map_err(|e: RemoteError| e.to_string())
+                });
+            if let Err(e) = checked {
+                // Its snapshots' mounts fail with Unavailable.
+                warn!("not re-attaching the layer of snapshot {name:?}: {e}");
+                continue;
+            }
+            let Ok(id) = layer.id() else { continue };
+            if !seen.insert(id) {
                 continue;
             }
             match self.remote.attach(&layer).await {

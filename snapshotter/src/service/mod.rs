@@ -159,6 +159,12 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
             {
                 Ok(true) => return Err(SnapshotError::AlreadyExists(target.clone())),
                 Ok(false) => {}
+                // The trust rules' verdict goes to containerd as is: an
+                // unpack could not do better, and would hide the reason.
+                Err(SnapshotError::Remote(e)) if e.is_refusal() => {
+                    warn!("{target}: refused: {e}");
+                    return Err(SnapshotError::Remote(e));
+                }
                 Err(reason) => {
                     warn!("{target}: not attached lazily, unpacking normally: {reason}")
                 }
@@ -209,8 +215,8 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
     async fn remove(&self, key: String) -> Result<(), SnapshotError> {
         let _g = self.changes.lock().await;
         let r = self.store.remove(&key)?;
-        match &r.remote {
-            Some(layer) => self.detach_if_unused(layer).await,
+        match r.remote_layer() {
+            Some(layer) => self.detach_if_unused(&layer).await,
             None => self.remove_dir(r.id),
         }
         Ok(())
@@ -342,13 +348,17 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         let mut next = parent.map(str::to_owned);
         while let Some(key) = next {
             let r = self.store.require(&key)?;
-            out.push(match &r.remote {
-                Some(layer) => self.remote.mountpoint(&layer.digest).ok_or_else(|| {
-                    SnapshotError::Unavailable(format!(
-                        "lazy layer {} of snapshot {key:?} is not attached (see the log)",
-                        layer.digest
-                    ))
-                })?,
+            out.push(match r.remote_layer() {
+                Some(layer) => layer
+                    .id()
+                    .ok()
+                    .and_then(|id| self.remote.mountpoint(&id))
+                    .ok_or_else(|| {
+                        SnapshotError::Unavailable(format!(
+                            "lazy layer {} of snapshot {key:?} is not attached (see the log)",
+                            layer.digest
+                        ))
+                    })?,
                 None => self.dir(r.id).join("fs"),
             });
             next = r.parent;

@@ -7,10 +7,14 @@ use std::path::Path;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::{Kind as InfoKind, Snapshotter};
 
+use lazybd_blockdev::oci;
+
 use super::LazySnapshotter;
 use crate::error::SnapshotError;
-use crate::remote::fake::{self, digest, FakeLayers, FakeManifests, IMAGE};
-use crate::remote::Remote;
+use crate::remote::fake::{
+    self, anchor_of, chain, digest, id_of, FakeLayers, FakeManifests, IMAGE,
+};
+use crate::remote::{Remote, RemoteError};
 use crate::store::RemoteLayer;
 
 async fn open(
@@ -18,8 +22,18 @@ async fn open(
     manifests: &FakeManifests,
     layers: FakeLayers,
 ) -> LazySnapshotter<FakeLayers> {
-    let remote =
-        Remote::new(layers, fake::registry_config(dir)).with_manifest_source(manifests.clone());
+    open_with(dir, manifests, layers, false).await
+}
+
+async fn open_with(
+    dir: &Path,
+    manifests: &FakeManifests,
+    layers: FakeLayers,
+    allow_unanchored: bool,
+) -> LazySnapshotter<FakeLayers> {
+    let remote = Remote::new(layers, fake::registry_config(dir))
+        .with_manifest_source(manifests.clone())
+        .with_unanchored_layers(allow_unanchored);
     LazySnapshotter::open(&dir.join("root"), remote)
         .await
         .unwrap()
@@ -69,55 +83,230 @@ async fn a_lazy_layer_is_committed_as_the_target_with_a_remote_record() {
     let dir = tempfile::tempdir().unwrap();
     let manifests = FakeManifests::default();
     let (m, [l1, l2, _]) = image(&manifests);
+    let c = chain(&[&l1, &l2]);
     let s = open(dir.path(), &manifests, FakeLayers::default()).await;
 
-    let r = prepare_layer(&s, &m, &l1, "", "chain-1").await;
-    assert_eq!(already_exists(r), "chain-1");
-    let info = s.stat("chain-1".into()).await.unwrap();
+    let r = prepare_layer(&s, &m, &l1, "", &c[0]).await;
+    assert_eq!(already_exists(r), c[0]);
+    let info = s.stat(c[0].clone()).await.unwrap();
     assert_eq!(info.kind, InfoKind::Committed);
     assert_eq!(info.parent, "");
-    assert_eq!(info.labels, fake::layer_labels(&m, &l1, "chain-1"));
+    assert_eq!(info.labels, fake::layer_labels(&m, &l1, &c[0]));
     assert_eq!(
-        s.store.require("chain-1").unwrap().remote,
+        s.store.require(&c[0]).unwrap().remote,
         Some(RemoteLayer {
             image_ref: IMAGE.into(),
             digest: l1.clone(),
-            blob_size: 8192,
+            blob_size: 4272,
             index_offset: 4096,
             index_length: 112,
             image_size: 1 << 20,
+            anchor: Some(anchor_of(&l1)),
+            source_diff_id: Some(fake::digest(0xdd)),
         })
     );
-    assert_eq!(s.usage("chain-1".into()).await.unwrap().size, 1 << 20);
+    assert_eq!(s.usage(c[0].clone()).await.unwrap().size, 1 << 20);
     // The extraction snapshot containerd asked for is not made.
     assert!(matches!(
-        s.stat("extract-chain-1".into()).await,
+        s.stat(format!("extract-{}", c[0])).await,
         Err(SnapshotError::NotFound(_))
     ));
 
-    let r = prepare_layer(&s, &m, &l2, "chain-1", "chain-2").await;
-    assert_eq!(already_exists(r), "chain-2");
-    assert_eq!(s.stat("chain-2".into()).await.unwrap().parent, "chain-1");
+    let r = prepare_layer(&s, &m, &l2, &c[0], &c[1]).await;
+    assert_eq!(already_exists(r), c[1]);
+    assert_eq!(s.stat(c[1].clone()).await.unwrap().parent, c[0]);
     assert_eq!(s.remote().manager().attached(), [l1.as_str(), l2.as_str()]);
     assert_eq!(manifests.fetches(), 1);
+    // Every attach is bound to the anchor on the layer's descriptor.
+    let anchors: Vec<_> = s
+        .remote()
+        .manager()
+        .attaches()
+        .into_iter()
+        .map(|a| a.anchor)
+        .collect();
+    assert_eq!(anchors, [Some(anchor_of(&l1)), Some(anchor_of(&l2))]);
 
     // A container on them: overlay on the layers' EROFS mounts, top first.
     let mounts = s
-        .prepare("ctr".into(), "chain-2".into(), HashMap::new())
+        .prepare("ctr".into(), c[1].clone(), HashMap::new())
         .await
         .unwrap();
     let lowerdir = format!(
         "lowerdir={}:{}",
-        FakeLayers::mountpoint_of(&l2).display(),
-        FakeLayers::mountpoint_of(&l1).display()
+        FakeLayers::mountpoint_of(&id_of(&l2)).display(),
+        FakeLayers::mountpoint_of(&id_of(&l1)).display()
     );
     assert!(mounts[0].options.contains(&lowerdir), "{mounts:?}");
 
     // The same layer again (another pull of the image): nothing is asked.
-    let r = prepare_layer(&s, &m, &l1, "", "chain-1").await;
-    assert_eq!(already_exists(r), "chain-1");
+    let r = prepare_layer(&s, &m, &l1, "", &c[0]).await;
+    assert_eq!(already_exists(r), c[0]);
     assert_eq!(s.remote().manager().attaches().len(), 2);
     assert_eq!(manifests.fetches(), 1);
+}
+
+#[tokio::test]
+async fn a_prepare_with_the_layers_labels_fetches_no_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let s = open(dir.path(), &manifests, FakeLayers::default()).await;
+    let (l1, l2) = (digest(1), digest(2));
+    let c = chain(&[&l1, &l2]);
+    // Not even the manifest's digest is known to the fake: it is never asked.
+    let m = digest(0xa0);
+    for (layer, parent, target) in [(&l1, "", &c[0]), (&l2, c[0].as_str(), &c[1])] {
+        let r = s
+            .prepare(
+                format!("extract-{target}"),
+                parent.into(),
+                fake::lazy_labels(&m, layer, 1 << 20, target),
+            )
+            .await;
+        assert_eq!(already_exists(r), *target);
+    }
+    assert_eq!(manifests.fetches(), 0);
+    let record = s.store.require(&c[1]).unwrap().remote.unwrap();
+    assert_eq!(record.anchor, Some(anchor_of(&l2)));
+    assert_eq!(record.blob_size, 4096 + 112 + 64);
+    assert_eq!(s.remote().manager().attached(), [l1.as_str(), l2.as_str()]);
+}
+
+#[tokio::test]
+async fn a_snapshot_name_that_is_not_the_layers_chain_id_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let (m, [l1, l2, _]) = image(&manifests);
+    let s = open(dir.path(), &manifests, FakeLayers::default()).await;
+    let c = chain(&[&l1, &l2]);
+    already_exists(prepare_layer(&s, &m, &l1, "", &c[0]).await);
+
+    // L2 asked to be committed as another layer's snapshot (the bottom
+    // one's name, an arbitrary one, its own name without its parent): a
+    // clear error to containerd, not a fallback, and nothing attached.
+    for (parent, target) in [
+        ("", c[0].clone()),
+        (c[0].as_str(), "chain-2".to_owned()),
+        ("", c[1].clone()),
+        (c[0].as_str(), chain(&[&l2])[0].clone()),
+    ] {
+        let key = format!("extract-{target}-{parent}");
+        let r = s
+            .prepare(
+                key.clone(),
+                parent.into(),
+                fake::layer_labels(&m, &l2, &target),
+            )
+            .await;
+        match r {
+            // The first: the name exists, containerd's reuse of it is its own.
+            Err(SnapshotError::AlreadyExists(name)) if name == c[0] && parent.is_empty() => {}
+            Err(SnapshotError::Remote(e @ RemoteError::ChainMismatch { .. })) => {
+                let status = containerd_snapshots::tonic::Status::from(SnapshotError::Remote(e));
+                assert_eq!(
+                    status.code(),
+                    containerd_snapshots::tonic::Code::FailedPrecondition
+                );
+                assert!(status.message().contains("chain ID"), "{status:?}");
+            }
+            other => panic!("{target} on {parent:?}: {other:?}"),
+        }
+        assert!(matches!(s.stat(key).await, Err(SnapshotError::NotFound(_))));
+    }
+    assert_eq!(s.remote().manager().attached(), [l1.as_str()]);
+    assert_eq!(s.remote().manager().attaches().len(), 1);
+}
+
+#[tokio::test]
+async fn unanchored_layers_are_refused_unless_the_operator_allows_them() {
+    let manifests = FakeManifests::default();
+    let (m, old) = (digest(0xa7), digest(7));
+    manifests.insert(&m, fake::manifest(&[fake::v1_layer(&old, 1 << 20)]));
+    // Version 1 images used the blob digest as diff_id.
+    let target = old.clone();
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), &manifests, FakeLayers::default()).await;
+    let r = prepare_layer(&s, &m, &old, "", &target).await;
+    let Err(SnapshotError::Remote(e)) = r else {
+        panic!("want a refusal, got {r:?}");
+    };
+    assert!(matches!(e, RemoteError::Unanchored { .. }), "{e:?}");
+    assert!(e.to_string().contains("allow_unanchored_layers"), "{e}");
+    assert!(s.remote().manager().attaches().is_empty());
+    drop(s);
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_with(dir.path(), &manifests, FakeLayers::default(), true).await;
+    assert_eq!(
+        already_exists(prepare_layer(&s, &m, &old, "", &target).await),
+        target
+    );
+    let attach = &s.remote().manager().attaches()[0];
+    assert_eq!(
+        (attach.digest.as_str(), &attach.anchor),
+        (old.as_str(), &None)
+    );
+    // Even allowed, never under an anchored layer's name.
+    let r = prepare_layer(&s, &m, &old, "", &anchor_of(&old)).await;
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Remote(RemoteError::ChainMismatch { .. }))
+        ),
+        "{r:?}"
+    );
+    drop(s);
+
+    // The operator takes the permission back: a restart does not attach it.
+    let s = open(dir.path(), &manifests, FakeLayers::default()).await;
+    assert!(s.remote().manager().attaches().is_empty());
+    assert!(matches!(
+        s.prepare("ctr".into(), target.clone(), HashMap::new())
+            .await,
+        Err(SnapshotError::Unavailable(_))
+    ));
+}
+
+#[tokio::test]
+async fn one_blob_digest_with_two_anchors_is_two_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let s = open(dir.path(), &manifests, FakeLayers::default()).await;
+    let d = digest(1);
+    let mut forged = fake::lazy_labels(&digest(0xa0), &d, 1 << 20, "");
+    let forged_anchor = digest(0xf0);
+    forged.insert(oci::ANN_INDEX_DIGEST.into(), forged_anchor.clone());
+    forged.insert(oci::labels::TARGET.into(), forged_anchor.clone());
+    let honest_target = chain(&[&d])[0].clone();
+    let honest = fake::lazy_labels(&digest(0xa1), &d, 1 << 20, &honest_target);
+    already_exists(s.prepare("x-forged".into(), String::new(), forged).await);
+    already_exists(s.prepare("x-honest".into(), String::new(), honest).await);
+    let ids = s.remote().manager().attached_ids();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(s.remote().manager().attached(), [d.as_str(), d.as_str()]);
+
+    // Each snapshot mounts its own layer; removing one leaves the other.
+    let mount_of = |target: &str| {
+        let s = &s;
+        let target = target.to_owned();
+        async move {
+            s.view(format!("v-{target}"), target, HashMap::new())
+                .await
+                .unwrap()[0]
+                .source
+                .clone()
+        }
+    };
+    assert_ne!(
+        mount_of(&forged_anchor).await,
+        mount_of(&honest_target).await
+    );
+    s.remove(format!("v-{forged_anchor}")).await.unwrap();
+    s.remove(forged_anchor.clone()).await.unwrap();
+    let forged_id = oci::LayerId::anchored(&forged_anchor).unwrap();
+    assert_eq!(s.remote().manager().detaches(), [forged_id]);
+    assert_eq!(s.remote().manager().attached_ids(), [id_of(&d)]);
 }
 
 #[tokio::test]
@@ -141,14 +330,20 @@ async fn an_ordinary_layer_or_a_failed_attach_falls_back_to_unpacking() {
 
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), &manifests, FakeLayers::failing()).await;
-    let mounts = prepare_layer(&s, &m, &l1, "", "chain-1").await.unwrap();
+    let c1 = &chain(&[&l1])[0];
+    let mounts = prepare_layer(&s, &m, &l1, "", c1).await.unwrap();
     assert_eq!(mounts[0].r#type, "bind");
     assert_eq!(s.remote().manager().attaches().len(), 1);
     assert!(matches!(
-        s.stat("chain-1".into()).await,
+        s.stat(c1.clone()).await,
         Err(SnapshotError::NotFound(_))
     ));
-    assert!(s.store.require("extract-chain-1").unwrap().remote.is_none());
+    assert!(s
+        .store
+        .require(&format!("extract-{c1}"))
+        .unwrap()
+        .remote
+        .is_none());
 }
 
 #[tokio::test]
@@ -196,18 +391,19 @@ async fn removing_the_last_snapshot_of_a_layer_detaches_it() {
     let (m, [l1, _, _]) = image(&manifests);
     let s = open(dir.path(), &manifests, FakeLayers::default()).await;
     // One layer twice in a chain (as an image with a repeated layer has).
-    already_exists(prepare_layer(&s, &m, &l1, "", "chain-a").await);
-    already_exists(prepare_layer(&s, &m, &l1, "chain-a", "chain-b").await);
+    let c = chain(&[&l1, &l1]);
+    already_exists(prepare_layer(&s, &m, &l1, "", &c[0]).await);
+    already_exists(prepare_layer(&s, &m, &l1, &c[0], &c[1]).await);
 
     assert!(matches!(
-        s.remove("chain-a".into()).await,
+        s.remove(c[0].clone()).await,
         Err(SnapshotError::FailedPrecondition(_))
     ));
-    s.remove("chain-b".into()).await.unwrap();
+    s.remove(c[1].clone()).await.unwrap();
     assert!(s.remote().manager().detaches().is_empty());
     assert_eq!(s.remote().manager().attached(), [l1.as_str()]);
-    s.remove("chain-a".into()).await.unwrap();
-    assert_eq!(s.remote().manager().detaches(), [l1.as_str()]);
+    s.remove(c[0].clone()).await.unwrap();
+    assert_eq!(s.remote().manager().detaches(), [id_of(&l1)]);
     assert!(s.remote().manager().attached().is_empty());
     // Lazy snapshots have no directory.
     let dirs = std::fs::read_dir(dir.path().join("root/snapshots")).unwrap();
@@ -219,23 +415,25 @@ async fn opening_attaches_the_committed_lazy_layers_again() {
     let dir = tempfile::tempdir().unwrap();
     let manifests = FakeManifests::default();
     let (m, [l1, l2, _]) = image(&manifests);
+    let c = chain(&[&l1, &l1, &l2]);
     {
         let s = open(dir.path(), &manifests, FakeLayers::default()).await;
-        already_exists(prepare_layer(&s, &m, &l1, "", "chain-a").await);
-        already_exists(prepare_layer(&s, &m, &l1, "chain-a", "chain-b").await);
-        already_exists(prepare_layer(&s, &m, &l2, "chain-b", "chain-c").await);
+        already_exists(prepare_layer(&s, &m, &l1, "", &c[0]).await);
+        already_exists(prepare_layer(&s, &m, &l1, &c[0], &c[1]).await);
+        already_exists(prepare_layer(&s, &m, &l2, &c[1], &c[2]).await);
     }
 
     // From the records alone: no manifest is fetched again, each layer is
-    // attached once, with what the record says.
+    // attached once, with what the record says (its anchor too).
     let manifests = FakeManifests::default();
     let s = open(dir.path(), &manifests, FakeLayers::default()).await;
     let attaches = s.remote().manager().attaches();
     let digests: Vec<&str> = attaches.iter().map(|a| a.digest.as_str()).collect();
     assert_eq!(digests, [l1.as_str(), l2.as_str()]);
     assert_eq!(attaches[1].index_location, Some((4096, 112)));
+    assert_eq!(attaches[1].anchor, Some(anchor_of(&l2)));
     assert_eq!(manifests.fetches(), 0);
-    s.prepare("ctr".into(), "chain-c".into(), HashMap::new())
+    s.prepare("ctr".into(), c[2].clone(), HashMap::new())
         .await
         .unwrap();
     drop(s);
@@ -246,6 +444,40 @@ async fn opening_attaches_the_committed_lazy_layers_again() {
     assert_eq!(s.remote().manager().attaches().len(), 2);
     assert!(matches!(
         s.mounts("ctr".into()).await,
+        Err(SnapshotError::Unavailable(_))
+    ));
+}
+
+#[tokio::test]
+async fn opening_checks_old_records_against_their_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let (m, [l1, l2, _]) = image(&manifests);
+    let c = chain(&[&l1, &l2]);
+    {
+        let s = open(dir.path(), &manifests, FakeLayers::default()).await;
+        already_exists(prepare_layer(&s, &m, &l1, "", &c[0]).await);
+        already_exists(prepare_layer(&s, &m, &l2, &c[0], &c[1]).await);
+        // As a release before anchors wrote them: no anchor in the record;
+        // L1's Prepare labels carried it (containerd passes the
+        // annotations), L2's did not.
+        let mut r1 = s.store.require(&c[0]).unwrap();
+        r1.remote.as_mut().unwrap().anchor = None;
+        r1.labels
+            .insert(oci::ANN_INDEX_DIGEST.into(), anchor_of(&l1));
+        s.store.update(&c[0], &r1).unwrap();
+        let mut r2 = s.store.require(&c[1]).unwrap();
+        r2.remote.as_mut().unwrap().anchor = None;
+        s.store.update(&c[1], &r2).unwrap();
+    }
+    let s = open(dir.path(), &manifests, FakeLayers::default()).await;
+    // L1 is checked against the anchor its labels name; L2 is unanchored
+    // now and not attached without the operator's permission.
+    let attaches = s.remote().manager().attaches();
+    assert_eq!(attaches.len(), 1, "{attaches:?}");
+    assert_eq!(attaches[0].anchor, Some(anchor_of(&l1)));
+    assert!(matches!(
+        s.prepare("ctr".into(), c[1].clone(), HashMap::new()).await,
         Err(SnapshotError::Unavailable(_))
     ));
 }

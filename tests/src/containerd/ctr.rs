@@ -46,6 +46,14 @@ impl Containerd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs ctr in containerd namespace `namespace` (not this harness's:
+    /// the caller removes what it makes there); returns its output.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
+        command(&self.socket(), namespace, args)
+            .output()
+            .expect("run ctr")
+    }
+
     /// The lines ctr printed, whatever its exit status (for cleanup, when
     /// containerd may be gone).
     pub(super) fn ctr_lines(&self, args: &[&str]) -> Vec<String> {

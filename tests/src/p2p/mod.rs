@@ -12,8 +12,11 @@
 
 mod fabric;
 mod fake_peer;
+mod lying_supernode;
 mod node;
+mod pki;
 mod proxy;
+mod scripted;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -21,8 +24,11 @@ use std::process::Command;
 
 pub use fabric::{Fabric, RegistryLink};
 pub use fake_peer::{Fake, FakePeer};
+pub use lying_supernode::LyingSupernode;
 pub use node::{snapshotter_node, Node};
+pub use pki::{docker_config, Pki, TOKEN};
 pub use proxy::{blob_ranges, CountingProxy, Seen};
+pub use scripted::{Answer, ScriptedServer, ENDLESS_CAP};
 
 use crate::images::noise;
 pub use crate::lazy_layers::check_tree;
@@ -57,6 +63,8 @@ pub fn hub_supernode(
 }
 
 /// The super node in the hub whose registry is at `registry` (`ip:port`).
+/// Without `--tls-cert` in `extra` it serves plain HTTP on the bridge, which
+/// it must be told is allowed (`--allow-insecure`).
 pub fn supernode(
     f: &Fabric,
     dir: &Path,
@@ -74,23 +82,36 @@ pub fn supernode(
         &"--member-ttl-ms",
         &ttl,
     ];
+    let tls = extra.iter().any(|a| a.as_ref() == OsStr::new("--tls-cert"));
+    if !tls {
+        args.push(&"--allow-insecure");
+    }
     args.extend_from_slice(extra);
     let listen = format!("{}:{SUPERNODE_PORT}", f.hub_ip());
     Supernode::start(dir, &listen, registry, &args, Some(&f.hub.name))
 }
 
-/// Tells the hub's super node that `peer` (`ip:port`) holds blob `digest`,
-/// as a node joining its tree would.
-pub fn announce(f: &Fabric, digest: &str, peer: &str) {
+/// Tells the hub's super node (plain HTTP) that `peer` (`ip:port`, on the
+/// hub) holds `blob` of the image at `hub:PROXY_PORT/p2p`, as a node joining
+/// its tree would (the registry is anonymous: the announce passes its
+/// check); returns the ticket it got.
+pub fn announce(f: &Fabric, blob: &BlobFile, peer: &str) -> String {
     let (status, body) = crate::http::request(
         Some(&f.hub.name),
         "POST",
         &format!("{}:{SUPERNODE_PORT}", f.hub_ip()),
-        &format!("/v1/announce?blob={digest}&addr={peer}"),
+        &format!(
+            "/v1/announce?registry={}:{PROXY_PORT}&repo=p2p&blob={}&anchor={}&addr={peer}",
+            f.hub_ip(),
+            blob.digest,
+            blob.anchor()
+        ),
         &[],
         b"",
     );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    reply["ticket"].as_str().unwrap().to_owned()
 }
 
 /// The image at `hub:PROXY_PORT/p2p:latest` as the nodes name it.
@@ -161,4 +182,15 @@ pub fn curl(ns: &str, args: &[&str]) -> (u16, String) {
         return (0, String::from_utf8_lossy(&out.stderr).into_owned());
     }
     (code, body.to_owned())
+}
+
+/// The peak resident memory of process `pid` so far (VmHWM), in MiB.
+pub fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/PID/status")
+        >> 10
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{Fabric, PEER_PORT, PROXY_PORT, SUPERNODE_PORT};
 use crate::bin_path;
-use crate::cli::{ok, MountGuard};
+use crate::cli::MountGuard;
 use crate::snapshotter::SnapshotterDaemon;
 
 /// One node: `lazybd mount` in its netns, unmounted on drop.
@@ -34,10 +34,11 @@ impl Node {
         extra_toml: &str,
         extra_args: &[&dyn AsRef<OsStr>],
     ) -> Node {
-        let scheme = if extra_toml.contains("[p2p.tls]") {
-            "https"
+        // Plain HTTP on the test bridge must be allowed explicitly.
+        let (scheme, insecure) = if extra_toml.contains("[p2p.tls]") {
+            ("https", "")
         } else {
-            "http"
+            ("http", "allow_insecure = true\n")
         };
         let addr = format!("{}:{PEER_PORT}", f.node_ip(i));
         let cfg = tmp.join(format!("node{i}")).join("lazybd.toml");
@@ -46,11 +47,26 @@ impl Node {
             &cfg,
             format!(
                 "[p2p]\nsupernode = \"{scheme}://{}:{SUPERNODE_PORT}\"\nlisten = \"{addr}\"\n\
-                 heartbeat_ms = 1000\npeer_timeout_ms = 5000\nsupernode_timeout_ms = 5000\n{extra_toml}",
+                 heartbeat_ms = 1000\npeer_timeout_ms = 5000\nsupernode_timeout_ms = 5000\n\
+                 {insecure}{extra_toml}",
                 f.hub_ip()
             ),
         )
         .unwrap();
+        Self::try_mount(f, tmp, i, image, &cfg, extra_args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `lazybd mount --p2p-config CFG` of `image` on node `i`, as it is;
+    /// `Err(stderr)` when it fails.
+    pub fn try_mount(
+        f: &Fabric,
+        tmp: &Path,
+        i: usize,
+        image: &str,
+        cfg: &Path,
+        extra_args: &[&dyn AsRef<OsStr>],
+    ) -> Result<Node, String> {
+        let addr = format!("{}:{PEER_PORT}", f.node_ip(i));
         let mut args: Vec<&dyn AsRef<OsStr>> =
             vec![&"--read-deadline", &"30", &"--p2p-config", &cfg];
         args.extend_from_slice(extra_args);
@@ -59,7 +75,7 @@ impl Node {
 
     /// A node reading the registry directly (no P2P), for the bench baseline.
     pub fn mount_direct(f: &Fabric, tmp: &Path, i: usize, image: &str) -> Node {
-        Self::run_mount(f, tmp, i, image, &[], String::new())
+        Self::run_mount(f, tmp, i, image, &[], String::new()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `lazybd mount --root ROOT --plain-http ARGS IMAGE DIR` in node `i`'s
@@ -71,7 +87,7 @@ impl Node {
         image: &str,
         args: &[&dyn AsRef<OsStr>],
         addr: String,
-    ) -> Node {
+    ) -> Result<Node, String> {
         let base = tmp.join(format!("node{i}"));
         let (root, dir) = (base.join("root"), base.join("mnt"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -86,18 +102,25 @@ impl Node {
         cmd.arg(image).arg(&dir);
         f.nodes[i].enter(&mut cmd);
         let guard = MountGuard::new(&root, &dir);
-        ok(&cmd.output().expect("run lazybd mount"));
-        Node {
+        let out = cmd.output().expect("run lazybd mount");
+        if !out.status.success() {
+            return Err(format!(
+                "lazybd mount failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(Node {
             i,
             addr,
             dir,
             guard,
-        }
+        })
     }
 
-    /// The node's `/v1/stats` (asked from the hub).
-    pub fn p2p_stats(&self, f: &Fabric) -> Value {
-        crate::http::get_json(Some(&f.hub.name), &self.addr, "/v1/stats")
+    /// The node's P2P stats, per peer and layer (`lazybd stats --p2p`: its
+    /// own operator's view; `/v1/stats` shows others only aggregates).
+    pub fn p2p_stats(&self) -> Value {
+        self.guard.p2p_stats()
     }
 
     /// Chunks the mount took from source `name` (`peer`, `supernode`, ...).
@@ -119,7 +142,7 @@ pub fn snapshotter_node(f: &Fabric, tmp: &Path, i: usize) -> SnapshotterDaemon {
     let config = format!(
         "[registry]\nplain_http = [\"{hub}:{PROXY_PORT}\"]\n[p2p]\n\
          supernode = \"http://{hub}:{SUPERNODE_PORT}\"\nlisten = \"{}:{PEER_PORT}\"\n\
-         heartbeat_ms = 1000\n",
+         heartbeat_ms = 1000\nallow_insecure = true\n",
         f.node_ip(i),
         hub = f.hub_ip()
     );

@@ -82,13 +82,13 @@ impl Drop for CountingProxy {
     }
 }
 
-/// Registry blob ranges for `digest`, without the super node's one-byte
-/// authorization probes.
+/// Registry blob ranges for `digest`, without the super node's access and
+/// size probes (one and two bytes).
 pub fn blob_ranges(seen: &[Seen], digest: &str) -> Vec<(u64, u64)> {
     seen.iter()
         .filter(|s| s.path.ends_with(&format!("/blobs/{digest}")))
         .map(|s| s.range.expect("every blob read is a range read"))
-        .filter(|(a, b)| b - a > 1)
+        .filter(|(a, b)| b - a > 2)
         .collect()
 }
 

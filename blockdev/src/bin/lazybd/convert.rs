@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use lazybd_blockdev::convert::profile::Profile;
 use lazybd_blockdev::convert::{self, ConvertOptions, ImageStore, LayoutStore, RegistryStore};
 
 use crate::image_ref::ImageRef;
@@ -21,9 +20,10 @@ pub struct Args {
     /// Chunks are cut where files begin and end, so smaller ones are common.
     #[arg(long, default_value_t = lazybd_blockdev::format::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
-    /// Startup profile (JSON, docs/convert.md#startup-profiles): the chunks
-    /// it names are stored first in each layer, in the order they were
-    /// read, and a node fetches them as one range when it attaches the layer.
+    /// Startup profile: a startup trace file (docs/convert.md#startup-profiles;
+    /// recorded by `lazybd mount --record-trace` or a node). The chunks it
+    /// names are stored first in each layer, in the order they were read, and
+    /// a node fetches them as one range when it attaches the layer.
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
     /// Scratch directory for unpacked layers and EROFS images.
@@ -57,7 +57,16 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let profile = match &args.profile {
-        Some(path) => Profile::load(path)?.by_diff_id(),
+        Some(path) => {
+            let profile = convert::profile_of(&crate::trace_file::load(path)?);
+            if profile.is_empty() {
+                bail!(
+                    "profile {}: no layer names its source diff_id",
+                    path.display()
+                );
+            }
+            profile
+        }
         None => Default::default(),
     };
     let opts = ConvertOptions {

@@ -78,9 +78,11 @@ impl OpenImage {
         }
     }
 
-    /// The image's layers as lazy layers, bottom first; an error names the
-    /// first layer that is not a lazybd layer.
-    pub fn lazy_layers(&self, name: &str) -> Result<Vec<LayerSource>> {
+    /// The image's layers as lazy layers, bottom first, each bound to its
+    /// anchor from the manifest; an error names the first layer that is not
+    /// a lazybd layer, or that has no anchor (version 1) unless
+    /// `allow_unanchored`.
+    pub fn lazy_layers(&self, name: &str, allow_unanchored: bool) -> Result<Vec<LayerSource>> {
         if self.manifest.layers().is_empty() {
             bail!("{name}: the image has no layers");
         }
@@ -102,11 +104,22 @@ impl OpenImage {
                     l.annotations().as_ref().unwrap_or(&Default::default()),
                 )
                 .with_context(|| format!("layer {}", l.digest()))?;
+                if ann.index_digest.is_none() && !allow_unanchored {
+                    bail!(
+                        "{name}: layer {i} ({}) is a version 1 lazybd layer without a content \
+                         anchor: nothing ties the bytes served for it to this image. Mount it \
+                         only if you trust every source of it, with --allow-unanchored \
+                         (docs/security.md), or convert the image again",
+                        l.digest()
+                    );
+                }
                 Ok(LayerSource {
                     digest: l.digest().to_string(),
+                    anchor: ann.index_digest,
                     blob_size: l.size(),
                     index_location: Some((ann.index_offset, ann.index_length)),
                     sources: vec![source.clone()],
+                    diff_id: Some(ann.source_diff_id),
                 })
             })
             .collect()

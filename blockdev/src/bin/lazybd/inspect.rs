@@ -107,13 +107,18 @@ async fn summarize(
     if blob_size < FOOTER_LEN {
         bail!("{blob_size} bytes is too small for a lazybd blob");
     }
-    let tail = source.read_range(blob_size - FOOTER_LEN..blob_size).await?;
-    let footer = Footer::parse(&tail.bytes)?;
+    let tail = source
+        .read_range(blob_size - FOOTER_LEN..blob_size)
+        .await?
+        .collect(FOOTER_LEN)
+        .await?;
+    let footer = Footer::parse(&tail)?;
     footer.check_blob_len(blob_size)?;
     let bytes = source
         .read_range(footer.index_offset..footer.index_offset + footer.index_length)
         .await?
-        .bytes;
+        .collect(footer.index_length)
+        .await?;
     let index = Index::parse(&bytes, &footer)?;
     let count = |k: ChunkKind| index.chunks.iter().filter(|c| c.kind == k).count() as u64;
     Ok(LayerSummary {

@@ -44,8 +44,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let layers = reply["layers"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<73} {:<8} {:>15}  CONTAINERS",
-        "LAYER", "STATE", "CHUNKS"
+        "{:<72} {:<72} {:<8} {:>15}  CONTAINERS",
+        "LAYER", "ANCHOR", "STATE", "CHUNKS"
     );
     for l in &layers {
         let containers: Vec<&str> = l["containers"]
@@ -53,8 +53,9 @@ pub fn run(args: Args) -> Result<()> {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         println!(
-            "{:<73} {:<8} {:>15}  {}",
+            "{:<72} {:<72} {:<8} {:>15}  {}",
             l["digest"].as_str().unwrap_or("?"),
+            l["anchor"].as_str().unwrap_or("none (unanchored)"),
             l["state"].as_str().unwrap_or("?"),
             format!("{}/{}", l["chunks_present"], l["chunks_total"]),
             containers.join(",")

@@ -9,10 +9,10 @@ mod layers;
 mod mount;
 mod mount_control;
 mod mount_p2p;
-mod mount_trace;
 mod pull;
 mod registry_args;
 mod stats;
+mod trace_file;
 mod umount;
 
 use clap::{Parser, Subcommand};

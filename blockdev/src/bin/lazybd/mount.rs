@@ -83,6 +83,11 @@ pub struct Args {
     /// this process (an upgrade) instead of failing.
     #[arg(long)]
     take_over: bool,
+    /// Also mount version 1 layers, which carry no content anchor: their
+    /// bytes are then only as trustworthy as every source that serves them
+    /// (docs/security.md).
+    #[arg(long)]
+    allow_unanchored: bool,
     /// Internal: the background child; reports readiness on stdout.
     #[arg(long, hide = true)]
     daemon_child: bool,
@@ -128,6 +133,7 @@ fn daemonize(args: &Args) -> Result<()> {
         .arg(&args.fd_holder)
         .args(args.take_over.then_some("--take-over"))
         .args(args.prefetch.then_some("--prefetch"))
+        .args(args.allow_unanchored.then_some("--allow-unanchored"))
         .args(
             args.record_trace
                 .iter()
@@ -199,7 +205,7 @@ async fn serve(args: Args) -> Result<()> {
     }
     // Checked before anything is mounted; absolute, for the background child.
     let replay = match &args.replay_trace {
-        Some(p) => Some((crate::mount_trace::load(p)?, p.clone())),
+        Some(p) => Some((crate::trace_file::load(p)?, p.clone())),
         None => None,
     };
     let record = args
@@ -209,7 +215,7 @@ async fn serve(args: Args) -> Result<()> {
         .transpose()
         .context("--record-trace")?;
     let image = OpenImage::open(&args.image, &args.registry).await?;
-    let mut layers = image.lazy_layers(&args.image)?;
+    let mut layers = image.lazy_layers(&args.image, args.allow_unanchored)?;
     let peer = match &args.p2p_config {
         Some(path) => Some(crate::mount_p2p::start(path, &image, &mut layers).await?),
         None => None,
@@ -219,25 +225,28 @@ async fn serve(args: Args) -> Result<()> {
     config.fetch.read_deadline = Duration::from_secs(args.read_deadline);
     config.prefetch_rate = args.prefetch_rate;
     config.fd_store = fd_store;
+    // A peer sends the stored bytes it was sent: keep them.
+    config.fetch.keep_stored = peer.is_some();
     let manager = LayerManager::new(config)?;
 
-    let mut digests = Vec::new();
+    let mut ids = Vec::new();
     let mounted = async {
         let mut lowers = Vec::new();
         for layer in layers {
+            let blob_size = layer.blob_size;
             let attached = manager.attach(layer).await?;
-            crate::mount_p2p::attached(&peer, &manager, &attached.digest).await;
-            digests.push(attached.digest);
+            crate::mount_p2p::attached(&peer, &image, &manager, &attached.id, blob_size).await;
+            ids.push(attached.id);
             lowers.push(attached.mountpoint);
         }
         // The replay first: a prefetch started after it waits for it.
         if let Some((trace, path)) = &replay {
-            crate::mount_trace::replay(&manager, trace, path);
+            crate::trace_file::replay(&manager, trace, path);
         }
         manager.end_restore().await;
         if args.prefetch {
-            for d in &digests {
-                manager.prefetch(d)?;
+            for id in &ids {
+                manager.prefetch(id)?;
             }
         }
         lowers.reverse(); // overlayfs wants the top layer first
@@ -253,7 +262,7 @@ async fn serve(args: Args) -> Result<()> {
     }
     .await;
     if record.is_some() {
-        manager.start_trace(&digests);
+        manager.start_trace(&ids);
     }
     let layer_count = match mounted {
         Ok(n) => n,
@@ -328,7 +337,7 @@ async fn serve(args: Args) -> Result<()> {
     drop(listener);
     let _ = std::fs::remove_file(state.socket());
     if let Some(path) = &record {
-        crate::mount_trace::save(&manager, &digests, path);
+        crate::trace_file::save(&manager, &ids, path);
     }
     crate::mount_p2p::shutdown(&peer).await;
     let result = manager.shutdown().await;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use lazybd_blockdev::device::LayerManager;
 use lazybd_blockdev::layer::LayerSource;
-use lazybd_blockdev::p2p::{P2pConfig, PeerNode};
+use lazybd_blockdev::oci::LayerId;
+use lazybd_blockdev::p2p::{P2pConfig, PeerNode, RegistryBlob};
 use lazybd_blockdev::source::registry_chain;
 
 use crate::image_source::OpenImage;
@@ -25,15 +26,29 @@ pub async fn start(
     };
     let node = PeerNode::start(P2pConfig::load(config)?).await?;
     for layer in layers {
-        layer.sources = registry_chain(client, Some(&node), &layer.digest, layer.blob_size);
+        layer.sources = registry_chain(
+            client,
+            Some(&node),
+            &layer.digest,
+            layer.anchor.as_deref(),
+            layer.blob_size,
+        );
     }
     Ok(node)
 }
 
-/// Serves an attached layer to other peers.
-pub async fn attached(peer: &Option<Arc<PeerNode>>, manager: &LayerManager, digest: &str) {
-    if let (Some(peer), Some(layer)) = (peer, manager.layer(digest)) {
-        peer.serve_layer(layer).await;
+/// Serves an attached layer (`blob_size` bytes, of `image`'s registry) to
+/// other peers.
+pub async fn attached(
+    peer: &Option<Arc<PeerNode>>,
+    image: &OpenImage,
+    manager: &LayerManager,
+    id: &LayerId,
+    blob_size: u64,
+) {
+    if let (Some(peer), Some(client), Some(layer)) = (peer, &image.registry, manager.layer(id)) {
+        let origin = RegistryBlob::new(client, layer.digest(), blob_size);
+        peer.serve_layer(layer, origin).await;
     }
 }
 

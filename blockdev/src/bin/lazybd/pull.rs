@@ -4,8 +4,11 @@
 //! the snapshotter's Prepare calls with the image, so it cannot).
 //!
 //! Manifest and config go into containerd's content store; each layer is
-//! prepared through the snapshotter with the labels CRI uses, which the
-//! lazybd snapshotter answers with AlreadyExists (attached lazily). A layer
+//! prepared through the snapshotter with the labels CRI uses and, as
+//! containerd's unpacker does, the layer descriptor's
+//! `containerd.io/snapshot/` annotations (the lazybd ones: where the index
+//! is and the layer's anchor), which the lazybd snapshotter answers with
+//! AlreadyExists (attached lazily, without fetching the manifest again). A layer
 //! it does not take (an ordinary image) is downloaded, applied with
 //! containerd's diff service and committed, as `ctr image pull` would.
 //! Then the image record points at the manifest, and `ctr run --snapshotter
@@ -34,7 +37,6 @@ use lazybd_blockdev::oci::{
 };
 use lazybd_blockdev::registry::RegistryClient;
 use oci_spec::image::{ImageIndex, ImageManifest};
-use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::registry_args::RegistryArgs;
@@ -188,13 +190,7 @@ async fn fetch_manifest(registry: &RegistryClient, platform: &str) -> Result<Doc
 fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
     for d in diff_ids {
-        out.push(match out.last() {
-            None => d.clone(),
-            Some(parent) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{parent} {d}")))
-            ),
-        });
+        out.push(oci::chain_id(out.last().map(String::as_str), d));
     }
     out
 }
@@ -364,7 +360,12 @@ impl Containerd {
             return Ok(Prepared::Already);
         }
         let key = format!("extract-{} {chain}", nanos());
-        let labels = HashMap::from([
+        let mut labels = layer
+            .annotations()
+            .as_ref()
+            .map(oci::labels::inherited)
+            .unwrap_or_default();
+        labels.extend([
             (oci::labels::TARGET.to_string(), chain.to_owned()),
             (oci::labels::IMAGE_REF.into(), args.reference.clone()),
             (
@@ -490,6 +491,7 @@ mod tests {
 
     #[test]
     fn chain_ids_follow_the_oci_rule() {
+        use sha2::{Digest as _, Sha256};
         let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
         let chains = chain_ids(&[d('a'), d('b')]);
         assert_eq!(chains[0], d('a'));

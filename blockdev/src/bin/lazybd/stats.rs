@@ -19,10 +19,24 @@ pub struct Args {
     /// Print the raw JSON snapshot.
     #[arg(long)]
     json: bool,
+    /// The P2P peer's counters instead (JSON): uploads and downloads per
+    /// peer, ancestors per layer; what its `/v1/stats` does not show others.
+    #[arg(long)]
+    p2p: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let state = MountState::for_target(&args.root, &args.dir)?;
+    if args.p2p {
+        let Some(reply) = state.request("p2p-stats", Duration::from_secs(10))? else {
+            bail!("no lazybd mount process serves {}", args.dir.display());
+        };
+        if let Some(e) = reply.strip_prefix("error: ") {
+            bail!("{e}");
+        }
+        println!("{reply}");
+        return Ok(());
+    }
     let Some(reply) = state.request("stats", Duration::from_secs(10))? else {
         bail!("no lazybd mount process serves {}", args.dir.display());
     };
@@ -35,8 +49,9 @@ pub fn run(args: Args) -> Result<()> {
     println!("layers:");
     for l in &s.layers {
         println!(
-            "  {}  {:<8} {}/{} chunks cached  {} on {}  {}",
+            "  {}  anchor {}  {:<8} {}/{} chunks cached  {} on {}  {}",
             l.digest,
+            l.anchor.as_deref().unwrap_or("none (unanchored)"),
             l.state.as_str(),
             l.chunks_present,
             l.chunks_total,

@@ -91,6 +91,9 @@ pub(super) fn dispatch(files: &LayerFiles, ch: &Arc<Channel>, req: &[u8]) {
             reply.data(&readdir(files, r.offset, r.size as usize));
         }
         opcode::RELEASE | opcode::RELEASEDIR | opcode::DESTROY => reply.empty(),
+        // Read-only files have nothing to flush or sync; the loop driver
+        // and close(2) ask anyway.
+        opcode::FLUSH | opcode::FSYNC => reply.empty(),
         opcode::STATFS => reply.ok(&Kstatfs {
             bsize: 4096,
             frsize: 4096,

@@ -1,18 +1,26 @@
 //! The node's calls to the super node (announce, leave, blob ranges,
-//! traces) and to its ancestors (blob ranges). What comes back is not
-//! verified here: the fetcher does that for every chunk.
+//! traces) and to its ancestors (blob ranges, with this node's ticket). What
+//! comes back is bounded before it is buffered: small answers (JSON, error
+//! messages) by [`MAX_SMALL_BODY`], traces by [`MAX_TRACE_BYTES`]; blob
+//! bodies are streamed to the fetcher, which reads no more than it asked for
+//! and verifies every chunk.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::stream::{BoxStream, StreamExt};
 use reqwest::StatusCode;
 use thiserror::Error;
 use tracing::{debug, warn};
 
-use super::{lock, PeerNode};
-use crate::p2p::wire::{auth_to_header, header, path, query, AnnounceReply};
+use super::{lock, PeerNode, Served};
+use crate::oci::LayerId;
+use crate::p2p::config::url_host;
+use crate::p2p::http::{read_limited, MAX_SMALL_BODY};
+use crate::p2p::wire::{auth_to_header, header, path, query, AnnounceReply, BlobId};
 use crate::registry::RegistryClient;
-use crate::trace::{Trace, MAX_TRACE_BYTES};
+use crate::trace::{trace_key, Trace, MAX_TRACE_BYTES};
 
 /// A blob as the super node is asked for it: where it is, and with whose
 /// registry credentials to fetch it.
@@ -58,20 +66,41 @@ impl SupernodeError {
     }
 }
 
+/// What an error answer says, at most [`MAX_SMALL_BODY`] of it.
+async fn error_text(resp: reqwest::Response) -> String {
+    match read_limited(resp, MAX_SMALL_BODY).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(e) => e,
+    }
+}
+
 impl PeerNode {
-    /// Exactly the stored bytes `range` of blob `digest` from `peer`.
+    /// Exactly the stored bytes `range` of layer `id` from `peer`, showing
+    /// this node's ticket for it.
     pub async fn blob_from_peer(
         &self,
         peer: &str,
-        digest: &str,
+        id: &BlobId,
         range: &Range<u64>,
-    ) -> Result<Bytes, String> {
-        let url = format!("{}://{peer}{}", self.scheme(), path::BLOB);
+    ) -> Result<BoxStream<'static, Result<Bytes, String>>, String> {
+        let ticket = self
+            .served(id)
+            .and_then(|s| lock(&s.tree).ticket.clone())
+            .ok_or("no ticket for this layer yet")?;
+        let scheme = self.scheme();
+        if scheme == "http" && !self.config.security().plain_http_ok(url_host(peer)) {
+            // Checked here too: an ancestor's address comes from the super node.
+            return Err(format!(
+                "refusing to send a ticket to {peer} over plain HTTP (allow_insecure is off)"
+            ));
+        }
+        let url = format!("{scheme}://{peer}{}", path::BLOB);
         let resp = self
             .authed(self.client.get(url))
-            .header(header::PEER, self.advertised())
+            .header(header::TICKET, ticket)
             .query(&[
-                (query::DIGEST, digest.to_owned()),
+                (query::DIGEST, id.digest.clone()),
+                (query::ANCHOR, id.anchor.clone()),
                 (query::START, range.start.to_string()),
                 (query::END, range.end.to_string()),
             ])
@@ -79,14 +108,15 @@ impl PeerNode {
             .send()
             .await
             .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("HTTP {}", resp.status()));
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("HTTP {status}: {}", error_text(resp).await));
         }
-        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        if bytes.len() as u64 != range.end - range.start {
-            return Err(format!("{} bytes for {range:?}", bytes.len()));
-        }
-        Ok(bytes)
+        // The fetcher checks the length as the bytes arrive.
+        Ok(resp
+            .bytes_stream()
+            .map(|piece| piece.map_err(|e| e.to_string()))
+            .boxed())
     }
 
     /// The bytes `range` of `blob` from the super node, which fetches them
@@ -95,11 +125,10 @@ impl PeerNode {
         &self,
         blob: &RegistryBlob,
         range: &Range<u64>,
-    ) -> Result<Bytes, SupernodeError> {
+    ) -> Result<BoxStream<'static, Result<Bytes, SupernodeError>>, SupernodeError> {
         let url = format!("{}{}", self.config.supernode, path::BLOB);
         let mut rb = self
             .authed(self.client.get(url))
-            .header(header::PEER, self.advertised())
             .query(&[
                 (query::REGISTRY, blob.registry.clone()),
                 (query::REPO, blob.repo.clone()),
@@ -118,109 +147,129 @@ impl PeerNode {
             .map_err(|e| SupernodeError::Unreachable(e.to_string()))?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
             return Err(SupernodeError::Status {
                 status,
-                message: body.trim().to_owned(),
+                message: error_text(resp).await,
             });
         }
-        resp.bytes()
-            .await
-            .map_err(|e| SupernodeError::Unreachable(e.to_string()))
+        Ok(resp
+            .bytes_stream()
+            .map(|piece| piece.map_err(|e| SupernodeError::Unreachable(e.to_string())))
+            .boxed())
     }
 
-    /// Sends a startup trace to the super node (see p2p::supernode::traces).
-    pub async fn put_trace(&self, key: &str, trace: &Trace) -> Result<(), String> {
+    /// Sends the startup trace of the image with layer chain `chain` to the
+    /// super node (see p2p::supernode::traces), which takes it only if this
+    /// node holds tickets for every layer.
+    pub async fn put_trace(&self, chain: &[LayerId], trace: &Trace) -> Result<(), String> {
+        let key = trace_key(chain);
         let url = format!("{}{}", self.config.supernode, path::TRACE);
+        let ctx = |e: &dyn std::fmt::Display| format!("sending trace {key} to the super node: {e}");
         let r = self
             .authed(self.client.put(url))
-            .query(&[(query::KEY, key)])
+            .query(&[(query::KEY, key.clone()), (query::CHAIN, chain_text(chain))])
             .body(trace.encode())
             .timeout(self.config.supernode_timeout())
             .send()
             .await
-            .map_err(|e| format!("sending trace {key} to the super node: {e}"))?;
-        if !r.status().is_success() {
-            return Err(format!(
-                "sending trace {key} to the super node: HTTP {}",
-                r.status()
-            ));
+            .map_err(|e| ctx(&e))?;
+        let status = r.status();
+        if !status.is_success() {
+            return Err(ctx(&format!("HTTP {status}: {}", error_text(r).await)));
         }
         Ok(())
     }
 
-    /// The super node's trace for `key`: `Ok(None)` when it has none, an
-    /// error when it cannot be asked or its answer is not a valid trace
-    /// (read at most [`MAX_TRACE_BYTES`] of it).
-    pub async fn get_trace(&self, key: &str) -> Result<Option<Trace>, String> {
+    /// The super node's trace of the image with layer chain `chain`:
+    /// `Ok(None)` when it has none, an error when it cannot be asked or its
+    /// answer is not a valid trace (read at most [`MAX_TRACE_BYTES`] of it).
+    pub async fn get_trace(&self, chain: &[LayerId]) -> Result<Option<Trace>, String> {
+        let key = trace_key(chain);
         let url = format!("{}{}", self.config.supernode, path::TRACE);
         let ctx = |e: &dyn std::fmt::Display| format!("trace {key} from the super node: {e}");
-        let mut r = self
+        let r = self
             .authed(self.client.get(url))
-            .query(&[(query::KEY, key)])
+            .query(&[(query::KEY, key.clone()), (query::CHAIN, chain_text(chain))])
             .timeout(self.config.supernode_timeout())
             .send()
             .await
             .map_err(|e| ctx(&e))?;
-        if r.status() == StatusCode::NOT_FOUND {
+        let status = r.status();
+        if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        if !r.status().is_success() {
-            return Err(ctx(&format!("HTTP {}", r.status())));
+        if !status.is_success() {
+            return Err(ctx(&format!("HTTP {status}: {}", error_text(r).await)));
         }
-        let mut body = Vec::new();
-        while let Some(part) = r.chunk().await.map_err(|e| ctx(&e))? {
-            if body.len() + part.len() > MAX_TRACE_BYTES {
-                return Err(ctx(&format!("answer longer than {MAX_TRACE_BYTES} bytes")));
-            }
-            body.extend_from_slice(&part);
-        }
+        let body = read_limited(r, MAX_TRACE_BYTES)
+            .await
+            .map_err(|e| ctx(&e))?;
         Trace::decode(&body).map(Some).map_err(|e| ctx(&e))
     }
 
-    /// Joins (or stays in) the tree of blob `digest`; remembers the
-    /// ancestors the super node names.
-    pub(super) async fn announce(&self, digest: &str) {
+    /// Joins (or stays in) the tree of layer `id`, showing the registry
+    /// credentials it was fetched with and the current ticket; remembers the
+    /// ancestors and the new ticket the super node names.
+    pub(super) async fn announce(&self, id: &BlobId, served: &Arc<Served>) {
         let url = format!("{}{}", self.config.supernode, path::ANNOUNCE);
-        let sent = self
+        let origin = &served.origin;
+        let mut rb = self
             .authed(self.client.post(url))
-            .query(&[(query::BLOB, digest), (query::ADDR, &self.advertised)])
-            .timeout(self.config.supernode_timeout())
-            .send()
-            .await;
-        let reply = match sent {
-            Ok(r) if r.status().is_success() => r.json::<AnnounceReply>().await,
-            Ok(r) => {
-                warn!("announcing {digest} to the super node: HTTP {}", r.status());
-                return;
+            .query(&[
+                (query::REGISTRY, origin.registry.as_str()),
+                (query::REPO, origin.repo.as_str()),
+                (query::BLOB, id.digest.as_str()),
+                (query::ANCHOR, id.anchor.as_str()),
+                (query::ADDR, self.advertised.as_str()),
+            ])
+            .timeout(self.config.supernode_timeout());
+        if !origin.auth_header.is_empty() {
+            rb = rb.header(header::REGISTRY_AUTH, &origin.auth_header);
+        }
+        if let Some(t) = lock(&served.tree).ticket.clone() {
+            rb = rb.header(header::TICKET, t);
+        }
+        let reply = match rb.send().await {
+            Ok(r) if r.status().is_success() => {
+                read_limited(r, MAX_SMALL_BODY).await.and_then(|b| {
+                    serde_json::from_slice::<AnnounceReply>(&b).map_err(|e| e.to_string())
+                })
             }
-            Err(e) => Err(e),
+            Ok(r) => Err(format!("HTTP {}: {}", r.status(), error_text(r).await)),
+            Err(e) => Err(e.to_string()),
         };
         match reply {
             Ok(reply) => {
                 let mut chain = reply.ancestors;
-                chain.retain(|a| a != &self.advertised);
+                chain.retain(|a| a != &reply.member);
                 chain.truncate(self.config.max_ancestors);
-                debug!("blob {digest}: ancestors {chain:?}");
-                lock(&self.ancestors).insert(digest.to_owned(), chain);
+                debug!("layer {id}: ancestors {chain:?}");
+                let mut tree = lock(&served.tree);
+                tree.ancestors = chain;
+                tree.ticket = Some(reply.ticket);
+                *lock(&self.member) = Some(reply.member);
             }
-            Err(e) => warn!("announcing {digest} to the super node: {e}"),
+            Err(e) => warn!("announcing layer {id} to the super node: {e}"),
         }
     }
 
-    /// Leaves the tree of blob `digest` (best effort: the super node drops
-    /// a silent member after its TTL anyway).
-    pub(super) async fn leave(&self, digest: &str) {
+    /// Leaves the tree of layer `id` (best effort: the super node drops a
+    /// silent member after its TTL anyway).
+    pub(super) async fn leave(&self, id: &BlobId) {
         let url = format!("{}{}", self.config.supernode, path::LEAVE);
         let _ = self
             .authed(self.client.post(url))
-            .query(&[(query::BLOB, digest), (query::ADDR, &self.advertised)])
+            .query(&[
+                (query::BLOB, id.digest.as_str()),
+                (query::ANCHOR, id.anchor.as_str()),
+                (query::ADDR, self.advertised.as_str()),
+            ])
             .timeout(self.config.supernode_timeout())
             .send()
             .await;
     }
 
-    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    pub(super) fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(t) => rb.header(header::TOKEN, t),
             None => rb,
@@ -234,4 +283,10 @@ impl PeerNode {
             "http"
         }
     }
+}
+
+/// The `chain` query value: the layers' identities, comma-separated.
+fn chain_text(chain: &[LayerId]) -> String {
+    let ids: Vec<&str> = chain.iter().map(LayerId::as_str).collect();
+    ids.join(",")
 }

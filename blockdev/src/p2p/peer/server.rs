@@ -1,23 +1,31 @@
-//! The peer server: serves the stored bytes of whole chunks of the blobs
-//! this node holds to the peers below it, fetching through the node's own
-//! sources what it does not hold yet (a child is never sent away).
+//! The peer server: serves whole chunks of the layers this node holds, as
+//! the blob stores them, to the holders of tickets for them, fetching
+//! through the node's own sources what it does not hold yet (a child is
+//! never sent away). A request reads top to bottom: token, ticket, layer,
+//! range, fetch, room in the budget, then the bytes streamed piece by piece.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{self, StreamExt};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
-use super::{lock, stored, PeerNode};
-use crate::format::Index;
-use crate::oci::valid_digest;
+use super::{lock, stored, PeerNode, Served};
 use crate::p2p::http::{self, Body};
-use crate::p2p::wire::{header, path, query, MAX_RANGE};
+use crate::p2p::ticket::MAX_TICKET_LEN;
+use crate::p2p::wire::{header, path, query, BlobId, MAX_RANGE};
+
+/// Stored bytes read from the cache at once; at most [`PIECES_AHEAD`] are
+/// held per response besides the one being written.
+const PIECE: u64 = 1 << 20;
+const PIECES_AHEAD: usize = 2;
+
+type Refusal = (StatusCode, String);
 
 impl PeerNode {
     pub(super) async fn handle(
@@ -32,123 +40,161 @@ impl PeerNode {
             return http::respond(StatusCode::UNAUTHORIZED, "cluster token missing or wrong\n");
         }
         match (req.method(), req.uri().path()) {
-            (&Method::GET, path::BLOB) => {
-                let asker = req
-                    .headers()
-                    .get(header::PEER)
-                    .and_then(|v| v.to_str().ok())
-                    .filter(|v| v.len() <= 256)
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| remote.ip().to_string());
-                let q = http::query(&req);
-                match self.upload(&q, &asker).await {
-                    Ok(b) => http::respond(StatusCode::OK, b),
-                    Err((status, msg)) => {
-                        debug!("upload to {asker}: {msg}");
-                        http::respond(status, msg)
-                    }
+            (&Method::GET, path::BLOB) => match self.upload(&req, remote).await {
+                Ok(r) => r,
+                Err((status, msg)) => {
+                    debug!("upload to {remote}: {msg}");
+                    http::respond(status, format!("{msg}\n"))
                 }
-            }
-            (&Method::GET, path::STATS) => http::json(&self.stats()),
+            },
+            (&Method::GET, path::STATS) => http::json(&self.counters()),
             _ => http::respond(StatusCode::NOT_FOUND, "no such endpoint\n"),
         }
     }
 
-    /// The stored bytes of whole chunks `start..end` of a blob, relayed
-    /// through this node's own fetcher for chunks not held yet.
+    /// The stored bytes of whole chunks `start..end` of a layer, for the
+    /// holder of a ticket for it.
     async fn upload(
-        &self,
-        q: &HashMap<String, String>,
-        asker: &str,
-    ) -> Result<Bytes, (StatusCode, String)> {
-        let bad = |m: &str| (StatusCode::BAD_REQUEST, format!("{m}\n"));
-        let digest = q
-            .get(query::DIGEST)
-            .filter(|d| valid_digest(d))
-            .ok_or_else(|| bad("bad digest"))?;
-        let num = |k: &str| -> Result<u64, (StatusCode, String)> {
-            q.get(k)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| bad(&format!("bad {k}")))
-        };
-        let (start, end) = (num(query::START)?, num(query::END)?);
-        if !(start < end && end - start <= MAX_RANGE) {
-            return Err(bad("bad range"));
+        self: &Arc<Self>,
+        req: &Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Result<Response<Body>, Refusal> {
+        let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_owned());
+        let q = http::query(req);
+        let id = BlobId::new(
+            q.get(query::DIGEST).map_or("", |s| s),
+            q.get(query::ANCHOR).map_or("", |s| s),
+        );
+        if !id.is_valid() {
+            return Err(bad("bad digest or anchor"));
         }
-        self.upload_requests.fetch_add(1, Relaxed);
-        let Some(layer) = self.layer(digest) else {
-            self.upload_misses.fetch_add(1, Relaxed);
-            return Err((StatusCode::NOT_FOUND, "blob not held here\n".into()));
+        let ticket = req
+            .headers()
+            .get(header::TICKET)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= MAX_TICKET_LEN)
+            .unwrap_or("");
+        let claims = match self.check_ticket(ticket, &id, remote.ip()).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.refused_tickets.fetch_add(1, Relaxed);
+                return Err((StatusCode::FORBIDDEN, format!("{e}")));
+            }
         };
-        let chunks = chunks_exactly(layer.index(), start, end)
+        let (start, end) = range(&q)?;
+        self.counters.upload_requests.fetch_add(1, Relaxed);
+        let Some(served) = self.served(&id) else {
+            self.counters.upload_misses.fetch_add(1, Relaxed);
+            return Err((StatusCode::NOT_FOUND, "layer not held here".into()));
+        };
+        let index = served.layer.index();
+        let chunks = index
+            .chunks_in_blob_range(start, end)
             .ok_or_else(|| bad("range is not a run of whole chunks"))?;
-        let image = layer.index().image_range(chunks.start).start
-            ..layer.index().image_range(chunks.end - 1).end;
-        // The decoded chunks and their rebuilt stored form, both in memory.
-        let _room = self
+        served
+            .layer
+            .ensure(&chunks)
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+        let len = end - start;
+        let room = self
             .budget
             .reserve(
-                image.end - image.start + (end - start),
+                len.min(PIECE * (PIECES_AHEAD as u64 + 1)),
                 self.config.peer_timeout(),
             )
             .await
-            .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "busy\n".to_owned()))?;
-        let data = layer
-            .read(image.start, (image.end - image.start) as u32)
-            .await
-            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")))?;
-        let rebuilt = {
-            let layer = layer.clone();
-            let chunks = chunks.clone();
-            tokio::task::spawn_blocking(move || {
-                let index = layer.index();
-                let mut out = BytesMut::with_capacity((end - start) as usize);
-                for c in chunks {
-                    let r = index.image_range(c);
-                    let at = (r.start - image.start) as usize..(r.end - image.start) as usize;
-                    out.extend_from_slice(&stored::rebuild(index, c, &data[at])?);
+            .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "busy".to_owned()))?;
+        self.count_upload(&served, &chunks, &claims.holder, len);
+        let pieces = pieces(index, &chunks);
+        let node = self.clone();
+        let body = stream::iter(pieces)
+            .map(move |piece| {
+                let (served, node) = (served.clone(), node.clone());
+                async move {
+                    tokio::task::spawn_blocking(move || read_piece(&served, &piece, &node.counters))
+                        .await
+                        .map_err(std::io::Error::other)?
                 }
-                Some(out.freeze())
             })
-            .await
-        };
-        let bytes = rebuilt
-            .ok()
-            .flatten()
-            .filter(|b| b.len() as u64 == end - start)
-            .ok_or_else(|| {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "cannot rebuild the stored chunks here\n".to_owned(),
-                )
-            })?;
-        let n = chunks.end - chunks.start;
-        self.uploaded_bytes.fetch_add(bytes.len() as u64, Relaxed);
-        self.uploaded_chunks.fetch_add(n, Relaxed);
-        let mut l = lock(&self.ledger);
-        let t = l.uploaded_to.entry(asker.to_owned()).or_default();
-        t.bytes += bytes.len() as u64;
-        t.chunks += n;
-        for c in chunks {
-            *l.chunk_uploads.entry((digest.clone(), c)).or_default() += 1;
+            .buffered(PIECES_AHEAD);
+        Ok(http::streamed(len, body, Some(room)))
+    }
+
+    fn count_upload(&self, served: &Served, chunks: &[u64], holder: &str, bytes: u64) {
+        let c = &self.counters;
+        c.uploaded_bytes.fetch_add(bytes, Relaxed);
+        c.uploaded_chunks.fetch_add(chunks.len() as u64, Relaxed);
+        for &chunk in chunks {
+            if let Some(n) = served.uploads.get(chunk as usize) {
+                let now = n.fetch_add(1, Relaxed).saturating_add(1);
+                c.max_chunk_uploads.fetch_max(now, Relaxed);
+            }
         }
-        Ok(bytes)
+        lock(&self.ledger).uploaded(holder, bytes, chunks.len() as u64);
     }
 }
 
-/// The chunks whose stored bytes are exactly `start..end`.
-fn chunks_exactly(index: &Index, start: u64, end: u64) -> Option<Range<u64>> {
-    let first = index.chunks.partition_point(|e| e.offset < start);
-    let entry = index.chunks.get(first)?;
-    if entry.offset != start {
-        return None;
+fn range(q: &HashMap<String, String>) -> Result<(u64, u64), Refusal> {
+    let num = |k: &str| -> Result<u64, Refusal> {
+        q.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| (StatusCode::BAD_REQUEST, format!("bad {k}")))
+    };
+    let (start, end) = (num(query::START)?, num(query::END)?);
+    if !(start < end && end - start <= MAX_RANGE) {
+        return Err((StatusCode::BAD_REQUEST, "bad range".into()));
     }
-    let mut last = first;
-    while index.chunks[last].stored_range().end < end {
-        last += 1;
-        if last >= index.chunks.len() {
-            return None;
+    Ok((start, end))
+}
+
+/// `chunks` (adjacent, in blob order) cut into pieces of at most [`PIECE`]
+/// stored bytes (a larger chunk is a piece of its own).
+fn pieces(index: &crate::format::Index, chunks: &[u64]) -> Vec<Vec<u64>> {
+    let mut out: Vec<Vec<u64>> = Vec::new();
+    let mut size = 0u64;
+    for &c in chunks {
+        let len = u64::from(index.chunks[c as usize].stored_len);
+        match out.last_mut() {
+            Some(p) if size + len <= PIECE => {
+                p.push(c);
+                size += len;
+            }
+            _ => {
+                out.push(vec![c]);
+                size = len;
+            }
         }
     }
-    (index.chunks[last].stored_range().end == end).then_some(first as u64..last as u64 + 1)
+    out
+}
+
+/// The stored bytes of `piece`: kept ones as they are, the others rebuilt
+/// from the image (a cache from before this node kept them). An error cuts
+/// the answer short, which the asker sees and takes elsewhere.
+fn read_piece(
+    served: &Served,
+    piece: &[u64],
+    sent: &super::Counters,
+) -> Result<Bytes, std::io::Error> {
+    let index = served.layer.index();
+    let mut out = BytesMut::new();
+    for &c in piece {
+        let bytes = match served.layer.stored(c).map_err(std::io::Error::other)? {
+            Some(b) => {
+                sent.stored_chunks_sent.fetch_add(1, Relaxed);
+                b
+            }
+            None => {
+                let data = served.layer.image_chunk(c).map_err(std::io::Error::other)?;
+                let b = stored::rebuild(index, c, &data).ok_or_else(|| {
+                    std::io::Error::other(format!("chunk {c}: cannot rebuild its stored bytes"))
+                })?;
+                sent.rebuilt_chunks_sent.fetch_add(1, Relaxed);
+                b
+            }
+        };
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out.freeze())
 }

@@ -1,10 +1,13 @@
-//! Peers keep chunks uncompressed (that is what the cache holds), but the
-//! fetcher asks for the blob's stored bytes. A peer rebuilds them: zstd at the
-//! converter's level reproduces the converter's frame byte for byte with the
-//! same zstd; a shorter frame is padded with a zstd skippable frame (which
-//! decoders ignore) to the stored length. Whatever comes out, the receiver
-//! decodes and checks the chunk's sha256, so a rebuild can at worst be
-//! refused, never trusted wrongly.
+//! The fallback for chunks whose stored bytes this node did not keep (a
+//! cache filled before the node served peers): the fetcher asks for the
+//! blob's stored bytes, so the peer rebuilds them from the uncompressed
+//! cache. zstd at the converter's level reproduces the converter's frame
+//! byte for byte with the same zstd; a shorter frame is padded with a zstd
+//! skippable frame (which decoders ignore) to the stored length. Whatever
+//! comes out, the receiver decodes and checks the chunk's sha256, so a
+//! rebuild can at worst be refused, never trusted wrongly. It costs CPU the
+//! kept stored bytes do not (`crate::cache`), so it is counted
+//! (`rebuilt_chunks_sent`).
 
 use crate::format::{ChunkKind, Index, ZSTD_LEVEL};
 

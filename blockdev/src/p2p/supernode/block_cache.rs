@@ -25,25 +25,25 @@ use sha2::{Digest, Sha256};
 
 use crate::p2p::P2pError;
 
-/// A block of a blob: the blob is named by registry, repository, digest and
-/// size (a client naming a wrong size gets its own, separate blocks).
+/// A block of a blob, named by nothing a client chooses freely: the digest
+/// (content-addressed; any repository of one registry holds the same bytes
+/// under it, and access is checked per client before a block is handed
+/// out) and the registry it came from (a registry is trusted for its own
+/// blobs only, so one cannot plant blocks for another's).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BlockKey {
     pub registry: String,
-    pub repo: String,
     pub digest: String,
-    pub size: u64,
     pub block: u64,
 }
 
 impl BlockKey {
     fn file_name(&self) -> String {
         let mut h = Sha256::new();
-        for part in [&self.registry, &self.repo, &self.digest] {
+        for part in [&self.registry, &self.digest] {
             h.update(part.as_bytes());
             h.update([0]);
         }
-        h.update(self.size.to_le_bytes());
         h.update(self.block.to_le_bytes());
         hex::encode(h.finalize())
     }
@@ -233,9 +233,7 @@ mod tests {
     fn key(block: u64) -> BlockKey {
         BlockKey {
             registry: "r".into(),
-            repo: "x".into(),
             digest: "sha256:a".into(),
-            size: 100,
             block,
         }
     }

@@ -3,9 +3,16 @@
 //! first time can replay what another node recorded. Traces are checked
 //! before they are stored (a stored trace is one any node can decode) and
 //! the number kept is bounded.
+//!
+//! Who may write (the caller's tickets are checked before, in `mod.rs`): the
+//! first writer of a key owns it (its IP is kept beside the trace as
+//! `<key>.owner`); another node's write is refused (409) until the trace is
+//! [`OWNER_TTL`] old, after which anyone with tickets for the image's
+//! layers may replace it. The owner may replace its own at any time.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -19,9 +26,13 @@ use crate::trace::{valid_key, Trace, MAX_TRACE_BYTES};
 pub const MAX_TRACES: usize = 4096;
 /// Longest a client may take to send a trace.
 const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the first writer of a trace owns it.
+pub const OWNER_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub struct TraceStore {
     dir: PathBuf,
+    /// One write at a time: the owner check and the write go together.
+    writing: tokio::sync::Mutex<()>,
 }
 
 type Reply = (StatusCode, Bytes);
@@ -35,6 +46,7 @@ impl TraceStore {
         std::fs::create_dir_all(dir)?;
         Ok(TraceStore {
             dir: dir.to_owned(),
+            writing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -65,8 +77,16 @@ impl TraceStore {
         }
     }
 
-    /// Stores the body as the trace of `key` (replacing an older one).
-    pub async fn put(&self, key: &str, body: Incoming) -> Reply {
+    /// Stores the body as the trace of `key` written by `writer`, unless
+    /// another writer owns it (see the module docs). `layers_held` tells
+    /// whether the writer holds tickets for every layer the trace names.
+    pub async fn put(
+        &self,
+        key: &str,
+        writer: IpAddr,
+        body: Incoming,
+        layers_held: impl Fn(&Trace) -> bool,
+    ) -> Reply {
         let path = match self.path(key) {
             Ok(p) => p,
             Err(r) => return r,
@@ -88,16 +108,41 @@ impl TraceStore {
                 return reply(StatusCode::REQUEST_TIMEOUT, "trace body too slow\n");
             }
         };
-        if let Err(e) = Trace::decode(&bytes) {
-            warn!("trace {key}: refused: {e}");
-            return reply(StatusCode::BAD_REQUEST, format!("{e}\n"));
+        let trace = match Trace::decode(&bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("trace {key}: refused: {e}");
+                return reply(StatusCode::BAD_REQUEST, format!("{e}\n"));
+            }
+        };
+        if !layers_held(&trace) {
+            warn!("trace {key} from {writer}: names layers it holds no ticket for");
+            return reply(
+                StatusCode::FORBIDDEN,
+                "the trace names layers you hold no ticket for\n",
+            );
+        }
+        let _one_writer = self.writing.lock().await;
+        if let Some(owner) = self.owner(key, &path) {
+            if owner != writer {
+                warn!("trace {key}: {writer} may not replace the trace of {owner}");
+                return reply(
+                    StatusCode::CONFLICT,
+                    "another node's trace is stored for this key\n",
+                );
+            }
         }
         if !path.exists() && self.count() >= MAX_TRACES {
             warn!("trace {key}: refused, {MAX_TRACES} traces stored already");
             return reply(StatusCode::INSUFFICIENT_STORAGE, "trace store full\n");
         }
         let tmp = self.dir.join(format!(".{key}.tmp"));
+        let owner_path = self.dir.join(format!("{key}.owner"));
         let written = async {
+            // The owner first: a crash between the two leaves an owner
+            // without a trace, which the next write of that owner fixes.
+            tokio::fs::write(&tmp, writer.to_string()).await?;
+            tokio::fs::rename(&tmp, &owner_path).await?;
             tokio::fs::write(&tmp, &bytes).await?;
             tokio::fs::rename(&tmp, &path).await
         }
@@ -113,6 +158,22 @@ impl TraceStore {
                 )
             }
         }
+    }
+
+    /// The owner of the trace at `path`, while it owns it.
+    fn owner(&self, key: &str, path: &Path) -> Option<IpAddr> {
+        let age = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())?;
+        if age >= OWNER_TTL {
+            return None;
+        }
+        std::fs::read_to_string(self.dir.join(format!("{key}.owner")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn count(&self) -> usize {

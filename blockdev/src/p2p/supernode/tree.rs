@@ -7,8 +7,19 @@
 //! therefore always joined earlier, so the tree has no cycles even while
 //! peers come and go, and a parent has at most `fanout` children. A peer
 //! whose parent expired is placed again on its next heartbeat.
+//!
+//! Members are addresses the super node verified (the caller's own IP), and
+//! each tree is bounded: at most [`MAX_MEMBERS`] members, at most
+//! [`MAX_PER_HOST`] of them on one IP. A peer beyond that gets no place (it
+//! uses the super node).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+
+/// Members of one tree.
+pub const MAX_MEMBERS: usize = 4096;
+/// Members of one tree on one IP (several nodes may share a host in tests).
+pub const MAX_PER_HOST: usize = 8;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -37,14 +48,15 @@ impl BlobTree {
     }
 
     /// Registers or refreshes `addr` and returns its ancestors, nearest
-    /// first (empty: its parent is the super node).
+    /// first (empty: its parent is the super node); `None` when the tree has
+    /// no room for it.
     pub fn announce(
         &mut self,
         addr: &str,
         now: Instant,
         ttl: Duration,
         fanout: usize,
-    ) -> Vec<String> {
+    ) -> Option<Vec<String>> {
         self.expire(now, ttl);
         let fanout = fanout.max(1);
         let seq = match self.members.get_mut(addr) {
@@ -53,6 +65,9 @@ impl BlobTree {
                 m.seq
             }
             None => {
+                if self.members.len() >= MAX_MEMBERS || self.on_host(addr) >= MAX_PER_HOST {
+                    return None;
+                }
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.members.insert(
@@ -78,7 +93,14 @@ impl BlobTree {
             let parent = self.place(seq, fanout);
             self.members.get_mut(addr).expect("present").parent = parent;
         }
-        self.ancestors(addr)
+        Some(self.ancestors(addr))
+    }
+
+    /// Members on the IP of `addr`.
+    fn on_host(&self, addr: &str) -> usize {
+        let ip = |a: &str| a.parse::<SocketAddr>().ok().map(|a| a.ip());
+        let Some(host) = ip(addr) else { return 0 };
+        self.members.keys().filter(|m| ip(m) == Some(host)).count()
     }
 
     /// Removes `addr` (it left); its children are placed again on their
@@ -173,7 +195,7 @@ impl Membership {
             }
         }
         let tree = self.trees.entry(blob.to_owned()).or_default();
-        Some(tree.announce(addr, now, self.ttl, self.fanout))
+        tree.announce(addr, now, self.ttl, self.fanout)
     }
 
     pub fn leave(&mut self, blob: &str, addr: &str) {
@@ -204,7 +226,9 @@ mod tests {
     fn fills_breadth_first_with_bounded_fanout() {
         let mut t = BlobTree::default();
         let now = Instant::now();
-        let chains: Vec<Vec<String>> = (0..8).map(|i| t.announce(&peer(i), now, TTL, 2)).collect();
+        let chains: Vec<Vec<String>> = (0..8)
+            .map(|i| t.announce(&peer(i), now, TTL, 2).unwrap())
+            .collect();
         assert!(chains[0].is_empty() && chains[1].is_empty());
         assert_eq!(chains[2], vec![peer(0)]);
         assert_eq!(chains[3], vec![peer(0)]);
@@ -224,7 +248,7 @@ mod tests {
             t.announce(&peer(i), now, TTL, 3);
         }
         for i in 0..20 {
-            let again = t.announce(&peer(i), now, TTL, 3);
+            let again = t.announce(&peer(i), now, TTL, 3).unwrap();
             assert_eq!(again, t.ancestors(&peer(i)));
             for a in &again {
                 let a_idx: usize = a[7..a.len() - 5].parse().unwrap();
@@ -250,8 +274,11 @@ mod tests {
         let chain2 = t.announce(&peer(2), later, TTL, 1);
         assert_eq!(t.len(), 3, "peer 1 expired");
         // Peer 2 takes the slot below peer 0 that peer 1 left.
-        assert_eq!(chain2, vec![peer(0)]);
-        assert_eq!(t.announce(&peer(3), later, TTL, 1), vec![peer(2), peer(0)]);
+        assert_eq!(chain2, Some(vec![peer(0)]));
+        assert_eq!(
+            t.announce(&peer(3), later, TTL, 1),
+            Some(vec![peer(2), peer(0)])
+        );
     }
 
     #[test]
@@ -274,6 +301,20 @@ mod tests {
         t.announce(&peer(1), now, TTL, 1);
         t.leave(&peer(0));
         // peer 1's parent left: placed again, under the root.
-        assert!(t.announce(&peer(1), now, TTL, 1).is_empty());
+        assert_eq!(t.announce(&peer(1), now, TTL, 1), Some(vec![]));
+    }
+
+    #[test]
+    fn one_host_gets_a_bounded_number_of_places() {
+        let mut t = BlobTree::default();
+        let now = Instant::now();
+        for port in 0..MAX_PER_HOST {
+            assert!(t
+                .announce(&format!("10.0.0.1:{port}"), now, TTL, 2)
+                .is_some());
+        }
+        assert_eq!(t.announce("10.0.0.1:9999", now, TTL, 2), None);
+        assert!(t.announce("10.0.0.2:1", now, TTL, 2).is_some());
+        assert_eq!(t.len(), MAX_PER_HOST + 1);
     }
 }

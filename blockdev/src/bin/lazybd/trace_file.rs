@@ -1,12 +1,14 @@
-//! `lazybd mount --record-trace FILE` / `--replay-trace FILE`: startup traces
-//! (lazybd_blockdev::trace) for a plain mount, e.g. to benchmark a cold
-//! start with and without a replay. The recording runs from the moment the
-//! mount is ready until it is unmounted; the file is written then.
+//! Startup trace files (lazybd_blockdev::trace): `lazybd mount
+//! --record-trace FILE` / `--replay-trace FILE` for a plain mount (e.g. to
+//! benchmark a cold start with and without a replay; the recording runs
+//! from the moment the mount is ready until it is unmounted, the file is
+//! written then), and `lazybd convert --profile FILE`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use lazybd_blockdev::device::LayerManager;
+use lazybd_blockdev::oci::LayerId;
 use lazybd_blockdev::trace::{Trace, MAX_TRACE_BYTES};
 use tracing::{info, warn};
 
@@ -30,22 +32,22 @@ pub fn load(path: &Path) -> Result<Trace> {
 pub fn replay(manager: &LayerManager, trace: &Trace, path: &Path) {
     let started = manager.replay_trace(trace);
     info!(
-        "replaying trace {} ({} chunks) on {started} layers",
+        "replaying trace {} ({} ranges) on {started} layers",
         path.display(),
-        trace.chunk_count()
+        trace.range_count()
     );
 }
 
-/// Ends the recording of `digests` and writes it to `path` (atomically);
+/// Ends the recording of layers `ids` and writes it to `path` (atomically);
 /// a failure is logged, the unmount goes on.
-pub fn save(manager: &LayerManager, digests: &[String], path: &Path) {
-    let trace = manager.stop_trace(digests);
+pub fn save(manager: &LayerManager, ids: &[LayerId], path: &Path) {
+    let trace = manager.stop_trace(ids);
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let written = std::fs::write(&tmp, trace.encode()).and_then(|()| std::fs::rename(&tmp, path));
     match written {
         Ok(()) => info!(
-            "trace of {} chunks written to {}",
-            trace.chunk_count(),
+            "trace of {} ranges written to {}",
+            trace.range_count(),
             path.display()
         ),
         Err(e) => {

@@ -1,0 +1,151 @@
+//! How much a demand fetch should take along after the chunks a reader
+//! missed: what the link moves in about half the time a request takes to
+//! start answering.
+//!
+//! A missed chunk costs a round trip (the time to the first byte) plus its
+//! transfer. The chunks stored right after it in the blob (the same file's
+//! next blocks, the same directory's next files, or the profile's next
+//! reads) are often read next; taking them along costs only transfer time.
+//! That is worth it while the extra transfer is shorter than the round trip
+//! it may save, weighted by how likely the chunk is read: with one in two,
+//! the window is half the bandwidth-delay product. On a fast link with a
+//! slow registry it grows, on a slow link it shrinks to nothing, so bytes
+//! are spent where round trips, not bytes, are what a container waits for.
+//!
+//! The round trip is the median time to the first byte of recent requests
+//! sent while no other was in flight. Not of all requests: while our own
+//! fetches fill the link, answers wait in its queue (a shaped 100 Mbit/s
+//! link queues for up to 100 ms; a window still streaming in is such a
+//! queue), and that wait is no reason to fetch more: counting it would grow
+//! the window that caused it. The median, because a registry's time to
+//! answer a range varies several-fold from one request to the next (1 to 8
+//! ms for Debian's docker-registry on loopback), and a miss costs the
+//! typical one. The throughput is smoothed. The estimate is node-wide (every layer shares the
+//! link); until the first samples arrive there is no window.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Weight of a new throughput sample.
+const ALPHA: f64 = 0.3;
+/// Requests whose time to the first byte the round trip is the median of.
+const RTT_SAMPLES: usize = 16;
+/// Transfers shorter than this say little about throughput.
+const MIN_SAMPLE_BYTES: u64 = 32 << 10;
+
+#[derive(Debug, Default)]
+pub struct LinkEstimate {
+    state: Mutex<State>,
+    /// Requests in flight on the node.
+    active: AtomicUsize,
+}
+
+/// A request in flight; [`LinkEstimate::sample`] takes it back.
+pub struct InFlight<'a> {
+    link: &'a LinkEstimate,
+    /// No other request was in flight when this one was sent.
+    alone: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.link.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Seconds from sending a request to its first body byte, latest last.
+    ttfb: VecDeque<f64>,
+    /// Bytes per second while a body streams.
+    throughput: Option<f64>,
+}
+
+impl LinkEstimate {
+    /// Marks a request as sent, until the guard is dropped.
+    pub fn send(&self) -> InFlight<'_> {
+        let before = self.active.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            link: self,
+            alone: before == 0,
+        }
+    }
+
+    /// The request `sent` finished: time to its first byte, then `bytes`
+    /// over `transfer` until its last.
+    pub fn sample(&self, sent: InFlight<'_>, ttfb: Duration, bytes: u64, transfer: Duration) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if sent.alone {
+            if s.ttfb.len() == RTT_SAMPLES {
+                s.ttfb.pop_front();
+            }
+            s.ttfb.push_back(ttfb.as_secs_f64());
+        }
+        if bytes >= MIN_SAMPLE_BYTES && !transfer.is_zero() {
+            let rate = bytes as f64 / transfer.as_secs_f64();
+            s.throughput = Some(smooth(s.throughput, rate));
+        }
+    }
+
+    /// Bytes a demand fetch should add after the missed chunks, at most `max`.
+    pub fn window(&self, max: u64) -> u64 {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let rtt = median(&s.ttfb);
+        match (rtt, s.throughput) {
+            (Some(rtt), Some(rate)) => ((rate * rtt / 2.0) as u64).min(max),
+            _ => 0,
+        }
+    }
+}
+
+fn median(samples: &VecDeque<f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = samples.iter().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied()
+}
+
+fn smooth(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |o| o + ALPHA * (new - o))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_is_half_the_bandwidth_delay_product() {
+        let link = LinkEstimate::default();
+        assert_eq!(link.window(1 << 20), 0, "no samples, no window");
+        // 100 MB/s, 2 ms to the first byte.
+        link.sample(
+            link.send(),
+            Duration::from_millis(2),
+            1_000_000,
+            Duration::from_millis(10),
+        );
+        let w = link.window(1 << 20);
+        assert!((99_000..=101_000).contains(&w), "{w}");
+        assert_eq!(link.window(4096), 4096, "capped");
+        // One slow first byte moves the median little; small transfers do
+        // not move the throughput.
+        let micro = Duration::from_micros(1);
+        link.sample(link.send(), Duration::from_millis(2), 100, micro);
+        link.sample(link.send(), Duration::from_millis(80), 100, micro);
+        let w = link.window(1 << 20);
+        assert!((99_000..=101_000).contains(&w), "{w}");
+        // A request sent behind another says nothing about the round trip.
+        let first = link.send();
+        link.sample(link.send(), micro, 100, micro);
+        drop(first);
+        let w = link.window(1 << 20);
+        assert!((99_000..=101_000).contains(&w), "{w}");
+        // Once the fast samples are old, the window follows the new ones.
+        for _ in 0..RTT_SAMPLES {
+            link.sample(link.send(), Duration::from_millis(4), 100, micro);
+        }
+        let w = link.window(1 << 20);
+        assert!((199_000..=201_000).contains(&w), "{w}");
+    }
+}

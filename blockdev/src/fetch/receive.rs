@@ -1,0 +1,212 @@
+//! Reading one streamed answer: each chunk is verified and stored as soon
+//! as its bytes are in, waiting readers are woken chunk by chunk, and no
+//! more than the range asked for is ever read or buffered.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::time::{timeout_at, Instant};
+
+use super::{ChunkFetcher, FetchError, Kind, Progress, Slot};
+use crate::cache::CacheError;
+
+/// What one answer brought.
+#[derive(Debug, Default)]
+pub(super) struct Received {
+    /// Chunks verified and stored.
+    pub stored: u64,
+    /// Chunks that failed verification, and why; reading stopped at the first.
+    pub corrupt: Vec<(u64, String)>,
+    /// Chunks whose bytes never came (the answer failed, was cut short or
+    /// stopped being read).
+    pub unreceived: Vec<u64>,
+    /// Why the answer did not deliver everything, and whether trying this
+    /// source again may help.
+    pub failure: Option<(String, bool)>,
+    /// The server behind the source that answered, if it named one.
+    pub server: Option<String>,
+}
+
+impl Received {
+    fn failed(segment: &[u64], reason: String, transient: bool) -> Self {
+        Received {
+            unreceived: segment.to_vec(),
+            failure: Some((reason, transient)),
+            ..Received::default()
+        }
+    }
+}
+
+enum Rejected {
+    Corrupt(String),
+    Cache(CacheError),
+}
+
+impl ChunkFetcher {
+    /// Asks `slot`'s source for the stored bytes of `segment` (chunks
+    /// adjacent in the blob, in blob order) and takes in what comes, by
+    /// `limit` at the latest.
+    pub(super) async fn receive(
+        &self,
+        slot: &Slot,
+        segment: &[u64],
+        limit: Instant,
+        progress: &watch::Sender<Progress>,
+        kind: Kind,
+    ) -> Result<Received, FetchError> {
+        let entry = |c: u64| &self.index.chunks[c as usize];
+        let start = entry(segment[0]).offset;
+        let end = entry(segment[segment.len() - 1]).stored_range().end;
+        let len = end - start;
+        let asked = Instant::now();
+        let sent = self.link.send();
+        let timed_out = || format!("timed out after {:?}", self.config.request_timeout);
+        let answer = match timeout_at(limit, slot.source.read_range(start..end)).await {
+            Err(_elapsed) => return Ok(Received::failed(segment, timed_out(), true)),
+            Ok(Err(e)) => return Ok(Received::failed(segment, e.to_string(), e.is_transient())),
+            Ok(Ok(answer)) => answer,
+        };
+        let mut out = Received {
+            server: answer.server.clone(),
+            ..Received::default()
+        };
+        let mut body = answer.body;
+        let mut buf = BytesMut::new();
+        let mut next = 0;
+        let mut received = 0u64;
+        let mut first_byte = None;
+        while next < segment.len() {
+            let mut piece = match timeout_at(limit, body.next()).await {
+                Err(_elapsed) => {
+                    out.failure =
+                        Some((format!("{} ({received} of {len} bytes)", timed_out()), true));
+                    break;
+                }
+                Ok(None) => {
+                    let reason = format!("answer ended after {received} of {len} bytes");
+                    out.failure = Some((reason, true));
+                    break;
+                }
+                Ok(Some(Err(e))) => {
+                    out.failure = Some((e.to_string(), e.is_transient()));
+                    break;
+                }
+                Ok(Some(Ok(piece))) => piece,
+            };
+            first_byte.get_or_insert_with(Instant::now);
+            slot.counters.bytes.fetch_add(piece.len() as u64, Relaxed);
+            let room = len - received;
+            let overlong = piece.len() as u64 > room;
+            if overlong {
+                // Not believed, not buffered: the chunks before the excess
+                // are still verified like any others.
+                piece.truncate(room as usize);
+                slot.counters.overlong_answers.fetch_add(1, Relaxed);
+                out.failure = Some((
+                    format!("answer is longer than the {len} bytes asked for"),
+                    false,
+                ));
+            }
+            received += piece.len() as u64;
+            buf.extend_from_slice(&piece);
+            let mut ready = Vec::new();
+            while let Some(&c) = segment.get(next) {
+                let need = entry(c).stored_len as usize;
+                if buf.len() < need {
+                    break;
+                }
+                ready.push((c, buf.split_to(need).freeze()));
+                next += 1;
+            }
+            if let Some(&(last, _)) = ready.last() {
+                let position = entry(last).stored_range().end;
+                self.store_verified(slot, ready, kind, &mut out).await?;
+                progress.send_modify(|p| p.position = position);
+            }
+            if overlong || !out.corrupt.is_empty() {
+                break;
+            }
+        }
+        // A chunk that failed verification is retried, not left out.
+        let corrupt: Vec<u64> = out.corrupt.iter().map(|(c, _)| *c).collect();
+        out.unreceived = segment[next..].to_vec();
+        out.unreceived.retain(|c| !corrupt.contains(c));
+        if let Some(first) = first_byte {
+            self.link
+                .sample(sent, first - asked, received, first.elapsed());
+        }
+        Ok(out)
+    }
+
+    /// Verifies `ready` chunks and stores the good ones, counting both.
+    async fn store_verified(
+        &self,
+        slot: &Slot,
+        ready: Vec<(u64, Bytes)>,
+        kind: Kind,
+        out: &mut Received,
+    ) -> Result<(), FetchError> {
+        for (chunk, outcome) in self.verify_and_store(ready).await {
+            match outcome {
+                Ok(()) => {
+                    out.stored += 1;
+                    slot.counters.chunks.fetch_add(1, Relaxed);
+                    if kind == Kind::Stream {
+                        self.stats.prefetch.startup_chunks.fetch_add(1, Relaxed);
+                    }
+                }
+                Err(Rejected::Corrupt(reason)) => {
+                    slot.counters.corrupt_chunks.fetch_add(1, Relaxed);
+                    out.corrupt.push((chunk, reason));
+                }
+                Err(Rejected::Cache(source)) => {
+                    return Err(FetchError::Cache {
+                        layer: self.layer.clone(),
+                        chunk,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes and verifies each chunk and stores the good ones. Off the
+    /// async threads: zstd and sha256 take time that readers should not
+    /// wait behind.
+    async fn verify_and_store(&self, ready: Vec<(u64, Bytes)>) -> Vec<(u64, Result<(), Rejected>)> {
+        let index = self.index.clone();
+        let cache = self.cache.clone();
+        let chunks: Vec<u64> = ready.iter().map(|(c, _)| *c).collect();
+        let result = tokio::task::spawn_blocking(move || {
+            ready
+                .into_iter()
+                .map(|(c, stored)| {
+                    let outcome = match index.decode_chunk(c, &stored) {
+                        // The stored bytes first (kept only for P2P serving):
+                        // a peer server that sees the chunk present finds
+                        // them too.
+                        Ok(data) => cache
+                            .store_stored(&index, c, &stored)
+                            .and_then(|()| cache.store(c, index.image_range(c).start, &data))
+                            .map_err(Rejected::Cache),
+                        Err(e) => Err(Rejected::Corrupt(e.to_string())),
+                    };
+                    (c, outcome)
+                })
+                .collect()
+        })
+        .await;
+        result.unwrap_or_else(|e| {
+            chunks
+                .into_iter()
+                .map(|c| {
+                    let reason = format!("verification task failed: {e}");
+                    (c, Err(Rejected::Corrupt(reason)))
+                })
+                .collect()
+        })
+    }
+}
