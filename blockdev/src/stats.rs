@@ -57,6 +57,11 @@ pub struct Stats {
     pub trace: TraceCounters,
     pub eviction: EvictionCounters,
     pub attach: AttachCounters,
+    /// Cached chunks re-hashed to verify a cache left open before a reboot
+    /// (a restart in the same boot, or of a complete layer, hashes nothing).
+    pub rehashed_chunks: AtomicU64,
+    /// ... of those, chunks that did not match (dropped, fetched again).
+    pub rehash_dropped: AtomicU64,
 }
 
 /// Where attach time goes (a Prepare of a lazy layer waits for all of it):
@@ -310,6 +315,8 @@ impl Stats {
             cache_misses: self.cache_misses.load(Relaxed),
             read_errors: self.read_errors.load(Relaxed),
             bytes_read: self.bytes_read.load(Relaxed),
+            rehashed_chunks: self.rehashed_chunks.load(Relaxed),
+            rehash_dropped: self.rehash_dropped.load(Relaxed),
             read_latency: LatencyHistogram {
                 bounds_us: LATENCY_BUCKETS_US.to_vec(),
                 counts: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
@@ -383,6 +390,10 @@ pub struct StatsSnapshot {
     pub eviction: EvictionSnapshot,
     #[serde(default)]
     pub attach: AttachSnapshot,
+    #[serde(default)]
+    pub rehashed_chunks: u64,
+    #[serde(default)]
+    pub rehash_dropped: u64,
 }
 
 impl StatsSnapshot {

@@ -38,6 +38,8 @@ pub struct Config {
     /// containerd, whose task events start the prefetch and the traces of
     /// containers under any runtime.
     pub containerd: ContainerdConfig,
+    /// How the FUSE session survives a restart (docs/operations.md).
+    pub restart: RestartConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +64,33 @@ impl Default for ContainerdConfig {
             namespaces: Vec::new(),
             snapshotter: "lazybd".into(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    /// Where the FUSE session's descriptors wait while the daemon is down:
+    /// `auto` (systemd's fd store when systemd runs us, else the fd holder
+    /// if its socket exists, else none), `systemd`, `holder` or `none`.
+    pub fd_store: String,
+    /// The socket of `lazybd fd-holder`.
+    pub fd_holder: PathBuf,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            fd_store: "auto".into(),
+            fd_holder: lazybd_blockdev::device::holder::DEFAULT_SOCKET.into(),
+        }
+    }
+}
+
+impl RestartConfig {
+    pub fn fd_store(&self) -> anyhow::Result<lazybd_blockdev::device::FdStoreKind> {
+        lazybd_blockdev::device::FdStoreKind::parse(&self.fd_store, &self.fd_holder)
+            .map_err(|e| anyhow::anyhow!("[restart] {e}"))
     }
 }
 
@@ -152,6 +181,7 @@ impl Default for Config {
             p2p: None,
             cri_keychain: None,
             containerd: ContainerdConfig::default(),
+            restart: RestartConfig::default(),
         }
     }
 }
@@ -199,6 +229,15 @@ mod tests {
         assert!(!c.trace.record && c.trace.replay);
         assert_eq!(c.trace.record_secs, 3);
         assert!(toml::from_str::<Config>("[trace]\nrecord_sec = 3\n").is_err());
+        assert_eq!(c.restart.fd_store, "auto");
+        let c: Config =
+            toml::from_str("[restart]\nfd_store = \"holder\"\nfd_holder = \"/h\"\n").unwrap();
+        assert_eq!(
+            c.restart.fd_store().unwrap(),
+            lazybd_blockdev::device::FdStoreKind::Holder("/h".into())
+        );
+        let c: Config = toml::from_str("[restart]\nfd_store = \"sometimes\"\n").unwrap();
+        assert!(c.restart.fd_store().is_err());
         assert!(!c.remote.allow_unanchored_layers);
         let c: Config = toml::from_str("[remote]\nallow_unanchored_layers = true\n").unwrap();
         assert!(c.remote.allow_unanchored_layers);

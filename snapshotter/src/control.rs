@@ -30,6 +30,20 @@ enum Request {
 #[serde(rename_all = "kebab-case")]
 enum Op {
     Layers,
+    /// Planned upgrade: stop and leave everything to the next daemon.
+    Handover,
+    /// Stop and detach every layer no container uses (the FUSE session
+    /// ends: lazy layers under running containers fail until a next start).
+    Shutdown,
+}
+
+/// How the daemon stops (a signal or the control API says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Leave everything attached and the FUSE session in the fd store.
+    HandOver,
+    /// Detach what no container uses and unmount.
+    Detach,
 }
 
 /// What the shim sends (the shim's `hook::TaskEvent`).
@@ -83,17 +97,21 @@ pub struct LayersReply {
     pub layers: Vec<LayerState>,
 }
 
-pub async fn serve(
-    listener: UnixListener,
-    snapshotter: Arc<LazySnapshotter>,
-    containers: Arc<Containers>,
-) -> std::io::Result<()> {
+/// What the control API acts on.
+pub struct Control {
+    pub snapshotter: Arc<LazySnapshotter>,
+    pub containers: Arc<Containers>,
+    /// Where `handover` and `shutdown` requests go (`None`: refused).
+    pub stop: Option<tokio::sync::watch::Sender<Option<Stop>>>,
+}
+
+pub async fn serve(listener: UnixListener, control: Arc<Control>) -> std::io::Result<()> {
     info!("control API on {:?}", listener.local_addr()?);
     loop {
         let (stream, _) = listener.accept().await?;
-        let (s, c) = (snapshotter.clone(), containers.clone());
+        let c = control.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &s, &c)).await {
+            match tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &c)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!("control connection: {e}"),
                 Err(_) => warn!("control connection: no request within {CONNECTION_DEADLINE:?}"),
@@ -102,16 +120,12 @@ pub async fn serve(
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    snapshotter: &Arc<LazySnapshotter>,
-    containers: &Containers,
-) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, control: &Control) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_LINE)).lines();
     while let Some(line) = lines.next_line().await? {
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(req, snapshotter, containers).await,
+            Ok(req) => answer(req, control).await,
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
         };
         write.write_all(format!("{reply}\n").as_bytes()).await?;
@@ -119,12 +133,30 @@ async fn handle(
     Ok(())
 }
 
-async fn answer(
-    req: Request,
-    snapshotter: &Arc<LazySnapshotter>,
-    containers: &Containers,
-) -> serde_json::Value {
+async fn answer(req: Request, control: &Control) -> serde_json::Value {
+    let (snapshotter, containers) = (&control.snapshotter, &*control.containers);
     match req {
+        Request::Op {
+            op: op @ (Op::Handover | Op::Shutdown),
+        } => {
+            let Some(stop) = &control.stop else {
+                return serde_json::json!({ "error": "this daemon cannot be stopped from here" });
+            };
+            let how = if let Op::Handover = op {
+                if !snapshotter.remote().manager().can_hand_over() {
+                    return serde_json::json!({
+                        "error": "no fd store keeps the FUSE session: a handover would fail \
+                                  reads of lazy layers (configure [restart], docs/operations.md)"
+                    });
+                }
+                Stop::HandOver
+            } else {
+                Stop::Detach
+            };
+            info!("control API: stopping ({how:?})");
+            let _ = stop.send(Some(how));
+            serde_json::json!({ "ok": true })
+        }
         Request::Op { op: Op::Layers } => {
             let users = containers.by_layer();
             let layers = snapshotter

@@ -168,6 +168,12 @@ impl Collector for LazyLayerCollector {
             "Reads of lazy layers that failed (EIO)",
             s.read_errors,
         )?;
+        counter(
+            &mut enc,
+            "lazybd_cache_rehashed_chunks",
+            "Cached chunks re-hashed to verify a cache left open before a reboot",
+            s.rehashed_chunks,
+        )?;
 
         // The blockdev histogram keeps per-bucket counts; Prometheus wants
         // cumulative ones, in seconds.

@@ -123,7 +123,7 @@ impl<L: LazyLayers> LazySnapshotter<L> {
     /// after checking the trust rules again (the operator may have changed
     /// them; records of older releases were not checked) and, in the
     /// attach, the layer's index against its anchor.
-    pub(super) async fn reattach(&self) -> Result<(), SnapshotError> {
+    pub async fn reattach(&self) -> Result<(), SnapshotError> {
         let mut seen = HashSet::new();
         for (name, r) in self.store.all()? {
             let Some(layer) = r.remote_layer() else {

@@ -2,6 +2,7 @@
 
 mod check;
 mod convert;
+mod fd_holder;
 mod image_ref;
 mod image_source;
 mod inspect;
@@ -33,6 +34,7 @@ struct Cli {
 enum Command {
     Check(check::Args),
     Convert(convert::Args),
+    FdHolder(fd_holder::Args),
     Inspect(inspect::Args),
     Layers(layers::Args),
     Mount(mount::Args),
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Check(a) => check::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::FdHolder(a) => fd_holder::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Layers(a) => layers::run(a),
         Command::Mount(a) => mount::run(a),
