@@ -4,18 +4,22 @@
 //! files; the profile must hold reads, the result must carry them in its
 //! prefetch area, be reproducible from the same profile, and nothing may be
 //! left mounted or in the work dir, also when the entrypoint cannot run.
+//! The recorded conversion reads from and writes to a real docker-registry
+//! (the source is copied once, the stores' clients dropped off the async
+//! threads).
 
 use std::path::Path;
 
 use lazybd_tests::busybox;
 use lazybd_tests::cli::{fails, lazybd, ok};
+use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
 
 /// Reads part of busybox (every applet is it) and a file, then exits.
 const ENTRYPOINT: &[&str] = &["/bin/sh", "-c", "cat /bin/busybox >/dev/null; echo ready"];
 
 fn inspect(image: &str) -> serde_json::Value {
-    let out = ok(&lazybd(&[&"inspect", &"--json", &image]));
+    let out = ok(&lazybd(&[&"inspect", &"--plain-http", &"--json", &image]));
     serde_json::from_str(&out).expect("inspect --json")
 }
 
@@ -56,8 +60,10 @@ fn a_recorded_profile_is_stored_first_and_reproducible() {
     std::fs::create_dir(&work).unwrap();
     busybox::archive(tmp.path(), "rec", ENTRYPOINT);
     let src = format!("oci:{}:rec", tmp.path().join("layout-rec").display());
+    let registry = Registry::start();
+    registry.push_layout(&tmp.path().join("layout-rec"), "rec", "rec:v1");
     let plain = format!("oci:{}:plain", tmp.path().join("out").display());
-    let recorded = format!("oci:{}:recorded", tmp.path().join("out").display());
+    let recorded = registry.reference("rec:recorded");
     let again = format!("oci:{}:again", tmp.path().join("out").display());
     let profile = tmp.path().join("profile");
     let log = tmp.path().join("workload.log");
@@ -65,6 +71,7 @@ fn a_recorded_profile_is_stored_first_and_reproducible() {
     ok(&lazybd(&[&"convert", &"--work-dir", &work, &src, &plain]));
     ok(&lazybd(&[
         &"convert",
+        &"--plain-http",
         &"--record-profile",
         &"--record-secs",
         &"20",
@@ -74,7 +81,7 @@ fn a_recorded_profile_is_stored_first_and_reproducible() {
         &log,
         &"--work-dir",
         &work,
-        &src,
+        &registry.reference("rec:v1"),
         &recorded,
     ]));
     let output = std::fs::read_to_string(&log).unwrap();

@@ -73,6 +73,9 @@ pub fn convert_recorded(
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // A registry store owns a tokio runtime, which must not be dropped on
+    // an async thread: the last references to the stores are these.
+    let stores = (src.clone(), dst.clone());
     let result = runtime.block_on(async {
         let mut interrupt = Interrupt::new()?;
         let scratch = tempfile::Builder::new()
@@ -94,6 +97,7 @@ pub fn convert_recorded(
     // An interrupted pass may still run on a blocking thread: it ends with
     // the process, instead of the runtime waiting for it here.
     runtime.shutdown_background();
+    drop(stores);
     result
 }
 
