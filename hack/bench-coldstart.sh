@@ -13,6 +13,9 @@
 #   profile the same image converted again with that trace as its startup
 #           profile (`lazybd convert --profile`): the chunks it read first
 #           are stored first in each blob and streamed at attach
+#   optimize the image converted with `lazybd convert --record-profile`:
+#           its entrypoint run once under runc at conversion, what it read
+#           stored first (the analogue of `ctr-remote image optimize`)
 #   p2p     the same, with P2P on: a warm peer (that has read the whole
 #           image) and the super node are one unshaped hop away; fan-out 1
 #           so the peer is the cold node's parent
@@ -35,15 +38,19 @@
 #
 # Once per image, hack/read-volume.sh measures the workload's own read volume
 # (its rootfs as one EROFS image on a plain loop device, readahead 0).
+# For every lazybd run it also records where the time went (the pull and in
+# it the layers' attach: index, then FUSE file, loop and EROFS; the container
+# until "ready"; the time reads waited for fetches; misses; registry
+# requests), from the pull's wall time and the snapshotter's metrics.
 # Prints markdown tables (times and bytes; ratios, the read volume and the
-# physical limit) and, with DOCS=1, writes them and a PNG chart (gnuplot)
+# physical limit; the breakdown) and, with DOCS=1, writes them and a PNG chart (gnuplot)
 # into docs/benchmarks.md (between the coldstart markers) and
 # docs/coldstart.png. The results stay in /var/tmp/lazybd-coldstart-*.tsv.
 # A report, not a test. Needs root.
 #
 # Knobs: RATES (default "100mbit 1gbit"), RUNS (default 3), IMAGES (default
-# "python node large"), MODES (default "full warm lazy trace profile p2p
-# stargz stargz-plain"), CHUNK (largest lazybd chunk in bytes, default the
+# "python node large"), MODES (default "full warm lazy trace profile optimize
+# p2p stargz stargz-plain"), CHUNK (largest lazybd chunk in bytes, default the
 # converter's 64 KiB), IMAGES_DIR (default /var/tmp/lazybd-images), DOCS=1; for the stargz
 # modes STARGZ_BIN (a containerd-stargz-grpc to use), else STARGZ_ANCHOR (the
 # directory with build.sh, default ../shared/anchors/stargz beside the main
@@ -59,7 +66,7 @@ die() { echo "bench-coldstart: $*" >&2; exit 1; }
 RATES=${RATES:-100mbit 1gbit}
 RUNS=${RUNS:-3}
 IMAGES=${IMAGES:-python node large}
-MODES=${MODES:-full warm lazy trace profile p2p stargz stargz-plain}
+MODES=${MODES:-full warm lazy trace profile optimize p2p stargz stargz-plain}
 IMAGES_DIR=${IMAGES_DIR:-/var/tmp/lazybd-images}
 CHUNK=${CHUNK:-65536}
 main_checkout=$(dirname "$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || echo "$PWD/.git")")
@@ -67,7 +74,7 @@ STARGZ_ANCHOR=${STARGZ_ANCHOR:-$main_checkout/../shared/anchors/stargz}
 STARGZ_BUILD_DIR=${STARGZ_BUILD_DIR:-/var/tmp/lazybd-stargz}
 
 for m in $MODES; do
-  case $m in full | warm | lazy | trace | profile | p2p | stargz | stargz-plain) ;; *) die "unknown mode $m" ;; esac
+  case $m in full | warm | lazy | trace | profile | optimize | p2p | stargz | stargz-plain) ;; *) die "unknown mode $m" ;; esac
 done
 has_mode() { [[ " $MODES " == *" $1 "* ]]; }
 has_stargz() { has_mode stargz || has_mode stargz-plain; }
@@ -128,6 +135,7 @@ SUPERNODE=127.0.0.1:7444
 NS=bench
 RESULTS=$STACK/results.tsv
 READVOL=$STACK/read-volume.tsv
+BREAKDOWN=$STACK/breakdown.tsv
 # shellcheck source=hack/lib/stack.sh
 . hack/lib/stack.sh
 
@@ -288,8 +296,12 @@ stargz_opt_start() { stargz_start "$1:esgz-opt"; }
 stargz_plain_start() { stargz_start "$1:esgz"; }
 
 lazy_start() {
+  local t0 t1
+  t0=$(date +%s%N)
   "$BIN/lazybd" pull --address "$STACK/containerd/containerd.sock" -n "$NS" --plain-http \
     "$REGISTRY/bench/$1:${2:-lazybd}" >"$STACK/pull.log"
+  t1=$(date +%s%N)
+  echo "$(((t1 - t0) / 1000000))" >"$STACK/pull-ms"
   ctr_ -n "$NS" run --rm --snapshotter lazybd --runtime io.containerd.lazybd.v2 \
     "$REGISTRY/bench/$1:${2:-lazybd}" "cs-$1"
 }
@@ -298,8 +310,12 @@ lazy_profiled_start() {
   lazy_start "$1" lazybd-profiled
 }
 
+lazy_optimized_start() {
+  lazy_start "$1" lazybd-optimized
+}
+
 # The starts run under timeout(1), in a child bash.
-export -f full_start warm_start lazy_start lazy_profiled_start stargz_start stargz_opt_start stargz_plain_start ctr_
+export -f full_start warm_start lazy_start lazy_profiled_start lazy_optimized_start stargz_start stargz_opt_start stargz_plain_start ctr_
 export STACK NS REGISTRY BIN
 
 # One measured start: `measure RATE IMAGE MODE RUN START_FUNCTION`.
@@ -312,6 +328,25 @@ measure() {
   [ "$line" = ready ] || die "$image/$mode: first output '$line', not 'ready'"
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$rate" "$image" "$mode" "$run" "$ms" "$((bytes - base))" >>"$RESULTS"
   printf '  %-6s %-6s run %s: %6s ms, %11s registry bytes\n' "$image" "$mode" "$run" "$ms" "$((bytes - base))"
+  case $mode in lazy | trace | profile | optimize | p2p) breakdown "$rate" "$image" "$mode" "$run" "$ms" ;; esac
+}
+
+# Where a lazybd cold start's time went, from the pull's wall time and the
+# snapshotter's counters (docs/snapshotter.md#metrics): the pull (every
+# Prepare, which attaches the layers: index, then FUSE file, loop, EROFS),
+# then the container until "ready", and in it the time reads waited for
+# fetches (the read latency sum; reads after "ready" count too).
+breakdown() {
+  local rate=$1 image=$2 mode=$3 run=$4 ms=$5 m pull
+  pull=$(cat "$STACK/pull-ms")
+  m=$(curl -sf "http://$SNAPSHOTTER_METRICS/metrics") || die "no snapshotter metrics"
+  metric() { awk -v n="$1" '$1 == n { print $2 }' <<<"$m"; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rate" "$image" "$mode" "$run" \
+    "$pull" "$(metric lazybd_attach_index_milliseconds_total)" \
+    "$(metric lazybd_attach_expose_milliseconds_total)" "$((ms - pull))" \
+    "$(awk -v s="$(metric lazybd_read_latency_seconds_sum)" 'BEGIN { printf "%d", s * 1000 }')" \
+    "$(metric lazybd_cache_misses_total)" "$(metric lazybd_source_requests_total'{source="registry"}')" \
+    >>"$BREAKDOWN"
 }
 
 # The warm peer for P2P runs: a `lazybd mount` in the same datacenter that has
@@ -358,6 +393,7 @@ for image in $IMAGES; do
 done
 
 : >"$RESULTS"
+: >"$BREAKDOWN"
 for rate in $RATES; do
   shape "$rate"
   echo "== registry link $rate"
@@ -407,6 +443,18 @@ for rate in $RATES; do
         measure "$rate" "$image" profile "$run" lazy_profiled_start
       done
     fi
+    if has_mode optimize; then
+      phase "$rate $image: optimize"
+      if [ ! -f "$STACK/convert-optimized-$image.log" ]; then
+        logged "$STACK/convert-optimized-$image.log" "$BIN/lazybd" convert --plain-http \
+          --work-dir "$STACK" --chunk-size "$CHUNK" --record-profile --record-secs 60 \
+          "$REGISTRY/bench/$image:oci" "$REGISTRY/bench/$image:lazybd-optimized"
+      fi
+      for run in $(seq "$RUNS"); do
+        fresh_node ""
+        measure "$rate" "$image" optimize "$run" lazy_optimized_start
+      done
+    fi
     if has_mode p2p; then
       phase "$rate $image: p2p"
       containerd_and_snapshotter_down "$NS"
@@ -443,4 +491,5 @@ echo "$(printf '%6d s' $((SECONDS - T0)))  in all"
 
 cp "$RESULTS" /var/tmp/lazybd-coldstart-results.tsv
 cp "$READVOL" /var/tmp/lazybd-coldstart-read-volume.tsv
-python3 hack/coldstart-report.py ${DOCS:+--docs} --read-volume "$READVOL" "$RESULTS"
+cp "$BREAKDOWN" /var/tmp/lazybd-coldstart-breakdown.tsv
+python3 hack/coldstart-report.py ${DOCS:+--docs} --read-volume "$READVOL" --breakdown "$BREAKDOWN" "$RESULTS"

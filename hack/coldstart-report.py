@@ -25,6 +25,7 @@ MODES = [
     ("lazy", "lazybd"),
     ("trace", "lazybd + trace"),
     ("profile", "lazybd, profiled image"),
+    ("optimize", "lazybd, convert --record-profile"),
     ("p2p", "lazybd + P2P"),
     ("stargz", "stargz, optimized eStargz"),
     ("stargz-plain", "stargz, plain eStargz"),
@@ -56,6 +57,44 @@ def read_volume(path):
             image, *nums = line.rstrip("\n").split("\t")
             vol[image] = tuple(int(x) for x in nums)
     return vol
+
+
+BREAKDOWN_COLUMNS = [
+    "pull", "index", "FUSE/loop/EROFS", "container", "reads waiting", "misses", "registry requests",
+]
+
+
+def read_breakdown(path):
+    """(rate, image, mode) -> [[pull_ms, index_ms, expose_ms, container_ms, wait_ms, misses, requests]]"""
+    rows = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            rate, image, mode, _run, *nums = line.rstrip("\n").split("\t")
+            rows[(rate, image, mode)].append([float(x) if x else 0.0 for x in nums])
+    return rows
+
+
+def breakdown_table(rows, order):
+    """Median of each part per lazybd mode: where a cold start's time went."""
+    out = []
+    for rate, image in order:
+        for mode, _title in MODES:
+            runs = rows.get((rate, image, mode))
+            if not runs:
+                continue
+            med = [statistics.median(r[i] for r in runs) for i in range(len(BREAKDOWN_COLUMNS))]
+            cells = [f"{v / 1000:.2f} s" for v in med[:5]] + [f"{med[5]:.0f}", f"{med[6]:.0f}"]
+            out.append([image, rate, mode] + cells)
+    if not out:
+        return ""
+    return render(["image", "link", "mode"] + BREAKDOWN_COLUMNS, out) + (
+        "\nMedians. pull: `lazybd pull` (every Prepare; in it, attaching the layers: index "
+        "= reading and checking each index and opening its cache, then the FUSE file, loop "
+        "device and EROFS mount); container: from the pull to \"ready\"; reads waiting: the "
+        "time all reads spent waiting for fetches (the snapshotter's read latency sum, whole "
+        "run); misses: chunks reads waited for; registry requests: range requests sent to "
+        "the registry.\n"
+    )
 
 
 def rate_bps(rate):
@@ -129,13 +168,14 @@ def ratios_tables(runs, order, vol):
         return compressed_read(v) * 8 / bps * 1000 + med["warm"][0]
 
     speed = []  # (title, cell function of (med, rate, image))
-    for mode in ("lazy", "trace", "profile", "stargz"):
+    for mode in ("lazy", "trace", "profile", "optimize", "stargz"):
         if "full" in measured and mode in measured:
             speed.append((f"full / {mode}", lambda med, r, i, m=mode: ratio(t(med, "full"), t(med, m), "{:.1f}x")))
     if vol and {"full", "warm"} <= measured:
         speed.append(("full / limit", lambda med, r, i: ratio(t(med, "full"), limit_ms(med, r, i), "{:.1f}x")))
     for a, b in (("lazy", "stargz"), ("trace", "stargz"), ("profile", "stargz"),
-                 ("trace", "warm"), ("profile", "warm")):
+                 ("optimize", "stargz"), ("trace", "warm"), ("profile", "warm"),
+                 ("optimize", "warm")):
         if {a, b} <= measured:
             speed.append((f"{a} / {b}", lambda med, r, i, a=a, b=b: ratio(t(med, a), t(med, b))))
 
@@ -149,10 +189,10 @@ def ratios_tables(runs, order, vol):
         if "warm" in measured:
             limit.append(("physical limit",
                           lambda med, r, i: f"{limit_ms(med, r, i) / 1000:.2f} s" if limit_ms(med, r, i) else ""))
-            for mode in ("lazy", "trace", "profile", "stargz"):
+            for mode in ("lazy", "trace", "profile", "optimize", "stargz"):
                 if mode in measured:
                     limit.append((f"{mode} / limit", lambda med, r, i, m=mode: ratio(t(med, m), limit_ms(med, r, i))))
-        for mode in ("lazy", "trace", "profile", "stargz", "stargz-plain"):
+        for mode in ("lazy", "trace", "profile", "optimize", "stargz", "stargz-plain"):
             if mode in measured:
                 limit.append((f"{mode}: link / compressed read",
                               lambda med, r, i, m=mode: ratio(med[m][1], compressed_read(vol[i]))
@@ -235,6 +275,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("results")
     p.add_argument("--read-volume", help="hack/read-volume.sh's lines, one per image")
+    p.add_argument("--breakdown", help="hack/bench-coldstart.sh's breakdown lines")
     p.add_argument("--docs", action="store_true")
     args = p.parse_args()
     runs, order = read(args.results)
@@ -242,6 +283,8 @@ def main():
         sys.exit("coldstart-report: no results")
     vol = read_volume(args.read_volume) if args.read_volume else {}
     md = table(runs, order, vol)
+    if args.breakdown:
+        md += "\n" + breakdown_table(read_breakdown(args.breakdown), order)
     print(md)
     if args.docs:
         chart(runs, order, "docs/coldstart.png")

@@ -164,12 +164,11 @@ impl LazyLayer {
             })?;
         let (index, index_digest) = load_index(dir, &src, anchor.as_ref(), &config).await?;
         let index = Arc::new(index);
-        // Opening may re-hash the whole cache after a crash: not on the
-        // async threads.
+        // Opening reads the bitmap file: not on the async threads.
         let (cache_dir, cache_index) = (dir.to_owned(), index.clone());
         let keep_stored = config.keep_stored;
         let opened = tokio::task::spawn_blocking(move || {
-            ChunkCache::open_with(&cache_dir, &cache_index, index_digest, keep_stored)
+            ChunkCache::open_with(&cache_dir, cache_index, index_digest, keep_stored)
         })
         .await
         .map_err(|e| LayerError::Cache {
@@ -189,13 +188,12 @@ impl LazyLayer {
             src.digest,
             report.present,
             index.chunk_count(),
-            if report.recovered {
-                format!(
-                    ", recovered after unclean shutdown ({} dropped)",
-                    report.dropped
-                )
-            } else {
-                String::new()
+            match (report.left_open, report.to_verify) {
+                (false, _) => String::new(),
+                (true, 0) => ", left open by a process of this boot or complete: trusted".into(),
+                (true, n) => format!(
+                    ", left open before a reboot: {n} chunks count as missing until verified"
+                ),
             },
             if report.created { ", new" } else { "" },
         );
@@ -399,6 +397,17 @@ impl LazyLayer {
                 layer: self.digest.clone(),
                 source,
             })
+    }
+
+    /// Chunks of an unclean cache wait for [`verify_pending`](Self::verify_pending).
+    pub fn needs_verify(&self) -> bool {
+        self.cache.has_pending()
+    }
+
+    /// Re-hashes the chunks an unclean cache claimed but could not trust
+    /// (see [`crate::cache`]); blocking, for a background thread.
+    pub fn verify_pending(&self) -> Result<crate::cache::VerifyReport, CacheError> {
+        self.cache.verify_pending()
     }
 
     /// Makes the cache bitmap durable up to now (called periodically).

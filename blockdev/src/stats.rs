@@ -55,6 +55,67 @@ pub struct Stats {
     inflight: Mutex<InFlight>,
     pub prefetch: PrefetchCounters,
     pub trace: TraceCounters,
+    pub eviction: EvictionCounters,
+    pub attach: AttachCounters,
+    /// Cached chunks re-hashed to verify a cache left open before a reboot
+    /// (a restart in the same boot, or of a complete layer, hashes nothing).
+    pub rehashed_chunks: AtomicU64,
+    /// ... of those, chunks that did not match (dropped, fetched again).
+    pub rehash_dropped: AtomicU64,
+}
+
+/// Where attach time goes (a Prepare of a lazy layer waits for all of it):
+/// reading and checking the index and opening the cache, then the FUSE
+/// file, loop device and EROFS mount. Cold-start breakdowns read these.
+#[derive(Debug, Default)]
+pub struct AttachCounters {
+    pub attaches: AtomicU64,
+    pub index_ms: AtomicU64,
+    pub expose_ms: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachSnapshot {
+    pub attaches: u64,
+    pub index_ms: u64,
+    pub expose_ms: u64,
+}
+
+impl AttachCounters {
+    pub fn snapshot(&self) -> AttachSnapshot {
+        AttachSnapshot {
+            attaches: self.attaches.load(Relaxed),
+            index_ms: self.index_ms.load(Relaxed),
+            expose_ms: self.expose_ms.load(Relaxed),
+        }
+    }
+}
+
+/// Chunk cache eviction (`LayerManager::evict_caches`).
+#[derive(Debug, Default)]
+pub struct EvictionCounters {
+    /// Caches of detached layers removed, and the bytes that freed.
+    pub evicted_layers: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    /// Bytes all caches took after the last eviction pass.
+    pub cache_bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictionSnapshot {
+    pub evicted_layers: u64,
+    pub evicted_bytes: u64,
+    pub cache_bytes: u64,
+}
+
+impl EvictionCounters {
+    pub fn snapshot(&self) -> EvictionSnapshot {
+        EvictionSnapshot {
+            evicted_layers: self.evicted_layers.load(Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Relaxed),
+            cache_bytes: self.cache_bytes.load(Relaxed),
+        }
+    }
 }
 
 /// Startup traces (crate::trace): recorded, stored and replayed.
@@ -254,6 +315,8 @@ impl Stats {
             cache_misses: self.cache_misses.load(Relaxed),
             read_errors: self.read_errors.load(Relaxed),
             bytes_read: self.bytes_read.load(Relaxed),
+            rehashed_chunks: self.rehashed_chunks.load(Relaxed),
+            rehash_dropped: self.rehash_dropped.load(Relaxed),
             read_latency: LatencyHistogram {
                 bounds_us: LATENCY_BUCKETS_US.to_vec(),
                 counts: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
@@ -263,6 +326,8 @@ impl Stats {
             oldest_waiting_ms,
             prefetch: self.prefetch.snapshot(),
             trace: self.trace.snapshot(),
+            eviction: self.eviction.snapshot(),
+            attach: self.attach.snapshot(),
         }
     }
 }
@@ -321,6 +386,14 @@ pub struct StatsSnapshot {
     pub prefetch: PrefetchSnapshot,
     #[serde(default)]
     pub trace: TraceSnapshot,
+    #[serde(default)]
+    pub eviction: EvictionSnapshot,
+    #[serde(default)]
+    pub attach: AttachSnapshot,
+    #[serde(default)]
+    pub rehashed_chunks: u64,
+    #[serde(default)]
+    pub rehash_dropped: u64,
 }
 
 impl StatsSnapshot {

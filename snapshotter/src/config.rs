@@ -39,6 +39,63 @@ pub struct Config {
     /// The CRI image-service proxy that keeps kubelet's pull credentials;
     /// absent: credentials come from the docker config only.
     pub cri_keychain: Option<crate::cri_keychain::CriKeychainConfig>,
+    /// containerd, whose task events start the prefetch and the traces of
+    /// containers under any runtime.
+    pub containerd: ContainerdConfig,
+    /// How the FUSE session survives a restart (docs/operations.md).
+    pub restart: RestartConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdConfig {
+    /// containerd's gRPC socket; its `/tasks/start` and `/tasks/exit`
+    /// events act like the task events of `containerd-shim-lazybd-v2`, so
+    /// containers under `io.containerd.runc.v2` get the same prefetch,
+    /// handoff and traces. Empty: not watched (only our shim reports).
+    pub address: PathBuf,
+    /// The containerd namespaces watched; empty: all.
+    pub namespaces: Vec<String>,
+    /// The name containerd knows this snapshotter by (`[proxy_plugins.NAME]`):
+    /// containers on other snapshotters are left alone.
+    pub snapshotter: String,
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        ContainerdConfig {
+            address: "/run/containerd/containerd.sock".into(),
+            namespaces: Vec::new(),
+            snapshotter: "lazybd".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    /// Where the FUSE session's descriptors wait while the daemon is down:
+    /// `auto` (systemd's fd store when systemd runs us, else the fd holder
+    /// if its socket exists, else none), `systemd`, `holder` or `none`.
+    pub fd_store: String,
+    /// The socket of `lazybd fd-holder`.
+    pub fd_holder: PathBuf,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            fd_store: "auto".into(),
+            fd_holder: lazybd_blockdev::device::holder::DEFAULT_SOCKET.into(),
+        }
+    }
+}
+
+impl RestartConfig {
+    pub fn fd_store(&self) -> anyhow::Result<lazybd_blockdev::device::FdStoreKind> {
+        lazybd_blockdev::device::FdStoreKind::parse(&self.fd_store, &self.fd_holder)
+            .map_err(|e| anyhow::anyhow!("[restart] {e}"))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -75,6 +132,8 @@ impl Default for PrefetchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Disk space for the chunk caches of all lazy layers; 0 = unlimited.
+    /// The default, 20 GiB, keeps a node that never set it from filling
+    /// its disk with the caches of images it no longer runs.
     /// Over it, caches of detached layers are removed, least recently used
     /// first; caches of attached layers are never removed.
     pub capacity_bytes: u64,
@@ -82,10 +141,13 @@ pub struct CacheConfig {
     pub evict_interval_secs: u64,
 }
 
+/// 20 GiB: room for the layers a node runs, bounded on every node.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 20 << 30;
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            capacity_bytes: 0,
+            capacity_bytes: DEFAULT_CACHE_CAPACITY,
             evict_interval_secs: 60,
         }
     }
@@ -123,6 +185,8 @@ impl Default for Config {
             trace: crate::traces::TraceConfig::default(),
             p2p: None,
             cri_keychain: None,
+            containerd: ContainerdConfig::default(),
+            restart: RestartConfig::default(),
         }
     }
 }
@@ -153,7 +217,7 @@ mod tests {
         assert_eq!(c.read_deadline_secs, 60);
         assert_eq!(c.registry.plain_http, ["127.0.0.1:5000"]);
         assert!(c.prefetch.on_task_start);
-        assert_eq!(c.cache.capacity_bytes, 0);
+        assert_eq!(c.cache.capacity_bytes, 20 << 30);
         let c: Config = toml::from_str(
             "[prefetch]\non_task_start = false\nrate_bytes_per_sec = 1048576\n\
              [cache]\ncapacity_bytes = 10737418240\n",
@@ -170,10 +234,31 @@ mod tests {
         assert!(!c.trace.record && c.trace.replay);
         assert_eq!(c.trace.record_secs, 3);
         assert!(toml::from_str::<Config>("[trace]\nrecord_sec = 3\n").is_err());
+        assert_eq!(c.restart.fd_store, "auto");
+        let c: Config =
+            toml::from_str("[restart]\nfd_store = \"holder\"\nfd_holder = \"/h\"\n").unwrap();
+        assert_eq!(
+            c.restart.fd_store().unwrap(),
+            lazybd_blockdev::device::FdStoreKind::Holder("/h".into())
+        );
+        let c: Config = toml::from_str("[restart]\nfd_store = \"sometimes\"\n").unwrap();
+        assert!(c.restart.fd_store().is_err());
         assert!(!c.remote.allow_unanchored_layers);
         let c: Config = toml::from_str("[remote]\nallow_unanchored_layers = true\n").unwrap();
         assert!(c.remote.allow_unanchored_layers);
         assert!(toml::from_str::<Config>("[remote]\nallow_unanchored = true\n").is_err());
+        // A stock node: containerd's default socket, every namespace.
+        assert_eq!(
+            c.containerd.address,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert!(c.containerd.namespaces.is_empty());
+        assert_eq!(c.containerd.snapshotter, "lazybd");
+        let c: Config =
+            toml::from_str("[containerd]\naddress = \"\"\nnamespaces = [\"k8s.io\"]\n").unwrap();
+        assert_eq!(c.containerd.address, PathBuf::new());
+        assert_eq!(c.containerd.namespaces, ["k8s.io"]);
+        assert!(toml::from_str::<Config>("[containerd]\nsocket = \"/x\"\n").is_err());
     }
 
     #[test]

@@ -1,25 +1,20 @@
 //! The control API (docs/snapshotter.md#control-api): one JSON request per
 //! line on a unix socket, one JSON reply line. The shim reports task starts
-//! and exits (`containerd-shim-lazybd-v2`'s hook); `lazybd layers` lists
-//! the attached layers, their fetch state and the containers using them.
-//! The background prefetch and the startup traces (record, replay) act on
-//! the same events.
+//! and exits (`containerd-shim-lazybd-v2`'s hook; what they do is in
+//! [`crate::tasks`]); `lazybd layers` lists the attached layers, their
+//! fetch state and the containers using them.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-
-use lazybd_blockdev::local_server::{accept_failed, PeerPolicy, Slot, Slots};
 use std::time::Duration;
 
-use lazybd_blockdev::oci::LayerId;
+use lazybd_blockdev::local_server::{accept_failed, PeerPolicy, Slot, Slots};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use crate::service::LazySnapshotter;
-use crate::traces::trace_key;
+use crate::tasks::{self, lower_dirs, Containers, Outcome, Phase, TaskStarted};
 
 /// What one connection may send in all: requests are small (a task-start
 /// names a rootfs of at most a page of mount options); past it the
@@ -41,6 +36,20 @@ enum Request {
 #[serde(rename_all = "kebab-case")]
 enum Op {
     Layers,
+    /// Planned upgrade: stop and leave everything to the next daemon.
+    Handover,
+    /// Stop and detach every layer no container uses (the FUSE session
+    /// ends: lazy layers under running containers fail until a next start).
+    Shutdown,
+}
+
+/// How the daemon stops (a signal or the control API says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Leave everything attached and the FUSE session in the fd store.
+    HandOver,
+    /// Detach what no container uses and unmount.
+    Detach,
 }
 
 /// What the shim sends (the shim's `hook::TaskEvent`).
@@ -50,12 +59,17 @@ enum TaskEvent {
     TaskStart {
         namespace: String,
         container_id: String,
+        /// 0 when absent: any report of the container is then the same task.
+        #[serde(default)]
+        pid: u32,
         #[serde(default)]
         rootfs: Vec<RootfsMount>,
     },
     TaskExit {
         namespace: String,
         container_id: String,
+        #[serde(default)]
+        pid: u32,
     },
 }
 
@@ -89,43 +103,19 @@ pub struct LayersReply {
     pub layers: Vec<LayerState>,
 }
 
-/// Running containers and the lazy layers under them.
-#[derive(Default)]
-pub struct Containers {
-    layers: Mutex<HashMap<String, Vec<LayerId>>>,
-    /// A task start prefetches the container's lazy layers.
-    prefetch_on_start: bool,
-}
-
-impl Containers {
-    pub fn new(prefetch_on_start: bool) -> Self {
-        Containers {
-            layers: Mutex::default(),
-            prefetch_on_start,
-        }
-    }
-
-    /// Running containers by the layers under them.
-    pub fn by_layer(&self) -> BTreeMap<LayerId, Vec<String>> {
-        let mut out: BTreeMap<LayerId, Vec<String>> = BTreeMap::new();
-        for (container, ids) in self.layers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            for id in ids {
-                out.entry(id.clone()).or_default().push(container.clone());
-            }
-        }
-        for v in out.values_mut() {
-            v.sort();
-        }
-        out
-    }
+/// What the control API acts on.
+pub struct Control {
+    pub snapshotter: Arc<LazySnapshotter>,
+    pub containers: Arc<Containers>,
+    /// Where `handover` and `shutdown` requests go (`None`: refused).
+    pub stop: Option<tokio::sync::watch::Sender<Option<Stop>>>,
 }
 
 /// Serves the control API on `listener` to the callers `peers` allows.
 /// Accept errors are logged and waited out, never fatal.
 pub async fn serve(
     listener: UnixListener,
-    snapshotter: Arc<LazySnapshotter>,
-    containers: Arc<Containers>,
+    control: Arc<Control>,
     peers: PeerPolicy,
 ) -> std::io::Result<()> {
     info!("control API on {:?}", listener.local_addr()?);
@@ -146,11 +136,11 @@ pub async fn serve(
         let Some(mut slot) = slots.admit() else {
             continue;
         };
-        let (s, c) = (snapshotter.clone(), containers.clone());
+        let c = control.clone();
         tokio::spawn(async move {
             let eviction = slot.eviction();
             tokio::select! {
-                handled = tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &slot, &s, &c)) => match handled {
+                handled = tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &slot, &c)) => match handled {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => debug!("control connection: {e}"),
                     Err(_) => warn!("control connection: not done within {CONNECTION_DEADLINE:?}"),
@@ -161,18 +151,13 @@ pub async fn serve(
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    slot: &Slot,
-    snapshotter: &Arc<LazySnapshotter>,
-    containers: &Containers,
-) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, slot: &Slot, control: &Control) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_INPUT)).lines();
     while let Some(line) = lines.next_line().await? {
         slot.busy();
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(req, snapshotter, containers).await,
+            Ok(req) => answer(req, control).await,
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
         };
         write.write_all(format!("{reply}\n").as_bytes()).await?;
@@ -180,12 +165,30 @@ async fn handle(
     Ok(())
 }
 
-async fn answer(
-    req: Request,
-    snapshotter: &Arc<LazySnapshotter>,
-    containers: &Containers,
-) -> serde_json::Value {
+async fn answer(req: Request, control: &Control) -> serde_json::Value {
+    let (snapshotter, containers) = (&control.snapshotter, &*control.containers);
     match req {
+        Request::Op {
+            op: op @ (Op::Handover | Op::Shutdown),
+        } => {
+            let Some(stop) = &control.stop else {
+                return serde_json::json!({ "error": "this daemon cannot be stopped from here" });
+            };
+            let how = if let Op::Handover = op {
+                if !snapshotter.remote().manager().can_hand_over() {
+                    return serde_json::json!({
+                        "error": "no fd store keeps the FUSE session: a handover would fail \
+                                  reads of lazy layers (configure [restart], docs/operations.md)"
+                    });
+                }
+                Stop::HandOver
+            } else {
+                Stop::Detach
+            };
+            info!("control API: stopping ({how:?})");
+            let _ = stop.send(Some(how));
+            serde_json::json!({ "ok": true })
+        }
         Request::Op { op: Op::Layers } => {
             let users = containers.by_layer();
             let layers = snapshotter
@@ -208,178 +211,30 @@ async fn answer(
         Request::Event(TaskEvent::TaskStart {
             namespace,
             container_id,
+            pid,
             rootfs,
         }) => {
-            let layers = lazy_layers_of(snapshotter, &rootfs);
-            let id = format!("{namespace}/{container_id}");
-            info!("container {id} started on {} lazy layers", layers.len());
-            let lowers = lower_dirs(&rootfs);
-            let chain = snapshotter
-                .remote()
-                .lazy_chain(lowers.iter().map(|d| Path::new(*d)));
-            // Only the local trace here, to answer at once. A trace on the
-            // super node is looked for by the recording task.
-            let replayed = snapshotter.remote().replay_trace(&chain, false).await;
-            let recording = !replayed && start_recording(snapshotter, &id, &chain, containers);
-            if containers.prefetch_on_start && !recording {
-                match snapshotter.remote().traces().filter(|_| replayed) {
-                    // The replay fetches what the trace says the startup
-                    // reads; what else it reads still misses, and a full
-                    // prefetch now would take the link from those misses.
-                    // So it waits for the startup window, as after a
-                    // recording.
-                    Some(traces) => {
-                        prefetch_after(snapshotter, &id, &layers, traces.record_window())
-                    }
-                    None => prefetch(snapshotter, &id, &layers),
-                }
-            }
-            containers
-                .layers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, layers.clone());
-            serde_json::json!({ "ok": true, "layers": layers })
+            let started = TaskStarted {
+                namespace,
+                container_id,
+                pid,
+                lowers: lower_dirs(rootfs.iter().flat_map(|m| &m.options)),
+                phase: Phase::Starting,
+            };
+            let outcome = tasks::started(snapshotter, containers, started).await;
+            serde_json::json!({
+                "ok": true,
+                "layers": outcome.layers(),
+                "duplicate": !matches!(outcome, Outcome::Started(_)),
+            })
         }
         Request::Event(TaskEvent::TaskExit {
             namespace,
             container_id,
+            pid,
         }) => {
-            let id = format!("{namespace}/{container_id}");
-            if containers
-                .layers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id)
-                .is_some()
-            {
-                info!("container {id} exited");
-            }
+            tasks::exited(containers, &namespace, &container_id, pid);
             serde_json::json!({ "ok": true })
         }
     }
-}
-
-fn prefetch(snapshotter: &LazySnapshotter, id: &str, layers: &[LayerId]) {
-    let manager = snapshotter.remote().manager();
-    for l in layers {
-        if let Err(e) = manager.prefetch(l) {
-            warn!("container {id}: prefetching layer {l}: {e}");
-        }
-    }
-}
-
-/// `prefetch` once `delay` has passed, unless the snapshotter shuts down
-/// meanwhile (only a Weak is held until then).
-fn prefetch_after(
-    snapshotter: &Arc<LazySnapshotter>,
-    id: &str,
-    layers: &[LayerId],
-    delay: Duration,
-) {
-    let (weak, id, layers) = (Arc::downgrade(snapshotter), id.to_owned(), layers.to_vec());
-    tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        if let Some(s) = weak.upgrade() {
-            prefetch(&s, &id, &layers);
-        }
-    });
-}
-
-/// Records the image's startup trace if it has none and no recording of it
-/// runs: the on-demand misses of the next `record_secs`, then stored (and
-/// uploaded). The full prefetch, if wanted, starts when the window ends:
-/// chunks it fetched first would not show up as misses, and the trace would
-/// miss what the container needs. Returns whether it records.
-fn start_recording(
-    snapshotter: &Arc<LazySnapshotter>,
-    id: &str,
-    chain: &[LayerId],
-    containers: &Containers,
-) -> bool {
-    let Some(traces) = snapshotter.remote().traces().filter(|t| t.config.record) else {
-        return false;
-    };
-    if chain.is_empty() {
-        return false;
-    }
-    let key = trace_key(chain);
-    let Some(guard) = traces.begin_recording(&key) else {
-        return false;
-    };
-    let manager = snapshotter.remote().manager();
-    manager.start_trace(chain);
-    info!(
-        "container {id}: recording the startup trace {key} for {:?}",
-        traces.record_window()
-    );
-    // The task holds the snapshotter only for moments (a Weak otherwise):
-    // a shutdown during the window must still be able to detach the layers.
-    let (weak, traces, peer, stats) = (
-        Arc::downgrade(snapshotter),
-        traces.clone(),
-        snapshotter.remote().peer().cloned(),
-        manager.counters().clone(),
-    );
-    let (id, chain, prefetch_after) = (id.to_owned(), chain.to_vec(), containers.prefetch_on_start);
-    let end = tokio::time::Instant::now() + traces.record_window();
-    tokio::spawn(async move {
-        let _guard = guard;
-        // The Prepare may have missed the super node's trace (it waits for
-        // it only briefly): if it has one, replay that and drop the recording.
-        let found = match &peer {
-            Some(p) => traces.load(&key, &chain, Some(p), &stats).await,
-            None => None,
-        };
-        if found.is_none() {
-            tokio::time::sleep_until(end).await;
-        }
-        let Some(s) = weak.upgrade() else {
-            return info!("container {id}: shutting down; trace {key} not stored");
-        };
-        let manager = s.remote().manager();
-        let recorded = manager.stop_trace(&chain);
-        if let Some(t) = &found {
-            let started = manager.replay_trace(t);
-            info!("container {id}: replaying the super node's trace {key} on {started} layers; recording dropped");
-        }
-        if prefetch_after {
-            prefetch(&s, &id, &chain);
-        }
-        drop(s);
-        if found.is_some() {
-            return;
-        }
-        if recorded.is_empty() {
-            info!("container {id}: no on-demand reads in the trace window; nothing stored");
-        } else {
-            traces
-                .store(&key, &chain, &recorded, peer.as_deref(), &stats)
-                .await;
-        }
-    });
-    true
-}
-
-/// The overlay lower dirs of the rootfs, top first.
-fn lower_dirs(rootfs: &[RootfsMount]) -> Vec<&str> {
-    rootfs
-        .iter()
-        .flat_map(|m| &m.options)
-        .filter_map(|o| o.strip_prefix("lowerdir="))
-        .flat_map(|l| l.split(':'))
-        .collect()
-}
-
-/// The attached layers whose EROFS mounts are lower dirs of the rootfs.
-fn lazy_layers_of(snapshotter: &LazySnapshotter, rootfs: &[RootfsMount]) -> Vec<LayerId> {
-    let lowers = lower_dirs(rootfs);
-    snapshotter
-        .remote()
-        .manager()
-        .layers()
-        .into_iter()
-        .filter(|l| lowers.iter().any(|d| Path::new(d) == l.mountpoint))
-        .map(|l| l.id)
-        .collect()
 }

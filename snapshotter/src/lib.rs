@@ -4,6 +4,7 @@
 //! them (docs/snapshotter.md).
 
 pub mod config;
+pub mod containerd_events;
 pub mod control;
 pub mod cri_keychain;
 pub mod error;
@@ -13,4 +14,5 @@ pub mod mounts;
 pub mod remote;
 pub mod service;
 pub mod store;
+pub mod tasks;
 pub mod traces;

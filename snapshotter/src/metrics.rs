@@ -170,6 +170,12 @@ impl Collector for LazyLayerCollector {
             "Reads of lazy layers that failed (EIO)",
             s.read_errors,
         )?;
+        counter(
+            &mut enc,
+            "lazybd_cache_rehashed_chunks",
+            "Cached chunks re-hashed to verify a cache left open before a reboot",
+            s.rehashed_chunks,
+        )?;
 
         // The blockdev histogram keeps per-bucket counts; Prometheus wants
         // cumulative ones, in seconds.
@@ -277,9 +283,40 @@ impl Collector for LazyLayerCollector {
                 "Failed switches to the local cache file",
                 p.handoff_failures,
             ),
+            (
+                "lazybd_attaches",
+                "Lazy layers attached (each Prepare of a new lazy layer)",
+                s.attach.attaches,
+            ),
+            (
+                "lazybd_attach_index_milliseconds",
+                "Attach time spent reading and checking indexes and opening caches",
+                s.attach.index_ms,
+            ),
+            (
+                "lazybd_attach_expose_milliseconds",
+                "Attach time spent on FUSE files, loop devices and EROFS mounts",
+                s.attach.expose_ms,
+            ),
+            (
+                "lazybd_cache_evicted_layers",
+                "Caches of detached layers removed to stay within [cache] capacity_bytes",
+                s.eviction.evicted_layers,
+            ),
+            (
+                "lazybd_cache_evicted_bytes",
+                "Bytes freed by removing caches of detached layers",
+                s.eviction.evicted_bytes,
+            ),
         ] {
             counter(&mut enc, name, help, value)?;
         }
+        ConstGauge::new(s.eviction.cache_bytes as i64).encode(enc.encode_descriptor(
+            "lazybd_cache_bytes",
+            "Bytes all chunk caches took at the last eviction pass",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let t = &s.trace;
         for (name, help, value) in [
             (

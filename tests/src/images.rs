@@ -357,6 +357,16 @@ impl LazyImage {
 /// [`publish_lazy_rich`], returning what a Prepare's labels name.
 pub fn publish_lazy_image(dir: &Path, registry: &crate::registry::Registry) -> LazyImage {
     let converted = publish_lazy_rich(dir, registry);
+    lazy_image(registry, "rich:lazy", &converted)
+}
+
+/// What a Prepare's labels name for the image `tag` that `lazybd convert
+/// --json` wrote (`converted`) into `registry`.
+fn lazy_image(
+    registry: &crate::registry::Registry,
+    tag: &str,
+    converted: &serde_json::Value,
+) -> LazyImage {
     let manifest = converted["manifest_digest"].as_str().unwrap().to_owned();
     let m: serde_json::Value = serde_json::from_slice(&registry.read_blob(&manifest)).unwrap();
     let anchors = m["layers"]
@@ -371,7 +381,7 @@ pub fn publish_lazy_image(dir: &Path, registry: &crate::registry::Registry) -> L
         })
         .collect();
     LazyImage {
-        image: registry.reference("rich:lazy"),
+        image: registry.reference(tag),
         manifest,
         layers: converted["layers"]
             .as_array()

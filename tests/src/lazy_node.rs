@@ -1,8 +1,8 @@
 //! A node with lazybd on it, as the containerd-level snapshotter tests need
 //! one: a registry with the rich image and its conversion, lazybd-snapshotter
-//! reading it over plain HTTP, and a private containerd with the snapshotter
-//! as its `lazybd` proxy plugin: under CRI, or driven by `ctr` and `lazybd
-//! pull` in namespace `default`.
+//! reading it over plain HTTP and following the task events of a private
+//! containerd, which has the snapshotter as its `lazybd` proxy plugin: under
+//! CRI, or driven by `ctr` and `lazybd pull` in namespace `default`.
 
 use crate::containerd::Containerd;
 use crate::images::{registry_with_lazy_rich, LazyImage};
@@ -45,11 +45,21 @@ impl LazyNode {
         ) -> crate::containerd::ContainerdBuilder,
     ) -> LazyNode {
         let (tmp, registry, img) = registry_with_lazy_rich();
+        // The snapshotter starts first (containerd's proxy plugin dials it),
+        // so it learns containerd's socket before containerd runs, and
+        // connects to it once it does.
+        let ctd_dir = crate::containerd::new_dir();
+        let events = format!(
+            "[containerd]\naddress = \"{}\"\n",
+            crate::containerd::socket_in(ctd_dir.path()).display()
+        );
         let snapshotter = SnapshotterDaemon::start(
             &tmp.path().join("snapshotter"),
-            &(plain_http_config(&registry) + snapshotter_config),
+            &(plain_http_config(&registry) + &events + snapshotter_config),
         );
-        let builder = Containerd::builder().proxy_snapshotter(snapshotter.proxy());
+        let builder = Containerd::builder()
+            .in_dir(ctd_dir)
+            .proxy_snapshotter(snapshotter.proxy());
         let ctd = containerd(builder, &registry).start();
         LazyNode {
             ctd,

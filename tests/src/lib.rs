@@ -5,6 +5,7 @@
 //! - [`containerd`]: the one private containerd (driven by ctr, or by CRI);
 //! - [`snapshotter`], [`supernode`], [`registry`] (with [`token_auth`]):
 //!   lazybd's daemons and the registry they read;
+//! - [`fdstore`]: the fd holder and a stand-in for systemd's fd store;
 //! - [`netns`], [`p2p`], [`eni`]: network namespaces, the P2P fabric on
 //!   them, the CNI plugin's fixtures;
 //! - [`images`], [`busybox`], [`lazy_layers`], [`lazy_node`]: images and
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod containerd;
 pub mod daemon;
 pub mod eni;
+pub mod fdstore;
 pub mod http;
 pub mod images;
 pub mod lazy_layers;

@@ -13,6 +13,9 @@ use crate::bin_path;
 use crate::daemon::{Daemon, Stopped};
 use crate::registry::Registry;
 
+/// What the daemon logs once it serves the Snapshots API.
+const SERVING: &str = "serving snapshots on";
+
 /// How long the daemon may take to detach its lazy layers on SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -26,13 +29,25 @@ pub struct SnapshotterDaemon {
     metrics_address: String,
     /// The network namespace it runs in (the test's own when None).
     netns: Option<String>,
+    /// Started as systemd would, with this stand-in as its fd store.
+    systemd: Option<std::sync::Arc<crate::fdstore::SystemdStore>>,
 }
 
 impl SnapshotterDaemon {
     /// Starts the daemon under `dir` (its root is `dir/root`) with
     /// `config_toml` as its config file (written next to it).
     pub fn start(dir: &Path, config_toml: &str) -> SnapshotterDaemon {
-        Self::launch(dir, config_toml, None, "127.0.0.1:0")
+        Self::launch(dir, config_toml, None, "127.0.0.1:0", None)
+    }
+
+    /// [`SnapshotterDaemon::start`] as systemd starts a `Type=notify`
+    /// service with an fd store (`store`, the stand-in).
+    pub fn start_under_systemd(
+        dir: &Path,
+        config_toml: &str,
+        store: std::sync::Arc<crate::fdstore::SystemdStore>,
+    ) -> SnapshotterDaemon {
+        Self::launch(dir, config_toml, None, "127.0.0.1:0", Some(store))
     }
 
     /// [`SnapshotterDaemon::start`] inside network namespace `netns`, its
@@ -43,7 +58,7 @@ impl SnapshotterDaemon {
         netns: &str,
         metrics_address: &str,
     ) -> SnapshotterDaemon {
-        Self::launch(dir, config_toml, Some(netns), metrics_address)
+        Self::launch(dir, config_toml, Some(netns), metrics_address, None)
     }
 
     fn launch(
@@ -51,6 +66,7 @@ impl SnapshotterDaemon {
         config_toml: &str,
         netns: Option<&str>,
         metrics_address: &str,
+        systemd: Option<std::sync::Arc<crate::fdstore::SystemdStore>>,
     ) -> SnapshotterDaemon {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("snapshotter.toml");
@@ -61,7 +77,14 @@ impl SnapshotterDaemon {
             dir.join("control.sock"),
         );
         let log = dir.join("snapshotter.log");
-        let daemon = spawn(&paths, &config, &log, netns, metrics_address);
+        let daemon = spawn(
+            &paths,
+            &config,
+            &log,
+            netns,
+            metrics_address,
+            systemd.as_deref(),
+        );
         SnapshotterDaemon {
             daemon,
             root: paths.0,
@@ -71,6 +94,7 @@ impl SnapshotterDaemon {
             log,
             metrics_address: metrics_address.to_owned(),
             netns: netns.map(str::to_owned),
+            systemd,
         }
     }
 
@@ -92,6 +116,13 @@ impl SnapshotterDaemon {
 
     pub fn restart(&mut self) {
         self.stop();
+        self.start_again();
+    }
+
+    /// Starts it again on the same root, config and sockets (after
+    /// [`kill`](Self::kill) or [`stop`](Self::stop)), and waits until its
+    /// Snapshots socket accepts connections.
+    pub fn start_again(&mut self) {
         let paths = (self.root.clone(), self.socket.clone(), self.control.clone());
         self.daemon = spawn(
             &paths,
@@ -99,6 +130,7 @@ impl SnapshotterDaemon {
             &self.log,
             self.netns.as_deref(),
             &self.metrics_address,
+            self.systemd.as_deref(),
         );
     }
 
@@ -210,6 +242,16 @@ impl SnapshotterDaemon {
 
 impl Drop for SnapshotterDaemon {
     fn drop(&mut self) {
+        // SIGTERM hands over when an fd store keeps the session, leaving
+        // every mount for a next daemon that will not come: shut down.
+        if self.daemon.pid().is_some() {
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.control) {
+                use std::io::Write;
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = writeln!(stream, "{}", json!({"op": "shutdown"}));
+                let _ = std::io::Read::read(&mut stream, &mut [0u8; 64]);
+            }
+        }
         let stopped = self.daemon.stop();
         if stopped == Stopped::Killed && !std::thread::panicking() {
             panic!("lazybd-snapshotter ignored SIGTERM:\n{}", self.log());
@@ -229,8 +271,16 @@ fn spawn(
     log: &Path,
     netns: Option<&str>,
     metrics_address: &str,
+    systemd: Option<&crate::fdstore::SystemdStore>,
 ) -> Daemon {
-    let mut cmd = Command::new(bin_path("lazybd-snapshotter"));
+    let mut cmd = match systemd {
+        Some(store) => {
+            let mut cmd = store.command(&bin_path("lazybd-snapshotter"));
+            store.prepare(&mut cmd);
+            cmd
+        }
+        None => Command::new(bin_path("lazybd-snapshotter")),
+    };
     cmd.arg("--root")
         .arg(root)
         .arg("--address")
@@ -243,9 +293,19 @@ fn spawn(
     if let Some(ns) = netns {
         crate::netns::enter_netns(&mut cmd, ns);
     }
+    // The log is appended to across restarts: this start's line is one more.
+    let served = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches(SERVING)
+            .count()
+    };
+    let before = served(log);
     let mut daemon = Daemon::spawn("lazybd-snapshotter", cmd, log).with_grace(STOP_GRACE);
-    daemon.wait_ready(Duration::from_secs(30), "snapshots socket", || {
-        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    // The socket is bound before the layers are attached again, and served
+    // after: ready is the log line that says it serves.
+    daemon.wait_ready(Duration::from_secs(60), "snapshots served", || {
+        served(log) > before && std::os::unix::net::UnixStream::connect(socket).is_ok()
     });
     daemon
 }

@@ -131,6 +131,24 @@ fn eight_nodes_share_one_registry_copy() {
         "/v1/stats",
     );
     eprintln!("super node: {sn}");
+    // Prometheus sees the same counters.
+    let (status, metrics) = lazybd_tests::http::request(
+        Some(&fabric.hub.name),
+        "GET",
+        &format!("{}:{SUPERNODE_PORT}", fabric.hub_ip()),
+        "/metrics",
+        &[],
+        b"",
+    );
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(status, 200, "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "lazybd_supernode_registry_bytes_total {}\n",
+            sn["registry_bytes"]
+        )),
+        "{metrics}\n{sn}"
+    );
     drop(nodes);
 }
 

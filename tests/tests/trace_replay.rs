@@ -211,6 +211,23 @@ async fn a_trace_recorded_on_one_node_is_replayed_on_another_before_the_reads() 
     assert_eq!(request(&sn, "PUT", "/v1/trace?key=../x", TOKEN, b"{}"), 400);
     assert_eq!(request(&sn, "GET", &path, "wrong", b""), 401);
     assert_eq!(request(&sn, "GET", &path, TOKEN, b""), 200);
+    // Its /metrics wants the token too, also as a Prometheus bearer token.
+    assert_eq!(request(&sn, "GET", "/metrics", "wrong", b""), 401);
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, metrics) = http::request(
+        None,
+        "GET",
+        &sn.addr,
+        "/metrics",
+        &[("authorization", &bearer)],
+        b"",
+    );
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(status, 200, "{metrics}");
+    assert!(
+        metrics.contains("lazybd_supernode_traces_stored_total 1\n"),
+        "{metrics}"
+    );
 
     // Node C: a corrupt local trace and a corrupt super node answer (its
     // file damaged on disk) are refused; the container reads correct data.

@@ -28,15 +28,34 @@
 //! file (`pwrite` returned): reads in this process go through the same page
 //! cache, so serving it before it is durable is correct.
 //!
-//! Belt and braces against disks that lie about flushes (or someone editing the
-//! files): the header has a `clean` flag that is cleared (and synced) before the
-//! first write and set only by [`ChunkCache::close`] after a final persist. A
-//! cache opened after an unclean shutdown re-hashes every chunk its bitmap
-//! claims (for the stored file: decodes and hashes) and drops those that do
-//! not match, so nothing wrong is ever served; they are fetched again. Each
-//! bitmap has its own flag: a node that turns P2P serving on or off later
-//! keeps or ignores the stored copy, which stays valid for its index. A clean cache is trusted without re-hashing, which
-//! keeps re-attaching many large layers after a normal restart cheap.
+//! Belt and braces against disks that lie about flushes: the header records
+//! whether the cache was closed cleanly, and while it is open, the boot id of
+//! the process using it. How much of a bitmap is trusted at open:
+//!
+//! - closed cleanly: all of it;
+//! - left open by a process of **this boot** (it died, or handed over to the
+//!   next daemon): all of it. Every set bit was written after its chunk's
+//!   `pwrite` returned, and the page cache outlives a process, so nothing a
+//!   bit claims can be missing; re-hashing would only cost time at the
+//!   worst moment (a restart under running containers);
+//! - left open before a reboot (or still being verified): a **complete**
+//!   layer is trusted as well: its image stopped changing when its last
+//!   chunk was synced, before its bits, and it was handed off to the loop
+//!   device then. An incomplete one is served at once, but the chunks its
+//!   bitmap claims count as missing until [`ChunkCache::verify_pending`]
+//!   re-hashed them (a background task; reads that need one earlier fetch
+//!   it). Their bits stay on disk, and the header says *verifying*, so a
+//!   crash during the verification only makes the next open verify again.
+//!
+//! No open re-hashes the image: a restart serves at once, whatever the size
+//! of the caches, and cannot be killed by a start timeout in a loop.
+//!
+//! The stored copy (P2P serving, [`stored`]) has a bitmap of its own with
+//! the same header: trusted when closed cleanly or left open in this boot;
+//! left open before a reboot, its frames are decoded and checked at open
+//! and the bad ones dropped (only nodes that serve peers keep one). A node
+//! that turns P2P serving on or off later keeps or ignores the stored copy,
+//! which stays valid for its index.
 //!
 //! Zero chunks are never written: they are holes of the sparse file, read as
 //! zeros, and count as present from the start.
@@ -55,7 +74,7 @@ use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
 use crate::format::{ChunkKind, Index, Sha256Digest};
-use bitmap::{BitmapFile, MapHeader};
+use bitmap::{BitmapFile, BootId, Left, MapHeader};
 use stored::StoredCopy;
 
 pub const IMAGE_FILE: &str = "image";
@@ -89,14 +108,24 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Cac
 pub struct OpenReport {
     /// The bitmap was missing or belonged to another index: started empty.
     pub created: bool,
-    /// The previous user did not close the cache: present chunks were re-hashed.
-    pub recovered: bool,
-    /// Chunks whose bit was set but whose bytes did not match (dropped).
-    pub dropped: u64,
+    /// The previous user did not close the cache.
+    pub left_open: bool,
+    /// Chunks the bitmap claims that wait for [`ChunkCache::verify_pending`]
+    /// (left open before a reboot, and incomplete).
+    pub to_verify: u64,
     /// Chunks present (including zero chunks) after opening.
     pub present: u64,
     /// Chunks whose stored bytes are kept (0 when not kept).
     pub stored: u64,
+}
+
+/// What [`ChunkCache::verify_pending`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Chunks re-hashed.
+    pub hashed: u64,
+    /// Of those, chunks whose bytes did not match (dropped, fetched again).
+    pub dropped: u64,
 }
 
 pub struct ChunkCache {
@@ -110,7 +139,10 @@ pub struct ChunkCache {
     present_count: AtomicU64,
     /// Chunks written to the image file whose bits are not yet persisted.
     unpersisted: Mutex<Vec<u64>>,
+    /// Chunks the bitmap claims that are not verified yet (not present).
+    pending: Mutex<Vec<u64>>,
     chunk_count: u64,
+    index: std::sync::Arc<Index>,
     /// The stored bytes, when this node serves its layers to peers.
     stored: Option<StoredCopy>,
 }
@@ -120,7 +152,7 @@ impl ChunkCache {
     /// the bitmap to this exact index.
     pub fn open(
         dir: &Path,
-        index: &Index,
+        index: std::sync::Arc<Index>,
         index_digest: Sha256Digest,
     ) -> Result<(Self, OpenReport), CacheError> {
         Self::open_with(dir, index, index_digest, false)
@@ -130,9 +162,21 @@ impl ChunkCache {
     /// of the chunks stored from now on ([`store_stored`](Self::store_stored)).
     pub fn open_with(
         dir: &Path,
-        index: &Index,
+        index: std::sync::Arc<Index>,
         index_digest: Sha256Digest,
         keep_stored: bool,
+    ) -> Result<(Self, OpenReport), CacheError> {
+        Self::open_in_boot(dir, index, index_digest, keep_stored, bitmap::boot_id())
+    }
+
+    /// [`open_with`](Self::open_with) as a process of the boot `boot` (tests
+    /// simulate a reboot with another id).
+    pub(crate) fn open_in_boot(
+        dir: &Path,
+        index: std::sync::Arc<Index>,
+        index_digest: Sha256Digest,
+        keep_stored: bool,
+        boot: BootId,
     ) -> Result<(Self, OpenReport), CacheError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "create dir"))?;
         let map_path = dir.join(BITMAP_FILE);
@@ -157,10 +201,10 @@ impl ChunkCache {
             .open(&image_path)
             .map_err(io_err(&image_path, "open image"))?;
 
-        let header = MapHeader::for_index(index, index_digest);
-        let (mut bitmap, loaded) = BitmapFile::load_or_create(map_file, &header)
+        let header = MapHeader::for_index(&index, index_digest);
+        let (mut bitmap, left) = BitmapFile::load_or_create(map_file, &header, boot)
             .map_err(io_err(&map_path, "load bitmap"))?;
-        let created = loaded.is_none();
+        let created = left.is_none();
         if created {
             // Start from an empty sparse file: bytes from another index must
             // never become readable as this one's.
@@ -169,42 +213,46 @@ impl ChunkCache {
         image
             .set_len(index.image_size)
             .map_err(io_err(&image_path, "size image"))?;
-        let recovered = loaded == Some(false);
 
         let chunk_count = index.chunk_count();
+        let claims = |i: u64, kind: ChunkKind| kind == ChunkKind::Zero || bitmap.is_set(i);
+        let complete = (0..chunk_count)
+            .zip(&index.chunks)
+            .all(|(i, e)| claims(i, e.kind));
+        let trusted = match left {
+            None | Some(Left::Clean) => true,
+            Some(Left::Open(b)) => (b == boot && boot != [0; 16]) || complete,
+            Some(Left::Verifying) => complete,
+        };
         let mut present: Vec<AtomicU64> = (0..chunk_count.div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
         let mut present_count = 0;
-        let mut dropped = 0;
-        let mut buf = Vec::new();
+        let mut pending = Vec::new();
         for (i, entry) in (0..chunk_count).zip(&index.chunks) {
-            if entry.kind != ChunkKind::Zero {
-                if !bitmap.is_set(i) {
-                    continue;
-                }
-                if recovered && !chunk_matches(&image, index, i, &mut buf) {
-                    bitmap.clear(i);
-                    dropped += 1;
-                    continue;
-                }
+            if !claims(i, entry.kind) {
+                continue;
+            }
+            if !trusted && entry.kind != ChunkKind::Zero {
+                pending.push(i);
+                continue;
             }
             *present[(i / 64) as usize].get_mut() |= 1 << (i % 64);
             present_count += 1;
         }
         let stored = if keep_stored {
-            Some(StoredCopy::open(dir, index, &header)?)
+            Some(StoredCopy::open(dir, &index, &header, boot)?)
         } else {
             None
         };
-        // From here on writes may happen: a crash must trigger re-hashing.
+        // From here on writes may happen: a crash must be noticed.
         bitmap
-            .mark_open()
+            .mark_open(!pending.is_empty())
             .map_err(io_err(&map_path, "mark bitmap open"))?;
         let report = OpenReport {
             created,
-            recovered,
-            dropped,
+            left_open: matches!(left, Some(Left::Open(_) | Left::Verifying)),
+            to_verify: pending.len() as u64,
             present: present_count,
             stored: stored.as_ref().map_or(0, StoredCopy::count),
         };
@@ -216,10 +264,57 @@ impl ChunkCache {
             present,
             present_count: AtomicU64::new(present_count),
             unpersisted: Mutex::new(Vec::new()),
+            pending: Mutex::new(pending),
             chunk_count,
+            index,
             stored,
         };
         Ok((cache, report))
+    }
+
+    /// Re-hashes the chunks the bitmap claimed that [`open`](Self::open) did
+    /// not trust: a match becomes present, a mismatch loses its bit. Blocking
+    /// (one sequential pass); meant for a background thread while the cache
+    /// serves. A chunk fetched meanwhile is left alone.
+    pub fn verify_pending(&self) -> Result<VerifyReport, CacheError> {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut report = VerifyReport::default();
+        if pending.is_empty() {
+            return Ok(report);
+        }
+        let mut buf = Vec::new();
+        for c in pending {
+            if self.is_present(c) {
+                continue;
+            }
+            report.hashed += 1;
+            if chunk_matches(&self.image, &self.index, c, &mut buf) {
+                self.mark_present(c);
+            } else {
+                report.dropped += 1;
+                let mut bitmap = self.bitmap.lock().unwrap_or_else(|e| e.into_inner());
+                // A fetch may have stored it since we read it.
+                if !self.is_present(c) {
+                    bitmap.clear(c);
+                }
+            }
+        }
+        let map_path = self.dir.join(BITMAP_FILE);
+        self.bitmap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish_verify()
+            .map_err(io_err(&map_path, "write verified bitmap"))?;
+        Ok(report)
+    }
+
+    /// Whether chunks wait for [`verify_pending`](Self::verify_pending).
+    pub fn has_pending(&self) -> bool {
+        !self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     pub fn dir(&self) -> &Path {
@@ -348,6 +443,15 @@ impl ChunkCache {
         self.persist()?;
         if let Some(s) = &self.stored {
             s.mark_clean(&self.dir)?;
+        }
+        if !self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            // Claimed chunks are still unverified: the next open verifies.
+            return Ok(());
         }
         let map_path = self.dir.join(BITMAP_FILE);
         self.bitmap

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::bitmap::{BitmapFile, MapHeader};
+use super::bitmap::{BitmapFile, BootId, Left, MapHeader};
 use super::{io_err, CacheError, STORED_FILE, STORED_MAP_FILE};
 use crate::format::{ChunkEntry, ChunkKind, Index};
 
@@ -22,10 +22,17 @@ pub struct StoredCopy {
 }
 
 impl StoredCopy {
-    /// Opens or creates the copy for the index `header` names; after an
-    /// unclean shutdown, every frame its bitmap claims is decoded and
-    /// checked again, and the bad ones are dropped.
-    pub fn open(dir: &Path, index: &Index, header: &MapHeader) -> Result<Self, CacheError> {
+    /// Opens or creates the copy for the index `header` names. Left open
+    /// by a process of this boot (`boot`), it is trusted like the image
+    /// (see the parent module); left open before a reboot, every frame its
+    /// bitmap claims is decoded and checked again, and the bad ones are
+    /// dropped.
+    pub fn open(
+        dir: &Path,
+        index: &Index,
+        header: &MapHeader,
+        boot: BootId,
+    ) -> Result<Self, CacheError> {
         let (map_path, path) = (dir.join(STORED_MAP_FILE), dir.join(STORED_FILE));
         let open = |p: &Path, what| {
             OpenOptions::new()
@@ -38,14 +45,18 @@ impl StoredCopy {
         };
         let map_file = open(&map_path, "open stored bitmap")?;
         let file = open(&path, "open stored copy")?;
-        let (mut map, loaded) = BitmapFile::load_or_create(map_file, header)
+        let (mut map, loaded) = BitmapFile::load_or_create(map_file, header, boot)
             .map_err(io_err(&map_path, "load stored bitmap"))?;
         if loaded.is_none() {
             file.set_len(0).map_err(io_err(&path, "truncate"))?;
         }
         file.set_len(index.data_len)
             .map_err(io_err(&path, "size stored copy"))?;
-        let recovered = loaded == Some(false);
+        let recovered = match loaded {
+            None | Some(Left::Clean) => false,
+            Some(Left::Open(b)) => b != boot || boot == [0; 16],
+            Some(Left::Verifying) => true,
+        };
         let mut present: Vec<AtomicU64> = (0..index.chunk_count().div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
@@ -62,7 +73,7 @@ impl StoredCopy {
             *present[(i / 64) as usize].get_mut() |= 1 << (i % 64);
             count += 1;
         }
-        map.mark_open()
+        map.mark_open(false)
             .map_err(io_err(&map_path, "mark stored bitmap open"))?;
         Ok(StoredCopy {
             file,

@@ -4,7 +4,7 @@ use crate::format::{sha256, write_blob, Index, Layout};
 const CS: u32 = 4096;
 
 /// Chunk 0 text, chunk 1 zeros, chunk 2 text, chunk 3 short tail.
-fn sample() -> (Vec<u8>, Index, Sha256Digest) {
+fn sample() -> (Vec<u8>, std::sync::Arc<Index>, Sha256Digest) {
     let mut img = b"hello chunk zero ".repeat(241)[..CS as usize].to_vec();
     img.extend(vec![0u8; CS as usize]);
     img.extend(b"second data chunk ".repeat(228)[..CS as usize].to_vec());
@@ -13,7 +13,7 @@ fn sample() -> (Vec<u8>, Index, Sha256Digest) {
     let layout = Layout::fixed(img.len() as u64, CS).unwrap();
     let w = write_blob(&img[..], &mut blob, &layout).unwrap();
     let digest = sha256(&w.index.to_bytes());
-    (img, w.index, digest)
+    (img, std::sync::Arc::new(w.index), digest)
 }
 
 fn store(cache: &ChunkCache, index: &Index, img: &[u8], chunk: u64) {
@@ -34,8 +34,8 @@ fn read_chunk(cache: &ChunkCache, index: &Index, chunk: u64) -> Vec<u8> {
 fn new_cache_has_only_zero_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let (img, index, d) = sample();
-    let (cache, report) = ChunkCache::open(dir.path(), &index, d).unwrap();
-    assert!(report.created && !report.recovered);
+    let (cache, report) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
+    assert!(report.created && !report.left_open);
     assert_eq!(report.present, 1);
     assert!(cache.is_present(1) && !cache.is_present(0) && !cache.is_present(99));
     assert_eq!(read_chunk(&cache, &index, 1), img[4096..8192]);
@@ -49,19 +49,19 @@ fn new_cache_has_only_zero_chunks() {
 fn clean_close_keeps_chunks_without_rehash() {
     let dir = tempfile::tempdir().unwrap();
     let (img, index, d) = sample();
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     store(&cache, &index, &img, 0);
     store(&cache, &index, &img, 3);
     assert_eq!(read_chunk(&cache, &index, 3), img[3 * 4096..]);
     cache.close().unwrap();
 
-    let (cache, report) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, report) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     assert_eq!(
         report,
         OpenReport {
             created: false,
-            recovered: false,
-            dropped: 0,
+            left_open: false,
+            to_verify: 0,
             present: 3,
             stored: 0,
         }
@@ -73,13 +73,13 @@ fn clean_close_keeps_chunks_without_rehash() {
 fn crash_before_persist_forgets_the_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let (img, index, d) = sample();
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     store(&cache, &index, &img, 0);
     assert!(cache.is_present(0));
     drop(cache); // crash: data written, bit never persisted
 
-    let (cache, report) = ChunkCache::open(dir.path(), &index, d).unwrap();
-    assert!(report.recovered);
+    let (cache, report) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
+    assert!(report.left_open && report.to_verify == 0);
     assert!(
         !cache.is_present(0),
         "unpersisted chunk must be fetched again"
@@ -88,7 +88,7 @@ fn crash_before_persist_forgets_the_chunk() {
     store(&cache, &index, &img, 0);
     cache.persist().unwrap();
     drop(cache);
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     assert!(cache.is_present(0));
 }
 
@@ -96,57 +96,121 @@ fn crash_before_persist_forgets_the_chunk() {
 fn crash_after_persist_keeps_verified_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let (img, index, d) = sample();
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     store(&cache, &index, &img, 2);
     cache.persist().unwrap();
     store(&cache, &index, &img, 0); // written after the last persist
     drop(cache);
 
-    let (cache, report) = ChunkCache::open(dir.path(), &index, d).unwrap();
-    assert!(report.recovered);
-    assert_eq!(report.dropped, 0);
+    let (cache, report) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
+    // Same boot: the page cache outlived the process, nothing to re-hash.
+    assert!(report.left_open);
+    assert_eq!(report.to_verify, 0);
     assert!(cache.is_present(2) && !cache.is_present(0));
     assert_eq!(read_chunk(&cache, &index, 2), img[2 * 4096..3 * 4096]);
 }
 
-/// A bit on disk whose data did not survive (a disk that acknowledged the
-/// data sync but lost the write, or a tampered file) is caught by re-hashing.
+const OTHER_BOOT: [u8; 16] = [0xb0; 16];
+
+/// A bit on disk whose data did not survive a reboot (a disk that
+/// acknowledged the data sync but lost the write) is caught: after a
+/// reboot, claimed chunks of an incomplete layer count as missing until
+/// verified, and the verification drops the bad one.
 #[test]
-fn crash_with_lost_data_drops_the_bit() {
+fn after_a_reboot_an_incomplete_cache_is_verified_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
     let (img, index, d) = sample();
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     store(&cache, &index, &img, 0);
     store(&cache, &index, &img, 2);
     cache.persist().unwrap();
-    drop(cache);
+    drop(cache); // left open
     let image = OpenOptions::new()
         .write(true)
         .open(dir.path().join(IMAGE_FILE))
         .unwrap();
     image.write_all_at(&[0u8; 512], 0).unwrap();
 
-    let (cache, report) = ChunkCache::open(dir.path(), &index, d).unwrap();
-    assert!(report.recovered);
-    assert_eq!(report.dropped, 1);
-    assert!(!cache.is_present(0) && cache.is_present(2));
-    // The dropped bit is gone from disk too, even across another crash.
+    let (cache, report) =
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
+    assert!(report.left_open);
+    assert_eq!(report.to_verify, 2, "opening hashes nothing");
+    assert!(!cache.is_present(0) && !cache.is_present(2) && cache.is_present(1));
+    // A crash before the verification: the next open (even in the same
+    // boot as the one that started verifying) verifies again.
     drop(cache);
-    let (cache, report) = ChunkCache::open(dir.path(), &index, d).unwrap();
-    assert_eq!(report.dropped, 0);
-    assert!(!cache.is_present(0));
+    let (cache, report) =
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
+    assert_eq!(report.to_verify, 2);
+    let verified = cache.verify_pending().unwrap();
+    assert_eq!(
+        verified,
+        VerifyReport {
+            hashed: 2,
+            dropped: 1
+        }
+    );
+    assert!(!cache.is_present(0) && cache.is_present(2));
+    assert_eq!(read_chunk(&cache, &index, 2), img[2 * 4096..3 * 4096]);
+    // The dropped bit is gone from disk too, even across another crash (in
+    // the boot that verified).
+    drop(cache);
+    let (cache, report) =
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
+    assert_eq!(report.to_verify, 0);
+    assert!(!cache.is_present(0) && cache.is_present(2));
+}
+
+/// A complete layer is never re-hashed, not even after a reboot: its image
+/// stopped changing when its last chunk was synced.
+#[test]
+fn a_complete_cache_is_trusted_after_a_reboot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, index, d) = sample();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
+    for c in [0, 2, 3] {
+        store(&cache, &index, &img, c);
+    }
+    cache.persist().unwrap();
+    drop(cache);
+    let (cache, report) =
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
+    assert_eq!(
+        (report.left_open, report.to_verify, report.present),
+        (true, 0, 4)
+    );
+    assert!(!cache.has_pending());
+}
+
+/// Verification and a fetch of the same chunk race: the fetched chunk
+/// stays present and keeps its bit.
+#[test]
+fn a_chunk_fetched_during_verification_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, index, d) = sample();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
+    store(&cache, &index, &img, 0);
+    cache.persist().unwrap();
+    drop(cache);
+    let (cache, _) =
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, false, OTHER_BOOT).unwrap();
+    store(&cache, &index, &img, 0); // a reader fetched it meanwhile
+    assert_eq!(cache.verify_pending().unwrap(), VerifyReport::default());
+    cache.close().unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
+    assert!(cache.is_present(0));
 }
 
 #[test]
 fn bitmap_of_another_index_is_discarded_with_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let (img, index, d) = sample();
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     store(&cache, &index, &img, 0);
     cache.close().unwrap();
 
     let other = [7u8; 32];
-    let (cache, report) = ChunkCache::open(dir.path(), &index, other).unwrap();
+    let (cache, report) = ChunkCache::open(dir.path(), index.clone(), other).unwrap();
     assert!(report.created);
     assert!(!cache.is_present(0));
     assert_eq!(read_chunk(&cache, &index, 0), vec![0u8; 4096]);
@@ -156,7 +220,7 @@ fn bitmap_of_another_index_is_discarded_with_its_data() {
 fn truncated_bitmap_starts_over() {
     let dir = tempfile::tempdir().unwrap();
     let (img, index, d) = sample();
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     store(&cache, &index, &img, 0);
     cache.close().unwrap();
     let map = OpenOptions::new()
@@ -164,7 +228,7 @@ fn truncated_bitmap_starts_over() {
         .open(dir.path().join(BITMAP_FILE))
         .unwrap();
     map.set_len(100).unwrap();
-    let (cache, report) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, report) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     assert!(report.created && !cache.is_present(0));
 }
 
@@ -172,17 +236,17 @@ fn truncated_bitmap_starts_over() {
 fn second_open_is_refused_while_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let (_, index, d) = sample();
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     assert!(matches!(
-        ChunkCache::open(dir.path(), &index, d),
+        ChunkCache::open(dir.path(), index.clone(), d),
         Err(CacheError::Locked(_))
     ));
     drop(cache);
-    assert!(ChunkCache::open(dir.path(), &index, d).is_ok());
+    assert!(ChunkCache::open(dir.path(), index.clone(), d).is_ok());
 }
 
 /// The sample's blob too, for the stored bytes of its chunks.
-fn sample_blob() -> (Vec<u8>, Vec<u8>, Index, Sha256Digest) {
+fn sample_blob() -> (Vec<u8>, Vec<u8>, std::sync::Arc<Index>, Sha256Digest) {
     let (img, index, d) = sample();
     let mut blob = Vec::new();
     let layout = Layout::fixed(img.len() as u64, CS).unwrap();
@@ -208,7 +272,7 @@ fn stored_bytes_are_kept_as_the_blob_holds_them_across_a_clean_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (img, blob, index, d) = sample_blob();
     assert_eq!(index.chunks[0].kind, ChunkKind::Zstd);
-    let (cache, _) = ChunkCache::open_with(dir.path(), &index, d, true).unwrap();
+    let (cache, _) = ChunkCache::open_with(dir.path(), index.clone(), d, true).unwrap();
     assert_eq!(
         cache.read_stored(&index, 0).unwrap(),
         None,
@@ -226,8 +290,8 @@ fn stored_bytes_are_kept_as_the_blob_holds_them_across_a_clean_restart() {
     }
     cache.close().unwrap();
 
-    let (cache, report) = ChunkCache::open_with(dir.path(), &index, d, true).unwrap();
-    assert!(!report.recovered);
+    let (cache, report) = ChunkCache::open_with(dir.path(), index.clone(), d, true).unwrap();
+    assert!(!report.left_open);
     let zstd = (0..4)
         .filter(|&c| index.chunks[c as usize].kind == ChunkKind::Zstd)
         .count() as u64;
@@ -239,19 +303,19 @@ fn stored_bytes_are_kept_as_the_blob_holds_them_across_a_clean_restart() {
     drop(cache);
     // Without keeping stored bytes, a zstd chunk has none to offer (its
     // peer server rebuilds it); raw and zero chunks always do.
-    let (cache, _) = ChunkCache::open(dir.path(), &index, d).unwrap();
+    let (cache, _) = ChunkCache::open(dir.path(), index.clone(), d).unwrap();
     assert_eq!(cache.read_stored(&index, 0).unwrap(), None);
     assert_eq!(cache.read_stored(&index, 1).unwrap(), Some(Vec::new()));
 }
 
 /// The stored copy follows the crash rule: a frame written after the last
-/// persist is forgotten, and one whose bytes did not survive is caught by
-/// decoding it again.
+/// persist is forgotten, and after a reboot one whose bytes did not survive
+/// is caught by decoding it again.
 #[test]
-fn crash_drops_unpersisted_and_damaged_stored_frames() {
+fn crash_and_reboot_drop_unpersisted_and_damaged_stored_frames() {
     let dir = tempfile::tempdir().unwrap();
     let (img, blob, index, d) = sample_blob();
-    let (cache, _) = ChunkCache::open_with(dir.path(), &index, d, true).unwrap();
+    let (cache, _) = ChunkCache::open_with(dir.path(), index.clone(), d, true).unwrap();
     store_both(&cache, &index, &img, &blob, 0);
     store_both(&cache, &index, &img, &blob, 2);
     cache.persist().unwrap();
@@ -265,8 +329,9 @@ fn crash_drops_unpersisted_and_damaged_stored_frames() {
         .write_all_at(&[0u8; 8], index.chunks[0].offset)
         .unwrap();
 
-    let (cache, report) = ChunkCache::open_with(dir.path(), &index, d, true).unwrap();
-    assert!(report.recovered);
+    let (cache, report) =
+        ChunkCache::open_in_boot(dir.path(), index.clone(), d, true, OTHER_BOOT).unwrap();
+    assert!(report.left_open);
     assert_eq!(cache.read_stored(&index, 0).unwrap(), None, "damaged");
     let kept = cache.read_stored(&index, 2).unwrap();
     if index.chunks[2].kind == ChunkKind::Zstd {

@@ -52,32 +52,7 @@ pub fn convert_layer<'a>(
         let what = format!("{what} ({})", src.display());
         move |e: io::Error| ConvertError::Io { what, source: e }
     };
-    let rootfs = work.join("rootfs");
-    fs::create_dir_all(&rootfs).map_err(io_ctx("creating the unpack directory"))?;
-
-    let file = BufReader::new(File::open(src).map_err(io_ctx("opening the layer"))?);
-    let mut tar = HashingReader {
-        inner: decompressor(file, compression, src)?,
-        hasher: Sha256::new(),
-        left: limits.max_bytes,
-    };
-    let unpack_err = |e| ConvertError::Unpack {
-        layer: src.display().to_string(),
-        source: e,
-    };
-    unpack::unpack_layer(&mut tar, &rootfs, limits).map_err(unpack_err)?;
-    // The diff_id covers the whole tar stream, including the padding after
-    // the end-of-archive marker that the unpacker does not read.
-    io::copy(&mut tar, &mut io::sink()).map_err(|e| match e.kind() {
-        io::ErrorKind::FileTooLarge => unpack_err(UnpackError::Tar(e)),
-        _ => io_ctx("reading the layer to its end")(e),
-    })?;
-    let diff_id = format!("sha256:{}", hex::encode(tar.hasher.finalize()));
-
-    let image = work.join("image.erofs");
-    erofs::build_image(&rootfs, &image, &diff_id)?;
-    fs::remove_dir_all(&rootfs).map_err(io_ctx("removing the unpack directory"))?;
-
+    let (image, diff_id) = build_layer_image(src, compression, work, limits)?;
     let blob_path = work.join("layer.lazybd");
     let plan = plan(&diff_id);
     let written: WrittenBlob = {
@@ -104,6 +79,49 @@ pub fn convert_layer<'a>(
             chunk_size: plan.chunk_size,
         },
     })
+}
+
+/// Unpacks the layer blob `src` and builds its EROFS image in `work`
+/// (`work/image.erofs`, depending only on the uncompressed tar), within
+/// `limits`; returns
+/// the image and the layer's diff_id. `lazybd check --against` rebuilds a
+/// lazy layer's image this way to compare it with what the blob holds.
+pub fn build_layer_image(
+    src: &Path,
+    compression: LayerCompression,
+    work: &Path,
+    limits: &LayerLimits,
+) -> Result<(std::path::PathBuf, String), ConvertError> {
+    let io_ctx = |what: &str| {
+        let what = format!("{what} ({})", src.display());
+        move |e: io::Error| ConvertError::Io { what, source: e }
+    };
+    let rootfs = work.join("rootfs");
+    fs::create_dir_all(&rootfs).map_err(io_ctx("creating the unpack directory"))?;
+
+    let file = BufReader::new(File::open(src).map_err(io_ctx("opening the layer"))?);
+    let mut tar = HashingReader {
+        inner: decompressor(file, compression, src)?,
+        hasher: Sha256::new(),
+        left: limits.max_bytes,
+    };
+    let unpack_err = |e| ConvertError::Unpack {
+        layer: src.display().to_string(),
+        source: e,
+    };
+    unpack::unpack_layer(&mut tar, &rootfs, limits).map_err(unpack_err)?;
+    // The diff_id covers the whole tar stream, including the padding after
+    // the end-of-archive marker that the unpacker does not read.
+    io::copy(&mut tar, &mut io::sink()).map_err(|e| match e.kind() {
+        io::ErrorKind::FileTooLarge => unpack_err(UnpackError::Tar(e)),
+        _ => io_ctx("reading the layer to its end")(e),
+    })?;
+    let diff_id = format!("sha256:{}", hex::encode(tar.hasher.finalize()));
+
+    let image = work.join("image.erofs");
+    erofs::build_image(&rootfs, &image, &diff_id)?;
+    fs::remove_dir_all(&rootfs).map_err(io_ctx("removing the unpack directory"))?;
+    Ok((image, diff_id))
 }
 
 /// Chunks cut where files' data begins and ends, the metadata apart and in

@@ -65,6 +65,7 @@ pub enum ConvertError {
     Invalid(String),
 }
 
+#[derive(Debug, Clone)]
 pub struct ConvertOptions {
     /// The largest chunk.
     pub chunk_size: u32,
@@ -119,7 +120,7 @@ pub fn convert_image(
     dst: &dyn ImageStore,
     opts: &ConvertOptions,
 ) -> Result<Converted, ConvertError> {
-    let (source_digest, manifest) = source_manifest(src, opts)?;
+    let (source_digest, _, manifest) = source_manifest(src, opts)?;
     let config_desc = manifest.config();
     let mut config: Value = serde_json::from_slice(&src.blob(config_desc.digest().as_ref())?)
         .map_err(|e| ConvertError::Invalid(format!("{}: image config: {e}", src.describe())))?;
@@ -189,11 +190,87 @@ pub fn convert_image(
     })
 }
 
-/// The image manifest to convert and its digest, choosing the platform from an index.
+/// Copies the image `src` names (for an index, the manifest of
+/// `opts.platform`) into `dst` unchanged: its manifest, config and layer
+/// blobs, each verified against its digest on the way. `scratch` holds a
+/// layer while it is copied.
+///
+/// `lazybd convert --record-profile` converts its source twice (before and
+/// after recording); copying a registry image first downloads it once, and
+/// both passes convert the same image even if its tag moves meanwhile.
+pub fn copy_image(
+    src: &dyn ImageStore,
+    dst: &LayoutStore,
+    opts: &ConvertOptions,
+    scratch: &Path,
+) -> Result<(), ConvertError> {
+    let (digest, bytes, manifest) = source_manifest(src, opts)?;
+    dst.put_blob(&src.blob(manifest.config().digest().as_ref())?)?;
+    for (i, layer) in manifest.layers().iter().enumerate() {
+        let file = scratch.join(format!("copy-{i}.blob"));
+        src.blob_to_file(layer.digest().as_ref(), layer.size(), &file)?;
+        dst.put_blob_file(layer.digest().as_ref(), &file)?;
+        // Moved into the layout, or copied when that is another filesystem.
+        let _ = std::fs::remove_file(&file);
+    }
+    let copied = dst.put_manifest(&bytes)?;
+    if copied != digest {
+        return Err(ConvertError::Invalid(format!(
+            "{}: manifest {digest} was stored as {copied}",
+            src.describe()
+        )));
+    }
+    info!(src = %src.describe(), dst = %dst.describe(), manifest = %digest, "copied");
+    Ok(())
+}
+
+/// The config of the image `src` names (for an index, `opts.platform`'s):
+/// what runs in it (entrypoint, env, user, ...).
+pub fn source_config(src: &dyn ImageStore, opts: &ConvertOptions) -> Result<Value, ConvertError> {
+    let (_, _, manifest) = source_manifest(src, opts)?;
+    serde_json::from_slice(&src.blob(manifest.config().digest().as_ref())?)
+        .map_err(|e| ConvertError::Invalid(format!("{}: image config: {e}", src.describe())))
+}
+
+/// The EROFS image of every layer of `src` (for an index, `opts.platform`'s)
+/// as conversion builds it, in manifest order: `(diff_id, work/<i>/image.erofs)`.
+/// `lazybd check --against` compares them with what a converted image's
+/// blobs hold.
+pub fn layer_images(
+    src: &dyn ImageStore,
+    opts: &ConvertOptions,
+    work: &Path,
+) -> Result<Vec<(String, PathBuf)>, ConvertError> {
+    let (_, _, manifest) = source_manifest(src, opts)?;
+    let mut out = Vec::new();
+    for (i, desc) in manifest.layers().iter().enumerate() {
+        let media_type = desc.media_type().to_string();
+        let digest = desc.digest().to_string();
+        let compression = layer_compression(&media_type).ok_or_else(|| {
+            ConvertError::Invalid(format!(
+                "layer {digest}: unsupported media type {media_type:?}"
+            ))
+        })?;
+        let dir = work.join(i.to_string());
+        std::fs::create_dir_all(&dir).map_err(|e| ConvertError::Io {
+            what: format!("creating {}", dir.display()),
+            source: e,
+        })?;
+        let blob = dir.join("source.blob");
+        src.blob_to_file(&digest, desc.size(), &blob)?;
+        let (image, diff_id) = layer::build_layer_image(&blob, compression, &dir, &opts.limits)?;
+        let _ = std::fs::remove_file(&blob);
+        out.push((diff_id, image));
+    }
+    Ok(out)
+}
+
+/// The image manifest to convert: its digest, bytes and parsed form,
+/// choosing the platform from an index.
 fn source_manifest(
     src: &dyn ImageStore,
     opts: &ConvertOptions,
-) -> Result<(String, ImageManifest), ConvertError> {
+) -> Result<(String, Vec<u8>, ImageManifest), ConvertError> {
     let (bytes, media_type, digest) = src.manifest()?;
     let parse_err = |e: oci_spec::OciSpecError| {
         ConvertError::Invalid(format!("{}: manifest: {e}", src.describe()))
@@ -202,10 +279,8 @@ fn source_manifest(
         .ok()
         .is_some_and(|v| v.get("manifests").is_some());
     if !is_manifest_list(&media_type) && !looks_like_index {
-        return Ok((
-            digest,
-            ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?,
-        ));
+        let manifest = ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?;
+        return Ok((digest, bytes, manifest));
     }
     let index = ImageIndex::from_reader(&bytes[..]).map_err(parse_err)?;
     let (os, arch) = &opts.platform;
@@ -217,10 +292,8 @@ fn source_manifest(
     })?;
     let digest = entry.digest().to_string();
     let bytes = src.manifest_by_digest(&digest)?;
-    Ok((
-        digest,
-        ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?,
-    ))
+    let manifest = ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?;
+    Ok((digest, bytes, manifest))
 }
 
 /// Converts the layers, `opts.parallel` at a time, storing each at `dst`.

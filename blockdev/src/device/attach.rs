@@ -3,7 +3,9 @@
 //! its undo, so a failure at any step leaves nothing behind.
 
 use std::fs::File;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -14,10 +16,12 @@ use super::loopdev::{LoopDevice, LoopOptions};
 use super::mounts;
 use super::orphans;
 use super::prefetch::PREFETCH_MARKER;
+use super::resume::{self, Adopted};
 use super::table::{Attached, AttachedLayer};
 use super::undo::Undo;
 use super::{AttachStep, DeviceError, LayerManager, NodeConfig};
-use crate::layer::{LayerSource, LazyLayer};
+use crate::cache::CacheError;
+use crate::layer::{LayerError, LayerSource, LazyLayer};
 use crate::oci::OciError;
 
 impl LayerManager {
@@ -35,20 +39,16 @@ impl LayerManager {
             return Ok(a.info.clone());
         }
         let name = id.file_name();
-        let layer = Arc::new(
-            LazyLayer::open(
-                &self.config.root.join("layers").join(&name),
-                src,
-                &self.node,
-            )
-            .await?,
-        );
+        let started = Instant::now();
+        let layer = Arc::new(self.open_layer(&name, src).await?);
+        let opened = started.elapsed();
         let exposing = Exposing {
             config: self.config.clone(),
             files: self.shared.files.clone(),
             name: name.clone(),
             layer: layer.clone(),
             orphans: self.orphans.take(&name),
+            restoring: self.shared.files.is_restoring(),
         };
         // Blocking work, and mounting EROFS reads the superblock through our
         // FUSE file, whose misses are fetched on this runtime: never block it.
@@ -72,14 +72,24 @@ impl LayerManager {
                         .join(PREFETCH_MARKER)
                         .exists();
                 self.shared.table.lock().insert(id.clone(), attached);
+                let exposed = started.elapsed() - opened;
+                let c = &self.shared.stats.attach;
+                c.attaches.fetch_add(1, Relaxed);
+                c.index_ms.fetch_add(opened.as_millis() as u64, Relaxed);
+                c.expose_ms.fetch_add(exposed.as_millis() as u64, Relaxed);
                 info!(
-                    "attached layer {digest} (identity {id}) at {} via {} on {how}",
+                    "attached layer {digest} (identity {id}) at {} via {} on {how} in {:?} \
+                     (index and cache {opened:?}, FUSE file, loop and EROFS {exposed:?})",
                     info.mountpoint.display(),
-                    info.loop_device.display()
+                    info.loop_device.display(),
+                    started.elapsed()
                 );
                 if resume {
                     info!("layer {digest}: resuming the prefetch asked for before");
                     self.prefetch(&id)?;
+                }
+                if layer.needs_verify() {
+                    self.verify_in_background(layer);
                 }
                 Ok(info)
             }
@@ -91,6 +101,66 @@ impl LayerManager {
     }
 }
 
+impl LayerManager {
+    /// Opens the layer's index and cache. While a resumed session is being
+    /// restored, the previous daemon may still be exiting and hold the
+    /// cache's lock: that is waited for, bounded.
+    async fn open_layer(&self, name: &str, src: LayerSource) -> Result<LazyLayer, DeviceError> {
+        let deadline = Instant::now() + CACHE_LOCK_WAIT;
+        loop {
+            let opened = LazyLayer::open(
+                &self.config.root.join("layers").join(name),
+                src.clone(),
+                &self.node,
+            )
+            .await;
+            match opened {
+                Err(LayerError::Cache {
+                    source: CacheError::Locked(_),
+                    ..
+                }) if self.shared.files.is_restoring() && Instant::now() < deadline => {
+                    info!(
+                        "layer {}: cache still held by the previous daemon; waiting",
+                        src.digest
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// Re-hashes what an unclean cache claimed (see `crate::cache`), off
+    /// the read path, a few layers at a time; counted in the stats.
+    fn verify_in_background(&self, layer: Arc<LazyLayer>) {
+        let (permits, stats) = (self.verifiers.clone(), self.shared.stats.clone());
+        tokio::spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            let digest = layer.digest().to_owned();
+            let verified = tokio::task::spawn_blocking(move || layer.verify_pending()).await;
+            match verified {
+                Ok(Ok(r)) => {
+                    stats.rehashed_chunks.fetch_add(r.hashed, Relaxed);
+                    stats.rehash_dropped.fetch_add(r.dropped, Relaxed);
+                    info!(
+                        "layer {digest}: verified {} cached chunks ({} did not match and \
+                         are fetched again)",
+                        r.hashed, r.dropped
+                    );
+                }
+                Ok(Err(e)) => warn!("layer {digest}: verifying its cache: {e}"),
+                Err(e) => warn!("layer {digest}: verification task: {e}"),
+            }
+        });
+    }
+}
+
+/// How long an attach during a restore waits for the previous daemon to
+/// release a layer's cache.
+const CACHE_LOCK_WAIT: Duration = Duration::from_secs(15);
+
 /// The blocking part of an attach: FUSE file, loop device, EROFS mount.
 struct Exposing {
     config: NodeConfig,
@@ -98,10 +168,53 @@ struct Exposing {
     name: String,
     layer: Arc<LazyLayer>,
     orphans: Vec<LoopDevice>,
+    /// A resumed session: the previous daemon's mount may be adopted.
+    restoring: bool,
 }
 
 impl Exposing {
+    /// Takes over the EROFS mount and loop device the previous daemon left
+    /// for this layer: only the FUSE file is added again (if the layer is
+    /// not local), under the inode the kernel knows.
+    fn adopt(self, adopted: Adopted) -> Result<Attached, DeviceError> {
+        let digest = self.layer.digest().to_owned();
+        if !adopted.local {
+            self.files
+                .add(&self.name, self.layer.clone())
+                .map_err(|source| DeviceError::Step {
+                    digest: digest.clone(),
+                    step: "add FUSE file",
+                    source,
+                })?;
+        }
+        info!(
+            "layer {digest}: adopted {} and its EROFS mount from the previous daemon",
+            adopted.loop_dev.path().display()
+        );
+        Ok(Attached {
+            info: AttachedLayer {
+                id: self.layer.id().clone(),
+                digest,
+                mountpoint: self.config.root.join("mnt").join(&self.name),
+                loop_device: adopted.loop_dev.path().to_owned(),
+                image_size: self.layer.image_size(),
+            },
+            layer: self.layer,
+            loop_dev: adopted.loop_dev,
+            backing: adopted.backing,
+            local: adopted.local,
+            handoff_failed: false,
+            name: self.name,
+            orphans: self.orphans,
+        })
+    }
+
     fn run(self) -> Result<Attached, DeviceError> {
+        if self.restoring {
+            if let Some(adopted) = resume::adopt(&self.config.root, &self.name) {
+                return self.adopt(adopted);
+            }
+        }
         let digest = self.layer.digest().to_owned();
         let step_err = |step: &'static str| {
             let digest = digest.clone();

@@ -41,6 +41,9 @@ pub struct NodeConfig {
     /// Complete layers read their local cache file instead of FUSE. Off only
     /// to measure the FUSE path (the read benchmark).
     pub handoff: bool,
+    /// Where the FUSE session's descriptors wait while no daemon runs, so
+    /// that the next one resumes it (docs/operations.md).
+    pub fd_store: super::FdStoreKind,
 }
 
 impl NodeConfig {
@@ -56,6 +59,7 @@ impl NodeConfig {
             fail_attach_at: None,
             prefetch_rate: 0,
             handoff: true,
+            fd_store: super::FdStoreKind::None,
         }
     }
 }

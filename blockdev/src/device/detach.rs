@@ -60,6 +60,8 @@ impl LayerManager {
                 .map_err(|e| DeviceError::Task(e.to_string()))?
                 .map_err(|source| DeviceError::Setup { root, source })?;
         }
+        // Unmounted: nothing is left to resume.
+        self.store.remove_all();
         first_err.map_or(Ok(()), Err)
     }
 }

@@ -115,6 +115,7 @@ pub(super) async fn persist_periodically(shared: Shared, every: Duration) {
         for id in complete {
             handoff(&shared, &id).await;
         }
+        super::resume::touch_heartbeat(&shared.root);
         let _ = tokio::task::spawn_blocking(move || {
             for layer in open {
                 if let Err(e) = layer.persist() {

@@ -5,18 +5,21 @@
 //! [`super::handoff`]).
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 use super::eviction::{self, EvictionReport};
+use super::fdstore::{session_key, FdStore};
 use super::fuse::{FuseMount, LayerFiles};
 use super::handoff::persist_periodically;
 use super::mounts;
 use super::orphans::Orphans;
 use super::prefetch::{running, Jobs};
+use super::resume;
 use super::table::{lock, LayerStatus, Shared, Table};
 use super::{DeviceError, NodeConfig};
 use crate::gate::PriorityGate;
@@ -36,44 +39,104 @@ pub struct LayerManager {
     persister: tokio::task::JoinHandle<()>,
     /// [`Orphans`] of the previous run, until their layers are attached.
     pub(super) orphans: Orphans,
+    /// Where the FUSE session's descriptors outlive this process.
+    pub(super) store: FdStore,
+    /// Bounds cache verifications running at once (they hash whole caches).
+    pub(super) verifiers: Arc<tokio::sync::Semaphore>,
+    /// Set by [`hand_over`](Self::hand_over): dropping leaves everything.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl LayerManager {
     /// Mounts the FUSE directory under `config.root`, after unmounting
-    /// whatever a previous process left mounted there. Must run inside a
-    /// multi-threaded tokio runtime: fetches run on it.
+    /// whatever a previous process left mounted there; or, if the fd store
+    /// holds that process's FUSE session, resumes it and leaves its mounts
+    /// for [`attach`](Self::attach) to adopt (then call
+    /// [`end_restore`](Self::end_restore) once every layer is attached
+    /// again). Must run inside a multi-threaded tokio runtime: fetches run
+    /// on it.
     pub fn new(config: NodeConfig) -> Result<Self, DeviceError> {
         let root = config.root.clone();
         let setup = |source| DeviceError::Setup {
             root: root.clone(),
             source,
         };
-        let orphans = Orphans::adopt(&root.join("fuse"));
-        cleanup_stale_mounts(&root);
-        for dir in ["fuse", "layers", "mnt"] {
-            std::fs::create_dir_all(root.join(dir)).map_err(setup)?;
+        std::fs::create_dir_all(&root).map_err(setup)?;
+        let store = FdStore::open(
+            config.fd_store.clone(),
+            &session_key(&root),
+            config.fetch.read_deadline,
+        );
+        let held = store.take_inherited();
+        let resumed = if held.is_empty() {
+            None
+        } else {
+            resume::resume_session(&config, &store, held)
+        };
+        let (files, fuse, orphans) = match resumed {
+            Some((files, fuse)) => (files, fuse, Orphans::default()),
+            None => {
+                let orphans = Orphans::adopt(&root.join("fuse"));
+                cleanup_stale_mounts(&root);
+                for dir in ["fuse", "layers", "mnt"] {
+                    std::fs::create_dir_all(root.join(dir)).map_err(setup)?;
+                }
+                let files = LayerFiles::new(Handle::current());
+                let fuse = FuseMount::mount(&root.join("fuse"), files.clone(), config.fuse_threads)
+                    .map_err(setup)?;
+                (files, fuse, orphans)
+            }
+        };
+        if store.configured() {
+            for (name, fd) in fuse.held_fds() {
+                if let Err(e) = store.put(&name, fd) {
+                    warn!("fd store: keeping {name}: {e}");
+                }
+            }
+            store.serving();
         }
-        let files = LayerFiles::new(Handle::current());
-        let fuse = FuseMount::mount(&root.join("fuse"), files.clone(), config.fuse_threads)
-            .map_err(setup)?;
+        resume::touch_heartbeat(&root);
         let shared = Shared {
             files,
             table: Table::default(),
             ops: Arc::default(),
             stats: Arc::new(Stats::default()),
             handoff: config.handoff,
+            root: root.clone(),
             read_ahead_kb: config.read_ahead_kb,
         };
         let persister = tokio::spawn(persist_periodically(
             shared.clone(),
             config.persist_interval,
         ));
+        if shared.files.is_restoring() {
+            // Bounded: requests of layers nobody attaches again fail then.
+            let (files, within) = (shared.files.clone(), config.fetch.read_deadline);
+            tokio::spawn(async move {
+                tokio::time::sleep(within).await;
+                if files.is_restoring() {
+                    warn!("restore not ended after {within:?}: failing what still waits");
+                    files.end_restore();
+                }
+            });
+        }
         let node = NodeContext {
             stats: shared.stats.clone(),
             ..NodeContext::new(config.fetch.clone())
         };
         let prefetcher = Prefetcher::new(node.gate.clone(), config.prefetch_rate);
-        info!("lazy layer manager ready at {}", root.display());
+        info!(
+            "lazy layer manager ready at {}{}",
+            root.display(),
+            if shared.files.is_restoring() {
+                " (resumed the previous daemon's FUSE session)"
+            } else {
+                ""
+            }
+        );
+        let verifiers = Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ));
         Ok(LayerManager {
             config,
             shared,
@@ -83,7 +146,77 @@ impl LayerManager {
             jobs: Jobs::default(),
             persister,
             orphans,
+            store,
+            verifiers,
+            handed_over: Default::default(),
         })
+    }
+
+    /// Whether this manager resumed a previous daemon's FUSE session and
+    /// still waits for its layers to be attached again.
+    pub fn is_restoring(&self) -> bool {
+        self.shared.files.is_restoring()
+    }
+
+    /// Every layer that was attached before the restart is attached again:
+    /// requests for the others fail now, and their leftover mounts are
+    /// detached lazily. A no-op without a resumed session.
+    pub async fn end_restore(&self) {
+        if !self.shared.files.is_restoring() {
+            return;
+        }
+        let _op = self.shared.ops.lock().await;
+        self.shared.files.end_restore();
+        let attached: HashSet<String> = self
+            .shared
+            .table
+            .lock()
+            .values()
+            .map(|a| a.name.clone())
+            .collect();
+        let root = self.config.root.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || resume::unmount_unadopted(&root, &attached)).await;
+        info!("restore ended: every layer is attached again");
+    }
+
+    /// Whether the FUSE session outlives this process (an fd store keeps
+    /// it), so that [`hand_over`](Self::hand_over) leaves nothing failing.
+    pub fn can_hand_over(&self) -> bool {
+        self.store.keeps_fds()
+    }
+
+    /// Hands everything over to the next daemon on this root (rule 4 of
+    /// `resume.rs`): stops the background jobs, persists every cache and
+    /// returns without detaching or unmounting anything. The caller exits
+    /// the process next; the FUSE threads serve until then, and what they
+    /// leave unanswered is resent to the next daemon.
+    pub async fn hand_over(&self) {
+        self.persister.abort();
+        self.jobs.abort_all();
+        let layers: Vec<Arc<LazyLayer>> = self
+            .shared
+            .table
+            .lock()
+            .values()
+            .map(|a| a.layer.clone())
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for layer in layers {
+                if let Err(e) = layer.persist() {
+                    warn!("layer {}: persisting cache: {e}", layer.digest());
+                }
+            }
+        })
+        .await;
+        resume::touch_heartbeat(&self.config.root);
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        info!(
+            "handed over {}: {} layers stay attached for the next daemon",
+            self.config.root.display(),
+            self.shared.table.lock().len()
+        );
     }
 
     /// Changes the prefetch bandwidth limit (bytes/s, 0 = unlimited).
@@ -104,12 +237,25 @@ impl LayerManager {
             .map(|a| a.name.clone())
             .collect();
         let dir = self.config.root.join("layers");
-        tokio::task::spawn_blocking(move || eviction::evict(&dir, &attached, capacity))
-            .await
-            .unwrap_or_else(|e| {
-                warn!("cache eviction task failed: {e}");
-                EvictionReport::default()
-            })
+        let report =
+            tokio::task::spawn_blocking(move || eviction::evict(&dir, &attached, capacity))
+                .await
+                .unwrap_or_else(|e| {
+                    warn!("cache eviction task failed: {e}");
+                    EvictionReport::default()
+                });
+        let c = &self.shared.stats.eviction;
+        c.evicted_layers
+            .fetch_add(report.evicted.len() as u64, Relaxed);
+        c.evicted_bytes.fetch_add(report.freed_bytes, Relaxed);
+        c.cache_bytes.store(report.remaining_bytes, Relaxed);
+        report
+    }
+
+    /// Where the cache of layer `id` lives (also after it is detached,
+    /// until it is evicted): what the layer takes on this node's disk.
+    pub fn cache_dir(&self, id: &LayerId) -> PathBuf {
+        self.config.root.join("layers").join(id.file_name())
     }
 
     pub fn root(&self) -> &Path {
@@ -154,6 +300,10 @@ impl Drop for LayerManager {
     fn drop(&mut self) {
         self.persister.abort();
         self.jobs.abort_all();
+        if *self.handed_over.get_mut() || self.store.keeps_fds() {
+            // The next daemon resumes all of it (a panic counts as a crash).
+            return;
+        }
         let layers = std::mem::take(&mut *self.shared.table.lock());
         for (_, a) in layers {
             let _ = mounts::unmount(&a.info.mountpoint, true);

@@ -26,33 +26,43 @@
 //! chunk arrived, or attached that way when the cache was complete already),
 //! and FUSE and this process are out of its data path.
 //!
+//! The FUSE session outlives the daemon when an fd store keeps its
+//! descriptors (`fdstore.rs`, `holder.rs`): the next daemon resumes it and
+//! adopts the mounts (`resume.rs`), so reads wait through a restart instead
+//! of failing.
+//!
 //! Files by role: `manager.rs` is the facade and owns the state; one file per
 //! operation: `attach.rs` (with its blocking steps), `detach.rs` (and
 //! shutdown), `prefetch.rs` (the background jobs), `trace.rs` (record and
 //! replay startup traces), `handoff.rs` (to the local file, and the periodic
-//! persist); `table.rs` is the attachment table and the status it reports,
-//! `config.rs` and `error.rs` the public settings and errors. Below them:
-//! `fuse.rs`, `loopdev.rs`, `mounts.rs`, `orphans.rs`, `eviction.rs`,
-//! `undo.rs`.
+//! persist), `resume.rs` (restart and handover); `table.rs` is the
+//! attachment table and the status it reports, `config.rs` and `error.rs`
+//! the public settings and errors. Below them: `fuse/` (our FUSE server),
+//! `fdstore.rs` and `holder.rs`, `loopdev.rs`, `mounts.rs`, `orphans.rs`,
+//! `eviction.rs`, `undo.rs`.
 
 mod attach;
 mod config;
 mod detach;
 mod error;
 pub mod eviction;
+pub mod fdstore;
 pub mod fuse;
 mod handoff;
+pub mod holder;
 pub mod loopdev;
 mod manager;
 pub mod mounts;
 mod orphans;
 mod prefetch;
+mod resume;
 mod table;
 mod trace;
 mod undo;
 
 pub use config::{AttachStep, NodeConfig};
 pub use error::DeviceError;
+pub use fdstore::FdStoreKind;
 pub use manager::LayerManager;
 pub use prefetch::PrefetchStart;
 pub use table::{AttachedLayer, LayerState, LayerStatus};

@@ -110,6 +110,38 @@ pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// The filesystem type and source of the mount at `path` (the last one
+/// mounted there), from mountinfo.
+pub fn mount_info(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter(|line| line.split(' ').nth(4).map(unescape).as_deref() == path.to_str())
+        .filter_map(|line| {
+            let (_, tail) = line.split_once(" - ")?;
+            let mut tail = tail.split(' ');
+            Some((tail.next()?.to_owned(), unescape(tail.next()?)))
+        })
+        .next_back()
+}
+
+/// The device (`major:minor`) of the mount at `path`, from mountinfo
+/// (without a `stat`, which on a FUSE mount would need its daemon).
+pub fn mount_device(path: &Path) -> Option<(u32, u32)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter(|line| line.split(' ').nth(4).map(unescape).as_deref() == path.to_str())
+        .filter_map(|line| {
+            let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .next_back()
+}
+
+/// The filesystem type of the mount at `path`.
+pub fn mount_fstype(path: &Path) -> Option<String> {
+    mount_info(path).map(|(fstype, _)| fstype)
+}
+
 /// Whether `path` is a mount point.
 pub fn is_mount_point(path: &Path) -> io::Result<bool> {
     Ok(mounts_under(path)?.iter().any(|p| p == path))

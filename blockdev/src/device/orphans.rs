@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use super::loopdev::{self, LoopDevice};
 
+#[derive(Default)]
 pub struct Orphans(Mutex<HashMap<String, Vec<LoopDevice>>>);
 
 impl Orphans {

@@ -133,6 +133,8 @@ pub(super) struct Shared {
     pub stats: Arc<Stats>,
     /// [`NodeConfig::handoff`](super::NodeConfig::handoff).
     pub handoff: bool,
+    /// The root, whose heartbeat the periodic persist touches.
+    pub root: std::path::PathBuf,
     /// [`NodeConfig::read_ahead_kb`](super::NodeConfig::read_ahead_kb): set
     /// at the handoff.
     pub read_ahead_kb: u32,

@@ -184,7 +184,8 @@ fn fixture_profiled(profile: &[u64]) -> Fixture {
     let written = write_blob(&image[..], &mut blob, &layout).unwrap();
     let index = Arc::new(written.index);
     let dir = tempfile::tempdir().unwrap();
-    let (cache, _) = ChunkCache::open(dir.path(), &index, sha256(&index.to_bytes())).unwrap();
+    let (cache, _) =
+        ChunkCache::open(dir.path(), index.clone(), sha256(&index.to_bytes())).unwrap();
     Fixture {
         _dir: dir,
         image,

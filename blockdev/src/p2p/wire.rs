@@ -37,6 +37,9 @@ pub mod path {
     /// GET, both servers: aggregate counters as JSON (no digests, no
     /// addresses), for operators and tests.
     pub const STATS: &str = "/v1/stats";
+    /// GET, super node: the same counters for Prometheus (text format,
+    /// `lazybd_supernode_*`); the token also as `Authorization: Bearer`.
+    pub const METRICS: &str = "/metrics";
 }
 
 /// Request headers.

@@ -9,6 +9,7 @@
 
 mod bounded;
 mod credentials;
+pub mod hosts;
 #[cfg(test)]
 mod tests_hostile;
 

@@ -8,9 +8,10 @@ use clap::Parser;
 use lazybd_blockdev::device::{LayerManager, NodeConfig};
 use lazybd_blockdev::local_server::{bind_unix, PeerPolicy};
 use lazybd_snapshotter::config::Config;
+use lazybd_snapshotter::control::Stop;
 use lazybd_snapshotter::remote::Remote;
 use lazybd_snapshotter::service::LazySnapshotter;
-use lazybd_snapshotter::{control, metrics};
+use lazybd_snapshotter::{containerd_events, control, metrics, tasks};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info, warn};
@@ -71,6 +72,11 @@ fn main() -> Result<()> {
 }
 
 async fn serve(mut config: Config) -> Result<()> {
+    // Signals first: a restart must be stoppable at any point, also while
+    // it attaches its layers again.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None::<Stop>);
     let keychain = match &config.cri_keychain {
         Some(_) => {
             // The root as the snapshotter makes it; only the keychain's
@@ -91,6 +97,9 @@ async fn serve(mut config: Config) -> Result<()> {
     node.lazy_read_ahead_kb = config.lazy_read_ahead_kb;
     // A P2P peer sends the stored bytes it was sent: keep them.
     node.fetch.keep_stored = config.p2p.is_some();
+    node.fd_store = config.restart.fd_store()?;
+    // Resumes the previous run's FUSE session if the fd store kept it:
+    // reads that waited through the restart are served from here on.
     let manager = LayerManager::new(node).context("setting up the lazy layer manager")?;
     if config.remote.allow_unanchored_layers {
         warn!(
@@ -113,8 +122,7 @@ async fn serve(mut config: Config) -> Result<()> {
         remote = remote.with_peer(peer);
     }
     let snapshotter = Arc::new(
-        LazySnapshotter::open(&config.root, remote)
-            .await
+        LazySnapshotter::open_store(&config.root, remote)
             .with_context(|| format!("opening {}", config.root.display()))?,
     );
 
@@ -133,47 +141,79 @@ async fn serve(mut config: Config) -> Result<()> {
         extra_uids: config.control_allowed_uids.clone(),
     };
     let control_listener = bind_unix(&config.control_address, peers.socket_mode())?;
-    side_tasks.spawn(control::serve(
-        control_listener,
-        snapshotter.clone(),
-        Arc::new(control::Containers::new(config.prefetch.on_task_start)),
-        peers,
-    ));
-    if config.cache.capacity_bytes > 0 {
-        let (s, every) = (
-            snapshotter.clone(),
-            std::time::Duration::from_secs(config.cache.evict_interval_secs.max(1)),
-        );
-        side_tasks.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                s.remote().evict().await;
-            }
-        });
-    }
+    let containers = Arc::new(tasks::Containers::new(config.prefetch.on_task_start));
+    let control = control::Control {
+        snapshotter: snapshotter.clone(),
+        containers: containers.clone(),
+        stop: Some(stop_tx.clone()),
+    };
+    side_tasks.spawn(control::serve(control_listener, Arc::new(control), peers));
+    let (ctd, s, c) = (config.containerd.clone(), snapshotter.clone(), containers);
+    side_tasks.spawn(async move {
+        containerd_events::watch(ctd, s, c).await;
+        Ok(())
+    });
     if let (Some(kc), Some(keychain)) = (&config.cri_keychain, keychain) {
         side_tasks.spawn(serve_cri_keychain(kc.clone(), keychain).await?);
     }
-    // Only containerd (root) speaks the Snapshots API.
+    // Only containerd (root) speaks the Snapshots API. Bound now, served
+    // after the restore: containerd's requests wait in the backlog instead
+    // of seeing layers that are not attached yet.
     let listener = bind_unix(&config.address, 0o600)?;
-    info!(
-        "serving snapshots on {} (root {})",
-        config.address.display(),
-        config.root.display()
-    );
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    containerd_snapshots::tonic::transport::Server::builder()
-        .add_service(containerd_snapshots::server(snapshotter.clone()))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
-            }
-        })
-        .await
-        .context("serving the Snapshots API")?;
+
+    let signals = async {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+            _ = stop_rx.wait_for(Option::is_some) => {}
+        }
+    };
+    tokio::pin!(signals);
+    let restored = tokio::select! {
+        r = restore(&snapshotter) => { r?; true }
+        _ = &mut signals => false,
+    };
+    if restored {
+        if config.cache.capacity_bytes > 0 {
+            let (s, every) = (
+                snapshotter.clone(),
+                std::time::Duration::from_secs(config.cache.evict_interval_secs.max(1)),
+            );
+            side_tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    s.remote().evict().await;
+                }
+            });
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        info!(
+            "serving snapshots on {} (root {})",
+            config.address.display(),
+            config.root.display()
+        );
+        containerd_snapshots::tonic::transport::Server::builder()
+            .add_service(containerd_snapshots::server(snapshotter.clone()))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signals)
+            .await
+            .context("serving the Snapshots API")?;
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let manager = snapshotter.remote().manager();
+    // A signal hands over when the FUSE session outlives us; the control
+    // API's `shutdown` (or no fd store) detaches as before.
+    let how = stop_tx.borrow().unwrap_or(if manager.can_hand_over() {
+        Stop::HandOver
+    } else {
+        Stop::Detach
+    });
+    if how == Stop::HandOver {
+        side_tasks.abort_all();
+        manager.hand_over().await;
+        // Nothing may unmount or detach on the way out: exit right here.
+        std::process::exit(0);
+    }
     side_tasks.shutdown().await;
     let _ = std::fs::remove_file(&config.address);
     let _ = std::fs::remove_file(&config.control_address);
@@ -188,6 +228,19 @@ async fn serve(mut config: Config) -> Result<()> {
         }
         Err(_) => error!("requests still running at shutdown; lazy layers stay attached"),
     }
+    Ok(())
+}
+
+/// Attaches every lazy layer committed before (adopting what a resumed
+/// session left mounted) and ends the restore.
+async fn restore(snapshotter: &LazySnapshotter) -> Result<()> {
+    let started = std::time::Instant::now();
+    snapshotter
+        .reattach()
+        .await
+        .context("attaching the committed lazy layers again")?;
+    snapshotter.remote().manager().end_restore().await;
+    info!("lazy layers attached again in {:?}", started.elapsed());
     Ok(())
 }
 

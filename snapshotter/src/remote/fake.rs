@@ -268,6 +268,10 @@ impl LazyLayers for FakeLayers {
 
     async fn evict_caches(&self, _capacity: u64) {}
 
+    fn cache_dir(&self, _id: &LayerId) -> Option<PathBuf> {
+        None
+    }
+
     fn counters(&self) -> &Stats {
         &self.stats
     }

@@ -32,6 +32,10 @@ pub trait LazyLayers: Send + Sync + 'static {
     /// take more than `capacity` bytes.
     async fn evict_caches(&self, capacity: u64);
 
+    /// The directory that holds layer `id`'s cache (what the layer takes
+    /// on disk); `None` where layers take no disk.
+    fn cache_dir(&self, id: &LayerId) -> Option<PathBuf>;
+
     /// The counters trace loads are accounted to.
     fn counters(&self) -> &Stats;
 
@@ -63,6 +67,10 @@ impl LazyLayers for LayerManager {
     async fn evict_caches(&self, capacity: u64) {
         // The report is logged where it is made.
         LayerManager::evict_caches(self, capacity).await;
+    }
+
+    fn cache_dir(&self, id: &LayerId) -> Option<PathBuf> {
+        Some(LayerManager::cache_dir(self, id))
     }
 
     fn counters(&self) -> &Stats {

@@ -105,6 +105,13 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         }
     }
 
+    /// Where the cache of a lazy layer lives (`None`: layers take no disk
+    /// here, or the record names no valid identity).
+    pub(super) fn lazy_cache_dir(&self, layer: &RemoteLayer) -> Option<std::path::PathBuf> {
+        let id = layer.id().ok()?;
+        self.remote.manager().cache_dir(&id)
+    }
+
     /// The chain ID of the committed snapshot `key` (`None` for none).
     fn chain_id(&self, key: Option<&str>) -> Result<Option<String>, SnapshotError> {
         let Some(key) = key else { return Ok(None) };
@@ -116,7 +123,7 @@ impl<L: LazyLayers> LazySnapshotter<L> {
     /// after checking the trust rules again (the operator may have changed
     /// them; records of older releases were not checked) and, in the
     /// attach, the layer's index against its anchor.
-    pub(super) async fn reattach(&self) -> Result<(), SnapshotError> {
+    pub async fn reattach(&self) -> Result<(), SnapshotError> {
         let mut seen = HashSet::new();
         for (name, r) in self.store.all()? {
             let Some(layer) = r.remote_layer() else {

@@ -46,17 +46,24 @@ impl<L: LazyLayers> LazySnapshotter<L> {
     /// Opens the store under `root` and attaches every remote layer that was
     /// committed before, so mounts work before the first request is served.
     pub async fn open(root: &Path, remote: Remote<L>) -> Result<Self, SnapshotError> {
+        let s = Self::open_store(root, remote)?;
+        s.reattach().await?;
+        Ok(s)
+    }
+
+    /// Opens the store only; the caller runs [`reattach`](Self::reattach)
+    /// before serving (the daemon binds its sockets and signal handlers
+    /// first, so a restart is never stuck before it can be stopped).
+    pub fn open_store(root: &Path, remote: Remote<L>) -> Result<Self, SnapshotError> {
         std::fs::create_dir_all(root.join("snapshots"))
             .map_err(SnapshotError::io(format!("creating {}", root.display())))?;
         let store = Store::open(&root.join("metadata.redb"))?;
-        let s = LazySnapshotter {
+        Ok(LazySnapshotter {
             root: root.to_owned(),
             store,
             remote,
             changes: Mutex::new(()),
-        };
-        s.reattach().await?;
-        Ok(s)
+        })
     }
 
     pub fn remote(&self) -> &Remote<L> {
@@ -110,9 +117,16 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
 
     async fn usage(&self, key: String) -> Result<containerd_snapshots::Usage, SnapshotError> {
         let r = self.store.require(&key)?;
-        let u = match (r.kind, r.usage) {
-            (Kind::Committed, Some(u)) => u,
-            (Kind::Committed, None) => Usage::default(),
+        let u = match (r.kind, r.usage, &r.remote) {
+            // What the lazy layer's cache holds, not its image size: kubelet's
+            // image GC and `ctr snapshots usage` see the disk it takes.
+            (Kind::Committed, recorded, Some(layer)) => match self.lazy_cache_dir(layer) {
+                Some(dir) if dir.exists() => disk_usage(&dir)?,
+                Some(_) => Usage::default(),
+                None => recorded.unwrap_or_default(),
+            },
+            (Kind::Committed, Some(u), None) => u,
+            (Kind::Committed, None, None) => Usage::default(),
             _ => disk_usage(&self.dir(r.id).join("fs"))?,
         };
         Ok(containerd_snapshots::Usage {

@@ -70,6 +70,21 @@ pub struct ContainerdBuilder {
     runtimes: Vec<PathBuf>,
     own_netns: bool,
     extra_config: String,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// A directory for a containerd not started yet: its socket's path is
+/// known before it runs (for a snapshotter that follows its events).
+pub fn new_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("lazybd-ctd-")
+        .tempdir()
+        .unwrap()
+}
+
+/// The gRPC socket of a containerd in `dir`.
+pub fn socket_in(dir: &Path) -> PathBuf {
+    dir.join("containerd.sock")
 }
 
 impl ContainerdBuilder {
@@ -143,18 +158,21 @@ impl ContainerdBuilder {
         self
     }
 
+    /// Runs in `dir` (from [`new_dir`]) instead of a new temp dir.
+    pub fn in_dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
     /// TOML appended to the config (tables only).
     pub fn extra_config(mut self, toml: &str) -> Self {
         self.extra_config.push_str(toml);
         self
     }
 
-    pub fn start(self) -> Containerd {
+    pub fn start(mut self) -> Containerd {
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = tempfile::Builder::new()
-            .prefix("lazybd-ctd-")
-            .tempdir()
-            .unwrap();
+        let dir = self.dir.take().unwrap_or_else(new_dir);
         let d = dir.path();
         let (namespace, own_namespace) = match (&self.cri, &self.namespace) {
             (Some(_), Some(ns)) if ns != K8S_NAMESPACE => {
@@ -276,7 +294,7 @@ impl Containerd {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.dir().join("containerd.sock")
+        socket_in(self.dir())
     }
 
     /// The bundle containerd made for task `id`.

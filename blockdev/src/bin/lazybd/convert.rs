@@ -28,6 +28,32 @@ pub struct Args {
     /// a node fetches them as one range when it attaches the layer.
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
+    /// Record the startup profile here: convert the image, run its
+    /// entrypoint once (Entrypoint + Cmd, Env, WorkingDir, User; runc, no
+    /// network) until it exits or --record-secs pass, and convert it again
+    /// with what it read stored first (as `ctr-remote image optimize`).
+    /// Needs root and runc (docs/convert.md#recording-a-profile).
+    #[arg(long, conflicts_with = "profile")]
+    record_profile: bool,
+    /// How long the recorded workload may run before it is stopped.
+    #[arg(long, default_value_t = 10, value_name = "SECS", requires = "record_profile",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    record_secs: u64,
+    /// Also write the recorded profile to FILE (for `--profile`, to inspect
+    /// or to reuse).
+    #[arg(long, value_name = "FILE", requires = "record_profile")]
+    profile_out: Option<PathBuf>,
+    /// Write the recorded workload's stdout and stderr to FILE.
+    #[arg(long, value_name = "FILE", requires = "record_profile")]
+    record_log: Option<PathBuf>,
+    /// The runc that runs the recorded workload (a name is looked up on PATH).
+    #[arg(
+        long,
+        default_value = "runc",
+        value_name = "PATH",
+        requires = "record_profile"
+    )]
+    runc: PathBuf,
     /// Scratch directory for unpacked layers and EROFS images.
     #[arg(long, default_value = "/var/tmp")]
     work_dir: PathBuf,
@@ -95,8 +121,26 @@ pub fn run(args: Args) -> Result<()> {
         open(&args.src, false, &args.registry).with_context(|| format!("source {}", args.src))?;
     let dst = open(&args.dst, true, &args.registry)
         .with_context(|| format!("destination {}", args.dst))?;
-    let out = convert::convert_image(src.as_ref(), dst.as_ref(), &opts)
-        .with_context(|| format!("converting {} to {}", args.src, args.dst))?;
+    let out = if args.record_profile {
+        let rec = crate::record::Recording {
+            limit: std::time::Duration::from_secs(args.record_secs),
+            runc: args.runc.clone(),
+            profile_out: args.profile_out.clone(),
+            log: args.record_log.clone(),
+        };
+        let src_is_local = matches!(ImageRef::parse(&args.src), ImageRef::Layout { .. });
+        crate::record::convert_recorded(
+            src.into(),
+            src_is_local,
+            dst.into(),
+            &opts,
+            &rec,
+            &args.registry,
+        )
+    } else {
+        convert::convert_image(src.as_ref(), dst.as_ref(), &opts).map_err(Into::into)
+    }
+    .with_context(|| format!("converting {} to {}", args.src, args.dst))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

@@ -38,6 +38,10 @@ struct LayerSummary {
     raw_chunks: u64,
     zero_chunks: u64,
     stored_bytes: u64,
+    /// The startup chunks a profile stored first: the first
+    /// `prefetch_length` bytes of the blob (0: no profile).
+    prefetch_length: u64,
+    prefetch_chunks: u64,
     index_offset: u64,
     index_length: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -124,7 +128,7 @@ async fn summarize(
     Ok(LayerSummary {
         digest,
         blob_size,
-        format_version: lazybd_blockdev::format::FORMAT_VERSION,
+        format_version: index.version,
         compression: index.compression.name(),
         chunk_size: index.chunk_size,
         image_size: index.image_size,
@@ -133,6 +137,8 @@ async fn summarize(
         raw_chunks: count(ChunkKind::Raw),
         zero_chunks: count(ChunkKind::Zero),
         stored_bytes: index.stored_bytes(),
+        prefetch_length: index.prefetch_len,
+        prefetch_chunks: index.prefetch_chunks().len() as u64,
         index_offset: footer.index_offset,
         index_length: footer.index_length,
         chunks: chunks.then(|| {
@@ -176,6 +182,12 @@ fn print_text(l: &LayerSummary) {
         l.stored_bytes,
         ratio * 100.0
     );
+    if l.prefetch_length > 0 {
+        println!(
+            "  startup       {} chunks in the first {} bytes (a profile's)",
+            l.prefetch_chunks, l.prefetch_length
+        );
+    }
     println!(
         "  index         offset {} length {}",
         l.index_offset, l.index_length

@@ -13,7 +13,8 @@ use serde_json::Value;
 /// List the lazy layers of a running lazybd-snapshotter.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The snapshotter's control socket.
+    /// The snapshotter's control socket: `control_address` in its config
+    /// file (/etc/lazybd/snapshotter.toml).
     #[arg(long, default_value = "/run/lazybd/control.sock")]
     control: PathBuf,
     /// Print the raw JSON reply.

@@ -1,6 +1,8 @@
 //! `lazybd`: convert images to lazy layers, mount them lazily, inspect them.
 
+mod check;
 mod convert;
+mod fd_holder;
 mod image_ref;
 mod image_source;
 mod inspect;
@@ -9,6 +11,7 @@ mod mount;
 mod mount_control;
 mod mount_p2p;
 mod pull;
+mod record;
 mod registry_args;
 mod stats;
 mod trace_file;
@@ -29,7 +32,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Check(check::Args),
     Convert(convert::Args),
+    FdHolder(fd_holder::Args),
     Inspect(inspect::Args),
     Layers(layers::Args),
     Mount(mount::Args),
@@ -46,7 +51,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Check(a) => check::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::FdHolder(a) => fd_holder::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Layers(a) => layers::run(a),
         Command::Mount(a) => mount::run(a),

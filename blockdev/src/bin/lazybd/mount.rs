@@ -6,6 +6,13 @@
 //! log in ROOT/mounts/<id>/mount.log), waits until the mount is ready or has
 //! failed, and returns; `--foreground` serves in the calling process. Either
 //! way `lazybd umount DIR` unmounts everything and stops it.
+//!
+//! Restart and upgrade: with an fd store (`--fd-store`, a `lazybd
+//! fd-holder` by default when its socket exists) the FUSE session outlives
+//! the process. Running `lazybd mount` again for the same DIR after the
+//! process died resumes it: reads that waited meanwhile succeed.
+//! `--take-over` asks a running process to hand over to this one (a new
+//! binary), without unmounting anything and without a failed read.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -14,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use lazybd_blockdev::device::{mounts, LayerManager, NodeConfig};
+use lazybd_blockdev::device::{mounts, FdStoreKind, LayerManager, NodeConfig};
 use lazybd_blockdev::local_server::{accept_failed, bind_unix, PeerPolicy, Slot, Slots};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -65,6 +72,18 @@ pub struct Args {
     /// Registry images only.
     #[arg(long)]
     p2p_config: Option<PathBuf>,
+    /// Where the FUSE session waits while no process serves it: `auto`
+    /// (systemd's fd store under systemd, else the fd holder if its socket
+    /// exists), `systemd`, `holder` or `none`.
+    #[arg(long, default_value = "auto")]
+    fd_store: String,
+    /// The socket of `lazybd fd-holder`.
+    #[arg(long, default_value = lazybd_blockdev::device::holder::DEFAULT_SOCKET)]
+    fd_holder: PathBuf,
+    /// DIR is served by a running `lazybd mount`: ask it to hand over to
+    /// this process (an upgrade) instead of failing.
+    #[arg(long)]
+    take_over: bool,
     /// Also mount version 1 layers, which carry no content anchor: their
     /// bytes are then only as trustworthy as every source that serves them
     /// (docs/security.md).
@@ -109,6 +128,11 @@ fn daemonize(args: &Args) -> Result<()> {
         .arg(args.read_deadline.to_string())
         .arg("--prefetch-rate")
         .arg(args.prefetch_rate.to_string())
+        .arg("--fd-store")
+        .arg(&args.fd_store)
+        .arg("--fd-holder")
+        .arg(&args.fd_holder)
+        .args(args.take_over.then_some("--take-over"))
         .args(args.prefetch.then_some("--prefetch"))
         .args(args.allow_unanchored.then_some("--allow-unanchored"))
         .args(
@@ -164,10 +188,20 @@ fn daemonize(args: &Args) -> Result<()> {
 async fn serve(args: Args) -> Result<()> {
     let state = MountState::for_target(&args.root, &args.dir)?;
     let target = args.dir.canonicalize()?;
-    if state.request("stats", Duration::from_secs(2))?.is_some() {
-        bail!("{} is already lazily mounted", target.display());
+    let fd_store =
+        FdStoreKind::parse(&args.fd_store, &args.fd_holder).map_err(anyhow::Error::msg)?;
+    if let Some(status) = state.request("stats", Duration::from_secs(2))? {
+        if !args.take_over {
+            bail!("{} is already lazily mounted", target.display());
+        }
+        take_over(&state, &status)?;
     }
-    if mounts::is_mount_point(&target)? {
+    // A stack left by a previous process of this DIR (it died, or handed
+    // over) stays: its layers are attached again below it.
+    let ours = std::fs::read(state.dir.join("target"))
+        .is_ok_and(|t| t == target.as_os_str().as_encoded_bytes());
+    let stack_left = mounts::is_mount_point(&target)?;
+    if stack_left && !ours {
         bail!("{} is already a mount point", target.display());
     }
     // Checked before anything is mounted; absolute, for the background child.
@@ -191,6 +225,7 @@ async fn serve(args: Args) -> Result<()> {
     let mut config = NodeConfig::new(state.node_root());
     config.fetch.read_deadline = Duration::from_secs(args.read_deadline);
     config.prefetch_rate = args.prefetch_rate;
+    config.fd_store = fd_store;
     // A peer sends the stored bytes it was sent: keep them.
     config.fetch.keep_stored = peer.is_some();
     let manager = LayerManager::new(config)?;
@@ -209,13 +244,21 @@ async fn serve(args: Args) -> Result<()> {
         if let Some((trace, path)) = &replay {
             crate::trace_file::replay(&manager, trace, path);
         }
+        manager.end_restore().await;
         if args.prefetch {
             for id in &ids {
                 manager.prefetch(id)?;
             }
         }
         lowers.reverse(); // overlayfs wants the top layer first
-        mounts::mount_stack(&lowers, &target)?;
+        if stack_left {
+            info!(
+                "{} stays mounted from before; serving it again",
+                target.display()
+            );
+        } else {
+            mounts::mount_stack(&lowers, &target)?;
+        }
         anyhow::Ok(lowers.len())
     }
     .await;
@@ -261,6 +304,15 @@ async fn serve(args: Args) -> Result<()> {
                 let Request { line, stream, slot } = request;
                 match answer(&line, &args.image, &target, &manager, &peer) {
                     Answer::Reply(text) => spawn_reply(stream, slot, text),
+                    Answer::HandOver => {
+                        acceptor.abort();
+                        let _ = std::fs::remove_file(state.socket());
+                        manager.hand_over().await;
+                        reply(stream, "ok").await;
+                        info!("handed {} over; exiting", target.display());
+                        // Nothing may unmount on the way out.
+                        std::process::exit(0);
+                    }
                     // A shutdown request: unmount the stack first; if it is
                     // busy, say so and keep serving.
                     Answer::Shutdown => match mounts::unmount(&target, false) {
@@ -320,6 +372,8 @@ struct Request {
 enum Answer {
     Reply(String),
     Shutdown,
+    /// A planned upgrade: leave everything to the next process.
+    HandOver,
 }
 
 /// Accepts control connections (root and this process's user only), reads
@@ -395,11 +449,38 @@ fn answer(
             None => Answer::Reply("error: not taking part in P2P".to_owned()),
         },
         "shutdown" => Answer::Shutdown,
+        "handover" if manager.can_hand_over() => Answer::HandOver,
+        "handover" => {
+            Answer::Reply("error: no fd store keeps the FUSE session (see --fd-store)".to_owned())
+        }
         other => {
             let shown: String = other.chars().take(64).collect();
             Answer::Reply(format!("error: unknown request {shown:?}"))
         }
     }
+}
+
+/// Asks the running process to hand over, and waits (bounded) until it
+/// has exited: its caches are ours to open then.
+fn take_over(state: &MountState, status: &str) -> Result<()> {
+    let pid = serde_json::from_str::<StatusReply>(status)
+        .context("the running process's status")?
+        .pid;
+    match state.request("handover", Duration::from_secs(60))? {
+        Some(r) if r == "ok" => {}
+        Some(r) => bail!("the running process refused to hand over: {r}"),
+        None => return Ok(()),
+    }
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        if std::time::Instant::now() > deadline {
+            bail!("process {pid} handed over but did not exit within 30s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    info!("process {pid} handed over; taking over");
+    Ok(())
 }
 
 /// Writes the reply in the background (a slow reader holds only its own

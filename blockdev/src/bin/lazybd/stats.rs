@@ -13,7 +13,8 @@ use crate::mount_control::{MountState, StatusReply, DEFAULT_ROOT};
 pub struct Args {
     /// The directory the image is mounted at.
     dir: PathBuf,
-    /// The --root given to `lazybd mount`.
+    /// The --root given to `lazybd mount` (its control socket is
+    /// ROOT/mounts/<an id of DIR>/control.sock).
     #[arg(long, default_value = DEFAULT_ROOT)]
     root: PathBuf,
     /// Print the raw JSON snapshot.

@@ -41,6 +41,16 @@ pub fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     r
 }
 
+/// A 200 with `body` of type `content_type`.
+pub fn respond_typed(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = respond(StatusCode::OK, body);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
 pub fn json(value: &impl serde::Serialize) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(v) => {
@@ -86,10 +96,16 @@ pub fn token_ok(req: &Request<Incoming>, expected: Option<&str>) -> bool {
     let Some(expected) = expected else {
         return true;
     };
-    let got = req
-        .headers()
+    // `Authorization: Bearer` too, which is what Prometheus sends from a
+    // scrape config's `authorization: {credentials_file: ...}`.
+    let headers = req.headers();
+    let bearer = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let got = headers
         .get(header::TOKEN)
         .map(|v| v.as_bytes())
+        .or(bearer)
         .unwrap_or(b"");
     got.len() == expected.len()
         && got

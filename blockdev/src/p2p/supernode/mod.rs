@@ -18,6 +18,7 @@ mod blob;
 mod block_cache;
 pub mod flight;
 mod members;
+mod metrics;
 pub mod traces;
 pub mod tree;
 
@@ -242,6 +243,10 @@ impl Supernode {
                 keys: self.signer.published().to_vec(),
                 ticket_ttl_secs: self.config.ticket_ttl.as_secs(),
             })),
+            (&Method::GET, path::METRICS) => Ok(http::respond_typed(
+                metrics::CONTENT_TYPE,
+                metrics::render(&self.counters, &self.server, self.cache.usage()),
+            )),
             (&Method::GET, path::STATS) => Ok(http::json(&StatsReply {
                 counters: &self.counters,
                 server: &self.server,

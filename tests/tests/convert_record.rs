@@ -1,0 +1,142 @@
+//! `lazybd convert --record-profile`: the image's entrypoint runs once under
+//! real runc on a lazy mount of a first conversion, and what it read is
+//! stored first in the second. A busybox image whose entrypoint reads a few
+//! files; the profile must hold reads, the result must carry them in its
+//! prefetch area, be reproducible from the same profile, and nothing may be
+//! left mounted or in the work dir, also when the entrypoint cannot run.
+//! The recorded conversion reads from and writes to a real docker-registry
+//! (the source is copied once, the stores' clients dropped off the async
+//! threads).
+
+use std::path::Path;
+
+use lazybd_tests::busybox;
+use lazybd_tests::cli::{fails, lazybd, ok};
+use lazybd_tests::registry::Registry;
+use lazybd_tests::require_root;
+
+/// Reads part of busybox (every applet is it) and a file, then exits.
+const ENTRYPOINT: &[&str] = &["/bin/sh", "-c", "cat /bin/busybox >/dev/null; echo ready"];
+
+fn inspect(image: &str) -> serde_json::Value {
+    let out = ok(&lazybd(&[&"inspect", &"--plain-http", &"--json", &image]));
+    serde_json::from_str(&out).expect("inspect --json")
+}
+
+/// The one layer's `prefetch_length`.
+fn prefetch_length(image: &str) -> u64 {
+    let summary = inspect(image);
+    let layers = summary.as_array().expect("layers");
+    assert_eq!(layers.len(), 1, "{summary}");
+    layers[0]["prefetch_length"]
+        .as_u64()
+        .expect("prefetch_length")
+}
+
+fn scratch_dirs(work: &Path) -> Vec<String> {
+    std::fs::read_dir(work)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("lazybd-record-"))
+        .collect()
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.to_string_lossy();
+    mounts
+        .lines()
+        .filter(|l| l.contains(dir.as_ref()))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_recorded_profile_is_stored_first_and_reproducible() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    busybox::archive(tmp.path(), "rec", ENTRYPOINT);
+    let src = format!("oci:{}:rec", tmp.path().join("layout-rec").display());
+    let registry = Registry::start();
+    registry.push_layout(&tmp.path().join("layout-rec"), "rec", "rec:v1");
+    let plain = format!("oci:{}:plain", tmp.path().join("out").display());
+    let recorded = registry.reference("rec:recorded");
+    let again = format!("oci:{}:again", tmp.path().join("out").display());
+    let profile = tmp.path().join("profile");
+    let log = tmp.path().join("workload.log");
+
+    ok(&lazybd(&[&"convert", &"--work-dir", &work, &src, &plain]));
+    ok(&lazybd(&[
+        &"convert",
+        &"--plain-http",
+        &"--record-profile",
+        &"--record-secs",
+        &"20",
+        &"--profile-out",
+        &profile,
+        &"--record-log",
+        &log,
+        &"--work-dir",
+        &work,
+        &registry.reference("rec:v1"),
+        &recorded,
+    ]));
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(output.contains("ready"), "the workload ran: {output:?}");
+    let trace = lazybd_blockdev::trace::Trace::decode(&std::fs::read(&profile).unwrap())
+        .expect("the profile is a trace");
+    assert_eq!(trace.layers.len(), 1, "one layer read");
+    assert!(trace.range_count() > 0);
+
+    // The reads are in the prefetch area, ahead of what metadata alone is.
+    let (plain_len, recorded_len) = (prefetch_length(&plain), prefetch_length(&recorded));
+    assert!(
+        recorded_len > plain_len,
+        "recorded prefetch {recorded_len} <= unprofiled {plain_len}"
+    );
+    // The same source and profile give the same layer.
+    ok(&lazybd(&[
+        &"convert",
+        &"--profile",
+        &profile,
+        &"--work-dir",
+        &work,
+        &src,
+        &again,
+    ]));
+    let digest = |image: &str| inspect(image)[0]["digest"].clone();
+    assert_eq!(digest(&recorded), digest(&again));
+
+    assert!(scratch_dirs(&work).is_empty(), "{:?}", scratch_dirs(&work));
+    assert!(mounts_under(&work).is_empty(), "{:?}", mounts_under(&work));
+}
+
+#[test]
+fn an_entrypoint_that_cannot_run_is_a_clear_error_and_leaves_nothing() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    busybox::archive(tmp.path(), "broken", &["/no/such/program"]);
+    let src = format!("oci:{}:broken", tmp.path().join("layout-broken").display());
+    let dst = format!("oci:{}:out", tmp.path().join("out").display());
+    let err = fails(&lazybd(&[
+        &"convert",
+        &"--record-profile",
+        &"--record-secs",
+        &"20",
+        &"--work-dir",
+        &work,
+        &src,
+        &dst,
+    ]));
+    assert!(
+        err.contains("no profile") || err.contains("/no/such/program"),
+        "{err}"
+    );
+    assert!(scratch_dirs(&work).is_empty(), "{:?}", scratch_dirs(&work));
+    assert!(mounts_under(&work).is_empty(), "{:?}", mounts_under(&work));
+}
