@@ -162,6 +162,11 @@ pub struct RegistryConfig {
     /// Docker config file with registry credentials (default
     /// `$DOCKER_CONFIG/config.json`, then `~/.docker/config.json`).
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry host configuration, its `config_path` (e.g.
+    /// `/etc/containerd/certs.d`): each registry's `hosts.toml` names its
+    /// mirrors (range reads go to them first, in order), CAs and
+    /// `skip_verify`, as for containerd. Unset: none.
+    pub config_path: Option<PathBuf>,
     /// Credentials of CRI pulls (`[cri_keychain]`), used before the docker
     /// config's; set at startup, not a config key.
     #[serde(skip)]

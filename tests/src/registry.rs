@@ -31,6 +31,19 @@ pub struct Registry {
     dir: tempfile::TempDir,
     port: u16,
     auth: Auth,
+    /// What else the registry is: a pull-through cache, a TLS server.
+    role: Role,
+}
+
+enum Role {
+    Plain,
+    /// A pull-through cache (`proxy.remoteurl`) of the registry at this URL.
+    MirrorOf(String),
+    /// HTTPS with a certificate for 127.0.0.1 signed by a private CA, whose
+    /// certificate is the PEM file at `ca`.
+    Tls {
+        ca: PathBuf,
+    },
 }
 
 impl Registry {
@@ -61,13 +74,56 @@ impl Registry {
         )
     }
 
-    fn launch(dir: tempfile::TempDir, auth: Auth) -> Registry {
-        let mut reg = Registry {
+    /// A pull-through cache of `origin` (docker-registry's proxy mode), as
+    /// a registry mirror is run.
+    pub fn start_mirror_of(origin: &Registry) -> Registry {
+        let mut reg = Self::new(tempdir(), Auth::Anonymous);
+        reg.role = Role::MirrorOf(format!("http://{}", origin.host()));
+        reg.spawn();
+        reg
+    }
+
+    /// An HTTPS registry whose certificate a private CA signed; the CA's
+    /// PEM file is [`ca`](Self::ca).
+    pub fn start_tls() -> Registry {
+        let dir = tempdir();
+        let ca = write_tls_files(dir.path());
+        let mut reg = Self::new(dir, Auth::Anonymous);
+        reg.role = Role::Tls { ca };
+        reg.spawn();
+        reg
+    }
+
+    /// The private CA of a [`start_tls`](Self::start_tls) registry.
+    pub fn ca(&self) -> Option<&Path> {
+        match &self.role {
+            Role::Tls { ca } => Some(ca),
+            _ => None,
+        }
+    }
+
+    /// Blob GETs the registry answered so far (its access log): what it
+    /// sent, e.g. to a mirror.
+    pub fn blob_gets(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("registry.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+            .count()
+    }
+
+    fn new(dir: tempfile::TempDir, auth: Auth) -> Registry {
+        Registry {
             daemon: None,
             dir,
             port: 0,
             auth,
-        };
+            role: Role::Plain,
+        }
+    }
+
+    fn launch(dir: tempfile::TempDir, auth: Auth) -> Registry {
+        let mut reg = Self::new(dir, auth);
         reg.spawn();
         reg
     }
@@ -96,13 +152,26 @@ impl Registry {
                 self.dir.path().join("token.pem").display()
             ),
         };
+        let role = match &self.role {
+            Role::Plain => String::new(),
+            Role::MirrorOf(url) => format!("proxy:\n  remoteurl: {url}\n"),
+            Role::Tls { .. } => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                self.dir.path().join("cert.pem").display(),
+                self.dir.path().join("key.pem").display()
+            ),
+        };
+        let (http_extra, top_extra) = match self.role {
+            Role::Tls { .. } => (role, String::new()),
+            _ => (String::new(), role),
+        };
         let config = self.dir.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: 127.0.0.1:{}\n{auth}",
+                 http:\n  addr: 127.0.0.1:{}\n{http_extra}{auth}{top_extra}",
                 self.storage().display(),
                 self.port
             ),
@@ -247,6 +316,27 @@ impl Registry {
             daemon.kill();
         }
     }
+}
+
+/// A private CA and a certificate for 127.0.0.1 it signed, under `dir`
+/// (`ca.pem`, `cert.pem`, `key.pem`); returns the CA's path.
+fn write_tls_files(dir: &Path) -> PathBuf {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "lazybd test registry CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "lazybd test registry");
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    dir.join("ca.pem")
 }
 
 fn tempdir() -> tempfile::TempDir {

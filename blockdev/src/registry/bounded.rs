@@ -50,16 +50,26 @@ pub struct BoundedGet {
 }
 
 impl BoundedGet {
-    pub fn new(opts: &RegistryOptions, user_agent: &'static str) -> Result<Self, RegistryError> {
-        let http = reqwest::Client::builder()
+    /// `extra_roots`: PEM CA certificates trusted besides the system's.
+    pub fn new(
+        opts: &RegistryOptions,
+        extra_roots: &[Vec<u8>],
+        user_agent: &'static str,
+    ) -> Result<Self, RegistryError> {
+        let failed = |e: reqwest::Error| RegistryError::Permanent {
+            what: "creating the HTTP client".into(),
+            message: e.to_string(),
+        };
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.read_timeout)
             .user_agent(user_agent)
-            .build()
-            .map_err(|e| RegistryError::Permanent {
-                what: "creating the HTTP client".into(),
-                message: e.to_string(),
-            })?;
+            .danger_accept_invalid_certs(opts.skip_verify);
+        for pem in extra_roots {
+            builder =
+                builder.add_root_certificate(reqwest::Certificate::from_pem(pem).map_err(failed)?);
+        }
+        let http = builder.build().map_err(failed)?;
         Ok(BoundedGet {
             http,
             plain_http: opts.plain_http,

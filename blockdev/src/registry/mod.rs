@@ -110,6 +110,14 @@ pub struct RegistryOptions {
     pub connect_timeout: Duration,
     /// Longest wait for the next bytes of a response.
     pub read_timeout: Duration,
+    /// containerd's registry host configuration (`config_path`, e.g.
+    /// `/etc/containerd/certs.d`): mirrors, CAs, `skip_verify` per registry
+    /// ([`hosts`]). `None`: the registry alone, as configured here.
+    pub hosts_dir: Option<PathBuf>,
+    /// PEM files of CAs trusted besides the system's (from hosts.toml).
+    pub ca_files: Vec<PathBuf>,
+    /// Accept any certificate (hosts.toml's `skip_verify`).
+    pub skip_verify: bool,
 }
 
 impl Default for RegistryOptions {
@@ -119,7 +127,36 @@ impl Default for RegistryOptions {
             docker_config: None,
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(30),
+            hosts_dir: None,
+            ca_files: Vec::new(),
+            skip_verify: false,
         }
+    }
+}
+
+impl RegistryOptions {
+    /// These options for `endpoint` of a registry's hosts.toml.
+    fn for_endpoint(&self, endpoint: &hosts::Endpoint) -> RegistryOptions {
+        RegistryOptions {
+            plain_http: endpoint.plain_http,
+            ca_files: endpoint.ca.clone(),
+            skip_verify: endpoint.skip_verify,
+            hosts_dir: None,
+            ..self.clone()
+        }
+    }
+
+    /// The CA certificates to trust besides the system's, read now.
+    fn extra_roots(&self) -> Result<Vec<Vec<u8>>, RegistryError> {
+        self.ca_files
+            .iter()
+            .map(|path| {
+                std::fs::read(path).map_err(|source| RegistryError::Io {
+                    what: format!("reading the CA file {}", path.display()),
+                    source,
+                })
+            })
+            .collect()
     }
 }
 
@@ -138,6 +175,16 @@ pub struct RegistryClient {
     auth: RegistryAuth,
     /// Manifests and configs: streamed, cut off at their limit.
     bounded: bounded::BoundedGet,
+    /// The registry's mirrors from its hosts.toml, in order: asked first
+    /// for what their capabilities allow; the registry itself is asked
+    /// when none answers.
+    mirrors: Vec<Mirror>,
+}
+
+/// A mirror: a client for the same repository at another host.
+struct Mirror {
+    client: RegistryClient,
+    capabilities: hosts::Capabilities,
 }
 
 impl RegistryClient {
@@ -174,19 +221,73 @@ impl RegistryClient {
         Self::build(parsed, opts, auth)
     }
 
+    /// The client for `parsed`, with the mirrors, CAs and `skip_verify` its
+    /// registry's hosts.toml names (when `opts.hosts_dir` is set).
     fn build(
+        parsed: Reference,
+        opts: &RegistryOptions,
+        auth: RegistryAuth,
+    ) -> Result<Self, RegistryError> {
+        let registry = parsed.resolve_registry().to_owned();
+        let Some(dir) = &opts.hosts_dir else {
+            return Self::endpoint(parsed, opts, auth);
+        };
+        let config = hosts::endpoints(dir, &registry).map_err(|e| RegistryError::Permanent {
+            what: format!("{registry}: the registry host configuration"),
+            message: e.to_string(),
+        })?;
+        let Some(config) = config else {
+            return Self::endpoint(parsed, opts, auth);
+        };
+        for skipped in &config.skipped {
+            warn!("{registry}: hosts.toml entry left out: {skipped}");
+        }
+        let mut origin = None;
+        let mut mirrors = Vec::new();
+        for endpoint in &config.endpoints {
+            let endpoint_opts = opts.for_endpoint(endpoint);
+            if endpoint.host == registry {
+                origin = Some(endpoint_opts);
+                continue;
+            }
+            let mut reference = parsed.clone();
+            reference.set_mirror_registry(endpoint.host.clone());
+            // A mirror gets its own host's credentials (as containerd sends
+            // them), never the registry's.
+            let mirror_auth = credentials_for(&endpoint.host, opts.docker_config.as_deref())?;
+            mirrors.push(Mirror {
+                client: Self::endpoint(reference, &endpoint_opts, mirror_auth)?,
+                capabilities: endpoint.capabilities,
+            });
+        }
+        let mut client = Self::endpoint(parsed, origin.as_ref().unwrap_or(opts), auth)?;
+        client.mirrors = mirrors;
+        Ok(client)
+    }
+
+    /// A client for exactly the host `parsed` resolves to.
+    fn endpoint(
         parsed: Reference,
         opts: &RegistryOptions,
         auth: RegistryAuth,
     ) -> Result<Self, RegistryError> {
         install_crypto_provider();
         let registry = parsed.resolve_registry().to_owned();
+        let roots = opts.extra_roots()?;
         let config = ClientConfig {
             protocol: if opts.plain_http {
                 ClientProtocol::HttpsExcept(vec![registry.clone()])
             } else {
                 ClientProtocol::Https
             },
+            extra_root_certificates: roots
+                .iter()
+                .map(|pem| oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
+            accept_invalid_certificates: opts.skip_verify,
             connect_timeout: Some(opts.connect_timeout),
             read_timeout: Some(opts.read_timeout),
             // Monolithic pushes stream a file in one PUT; chunked pushes would
@@ -200,14 +301,36 @@ impl RegistryClient {
             what: format!("{registry}: creating the HTTP client"),
             message: e.to_string(),
         })?;
-        let bounded = bounded::BoundedGet::new(opts, USER_AGENT)?;
+        let bounded = bounded::BoundedGet::new(opts, &roots, USER_AGENT)?;
         debug!(%registry, auth = ?auth, "registry client");
         Ok(RegistryClient {
             reference: parsed,
             client,
             auth,
             bounded,
+            mirrors: Vec::new(),
         })
+    }
+
+    /// The mirrors that may be asked for what `can` says, in order.
+    fn mirrors(&self, can: fn(&hosts::Capabilities) -> bool) -> impl Iterator<Item = &Self> {
+        self.mirrors
+            .iter()
+            .filter(move |m| can(&m.capabilities))
+            .map(|m| &m.client)
+    }
+
+    /// Logs a mirror's failure; the next mirror, or the registry, is asked.
+    fn mirror_failed(what: &str, mirror: &Self, e: &RegistryError) {
+        warn!(
+            "{what}: mirror {} failed, asking the next: {e}",
+            mirror.registry_host()
+        );
+    }
+
+    /// `host[:port]` this client connects to (a mirror's own host).
+    fn registry_host(&self) -> String {
+        self.reference.resolve_registry().to_owned()
     }
 
     /// `host/repo:tag` for messages.
@@ -217,7 +340,7 @@ impl RegistryClient {
 
     /// `host[:port]` of the registry.
     pub fn registry(&self) -> &str {
-        self.reference.resolve_registry()
+        self.reference.registry()
     }
 
     pub fn repository(&self) -> &str {
@@ -229,13 +352,37 @@ impl RegistryClient {
         &self.auth
     }
 
-    /// The manifest (or index) the reference names.
+    /// The manifest (or index) the reference names: from the first mirror
+    /// that may resolve it (a digest reference: that may pull), else the
+    /// registry.
     pub async fn manifest(&self) -> Result<RawManifest, RegistryError> {
+        let by_digest = self.reference.digest().is_some();
+        let can = if by_digest {
+            |c: &hosts::Capabilities| c.pull
+        } else {
+            |c: &hosts::Capabilities| c.resolve
+        };
+        for mirror in self.mirrors(can) {
+            match mirror.fetch_manifest(&mirror.reference).await {
+                Ok(m) => return Ok(m),
+                Err(e) => Self::mirror_failed("manifest", mirror, &e),
+            }
+        }
         self.fetch_manifest(&self.reference).await
     }
 
     /// A manifest of the same repository by digest (an index's entries).
     pub async fn manifest_by_digest(&self, digest: &str) -> Result<RawManifest, RegistryError> {
+        for mirror in self.mirrors(|c| c.pull) {
+            match mirror.manifest_by_digest_here(digest).await {
+                Ok(m) => return Ok(m),
+                Err(e) => Self::mirror_failed("manifest", mirror, &e),
+            }
+        }
+        self.manifest_by_digest_here(digest).await
+    }
+
+    async fn manifest_by_digest_here(&self, digest: &str) -> Result<RawManifest, RegistryError> {
         let m = self.fetch_manifest(&self.by_digest(digest)).await?;
         if m.digest != digest {
             return Err(RegistryError::Permanent {
@@ -296,8 +443,19 @@ impl RegistryClient {
         })
     }
 
-    /// A small blob (an image config), digest verified.
+    /// A small blob (an image config), digest verified: from the first
+    /// mirror that answers, else the registry.
     pub async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        for mirror in self.mirrors(|c| c.pull) {
+            match mirror.blob_here(digest).await {
+                Ok(b) => return Ok(b),
+                Err(e) => Self::mirror_failed("blob", mirror, &e),
+            }
+        }
+        self.blob_here(digest).await
+    }
+
+    async fn blob_here(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         let what = format!("blob {}@{digest}", self.reference.repository());
         let url = self.bounded.url(&self.reference, "blobs", digest);
         let (bytes, _) = self
@@ -326,9 +484,25 @@ impl RegistryClient {
     }
 
     /// A whole blob of `size` bytes (as its descriptor says) into `path`
-    /// (created or truncated), digest verified. More than `size` bytes is
-    /// a permanent error: a registry cannot fill the disk with one blob.
+    /// (created or truncated), digest verified, from the first mirror that
+    /// answers, else the registry. More than `size` bytes is a permanent
+    /// error: a registry cannot fill the disk with one blob.
     pub async fn blob_to_file(
+        &self,
+        digest: &str,
+        size: u64,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
+        for mirror in self.mirrors(|c| c.pull) {
+            match mirror.blob_to_file_here(digest, size, path).await {
+                Ok(()) => return Ok(()),
+                Err(e) => Self::mirror_failed("blob", mirror, &e),
+            }
+        }
+        self.blob_to_file_here(digest, size, path).await
+    }
+
+    async fn blob_to_file_here(
         &self,
         digest: &str,
         size: u64,
@@ -370,8 +544,22 @@ impl RegistryClient {
     /// (a registry that ignores Range has the rest of its answer skipped and
     /// cut off, never buffered); a short body ends early, which the caller
     /// sees by counting. An error answer is read only for its message
-    /// (4 KiB).
+    /// (4 KiB). Asked of the first mirror that answers, else the registry.
     pub async fn blob_range_stream(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+    ) -> Result<BlobStream, RegistryError> {
+        for mirror in self.mirrors(|c| c.pull) {
+            match mirror.blob_range_stream_here(digest, range.clone()).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => Self::mirror_failed("blob range", mirror, &e),
+            }
+        }
+        self.blob_range_stream_here(digest, range).await
+    }
+
+    async fn blob_range_stream_here(
         &self,
         digest: &str,
         range: Range<u64>,

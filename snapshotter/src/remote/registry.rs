@@ -85,6 +85,7 @@ fn client_with(
     let opts = RegistryOptions {
         plain_http: registry.plain_http.iter().any(|h| h == host),
         docker_config: registry.docker_config.clone(),
+        hosts_dir: registry.config_path.clone(),
         ..RegistryOptions::default()
     };
     match auth {

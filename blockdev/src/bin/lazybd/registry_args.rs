@@ -15,6 +15,11 @@ pub struct RegistryArgs {
     /// $DOCKER_CONFIG/config.json, then ~/.docker/config.json).
     #[arg(long)]
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry host configuration directory (its
+    /// `config_path`, e.g. /etc/containerd/certs.d): mirrors, CAs and
+    /// skip_verify from each registry's hosts.toml, as `ctr --hosts-dir`.
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
 }
 
 impl RegistryArgs {
@@ -22,6 +27,7 @@ impl RegistryArgs {
         RegistryOptions {
             plain_http: self.plain_http,
             docker_config: self.docker_config.clone(),
+            hosts_dir: self.hosts_dir.clone(),
             ..RegistryOptions::default()
         }
     }
@@ -35,6 +41,10 @@ impl RegistryArgs {
         if let Some(c) = &self.docker_config {
             args.push("--docker-config".into());
             args.push(c.into());
+        }
+        if let Some(d) = &self.hosts_dir {
+            args.push("--hosts-dir".into());
+            args.push(d.into());
         }
         args
     }
