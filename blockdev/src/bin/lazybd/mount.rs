@@ -57,8 +57,10 @@ pub struct Args {
     /// Bandwidth of the background prefetch in bytes per second; 0 = unlimited.
     #[arg(long, default_value_t = 0, value_name = "BYTES")]
     prefetch_rate: u64,
-    /// Record the chunks read on demand from the moment the mount is ready
-    /// until it is unmounted; written to FILE at the unmount (docs/blockdev.md).
+    /// Record the image ranges every layer was read at, first read first,
+    /// from the moment the mount is ready until it is unmounted; written to
+    /// FILE at the unmount (docs/blockdev.md), a startup profile for
+    /// `lazybd convert --profile`.
     #[arg(long, value_name = "FILE")]
     record_trace: Option<PathBuf>,
     /// Fetch the chunks of this trace (from --record-trace) first, in
