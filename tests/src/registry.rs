@@ -243,12 +243,18 @@ impl Registry {
     /// PUTs `manifest` (an OCI image manifest) as `repo:tag`; the registry
     /// checks that the blobs it names are in `repo`. Returns its digest.
     pub fn put_manifest(&self, repo: &str, tag: &str, manifest: &[u8]) -> String {
+        // The registry parses the body as the Content-Type says: an index
+        // names its own media type.
+        let media_type = serde_json::from_slice::<serde_json::Value>(manifest)
+            .ok()
+            .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned());
         let (status, body) = crate::http::request(
             None,
             "PUT",
             &self.host(),
             &format!("/v2/{repo}/manifests/{tag}"),
-            &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+            &[("Content-Type", &media_type)],
             manifest,
         );
         assert_eq!(

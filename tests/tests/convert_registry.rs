@@ -441,3 +441,100 @@ fn check_verifies_every_chunk_against_the_original_and_finds_corruption() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `--all-platforms`: every platform of a multi-platform image (an OCI
+/// index in the registry) is converted, and an
+/// index of the converted manifests is written with their platforms; each
+/// passes `lazybd check`. Without the flag one platform's manifest is made.
+#[test]
+fn every_platform_of_an_index_is_converted_into_an_index() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let layout = t.join("multi");
+    let layers = rich_layers();
+    let amd64 = write_image(&layout, "amd64", &layers, &[Compression::Gzip; 3]);
+    let arm64 = write_image(&layout, "arm64", &layers[..2], &[Compression::Gzip; 2]);
+    let entry = |digest: &str, arch: &str| {
+        let blob = t
+            .join("multi/blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": std::fs::metadata(blob).unwrap().len(),
+            "platform": {"os": "linux", "architecture": arch},
+        })
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&amd64, "amd64"), entry(&arm64, "arm64")],
+    });
+    let registry = Registry::start();
+    for tag in ["amd64", "arm64"] {
+        registry.push_layout(&layout, tag, &format!("multi:{tag}"));
+    }
+    let index_bytes = serde_json::to_vec(&index).unwrap();
+    registry.put_manifest("multi", "v1", &index_bytes);
+
+    let out = convert(
+        t,
+        &registry.reference("multi:v1"),
+        &registry.reference("multi:lazy"),
+        &["--all-platforms", "--json"],
+    );
+    let converted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let platforms = converted["platforms"].as_array().expect("platforms");
+    let names: Vec<&str> = platforms
+        .iter()
+        .map(|p| p["platform"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["linux/amd64", "linux/arm64"], "{converted}");
+    assert_eq!(platforms[0]["layers"].as_array().unwrap().len(), 3);
+    assert_eq!(platforms[1]["layers"].as_array().unwrap().len(), 2);
+
+    // The registry holds an index naming both converted manifests.
+    let (status, body) = lazybd_tests::http::request(
+        None,
+        "GET",
+        &registry.host(),
+        "/v2/multi/manifests/lazy",
+        &[("accept", "application/vnd.oci.image.index.v1+json")],
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let entries = stored["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{stored}");
+    for (e, p) in entries.iter().zip(platforms) {
+        assert_eq!(e["digest"], p["manifest_digest"], "{stored}");
+    }
+    assert_eq!(entries[1]["platform"]["architecture"], "arm64");
+    // Each platform's image is a sound lazybd image.
+    for p in platforms {
+        let by_digest = format!(
+            "{}@{}",
+            registry.reference("multi"),
+            p["manifest_digest"].as_str().unwrap()
+        );
+        ok(&lazybd(&[
+            &"check",
+            &"--plain-http",
+            &"--work-dir",
+            &t,
+            &by_digest,
+        ]));
+    }
+
+    // Without --all-platforms: --platform's manifest alone.
+    let out = convert(
+        t,
+        &registry.reference("multi:v1"),
+        &registry.reference("multi:arm"),
+        &["--platform", "linux/arm64", "--json"],
+    );
+    let one: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(one.get("platforms").is_none(), "{one}");
+    assert_eq!(one["layers"].as_array().unwrap().len(), 2, "{one}");
+}

@@ -31,7 +31,7 @@ use tracing::info;
 use crate::oci::layout::LayoutError;
 use crate::oci::{
     canonical_json, config_diff_ids, is_manifest_list, layer_compression, pick_platform, OciError,
-    ANN_SOURCE_MANIFEST, MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST,
+    ANN_SOURCE_MANIFEST, MEDIA_LAZYBD_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
 };
 use crate::trace::Trace;
 pub use layer::{ConvertedLayer, LayerPlan};
@@ -79,6 +79,9 @@ pub struct ConvertOptions {
     pub parallel: usize,
     /// Platform to pick from a multi-platform index.
     pub platform: (String, String),
+    /// Convert every platform of a multi-platform index (not only
+    /// `platform`) and write an index of the results.
+    pub all_platforms: bool,
     /// What one layer may cost to unpack; past it the conversion stops.
     pub limits: LayerLimits,
 }
@@ -91,6 +94,7 @@ impl Default for ConvertOptions {
             work_dir: std::env::temp_dir(),
             parallel: 2,
             platform: ("linux".into(), "amd64".into()),
+            all_platforms: false,
             limits: LayerLimits::default(),
         }
     }
@@ -110,17 +114,127 @@ pub fn profile_of(trace: &Trace) -> HashMap<String, Vec<Range<u64>>> {
 /// What a conversion produced.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Converted {
+    /// The manifest written (with `--all-platforms` of an index: the index).
     pub manifest_digest: String,
     pub config_digest: String,
     pub layers: Vec<String>,
+    /// `OS/ARCH[/VARIANT]` of a platform of a converted index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// With `--all-platforms` of an index: each platform's conversion.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<Converted>,
 }
 
+/// Converts the image `src` names into `dst`: one platform's manifest
+/// (`opts.platform` of an index), or with `opts.all_platforms` every
+/// platform of an index, written as an index of the converted manifests.
 pub fn convert_image(
     src: &dyn ImageStore,
     dst: &dyn ImageStore,
     opts: &ConvertOptions,
 ) -> Result<Converted, ConvertError> {
+    if opts.all_platforms {
+        let (bytes, media_type, _) = src.manifest()?;
+        if is_index(&bytes, &media_type) {
+            return convert_index(src, dst, opts, &bytes);
+        }
+    }
     let (source_digest, _, manifest) = source_manifest(src, opts)?;
+    let (bytes, converted) = convert_manifest(src, dst, &source_digest, &manifest, opts)?;
+    let manifest_digest = dst.put_manifest(&bytes)?;
+    info!(src = %src.describe(), dst = %dst.describe(), manifest = %manifest_digest, "converted");
+    Ok(Converted {
+        manifest_digest,
+        ..converted
+    })
+}
+
+/// Every platform of the index `bytes`, each converted and stored by
+/// digest, then an index of them under `dst`'s name. Entries without a
+/// platform, or `unknown/unknown` (build attestations), are left out.
+fn convert_index(
+    src: &dyn ImageStore,
+    dst: &dyn ImageStore,
+    opts: &ConvertOptions,
+    bytes: &[u8],
+) -> Result<Converted, ConvertError> {
+    let parse_err = |e: oci_spec::OciSpecError| {
+        ConvertError::Invalid(format!("{}: index: {e}", src.describe()))
+    };
+    let index = ImageIndex::from_reader(bytes).map_err(parse_err)?;
+    let mut entries = Vec::new();
+    let mut platforms = Vec::new();
+    for entry in index.manifests() {
+        let Some(platform) = entry.platform() else {
+            continue;
+        };
+        let (os, arch) = (
+            platform.os().to_string(),
+            platform.architecture().to_string(),
+        );
+        if os == "unknown" {
+            continue;
+        }
+        let name = match platform.variant() {
+            Some(v) => format!("{os}/{arch}/{v}"),
+            None => format!("{os}/{arch}"),
+        };
+        info!(src = %src.describe(), platform = %name, "converting one platform of the index");
+        let digest = entry.digest().to_string();
+        let manifest_bytes = src.manifest_by_digest(&digest)?;
+        let manifest = ImageManifest::from_reader(&manifest_bytes[..]).map_err(|e| {
+            ConvertError::Invalid(format!("{}: manifest {digest}: {e}", src.describe()))
+        })?;
+        let (converted_bytes, converted) = convert_manifest(src, dst, &digest, &manifest, opts)
+            .map_err(|e| ConvertError::Invalid(format!("platform {name}: {e}")))?;
+        let converted_digest = dst.put_platform_manifest(&converted_bytes)?;
+        entries.push(json!({
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "digest": converted_digest,
+            "size": converted_bytes.len(),
+            "platform": serde_json::to_value(platform)
+                .map_err(|e| ConvertError::Invalid(e.to_string()))?,
+        }));
+        platforms.push(Converted {
+            manifest_digest: converted_digest,
+            platform: Some(name),
+            ..converted
+        });
+    }
+    if entries.is_empty() {
+        return Err(ConvertError::Invalid(format!(
+            "{}: the index names no platform",
+            src.describe()
+        )));
+    }
+    let index_json = json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_INDEX,
+        "manifests": entries,
+    });
+    let index_bytes =
+        canonical_json(&index_json).map_err(|e| ConvertError::Invalid(e.to_string()))?;
+    let index_digest = dst.put_index(&index_bytes)?;
+    info!(src = %src.describe(), dst = %dst.describe(), index = %index_digest, platforms = platforms.len(), "converted");
+    Ok(Converted {
+        manifest_digest: index_digest,
+        config_digest: String::new(),
+        layers: platforms.iter().flat_map(|p| p.layers.clone()).collect(),
+        platform: None,
+        platforms,
+    })
+}
+
+/// Converts one image manifest's config and layers into `dst`; returns
+/// the converted manifest's bytes (not stored yet) and what was made.
+fn convert_manifest(
+    src: &dyn ImageStore,
+    dst: &dyn ImageStore,
+    source_digest: &str,
+    manifest: &ImageManifest,
+    opts: &ConvertOptions,
+) -> Result<(Vec<u8>, Converted), ConvertError> {
     let config_desc = manifest.config();
     let mut config: Value = serde_json::from_slice(&src.blob(config_desc.digest().as_ref())?)
         .map_err(|e| ConvertError::Invalid(format!("{}: image config: {e}", src.describe())))?;
@@ -181,13 +295,16 @@ pub fn convert_image(
     });
     let manifest_bytes =
         canonical_json(&manifest_json).map_err(|e| ConvertError::Invalid(e.to_string()))?;
-    let manifest_digest = dst.put_manifest(&manifest_bytes)?;
-    info!(src = %src.describe(), dst = %dst.describe(), manifest = %manifest_digest, "converted");
-    Ok(Converted {
-        manifest_digest,
-        config_digest,
-        layers: layers.into_iter().map(|l| l.digest).collect(),
-    })
+    Ok((
+        manifest_bytes,
+        Converted {
+            manifest_digest: String::new(),
+            config_digest,
+            layers: layers.into_iter().map(|l| l.digest).collect(),
+            platform: None,
+            platforms: Vec::new(),
+        },
+    ))
 }
 
 /// Copies the image `src` names (for an index, the manifest of
@@ -265,6 +382,14 @@ pub fn layer_images(
     Ok(out)
 }
 
+/// Whether a manifest `bytes` of `media_type` is an index (a manifest list).
+fn is_index(bytes: &[u8], media_type: &str) -> bool {
+    is_manifest_list(media_type)
+        || serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .is_some_and(|v| v.get("manifests").is_some())
+}
+
 /// The image manifest to convert: its digest, bytes and parsed form,
 /// choosing the platform from an index.
 fn source_manifest(
@@ -275,10 +400,7 @@ fn source_manifest(
     let parse_err = |e: oci_spec::OciSpecError| {
         ConvertError::Invalid(format!("{}: manifest: {e}", src.describe()))
     };
-    let looks_like_index = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .is_some_and(|v| v.get("manifests").is_some());
-    if !is_manifest_list(&media_type) && !looks_like_index {
+    if !is_index(&bytes, &media_type) {
         let manifest = ImageManifest::from_reader(&bytes[..]).map_err(parse_err)?;
         return Ok((digest, bytes, manifest));
     }

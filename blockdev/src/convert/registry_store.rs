@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::runtime::Runtime;
 
 use super::{ConvertError, ImageStore};
-use crate::oci::MEDIA_OCI_MANIFEST;
+use crate::oci::{MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
 use crate::registry::{RegistryClient, RegistryOptions};
 
 pub struct RegistryStore {
@@ -78,5 +78,18 @@ impl ImageStore for RegistryStore {
         Ok(self
             .runtime
             .block_on(self.client.push_manifest(bytes, MEDIA_OCI_MANIFEST))?)
+    }
+
+    fn put_platform_manifest(&self, bytes: &[u8]) -> Result<String, ConvertError> {
+        Ok(self.runtime.block_on(
+            self.client
+                .push_manifest_by_digest(bytes, MEDIA_OCI_MANIFEST),
+        )?)
+    }
+
+    fn put_index(&self, bytes: &[u8]) -> Result<String, ConvertError> {
+        Ok(self
+            .runtime
+            .block_on(self.client.push_manifest(bytes, MEDIA_OCI_INDEX))?)
     }
 }

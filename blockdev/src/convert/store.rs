@@ -24,6 +24,11 @@ pub trait ImageStore: Send + Sync {
     fn put_blob_file(&self, digest: &str, path: &Path) -> Result<(), ConvertError>;
     /// Stores an OCI image manifest under the store's name; returns its digest.
     fn put_manifest(&self, bytes: &[u8]) -> Result<String, ConvertError>;
+    /// Stores an OCI image manifest by its digest only (an entry of an
+    /// index stored next); returns its digest.
+    fn put_platform_manifest(&self, bytes: &[u8]) -> Result<String, ConvertError>;
+    /// Stores an OCI image index under the store's name; returns its digest.
+    fn put_index(&self, bytes: &[u8]) -> Result<String, ConvertError>;
 }
 
 pub struct LayoutStore {
@@ -44,6 +49,28 @@ impl LayoutStore {
             layout: OciLayout::open_or_create(dir)?,
             tag,
         })
+    }
+}
+
+impl LayoutStore {
+    /// Stores `bytes` and tags them as this store's image.
+    fn put_tagged(
+        &self,
+        bytes: &[u8],
+        media_type: oci_spec::image::MediaType,
+    ) -> Result<String, ConvertError> {
+        let digest = self.layout.put_blob(bytes)?;
+        debug_assert_eq!(digest, digest_of(bytes));
+        let desc = oci_spec::image::Descriptor::new(
+            media_type,
+            bytes.len() as u64,
+            digest
+                .parse::<oci_spec::image::Digest>()
+                .map_err(|e| ConvertError::Invalid(e.to_string()))?,
+        );
+        self.layout
+            .tag(self.tag.as_deref().unwrap_or("latest"), &desc)?;
+        Ok(digest)
     }
 }
 
@@ -103,17 +130,14 @@ impl ImageStore for LayoutStore {
     }
 
     fn put_manifest(&self, bytes: &[u8]) -> Result<String, ConvertError> {
-        let digest = self.layout.put_blob(bytes)?;
-        debug_assert_eq!(digest, digest_of(bytes));
-        let desc = oci_spec::image::Descriptor::new(
-            oci_spec::image::MediaType::ImageManifest,
-            bytes.len() as u64,
-            digest
-                .parse::<oci_spec::image::Digest>()
-                .map_err(|e| ConvertError::Invalid(e.to_string()))?,
-        );
-        self.layout
-            .tag(self.tag.as_deref().unwrap_or("latest"), &desc)?;
-        Ok(digest)
+        self.put_tagged(bytes, oci_spec::image::MediaType::ImageManifest)
+    }
+
+    fn put_platform_manifest(&self, bytes: &[u8]) -> Result<String, ConvertError> {
+        Ok(self.layout.put_blob(bytes)?)
+    }
+
+    fn put_index(&self, bytes: &[u8]) -> Result<String, ConvertError> {
+        self.put_tagged(bytes, oci_spec::image::MediaType::ImageIndex)
     }
 }

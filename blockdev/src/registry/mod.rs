@@ -675,7 +675,27 @@ impl RegistryClient {
         bytes: &[u8],
         media_type: &str,
     ) -> Result<String, RegistryError> {
-        let what = format!("pushing manifest {}", self.reference.whole());
+        self.push_manifest_to(&self.reference, bytes, media_type)
+            .await
+    }
+
+    /// Pushes a manifest by its digest only (an index's entry).
+    pub async fn push_manifest_by_digest(
+        &self,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<String, RegistryError> {
+        self.push_manifest_to(&self.by_digest(&digest_of(bytes)), bytes, media_type)
+            .await
+    }
+
+    async fn push_manifest_to(
+        &self,
+        reference: &Reference,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<String, RegistryError> {
+        let what = format!("pushing manifest {}", reference.whole());
         let content_type: http::HeaderValue =
             media_type.parse().map_err(|_| RegistryError::Permanent {
                 what: what.clone(),
@@ -684,7 +704,7 @@ impl RegistryClient {
         let data = Bytes::copy_from_slice(bytes);
         self.retry(&what, || {
             self.client
-                .push_manifest_raw(&self.reference, data.clone(), content_type.clone())
+                .push_manifest_raw(reference, data.clone(), content_type.clone())
         })
         .await?;
         Ok(digest_of(bytes))

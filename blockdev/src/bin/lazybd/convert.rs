@@ -72,6 +72,10 @@ pub struct Args {
     /// Platform to convert from a multi-platform image, OS/ARCH.
     #[arg(long, default_value = "linux/amd64")]
     platform: String,
+    /// Convert every platform of a multi-platform image and write an index
+    /// of the converted manifests (instead of only --platform's manifest).
+    #[arg(long, conflicts_with = "record_profile")]
+    all_platforms: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -112,6 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         work_dir: args.work_dir.clone(),
         parallel: args.parallel,
         platform: (os.to_owned(), arch.to_owned()),
+        all_platforms: args.all_platforms,
         limits: LayerLimits {
             max_bytes: args.max_layer_size,
             max_entries: args.max_layer_entries,
