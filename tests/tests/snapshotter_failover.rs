@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lazybd_tests::containerd::{Containerd, LAZYBD_RUNTIME};
-use lazybd_tests::fdstore::FdHolder;
+use std::sync::Arc;
+
+use lazybd_tests::fdstore::{FdHolder, SystemdStore};
 use lazybd_tests::images::{publish_lazy_files, FilesImage};
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
@@ -50,21 +52,26 @@ struct Node {
     fuse: FuseConnection,
     ctd: Containerd,
     snapshotter: SnapshotterDaemon,
-    holder: FdHolder,
+    store: Store,
     img: FilesImage,
     out: PathBuf,
-    _registry: Registry,
+    registry: Registry,
     _tmp: tempfile::TempDir,
 }
 
+/// Where the FUSE session waits while the daemon is gone.
+enum Store {
+    Holder(FdHolder),
+    Systemd(Arc<SystemdStore>),
+}
+
 impl Node {
-    fn start() -> Node {
+    fn start(systemd: bool) -> Node {
         let tmp = tempfile::tempdir().unwrap();
         let registry = Registry::start();
         let img = publish_lazy_files(tmp.path(), &registry, FILES, FILE_SIZE);
         let dir = tmp.path().join("snapshotter");
         std::fs::create_dir_all(&dir).unwrap();
-        let holder = FdHolder::start(&dir);
         let ctd_dir = lazybd_tests::containerd::new_dir();
         // lazy_read_ahead_kb is top-level: before any table.
         let config = "lazy_read_ahead_kb = 0\n".to_owned()
@@ -73,9 +80,20 @@ impl Node {
                 "[containerd]\naddress = \"{}\"\n",
                 lazybd_tests::containerd::socket_in(ctd_dir.path()).display()
             )
-            + "[prefetch]\non_task_start = false\n[trace]\nrecord = false\nreplay = false\n"
-            + &holder.snapshotter_config();
-        let snapshotter = SnapshotterDaemon::start(&dir, &config);
+            + "[prefetch]\non_task_start = false\n[trace]\nrecord = false\nreplay = false\n";
+        let (snapshotter, store) = if systemd {
+            let store = Arc::new(SystemdStore::start(&dir));
+            let config = config + "[restart]\nfd_store = \"systemd\"\n";
+            let s = SnapshotterDaemon::start_under_systemd(&dir, &config, store.clone());
+            (s, Store::Systemd(store))
+        } else {
+            let holder = FdHolder::start(&dir);
+            let config = config + &holder.snapshotter_config();
+            (
+                SnapshotterDaemon::start(&dir, &config),
+                Store::Holder(holder),
+            )
+        };
         let ctd = Containerd::builder()
             .in_dir(ctd_dir)
             .proxy_snapshotter(snapshotter.proxy())
@@ -96,11 +114,18 @@ impl Node {
             fuse,
             ctd,
             snapshotter,
-            holder,
+            store,
             img,
             out,
-            _registry: registry,
+            registry,
             _tmp: tmp,
+        }
+    }
+
+    fn holder(&mut self) -> &mut FdHolder {
+        match &mut self.store {
+            Store::Holder(h) => h,
+            Store::Systemd(_) => panic!("no holder"),
         }
     }
 
@@ -401,7 +426,7 @@ fn loop_numbers(snapshotter: &SnapshotterDaemon) -> Vec<u32> {
 #[test]
 fn sigkill_and_restart_under_reading_containers_fail_no_read() {
     require_root!();
-    let mut node = Node::start();
+    let mut node = Node::start(false);
     let id = node.run_readers("0.4");
     node.wait_lines(2 * READERS, Duration::from_secs(60));
 
@@ -428,7 +453,7 @@ fn sigkill_and_restart_under_reading_containers_fail_no_read() {
 #[test]
 fn a_planned_upgrade_under_reading_containers_fails_no_read_and_detaches_nothing() {
     require_root!();
-    let mut node = Node::start();
+    let mut node = Node::start(false);
     let id = node.run_readers("0.4");
     node.wait_lines(2 * READERS, Duration::from_secs(60));
     let loops_before = loop_numbers(&node.snapshotter);
@@ -473,11 +498,11 @@ fn a_planned_upgrade_under_reading_containers_fails_no_read_and_detaches_nothing
 #[test]
 fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
     require_root!();
-    let mut node = Node::start();
+    let mut node = Node::start(false);
     let id = node.run_readers("0.3");
     node.wait_lines(READERS, Duration::from_secs(60));
 
-    node.holder.kill();
+    node.holder().kill();
     let at_loss = node.lines().len();
     let lines = node.wait_lines(at_loss + 2 * READERS, Duration::from_secs(60));
     assert!(
@@ -485,7 +510,7 @@ fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
         "reads failed after the holder died: {lines:#?}"
     );
 
-    node.holder.start_again();
+    node.holder().start_again();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !node
         .snapshotter
@@ -509,5 +534,79 @@ fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
     node.assert_all_read_intact(&lines);
     across_the_gap(&node, &lines, down, up, most_waiting);
     assert_resumed_and_served(&node.snapshotter);
+    node.remove(&id);
+}
+
+/// The daemon dies with reads it took from the kernel and had not answered
+/// (their fetches hang on a frozen registry): the next daemon has the
+/// kernel resend them (`FUSE_NOTIFY_RESEND`) and answers them.
+#[test]
+fn sigkill_with_reads_in_flight_fails_no_read() {
+    require_root!();
+    let mut node = Node::start(false);
+    let id = node.run_readers("0.4");
+    node.wait_lines(2 * READERS, Duration::from_secs(60));
+
+    let frozen = node.registry.freeze();
+    // Every reader's next read misses and its fetch hangs: the daemon has
+    // taken those requests from the kernel.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.fuse.waiting() < READERS as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} requests waiting on the frozen registry",
+            node.fuse.waiting()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let in_flight = node.fuse.waiting();
+    let down = uptime();
+    node.snapshotter.kill();
+    drop(frozen);
+    let (most_waiting, during) = node.gap();
+    assert_eq!(during, 0, "reads completed without the daemon");
+    let up = uptime();
+    node.snapshotter.start_again();
+
+    let lines = node.wait_done(Duration::from_secs(90));
+    node.assert_all_read_intact(&lines);
+    eprintln!("{in_flight} requests in flight at SIGKILL");
+    let report = across_the_gap(&node, &lines, down, up, most_waiting);
+    assert!(
+        report.reads_across >= READERS,
+        "{} reads across the gap",
+        report.reads_across
+    );
+    assert_resumed_and_served(&node.snapshotter);
+    node.remove(&id);
+}
+
+#[test]
+fn sigkill_and_restart_fail_no_read_with_systemds_fd_store() {
+    require_root!();
+    let mut node = Node::start(true);
+    let Store::Systemd(store) = &node.store else {
+        unreachable!()
+    };
+    let store = store.clone();
+    assert_eq!(store.ready_count(), 1, "READY=1 once serving");
+    let id = node.run_readers("0.4");
+    node.wait_lines(2 * READERS, Duration::from_secs(60));
+
+    let down = uptime();
+    node.snapshotter.kill();
+    let (most_waiting, during) = node.gap();
+    assert!(
+        during <= READERS,
+        "{during} reads completed without the daemon"
+    );
+    let up = uptime();
+    node.snapshotter.start_again();
+
+    let lines = node.wait_done(Duration::from_secs(90));
+    node.assert_all_read_intact(&lines);
+    across_the_gap(&node, &lines, down, up, most_waiting);
+    assert_resumed_and_served(&node.snapshotter);
+    assert_eq!(store.ready_count(), 2);
     node.remove(&id);
 }
