@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lazybd_tests::containerd::{Containerd, LAZYBD_RUNTIME};
-use lazybd_tests::fdstore::FdHolder;
+use std::sync::Arc;
+
+use lazybd_tests::fdstore::{FdHolder, SystemdStore};
 use lazybd_tests::images::{publish_lazy_files, FilesImage};
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
@@ -43,21 +45,27 @@ const STRIDE: usize = 7;
 const GAP: Duration = Duration::from_secs(2);
 
 /// A node: a registry with the files image, the snapshotter with an fd
-/// holder, a private containerd. Fields drop in order: containerd first,
-/// then the snapshotter, the holder, the rest.
+/// store, a private containerd. Fields drop in order: containerd first,
+/// then the snapshotter, the store, the rest.
 struct Node {
     fuse: FuseConnection,
     ctd: Containerd,
     snapshotter: SnapshotterDaemon,
-    holder: FdHolder,
+    store: Store,
     img: FilesImage,
     out: PathBuf,
     registry: Registry,
     _tmp: tempfile::TempDir,
 }
 
+/// Where the FUSE session waits while the daemon is gone.
+enum Store {
+    Holder(FdHolder),
+    Systemd(Arc<SystemdStore>),
+}
+
 impl Node {
-    fn start() -> Node {
+    fn start(systemd: bool) -> Node {
         let tmp = tempfile::tempdir().unwrap();
         let registry = Registry::start();
         let img = publish_lazy_files(tmp.path(), &registry, FILES, FILE_SIZE);
@@ -72,9 +80,19 @@ impl Node {
                 lazybd_tests::containerd::socket_in(ctd_dir.path()).display()
             )
             + "[prefetch]\non_task_start = false\n[trace]\nrecord = false\nreplay = false\n";
-        let holder = FdHolder::start(&dir);
-        let config = config + &holder.snapshotter_config();
-        let snapshotter = SnapshotterDaemon::start(&dir, &config);
+        let (snapshotter, store) = if systemd {
+            let store = Arc::new(SystemdStore::start(&dir));
+            let config = config + "[restart]\nfd_store = \"systemd\"\n";
+            let s = SnapshotterDaemon::start_under_systemd(&dir, &config, store.clone());
+            (s, Store::Systemd(store))
+        } else {
+            let holder = FdHolder::start(&dir);
+            let config = config + &holder.snapshotter_config();
+            (
+                SnapshotterDaemon::start(&dir, &config),
+                Store::Holder(holder),
+            )
+        };
         let ctd = Containerd::builder()
             .in_dir(ctd_dir)
             .proxy_snapshotter(snapshotter.proxy())
@@ -95,11 +113,18 @@ impl Node {
             fuse,
             ctd,
             snapshotter,
-            holder,
+            store,
             img,
             out,
             registry,
             _tmp: tmp,
+        }
+    }
+
+    fn holder(&mut self) -> &mut FdHolder {
+        match &mut self.store {
+            Store::Holder(h) => h,
+            Store::Systemd(_) => panic!("no holder"),
         }
     }
 
@@ -426,7 +451,7 @@ fn loop_numbers(snapshotter: &SnapshotterDaemon) -> Vec<u32> {
 #[test]
 fn sigkill_and_restart_under_reading_containers_fail_no_read() {
     require_root!();
-    let mut node = Node::start();
+    let mut node = Node::start(false);
     let id = node.run_readers("0.4");
     node.wait_lines(2 * READERS, Duration::from_secs(60));
 
@@ -457,7 +482,7 @@ fn sigkill_and_restart_under_reading_containers_fail_no_read() {
 #[test]
 fn a_planned_upgrade_under_reading_containers_fails_no_read_and_detaches_nothing() {
     require_root!();
-    let mut node = Node::start();
+    let mut node = Node::start(false);
     let id = node.run_readers("0.4");
     node.wait_lines(2 * READERS, Duration::from_secs(60));
     let loops_before = loop_numbers(&node.snapshotter);
@@ -502,11 +527,11 @@ fn a_planned_upgrade_under_reading_containers_fails_no_read_and_detaches_nothing
 #[test]
 fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
     require_root!();
-    let mut node = Node::start();
+    let mut node = Node::start(false);
     let id = node.run_readers("0.3");
     node.wait_lines(READERS, Duration::from_secs(60));
 
-    node.holder.kill();
+    node.holder().kill();
     let at_loss = node.lines().len();
     let lines = node.wait_lines(at_loss + 2 * READERS, Duration::from_secs(60));
     assert!(
@@ -514,7 +539,7 @@ fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
         "reads failed after the holder died: {lines:#?}"
     );
 
-    node.holder.start_again();
+    node.holder().start_again();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !node
         .snapshotter
@@ -547,7 +572,7 @@ fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
 #[test]
 fn sigkill_with_reads_in_flight_fails_no_read() {
     require_root!();
-    let mut node = Node::start();
+    let mut node = Node::start(false);
     let id = node.run_readers("0.4");
     node.wait_lines(2 * READERS, Duration::from_secs(60));
 
@@ -582,5 +607,35 @@ fn sigkill_with_reads_in_flight_fails_no_read() {
         report.reads_across
     );
     assert_resumed_and_served(&node.snapshotter);
+    node.remove(&id);
+}
+
+#[test]
+fn sigkill_and_restart_fail_no_read_with_systemds_fd_store() {
+    require_root!();
+    let mut node = Node::start(true);
+    let Store::Systemd(store) = &node.store else {
+        unreachable!()
+    };
+    let store = store.clone();
+    assert_eq!(store.ready_count(), 1, "READY=1 once serving");
+    let id = node.run_readers("0.4");
+    node.wait_lines(2 * READERS, Duration::from_secs(60));
+
+    let down = uptime();
+    node.snapshotter.kill();
+    let (most_waiting, during) = node.gap();
+    assert!(
+        during <= READERS,
+        "{during} reads completed without the daemon"
+    );
+    let up = uptime();
+    node.snapshotter.start_again();
+
+    let lines = node.wait_done(Duration::from_secs(90));
+    node.assert_all_read_intact(&lines);
+    across_the_gap(&node, &lines, down, up, most_waiting);
+    assert_resumed_and_served(&node.snapshotter);
+    assert_eq!(store.ready_count(), 2);
     node.remove(&id);
 }
