@@ -79,6 +79,16 @@ pub struct SystemdStore {
     ready: Arc<Mutex<u32>>,
 }
 
+/// The receiving thread shares the stored descriptors and never ends:
+/// release them when the store goes, as systemd does when the unit stops,
+/// so a session left behind by a failed test is aborted instead of keeping
+/// whatever touches its mount (a temp dir's removal) waiting forever.
+impl Drop for SystemdStore {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 impl SystemdStore {
     pub fn start(dir: &Path) -> SystemdStore {
         let notify_socket = dir.join("notify.sock");

@@ -477,3 +477,70 @@ pub fn listing(root: &Path) -> BTreeMap<String, Entry> {
     }
     out
 }
+
+/// An image for reading many files of a lazy layer: busybox in one layer,
+/// `/files/fNNN` (`count` files of `size` random bytes) in another,
+/// converted (64 KiB chunks) into `registry` as `files:lazy`.
+pub struct FilesImage {
+    pub image: LazyImage,
+    /// `fNNN` and the sha256 (hex) of its bytes, in name order.
+    pub files: Vec<(String, String)>,
+}
+
+/// Publishes a [`FilesImage`]. The source layers are uncompressed: the
+/// files are random bytes gzip would not shrink, and a debug build would
+/// spend most of the test compressing them.
+pub fn publish_lazy_files(
+    dir: &Path,
+    registry: &crate::registry::Registry,
+    count: usize,
+    size: usize,
+) -> FilesImage {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (apt install busybox-static; hack/install-deps.sh does)");
+    let mut base = TarLayer::new();
+    base.dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .symlink("bin/sh", "busybox")
+        .dir("tmp", 0o1777)
+        .dir("dev", 0o755)
+        .dir("proc", 0o755)
+        .dir("sys", 0o755)
+        .dir("out", 0o755);
+    let mut data = TarLayer::new();
+    data.dir("files", 0o755);
+    let mut files = Vec::new();
+    for i in 0..count {
+        let bytes = noise(1000 + i as u64, size);
+        let name = format!("f{i:03}");
+        files.push((
+            name.clone(),
+            hex::encode(lazybd_blockdev::format::sha256(&bytes)),
+        ));
+        data.file(&format!("files/{name}"), 0o644, &bytes);
+    }
+    let layout = dir.join("files-src");
+    write_image(
+        &layout,
+        "v1",
+        &[base.finish(), data.finish()],
+        &[Compression::None, Compression::None],
+    );
+    registry.push_layout(&layout, "v1", "files:v1");
+    let out = crate::cli::ok(&crate::cli::lazybd(&[
+        &"convert",
+        &"--plain-http",
+        &"--json",
+        &"--chunk-size",
+        &"65536",
+        &"--work-dir",
+        &dir,
+        &registry.reference("files:v1"),
+        &registry.reference("files:lazy"),
+    ]));
+    let converted: serde_json::Value = serde_json::from_str(&out).expect("convert --json");
+    FilesImage {
+        image: lazy_image(registry, "files:lazy", &converted),
+        files,
+    }
+}

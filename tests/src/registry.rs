@@ -316,6 +316,20 @@ impl Registry {
         );
     }
 
+    /// Freezes the registry (SIGSTOP) until the guard drops (SIGCONT):
+    /// requests to it are accepted by the kernel and never answered, so a
+    /// client's fetches stay in flight as long as the test wants.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self
+            .daemon
+            .as_ref()
+            .and_then(Daemon::pid)
+            .expect("a running registry");
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Frozen(pid)
+    }
+
     /// Kills the registry (the storage stays): it is "down", at once.
     pub fn stop(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
@@ -343,6 +357,15 @@ fn write_tls_files(dir: &Path) -> PathBuf {
     std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
     dir.join("ca.pem")
+}
+
+/// A [`Registry::freeze`]; thawed on drop.
+pub struct Frozen(nix::unistd::Pid);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
 }
 
 fn tempdir() -> tempfile::TempDir {

@@ -220,6 +220,14 @@ async fn serve(mut config: Config) -> Result<()> {
     if let Some(kc) = &config.cri_keychain {
         let _ = std::fs::remove_file(&kc.listen);
     }
+    // The gRPC server has stopped accepting, but the handlers of requests
+    // it had accepted (a Remove, a Mounts) still hold the service for a
+    // moment: wait for them, bounded, or the layers would stay attached
+    // with nobody serving them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Arc::strong_count(&snapshotter) > 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     match Arc::try_unwrap(snapshotter) {
         Ok(s) => {
             if let Err(e) = s.into_remote().into_manager().shutdown().await {
