@@ -153,6 +153,11 @@ impl SnapshotterDaemon {
         }
     }
 
+    /// Whether the daemon runs (it was not killed or stopped).
+    pub fn running(&self) -> bool {
+        self.daemon.pid().is_some()
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.daemon.pid().expect("the snapshotter runs")

@@ -356,7 +356,7 @@ impl Drop for Node {
     /// cleanup waiting on them: abort the session first. A running daemon
     /// answers them and shuts down cleanly on its own.
     fn drop(&mut self) {
-        if std::thread::panicking() && self.snapshotter.pid().is_none() {
+        if std::thread::panicking() && !self.snapshotter.running() {
             let _ = std::fs::write(self.fuse.dir.join("abort"), "1");
             // Nobody will detach the layers: their mounts go with the last
             // user (the loop devices clear themselves then).
