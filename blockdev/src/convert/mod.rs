@@ -254,7 +254,7 @@ fn convert_manifest(
             what: format!("creating a work dir in {}", opts.work_dir.display()),
             source: e,
         })?;
-    let progress = Progress::new(manifest.layers().len());
+    let progress = Progress::new(manifest.layers());
     let layers = convert_layers(
         src,
         dst,
@@ -551,28 +551,39 @@ pub fn file_digest(path: &Path) -> Result<String, ConvertError> {
 /// A progress bar on a terminal; one log line per layer otherwise.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    layers: usize,
+    done: AtomicUsize,
 }
 
 impl Progress {
-    fn new(layers: usize) -> Self {
+    /// A bar of the source layers' bytes (a layer counts once converted).
+    fn new(layers: &[Descriptor]) -> Self {
+        let total: u64 = layers.iter().map(|l| l.size()).sum();
         let bar = io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(layers as u64);
+            let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{spinner} converting layers {pos}/{len} [{elapsed}] {msg}",
+                    "{spinner} converting {binary_bytes}/{binary_total_bytes} of layers \
+                     [{elapsed}, {binary_bytes_per_sec}] {msg}",
                 )
                 .expect("static template"),
             );
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
             bar
         });
-        Progress { bar }
+        Progress {
+            bar,
+            layers: layers.len(),
+            done: AtomicUsize::new(0),
+        }
     }
 
     fn layer_done(&self, i: usize, src: &Descriptor, r: &Result<ConvertedLayer, ConvertError>) {
         let Ok(l) = r else { return };
+        let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
         let msg = format!(
-            "layer {i}: {} ({} B) -> {} ({} B)",
+            "layer {i} ({done}/{} done): {} ({} B) -> {} ({} B)",
+            self.layers,
             src.digest(),
             src.size(),
             l.digest,
@@ -580,7 +591,7 @@ impl Progress {
         );
         match &self.bar {
             Some(bar) => {
-                bar.inc(1);
+                bar.inc(src.size());
                 bar.set_message(msg);
             }
             None => info!("{msg}"),
