@@ -320,6 +320,15 @@ impl RegistryClient {
             .map(|m| &m.client)
     }
 
+    /// What a bounded GET of `reference` needs of this client.
+    fn target<'a>(&'a self, reference: &'a Reference) -> bounded::Target<'a> {
+        bounded::Target {
+            oci: &self.client,
+            reference,
+            auth: &self.auth,
+        }
+    }
+
     /// Logs a mirror's failure; the next mirror, or the registry, is asked.
     fn mirror_failed(what: &str, mirror: &Self, e: &RegistryError) {
         warn!(
@@ -404,11 +413,7 @@ impl RegistryClient {
         let accept = ACCEPTED_MANIFESTS.join(", ");
         let (bytes, headers) = self
             .retry_bounded(&what, || {
-                let target = bounded::Target {
-                    oci: &self.client,
-                    reference,
-                    auth: &self.auth,
-                };
+                let target = self.target(reference);
                 let (url, accept, what) = (&url, &accept, &what);
                 async move {
                     self.bounded
@@ -460,11 +465,7 @@ impl RegistryClient {
         let url = self.bounded.url(&self.reference, "blobs", digest);
         let (bytes, _) = self
             .retry_bounded(&what, || {
-                let target = bounded::Target {
-                    oci: &self.client,
-                    reference: &self.reference,
-                    auth: &self.auth,
-                };
+                let target = self.target(&self.reference);
                 let (url, what) = (&url, &what);
                 async move {
                     self.bounded
@@ -512,11 +513,7 @@ impl RegistryClient {
         let url = self.bounded.url(&self.reference, "blobs", digest);
         let (len, actual) = self
             .retry_bounded(&what, || {
-                let target = bounded::Target {
-                    oci: &self.client,
-                    reference: &self.reference,
-                    auth: &self.auth,
-                };
+                let target = self.target(&self.reference);
                 let (url, what) = (&url, &what);
                 async move {
                     let mut file = tokio::fs::File::create(path).await.map_err(|source| {
@@ -572,11 +569,7 @@ impl RegistryClient {
         );
         let len = range.end.saturating_sub(range.start);
         let url = self.bounded.url(&self.reference, "blobs", digest);
-        let target = bounded::Target {
-            oci: &self.client,
-            reference: &self.reference,
-            auth: &self.auth,
-        };
+        let target = self.target(&self.reference);
         let response = self
             .bounded
             .range(&target, &url, range.clone(), &what)
