@@ -314,6 +314,17 @@ pub fn publish_rich(dir: &Path, registry: &crate::registry::Registry) -> PathBuf
 /// `rich:lazy` with 64 KiB chunks; returns the conversion's `--json`.
 pub fn publish_lazy_rich(dir: &Path, registry: &crate::registry::Registry) -> serde_json::Value {
     publish_rich(dir, registry);
+    convert_in(dir, registry, "rich:v1", "rich:lazy")
+}
+
+/// `lazybd convert` of `src` into `dst` in `registry`, 64 KiB chunks; the
+/// conversion's `--json`.
+fn convert_in(
+    dir: &Path,
+    registry: &crate::registry::Registry,
+    src: &str,
+    dst: &str,
+) -> serde_json::Value {
     let out = crate::cli::ok(&crate::cli::lazybd(&[
         &"convert",
         &"--plain-http",
@@ -322,8 +333,8 @@ pub fn publish_lazy_rich(dir: &Path, registry: &crate::registry::Registry) -> se
         &"65536",
         &"--work-dir",
         &dir,
-        &registry.reference("rich:v1"),
-        &registry.reference("rich:lazy"),
+        &registry.reference(src),
+        &registry.reference(dst),
     ]));
     serde_json::from_str(&out).expect("convert --json")
 }
@@ -527,18 +538,7 @@ pub fn publish_lazy_files(
         &[Compression::None, Compression::None],
     );
     registry.push_layout(&layout, "v1", "files:v1");
-    let out = crate::cli::ok(&crate::cli::lazybd(&[
-        &"convert",
-        &"--plain-http",
-        &"--json",
-        &"--chunk-size",
-        &"65536",
-        &"--work-dir",
-        &dir,
-        &registry.reference("files:v1"),
-        &registry.reference("files:lazy"),
-    ]));
-    let converted: serde_json::Value = serde_json::from_str(&out).expect("convert --json");
+    let converted = convert_in(dir, registry, "files:v1", "files:lazy");
     FilesImage {
         image: lazy_image(registry, "files:lazy", &converted),
         files,

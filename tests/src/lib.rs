@@ -78,6 +78,16 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// A free TCP port on 127.0.0.1, by bind-and-release: the daemon that is
+/// given it binds it right after.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Path of a workspace binary built by `cargo build --workspace --bins`.
 pub fn bin_path(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")

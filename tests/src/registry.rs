@@ -3,7 +3,7 @@
 //! bearer tokens from a [`TokenServer`];
 //! stopped and removed on drop.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -129,12 +129,7 @@ impl Registry {
     }
 
     fn spawn(&mut self) {
-        // Bind-and-release picks a free port; the registry binds it right after.
-        self.port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        self.port = crate::free_port();
         let auth = match &self.auth {
             Auth::Anonymous => String::new(),
             Auth::Htpasswd { user, password } => {

@@ -353,11 +353,7 @@ fn a_super_node_serving_a_foreign_tail_is_refused_and_the_registry_serves() {
     write_layout(&layout, &[&honest], LAZYBD_LAYER);
     registry.push_layout(&layout, "latest", "img:latest");
     let liar = LyingSupernode::start(&foreign.path);
-    let peer_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let peer_port = lazybd_tests::free_port();
     let config = t.join("p2p.toml");
     std::fs::write(
         &config,

@@ -18,17 +18,9 @@ use lazybd_tests::p2p::{
     check_tree, peak_rss_mib, publish_image, publish_tree, Answer, ScriptedServer,
 };
 use lazybd_tests::registry::Registry;
-use lazybd_tests::require_root;
 use lazybd_tests::supernode::Supernode;
+use lazybd_tests::{free_port, require_root};
 use sha2::{Digest, Sha256};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A node whose parent peer answers every chunk with an endless body and
 /// whose super node answers the first announce, the ticket keys and every

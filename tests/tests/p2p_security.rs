@@ -21,8 +21,8 @@ use lazybd_tests::p2p::{
     PROXY_PORT, SUPERNODE_PORT, TOKEN,
 };
 use lazybd_tests::registry::Registry;
-use lazybd_tests::require_root;
 use lazybd_tests::supernode::Supernode;
+use lazybd_tests::{free_port, require_root};
 
 /// Attacks that got through.
 #[derive(Default)]
@@ -415,12 +415,4 @@ fn run_briefly(mut cmd: Command, ns: &str, within: Duration) -> (bool, String) {
         exited,
         std::fs::read_to_string(err.path()).unwrap_or_default(),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -10,18 +10,10 @@ use std::path::Path;
 use lazybd_tests::cli::{lazybd, ok, MountGuard};
 use lazybd_tests::images::publish_lazy_rich;
 use lazybd_tests::registry::Registry;
-use lazybd_tests::require_root;
 use lazybd_tests::supernode::Supernode;
+use lazybd_tests::{free_port, require_root};
 
 const TOKEN: &str = "supernode-restart-token";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn start_supernode(dir: &Path, listen: &str, registry: &Registry) -> Supernode {
     let token = dir.join("token");

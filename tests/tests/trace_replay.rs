@@ -18,10 +18,10 @@ use lazybd_blockdev::trace::trace_key;
 use lazybd_tests::http;
 use lazybd_tests::images::{registry_with_lazy_rich, LazyImage};
 use lazybd_tests::lazy_layers::{leftovers, wait_nothing_left, walk};
-use lazybd_tests::require_root;
 use lazybd_tests::snapshots_api::{attach_layers, prepare, remove};
 use lazybd_tests::snapshotter::{metric, Mounted, SnapshotterDaemon};
 use lazybd_tests::supernode::Supernode;
+use lazybd_tests::{free_port, require_root};
 
 const TOKEN: &str = "trace-test-token";
 
@@ -51,14 +51,6 @@ fn request(sn: &Supernode, method: &str, path: &str, token: &str, body: &[u8]) -
         body,
     )
     .0
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn node_config(registry: &str, supernode: Option<&Supernode>) -> String {
