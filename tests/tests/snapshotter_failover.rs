@@ -222,6 +222,23 @@ impl Node {
         lines.into_iter().filter(|l| l.file.is_some()).collect()
     }
 
+    /// SIGKILL of the snapshotter, the gap, a new daemon on the same config:
+    /// the readers finish with every file intact; what crossed the gap.
+    fn kill_and_restart(&mut self) -> GapReport {
+        let down = uptime();
+        self.snapshotter.kill();
+        let (most_waiting, during) = self.gap();
+        assert!(
+            during <= READERS,
+            "{during} reads completed without the daemon"
+        );
+        let up = uptime();
+        self.snapshotter.start_again();
+        let lines = self.wait_done(Duration::from_secs(90));
+        self.assert_all_read_intact(&lines);
+        across_the_gap(self, &lines, down, up, most_waiting)
+    }
+
     /// While the daemon is gone: for [`GAP`], the most requests the kernel
     /// had waiting on the session at once, and the lines written meanwhile.
     fn gap(&self) -> (u64, usize) {
@@ -455,20 +472,7 @@ fn sigkill_and_restart_under_reading_containers_fail_no_read() {
     let id = node.run_readers("0.4");
     node.wait_lines(2 * READERS, Duration::from_secs(60));
 
-    let down = uptime();
-    node.snapshotter.kill();
-    let (most_waiting, during) = node.gap();
-    assert!(
-        during <= READERS,
-        "{during} reads completed without the daemon"
-    );
-    let started = uptime();
-    node.snapshotter.start_again();
-    let up = started;
-
-    let lines = node.wait_done(Duration::from_secs(90));
-    node.assert_all_read_intact(&lines);
-    let report = across_the_gap(&node, &lines, down, up, most_waiting);
+    let report = node.kill_and_restart();
     assert!(report.reads_across >= 1 && report.most_waiting >= 1);
     assert!(
         report.longest < 30.0,
@@ -622,19 +626,7 @@ fn sigkill_and_restart_fail_no_read_with_systemds_fd_store() {
     let id = node.run_readers("0.4");
     node.wait_lines(2 * READERS, Duration::from_secs(60));
 
-    let down = uptime();
-    node.snapshotter.kill();
-    let (most_waiting, during) = node.gap();
-    assert!(
-        during <= READERS,
-        "{during} reads completed without the daemon"
-    );
-    let up = uptime();
-    node.snapshotter.start_again();
-
-    let lines = node.wait_done(Duration::from_secs(90));
-    node.assert_all_read_intact(&lines);
-    across_the_gap(&node, &lines, down, up, most_waiting);
+    node.kill_and_restart();
     assert_resumed_and_served(&node.snapshotter);
     assert_eq!(store.ready_count(), 2);
     node.remove(&id);
