@@ -66,9 +66,7 @@ impl LayerManager {
                 let resume = !attached.local
                     && self
                         .config
-                        .root
-                        .join("layers")
-                        .join(&attached.name)
+                        .cache_dir(&attached.name)
                         .join(PREFETCH_MARKER)
                         .exists();
                 self.shared.table.lock().insert(id.clone(), attached);
@@ -108,12 +106,8 @@ impl LayerManager {
     async fn open_layer(&self, name: &str, src: LayerSource) -> Result<LazyLayer, DeviceError> {
         let deadline = Instant::now() + CACHE_LOCK_WAIT;
         loop {
-            let opened = LazyLayer::open(
-                &self.config.root.join("layers").join(name),
-                src.clone(),
-                &self.node,
-            )
-            .await;
+            let opened =
+                LazyLayer::open(&self.config.cache_dir(name), src.clone(), &self.node).await;
             match opened {
                 Err(LayerError::Cache {
                     source: CacheError::Locked(_),

@@ -62,6 +62,16 @@ impl NodeConfig {
             fd_store: super::FdStoreKind::None,
         }
     }
+
+    /// Where the caches of all layers live.
+    pub fn caches_dir(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+
+    /// Where the cache of the layer whose file name is `name` lives.
+    pub fn cache_dir(&self, name: &str) -> PathBuf {
+        self.caches_dir().join(name)
+    }
 }
 
 /// The steps of an attach, in order (for fault injection).

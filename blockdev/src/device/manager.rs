@@ -236,7 +236,7 @@ impl LayerManager {
             .values()
             .map(|a| a.name.clone())
             .collect();
-        let dir = self.config.root.join("layers");
+        let dir = self.config.caches_dir();
         let report =
             tokio::task::spawn_blocking(move || eviction::evict(&dir, &attached, capacity))
                 .await
@@ -255,7 +255,7 @@ impl LayerManager {
     /// Where the cache of layer `id` lives (also after it is detached,
     /// until it is evicted): what the layer takes on this node's disk.
     pub fn cache_dir(&self, id: &LayerId) -> PathBuf {
-        self.config.root.join("layers").join(id.file_name())
+        self.config.cache_dir(&id.file_name())
     }
 
     pub fn root(&self) -> &Path {

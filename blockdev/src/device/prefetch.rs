@@ -69,12 +69,7 @@ impl LayerManager {
             (a.layer.clone(), a.name.clone())
         };
         let digest = layer.digest().to_owned();
-        let marker = self
-            .config
-            .root
-            .join("layers")
-            .join(name)
-            .join(PREFETCH_MARKER);
+        let marker = self.config.cache_dir(&name).join(PREFETCH_MARKER);
         if let Err(e) = std::fs::write(&marker, b"") {
             warn!(
                 "layer {digest}: writing {}: {e} (a restart will not resume the prefetch)",
