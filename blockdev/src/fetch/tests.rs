@@ -606,7 +606,11 @@ async fn a_reader_far_ahead_of_the_stream_fetches_its_chunk_itself() {
     };
     let fetcher = f.fetcher(vec![registry.clone()], config);
     let stream = fetcher.start_stream().expect("something to stream");
-    while !fetcher.inflight.lock().unwrap().contains_key(&6) {
+    // The stream has claimed chunk 6 and sent its request (the reader's
+    // must come second, for the order asserted below).
+    while !fetcher.inflight.lock().unwrap().contains_key(&6)
+        || registry.ranges.lock().unwrap().is_empty()
+    {
         tokio::task::yield_now().await;
     }
     // The stream is held at its first byte; chunk 6 is its last. The
