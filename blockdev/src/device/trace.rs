@@ -30,8 +30,9 @@ impl LayerManager {
         )
     }
 
-    /// Fetches the trace's chunks of the attached layers in the background,
-    /// in parallel, behind on-demand reads and ahead of full prefetches.
+    /// Fetches the trace's chunks of the attached layers ahead of their
+    /// readers, at demand priority and ahead of full prefetches
+    /// ([`ChunkFetcher::replay`](crate::fetch::ChunkFetcher::replay)).
     /// Returns the layers a replay was started for (one running replay per
     /// layer; complete layers and layers not attached are skipped).
     pub fn replay_trace(&self, trace: &Trace) -> usize {
@@ -44,7 +45,7 @@ impl LayerManager {
             if layer.is_complete() || running(&replays, &lt.layer) {
                 continue;
             }
-            let (prefetcher, chunks) = (self.prefetcher.clone(), layer.chunks_of(lt));
+            let chunks = layer.chunks_of(lt);
             // Taken now, so a full prefetch started right after already waits.
             let guard = self.node.gate.replay();
             info!(
@@ -55,7 +56,12 @@ impl LayerManager {
             replays.insert(
                 lt.layer.clone(),
                 tokio::spawn(async move {
-                    prefetcher.replay(&layer, &chunks, guard).await;
+                    let _replay = guard;
+                    let stored = layer.fetcher().replay(&chunks).await;
+                    info!(
+                        "layer {}: trace replay: {stored} chunks fetched",
+                        layer.id()
+                    );
                 }),
             );
             started += 1;

@@ -98,6 +98,15 @@ impl LinkEstimate {
             _ => 0,
         }
     }
+
+    /// Bytes that transfer in one round trip, at most `max`: a gap between
+    /// two wanted ranges shorter than this costs less to fetch along than
+    /// a request of its own. `None` until the first samples.
+    pub fn gap(&self, max: u64) -> Option<u64> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let rtt = median(&s.ttfb)?;
+        Some(((s.throughput? * rtt) as u64).min(max))
+    }
 }
 
 fn median(samples: &VecDeque<f64>) -> Option<f64> {

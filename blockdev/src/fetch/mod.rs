@@ -9,10 +9,12 @@
 //! - **demand**: a reader missed chunks. Its request also takes the chunks
 //!   stored right after them in the blob, up to the link's window
 //!   ([`link`]), since those are often read next. Readers join it.
-//! - **stream**: the blob's startup chunks (its prefetch area: what the
-//!   container read at start, in that order), fetched as one range as soon
-//!   as the layer is attached ([`ChunkFetcher::start_stream`]). It runs at
-//!   demand priority. A reader joins it unless the stream is still more than
+//! - **stream**: chunks known to be read soon, at demand priority: the
+//!   blob's startup chunks (its prefetch area: what the container read at
+//!   start, in that order), fetched as one range as soon as the layer is
+//!   attached ([`ChunkFetcher::start_stream`]), and a replayed trace's
+//!   chunks, gaps filled, a few ranges at once ([`ChunkFetcher::replay`]).
+//!   A reader joins a stream unless it is still more than
 //!   [`FetchConfig::lookahead`] bytes away from its chunk; then it fetches
 //!   the chunk itself.
 //! - **background**: a prefetch. Readers never wait for one: they fetch the
@@ -27,6 +29,7 @@ mod config;
 mod link;
 mod receive;
 mod retry;
+mod stream;
 #[cfg(test)]
 mod tests;
 mod verified_range;
@@ -40,7 +43,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 pub use config::FetchConfig;
 pub use link::LinkEstimate;
@@ -109,8 +112,27 @@ struct Progress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Demand,
+    /// The startup stream ([`stream`]).
     Stream,
+    /// A trace replay: a stream of scattered chunks ([`stream`]).
+    Replay,
     Background,
+}
+
+impl Kind {
+    /// Readers join it unless it is still far from their chunk.
+    fn is_stream(self) -> bool {
+        matches!(self, Kind::Stream | Kind::Replay)
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Demand => "on-demand fetch",
+            Kind::Stream => "startup stream",
+            Kind::Replay => "trace replay",
+            Kind::Background => "prefetch",
+        }
+    }
 }
 
 /// A fetch in progress, as the chunks it claimed see it.
@@ -304,7 +326,7 @@ impl ChunkFetcher {
                     counters.demand_overtook_background.fetch_add(1, Relaxed);
                     unclaimed.push(c);
                 }
-                Some(f) if f.kind == Kind::Stream && self.stream_is_far(f, c) => {
+                Some(f) if f.kind.is_stream() && self.stream_is_far(f, c) => {
                     counters.demand_overtook_stream.fetch_add(1, Relaxed);
                     unclaimed.push(c);
                 }
@@ -342,7 +364,7 @@ impl ChunkFetcher {
         waits
     }
 
-    /// Whether the startup stream `f` is still more than the lookahead away
+    /// Whether the stream `f` is still more than the lookahead away
     /// from chunk `c`.
     fn stream_is_far(&self, f: &Flight, c: u64) -> bool {
         let position = f.rx.borrow().position;
@@ -437,58 +459,6 @@ impl ChunkFetcher {
         }
         counters.background_chunks.fetch_add(stored, Relaxed);
         first_err.map_or(Ok(stored), Err)
-    }
-
-    /// Starts fetching the blob's startup chunks (its prefetch area) as one
-    /// streamed range per run of missing ones, at demand priority; readers
-    /// join it (see the module docs). Returns the task, or `None` when
-    /// there is nothing to fetch.
-    pub fn start_stream(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        let missing: Vec<u64> = self
-            .index
-            .prefetch_chunks()
-            .into_iter()
-            .filter(|&c| !self.cache.is_present(c))
-            .collect();
-        if missing.is_empty() {
-            return None;
-        }
-        let fetcher = self.clone();
-        let demand = self.gate.demand();
-        info!(
-            "layer {}: streaming {} startup chunks",
-            self.layer,
-            missing.len()
-        );
-        Some(tokio::spawn(async move {
-            let _demand = demand;
-            // One run at a time, claimed when it starts: until then a reader
-            // simply fetches what it needs, which the stream then skips.
-            let runs = {
-                let inflight = fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                fetcher.plan(&missing, u64::MAX, 0, &inflight)
-            };
-            for run in runs {
-                let (run, tx) = {
-                    let mut inflight = fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                    let free: Vec<u64> = run
-                        .into_iter()
-                        .filter(|c| !fetcher.cache.is_present(*c) && !inflight.contains_key(c))
-                        .collect();
-                    if free.is_empty() {
-                        continue;
-                    }
-                    let flight = claim(&mut inflight, &fetcher.index, &free, Kind::Stream);
-                    (free, flight.1)
-                };
-                if let Err(e) = fetcher.clone().fetch_run(run, tx, Kind::Stream).await {
-                    warn!(
-                        "layer {}: startup stream: {e}; readers fetch the rest",
-                        fetcher.layer
-                    );
-                }
-            }
-        }))
     }
 
     /// Fetches one claimed run and publishes its outcome.

@@ -78,7 +78,8 @@ impl ChunkFetcher {
         kind: Kind,
     ) -> Result<Vec<u64>, FetchError> {
         let max_bytes = match kind {
-            Kind::Stream => u64::MAX,
+            // Planned as ranges already (`stream`).
+            Kind::Stream | Kind::Replay => u64::MAX,
             _ => self.config.max_request_bytes,
         };
         let runs = {

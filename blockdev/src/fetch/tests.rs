@@ -665,3 +665,121 @@ async fn an_answer_longer_than_asked_is_cut_off_and_counted() {
     let asked = f.index.chunks[2].stored_range().end - f.index.chunks[1].offset;
     assert_eq!(r.bytes, asked + 100, "counted as it came, never stored");
 }
+
+#[tokio::test]
+async fn a_replay_fills_small_gaps_and_sends_one_range() {
+    let f = fixture();
+    let registry = f.source("registry", Behavior::Good);
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    // Scattered, read out of blob order; the gaps (chunks 2, 4, 5) are far
+    // smaller than a round trip's worth on an unknown link.
+    assert_eq!(fetcher.replay(&[6, 1, 3]).await, 6);
+    let asked = registry.ranges.lock().unwrap().clone();
+    let whole = f.index.chunks[1].offset..f.index.chunks[6].stored_range().end;
+    assert_eq!(asked, [whole], "one range, gaps filled");
+    for c in 1..=6 {
+        f.cached(c);
+    }
+    assert!(!f.cache.is_present(0) && !f.cache.is_present(7));
+    let t = f.stats.trace.snapshot();
+    assert_eq!((t.replayed_chunks, t.replays), (6, 1), "{t:?}");
+    assert_eq!(fetcher.replay(&[6, 1, 3]).await, 0, "nothing left to fetch");
+    assert_eq!(registry.calls.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_replay_sends_the_first_read_first_and_never_refetches_a_claimed_chunk() {
+    let f = fixture();
+    let gate = Arc::new(Semaphore::new(0));
+    let registry = f.source("registry", Behavior::Gated(gate.clone()));
+    let lens: Vec<u64> = f
+        .index
+        .chunks
+        .iter()
+        .map(|e| u64::from(e.stored_len))
+        .collect();
+    let (shortest, longest) = (*lens.iter().min().unwrap(), *lens.iter().max().unwrap());
+    assert!(3 * shortest > 2 * longest, "{lens:?}");
+    let config = FetchConfig {
+        // Two chunks per range at most.
+        max_request_bytes: 2 * longest,
+        ..quick()
+    };
+    let fetcher = f.fetcher(vec![registry.clone()], config);
+    // A reader has claimed chunk 4: the replay must neither fetch it again
+    // nor fill a gap across it.
+    let reader = tokio::spawn({
+        let fetcher = fetcher.clone();
+        async move { fetcher.ensure(4..5).await }
+    });
+    while !fetcher.inflight.lock().unwrap().contains_key(&4) {
+        tokio::task::yield_now().await;
+    }
+    let replay = tokio::spawn({
+        let fetcher = fetcher.clone();
+        async move { fetcher.replay(&[6, 5, 0, 1, 3]).await }
+    });
+    while registry.calls.load(Relaxed) < 4 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(100);
+    assert_eq!(replay.await.unwrap(), 5);
+    reader.await.unwrap().unwrap();
+    let range = |a: usize, b: usize| f.index.chunks[a].offset..f.index.chunks[b].stored_range().end;
+    let mut asked = registry.ranges.lock().unwrap().clone();
+    asked.retain(|r| *r != range(4, 4));
+    // The replay's ranges, first read first: 5-6 (6 was read first), 0-1,
+    // 3 (cut off by the size limit and the claimed chunk 4).
+    assert_eq!(asked, [range(5, 6), range(0, 1), range(3, 3)]);
+    for c in [0, 1, 3, 4, 5, 6] {
+        f.cached(c);
+    }
+}
+
+#[tokio::test]
+async fn readers_join_a_replay() {
+    let f = fixture();
+    let gate = Arc::new(Semaphore::new(0));
+    let piece = f.index.chunks[2].stored_len as usize;
+    let registry = f.source("registry", Behavior::Trickle(gate.clone(), piece));
+    let fetcher = f.fetcher(vec![registry.clone()], quick());
+    let replay = tokio::spawn({
+        let fetcher = fetcher.clone();
+        async move { fetcher.replay(&[2, 5]).await }
+    });
+    while !fetcher.inflight.lock().unwrap().contains_key(&5) {
+        tokio::task::yield_now().await;
+    }
+    let reader = tokio::spawn({
+        let fetcher = fetcher.clone();
+        async move { fetcher.ensure(5..6).await }
+    });
+    gate.add_permits(1000);
+    reader.await.unwrap().unwrap();
+    assert_eq!(replay.await.unwrap(), 4);
+    assert_eq!(
+        registry.calls.load(Relaxed),
+        1,
+        "the reader joined the replay"
+    );
+    f.cached(5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_bytes_from_a_replay_are_never_stored() {
+    let f = fixture();
+    let liar = f.source("liar", Behavior::Corrupt);
+    let fetcher = f.fetcher(vec![liar], quick());
+    // The liar flips a byte in the middle of each answer: the chunks before
+    // it verify and are kept, the one it hit never is.
+    let stored = fetcher.replay(&[2, 5]).await;
+    let present: Vec<u64> = (2..=5).filter(|&c| f.cache.is_present(c)).collect();
+    assert!(
+        present.len() < 4 && present.len() as u64 == stored,
+        "{present:?}"
+    );
+    for c in present {
+        f.cached(c);
+    }
+    assert!(f.stats.snapshot().source("liar").unwrap().corrupt_chunks > 0);
+}

@@ -16,15 +16,12 @@ use tracing::{info, warn};
 pub use rate::{RateLimiter, TokenBucket};
 
 use crate::fetch::FetchError;
-use crate::gate::{JobGuard, PriorityGate, ReplayGuard};
+use crate::gate::{JobGuard, PriorityGate};
 use crate::layer::LazyLayer;
 
 /// Stored bytes per background request at most: small requests let readers
 /// in between.
 const BYTES_PER_REQUEST: u64 = 1 << 20;
-/// Requests a trace replay keeps in flight per layer: the traced chunks are
-/// scattered, so parallel small requests beat one after the other.
-const REPLAY_PARALLEL: usize = 4;
 /// After this long waiting for on-demand fetches, log and keep waiting.
 const YIELD_LOG_AFTER: Duration = Duration::from_secs(60);
 /// A failing prefetch is retried this many times (with the fetcher's own
@@ -123,61 +120,6 @@ impl Prefetcher {
                 })
             }),
         })
-    }
-
-    /// Fetches a trace's chunks of `layer` (those still missing), up to
-    /// [`REPLAY_PARALLEL`] requests at once, behind on-demand reads; full
-    /// prefetches wait while `_replay` is held. One pass: a chunk that fails
-    /// is left to the full prefetch or the reader. Returns the chunks stored.
-    pub async fn replay(
-        &self,
-        layer: &Arc<LazyLayer>,
-        chunks: &[u64],
-        _replay: ReplayGuard,
-    ) -> u64 {
-        let total = layer.index().chunk_count();
-        let wanted: Vec<u64> = chunks.iter().copied().filter(|&c| c < total).collect();
-        if wanted.len() < chunks.len() {
-            warn!(
-                "trace replay of layer {}: {} chunk numbers past the layer's {total} ignored",
-                layer.digest(),
-                chunks.len() - wanted.len()
-            );
-        }
-        layer.fetcher().mark_replayed(&wanted);
-        let requests = windows(layer, wanted.iter().copied());
-        let mut stored = 0;
-        let mut running = tokio::task::JoinSet::new();
-        let mut pending = requests.into_iter();
-        loop {
-            while running.len() < REPLAY_PARALLEL {
-                let Some(window) = pending.next() else { break };
-                let missing = layer.missing_stored_bytes(&window);
-                if missing == 0 {
-                    continue;
-                }
-                self.limiter.acquire(missing).await;
-                self.yield_to_demand(layer, false).await;
-                let fetcher = layer.fetcher().clone();
-                running.spawn(async move { fetcher.fetch_background(&window).await });
-            }
-            match running.join_next().await {
-                Some(Ok(Ok(n))) => stored += n,
-                Some(Ok(Err(e))) => {
-                    warn!("trace replay of layer {}: {e}; continuing", layer.digest())
-                }
-                Some(Err(e)) => warn!("trace replay of layer {}: task failed: {e}", layer.digest()),
-                None => break,
-            }
-        }
-        let counters = &layer.stats().trace;
-        counters.replayed_chunks.fetch_add(stored, Relaxed);
-        counters.replays.fetch_add(1, Relaxed);
-        info!(
-            "trace replay of layer {}: {stored} chunks fetched",
-            layer.digest()
-        );
-        stored
     }
 
     /// `full`: a full prefetch, which also waits for trace replays.

@@ -1,0 +1,217 @@
+//! Streams: chunks known to be needed soon, fetched ahead of the readers as
+//! long ranges at demand priority, which readers join (see the module docs
+//! of `fetch`).
+//!
+//! Two things are streamed. The startup stream is a blob's prefetch area,
+//! which a profiled conversion filled with what the container reads first,
+//! in that order: one range. A trace replay is what a node saw an image's
+//! container read, in a blob converted without that profile: the chunks are
+//! scattered, and fetching each on its own costs a round trip per chunk (the
+//! python image's replay sent 190 requests for 9 MiB). So a replay fills
+//! the gaps: two wanted chunks whose gap in the blob transfers in less than
+//! a round trip ([`LinkEstimate::gap`](super::LinkEstimate::gap)) go in one
+//! range with the chunks between them, and a few ranges are in flight at
+//! once, the first read first.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::{claim, ChunkFetcher, Flight, Kind};
+
+/// Ranges a trace replay keeps in flight per layer: after gap filling the
+/// ranges are still spread over the blob, and parallel requests overlap
+/// their round trips.
+const REPLAY_PARALLEL: usize = 4;
+/// The gap a replay fills while the link has no estimate yet: one largest
+/// chunk (a chunk between two wanted ones).
+const REPLAY_GAP_UNKNOWN: u64 = 64 << 10;
+/// The largest gap a replay fills, however fast the link: beyond this the
+/// bytes a gap costs are better spent by the full prefetch.
+const REPLAY_GAP_MAX: u64 = 1 << 20;
+
+/// How a stream cuts its chunks into ranges and sends them.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    kind: Kind,
+    /// Stored bytes between two wanted chunks that one range fills in.
+    gap: u64,
+    /// Stored bytes of one range at most.
+    max_bytes: u64,
+    /// Ranges in flight at once.
+    parallel: usize,
+}
+
+impl ChunkFetcher {
+    /// Starts fetching the blob's startup chunks (its prefetch area) as one
+    /// streamed range per run of missing ones, at demand priority; readers
+    /// join it. Returns the task, or `None` when there is nothing to fetch.
+    pub fn start_stream(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let missing: Vec<u64> = self
+            .index
+            .prefetch_chunks()
+            .into_iter()
+            .filter(|&c| !self.cache.is_present(c))
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        let fetcher = self.clone();
+        let demand = self.gate.demand();
+        info!(
+            "layer {}: streaming {} startup chunks",
+            self.layer,
+            missing.len()
+        );
+        let plan = Plan {
+            kind: Kind::Stream,
+            gap: 0,
+            max_bytes: u64::MAX,
+            parallel: 1,
+        };
+        Some(tokio::spawn(async move {
+            let _demand = demand;
+            fetcher.stream(&missing, plan).await;
+        }))
+    }
+
+    /// Fetches a replayed trace's chunks (`wanted`, first read first) that
+    /// are missing, at demand priority, gaps filled, a few ranges at once;
+    /// readers join. One pass: a chunk that fails is left to the reader or
+    /// the full prefetch. Returns the chunks stored.
+    pub async fn replay(self: &Arc<Self>, wanted: &[u64]) -> u64 {
+        self.mark_replayed(wanted);
+        let _demand = self.gate.demand();
+        let plan = Plan {
+            kind: Kind::Replay,
+            gap: self.link.gap(REPLAY_GAP_MAX).unwrap_or(REPLAY_GAP_UNKNOWN),
+            max_bytes: self.config.max_request_bytes,
+            parallel: REPLAY_PARALLEL,
+        };
+        let stored = self.stream(wanted, plan).await;
+        let counters = &self.stats.trace;
+        counters.replayed_chunks.fetch_add(stored, Relaxed);
+        counters.replays.fetch_add(1, Relaxed);
+        stored
+    }
+
+    /// Fetches the missing chunks of `wanted` as `plan` says. Each range is
+    /// claimed when it starts: until then a reader simply fetches what it
+    /// needs, which the stream then skips. Returns the chunks of its ranges
+    /// present when each ended.
+    async fn stream(self: &Arc<Self>, wanted: &[u64], plan: Plan) -> u64 {
+        let ranges = {
+            let inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            self.stream_ranges(wanted, &plan, &inflight)
+        };
+        let mut stored = 0;
+        let mut running = JoinSet::new();
+        let mut pending = ranges.into_iter();
+        loop {
+            while running.len() < plan.parallel {
+                let Some(range) = pending.next() else { break };
+                let (range, tx) = {
+                    let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                    let free: Vec<u64> = range
+                        .into_iter()
+                        .filter(|c| !self.cache.is_present(*c) && !inflight.contains_key(c))
+                        .collect();
+                    if free.is_empty() {
+                        continue;
+                    }
+                    let flight = claim(&mut inflight, &self.index, &free, plan.kind);
+                    (free, flight.1)
+                };
+                let fetcher = self.clone();
+                running.spawn(async move {
+                    let outcome = fetcher
+                        .clone()
+                        .fetch_run(range.clone(), tx, plan.kind)
+                        .await;
+                    // Counted whatever the outcome: a range that failed
+                    // part way kept the chunks verified before.
+                    let present = range.iter().filter(|&&c| fetcher.cache.is_present(c));
+                    (present.count() as u64, outcome)
+                });
+            }
+            match running.join_next().await {
+                Some(Ok((n, outcome))) => {
+                    stored += n;
+                    if let Err(e) = outcome {
+                        let what = plan.kind.describe();
+                        warn!("layer {}: {what}: {e}; readers fetch the rest", self.layer);
+                    }
+                }
+                Some(Err(e)) => warn!("layer {}: stream task failed: {e}", self.layer),
+                None => break,
+            }
+        }
+        stored
+    }
+
+    /// The ranges to fetch `wanted` in: its free chunks (neither present
+    /// nor claimed) in blob order, cut into runs of chunks adjacent in the
+    /// blob, where a gap of at most `plan.gap` free stored bytes joins two
+    /// runs with the chunks between them, each run at most
+    /// `plan.max_bytes`. Ordered by the first wanted chunk each holds.
+    fn stream_ranges(
+        &self,
+        wanted: &[u64],
+        plan: &Plan,
+        inflight: &HashMap<u64, Flight>,
+    ) -> Vec<Vec<u64>> {
+        let entry = |c: u64| &self.index.chunks[c as usize];
+        let free = |c: u64| !self.cache.is_present(c) && !inflight.contains_key(&c);
+        let mut rank: HashMap<u64, usize> = HashMap::new();
+        for (i, &c) in wanted.iter().enumerate() {
+            rank.entry(c).or_insert(i);
+        }
+        let mut sorted: Vec<u64> = rank.keys().copied().filter(|&c| free(c)).collect();
+        sorted.sort_by_key(|&c| entry(c).offset);
+        // (rank of the first wanted chunk, the run)
+        let mut runs: Vec<(usize, Vec<u64>)> = Vec::new();
+        for c in sorted {
+            if let Some((first, run)) = runs.last_mut() {
+                let start = entry(run[0]).offset;
+                let last = *run.last().expect("runs are never empty");
+                if entry(c).stored_range().end - start <= plan.max_bytes {
+                    if let Some(between) = self.gap_between(last, c, plan.gap, &free) {
+                        run.extend(between);
+                        run.push(c);
+                        *first = (*first).min(rank[&c]);
+                        continue;
+                    }
+                }
+            }
+            runs.push((rank[&c], vec![c]));
+        }
+        runs.sort_by_key(|(first, _)| *first);
+        runs.into_iter().map(|(_, run)| run).collect()
+    }
+
+    /// The chunks stored between `from` and `to` (which comes later in the
+    /// blob), if they are all free and at most `gap` stored bytes.
+    fn gap_between(
+        &self,
+        from: u64,
+        to: u64,
+        gap: u64,
+        free: &impl Fn(u64) -> bool,
+    ) -> Option<Vec<u64>> {
+        let mut between = Vec::new();
+        let mut bytes = 0u64;
+        let mut at = self.index.next_in_blob(from)?;
+        while at != to {
+            bytes += u64::from(self.index.chunks[at as usize].stored_len);
+            if bytes > gap || !free(at) {
+                return None;
+            }
+            between.push(at);
+            at = self.index.next_in_blob(at)?;
+        }
+        Some(between)
+    }
+}
