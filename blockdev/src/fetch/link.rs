@@ -91,21 +91,17 @@ impl LinkEstimate {
 
     /// Bytes a demand fetch should add after the missed chunks, at most `max`.
     pub fn window(&self, max: u64) -> u64 {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let rtt = median(&s.ttfb);
-        match (rtt, s.throughput) {
-            (Some(rtt), Some(rate)) => ((rate * rtt / 2.0) as u64).min(max),
-            _ => 0,
-        }
+        self.worth_along(max).unwrap_or(0)
     }
 
-    /// Bytes that transfer in one round trip, at most `max`: a gap between
-    /// two wanted ranges shorter than this costs less to fetch along than
-    /// a request of its own. `None` until the first samples.
-    pub fn gap(&self, max: u64) -> Option<u64> {
+    /// Bytes worth fetching along with a request to save another one, at
+    /// most `max`: what the link moves in half a round trip (see the
+    /// module docs). The demand window, and the longest gap between two
+    /// ranges a trace replay fills. `None` until the first samples.
+    pub fn worth_along(&self, max: u64) -> Option<u64> {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let rtt = median(&s.ttfb)?;
-        Some(((s.throughput? * rtt) as u64).min(max))
+        Some(((s.throughput? * rtt / 2.0) as u64).min(max))
     }
 }
 
