@@ -474,12 +474,21 @@ fn across_the_gap(node: &Node, lines: &[Line], down: f64, up: f64, most_waiting:
     let longest = lines.iter().map(|l| l.end - l.since).fold(0.0, f64::max);
     let longest_read = lines.iter().map(|l| l.end - l.start).fold(0.0, f64::max);
     let first_answer = across.iter().map(|l| l.end).fold(f64::MAX, f64::min);
+    let last_answer = across.iter().map(|l| l.end).fold(0.0, f64::max);
+    // For comparison: what a read took when no daemon went away.
+    let longest_other = lines
+        .iter()
+        .filter(|l| l.end < down || l.start > up)
+        .map(|l| l.end - l.start)
+        .fold(0.0, f64::max);
     eprintln!(
         "gap {:.2}s: {} reads across it, at most {most_waiting} requests waiting, \
-         first of them answered {:.2}s after the daemon went, longest step {longest:.2}s, longest read {longest_read:.2}s: {:#?}",
+         first of them answered {:.2}s after the daemon went, the last {:.2}s, longest step {longest:.2}s, longest read {longest_read:.2}s \
+         (outside the gap {longest_other:.2}s): {:#?}",
         up - down,
         across.len(),
         first_answer - down,
+        last_answer - down,
         across.iter().map(|l| &l.raw).collect::<Vec<_>>()
     );
     assert!(
