@@ -254,14 +254,39 @@ pub fn write_image(
     compression: &[Compression],
 ) -> String {
     assert_eq!(layers.len(), compression.len());
+    let blobs: Vec<LayerBlob> = layers
+        .iter()
+        .zip(compression)
+        .map(|(tar, &c)| LayerBlob {
+            bytes: c.compress(tar),
+            diff_id: digest_of(tar),
+            compression: c,
+        })
+        .collect();
+    write_image_blobs(dir, tag, &blobs)
+}
+
+/// A layer blob, already compressed: what a layer too large to hold
+/// uncompressed in memory is built as ([`large_file_layer`]).
+pub struct LayerBlob {
+    pub bytes: Vec<u8>,
+    /// `sha256:` of the uncompressed tar.
+    pub diff_id: String,
+    pub compression: Compression,
+}
+
+/// [`write_image`] of layers already compressed.
+pub fn write_image_blobs(dir: &Path, tag: &str, layers: &[LayerBlob]) -> String {
     let layout = OciLayout::open_or_create(dir).unwrap();
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
-    for (tar, c) in layers.iter().zip(compression) {
-        let blob = c.compress(tar);
-        let digest = layout.put_blob(&blob).unwrap();
-        diff_ids.push(digest_of(tar));
-        descs.push(json!({"mediaType": c.media_type(), "digest": digest, "size": blob.len()}));
+    for layer in layers {
+        let digest = layout.put_blob(&layer.bytes).unwrap();
+        diff_ids.push(layer.diff_id.clone());
+        descs.push(
+            json!({"mediaType": layer.compression.media_type(), "digest": digest,
+                          "size": layer.bytes.len()}),
+        );
     }
     let config = json!({
         "architecture": "amd64",
@@ -325,7 +350,18 @@ fn convert_in(
     src: &str,
     dst: &str,
 ) -> serde_json::Value {
-    let out = crate::cli::ok(&crate::cli::lazybd(&[
+    convert_with(dir, registry, src, dst, &[])
+}
+
+/// [`convert_in`] with more `lazybd convert` arguments.
+fn convert_with(
+    dir: &Path,
+    registry: &crate::registry::Registry,
+    src: &str,
+    dst: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"convert",
         &"--plain-http",
         &"--json",
@@ -333,10 +369,111 @@ fn convert_in(
         &"65536",
         &"--work-dir",
         &dir,
-        &registry.reference(src),
-        &registry.reference(dst),
-    ]));
+    ];
+    args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let (src, dst) = (registry.reference(src), registry.reference(dst));
+    args.extend([&src as &dyn AsRef<std::ffi::OsStr>, &dst]);
+    let out = crate::cli::ok(&crate::cli::lazybd(&args));
     serde_json::from_str(&out).expect("convert --json")
+}
+
+/// A layer (zstd) of `dir/` and one file `dir/name` of `size` bytes: `block`
+/// over and over. Non-zero, so a cache of it holds real data, not holes;
+/// streamed through the compressor, so a layer of GiBs costs a few MiB of
+/// memory and its blob a few MiB of disk.
+pub fn large_file_layer(dir: &str, name: &str, size: u64, block: &[u8]) -> LayerBlob {
+    use std::io::Write;
+
+    /// The uncompressed tar's bytes go to the diff_id's hash and the
+    /// compressor.
+    struct Tee {
+        hash: Sha256,
+        zstd: zstd::Encoder<'static, Vec<u8>>,
+    }
+    impl Write for Tee {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.zstd.write(buf)?;
+            self.hash.update(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.zstd.flush()
+        }
+    }
+    /// `block` repeated, `left` bytes of it.
+    struct Repeat<'a> {
+        block: &'a [u8],
+        at: usize,
+        left: u64,
+    }
+    impl std::io::Read for Repeat<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf
+                .len()
+                .min(self.block.len() - self.at)
+                .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+            buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+            self.at = (self.at + n) % self.block.len();
+            self.left -= n as u64;
+            Ok(n)
+        }
+    }
+    assert!(block.iter().any(|&b| b != 0), "zero blocks are holes");
+    let tee = Tee {
+        hash: Sha256::new(),
+        zstd: zstd::Encoder::new(Vec::new(), 1).unwrap(),
+    };
+    let mut tar = tar::Builder::new(tee);
+    let mut h = TarLayer::header(tar::EntryType::Directory, 0o755, 0);
+    tar.append_data(&mut h, dir, std::io::empty()).unwrap();
+    let mut h = TarLayer::header(tar::EntryType::Regular, 0o644, size);
+    let data = Repeat {
+        block,
+        at: 0,
+        left: size,
+    };
+    tar.append_data(&mut h, format!("{dir}/{name}"), data)
+        .unwrap();
+    let tee = tar.into_inner().unwrap();
+    LayerBlob {
+        bytes: tee.zstd.finish().unwrap(),
+        diff_id: format!("sha256:{}", hex::encode(tee.hash.finalize())),
+        compression: Compression::Zstd,
+    }
+}
+
+/// busybox (`/bin/busybox`, `/bin/sh`) and the directories a container
+/// needs: a base layer to run commands in.
+pub fn busybox_layer() -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (apt install busybox-static; hack/install-deps.sh does)");
+    let mut base = TarLayer::new();
+    base.dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .symlink("bin/sh", "busybox")
+        .dir("tmp", 0o1777)
+        .dir("dev", 0o755)
+        .dir("proc", 0o755)
+        .dir("sys", 0o755)
+        .dir("out", 0o755);
+    base.finish()
+}
+
+/// `layers` as image `repo:v1` in `registry`, converted (64 KiB chunks, one
+/// layer at a time, so `dir` needs room for one uncompressed layer twice)
+/// into `repo:lazy`.
+pub fn publish_lazy_blobs(
+    dir: &Path,
+    registry: &crate::registry::Registry,
+    repo: &str,
+    layers: &[LayerBlob],
+) -> LazyImage {
+    let layout = dir.join(format!("{repo}-src"));
+    write_image_blobs(&layout, "v1", layers);
+    let (src, dst) = (format!("{repo}:v1"), format!("{repo}:lazy"));
+    registry.push_layout(&layout, "v1", &src);
+    let converted = convert_with(dir, registry, &src, &dst, &["--parallel", "1"]);
+    lazy_image(registry, &dst, &converted)
 }
 
 /// The converted rich image as a snapshotter sees it on a Prepare.
@@ -507,17 +644,6 @@ pub fn publish_lazy_files(
     count: usize,
     size: usize,
 ) -> FilesImage {
-    let busybox = std::fs::read("/bin/busybox")
-        .expect("/bin/busybox (apt install busybox-static; hack/install-deps.sh does)");
-    let mut base = TarLayer::new();
-    base.dir("bin", 0o755)
-        .file("bin/busybox", 0o755, &busybox)
-        .symlink("bin/sh", "busybox")
-        .dir("tmp", 0o1777)
-        .dir("dev", 0o755)
-        .dir("proc", 0o755)
-        .dir("sys", 0o755)
-        .dir("out", 0o755);
     let mut data = TarLayer::new();
     data.dir("files", 0o755);
     let mut files = Vec::new();
@@ -534,7 +660,7 @@ pub fn publish_lazy_files(
     write_image(
         &layout,
         "v1",
-        &[base.finish(), data.finish()],
+        &[busybox_layer(), data.finish()],
         &[Compression::None, Compression::None],
     );
     registry.push_layout(&layout, "v1", "files:v1");

@@ -31,16 +31,20 @@ use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
 use lazybd_tests::snapshotter::{metric_sum, plain_http_config, SnapshotterDaemon};
 
-const FILES: usize = 48;
+/// Files per up to four reader containers: 48 for one container.
+const FILES_PER_4_CONTAINERS: usize = 48;
 /// Larger than the fetcher's largest demand window (1 MiB of blob): a
 /// window opened by one file's miss reaches at most the next file.
 const FILE_SIZE: usize = 1 << 20;
-/// Readers running at once in the container, each on its own share of the
-/// files.
+/// Readers running at once in each reader container, each on its own share
+/// of the files.
 const READERS: usize = 3;
-/// Files visited `STRIDE` apart (coprime with [`FILES`]): consecutive
-/// reads are far apart in the blob.
-const STRIDE: usize = 7;
+/// Files visited about this far apart (the first of these coprime with the
+/// number of files): consecutive reads are far apart in the blob.
+const STRIDES: [usize; 3] = [7, 11, 13];
+/// Reader containers run at once by the SIGKILL case: 1, or more to
+/// measure a restart under many (docs/benchmarks.md). The others run one.
+const CONTAINERS_ENV: &str = "LAZYBD_FAILOVER_CONTAINERS";
 /// How long the daemon stays away (well within the 60 s read deadline).
 const GAP: Duration = Duration::from_secs(2);
 
@@ -53,7 +57,12 @@ struct Node {
     snapshotter: SnapshotterDaemon,
     store: Store,
     img: FilesImage,
+    /// Where the reader containers' `/out` directories are on the host.
     out: PathBuf,
+    /// The out directories of the reader containers started so far.
+    readers: Vec<PathBuf>,
+    /// Reader containers [`Node::run_readers`] starts.
+    containers: usize,
     registry: Registry,
     _tmp: tempfile::TempDir,
 }
@@ -66,9 +75,18 @@ enum Store {
 
 impl Node {
     fn start(systemd: bool) -> Node {
+        Self::with_containers(systemd, 1)
+    }
+
+    /// A node whose [`run_readers`](Self::run_readers) starts `containers`
+    /// reader containers, each on its own share of the files (more files
+    /// for more containers, so that every reader still has files to read
+    /// after the first few).
+    fn with_containers(systemd: bool, containers: usize) -> Node {
         let tmp = tempfile::tempdir().unwrap();
         let registry = Registry::start();
-        let img = publish_lazy_files(tmp.path(), &registry, FILES, FILE_SIZE);
+        let files = FILES_PER_4_CONTAINERS * containers.div_ceil(4);
+        let img = publish_lazy_files(tmp.path(), &registry, files, FILE_SIZE);
         let dir = tmp.path().join("snapshotter");
         std::fs::create_dir_all(&dir).unwrap();
         let ctd_dir = lazybd_tests::containerd::new_dir();
@@ -116,6 +134,8 @@ impl Node {
             store,
             img,
             out,
+            readers: Vec::new(),
+            containers,
             registry,
             _tmp: tmp,
         }
@@ -128,31 +148,56 @@ impl Node {
         }
     }
 
-    /// Starts a container of the image whose [`READERS`] read their share
-    /// of the files (`pause` seconds apart), each writing to `/out/rN` one
-    /// line per file: `START END SHA256 /files/NAME` (uptime seconds), or
-    /// `START END FAIL /files/NAME ERROR`, then `DONE`. `/out` is
-    /// [`Node::out`] on the host.
-    fn run_readers(&self, pause: &str) -> String {
-        let order: Vec<String> = (0..FILES)
-            .map(|i| self.img.files[(i * STRIDE) % FILES].0.clone())
+    /// Starts the node's reader containers, each with [`READERS`] readers
+    /// that read their share of the files (`pause` seconds apart), each
+    /// writing to `/out/rN` one line per file: `START END SHA256
+    /// /files/NAME` (uptime seconds), or `START END FAIL /files/NAME
+    /// ERROR`, then `DONE`. Each container's `/out` is a directory of its
+    /// own under [`Node::out`]. Returns the containers' ids.
+    fn run_readers(&mut self, pause: &str) -> Vec<String> {
+        let files = self.img.files.len();
+        let stride = STRIDES
+            .into_iter()
+            .find(|s| gcd(*s, files) == 1)
+            .expect("a stride coprime with the number of files");
+        let order: Vec<String> = (0..files)
+            .map(|i| self.img.files[(i * stride) % files].0.clone())
             .collect();
-        let mut script = String::from(
-            "r() { n=$1; shift; for f in \"$@\"; do read s _ < /proc/uptime; \
-             if h=$(busybox sha256sum /files/$f 2>&1); then o=\"$h\"; else o=\"FAIL /files/$f $h\"; fi; \
-             read e _ < /proc/uptime; echo \"$s $e $o\" >> /out/r$n; ",
-        );
-        script += &format!("busybox sleep {pause}; done; echo DONE >> /out/r$n; }}; ");
-        for r in 0..READERS {
-            let share: Vec<&str> = order
-                .iter()
-                .skip(r)
-                .step_by(READERS)
-                .map(String::as_str)
-                .collect();
-            script += &format!("r {r} {} & ", share.join(" "));
+        let all_readers = self.containers * READERS;
+        let ids = (0..self.containers)
+            .map(|c| {
+                // All start together once every container runs (starting
+                // many takes a while): `go` in each one's out directory.
+                let mut script = String::from(
+                    "while [ ! -e /out/go ]; do busybox sleep 0.1; done; r() { n=$1; shift; for f in \"$@\"; do read s _ < /proc/uptime; \
+                     if h=$(busybox sha256sum /files/$f 2>&1); then o=\"$h\"; else o=\"FAIL /files/$f $h\"; fi; \
+                     read e _ < /proc/uptime; echo \"$s $e $o\" >> /out/r$n; ",
+                );
+                script += &format!("busybox sleep {pause}; done; echo DONE >> /out/r$n; }}; ");
+                for r in 0..READERS {
+                    let share: Vec<&str> = order
+                        .iter()
+                        .skip(c * READERS + r)
+                        .step_by(all_readers)
+                        .map(String::as_str)
+                        .collect();
+                    script += &format!("r {r} {} & ", share.join(" "));
+                }
+                script += "wait; exec busybox sleep 3600";
+                let (id, out) = self.run(&script);
+                self.readers.push(out);
+                id
+            })
+            .collect::<Vec<String>>();
+        for out in &self.readers {
+            std::fs::write(out.join("go"), "").unwrap();
         }
-        script += "wait; exec busybox sleep 3600";
+        ids
+    }
+
+    /// Starts a container of the image running `script` with a new out
+    /// directory as `/out`; its id and that directory.
+    fn run(&self, script: &str) -> (String, PathBuf) {
         // runc's state is per runtime root, shared by the tests running at
         // once in this process and by earlier runs: unique ids.
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -161,10 +206,9 @@ impl Node {
             std::process::id(),
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        let mount = format!(
-            "type=bind,src={},dst=/out,options=rbind:rw",
-            self.out.display()
-        );
+        let out = self.out.join(&id);
+        std::fs::create_dir_all(&out).unwrap();
+        let mount = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
         self.ctd.ctr_ok(&[
             "run",
             "-d",
@@ -178,17 +222,23 @@ impl Node {
             &id,
             "/bin/sh",
             "-c",
-            &script,
+            script,
         ]);
-        id
+        (id, out)
+    }
+
+    /// Readers started so far, in all reader containers.
+    fn reader_count(&self) -> usize {
+        self.readers.len() * READERS
     }
 
     /// Every reader's lines so far.
     fn lines(&self) -> Vec<Line> {
-        (0..READERS)
-            .flat_map(|r| {
-                let text =
-                    std::fs::read_to_string(self.out.join(format!("r{r}"))).unwrap_or_default();
+        self.readers
+            .iter()
+            .flat_map(|dir| (0..READERS).map(move |r| dir.join(format!("r{r}"))))
+            .flat_map(|file| {
+                let text = std::fs::read_to_string(file).unwrap_or_default();
                 let mut lines: Vec<Line> = text.lines().map(Line::parse).collect();
                 for i in 1..lines.len() {
                     lines[i].since = lines[i - 1].end;
@@ -218,7 +268,8 @@ impl Node {
 
     /// Waits until every reader is done; returns the file lines.
     fn wait_done(&self, within: Duration) -> Vec<Line> {
-        let lines = self.wait_lines(FILES + READERS, within);
+        assert_eq!(self.readers.len(), self.containers, "one run of readers");
+        let lines = self.wait_lines(self.img.files.len() + self.reader_count(), within);
         lines.into_iter().filter(|l| l.file.is_some()).collect()
     }
 
@@ -229,7 +280,7 @@ impl Node {
         self.snapshotter.kill();
         let (most_waiting, during) = self.gap();
         assert!(
-            during <= READERS,
+            during <= self.reader_count(),
             "{during} reads completed without the daemon"
         );
         let up = uptime();
@@ -272,10 +323,17 @@ impl Node {
         }
     }
 
-    /// Stops and removes the reader container (containerd may still be
-    /// reconnecting to the restarted snapshotter: retried, bounded).
-    fn remove(&self, id: &str) {
-        self.ctd.ctr_ok(&["task", "kill", "-s", "KILL", id]);
+    /// Stops and removes containers (containerd may still be reconnecting
+    /// to the restarted snapshotter: retried, bounded).
+    fn remove(&self, ids: &[String]) {
+        for id in ids {
+            self.remove_one(id);
+        }
+    }
+
+    fn remove_one(&self, id: &str) {
+        // Its task may have exited already (its init died in a gap).
+        let _ = self.ctd.ctr(&["task", "kill", "-s", "KILL", id]);
         self.ctd.wait_task(30, id, "STOPPED");
         self.ctd.ctr_ok(&["task", "rm", id]);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -324,6 +382,14 @@ impl Line {
             failed: failed || (raw != "DONE" && path.is_none()),
             raw: raw.to_owned(),
         }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -408,12 +474,21 @@ fn across_the_gap(node: &Node, lines: &[Line], down: f64, up: f64, most_waiting:
     let longest = lines.iter().map(|l| l.end - l.since).fold(0.0, f64::max);
     let longest_read = lines.iter().map(|l| l.end - l.start).fold(0.0, f64::max);
     let first_answer = across.iter().map(|l| l.end).fold(f64::MAX, f64::min);
+    let last_answer = across.iter().map(|l| l.end).fold(0.0, f64::max);
+    // For comparison: what a read took when no daemon went away.
+    let longest_other = lines
+        .iter()
+        .filter(|l| l.end < down || l.start > up)
+        .map(|l| l.end - l.start)
+        .fold(0.0, f64::max);
     eprintln!(
         "gap {:.2}s: {} reads across it, at most {most_waiting} requests waiting, \
-         first of them answered {:.2}s after the daemon went, longest step {longest:.2}s, longest read {longest_read:.2}s: {:#?}",
+         first of them answered {:.2}s after the daemon went, the last {:.2}s, longest step {longest:.2}s, longest read {longest_read:.2}s \
+         (outside the gap {longest_other:.2}s): {:#?}",
         up - down,
         across.len(),
         first_answer - down,
+        last_answer - down,
         across.iter().map(|l| &l.raw).collect::<Vec<_>>()
     );
     assert!(
@@ -465,12 +540,22 @@ fn loop_numbers(snapshotter: &SnapshotterDaemon) -> Vec<u32> {
     numbers
 }
 
+/// Also the restart under many containers: `LAZYBD_FAILOVER_CONTAINERS=20`
+/// runs 20 reader containers (docs/benchmarks.md has the figures).
 #[test]
 fn sigkill_and_restart_under_reading_containers_fail_no_read() {
     require_root!();
-    let mut node = Node::start(false);
-    let id = node.run_readers("0.4");
-    node.wait_lines(2 * READERS, Duration::from_secs(60));
+    let containers = match std::env::var(CONTAINERS_ENV) {
+        Ok(n) => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .unwrap_or_else(|| panic!("{CONTAINERS_ENV}={n}: a number from 1 to 64")),
+        Err(_) => 1,
+    };
+    let mut node = Node::with_containers(false, containers);
+    let ids = node.run_readers("0.4");
+    node.wait_lines(2 * node.reader_count(), Duration::from_secs(60));
 
     let report = node.kill_and_restart();
     assert!(report.reads_across >= 1 && report.most_waiting >= 1);
@@ -480,15 +565,15 @@ fn sigkill_and_restart_under_reading_containers_fail_no_read() {
         report.longest
     );
     assert_resumed_and_served(&node.snapshotter);
-    node.remove(&id);
+    node.remove(&ids);
 }
 
 #[test]
 fn a_planned_upgrade_under_reading_containers_fails_no_read_and_detaches_nothing() {
     require_root!();
     let mut node = Node::start(false);
-    let id = node.run_readers("0.4");
-    node.wait_lines(2 * READERS, Duration::from_secs(60));
+    let ids = node.run_readers("0.4");
+    node.wait_lines(2 * node.reader_count(), Duration::from_secs(60));
     let loops_before = loop_numbers(&node.snapshotter);
 
     // SIGTERM: the daemon hands over and exits; a new binary starts.
@@ -507,7 +592,7 @@ fn a_planned_upgrade_under_reading_containers_fails_no_read_and_detaches_nothing
     );
     let (most_waiting, during) = node.gap();
     assert!(
-        during <= READERS,
+        during <= node.reader_count(),
         "{during} reads completed without the daemon"
     );
     let up = uptime();
@@ -522,7 +607,7 @@ fn a_planned_upgrade_under_reading_containers_fails_no_read_and_detaches_nothing
         loops_before,
         "the new daemon did not adopt the same loop devices"
     );
-    node.remove(&id);
+    node.remove(&ids);
 }
 
 /// The holder dies while the daemon serves: nothing breaks. A new holder
@@ -532,12 +617,12 @@ fn a_planned_upgrade_under_reading_containers_fails_no_read_and_detaches_nothing
 fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
     require_root!();
     let mut node = Node::start(false);
-    let id = node.run_readers("0.3");
-    node.wait_lines(READERS, Duration::from_secs(60));
+    let ids = node.run_readers("0.3");
+    node.wait_lines(node.reader_count(), Duration::from_secs(60));
 
     node.holder().kill();
     let at_loss = node.lines().len();
-    let lines = node.wait_lines(at_loss + 2 * READERS, Duration::from_secs(60));
+    let lines = node.wait_lines(at_loss + 2 * node.reader_count(), Duration::from_secs(60));
     assert!(
         lines.iter().all(|l| !l.failed),
         "reads failed after the holder died: {lines:#?}"
@@ -567,7 +652,7 @@ fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
     node.assert_all_read_intact(&lines);
     across_the_gap(&node, &lines, down, up, most_waiting);
     assert_resumed_and_served(&node.snapshotter);
-    node.remove(&id);
+    node.remove(&ids);
 }
 
 /// The daemon dies with reads it took from the kernel and had not answered
@@ -577,8 +662,8 @@ fn the_holder_dying_under_a_serving_daemon_breaks_nothing() {
 fn sigkill_with_reads_in_flight_fails_no_read() {
     require_root!();
     let mut node = Node::start(false);
-    let id = node.run_readers("0.4");
-    node.wait_lines(2 * READERS, Duration::from_secs(60));
+    let ids = node.run_readers("0.4");
+    node.wait_lines(2 * node.reader_count(), Duration::from_secs(60));
 
     let frozen = node.registry.freeze();
     // Every reader's next read misses and its fetch hangs: the daemon has
@@ -611,7 +696,7 @@ fn sigkill_with_reads_in_flight_fails_no_read() {
         report.reads_across
     );
     assert_resumed_and_served(&node.snapshotter);
-    node.remove(&id);
+    node.remove(&ids);
 }
 
 #[test]
@@ -623,11 +708,124 @@ fn sigkill_and_restart_fail_no_read_with_systemds_fd_store() {
     };
     let store = store.clone();
     assert_eq!(store.ready_count(), 1, "READY=1 once serving");
-    let id = node.run_readers("0.4");
-    node.wait_lines(2 * READERS, Duration::from_secs(60));
+    let ids = node.run_readers("0.4");
+    node.wait_lines(2 * node.reader_count(), Duration::from_secs(60));
 
     node.kill_and_restart();
     assert_resumed_and_served(&node.snapshotter);
     assert_eq!(store.ready_count(), 2);
-    node.remove(&id);
+    node.remove(&ids);
+}
+
+/// The holder dies, and then the daemon too, with no holder back: no worse
+/// than without an fd store. The session dies with the daemon, so reads in
+/// the gap fail (and a process that pages in a file of the layer, like the
+/// readers' shell, may die of SIGBUS); the next daemon starts without a
+/// store, mounts a new session, attaches the layers again and points the
+/// old loop devices under the running containers at its files: those
+/// containers read every file intact again, a new container of the image
+/// too, and nothing is left mounted or attached once the containers and
+/// the daemon are gone.
+#[test]
+fn the_holder_and_then_the_daemon_dying_fail_reads_only_until_the_next_daemon_serves() {
+    require_root!();
+    let mut node = Node::start(false);
+    // A container that only sleeps through the gap: it pages nothing in.
+    let (idle, _) = node.run("exec busybox sleep 3600");
+    let ids = node.run_readers("0.4");
+    node.wait_lines(2 * node.reader_count(), Duration::from_secs(60));
+
+    node.holder().kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !node.snapshotter.log().contains("went away") {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not notice the holder going:\n{}",
+            node.snapshotter.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let loops_before = loop_numbers(&node.snapshotter);
+    let log_before = node.snapshotter.log().len();
+
+    let down = uptime();
+    node.snapshotter.kill();
+    std::thread::sleep(GAP);
+    let up = uptime();
+    node.snapshotter.start_again();
+    let log = node.snapshotter.log()[log_before..].to_owned();
+    assert!(!log.contains("resumed the FUSE session"), "{log}");
+    assert!(
+        log.contains("from a previous run: kept for its layer"),
+        "the next daemon did not find the containers' loop devices:\n{log}"
+    );
+
+    // The running containers read through their old mounts again.
+    let listing = node.ctd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        &idle,
+        "/bin/sh",
+        "-c",
+        "busybox sha256sum /files/*",
+    ]);
+    for (name, sha) in &node.img.files {
+        assert!(
+            listing.contains(&format!("{sha}  /files/{name}")),
+            "/files/{name} after the restart: {listing}"
+        );
+    }
+    // The readers: what they read is intact; reads failed only in the gap.
+    std::thread::sleep(Duration::from_secs(2));
+    let lines: Vec<Line> = node
+        .lines()
+        .into_iter()
+        .filter(|l| l.file.is_some())
+        .collect();
+    let failed: Vec<&Line> = lines.iter().filter(|l| l.failed).collect();
+    assert!(
+        failed.iter().all(|l| l.end >= down && l.start < up),
+        "reads failed outside the gap: {failed:#?}\n{log}"
+    );
+    for l in lines.iter().filter(|l| !l.failed) {
+        let name = l.file.as_deref().unwrap();
+        let want = &node.img.files.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(l.sha.as_deref(), Some(want.as_str()), "{l:#?}");
+    }
+    let metrics = node.snapshotter.metrics();
+    assert_eq!(
+        metric_sum(&metrics, "lazybd_read_errors_total"),
+        0.0,
+        "{metrics}"
+    );
+    eprintln!(
+        "holder and daemon dead for {:.2}s: the readers wrote {} lines ({} failed, {} started \
+         after the restart); loop devices {loops_before:?} before, {:?} after the restart",
+        up - down,
+        lines.len(),
+        failed.len(),
+        lines.iter().filter(|l| l.start >= up).count(),
+        loop_numbers(&node.snapshotter)
+    );
+
+    // A new container of the same image, on the new daemon's mounts.
+    node.remove(&ids);
+    node.remove(std::slice::from_ref(&idle));
+    node.readers.clear();
+    let ids = node.run_readers("0");
+    let lines = node.wait_done(Duration::from_secs(90));
+    node.assert_all_read_intact(&lines);
+    node.remove(&ids);
+    eprintln!(
+        "loop devices once every container is gone: {:?}",
+        loop_numbers(&node.snapshotter)
+    );
+
+    // Nothing leaks: once containerd and the daemon are gone, nothing is
+    // mounted or attached under its root.
+    let root = node.snapshotter.root.clone();
+    drop(node);
+    lazybd_tests::lazy_layers::wait_nothing_left(&root);
 }
