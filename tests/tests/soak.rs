@@ -312,13 +312,18 @@ fn pods_start_and_stop_for_minutes_without_leaking() {
     let before = soak.footprint();
     let started = Instant::now();
     let mut rounds = 0;
-    let mut peak_rss_kib = before.snapshotter_rss_kib;
+    // The snapshotter's RSS after each round, to show its course.
+    let mut rss_kib = Vec::new();
     // Ends on a round that removes the image: the state `before` was in.
     while started.elapsed() < Duration::from_secs(seconds) || rounds % 2 == 1 {
         soak.round(WARM_UP_ROUNDS + rounds, rounds % 2 == 1);
         rounds += 1;
-        peak_rss_kib = peak_rss_kib.max(leaks::memory_kib(snapshotter.pid(), "VmRSS"));
+        rss_kib.push(leaks::memory_kib(snapshotter.pid(), "VmRSS"));
     }
+    let peak_rss_kib = rss_kib.iter().copied().max().unwrap_or(0);
+    let course: Vec<String> = (1..=4)
+        .map(|q| format!("{:.1}", mib(rss_kib[(rss_kib.len() * q / 4).max(1) - 1])))
+        .collect();
     let elapsed = started.elapsed();
     // Loop devices an overlay held clear a moment after it goes; sockets
     // of finished requests close.
@@ -352,8 +357,8 @@ fn pods_start_and_stop_for_minutes_without_leaking() {
          containerd fds {} -> {}\n\
          mounts {} -> {}, loop devices {} -> {}, FUSE connections (machine) {} -> {}, \
          unmounted {} -> {}\n\
-         snapshotter RSS {:.1} -> {:.1} MiB (peak sampled {:.1}, VmHWM {:.1}); \
-         super node RSS {:.1} -> {:.1} MiB (VmHWM {:.1})\n\
+         snapshotter RSS {:.1} -> {:.1} MiB (after each quarter of the rounds: {}; \
+         peak sampled {:.1}, VmHWM {:.1}); super node RSS {:.1} -> {:.1} MiB (VmHWM {:.1})\n\
          chunks from peer {}, super node {}, registry {}",
         (WARM_UP_ROUNDS + rounds).div_ceil(2),
         elapsed.as_secs_f64(),
@@ -375,6 +380,7 @@ fn pods_start_and_stop_for_minutes_without_leaking() {
         after.unmounted_fuse.len(),
         mib(before.snapshotter_rss_kib),
         mib(after.snapshotter_rss_kib),
+        course.join(", "),
         mib(peak_rss_kib),
         mib(hwm),
         mib(before.supernode_rss_kib),
