@@ -45,9 +45,11 @@ const WARM_UP_ROUNDS: u32 = 4;
 /// close after 90 s): this many more at the end is churn, not a leak.
 const SOCKET_SLACK: usize = 32;
 /// Resident memory may grow this much (KiB), or a fifth, whichever is
-/// more, without being a leak: allocator arenas and caches settle. A leak
-/// of a few KiB a round is far more over a soak's hundreds of rounds.
-const RSS_SLACK_KIB: u64 = 8 << 10;
+/// more, without being a leak: the allocator's arenas settle over the
+/// first hundreds of rounds (measured: +4 MiB after 60 rounds, +5.4 after
+/// 320, +7.4 after 690, from 41 MiB). A leak of tens of KiB per round,
+/// or of a container's or a layer's state, is far more.
+const RSS_SLACK_KIB: u64 = 12 << 10;
 
 /// The node under soak and how it is driven.
 struct Soak<'a> {
@@ -310,6 +312,7 @@ fn pods_start_and_stop_for_minutes_without_leaking() {
         soak.round(n, n % 2 == 1);
     }
     let before = soak.footprint();
+    let series_before = snapshotter.metrics().lines().count();
     let started = Instant::now();
     let mut rounds = 0;
     // The snapshotter's RSS after each round, to show its course.
@@ -343,6 +346,7 @@ fn pods_start_and_stop_for_minutes_without_leaking() {
     let hwm = leaks::memory_kib(snapshotter.pid(), "VmHWM");
     let supernode_hwm = leaks::memory_kib(supernode.pid(), "VmHWM");
     let metrics = snapshotter.metrics();
+    let series_after = metrics.lines().count();
     let chunks = |source: &str| {
         metric_or_zero(
             &metrics,
@@ -359,7 +363,8 @@ fn pods_start_and_stop_for_minutes_without_leaking() {
          unmounted {} -> {}\n\
          snapshotter RSS {:.1} -> {:.1} MiB (after each quarter of the rounds: {}; \
          peak sampled {:.1}, VmHWM {:.1}); super node RSS {:.1} -> {:.1} MiB (VmHWM {:.1})\n\
-         chunks from peer {}, super node {}, registry {}",
+         chunks from peer {}, super node {}, registry {}; metrics lines {series_before} -> \
+         {series_after}",
         (WARM_UP_ROUNDS + rounds).div_ceil(2),
         elapsed.as_secs_f64(),
         before.snapshotter_fds.total(),
@@ -396,6 +401,11 @@ fn pods_start_and_stop_for_minutes_without_leaking() {
     assert!(
         chunks("peer") + chunks("supernode") > 0.0,
         "no chunk came over P2P:\n{metrics}"
+    );
+    // Metrics series are per layer and source, not per container or round.
+    assert_eq!(
+        series_after, series_before,
+        "metrics series grew:\n{metrics}"
     );
     // Descriptors.
     for (who, b, a) in [
