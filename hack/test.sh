@@ -21,11 +21,12 @@ echo "== deploy manifests"
 hack/validate-deploy.sh
 echo "== build"
 cargo build --workspace --bins --locked
+# The soak (tests/tests/soak.rs) runs LAZYBD_SOAK_SECONDS, 150 s by default.
 echo "== tests (unit + integration; integration tests need root)"
 cargo test --workspace --locked -- --test-threads="${LAZYBD_TEST_THREADS:-2}"
-# Every fuzz target for a short, fixed budget (10 s each after one
-# sanitizer build, about 11 min on 2 cores), so regressions surface;
-# LAZYBD_FUZZ_SECONDS=0 runs only the seeds, N fuzzes N s per target.
-# Longer runs by hand: hack/fuzz.sh SECONDS [TARGET].
-echo "== fuzz (${LAZYBD_FUZZ_SECONDS:-10} s per target)"
-hack/fuzz.sh "${LAZYBD_FUZZ_SECONDS:-10}"
+# Every fuzz target for a short, fixed budget (30 s each after one
+# sanitizer build: 8 targets, about 14 min on 2 cores), so regressions
+# surface; LAZYBD_FUZZ_SECONDS=0 runs only the seeds, N fuzzes N s per
+# target. Longer runs by hand: hack/fuzz.sh SECONDS [TARGET].
+echo "== fuzz (${LAZYBD_FUZZ_SECONDS:-30} s per target)"
+hack/fuzz.sh "${LAZYBD_FUZZ_SECONDS:-30}"

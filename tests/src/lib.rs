@@ -9,7 +9,9 @@
 //! - [`netns`], [`p2p`], [`eni`]: network namespaces, the P2P fabric on
 //!   them, the CNI plugin's fixtures;
 //! - [`images`], [`busybox`], [`lazy_layers`], [`lazy_node`]: images and
-//!   fixtures; [`cli`], [`http`], [`snapshots_api`]: clients.
+//!   fixtures; [`cli`], [`http`], [`snapshots_api`]: clients;
+//! - [`leaks`]: descriptors, memory, FUSE connections and processes, for
+//!   the soak.
 //!
 //! Every test that needs root starts with [`require_root!`]: without root it
 //! says loudly that it did not run; under CI (`CI` set) it fails instead, so a
@@ -27,6 +29,7 @@ pub mod http;
 pub mod images;
 pub mod lazy_layers;
 pub mod lazy_node;
+pub mod leaks;
 pub mod netns;
 pub mod p2p;
 pub mod registry;

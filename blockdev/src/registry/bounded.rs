@@ -8,16 +8,18 @@
 //! an endless manifest made `lazybd inspect` hold a GiB and then ask again.
 //! Here the registry gets [`MAX_ERROR_BODY`] bytes to explain an error and
 //! `limit` bytes of content; more is a lying registry, a permanent error
-//! that is not retried. oci-client still does the bearer-token flow
-//! ([`oci_client::Client::auth`]), whose token is kept here and renewed on
-//! a 401.
+//! that is not retried. The bearer-token flow is done here too, its answer
+//! read to at most [`MAX_TOKEN_ANSWER`] bytes (`oci_client::Client::auth`
+//! reads it whole); the token is kept and renewed on a 401.
 
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Reference, RegistryOperation};
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, RANGE};
+use oci_client::Reference;
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, RANGE, WWW_AUTHENTICATE,
+};
 use reqwest::StatusCode;
 use tokio::sync::Mutex;
 
@@ -25,6 +27,9 @@ use super::{RegistryError, RegistryOptions};
 
 /// Of an error answer, this much is read for its message.
 pub const MAX_ERROR_BODY: usize = 4 << 10;
+/// A token service's answer: JSON with a token (a JWT of a few KiB at
+/// most) and its lifetime. More is a lying service.
+pub const MAX_TOKEN_ANSWER: usize = 64 << 10;
 /// One metadata request, however the registry trickles its answer.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -38,7 +43,6 @@ enum Authorization {
 
 /// Whose registry, and with which credentials, a request goes to.
 pub struct Target<'a> {
-    pub oci: &'a oci_client::Client,
     pub reference: &'a Reference,
     pub auth: &'a RegistryAuth,
 }
@@ -79,16 +83,21 @@ impl BoundedGet {
 
     /// `/v2/<repo>/<kind>/<name>` of `reference`'s registry and repository.
     pub fn url(&self, reference: &Reference, kind: &str, name: &str) -> String {
-        let scheme = if self.plain_http { "http" } else { "https" };
         let ns = reference
             .namespace()
             .map(|ns| format!("?ns={ns}"))
             .unwrap_or_default();
         format!(
-            "{scheme}://{}/v2/{}/{kind}/{name}{ns}",
-            reference.resolve_registry(),
+            "{}/{}/{kind}/{name}{ns}",
+            self.api_root(reference),
             reference.repository()
         )
+    }
+
+    /// `<scheme>://<registry>/v2` of `reference`.
+    fn api_root(&self, reference: &Reference) -> String {
+        let scheme = if self.plain_http { "http" } else { "https" };
+        format!("{scheme}://{}/v2", reference.resolve_registry())
     }
 
     /// GETs `url` with `reference`'s credentials: the body, at most `limit`
@@ -240,18 +249,114 @@ impl BoundedGet {
         if let Some(a) = &*cached {
             return Ok(a.clone());
         }
-        let granted = target
-            .oci
-            .auth(target.reference, target.auth, RegistryOperation::Pull)
-            .await;
-        let a = match granted {
-            Ok(Some(token)) => Authorization::Bearer(token),
-            Ok(None) => Authorization::Basic,
-            Err(e) => return Err(RegistryError::from_oci(format!("{what}: authorizing"), e)),
-        };
+        let what = format!("{what}: authorizing");
+        let a = tokio::time::timeout(REQUEST_DEADLINE, self.authorize(target, &what))
+            .await
+            .map_err(|_| RegistryError::Transient {
+                what: what.clone(),
+                message: format!("no token within {REQUEST_DEADLINE:?}"),
+            })??;
         *cached = Some(a.clone());
         Ok(a)
     }
+
+    /// The registry's token flow (the distribution token spec, as
+    /// `oci_client::Client::auth` runs it, answers bounded): `GET /v2/`
+    /// names the token service in a Bearer challenge; the service is asked
+    /// for a pull token for the repository, with the credentials as basic
+    /// auth. No challenge: requests carry the credentials as basic auth.
+    async fn authorize(
+        &self,
+        target: &Target<'_>,
+        what: &str,
+    ) -> Result<Authorization, RegistryError> {
+        if let RegistryAuth::Bearer(token) = target.auth {
+            return Ok(Authorization::Bearer(token.clone()));
+        }
+        // Only the headers count; the body is never read.
+        let ping = self
+            .http
+            .get(format!("{}/", self.api_root(target.reference)))
+            .send()
+            .await
+            .map_err(|e| transport(what, e))?;
+        let Some(challenge) = ping
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(bearer_challenge)
+        else {
+            return Ok(Authorization::Basic);
+        };
+        drop(ping);
+        let mut url =
+            reqwest::Url::parse(&challenge.realm).map_err(|e| RegistryError::Permanent {
+                what: what.to_owned(),
+                message: format!("the token service {:?} is no URL: {e}", challenge.realm),
+            })?;
+        url.query_pairs_mut().append_pair(
+            "scope",
+            &format!("repository:{}:pull", target.reference.repository()),
+        );
+        if let Some(service) = &challenge.service {
+            url.query_pairs_mut().append_pair("service", service);
+        }
+        let mut request = self.http.get(url);
+        if let RegistryAuth::Basic(user, password) = target.auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let mut response = request.send().await.map_err(|e| transport(what, e))?;
+        if !response.status().is_success() {
+            return Err(error_answer(&mut response, what).await);
+        }
+        let (body, _) = read_body(response, MAX_TOKEN_ANSWER, what).await?;
+        token_of(&body)
+            .map(Authorization::Bearer)
+            .ok_or_else(|| RegistryError::Permanent {
+                what: what.to_owned(),
+                message: "the token service answered no token".into(),
+            })
+    }
+}
+
+/// Where a registry's Bearer challenge says tokens come from.
+struct BearerChallenge {
+    realm: String,
+    service: Option<String>,
+}
+
+/// The first Bearer challenge with a realm in a `WWW-Authenticate` value.
+fn bearer_challenge(value: &HeaderValue) -> Option<BearerChallenge> {
+    let value = value.to_str().ok()?;
+    http_auth::parser::ChallengeParser::new(value)
+        .filter_map(Result::ok)
+        .filter(|c| c.scheme.eq_ignore_ascii_case("Bearer"))
+        .find_map(|c| {
+            let param = |name: &str| {
+                c.params
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.to_unescaped())
+            };
+            Some(BearerChallenge {
+                realm: param("realm")?,
+                service: param("service"),
+            })
+        })
+}
+
+/// The token of a token service's answer (`token`, or OAuth2's
+/// `access_token`).
+fn token_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        token: Option<String>,
+        access_token: Option<String>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    answer
+        .token
+        .or(answer.access_token)
+        .filter(|t| !t.is_empty())
 }
 
 fn transport(what: &str, e: reqwest::Error) -> RegistryError {

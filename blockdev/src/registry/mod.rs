@@ -323,7 +323,6 @@ impl RegistryClient {
     /// What a bounded GET of `reference` needs of this client.
     fn target<'a>(&'a self, reference: &'a Reference) -> bounded::Target<'a> {
         bounded::Target {
-            oci: &self.client,
             reference,
             auth: &self.auth,
         }

@@ -19,6 +19,27 @@ enum Lie {
     EndlessError,
     /// 200 claiming a 10 GB body.
     HugeLength,
+    /// `/v2/` asks for a bearer token from `/token`, which answers 200 with
+    /// endless JSON.
+    EndlessToken,
+    /// The same, the token service answering 401 with an endless reason.
+    EndlessTokenRefusal,
+}
+
+impl Lie {
+    fn about_tokens(self) -> bool {
+        matches!(self, Lie::EndlessToken | Lie::EndlessTokenRefusal)
+    }
+
+    /// How much the server sends at most: enough that reading it whole is
+    /// unmistakable, little enough that a client that does survives.
+    fn cap(self) -> u64 {
+        if self.about_tokens() {
+            128 << 20
+        } else {
+            1 << 30
+        }
+    }
 }
 
 #[derive(Default)]
@@ -27,19 +48,20 @@ struct Seen {
     bytes_sent: AtomicU64,
 }
 
-/// Serves `lie` for every manifest request on 127.0.0.1; `/v2/` answers
-/// 200 (no auth).
+/// Serves `lie` for every manifest request on 127.0.0.1 (token lies: for
+/// every token request); `/v2/` answers 200 (no auth), or 401 naming the
+/// token service for token lies.
 async fn lying_registry(lie: Lie) -> (String, Arc<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let seen = Arc::new(Seen::default());
-    let s = seen.clone();
+    let (s, here) = (seen.clone(), addr.clone());
     tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
                 return;
             };
-            let seen = s.clone();
+            let (seen, addr) = (s.clone(), here.clone());
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -50,7 +72,21 @@ async fn lying_registry(lie: Lie) -> (String, Arc<Seen>) {
                     }
                 }
                 let head = String::from_utf8_lossy(&head);
-                if !head.contains("/manifests/") && !head.contains("/blobs/") {
+                if lie.about_tokens() && head.starts_with("GET /v2/ ") {
+                    let challenge = format!(
+                        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer \
+                         realm=\"http://{addr}/token\",service=\"lying\"\r\n\
+                         Content-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = conn.write_all(challenge.as_bytes()).await;
+                    return;
+                }
+                let lied_about = if lie.about_tokens() {
+                    head.starts_with("GET /token")
+                } else {
+                    head.contains("/manifests/") || head.contains("/blobs/")
+                };
+                if !lied_about {
                     let _ = conn
                         .write_all(
                             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -63,12 +99,14 @@ async fn lying_registry(lie: Lie) -> (String, Arc<Seen>) {
                     Lie::EndlessManifest => "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n".to_owned(),
                     Lie::EndlessError => "HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n".to_owned(),
                     Lie::HugeLength => "HTTP/1.1 200 OK\r\nContent-Length: 10000000000\r\nConnection: close\r\n\r\n".to_owned(),
+                    Lie::EndlessToken => "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"token\":\"".to_owned(),
+                    Lie::EndlessTokenRefusal => "HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\n".to_owned(),
                 };
                 if conn.write_all(status.as_bytes()).await.is_err() {
                     return;
                 }
-                let chunk = vec![b' '; 64 << 10];
-                for _ in 0..(1u64 << 30) / chunk.len() as u64 {
+                let chunk = vec![b'a'; 64 << 10];
+                for _ in 0..lie.cap() / chunk.len() as u64 {
                     if conn.write_all(&chunk).await.is_err() {
                         return;
                     }
@@ -208,4 +246,33 @@ async fn a_range_read_takes_only_its_range_of_an_endless_answer() {
         "sent {} MiB for an 8 KiB range",
         sent >> 20
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_token_answer_is_cut_off_and_not_asked_again() {
+    let (addr, seen) = lying_registry(Lie::EndlessToken).await;
+    let start = Instant::now();
+    let e = client(&addr).manifest().await.unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    assert!(e.to_string().contains("longer than"), "{e}");
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 16 << 20, "read {} MiB of a token", sent >> 20);
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_token_refusal_is_read_only_for_its_message() {
+    let (addr, seen) = lying_registry(Lie::EndlessTokenRefusal).await;
+    let e = client(&addr).manifest().await.unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    assert!(e.to_string().contains("401"), "{e}");
+    assert!(
+        e.to_string().len() < 8 << 10,
+        "{} bytes of message",
+        e.to_string().len()
+    );
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 16 << 20, "read {} MiB of a refusal", sent >> 20);
 }

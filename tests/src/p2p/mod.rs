@@ -25,7 +25,7 @@ use std::process::Command;
 pub use fabric::{Fabric, RegistryLink};
 pub use fake_peer::{Fake, FakePeer};
 pub use lying_supernode::LyingSupernode;
-pub use node::{snapshotter_node, Node};
+pub use node::{snapshotter_node, snapshotter_node_with, Node};
 pub use pki::{docker_config, Pki, TOKEN};
 pub use proxy::{blob_ranges, CountingProxy, Seen};
 pub use scripted::{Answer, ScriptedServer, ENDLESS_CAP};

@@ -139,10 +139,20 @@ impl Node {
 /// `lazybd-snapshotter` with a `[p2p]` table in node `i`'s netns (metrics
 /// on the node's address), under `tmp/snap<i>`.
 pub fn snapshotter_node(f: &Fabric, tmp: &Path, i: usize) -> SnapshotterDaemon {
+    snapshotter_node_with(f, tmp, i, "")
+}
+
+/// [`snapshotter_node`] with `extra_toml` (more tables) in its config.
+pub fn snapshotter_node_with(
+    f: &Fabric,
+    tmp: &Path,
+    i: usize,
+    extra_toml: &str,
+) -> SnapshotterDaemon {
     let config = format!(
         "[registry]\nplain_http = [\"{hub}:{PROXY_PORT}\"]\n[p2p]\n\
          supernode = \"http://{hub}:{SUPERNODE_PORT}\"\nlisten = \"{}:{PEER_PORT}\"\n\
-         heartbeat_ms = 1000\nallow_insecure = true\n",
+         heartbeat_ms = 1000\nallow_insecure = true\n{extra_toml}",
         f.node_ip(i),
         hub = f.hub_ip()
     );
