@@ -25,7 +25,9 @@ pub struct Config {
     /// this many seconds instead of hanging the container.
     pub read_deadline_secs: u64,
     /// Readahead (KiB) of a lazy layer's device until the layer is
-    /// complete; readahead of a lazy layer fetches what may never be read.
+    /// complete, at most: below this it follows the link (half a round
+    /// trip's worth, none on a slow link), since readahead of a lazy layer
+    /// fetches what may never be read; 0: none.
     pub lazy_read_ahead_kb: u32,
     pub registry: RegistryConfig,
     /// What the remote (lazy) path accepts (docs/security.md).
@@ -182,7 +184,7 @@ impl Default for Config {
             control_allowed_uids: Vec::new(),
             metrics_address: "127.0.0.1:9880".into(),
             read_deadline_secs: 60,
-            lazy_read_ahead_kb: 0,
+            lazy_read_ahead_kb: 128,
             registry: RegistryConfig::default(),
             remote: RemoteConfig::default(),
             prefetch: PrefetchConfig::default(),

@@ -49,6 +49,7 @@ impl LayerManager {
             layer: layer.clone(),
             orphans: self.orphans.take(&name),
             restoring: self.shared.files.is_restoring(),
+            lazy_read_ahead_kb: self.lazy_read_ahead_kb(),
         };
         // Blocking work, and mounting EROFS reads the superblock through our
         // FUSE file, whose misses are fetched on this runtime: never block it.
@@ -164,6 +165,8 @@ struct Exposing {
     orphans: Vec<LoopDevice>,
     /// A resumed session: the previous daemon's mount may be adopted.
     restoring: bool,
+    /// The loop device's readahead if the layer is not complete.
+    lazy_read_ahead_kb: u32,
 }
 
 impl Exposing {
@@ -197,6 +200,8 @@ impl Exposing {
             loop_dev: adopted.loop_dev,
             backing: adopted.backing,
             local: adopted.local,
+            // Unknown: set at the next change of the link estimate.
+            read_ahead_kb: u32::MAX,
             handoff_failed: false,
             name: self.name,
             orphans: self.orphans,
@@ -256,7 +261,7 @@ impl Exposing {
         let read_ahead_kb = if self.layer.is_complete() {
             self.config.read_ahead_kb
         } else {
-            self.config.lazy_read_ahead_kb
+            self.lazy_read_ahead_kb
         };
         let keep_default = read_ahead_kb == 0 && self.layer.is_complete();
         if !keep_default {
@@ -309,6 +314,7 @@ impl Exposing {
             loop_dev,
             backing: backing_path,
             local,
+            read_ahead_kb,
             handoff_failed: false,
             name: self.name,
             orphans: self.orphans,

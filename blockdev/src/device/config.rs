@@ -26,11 +26,18 @@ pub struct NodeConfig {
     /// reads in flight for sequential readers); 0 keeps the kernel default.
     pub read_ahead_kb: u32,
     /// Readahead of the loop device of a layer that is not complete, in KiB
-    /// (0: none), until its handoff raises it to `read_ahead_kb`. Readahead
-    /// of a lazy layer fetches what may never be read: a container's start
-    /// reads 13.5 MiB of the python image with none, 19.7 MiB at the
-    /// kernel's default of 128 KiB (docs/benchmarks.md).
+    /// at most (0: none), until its handoff raises it to `read_ahead_kb`.
+    /// With `lazy_read_ahead_follows_link` the link decides below that
+    /// ([`readahead`](super::readahead)): readahead of a lazy layer fetches
+    /// what may never be read (a container's start reads 13.5 MiB of the
+    /// python image with none, 19.7 MiB at 128 KiB), which a slow link pays
+    /// for, while on a fast one larger reads, some of them ahead of the
+    /// reader, save more than the bytes cost (docs/benchmarks.md).
     pub lazy_read_ahead_kb: u32,
+    /// The readahead of lazy layers follows the link estimate, up to
+    /// `lazy_read_ahead_kb`; off: always `lazy_read_ahead_kb` (a recording
+    /// that must not depend on the link).
+    pub lazy_read_ahead_follows_link: bool,
     /// FUSE request threads (reads of cached chunks run on them).
     pub fuse_threads: usize,
     /// Fault injection for tests: fail the attach right before this step.
@@ -54,7 +61,8 @@ impl NodeConfig {
             persist_interval: Duration::from_secs(1),
             loop_direct_io: true,
             read_ahead_kb: 4096,
-            lazy_read_ahead_kb: 0,
+            lazy_read_ahead_kb: 128,
+            lazy_read_ahead_follows_link: true,
             fuse_threads: 2,
             fail_attach_at: None,
             prefetch_rate: 0,

@@ -19,6 +19,7 @@ use super::handoff::persist_periodically;
 use super::mounts;
 use super::orphans::Orphans;
 use super::prefetch::{running, Jobs};
+use super::readahead;
 use super::resume;
 use super::table::{lock, LayerStatus, Shared, Table};
 use super::{DeviceError, NodeConfig};
@@ -37,6 +38,8 @@ pub struct LayerManager {
     pub(super) prefetcher: Arc<Prefetcher>,
     pub(super) jobs: Jobs,
     persister: tokio::task::JoinHandle<()>,
+    /// Sets lazy layers' readahead as the link estimate changes.
+    read_ahead: Option<tokio::task::JoinHandle<()>>,
     /// [`Orphans`] of the previous run, until their layers are attached.
     pub(super) orphans: Orphans,
     /// Where the FUSE session's descriptors outlive this process.
@@ -125,6 +128,14 @@ impl LayerManager {
             ..NodeContext::new(config.fetch.clone())
         };
         let prefetcher = Prefetcher::new(node.gate.clone(), config.prefetch_rate);
+        let read_ahead = (config.lazy_read_ahead_follows_link && config.lazy_read_ahead_kb > 0)
+            .then(|| {
+                tokio::spawn(readahead::follow_link(
+                    shared.clone(),
+                    node.link.clone(),
+                    config.lazy_read_ahead_kb,
+                ))
+            });
         info!(
             "lazy layer manager ready at {}{}",
             root.display(),
@@ -145,6 +156,7 @@ impl LayerManager {
             prefetcher,
             jobs: Jobs::default(),
             persister,
+            read_ahead,
             orphans,
             store,
             verifiers,
@@ -193,6 +205,9 @@ impl LayerManager {
     /// leave unanswered is resent to the next daemon.
     pub async fn hand_over(&self) {
         self.persister.abort();
+        if let Some(task) = &self.read_ahead {
+            task.abort();
+        }
         self.jobs.abort_all();
         let layers: Vec<Arc<LazyLayer>> = self
             .shared
@@ -299,6 +314,9 @@ impl Drop for LayerManager {
     /// an early return): lazily unmount everything so nothing stays mounted.
     fn drop(&mut self) {
         self.persister.abort();
+        if let Some(task) = &self.read_ahead {
+            task.abort();
+        }
         self.jobs.abort_all();
         if *self.handed_over.get_mut() || self.store.keeps_fds() {
             // The next daemon resumes all of it (a panic counts as a crash).

@@ -55,6 +55,7 @@ mod manager;
 pub mod mounts;
 mod orphans;
 mod prefetch;
+mod readahead;
 mod resume;
 mod table;
 mod trace;

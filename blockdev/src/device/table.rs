@@ -78,6 +78,9 @@ pub(super) struct Attached {
     /// What the loop device reads now (the FUSE file, or the image file).
     pub backing: PathBuf,
     pub local: bool,
+    /// The loop device's readahead while lazy, in KiB, as last set
+    /// ([`readahead`](super::readahead)).
+    pub read_ahead_kb: u32,
     /// A handoff failed: the periodic check does not retry it (every second
     /// a warning); the next attach tries again.
     pub handoff_failed: bool,

@@ -38,6 +38,11 @@ impl LazyRootfs {
         // A layer whose every chunk arrived would otherwise switch its loop
         // device to the cache file, and its reads would pass unrecorded.
         config.handoff = false;
+        // The profile must hold what a node reads with the most readahead
+        // it uses (`lazy_read_ahead_kb` follows the node's link up to that):
+        // a node that reads ahead further than its profile misses, a round
+        // trip each, on every block the profile left out.
+        config.lazy_read_ahead_follows_link = false;
         let manager = LayerManager::new(config)?;
         let mut rootfs = LazyRootfs {
             manager,
