@@ -51,7 +51,10 @@
 # Knobs: RATES (default "100mbit 1gbit"), RUNS (default 3), IMAGES (default
 # "python node large"), MODES (default "full warm lazy trace profile optimize
 # p2p stargz stargz-plain"), CHUNK (largest lazybd chunk in bytes, default the
-# converter's 64 KiB), IMAGES_DIR (default /var/tmp/lazybd-images), DOCS=1; for the stargz
+# converter's 64 KiB), IMAGES_DIR (default /var/tmp/lazybd-images),
+# SNAPSHOTTER_CONFIG (top-level lines added to lazybd-snapshotter's config,
+# e.g. "lazy_read_ahead_kb = 128"), KEEP=1 (keep the stack's directory and
+# logs), DOCS=1; for the stargz
 # modes STARGZ_BIN (a containerd-stargz-grpc to use), else STARGZ_ANCHOR (the
 # directory with build.sh, default ../shared/anchors/stargz beside the main
 # checkout) builds one into STARGZ_BUILD_DIR (default /var/tmp/lazybd-stargz,
@@ -431,10 +434,12 @@ for rate in $RATES; do
     fi
     if has_mode profile; then
       phase "$rate $image: profile"
-      if [ ! -f "$STACK/convert-profiled-$image.log" ]; then
+      # Converted with this rate's trace: a node's trace holds what it read
+      # with the readahead its link gave it (docs/blockdev.md).
+      if [ ! -f "$STACK/convert-profiled-$image-$rate.log" ]; then
         profile_file=$(find "$STACK/traces-$image" -type f | head -n 1)
         [ -n "$profile_file" ] || die "$image: no startup trace to convert with"
-        logged "$STACK/convert-profiled-$image.log" "$BIN/lazybd" convert --plain-http \
+        logged "$STACK/convert-profiled-$image-$rate.log" "$BIN/lazybd" convert --plain-http \
           --work-dir "$STACK" --chunk-size "$CHUNK" --profile "$profile_file" \
           "$REGISTRY/bench/$image:oci" "$REGISTRY/bench/$image:lazybd-profiled"
       fi

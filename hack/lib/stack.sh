@@ -67,7 +67,8 @@ EOF
 }
 
 # lazybd-snapshotter on root $STACK/snapshotter/root; $1 is extra TOML
-# (tables such as [p2p]) appended to its config.
+# (tables such as [p2p]) appended to its config; SNAPSHOTTER_CONFIG, if set,
+# is top-level lines (before any table).
 snapshotter_up() {
   local extra=${1:-} dir=$STACK/snapshotter
   mkdir -p "$dir"
@@ -76,6 +77,7 @@ root = "$dir/root"
 address = "$dir/snapshotter.sock"
 control_address = "$dir/control.sock"
 metrics_address = "$SNAPSHOTTER_METRICS"
+${SNAPSHOTTER_CONFIG:-}
 
 [registry]
 plain_http = ["$REGISTRY"]
