@@ -72,12 +72,6 @@ impl LazyNode {
 
     /// `lazybd pull --plain-http` of `image` into this node's containerd.
     pub fn pull(&self, image: &str) -> String {
-        crate::cli::ok(&crate::cli::lazybd(&[
-            &"pull",
-            &"--plain-http",
-            &"--address",
-            &self.ctd.socket(),
-            &image,
-        ]))
+        self.ctd.lazybd_pull(image)
     }
 }

@@ -116,13 +116,7 @@ impl Node {
             .proxy_snapshotter(snapshotter.proxy())
             .namespace("default")
             .start();
-        let out = lazybd_tests::cli::ok(&lazybd_tests::cli::lazybd(&[
-            &"pull",
-            &"--plain-http",
-            &"--address",
-            &ctd.socket(),
-            &img.image.image,
-        ]));
+        let out = ctd.lazybd_pull(&img.image.image);
         assert!(out.contains("2 attached lazily"), "{out}");
         let fuse = FuseConnection::of(&snapshotter.root.join("lazy/fuse"));
         let out = tmp.path().join("out");

@@ -210,13 +210,7 @@ fn a_restart_with_gibs_of_complete_caches_serves_without_reading_them() {
         .proxy_snapshotter(snapshotter.proxy())
         .namespace("default")
         .start();
-    let out = lazybd_tests::cli::ok(&lazybd_tests::cli::lazybd(&[
-        &"pull",
-        &"--plain-http",
-        &"--address",
-        &ctd.socket(),
-        &img.image,
-    ]));
+    let out = ctd.lazybd_pull(&img.image);
     assert!(out.contains("3 attached lazily"), "{out}");
 
     // The lazybd runtime's task start prefetches every layer; each is handed

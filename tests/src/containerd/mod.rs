@@ -297,6 +297,21 @@ impl Containerd {
         socket_in(self.dir())
     }
 
+    /// `lazybd pull --plain-http` of `image` into this containerd, in the
+    /// namespace its `ctr` calls use; returns what it printed, panics if it
+    /// failed.
+    pub fn lazybd_pull(&self, image: &str) -> String {
+        crate::cli::ok(&crate::cli::lazybd(&[
+            &"pull",
+            &"--plain-http",
+            &"--address",
+            &self.socket(),
+            &"-n",
+            &self.namespace,
+            &image,
+        ]))
+    }
+
     /// The bundle containerd made for task `id`.
     pub fn bundle(&self, id: &str) -> PathBuf {
         self.dir()
