@@ -56,6 +56,8 @@ pub struct Remote<L = LayerManager> {
     manager: L,
     /// For the registry client of each attached layer's chunk source.
     registry: RegistryConfig,
+    /// Those clients, one per image.
+    clients: registry::Clients,
     manifests: Box<dyn ManifestSource>,
     /// By manifest digest.
     manifest_cache: Mutex<HashMap<String, Arc<ImageManifest>>>,
@@ -76,6 +78,7 @@ impl<L: LazyLayers> Remote<L> {
             manager,
             manifests: Box::new(RegistryManifests::new(registry.clone())),
             registry,
+            clients: registry::Clients::default(),
             manifest_cache: Mutex::new(HashMap::new()),
             cache_capacity: 0,
             peer: None,
@@ -381,8 +384,8 @@ impl<L: LazyLayers> Remote<L> {
     /// (this node's P2P parent and ancestors, the super node, the registry:
     /// `registry_chain`) and for the super node's check of its credentials.
     fn client(&self, layer: &RemoteLayer) -> Result<Arc<RegistryClient>, RemoteError> {
-        registry::client(&self.registry, &layer.image_ref)
-            .map(Arc::new)
+        self.clients
+            .get(&self.registry, &layer.image_ref)
             .map_err(|source| RemoteError::Client {
                 image_ref: layer.image_ref.clone(),
                 source,

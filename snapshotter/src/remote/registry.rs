@@ -1,7 +1,11 @@
 //! The image's registry, as the remote path uses it: a client per image
-//! reference with this daemon's settings and credentials, and, behind
-//! [`ManifestSource`], the manifests that say which layers are lazybd
-//! layers (unit tests serve those from memory).
+//! reference with this daemon's settings and credentials ([`Clients`]
+//! keeps them), and, behind [`ManifestSource`], the manifests that say
+//! which layers are lazybd layers (unit tests serve those from memory).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -75,6 +79,61 @@ pub fn client(registry: &RegistryConfig, image_ref: &str) -> Result<RegistryClie
     client_with(registry, image_ref, auth)
 }
 
+/// Clients kept at most: an image's layers share one (one connection pool,
+/// one token), so this many images being prepared at once.
+const CLIENTS_KEPT: usize = 64;
+/// A kept client is made again after this long, so that a changed docker
+/// config or CA file is read again.
+const CLIENT_TTL: Duration = Duration::from_secs(600);
+
+/// The registry clients of recently attached images, by image reference
+/// and credentials. Building a client reads the system's CA certificates
+/// (a few ms, tens when they are not cached), and each new client opens a
+/// connection and asks the registry how to authenticate: once per image
+/// instead of once per layer.
+#[derive(Default)]
+pub struct Clients {
+    kept: Mutex<VecDeque<Kept>>,
+}
+
+struct Kept {
+    image_ref: String,
+    auth: Option<RegistryAuth>,
+    made: Instant,
+    client: Arc<RegistryClient>,
+}
+
+impl Clients {
+    /// The client [`client`] would make for `image_ref` now, made once
+    /// for every image reference and set of credentials.
+    pub fn get(
+        &self,
+        registry: &RegistryConfig,
+        image_ref: &str,
+    ) -> Result<Arc<RegistryClient>, RegistryError> {
+        let auth = registry.keychain.as_ref().and_then(|k| k.get(image_ref));
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|k| k.made.elapsed() < CLIENT_TTL);
+        if let Some(k) = kept
+            .iter()
+            .find(|k| k.image_ref == image_ref && k.auth == auth)
+        {
+            return Ok(k.client.clone());
+        }
+        let client = Arc::new(client_with(registry, image_ref, auth.clone())?);
+        if kept.len() == CLIENTS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(Kept {
+            image_ref: image_ref.to_owned(),
+            auth,
+            made: Instant::now(),
+            client: client.clone(),
+        });
+        Ok(client)
+    }
+}
+
 /// [`client`] with `auth`, or the docker config's credentials for `None`.
 fn client_with(
     registry: &RegistryConfig,
@@ -91,5 +150,36 @@ fn client_with(
     match auth {
         Some(auth) => RegistryClient::with_auth(image_ref, &opts, auth),
         None => RegistryClient::new(image_ref, &opts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_images_layers_share_one_client_per_reference() {
+        let registry = RegistryConfig {
+            plain_http: vec!["127.0.0.1:5000".into()],
+            ..RegistryConfig::default()
+        };
+        let clients = Clients::default();
+        let a = clients.get(&registry, "127.0.0.1:5000/app:1").unwrap();
+        let again = clients.get(&registry, "127.0.0.1:5000/app:1").unwrap();
+        let other = clients.get(&registry, "127.0.0.1:5000/app:2").unwrap();
+        assert!(Arc::ptr_eq(&a, &again), "made once");
+        assert!(
+            !Arc::ptr_eq(&a, &other),
+            "another reference, another client"
+        );
+        for i in 0..CLIENTS_KEPT {
+            clients
+                .get(&registry, &format!("127.0.0.1:5000/app:n{i}"))
+                .unwrap();
+        }
+        let kept = clients.kept.lock().unwrap().len();
+        assert_eq!(kept, CLIENTS_KEPT, "bounded");
+        let a_later = clients.get(&registry, "127.0.0.1:5000/app:1").unwrap();
+        assert!(!Arc::ptr_eq(&a, &a_later), "the oldest went first");
     }
 }
