@@ -189,13 +189,8 @@ impl TarLayer {
 /// tests can run a program from the image), everything the converter must
 /// keep, and an upper layer that deletes, replaces and hides lower content.
 pub fn rich_layers() -> Vec<Vec<u8>> {
-    let busybox = std::fs::read("/bin/busybox")
-        .expect("/bin/busybox (apt install busybox-static; hack/install-deps.sh does)");
-    let mut base = TarLayer::new();
-    base.dir("bin", 0o755)
-        .file("bin/busybox", 0o755, &busybox)
-        .symlink("bin/sh", "busybox")
-        .symlink("bin/cat", "busybox")
+    let mut base = busybox_base();
+    base.symlink("bin/cat", "busybox")
         .dir("etc", 0o755)
         .dir("data", 0o755)
         .dir("dev", 0o755)
@@ -442,16 +437,23 @@ pub fn large_file_layer(dir: &str, name: &str, size: u64, block: &[u8]) -> Layer
     }
 }
 
-/// busybox (`/bin/busybox`, `/bin/sh`) and the directories a container
-/// needs: a base layer to run commands in.
-pub fn busybox_layer() -> Vec<u8> {
+/// Debian's busybox-static as `/bin/busybox`, and `/bin/sh`: what a base
+/// layer needs to run commands.
+fn busybox_base() -> TarLayer {
     let busybox = std::fs::read("/bin/busybox")
         .expect("/bin/busybox (apt install busybox-static; hack/install-deps.sh does)");
     let mut base = TarLayer::new();
     base.dir("bin", 0o755)
         .file("bin/busybox", 0o755, &busybox)
-        .symlink("bin/sh", "busybox")
-        .dir("tmp", 0o1777)
+        .symlink("bin/sh", "busybox");
+    base
+}
+
+/// busybox (`/bin/busybox`, `/bin/sh`) and the directories a container
+/// needs: a base layer to run commands in.
+pub fn busybox_layer() -> Vec<u8> {
+    let mut base = busybox_base();
+    base.dir("tmp", 0o1777)
         .dir("dev", 0o755)
         .dir("proc", 0o755)
         .dir("sys", 0o755)

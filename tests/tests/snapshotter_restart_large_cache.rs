@@ -164,9 +164,10 @@ fn a_restart_with_gibs_of_complete_caches_serves_without_reading_them() {
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start();
     let t0 = Instant::now();
+    let base = busybox_layer();
     let mut layers = vec![LayerBlob {
-        diff_id: lazybd_blockdev::oci::digest_of(&busybox_layer()),
-        bytes: busybox_layer(),
+        diff_id: lazybd_blockdev::oci::digest_of(&base),
+        bytes: base,
         compression: Compression::None,
     }];
     for i in 0..LARGE_LAYERS {
