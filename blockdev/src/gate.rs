@@ -7,7 +7,8 @@
 //! (see `ChunkFetcher`), so the two never queue behind each other.
 //!
 //! Pure bookkeeping below the fetcher: the fetcher marks its on-demand
-//! fetches here, the prefetcher and the trace replays wait here.
+//! fetches and streams here, trace replays mark themselves, and the
+//! prefetcher waits here for both.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

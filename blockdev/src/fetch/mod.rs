@@ -287,7 +287,7 @@ impl ChunkFetcher {
 
     /// Remembers chunks a replay is about to fetch, so later misses on them
     /// are counted as the replay's misses.
-    pub fn mark_replayed(&self, chunks: &[u64]) {
+    fn mark_replayed(&self, chunks: &[u64]) {
         let mut replayed = self.replayed.lock().unwrap_or_else(|e| e.into_inner());
         for &c in chunks {
             if replayed.len() >= MAX_TRACE_RANGES {

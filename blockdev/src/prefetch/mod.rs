@@ -96,7 +96,7 @@ impl Prefetcher {
                 counters
                     .rate_limited_ms
                     .fetch_add(waited.as_millis() as u64, Relaxed);
-                self.yield_to_demand(layer, true).await;
+                self.yield_to_demand(layer).await;
                 if let Err(e) = layer.fetcher().fetch_background(window).await {
                     warn!(
                         "prefetch of layer {} (pass {}): {e}; continuing",
@@ -122,14 +122,11 @@ impl Prefetcher {
         })
     }
 
-    /// `full`: a full prefetch, which also waits for trace replays.
-    async fn yield_to_demand(&self, layer: &LazyLayer, full: bool) {
+    /// Waits until no on-demand fetch and no trace replay runs, so the
+    /// chunks a container is known to need come first.
+    async fn yield_to_demand(&self, layer: &LazyLayer) {
         loop {
-            let (waited, idle) = if full {
-                self.gate.wait_idle_for_full(YIELD_LOG_AFTER).await
-            } else {
-                self.gate.wait_idle(YIELD_LOG_AFTER).await
-            };
+            let (waited, idle) = self.gate.wait_idle_for_full(YIELD_LOG_AFTER).await;
             if waited {
                 layer
                     .stats()
