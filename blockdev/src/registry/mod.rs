@@ -10,6 +10,7 @@
 mod bounded;
 mod credentials;
 pub mod hosts;
+mod reference;
 #[cfg(test)]
 mod tests_hostile;
 
@@ -191,13 +192,11 @@ impl RegistryClient {
     /// `reference` is `HOST[:PORT]/REPO[:TAG][@DIGEST]` (Docker Hub names
     /// like `busybox` work too).
     pub fn new(reference: &str, opts: &RegistryOptions) -> Result<Self, RegistryError> {
-        let parsed: Reference =
-            reference
-                .parse()
-                .map_err(|e: oci_client::ParseError| RegistryError::BadReference {
-                    reference: reference.to_owned(),
-                    message: e.to_string(),
-                })?;
+        let parsed =
+            reference::parse(reference).map_err(|message| RegistryError::BadReference {
+                reference: reference.to_owned(),
+                message,
+            })?;
         let registry = parsed.resolve_registry().to_owned();
         let auth = credentials_for(&registry, opts.docker_config.as_deref())?;
         Self::build(parsed, opts, auth)
@@ -211,13 +210,11 @@ impl RegistryClient {
         opts: &RegistryOptions,
         auth: RegistryAuth,
     ) -> Result<Self, RegistryError> {
-        let parsed: Reference =
-            reference
-                .parse()
-                .map_err(|e: oci_client::ParseError| RegistryError::BadReference {
-                    reference: reference.to_owned(),
-                    message: e.to_string(),
-                })?;
+        let parsed =
+            reference::parse(reference).map_err(|message| RegistryError::BadReference {
+                reference: reference.to_owned(),
+                message,
+            })?;
         Self::build(parsed, opts, auth)
     }
 
