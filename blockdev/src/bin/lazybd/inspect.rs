@@ -18,7 +18,7 @@ pub struct Args {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-    /// Also list every chunk (offset, stored length, kind, sha256).
+    /// Also list every chunk (offset, stored length, image length, kind, sha256).
     #[arg(long)]
     chunks: bool,
     #[command(flatten)]
@@ -52,6 +52,8 @@ struct LayerSummary {
 struct ChunkRow {
     offset: u64,
     stored_len: u32,
+    /// The image bytes it covers (version 2 chunks vary in size).
+    image_len: u32,
     kind: &'static str,
     sha256: String,
 }
@@ -148,6 +150,7 @@ async fn summarize(
                 .map(|c| ChunkRow {
                     offset: c.offset,
                     stored_len: c.stored_len,
+                    image_len: c.image_len,
                     kind: match c.kind {
                         ChunkKind::Raw => "raw",
                         ChunkKind::Zstd => "zstd",
@@ -194,8 +197,8 @@ fn print_text(l: &LayerSummary) {
     );
     for c in l.chunks.iter().flatten() {
         println!(
-            "    {:>12} {:>9} {:<4} {}",
-            c.offset, c.stored_len, c.kind, c.sha256
+            "    {:>12} {:>9} {:>9} {:<4} {}",
+            c.offset, c.stored_len, c.image_len, c.kind, c.sha256
         );
     }
 }
