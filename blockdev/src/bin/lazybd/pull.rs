@@ -80,25 +80,37 @@ struct Documents {
 }
 
 async fn pull(args: Args) -> Result<()> {
-    let registry = RegistryClient::new(&args.reference, &args.registry.options())?;
-    let docs = fetch_manifest(&registry, &args.platform).await?;
-    let config_desc = docs.manifest.config();
-    let config = registry.blob(config_desc.digest().as_ref()).await?;
-    let config_json: serde_json::Value =
-        serde_json::from_slice(&config).context("parsing the image config")?;
-    let diff_ids = config_diff_ids(&config_json, docs.manifest.layers().len())?;
-    let chains = chain_ids(&diff_ids);
-
-    let channel = containerd_client::connect(&args.address)
-        .await
-        .with_context(|| format!("connecting to containerd at {}", args.address.display()))?;
-    let ctd = Containerd {
-        channel,
-        namespace: args.namespace.clone(),
-        lease: format!("lazybd-pull-{}", nanos()),
+    // The registry's answers and containerd's lease do not depend on each
+    // other: both are asked for at once (a cold start waits for this).
+    let from_registry = async {
+        let registry = RegistryClient::new(&args.reference, &args.registry.options())?;
+        let docs = fetch_manifest(&registry, &args.platform).await?;
+        let config = registry
+            .blob(docs.manifest.config().digest().as_ref())
+            .await?;
+        anyhow::Ok((registry, docs, config))
     };
-    ctd.create_lease().await?;
+    let to_containerd = async {
+        let channel = containerd_client::connect(&args.address)
+            .await
+            .with_context(|| format!("connecting to containerd at {}", args.address.display()))?;
+        let ctd = Containerd {
+            channel,
+            namespace: args.namespace.clone(),
+            lease: format!("lazybd-pull-{}", nanos()),
+        };
+        ctd.create_lease().await?;
+        anyhow::Ok(ctd)
+    };
+    let (fetched, ctd) = tokio::join!(from_registry, to_containerd);
+    let ctd = ctd?;
     let result = async {
+        let (registry, docs, config) = fetched?;
+        let config_desc = docs.manifest.config();
+        let config_json: serde_json::Value =
+            serde_json::from_slice(&config).context("parsing the image config")?;
+        let diff_ids = config_diff_ids(&config_json, docs.manifest.layers().len())?;
+        let chains = chain_ids(&diff_ids);
         let top_chain = chains.last().context("the image has no layers")?;
         let snapshot_gc = format!("containerd.io/gc.ref.snapshot.{}", args.snapshotter);
         ctd.write(
@@ -143,18 +155,16 @@ async fn pull(args: Args) -> Result<()> {
             counts[prepared as usize] += 1;
         }
         ctd.put_image(&args.reference, &docs.top).await?;
-        anyhow::Ok(counts)
+        anyhow::Ok((chains.len(), counts))
     }
     .await;
     if let Err(e) = ctd.delete_lease().await {
         eprintln!("warning: deleting lease {}: {e:#}", ctd.lease);
     }
-    let [already, lazy, unpacked] = result?;
+    let (layers, [already, lazy, unpacked]) = result?;
     println!(
-        "{}: {} layers: {lazy} attached lazily by {}, {unpacked} unpacked, {already} already present",
-        args.reference,
-        chains.len(),
-        args.snapshotter,
+        "{}: {layers} layers: {lazy} attached lazily by {}, {unpacked} unpacked, {already} already present",
+        args.reference, args.snapshotter,
     );
     Ok(())
 }
