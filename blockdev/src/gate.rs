@@ -63,22 +63,11 @@ impl PriorityGate {
         self.replays_active.load(Ordering::Acquire)
     }
 
-    /// Waits until no on-demand fetch runs, at most `limit`. Returns whether
-    /// it had to wait at all (a yield) and whether the gate is idle now.
-    pub async fn wait_idle(&self, limit: Duration) -> (bool, bool) {
-        self.wait_until(limit, || self.demand_active() == 0).await
-    }
-
-    /// [`wait_idle`](Self::wait_idle) for full prefetches: no on-demand fetch
-    /// and no trace replay.
+    /// Waits, at most `limit`, until neither an on-demand fetch nor a trace
+    /// replay runs: a full prefetch's turn. Returns whether it had to wait
+    /// at all (a yield) and whether the gate is idle now.
     pub async fn wait_idle_for_full(&self, limit: Duration) -> (bool, bool) {
-        self.wait_until(limit, || {
-            self.demand_active() == 0 && self.replays_active() == 0
-        })
-        .await
-    }
-
-    async fn wait_until(&self, limit: Duration, idle: impl Fn() -> bool) -> (bool, bool) {
+        let idle = || self.demand_active() == 0 && self.replays_active() == 0;
         let mut waited = false;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -139,11 +128,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn background_waits_until_demand_is_done() {
         let gate = PriorityGate::new();
-        assert_eq!(gate.wait_idle(Duration::from_secs(1)).await, (false, true));
+        assert_eq!(
+            gate.wait_idle_for_full(Duration::from_secs(1)).await,
+            (false, true)
+        );
         let a = gate.demand();
         let b = gate.demand();
         let g = gate.clone();
-        let waiter = tokio::spawn(async move { g.wait_idle(Duration::from_secs(3600)).await });
+        let waiter =
+            tokio::spawn(async move { g.wait_idle_for_full(Duration::from_secs(3600)).await });
         tokio::task::yield_now().await;
         drop(a);
         tokio::task::yield_now().await;
@@ -156,14 +149,16 @@ mod tests {
     async fn waiting_is_bounded() {
         let gate = PriorityGate::new();
         let _busy = gate.demand();
-        assert_eq!(gate.wait_idle(Duration::from_secs(5)).await, (true, false));
+        assert_eq!(
+            gate.wait_idle_for_full(Duration::from_secs(5)).await,
+            (true, false)
+        );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn full_prefetch_waits_for_replays_but_replays_do_not() {
+    async fn full_prefetch_waits_for_replays() {
         let gate = PriorityGate::new();
         let r = gate.replay();
-        assert_eq!(gate.wait_idle(Duration::from_secs(1)).await, (false, true));
         let g = gate.clone();
         let full =
             tokio::spawn(async move { g.wait_idle_for_full(Duration::from_secs(3600)).await });
