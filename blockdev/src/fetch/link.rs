@@ -9,13 +9,14 @@
 //! - **The demand window** ([`LinkEstimate::window`]), what a reader's miss
 //!   takes along: twice the product. What is stored after a miss is often
 //!   read later in the start, not only next, and each such chunk saves a
-//!   later round trip of its own. Measured on the python benchmark image's
-//!   startup trace (hack/bench-coldstart.sh; replayed against its chunk
-//!   table for windows of 32 KiB to 4 MiB), the start's wait for the link
-//!   (requests times round trip plus bytes over rate) was least between one
-//!   and four times the product at both 100 Mbit/s and 1 Gbit/s: at
-//!   1 Gbit/s with a 3.5 ms registry, 40-56 requests at 512 KiB-1 MiB
-//!   against 111 at 128 KiB, for 5-10 MB more.
+//!   later round trip of its own. Measured on the python and large
+//!   benchmark images' startup traces (hack/bench-coldstart.sh; each
+//!   replayed against its chunk table for windows of 32 KiB to 4 MiB), the
+//!   start's wait for the link (requests times round trip plus bytes over
+//!   rate) was least between one and four times the product at both
+//!   100 Mbit/s and 1 Gbit/s: at 1 Gbit/s with a 3.5 ms registry, python
+//!   sent 40-56 requests at 512 KiB-1 MiB against 111 at 128 KiB, large
+//!   62-78 against 162, for 5-21 MB more (docs/benchmarks.md).
 //! - **Worth along** ([`LinkEstimate::worth_along`]), for what is paid
 //!   whether or not it is read, and in a reader's own wait: the readahead of
 //!   lazy devices (every read waits for all of it) and the gaps a trace
