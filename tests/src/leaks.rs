@@ -112,23 +112,25 @@ pub fn unmounted_fuse_connections() -> BTreeSet<u64> {
 /// that command line (NULs as spaces).
 pub fn processes_naming(dirs: &[&Path]) -> BTreeMap<u32, String> {
     let needles: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    let mut found = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if needles.iter().any(|n| cmdline.contains(n.as_str())) {
-            found.insert(pid, cmdline.trim_end().to_owned());
-        }
-    }
-    found
+    command_lines()
+        .map(|(pid, cmdline)| (pid, cmdline.replace('\0', " ")))
+        .filter(|(_, cmdline)| needles.iter().any(|n| cmdline.contains(n.as_str())))
+        .map(|(pid, cmdline)| (pid, cmdline.trim_end().to_owned()))
+        .collect()
+}
+
+/// Every process now, with its command line as /proc has it (arguments
+/// NUL-terminated). Processes gone while listed are left out; a /proc that
+/// cannot be listed fails the test (nothing found would pass it).
+pub fn command_lines() -> impl Iterator<Item = (u32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap_or_else(|e| panic!("listing /proc: {e}"))
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmdline).into_owned()))
+        })
 }
 
 /// A process as seen once: its pid and start time (so a reused pid is not

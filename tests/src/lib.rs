@@ -11,7 +11,7 @@
 //! - [`images`], [`busybox`], [`lazy_layers`], [`lazy_node`]: images and
 //!   fixtures; [`cli`], [`http`], [`snapshots_api`]: clients;
 //! - [`leaks`]: descriptors, memory, FUSE connections and processes, for
-//!   the soak.
+//!   the soak (its process list also finds a containerd's shims).
 //!
 //! Every test that needs root starts with [`require_root!`]: without root it
 //! says loudly that it did not run; under CI (`CI` set) it fails instead, so a

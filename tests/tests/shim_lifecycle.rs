@@ -589,11 +589,8 @@ fn a_failed_start_leaves_no_process_and_no_socket() {
     )));
     let socket = std::path::Path::new("/run/containerd/s").join(name);
     assert!(!socket.exists(), "{} left behind", socket.display());
-    let left: Vec<_> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&id))
+    let left: Vec<_> = lazybd_tests::leaks::command_lines()
+        .filter(|(_, cmdline)| cmdline.contains(&id))
         .collect();
     assert!(left.is_empty(), "a shim process is left");
 }

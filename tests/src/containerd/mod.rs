@@ -505,29 +505,15 @@ impl Drop for Containerd {
 /// `-address <socket>` on its command line.
 pub fn shims_of(socket: &Path) -> Vec<(u32, String)> {
     let needle = format!("-address\0{}\0", socket.display());
-    let mut shims = Vec::new();
-    let Ok(proc_dir) = std::fs::read_dir("/proc") else {
-        return shims;
-    };
-    for entry in proc_dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if !cmdline.contains(&needle) {
-            continue;
-        }
-        let argv0 = cmdline.split('\0').next().unwrap_or("");
-        let name = Path::new(argv0)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.starts_with("containerd-shim") {
-            shims.push((pid, name));
-        }
-    }
-    shims
+    crate::leaks::command_lines()
+        .filter(|(_, cmdline)| cmdline.contains(&needle))
+        .filter_map(|(pid, cmdline)| {
+            let argv0 = cmdline.split('\0').next().unwrap_or("");
+            let name = Path::new(argv0)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.starts_with("containerd-shim").then_some((pid, name))
+        })
+        .collect()
 }
