@@ -192,11 +192,7 @@ impl RegistryClient {
     /// `reference` is `HOST[:PORT]/REPO[:TAG][@DIGEST]` (Docker Hub names
     /// like `busybox` work too).
     pub fn new(reference: &str, opts: &RegistryOptions) -> Result<Self, RegistryError> {
-        let parsed =
-            reference::parse(reference).map_err(|message| RegistryError::BadReference {
-                reference: reference.to_owned(),
-                message,
-            })?;
+        let parsed = reference::parse(reference)?;
         let registry = parsed.resolve_registry().to_owned();
         let auth = credentials_for(&registry, opts.docker_config.as_deref())?;
         Self::build(parsed, opts, auth)
@@ -210,11 +206,7 @@ impl RegistryClient {
         opts: &RegistryOptions,
         auth: RegistryAuth,
     ) -> Result<Self, RegistryError> {
-        let parsed =
-            reference::parse(reference).map_err(|message| RegistryError::BadReference {
-                reference: reference.to_owned(),
-                message,
-            })?;
+        let parsed = reference::parse(reference)?;
         Self::build(parsed, opts, auth)
     }
 

@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 use oci_client::Reference;
 use regex::{Regex, RegexBuilder};
 
+use super::RegistryError;
+
 /// The distribution project's anchored reference expression: captures the
 /// name, the tag and the digest (as in `oci_spec`).
 const REFERENCE: &str = r"^((?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))+)?(?::[0-9]+)?/)?[a-z0-9]+(?:(?:(?:[._]|__|[-]*)[a-z0-9]+)+)?(?:(?:/[a-z0-9]+(?:(?:(?:[._]|__|[-]*)[a-z0-9]+)+)?)+)?)(?::([\w][\w.-]{0,127}))?(?:@([A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*[:][[:xdigit:]]{32,}))?$";
@@ -39,36 +41,35 @@ fn reference_regex() -> &'static Regex {
 /// Parses `s` as containerd and Docker do: Docker Hub names (`busybox`,
 /// `user/app`) get `docker.io` and `library/`, no tag and no digest means
 /// `latest`. The error says what is wrong.
-pub fn parse(s: &str) -> Result<Reference, String> {
+pub fn parse(s: &str) -> Result<Reference, RegistryError> {
+    parse_parts(s).map_err(|message| RegistryError::BadReference {
+        reference: s.to_owned(),
+        message,
+    })
+}
+
+fn parse_parts(s: &str) -> Result<Reference, String> {
     if s.is_empty() {
         return Err("repository name must have at least one component".into());
     }
     let caps = reference_regex()
         .captures(s)
         .ok_or("invalid reference format")?;
-    let name = &caps[1];
-    let digest = caps.get(3).map(|m| m.as_str().to_owned());
-    let tag = match (caps.get(2), &digest) {
-        (Some(t), _) => Some(t.as_str().to_owned()),
-        (None, None) => Some("latest".to_owned()),
-        (None, Some(_)) => None,
-    };
-    let (registry, repository) = split_domain(name);
+    let (registry, repository) = split_domain(&caps[1]);
     if repository.len() > NAME_TOTAL_LENGTH_MAX {
         return Err(format!(
             "repository name must not be more than {NAME_TOTAL_LENGTH_MAX} characters"
         ));
     }
-    if let Some(d) = &digest {
-        check_digest(d)?;
-    }
-    Ok(match (tag, digest) {
-        (Some(tag), Some(digest)) => {
-            Reference::with_tag_and_digest(registry, repository, tag, digest)
-        }
-        (None, Some(digest)) => Reference::with_digest(registry, repository, digest),
-        (Some(tag), None) => Reference::with_tag(registry, repository, tag),
-        (None, None) => unreachable!("a reference without a digest has a tag"),
+    let tag = caps.get(2).map(|m| m.as_str().to_owned());
+    let Some(digest) = caps.get(3).map(|m| m.as_str().to_owned()) else {
+        let tag = tag.unwrap_or_else(|| "latest".to_owned());
+        return Ok(Reference::with_tag(registry, repository, tag));
+    };
+    check_digest(&digest)?;
+    Ok(match tag {
+        Some(tag) => Reference::with_tag_and_digest(registry, repository, tag, digest),
+        None => Reference::with_digest(registry, repository, digest),
     })
 }
 
@@ -208,11 +209,13 @@ mod tests {
 
     #[test]
     fn errors_say_why() {
-        assert!(parse("").unwrap_err().contains("at least one component"));
-        assert!(parse("A/b c").unwrap_err().contains("invalid reference"));
+        let why = |s: &str| parse(s).unwrap_err().to_string();
+        assert!(why("").contains("at least one component"));
+        assert!(why("A/b c").contains("invalid reference"));
+        assert!(why("A/b c").contains("A/b c"), "names the reference");
         let long = format!("example.com/{}", "a".repeat(256));
-        assert!(parse(&long).unwrap_err().contains("255"));
+        assert!(why(&long).contains("255"));
         let md5 = "example.com/a@md5:0123456789abcdef0123456789abcdef";
-        assert!(parse(md5).unwrap_err().contains("unsupported"));
+        assert!(why(md5).contains("unsupported"));
     }
 }
