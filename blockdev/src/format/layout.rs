@@ -10,8 +10,10 @@
 //! whole blocks.
 //!
 //! Stored first, in this order, and together the blob's prefetch area: the
-//! chunks a profile touches, in the order they were first read; then the
-//! metadata, in image order (small, and read by every lookup, like a TOC).
+//! chunk holding the EROFS superblock (mounting the layer reads it before
+//! anything else); the chunks a profile touches, in the order they were
+//! first read; then the metadata, in image order (small, and read by every
+//! lookup, like a TOC).
 //! Everything else follows in image order. The same image, shape and chunk
 //! size always give the same layout.
 
@@ -114,12 +116,22 @@ impl Layout {
         Ok(layout.ordered(shape))
     }
 
-    /// Profiled chunks first (by first read), then the metadata, then the
-    /// rest, each in image order.
+    /// The superblock's chunk, then the profiled chunks (by first read),
+    /// then the metadata, then the rest, each in image order. The
+    /// superblock leads because a node streams the prefetch area in order
+    /// and its attach mounts the layer: behind the profile, the mount (and
+    /// with it the pull) would wait for the whole profile to arrive.
     fn ordered(mut self, shape: &Shape) -> Self {
         let mut placed = HashSet::new();
         let mut order = Vec::with_capacity(self.chunk_count() as usize);
-        for r in shape.profile.iter().chain(shape.metadata) {
+        // An image read as EROFS has metadata, and its first range holds
+        // the superblock (at 1024).
+        let superblock = shape
+            .metadata
+            .first()
+            .filter(|r| r.start == 0)
+            .map(|_| 0..BLOCK_SIZE);
+        for r in superblock.iter().chain(shape.profile).chain(shape.metadata) {
             for c in self.chunks_for(r) {
                 if placed.insert(c) {
                     order.push(c);
@@ -322,7 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn metadata_is_cut_exactly_and_stored_after_the_profile() {
+    fn superblock_then_profile_then_metadata() {
         // Files at 16..48 KiB and 64..200 KiB; metadata around them.
         let files = [16 * K..48 * K, 64 * K..200 * K];
         let metadata = [0..16 * K, 48 * K..64 * K, 200 * K..256 * K];
@@ -334,10 +346,11 @@ mod tests {
         };
         let l = Layout::plan(256 * K, 64 * K as u32, &shape).unwrap();
         let order: Vec<Range<u64>> = l.order().iter().map(|&c| l.image_range(c)).collect();
-        assert_eq!(order[0], 100 * K..104 * K, "the profile first");
+        assert_eq!(order[0], 0..16 * K, "the superblock's chunk first");
+        assert_eq!(order[1], 100 * K..104 * K, "then the profile");
         assert_eq!(
-            order[1..4],
-            [0..16 * K, 48 * K..64 * K, 200 * K..256 * K],
+            order[2..4],
+            [48 * K..64 * K, 200 * K..256 * K],
             "then the metadata, exactly, never merged with file data"
         );
         assert_eq!(l.prefetch_count(), 4);
