@@ -1,7 +1,8 @@
-//! GETs of registry objects whose answer is read as a stream and cut off at
-//! a limit before it is buffered (manifests, image configs, whole blobs), or
-//! handed on as a stream (blob ranges), and whose error answers are read
-//! only far enough for a message.
+//! Requests to a registry whose answers are read as a stream and cut off
+//! at a limit before they are buffered (manifests, image configs, whole
+//! blobs), or handed on as a stream (blob ranges), and whose error answers
+//! are read only far enough for a message; pushes ([`push`](super::push))
+//! go the same way.
 //!
 //! `oci-client` reads every manifest and every error body whole before
 //! anything looks at its length (`Response::bytes`): a registry streaming
@@ -10,7 +11,7 @@
 //! `limit` bytes of content; more is a lying registry, a permanent error
 //! that is not retried. The bearer-token flow is done here too, its answer
 //! read to at most [`MAX_TOKEN_ANSWER`] bytes (`oci_client::Client::auth`
-//! reads it whole); the token is kept and renewed on a 401.
+//! reads it whole); a token is kept per [`Access`] and renewed on a 401.
 
 use std::time::Duration;
 
@@ -33,6 +34,24 @@ pub const MAX_TOKEN_ANSWER: usize = 64 << 10;
 /// One metadata request, however the registry trickles its answer.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(120);
 
+/// What a token is asked for: reading the repository, or also writing it
+/// (a push checks which blobs the registry has, so it reads too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Pull,
+    Push,
+}
+
+impl Access {
+    /// The actions of the token scope `repository:NAME:ACTIONS`.
+    fn actions(self) -> &'static str {
+        match self {
+            Access::Pull => "pull",
+            Access::Push => "pull,push",
+        }
+    }
+}
+
 /// How requests are authorized, as learned from the registry.
 #[derive(Clone)]
 enum Authorization {
@@ -47,13 +66,14 @@ pub struct Target<'a> {
     pub auth: &'a RegistryAuth,
 }
 
-pub struct BoundedGet {
+pub struct BoundedClient {
     http: reqwest::Client,
     plain_http: bool,
-    authorization: Mutex<Option<Authorization>>,
+    /// Per access: `[pull, push]`.
+    authorization: [Mutex<Option<Authorization>>; 2],
 }
 
-impl BoundedGet {
+impl BoundedClient {
     /// `extra_roots`: PEM CA certificates trusted besides the system's.
     pub fn new(
         opts: &RegistryOptions,
@@ -74,10 +94,10 @@ impl BoundedGet {
                 builder.add_root_certificate(reqwest::Certificate::from_pem(pem).map_err(failed)?);
         }
         let http = builder.build().map_err(failed)?;
-        Ok(BoundedGet {
+        Ok(BoundedClient {
             http,
             plain_http: opts.plain_http,
-            authorization: Mutex::new(None),
+            authorization: Default::default(),
         })
     }
 
@@ -95,7 +115,7 @@ impl BoundedGet {
     }
 
     /// `<scheme>://<registry>/v2` of `reference`.
-    fn api_root(&self, reference: &Reference) -> String {
+    pub(super) fn api_root(&self, reference: &Reference) -> String {
         let scheme = if self.plain_http { "http" } else { "https" };
         format!("{scheme}://{}/v2", reference.resolve_registry())
     }
@@ -206,51 +226,85 @@ impl BoundedGet {
         range: Option<&str>,
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
-        let auth = target.auth;
-        let mut renewed = false;
-        loop {
-            let authorization = self.authorization(target, what).await?;
-            let mut request = self.http.get(url);
+        self.send(target, Access::Pull, what, |http| {
+            let mut request = http.get(url);
             if !accept.is_empty() {
                 request = request.header(ACCEPT, accept);
             }
             if let Some(range) = range {
                 request = request.header(RANGE, range);
             }
-            request = match (&authorization, auth) {
+            Ok(request)
+        })
+        .await
+    }
+
+    /// Sends the request `build` makes, authorized for `access`: the
+    /// response if it succeeded, else an error with the start of its body.
+    /// A 401 renews the token and sends a request built anew, once (a
+    /// token may expire; a body can be sent only once).
+    pub(super) async fn send(
+        &self,
+        target: &Target<'_>,
+        access: Access,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder, RegistryError>,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let mut response = self.send_any(target, access, what, build).await?;
+        if !response.status().is_success() {
+            return Err(error_answer(&mut response, what).await);
+        }
+        Ok(response)
+    }
+
+    /// [`send`](Self::send), with the response whatever its status (a 401
+    /// after the token was renewed included).
+    pub(super) async fn send_any(
+        &self,
+        target: &Target<'_>,
+        access: Access,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder, RegistryError>,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let auth = target.auth;
+        let mut renewed = false;
+        loop {
+            let authorization = self.authorization(target, access, what).await?;
+            let request = match (&authorization, auth) {
                 (Authorization::Bearer(token), _) => {
-                    request.header(AUTHORIZATION, format!("Bearer {token}"))
+                    build(&self.http)?.header(AUTHORIZATION, format!("Bearer {token}"))
                 }
                 (Authorization::Basic, RegistryAuth::Basic(user, password)) => {
-                    request.basic_auth(user, Some(password))
+                    build(&self.http)?.basic_auth(user, Some(password))
                 }
-                (Authorization::Basic, _) => request,
+                (Authorization::Basic, _) => build(&self.http)?,
             };
-            let mut response = request.send().await.map_err(|e| transport(what, e))?;
-            // A token may expire: get a new one, once.
+            let response = request.send().await.map_err(|e| transport(what, e))?;
             if response.status() == StatusCode::UNAUTHORIZED && !renewed {
                 renewed = true;
-                *self.authorization.lock().await = None;
+                *self.slot(access).lock().await = None;
                 continue;
-            }
-            if !response.status().is_success() {
-                return Err(error_answer(&mut response, what).await);
             }
             return Ok(response);
         }
     }
 
+    fn slot(&self, access: Access) -> &Mutex<Option<Authorization>> {
+        &self.authorization[access as usize]
+    }
+
     async fn authorization(
         &self,
         target: &Target<'_>,
+        access: Access,
         what: &str,
     ) -> Result<Authorization, RegistryError> {
-        let mut cached = self.authorization.lock().await;
+        let mut cached = self.slot(access).lock().await;
         if let Some(a) = &*cached {
             return Ok(a.clone());
         }
         let what = format!("{what}: authorizing");
-        let a = tokio::time::timeout(REQUEST_DEADLINE, self.authorize(target, &what))
+        let a = tokio::time::timeout(REQUEST_DEADLINE, self.authorize(target, access, &what))
             .await
             .map_err(|_| RegistryError::Transient {
                 what: what.clone(),
@@ -263,11 +317,13 @@ impl BoundedGet {
     /// The registry's token flow (the distribution token spec, as
     /// `oci_client::Client::auth` runs it, answers bounded): `GET /v2/`
     /// names the token service in a Bearer challenge; the service is asked
-    /// for a pull token for the repository, with the credentials as basic
-    /// auth. No challenge: requests carry the credentials as basic auth.
+    /// for a token for `access` to the repository, with the credentials as
+    /// basic auth. No challenge: requests carry the credentials as basic
+    /// auth.
     async fn authorize(
         &self,
         target: &Target<'_>,
+        access: Access,
         what: &str,
     ) -> Result<Authorization, RegistryError> {
         if let RegistryAuth::Bearer(token) = target.auth {
@@ -295,7 +351,11 @@ impl BoundedGet {
             })?;
         url.query_pairs_mut().append_pair(
             "scope",
-            &format!("repository:{}:pull", target.reference.repository()),
+            &format!(
+                "repository:{}:{}",
+                target.reference.repository(),
+                access.actions()
+            ),
         );
         if let Some(service) = &challenge.service {
             url.query_pairs_mut().append_pair("service", service);
@@ -359,7 +419,7 @@ fn token_of(body: &[u8]) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
-fn transport(what: &str, e: reqwest::Error) -> RegistryError {
+pub(super) fn transport(what: &str, e: reqwest::Error) -> RegistryError {
     let message = e.to_string();
     if e.is_timeout() || e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
         RegistryError::Transient {
@@ -375,7 +435,7 @@ fn transport(what: &str, e: reqwest::Error) -> RegistryError {
 }
 
 /// An error for a non-success answer, with the start of its body.
-async fn error_answer(response: &mut reqwest::Response, what: &str) -> RegistryError {
+pub(super) async fn error_answer(response: &mut reqwest::Response, what: &str) -> RegistryError {
     let status = response.status();
     let body = read_at_most(response, MAX_ERROR_BODY)
         .await

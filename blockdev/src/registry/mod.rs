@@ -1,15 +1,18 @@
 //! An OCI distribution registry, as lazybd uses it: manifests, whole blobs
 //! (verified), byte ranges of lazybd blobs, and pushes.
 //!
-//! The protocol, the bearer-token flow and the digest checks come from the
-//! `oci-client` crate; this module adds what lazybd needs on top: credentials
-//! from the docker config file, plain HTTP only when asked for, deadlines,
-//! retries of transient failures, and errors that say whether asking again
-//! can help (the fetcher's source fallback depends on that).
+//! Every request, the bearer-token flow included, goes through one reqwest
+//! client per endpoint whose answers are bounded ([`bounded`], [`push`]);
+//! `oci-client` gives the reference and credential types. On top: credentials
+//! from the docker config file, containerd's hosts.toml mirrors, plain HTTP
+//! only when asked for, deadlines, retries of transient failures, and errors
+//! that say whether asking again can help (the fetcher's source fallback
+//! depends on that).
 
 mod bounded;
 mod credentials;
 pub mod hosts;
+mod push;
 mod reference;
 #[cfg(test)]
 mod tests_hostile;
@@ -20,10 +23,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
 pub use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
 use thiserror::Error;
 use tracing::{debug, warn};
 
@@ -72,30 +73,6 @@ pub enum RegistryError {
 impl RegistryError {
     pub fn is_transient(&self) -> bool {
         matches!(self, RegistryError::Transient { .. })
-    }
-
-    fn from_oci(what: String, e: OciDistributionError) -> Self {
-        let message = e.to_string();
-        if is_transient(&e) {
-            RegistryError::Transient { what, message }
-        } else {
-            RegistryError::Permanent { what, message }
-        }
-    }
-}
-
-fn is_transient(e: &OciDistributionError) -> bool {
-    match e {
-        OciDistributionError::RequestError(e) => {
-            e.is_timeout() || e.is_connect() || e.is_request() || e.is_body() || e.is_decode()
-        }
-        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
-        OciDistributionError::RegistryError { envelope, .. } => envelope
-            .errors
-            .iter()
-            .any(|e| e.code == OciErrorCode::Toomanyrequests),
-        OciDistributionError::IoError(_) => true,
-        _ => false,
     }
 }
 
@@ -172,10 +149,9 @@ pub struct RawManifest {
 /// One repository of one registry, named by an image reference.
 pub struct RegistryClient {
     reference: Reference,
-    client: Client,
     auth: RegistryAuth,
-    /// Manifests and configs: streamed, cut off at their limit.
-    bounded: bounded::BoundedGet,
+    /// Every request; answers streamed, cut off at their limit.
+    bounded: bounded::BoundedClient,
     /// The registry's mirrors from its hosts.toml, in order: asked first
     /// for what their capabilities allow; the registry itself is asked
     /// when none answers.
@@ -263,38 +239,10 @@ impl RegistryClient {
         install_crypto_provider();
         let registry = parsed.resolve_registry().to_owned();
         let roots = opts.extra_roots()?;
-        let config = ClientConfig {
-            protocol: if opts.plain_http {
-                ClientProtocol::HttpsExcept(vec![registry.clone()])
-            } else {
-                ClientProtocol::Https
-            },
-            extra_root_certificates: roots
-                .iter()
-                .map(|pem| oci_client::client::Certificate {
-                    encoding: oci_client::client::CertificateEncoding::Pem,
-                    data: pem.clone(),
-                })
-                .collect(),
-            accept_invalid_certificates: opts.skip_verify,
-            connect_timeout: Some(opts.connect_timeout),
-            read_timeout: Some(opts.read_timeout),
-            // Monolithic pushes stream a file in one PUT; chunked pushes would
-            // need the whole blob in memory with this client.
-            use_monolithic_push: true,
-            platform_resolver: None,
-            user_agent: USER_AGENT,
-            ..Default::default()
-        };
-        let client = Client::try_from(config).map_err(|e| RegistryError::Permanent {
-            what: format!("{registry}: creating the HTTP client"),
-            message: e.to_string(),
-        })?;
-        let bounded = bounded::BoundedGet::new(opts, &roots, USER_AGENT)?;
+        let bounded = bounded::BoundedClient::new(opts, &roots, USER_AGENT)?;
         debug!(%registry, auth = ?auth, "registry client");
         Ok(RegistryClient {
             reference: parsed,
-            client,
             auth,
             bounded,
             mirrors: Vec::new(),
@@ -392,15 +340,11 @@ impl RegistryClient {
 
     async fn fetch_manifest(&self, reference: &Reference) -> Result<RawManifest, RegistryError> {
         let what = format!("manifest {}", reference.whole());
-        let name = reference
-            .digest()
-            .or(reference.tag())
-            .unwrap_or("latest")
-            .to_owned();
+        let name = manifest_name(reference);
         let url = self.bounded.url(reference, "manifests", &name);
         let accept = ACCEPTED_MANIFESTS.join(", ");
         let (bytes, headers) = self
-            .retry_bounded(&what, || {
+            .retry(&what, || {
                 let target = self.target(reference);
                 let (url, accept, what) = (&url, &accept, &what);
                 async move {
@@ -452,7 +396,7 @@ impl RegistryClient {
         let what = format!("blob {}@{digest}", self.reference.repository());
         let url = self.bounded.url(&self.reference, "blobs", digest);
         let (bytes, _) = self
-            .retry_bounded(&what, || {
+            .retry(&what, || {
                 let target = self.target(&self.reference);
                 let (url, what) = (&url, &what);
                 async move {
@@ -500,7 +444,7 @@ impl RegistryClient {
         let what = format!("blob {}@{digest}", self.reference.repository());
         let url = self.bounded.url(&self.reference, "blobs", digest);
         let (len, actual) = self
-            .retry_bounded(&what, || {
+            .retry(&what, || {
                 let target = self.target(&self.reference);
                 let (url, what) = (&url, &what);
                 async move {
@@ -611,25 +555,21 @@ impl RegistryClient {
     /// registry already has it.
     pub async fn push_blob_file(&self, digest: &str, path: &Path) -> Result<(), RegistryError> {
         let what = format!("pushing {} as {digest}", path.display());
-        let size = std::fs::metadata(path)
-            .map_err(|source| RegistryError::Io {
-                what: what.clone(),
-                source,
-            })?
-            .len();
-        self.retry(&what, || async {
-            if self.client.blob_exists(&self.reference, digest).await? {
-                return Ok(());
-            }
-            let file = tokio::fs::File::open(path).await?;
-            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
-                .map(|r| r.map_err(OciDistributionError::from));
-            self.client
-                .push_blob_stream(&self.reference, stream, digest, Some(size))
-                .await
-                .map(|_| ())
-        })
-        .await
+        let io = |source| RegistryError::Io {
+            what: what.clone(),
+            source,
+        };
+        let size = std::fs::metadata(path).map_err(io)?.len();
+        // Streamed from the file, opened again for every request sent.
+        let body = || {
+            let file = std::fs::File::open(path).map_err(io)?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(
+                tokio::fs::File::from_std(file),
+                1 << 20,
+            );
+            Ok(reqwest::Body::wrap_stream(stream))
+        };
+        self.push_blob_with(digest, size, body, &what).await
     }
 
     /// Pushes a small blob; returns its digest.
@@ -637,17 +577,30 @@ impl RegistryClient {
         let digest = digest_of(bytes);
         let what = format!("pushing blob {digest}");
         let data = Bytes::copy_from_slice(bytes);
-        self.retry(&what, || async {
-            if self.client.blob_exists(&self.reference, &digest).await? {
+        let body = || Ok(reqwest::Body::from(data.clone()));
+        self.push_blob_with(&digest, data.len() as u64, body, &what)
+            .await?;
+        Ok(digest)
+    }
+
+    /// Uploads blob `digest` unless the registry has it, retried.
+    async fn push_blob_with(
+        &self,
+        digest: &str,
+        len: u64,
+        body: impl Fn() -> Result<reqwest::Body, RegistryError>,
+        what: &str,
+    ) -> Result<(), RegistryError> {
+        let target = self.target(&self.reference);
+        self.retry(what, || async {
+            if self.bounded.has_blob(&target, digest, what).await? {
                 return Ok(());
             }
-            self.client
-                .push_blob(&self.reference, data.clone(), &digest)
+            self.bounded
+                .upload_blob(&target, digest, len, &body, what)
                 .await
-                .map(|_| ())
         })
-        .await?;
-        Ok(digest)
+        .await
     }
 
     /// Pushes a manifest under the reference's tag; returns its digest.
@@ -677,15 +630,12 @@ impl RegistryClient {
         media_type: &str,
     ) -> Result<String, RegistryError> {
         let what = format!("pushing manifest {}", reference.whole());
-        let content_type: http::HeaderValue =
-            media_type.parse().map_err(|_| RegistryError::Permanent {
-                what: what.clone(),
-                message: format!("bad media type {media_type:?}"),
-            })?;
         let data = Bytes::copy_from_slice(bytes);
+        let target = self.target(reference);
+        let name = manifest_name(reference);
         self.retry(&what, || {
-            self.client
-                .push_manifest_raw(reference, data.clone(), content_type.clone())
+            self.bounded
+                .put_manifest(&target, &name, data.clone(), media_type, &what)
         })
         .await?;
         Ok(digest_of(bytes))
@@ -699,16 +649,9 @@ impl RegistryClient {
         )
     }
 
-    /// The client only authenticates lazily inside its high-level calls;
-    /// blob calls need the credentials stored first.
-    async fn ensure_auth(&self) {
-        self.client
-            .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
-            .await;
-    }
-
-    /// [`retry`](Self::retry) for requests that classify their own errors.
-    async fn retry_bounded<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>
+    /// Runs `op` until it succeeds, fails for good, or [`ATTEMPTS`] ran;
+    /// transient failures wait 200 ms, then four times longer each.
+    async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
@@ -726,27 +669,15 @@ impl RegistryClient {
         }
         unreachable!("the loop returns on its last attempt")
     }
+}
 
-    async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RegistryError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
-    {
-        self.ensure_auth().await;
-        let mut delay = Duration::from_millis(200);
-        for attempt in 1.. {
-            match op().await {
-                Ok(v) => return Ok(v),
-                Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
-                    warn!("{what}: attempt {attempt} failed, retrying in {delay:?}: {e}");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
-                }
-                Err(e) => return Err(RegistryError::from_oci(what.to_owned(), e)),
-            }
-        }
-        unreachable!("the loop returns on its last attempt")
-    }
+/// What `reference` names in `/v2/NAME/manifests/`: its digest, else its tag.
+fn manifest_name(reference: &Reference) -> String {
+    reference
+        .digest()
+        .or(reference.tag())
+        .unwrap_or("latest")
+        .to_owned()
 }
 
 /// The bytes of a blob range, in order, as the registry sends them.

@@ -24,6 +24,10 @@ enum Lie {
     EndlessToken,
     /// The same, the token service answering 401 with an endless reason.
     EndlessTokenRefusal,
+    /// A push: no blob is there, and an upload started answers 202 with a
+    /// Location on another host (where the credentials would go next);
+    /// PUTs are counted.
+    UploadElsewhere,
 }
 
 impl Lie {
@@ -72,6 +76,23 @@ async fn lying_registry(lie: Lie) -> (String, Arc<Seen>) {
                     }
                 }
                 let head = String::from_utf8_lossy(&head);
+                if let Lie::UploadElsewhere = lie {
+                    let answer = if head.starts_with("HEAD ") {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                    } else if head.starts_with("POST ") {
+                        "HTTP/1.1 202 Accepted\r\nLocation: http://127.0.0.1:9/steal\r\n\
+                         Content-Length: 0\r\n"
+                    } else if head.starts_with("PUT ") {
+                        seen.requests.fetch_add(1, Ordering::Relaxed);
+                        "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n"
+                    } else {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+                    };
+                    let _ = conn
+                        .write_all(format!("{answer}Connection: close\r\n\r\n").as_bytes())
+                        .await;
+                    return;
+                }
                 if lie.about_tokens() && head.starts_with("GET /v2/ ") {
                     let challenge = format!(
                         "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer \
@@ -101,6 +122,7 @@ async fn lying_registry(lie: Lie) -> (String, Arc<Seen>) {
                     Lie::HugeLength => "HTTP/1.1 200 OK\r\nContent-Length: 10000000000\r\nConnection: close\r\n\r\n".to_owned(),
                     Lie::EndlessToken => "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"token\":\"".to_owned(),
                     Lie::EndlessTokenRefusal => "HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\n".to_owned(),
+                    Lie::UploadElsewhere => unreachable!("answered above"),
                 };
                 if conn.write_all(status.as_bytes()).await.is_err() {
                     return;
@@ -275,4 +297,38 @@ async fn an_endless_token_refusal_is_read_only_for_its_message() {
     assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
     let sent = seen.bytes_sent.load(Ordering::Relaxed);
     assert!(sent < 16 << 20, "read {} MiB of a refusal", sent >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_with_an_endless_token_answer_is_cut_off() {
+    let (addr, seen) = lying_registry(Lie::EndlessToken).await;
+    let e = client(&addr).push_blob(b"a layer").await.unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    assert!(e.to_string().contains("longer than"), "{e}");
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 16 << 20, "read {} MiB of a token", sent >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_error_to_an_upload_is_read_only_for_its_message() {
+    let (addr, seen) = lying_registry(Lie::EndlessError).await;
+    let e = client(&addr).push_blob(b"a layer").await.unwrap_err();
+    assert!(e.to_string().contains("500"), "{e}");
+    assert!(
+        e.to_string().len() < 8 << 10,
+        "{} bytes",
+        e.to_string().len()
+    );
+    let sent = seen.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 64 << 20, "read {} MiB of errors", sent >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_sent_to_another_host_is_refused() {
+    let (addr, seen) = lying_registry(Lie::UploadElsewhere).await;
+    let e = client(&addr).push_blob(b"a layer").await.unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    assert!(e.to_string().contains("not to itself"), "{e}");
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 0, "no PUT was sent");
 }
