@@ -249,12 +249,28 @@ impl RegistryClient {
         })
     }
 
-    /// The mirrors that may be asked for what `can` says, in order.
-    fn mirrors(&self, can: fn(&hosts::Capabilities) -> bool) -> impl Iterator<Item = &Self> {
-        self.mirrors
-            .iter()
-            .filter(move |m| can(&m.capabilities))
-            .map(|m| &m.client)
+    /// What `op` gives from the first mirror that `can` allows to be asked
+    /// and that answers, else from the registry itself; a mirror's failure
+    /// is logged and the next one asked.
+    async fn first_answer<'a, T, Fut>(
+        &'a self,
+        what: &str,
+        can: fn(&hosts::Capabilities) -> bool,
+        op: impl Fn(&'a Self) -> Fut,
+    ) -> Result<T, RegistryError>
+    where
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        for mirror in self.mirrors.iter().filter(|m| can(&m.capabilities)) {
+            match op(&mirror.client).await {
+                Ok(v) => return Ok(v),
+                Err(e) => warn!(
+                    "{what}: mirror {} failed, asking the next: {e}",
+                    mirror.client.registry_host()
+                ),
+            }
+        }
+        op(self).await
     }
 
     /// What a bounded GET of `reference` needs of this client.
@@ -263,14 +279,6 @@ impl RegistryClient {
             reference,
             auth: &self.auth,
         }
-    }
-
-    /// Logs a mirror's failure; the next mirror, or the registry, is asked.
-    fn mirror_failed(what: &str, mirror: &Self, e: &RegistryError) {
-        warn!(
-            "{what}: mirror {} failed, asking the next: {e}",
-            mirror.registry_host()
-        );
     }
 
     /// `host[:port]` this client connects to (a mirror's own host).
@@ -307,24 +315,18 @@ impl RegistryClient {
         } else {
             |c: &hosts::Capabilities| c.resolve
         };
-        for mirror in self.mirrors(can) {
-            match mirror.fetch_manifest(&mirror.reference).await {
-                Ok(m) => return Ok(m),
-                Err(e) => Self::mirror_failed("manifest", mirror, &e),
-            }
-        }
-        self.fetch_manifest(&self.reference).await
+        self.first_answer("manifest", can, |c| c.fetch_manifest(&c.reference))
+            .await
     }
 
     /// A manifest of the same repository by digest (an index's entries).
     pub async fn manifest_by_digest(&self, digest: &str) -> Result<RawManifest, RegistryError> {
-        for mirror in self.mirrors(|c| c.pull) {
-            match mirror.manifest_by_digest_here(digest).await {
-                Ok(m) => return Ok(m),
-                Err(e) => Self::mirror_failed("manifest", mirror, &e),
-            }
-        }
-        self.manifest_by_digest_here(digest).await
+        self.first_answer(
+            "manifest",
+            |c| c.pull,
+            |c| c.manifest_by_digest_here(digest),
+        )
+        .await
     }
 
     async fn manifest_by_digest_here(&self, digest: &str) -> Result<RawManifest, RegistryError> {
@@ -383,13 +385,8 @@ impl RegistryClient {
     /// A small blob (an image config), digest verified: from the first
     /// mirror that answers, else the registry.
     pub async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
-        for mirror in self.mirrors(|c| c.pull) {
-            match mirror.blob_here(digest).await {
-                Ok(b) => return Ok(b),
-                Err(e) => Self::mirror_failed("blob", mirror, &e),
-            }
-        }
-        self.blob_here(digest).await
+        self.first_answer("blob", |c| c.pull, |c| c.blob_here(digest))
+            .await
     }
 
     async fn blob_here(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
@@ -426,13 +423,12 @@ impl RegistryClient {
         size: u64,
         path: &Path,
     ) -> Result<(), RegistryError> {
-        for mirror in self.mirrors(|c| c.pull) {
-            match mirror.blob_to_file_here(digest, size, path).await {
-                Ok(()) => return Ok(()),
-                Err(e) => Self::mirror_failed("blob", mirror, &e),
-            }
-        }
-        self.blob_to_file_here(digest, size, path).await
+        self.first_answer(
+            "blob",
+            |c| c.pull,
+            |c| c.blob_to_file_here(digest, size, path),
+        )
+        .await
     }
 
     async fn blob_to_file_here(
@@ -479,13 +475,12 @@ impl RegistryClient {
         digest: &str,
         range: Range<u64>,
     ) -> Result<BlobStream, RegistryError> {
-        for mirror in self.mirrors(|c| c.pull) {
-            match mirror.blob_range_stream_here(digest, range.clone()).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => Self::mirror_failed("blob range", mirror, &e),
-            }
-        }
-        self.blob_range_stream_here(digest, range).await
+        self.first_answer(
+            "blob range",
+            |c| c.pull,
+            |c| c.blob_range_stream_here(digest, range.clone()),
+        )
+        .await
     }
 
     async fn blob_range_stream_here(
