@@ -56,8 +56,8 @@ pub struct Remote<L = LayerManager> {
     manager: L,
     /// For the registry client of each attached layer's chunk source.
     registry: RegistryConfig,
-    /// Those clients, one per image.
-    clients: registry::Clients,
+    /// Those clients, one per image (its manifest lookups use them too).
+    clients: Arc<registry::Clients>,
     manifests: Box<dyn ManifestSource>,
     /// By manifest digest.
     manifest_cache: Mutex<HashMap<String, Arc<ImageManifest>>>,
@@ -74,11 +74,12 @@ pub struct Remote<L = LayerManager> {
 impl<L: LazyLayers> Remote<L> {
     /// Manifests come from the image's registry, layers are attached by `manager`.
     pub fn new(manager: L, registry: RegistryConfig) -> Self {
+        let clients = Arc::new(registry::Clients::default());
         Remote {
             manager,
-            manifests: Box::new(RegistryManifests::new(registry.clone())),
+            manifests: Box::new(RegistryManifests::new(registry.clone(), clients.clone())),
             registry,
-            clients: registry::Clients::default(),
+            clients,
             manifest_cache: Mutex::new(HashMap::new()),
             cache_capacity: 0,
             peer: None,

@@ -21,14 +21,16 @@ pub trait ManifestSource: Send + Sync {
     async fn manifest(&self, image_ref: &str, digest: &str) -> Result<Bytes, RegistryError>;
 }
 
-/// Manifests from the image's registry.
+/// Manifests from the image's registry, with the clients the image's
+/// chunks are fetched with.
 pub struct RegistryManifests {
     registry: RegistryConfig,
+    clients: Arc<Clients>,
 }
 
 impl RegistryManifests {
-    pub fn new(registry: RegistryConfig) -> Self {
-        RegistryManifests { registry }
+    pub fn new(registry: RegistryConfig, clients: Arc<Clients>) -> Self {
+        RegistryManifests { registry, clients }
     }
 }
 
@@ -37,10 +39,10 @@ impl ManifestSource for RegistryManifests {
     /// With the CRI keychain, each credential it has for the repository is
     /// tried (working ones first, then those of running pulls), then the
     /// docker config's; the first the registry accepts is the one the
-    /// layer's chunks are fetched with ([`client`]).
+    /// layer's chunks are fetched with ([`Clients::get`]).
     async fn manifest(&self, image_ref: &str, digest: &str) -> Result<Bytes, RegistryError> {
         let Some(keychain) = &self.registry.keychain else {
-            let client = client(&self.registry, image_ref)?;
+            let client = self.clients.get(&self.registry, image_ref)?;
             return Ok(client.manifest_by_digest(digest).await?.bytes);
         };
         let mut refused = None;
@@ -50,7 +52,9 @@ impl ManifestSource for RegistryManifests {
             .map(Some)
             .chain([None])
         {
-            let client = client_with(&self.registry, image_ref, auth.clone())?;
+            let client = self
+                .clients
+                .get_with(&self.registry, image_ref, auth.clone())?;
             match client.manifest_by_digest(digest).await {
                 Ok(m) => {
                     if let Some(auth) = &auth {
@@ -69,14 +73,6 @@ impl ManifestSource for RegistryManifests {
         }
         Err(refused.expect("the docker config's credentials are always tried"))
     }
-}
-
-/// A client for the repository `image_ref` names: over plain HTTP if its
-/// registry is listed so, with the credentials CRI gave for it (the CRI
-/// keychain), else the docker config's.
-pub fn client(registry: &RegistryConfig, image_ref: &str) -> Result<RegistryClient, RegistryError> {
-    let auth = registry.keychain.as_ref().and_then(|k| k.get(image_ref));
-    client_with(registry, image_ref, auth)
 }
 
 /// Clients kept at most: an image's layers share one (one connection pool,
@@ -104,14 +100,27 @@ struct Kept {
 }
 
 impl Clients {
-    /// The client [`client`] would make for `image_ref` now, made once
-    /// for every image reference and set of credentials.
+    /// The client for the repository `image_ref` names: over plain HTTP if
+    /// its registry is listed so, with the credentials CRI gave for it (the
+    /// CRI keychain), else the docker config's; made once for every image
+    /// reference and set of credentials.
     pub fn get(
         &self,
         registry: &RegistryConfig,
         image_ref: &str,
     ) -> Result<Arc<RegistryClient>, RegistryError> {
         let auth = registry.keychain.as_ref().and_then(|k| k.get(image_ref));
+        self.get_with(registry, image_ref, auth)
+    }
+
+    /// The client for `image_ref` with `auth` (`None`: the docker
+    /// config's credentials), made once for each.
+    pub fn get_with(
+        &self,
+        registry: &RegistryConfig,
+        image_ref: &str,
+        auth: Option<RegistryAuth>,
+    ) -> Result<Arc<RegistryClient>, RegistryError> {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|k| k.made.elapsed() < CLIENT_TTL);
         if let Some(k) = kept
@@ -134,7 +143,8 @@ impl Clients {
     }
 }
 
-/// [`client`] with `auth`, or the docker config's credentials for `None`.
+/// A new client for `image_ref` with `auth`, or the docker config's
+/// credentials for `None`.
 fn client_with(
     registry: &RegistryConfig,
     image_ref: &str,
