@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use lazybd_blockdev::oci::{canonical_json, digest_of, ANN_INDEX_DIGEST};
 use lazybd_tests::cli::{fails, lazybd, ok, MountGuard};
-use lazybd_tests::containerd::Containerd;
+use lazybd_tests::containerd::{Containerd, LazyRun};
 use lazybd_tests::images::{noise, write_image, Compression, TarLayer};
 use lazybd_tests::lazy_layers::{
     check_tree, write_layout, write_layout_v1, BlobFile, LAZYBD_LAYER,
@@ -214,17 +214,16 @@ fn read_in_container(ctd: &Containerd, ns: &str, image: &str, path: &str) -> Str
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let id = format!("c{}", N.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
-        let args = [
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazybd",
-            image,
-            &id,
-            "/bin/cat",
-            path,
-        ];
-        let out = ctd.ctr_in(ns, &args);
+        let out = ctd.ctr_in(
+            ns,
+            &LazyRun {
+                image,
+                id: &id,
+                cmd: &["/bin/cat", path],
+                ..LazyRun::default()
+            }
+            .args(),
+        );
         if out.status.success() {
             return String::from_utf8_lossy(&out.stdout).into_owned();
         }

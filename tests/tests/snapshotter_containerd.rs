@@ -3,6 +3,7 @@
 //! lazily, nothing downloaded in full), `ctr run --snapshotter lazybd` of
 //! it; and the same for an ordinary image, which is unpacked normally.
 
+use lazybd_tests::containerd::LazyRun;
 use lazybd_tests::lazy_node::LazyNode;
 use lazybd_tests::require_root;
 use lazybd_tests::snapshotter::{metric, metric_sum};
@@ -24,17 +25,15 @@ fn lazybd_pull_and_ctr_run_start_a_container_from_lazy_layers() {
 
     let out = node.pull(lazy);
     assert!(out.contains("3 layers: 3 attached lazily"), "{out}");
-    let stdout = ctd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazybd",
-        lazy,
-        "lazy-1",
-        "/bin/sh",
-        "-c",
-        "cat /etc/hostname /data/small.txt",
-    ]);
+    let stdout = ctd.ctr_ok(
+        &LazyRun {
+            image: lazy,
+            id: "lazy-1",
+            cmd: &["/bin/sh", "-c", "cat /etc/hostname /data/small.txt"],
+            ..LazyRun::default()
+        }
+        .args(),
+    );
     assert_eq!(stdout, "lazybd-2\nhello from a small file\n");
 
     // The container read a few files: a small part of the image was fetched.
@@ -57,16 +56,15 @@ fn lazybd_pull_and_ctr_run_start_a_container_from_lazy_layers() {
         out.contains("3 layers: 0 attached lazily") && out.contains("3 unpacked"),
         "{out}"
     );
-    let stdout = ctd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazybd",
-        &plain,
-        "plain-1",
-        "/bin/cat",
-        "/etc/hostname",
-    ]);
+    let stdout = ctd.ctr_ok(
+        &LazyRun {
+            image: &plain,
+            id: "plain-1",
+            cmd: &["/bin/cat", "/etc/hostname"],
+            ..LazyRun::default()
+        }
+        .args(),
+    );
     assert_eq!(stdout, "lazybd-2\n");
 
     ctd.ctr_ok(&["image", "rm", lazy, &plain]);

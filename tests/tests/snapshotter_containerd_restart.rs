@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::containerd::Containerd;
+use lazybd_tests::containerd::{Containerd, LazyRun};
 use lazybd_tests::lazy_node::LazyNode;
 use lazybd_tests::require_root;
 
@@ -35,17 +35,16 @@ fn a_ctr_run_container_keeps_reading_across_a_snapshotter_crash_after_handoff() 
     let out = node.pull(&lazy);
     let (ctd, snapshotter) = (&node.ctd, &mut node.snapshotter);
     assert!(out.contains("3 attached lazily"), "{out}");
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "lazybd",
-        &lazy,
-        "c1",
-        "/bin/sh",
-        "-c",
-        "while :; do sleep 1; done",
-    ]);
+    ctd.ctr_ok(
+        &LazyRun {
+            image: &lazy,
+            id: "c1",
+            detach: true,
+            cmd: &["/bin/sh", "-c", "while :; do sleep 1; done"],
+            ..LazyRun::default()
+        }
+        .args(),
+    );
 
     // The shim's task-start, with the rootfs containerd mounted.
     let mounts = ctd.ctr_ok(&[

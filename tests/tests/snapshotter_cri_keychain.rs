@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::containerd::Containerd;
+use lazybd_tests::containerd::{Containerd, LazyRun};
 use lazybd_tests::images::{noise, publish_rich};
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
@@ -276,17 +276,15 @@ fn kept_credentials_survive_a_restart_and_a_wrong_password_never_replaces_them()
     let sums = loop {
         attempt += 1;
         let id = format!("kc{attempt}");
-        let out = scene.ctd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazybd",
-            &lazy,
-            &id,
-            "/bin/sh",
-            "-c",
-            "sha256sum /data/big /data/big2",
-        ]);
+        let out = scene.ctd.ctr(
+            &LazyRun {
+                image: &lazy,
+                id: &id,
+                cmd: &["/bin/sh", "-c", "sha256sum /data/big /data/big2"],
+                ..LazyRun::default()
+            }
+            .args(),
+        );
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
             break stdout;

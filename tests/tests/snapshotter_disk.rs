@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use lazybd_tests::containerd::Containerd;
+use lazybd_tests::containerd::{Containerd, LazyRun};
 use lazybd_tests::lazy_node::LazyNode;
 use lazybd_tests::require_root;
 use lazybd_tests::snapshotter::{metric_or_zero, SnapshotterDaemon};
@@ -61,17 +61,16 @@ fn usage_is_what_the_cache_holds_and_removed_images_are_evicted() {
     );
     assert_eq!(cache_dirs(snapshotter), 3);
 
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "lazybd",
-        lazy,
-        "disk-1",
-        "/bin/busybox",
-        "sleep",
-        "2147483647",
-    ]);
+    ctd.ctr_ok(
+        &LazyRun {
+            image: lazy,
+            id: "disk-1",
+            detach: true,
+            cmd: &["/bin/busybox", "sleep", "2147483647"],
+            ..LazyRun::default()
+        }
+        .args(),
+    );
     ctd.wait_task(30, "disk-1", "RUNNING");
     snapshotter.wait_all_local(Duration::from_secs(120));
     let local = usage_bytes(ctd);

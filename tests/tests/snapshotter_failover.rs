@@ -22,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lazybd_tests::containerd::{Containerd, LAZYBD_RUNTIME};
+use lazybd_tests::containerd::{Containerd, LazyRun, LAZYBD_RUNTIME};
 use std::sync::Arc;
 
 use lazybd_tests::fdstore::{FdHolder, SystemdStore};
@@ -203,21 +203,17 @@ impl Node {
         let out = self.out.join(&id);
         std::fs::create_dir_all(&out).unwrap();
         let mount = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
-        self.ctd.ctr_ok(&[
-            "run",
-            "-d",
-            "--snapshotter",
-            "lazybd",
-            "--runtime",
-            LAZYBD_RUNTIME,
-            "--mount",
-            &mount,
-            &self.img.image.image,
-            &id,
-            "/bin/sh",
-            "-c",
-            script,
-        ]);
+        self.ctd.ctr_ok(
+            &LazyRun {
+                image: &self.img.image.image,
+                id: &id,
+                detach: true,
+                runtime: Some(LAZYBD_RUNTIME),
+                options: &["--mount", &mount],
+                cmd: &["/bin/sh", "-c", script],
+            }
+            .args(),
+        );
         (id, out)
     }
 

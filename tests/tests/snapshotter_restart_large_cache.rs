@@ -20,7 +20,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lazybd_tests::containerd::{Containerd, LAZYBD_RUNTIME};
+use lazybd_tests::containerd::{Containerd, LazyRun, LAZYBD_RUNTIME};
 use lazybd_tests::fdstore::FdHolder;
 use lazybd_tests::images::{
     busybox_layer, large_file_layer, noise, publish_lazy_blobs, Compression, LayerBlob,
@@ -218,19 +218,17 @@ fn a_restart_with_gibs_of_complete_caches_serves_without_reading_them() {
     // off to its cache file once complete.
     let t0 = Instant::now();
     let container = format!("large-{}", std::process::id());
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "lazybd",
-        "--runtime",
-        LAZYBD_RUNTIME,
-        &img.image,
-        &container,
-        "/bin/sh",
-        "-c",
-        "exec busybox sleep 3600",
-    ]);
+    ctd.ctr_ok(
+        &LazyRun {
+            image: &img.image,
+            id: &container,
+            detach: true,
+            runtime: Some(LAZYBD_RUNTIME),
+            cmd: &["/bin/sh", "-c", "exec busybox sleep 3600"],
+            ..LazyRun::default()
+        }
+        .args(),
+    );
     snapshotter.wait_all_local(Duration::from_secs(240));
     let cached = cache_bytes(&snapshotter.root);
     eprintln!(

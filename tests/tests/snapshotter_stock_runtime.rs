@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use lazybd_tests::cli::{lazybd, ok};
-use lazybd_tests::containerd::RUNC_RUNTIME;
+use lazybd_tests::containerd::{LazyRun, RUNC_RUNTIME};
 use lazybd_tests::lazy_node::LazyNode;
 use lazybd_tests::require_root;
 use lazybd_tests::snapshotter::{metric, metric_or_zero, SnapshotterDaemon};
@@ -92,19 +92,17 @@ fn ctr_run_under_runc_v2_gets_prefetch_handoff_and_a_trace() {
     assert!(out.contains("3 layers: 3 attached lazily"), "{out}");
     assert!(snapshotter.layer_states().iter().all(|s| s == "lazy"));
 
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "lazybd",
-        "--runtime",
-        RUNC_RUNTIME,
-        lazy,
-        "stock-1",
-        "/bin/sh",
-        "-c",
-        STARTUP,
-    ]);
+    ctd.ctr_ok(
+        &LazyRun {
+            image: lazy,
+            id: "stock-1",
+            detach: true,
+            runtime: Some(RUNC_RUNTIME),
+            cmd: &["/bin/sh", "-c", STARTUP],
+            ..LazyRun::default()
+        }
+        .args(),
+    );
     ctd.wait_task(30, "stock-1", "RUNNING");
     // runc's shim runs it, not ours: the start came from containerd's events.
     let shims = ctd.shims();
@@ -138,19 +136,17 @@ fn a_start_reported_by_both_the_shim_and_containerd_is_acted_on_once() {
     let node = LazyNode::with_ctr(CONFIG);
     let (ctd, snapshotter, lazy) = (&node.ctd, &node.snapshotter, &node.img.image);
     node.pull(lazy);
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "lazybd",
-        "--runtime",
-        lazybd_tests::containerd::LAZYBD_RUNTIME,
-        lazy,
-        "both-1",
-        "/bin/sh",
-        "-c",
-        STARTUP,
-    ]);
+    ctd.ctr_ok(
+        &LazyRun {
+            image: lazy,
+            id: "both-1",
+            detach: true,
+            runtime: Some(lazybd_tests::containerd::LAZYBD_RUNTIME),
+            cmd: &["/bin/sh", "-c", STARTUP],
+            ..LazyRun::default()
+        }
+        .args(),
+    );
     ctd.wait_task(30, "both-1", "RUNNING");
     wait_trace_and_handoff(snapshotter);
     let log = snapshotter.log();
@@ -232,17 +228,16 @@ fn the_snapshotter_follows_containerd_across_its_restart() {
     let mut node = LazyNode::with_ctr("[prefetch]\non_task_start = false\n");
     let lazy = node.img.image.clone();
     node.pull(&lazy);
-    node.ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "lazybd",
-        &lazy,
-        "restart-1",
-        "/bin/busybox",
-        "sleep",
-        "2147483647",
-    ]);
+    node.ctd.ctr_ok(
+        &LazyRun {
+            image: &lazy,
+            id: "restart-1",
+            detach: true,
+            cmd: &["/bin/busybox", "sleep", "2147483647"],
+            ..LazyRun::default()
+        }
+        .args(),
+    );
     let (ctd, snapshotter) = (&node.ctd, &node.snapshotter);
     ctd.wait_for(30, "the start to reach the snapshotter", || {
         containers_on_layers(snapshotter)

@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lazybd_blockdev::device::{loopdev, mounts};
-use lazybd_tests::containerd::{self, Containerd, LAZYBD_RUNTIME, RUNC_RUNTIME};
+use lazybd_tests::containerd::{self, Containerd, LazyRun, LAZYBD_RUNTIME, RUNC_RUNTIME};
 use lazybd_tests::images::registry_with_lazy_rich;
 use lazybd_tests::lazy_layers::walk;
 use lazybd_tests::leaks::{self, Fds, Seen};
@@ -160,19 +160,21 @@ impl Soak<'_> {
         }
         let ids = [format!("soak{n}-shim"), format!("soak{n}-runc")];
         for (id, runtime) in ids.iter().zip([LAZYBD_RUNTIME, RUNC_RUNTIME]) {
-            self.ctd.ctr_ok(&[
-                "run",
-                "-d",
-                "--snapshotter",
-                "lazybd",
-                "--runtime",
-                runtime,
-                &self.image,
-                id,
-                "sh",
-                "-c",
-                "cat /etc/hostname /data/small.txt >/dev/null && exec sleep 600",
-            ]);
+            self.ctd.ctr_ok(
+                &LazyRun {
+                    image: &self.image,
+                    id,
+                    detach: true,
+                    runtime: Some(runtime),
+                    cmd: &[
+                        "sh",
+                        "-c",
+                        "cat /etc/hostname /data/small.txt >/dev/null && exec sleep 600",
+                    ],
+                    ..LazyRun::default()
+                }
+                .args(),
+            );
         }
         for id in &ids {
             self.ctd.wait_task(60, id, "RUNNING");

@@ -22,6 +22,44 @@ pub(super) fn command(socket: &Path, namespace: &str, args: &[&str]) -> Command 
     cmd
 }
 
+/// `ctr run` of an image on the lazybd snapshotter: the arguments, for
+/// [`Containerd::ctr_ok`] and the other ctr calls.
+///
+/// ```ignore
+/// ctd.ctr_ok(&LazyRun { image, id: "c1", detach: true, cmd: &["sleep", "9"], ..LazyRun::default() }.args());
+/// ```
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LazyRun<'a> {
+    pub image: &'a str,
+    pub id: &'a str,
+    /// `-d` (the task keeps running), else `--rm` (ctr waits for the
+    /// command and removes the container).
+    pub detach: bool,
+    /// The runtime; `None`: containerd's default (runc's shim).
+    pub runtime: Option<&'a str>,
+    /// More options before the image, e.g. `["--mount", "type=bind,..."]`.
+    pub options: &'a [&'a str],
+    pub cmd: &'a [&'a str],
+}
+
+impl<'a> LazyRun<'a> {
+    pub fn args(&self) -> Vec<&'a str> {
+        let mut args = vec![
+            "run",
+            if self.detach { "-d" } else { "--rm" },
+            "--snapshotter",
+            "lazybd",
+        ];
+        if let Some(runtime) = self.runtime {
+            args.extend(["--runtime", runtime]);
+        }
+        args.extend(self.options);
+        args.extend([self.image, self.id]);
+        args.extend(self.cmd);
+        args
+    }
+}
+
 impl Containerd {
     /// A ctr command in this containerd's namespace, to spawn as the caller
     /// likes (e.g. on a pty).

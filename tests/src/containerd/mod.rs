@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::Daemon;
 
-pub use ctr::EventRecorder;
+pub use ctr::{EventRecorder, LazyRun};
 
 pub const LAZYBD_RUNTIME: &str = "io.containerd.lazybd.v2";
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
