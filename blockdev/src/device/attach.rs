@@ -192,7 +192,7 @@ impl Exposing {
             info: AttachedLayer {
                 id: self.layer.id().clone(),
                 digest,
-                mountpoint: self.config.root.join("mnt").join(&self.name),
+                mountpoint: self.config.mountpoint(&self.name),
                 loop_device: adopted.loop_dev.path().to_owned(),
                 image_size: self.layer.image_size(),
             },
@@ -210,7 +210,7 @@ impl Exposing {
 
     fn run(self) -> Result<Attached, DeviceError> {
         if self.restoring {
-            if let Some(adopted) = resume::adopt(&self.config.root, &self.name) {
+            if let Some(adopted) = resume::adopt(&self.config, &self.name) {
                 return self.adopt(adopted);
             }
         }
@@ -245,7 +245,7 @@ impl Exposing {
                 .map_err(step_err("add FUSE file"))?;
             let (files, name) = (self.files.clone(), self.name.clone());
             undo.push("remove FUSE file", move || files.remove(&name));
-            self.config.root.join("fuse").join(&self.name)
+            self.config.fuse_file(&self.name)
         };
 
         inject(AttachStep::Loop)?;
@@ -281,7 +281,7 @@ impl Exposing {
         });
 
         inject(AttachStep::Mount)?;
-        let mountpoint = self.config.root.join("mnt").join(&self.name);
+        let mountpoint = self.config.mountpoint(&self.name);
         std::fs::create_dir_all(&mountpoint).map_err(step_err("create mountpoint"))?;
         let mp = mountpoint.clone();
         undo.push("remove mountpoint", move || {

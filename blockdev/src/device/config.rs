@@ -80,6 +80,26 @@ impl NodeConfig {
     pub fn cache_dir(&self, name: &str) -> PathBuf {
         self.caches_dir().join(name)
     }
+
+    /// Where the FUSE file system is mounted: one file per lazy layer.
+    pub fn fuse_dir(&self) -> PathBuf {
+        self.root.join("fuse")
+    }
+
+    /// The FUSE file of the layer whose file name is `name`.
+    pub fn fuse_file(&self, name: &str) -> PathBuf {
+        self.fuse_dir().join(name)
+    }
+
+    /// Where the layers' EROFS mounts are.
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.root.join("mnt")
+    }
+
+    /// The EROFS mount of the layer whose file name is `name`.
+    pub fn mountpoint(&self, name: &str) -> PathBuf {
+        self.mounts_dir().join(name)
+    }
 }
 
 /// The steps of an attach, in order (for fault injection).

@@ -79,13 +79,13 @@ impl LayerManager {
         let (files, fuse, orphans) = match resumed {
             Some((files, fuse)) => (files, fuse, Orphans::default()),
             None => {
-                let orphans = Orphans::adopt(&root.join("fuse"));
+                let orphans = Orphans::adopt(&config.fuse_dir());
                 cleanup_stale_mounts(&root);
-                for dir in ["fuse", "layers", "mnt"] {
-                    std::fs::create_dir_all(root.join(dir)).map_err(setup)?;
+                for dir in [config.fuse_dir(), config.caches_dir(), config.mounts_dir()] {
+                    std::fs::create_dir_all(dir).map_err(setup)?;
                 }
                 let files = LayerFiles::new(Handle::current());
-                let fuse = FuseMount::mount(&root.join("fuse"), files.clone(), config.fuse_threads)
+                let fuse = FuseMount::mount(&config.fuse_dir(), files.clone(), config.fuse_threads)
                     .map_err(setup)?;
                 (files, fuse, orphans)
             }
@@ -186,9 +186,9 @@ impl LayerManager {
             .values()
             .map(|a| a.name.clone())
             .collect();
-        let root = self.config.root.clone();
-        let _ =
-            tokio::task::spawn_blocking(move || resume::unmount_unadopted(&root, &attached)).await;
+        let mounts = self.config.mounts_dir();
+        let _ = tokio::task::spawn_blocking(move || resume::unmount_unadopted(&mounts, &attached))
+            .await;
         info!("restore ended: every layer is attached again");
     }
 

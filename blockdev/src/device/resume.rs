@@ -84,13 +84,8 @@ pub(super) fn resume_session(
         Some(_) => {
             let files = LayerFiles::restoring(Handle::current());
             let held: HashMap<String, OwnedFd> = held.into_iter().collect();
-            FuseMount::resume(
-                &config.root.join("fuse"),
-                files.clone(),
-                config.fuse_threads,
-                held,
-            )
-            .map(|fuse| (files, fuse))
+            FuseMount::resume(&config.fuse_dir(), files.clone(), config.fuse_threads, held)
+                .map(|fuse| (files, fuse))
         }
     };
     match resumed {
@@ -118,21 +113,18 @@ pub(super) struct Adopted {
     pub local: bool,
 }
 
-/// The intact EROFS mount of layer `name` at `root/mnt/<name>`, on a loop
+/// The intact EROFS mount of layer `name` at its mountpoint, on a loop
 /// device that reads the layer's FUSE file or cache file (rule 3).
-pub(super) fn adopt(root: &Path, name: &str) -> Option<Adopted> {
-    let mountpoint = root.join("mnt").join(name);
+pub(super) fn adopt(config: &NodeConfig, name: &str) -> Option<Adopted> {
+    let mountpoint = config.mountpoint(name);
     let (fstype, source) = mounts::mount_info(&mountpoint)?;
     let number: u32 = source.strip_prefix("/dev/loop")?.parse().ok()?;
     if fstype != "erofs" {
         return None;
     }
     let backing = loopdev::backing_file(number)?;
-    let fuse_file = root.join("fuse").join(name);
-    let image = root
-        .join("layers")
-        .join(name)
-        .join(crate::cache::IMAGE_FILE);
+    let fuse_file = config.fuse_file(name);
+    let image = config.cache_dir(name).join(crate::cache::IMAGE_FILE);
     if backing != fuse_file && backing != image {
         warn!(
             "{}: loop{number} reads {}, not this layer's files; not adopted",
@@ -154,15 +146,15 @@ pub(super) fn adopt(root: &Path, name: &str) -> Option<Adopted> {
     }
 }
 
-/// After the restore: lazily unmounts the EROFS mounts under `root/mnt`
-/// that no attached layer adopted (their layers were not attached again).
-pub(super) fn unmount_unadopted(root: &Path, attached: &HashSet<String>) {
-    let mnt = root.join("mnt");
-    let Ok(found) = mounts::mounts_under(&mnt) else {
+/// After the restore: lazily unmounts the EROFS mounts under `mnt` (the
+/// layers' mounts directory) that no attached layer adopted (their layers
+/// were not attached again).
+pub(super) fn unmount_unadopted(mnt: &Path, attached: &HashSet<String>) {
+    let Ok(found) = mounts::mounts_under(mnt) else {
         return;
     };
     for m in found {
-        let name = m.strip_prefix(&mnt).ok().and_then(|n| n.to_str());
+        let name = m.strip_prefix(mnt).ok().and_then(|n| n.to_str());
         if name.is_some_and(|n| !n.is_empty() && !attached.contains(n)) {
             info!(
                 "{} was not attached again after the restart; detaching it lazily",
