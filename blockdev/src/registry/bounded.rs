@@ -115,7 +115,7 @@ impl BoundedClient {
     }
 
     /// `<scheme>://<registry>/v2` of `reference`.
-    pub(super) fn api_root(&self, reference: &Reference) -> String {
+    fn api_root(&self, reference: &Reference) -> String {
         let scheme = if self.plain_http { "http" } else { "https" };
         format!("{scheme}://{}/v2", reference.resolve_registry())
     }
@@ -270,14 +270,15 @@ impl BoundedClient {
         let mut renewed = false;
         loop {
             let authorization = self.authorization(target, access, what).await?;
+            let request = build(&self.http)?;
             let request = match (&authorization, auth) {
                 (Authorization::Bearer(token), _) => {
-                    build(&self.http)?.header(AUTHORIZATION, format!("Bearer {token}"))
+                    request.header(AUTHORIZATION, format!("Bearer {token}"))
                 }
                 (Authorization::Basic, RegistryAuth::Basic(user, password)) => {
-                    build(&self.http)?.basic_auth(user, Some(password))
+                    request.basic_auth(user, Some(password))
                 }
-                (Authorization::Basic, _) => build(&self.http)?,
+                (Authorization::Basic, _) => request,
             };
             let response = request.send().await.map_err(|e| transport(what, e))?;
             if response.status() == StatusCode::UNAUTHORIZED && !renewed {

@@ -45,11 +45,7 @@ impl BoundedClient {
         body: impl Fn() -> Result<Body, RegistryError>,
         what: &str,
     ) -> Result<(), RegistryError> {
-        let start = format!(
-            "{}/{}/blobs/uploads/",
-            self.api_root(target.reference),
-            target.reference.repository()
-        );
+        let start = self.url(target.reference, "blobs", "uploads/");
         let started = self
             .send(target, Access::Push, what, |http| {
                 Ok(http.post(&start).header(CONTENT_LENGTH, 0))
