@@ -84,16 +84,13 @@ impl BoundedClient {
             what: "creating the HTTP client".into(),
             message: e.to_string(),
         };
-        let mut builder = reqwest::Client::builder()
+        let http = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.read_timeout)
             .user_agent(user_agent)
-            .danger_accept_invalid_certs(opts.skip_verify);
-        for pem in extra_roots {
-            builder =
-                builder.add_root_certificate(reqwest::Certificate::from_pem(pem).map_err(failed)?);
-        }
-        let http = builder.build().map_err(failed)?;
+            .use_preconfigured_tls(super::tls::client_config(extra_roots, opts.skip_verify)?)
+            .build()
+            .map_err(failed)?;
         Ok(BoundedClient {
             http,
             plain_http: opts.plain_http,

@@ -16,6 +16,7 @@ mod push;
 mod reference;
 #[cfg(test)]
 mod tests_hostile;
+mod tls;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
