@@ -622,11 +622,13 @@ fn parse_tail(
     Ok((index, digest))
 }
 
+/// Not synced: a saved index is checked like a fetched one when it is
+/// loaded, so one a crash left torn is fetched again, and the attach that
+/// saves it does not wait for the disk.
 fn save_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(data)?;
-    f.sync_all()?;
     std::fs::rename(&tmp, path)
 }
 

@@ -245,10 +245,13 @@ impl ChunkCache {
         } else {
             None
         };
-        // From here on writes may happen: a crash must be noticed.
-        bitmap
-            .mark_open(!pending.is_empty())
-            .map_err(io_err(&map_path, "mark bitmap open"))?;
+        // From here on writes may happen: a crash must be noticed. A bitmap
+        // just created is durable as open, with no bits, already.
+        if !created {
+            bitmap
+                .mark_open(!pending.is_empty())
+                .map_err(io_err(&map_path, "mark bitmap open"))?;
+        }
         let report = OpenReport {
             created,
             left_open: matches!(left, Some(Left::Open(_) | Left::Verifying)),
