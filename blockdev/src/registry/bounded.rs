@@ -418,7 +418,14 @@ fn token_of(body: &[u8]) -> Option<String> {
 }
 
 pub(super) fn transport(what: &str, e: reqwest::Error) -> RegistryError {
-    let message = e.to_string();
+    // reqwest's own message names only the URL; the cause (a refused
+    // connection, an unknown certificate issuer) is in its sources.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
     if e.is_timeout() || e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
         RegistryError::Transient {
             what: what.to_owned(),
