@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -172,6 +172,8 @@ pub struct ControlledSource {
     pub up: AtomicBool,
     pub hang: AtomicBool,
     pub corrupt: Option<Range<u64>>,
+    /// Requests asked of it so far.
+    pub requests: AtomicUsize,
 }
 
 impl ControlledSource {
@@ -181,6 +183,7 @@ impl ControlledSource {
             up: AtomicBool::new(true),
             hang: AtomicBool::new(false),
             corrupt,
+            requests: AtomicUsize::new(0),
         }
     }
 }
@@ -192,6 +195,7 @@ impl ChunkSource for ControlledSource {
     }
 
     async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
         if !self.up.load(Ordering::SeqCst) {
             if self.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;

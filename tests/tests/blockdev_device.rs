@@ -208,6 +208,51 @@ async fn reattach_after_restart_serves_from_the_cache_offline() {
     s.shut_down(manager).await;
 }
 
+/// An attach fetches its index outside the lock that orders device
+/// changes: a layer whose source hangs does not hold up another layer's
+/// attach (a pull's next layer, or another image's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_index_fetch_does_not_hold_up_another_layers_attach() {
+    require_root!();
+    let s = setup();
+    let other_tree = s._tmp.path().join("other-tree");
+    std::fs::create_dir_all(&other_tree).unwrap();
+    std::fs::write(other_tree.join("other"), "another layer\n").unwrap();
+    let out = s._tmp.path().join("other-blob");
+    std::fs::create_dir_all(&out).unwrap();
+    let other = BlobFile::from_tree(&other_tree, &out, CHUNK);
+
+    let manager = Arc::new(s.manager());
+    let hung = Arc::new(ControlledSource::new(&s.blob, None));
+    hung.hang.store(true, Ordering::SeqCst);
+    hung.up.store(false, Ordering::SeqCst);
+    let stuck = tokio::spawn({
+        let (manager, src) = (
+            manager.clone(),
+            s.blob
+                .source_with(vec![hung.clone() as Arc<dyn ChunkSource>]),
+        );
+        async move { manager.attach(src).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hung.requests.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the first attach never asked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let attached = manager.attach(other.file_layer()).await.unwrap();
+    assert!(
+        !stuck.is_finished(),
+        "the second layer waited for the first one's index"
+    );
+    assert_same_tree(&other_tree, &attached.mountpoint);
+    let e = stuck.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("index"), "{e}");
+    assert_eq!(manager.layers().len(), 1);
+    let manager = Arc::into_inner(manager).expect("no attach holds the manager");
+    s.shut_down(manager).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_down_fails_reads_with_eio_after_the_deadline() {
     require_root!();

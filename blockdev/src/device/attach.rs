@@ -29,19 +29,45 @@ impl LayerManager {
     /// same identity, i.e. the same anchor, is returned as is; one of the
     /// same blob digest with another anchor is another layer).
     pub async fn attach(&self, src: LayerSource) -> Result<AttachedLayer, DeviceError> {
-        let _op = self.shared.ops.lock().await;
+        self.attach_reporting(src, None).await
+    }
+
+    /// [`attach`](Self::attach), sending on `opened` once the layer's
+    /// index is verified and its cache open (or it was attached already),
+    /// before the FUSE file, loop device and EROFS mount: what depends on
+    /// the layer's content being its anchor's can go on from there.
+    pub async fn attach_reporting(
+        &self,
+        src: LayerSource,
+        opened: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<AttachedLayer, DeviceError> {
         let id = src.id().map_err(|e| match e {
             OciError::BadDigest(d) => DeviceError::BadDigest(d),
             other => DeviceError::BadDigest(other.to_string()),
         })?;
         let digest = src.digest.clone();
+        let report = move || {
+            if let Some(tx) = opened {
+                let _ = tx.send(());
+            }
+        };
+        // Registered under `ops`: an eviction (which holds it throughout)
+        // either sees this layer and spares its cache, or ends first.
+        let opening = {
+            let _op = self.shared.ops.lock().await;
+            self.shared.opening.enter(&id)
+        };
+        let _this_layer = opening.lock.lock().await;
         if let Some(a) = self.shared.table.lock().get(&id) {
+            report();
             return Ok(a.info.clone());
         }
         let name = id.file_name();
         let started = Instant::now();
         let layer = Arc::new(self.open_layer(&name, src).await?);
+        report();
         let opened = started.elapsed();
+        let _op = self.shared.ops.lock().await;
         let exposing = Exposing {
             config: self.config.clone(),
             files: self.shared.files.clone(),

@@ -103,6 +103,7 @@ impl LayerManager {
             files,
             table: Table::default(),
             ops: Arc::default(),
+            opening: Default::default(),
             stats: Arc::new(Stats::default()),
             handoff: config.handoff,
             root: root.clone(),
@@ -244,13 +245,14 @@ impl LayerManager {
     /// attached layers are never touched (they may exceed the capacity).
     pub async fn evict_caches(&self, capacity: u64) -> EvictionReport {
         let _op = self.shared.ops.lock().await;
-        let attached: HashSet<String> = self
+        let mut attached: HashSet<String> = self
             .shared
             .table
             .lock()
             .values()
             .map(|a| a.name.clone())
             .collect();
+        attached.extend(self.shared.opening.names());
         let dir = self.config.caches_dir();
         let report =
             tokio::task::spawn_blocking(move || eviction::evict(&dir, &attached, capacity))

@@ -126,13 +126,59 @@ impl Table {
     }
 }
 
+/// The layers being opened, each with the lock its attaches take in turn.
+#[derive(Clone, Default)]
+pub(super) struct Opening(Arc<Mutex<HashMap<LayerId, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl Opening {
+    /// Registers `id` as being opened; the guard unregisters it once no
+    /// attach of it holds or waits for its lock.
+    pub fn enter(&self, id: &LayerId) -> OpeningGuard {
+        let lock = lock(&self.0).entry(id.clone()).or_default().clone();
+        OpeningGuard {
+            opening: self.clone(),
+            id: id.clone(),
+            lock,
+        }
+    }
+
+    /// The cache names of the layers being opened.
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.0).keys().map(LayerId::file_name).collect()
+    }
+}
+
+pub(super) struct OpeningGuard {
+    opening: Opening,
+    id: LayerId,
+    pub lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for OpeningGuard {
+    fn drop(&mut self) {
+        let mut map = lock(&self.opening.0);
+        // Clones are made under the map's lock: ours and the map's are the
+        // last two unless another attach of the layer holds one.
+        if Arc::strong_count(&self.lock) <= 2 {
+            map.remove(&self.id);
+        }
+    }
+}
+
 /// What the manager shares with its background tasks.
 #[derive(Clone)]
 pub(super) struct Shared {
     pub files: Arc<LayerFiles>,
     pub table: Table,
     /// Serialises attach, detach, handoff and eviction, which span awaits.
+    /// An attach holds it to register its layer in `opening` and then for
+    /// the FUSE file, loop device and mount; the index fetch in between
+    /// runs without it, so one layer's fetch overlaps another's devices.
     pub ops: Arc<tokio::sync::Mutex<()>>,
+    /// The layers an attach is opening: their caches are in use though
+    /// not attached yet. One attach per layer at a time: the others wait on
+    /// its lock.
+    pub opening: Opening,
     pub stats: Arc<Stats>,
     /// [`NodeConfig::handoff`](super::NodeConfig::handoff).
     pub handoff: bool,
