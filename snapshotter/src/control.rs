@@ -190,6 +190,9 @@ async fn answer(req: Request, control: &Control) -> serde_json::Value {
             serde_json::json!({ "ok": true })
         }
         Request::Op { op: Op::Layers } => {
+            // The layers Prepares are attaching behind their commits count
+            // as attached: listed once those attaches ended.
+            snapshotter.remote().settle().await;
             let users = containers.by_layer();
             let layers = snapshotter
                 .remote()

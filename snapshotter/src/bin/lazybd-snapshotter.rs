@@ -228,13 +228,17 @@ async fn serve(mut config: Config) -> Result<()> {
     while Arc::strong_count(&snapshotter) > 1 && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    match Arc::try_unwrap(snapshotter) {
-        Ok(s) => {
-            if let Err(e) = s.into_remote().into_manager().shutdown().await {
+    let manager = match Arc::try_unwrap(snapshotter) {
+        Ok(s) => s.into_remote().into_manager().await,
+        Err(_) => None,
+    };
+    match manager {
+        Some(m) => {
+            if let Err(e) = m.shutdown().await {
                 error!("detaching lazy layers: {e}");
             }
         }
-        Err(_) => error!("requests still running at shutdown; lazy layers stay attached"),
+        None => error!("requests or attaches still running at shutdown; lazy layers stay attached"),
     }
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! returns to containerd: every variant names the image and digests, and
 //! keeps the underlying error as its source and in its message.
 
+use std::sync::Arc;
+
 use lazybd_blockdev::device::DeviceError;
 use lazybd_blockdev::oci::OciError;
 use lazybd_blockdev::registry::RegistryError;
@@ -88,6 +90,10 @@ pub enum RemoteError {
         #[source]
         source: DeviceError,
     },
+    /// The error of an attach that others waited for too
+    /// (`crate::remote::attaching`).
+    #[error(transparent)]
+    Shared(Arc<RemoteError>),
 }
 
 impl RemoteError {
@@ -100,6 +106,7 @@ impl RemoteError {
                 source.is_transient()
             }
             RemoteError::Attach { .. } => true,
+            RemoteError::Shared(e) => e.is_transient(),
             RemoteError::TooLarge { .. }
             | RemoteError::BadManifest { .. }
             | RemoteError::NoSuchLayer { .. }
@@ -115,9 +122,12 @@ impl RemoteError {
     /// instead of falling back (containerd cannot unpack a lazybd layer
     /// itself, so the fallback would only hide the reason).
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            RemoteError::Unanchored { .. } | RemoteError::ChainMismatch { .. }
-        )
+        match self {
+            RemoteError::Shared(e) => e.is_refusal(),
+            e => matches!(
+                e,
+                RemoteError::Unanchored { .. } | RemoteError::ChainMismatch { .. }
+            ),
+        }
     }
 }

@@ -15,6 +15,7 @@ use lazybd_blockdev::oci::{LayerId, LazyLayerAnnotations, MEDIA_LAZYBD_LAYER};
 use lazybd_blockdev::registry::RegistryError;
 use lazybd_blockdev::stats::Stats;
 use lazybd_blockdev::trace::Trace;
+use tokio::sync::oneshot;
 
 use super::{LazyLayers, ManifestSource};
 use crate::config::RegistryConfig;
@@ -172,15 +173,29 @@ struct LayerState {
     attached: BTreeMap<LayerId, (String, PathBuf)>,
     attaches: Vec<AttachCall>,
     detaches: Vec<LayerId>,
-    failing: bool,
+    failing: Option<Failing>,
+}
+
+/// Where the fake's attaches fail.
+#[derive(Clone, Copy)]
+pub enum Failing {
+    /// Before the index is verified (as a wrong or missing index does).
+    Index,
+    /// After it (as a failing loop device or mount does).
+    Expose,
 }
 
 impl FakeLayers {
-    /// A table whose attaches all fail.
+    /// A table whose attaches all fail, before the index is verified.
     pub fn failing() -> Self {
         let layers = FakeLayers::default();
-        layers.lock().failing = true;
+        layers.set_failing(Some(Failing::Index));
         layers
+    }
+
+    /// Attaches from now on fail there (or work again: `None`).
+    pub fn set_failing(&self, failing: Option<Failing>) {
+        self.lock().failing = failing;
     }
 
     pub fn mountpoint_of(id: &LayerId) -> PathBuf {
@@ -218,7 +233,11 @@ impl FakeLayers {
 
 #[async_trait]
 impl LazyLayers for FakeLayers {
-    async fn attach(&self, source: LayerSource) -> Result<PathBuf, DeviceError> {
+    async fn attach(
+        &self,
+        source: LayerSource,
+        opened: Option<oneshot::Sender<()>>,
+    ) -> Result<PathBuf, DeviceError> {
         let mut state = self.lock();
         state.attaches.push(AttachCall {
             digest: source.digest.clone(),
@@ -227,15 +246,22 @@ impl LazyLayers for FakeLayers {
             index_location: source.index_location,
             sources: source.sources.iter().map(|s| s.name().to_owned()).collect(),
         });
-        if state.failing {
-            return Err(DeviceError::Injected {
-                digest: source.digest,
-                step: AttachStep::Loop,
-            });
+        let fail = |step| DeviceError::Injected {
+            digest: source.digest.clone(),
+            step,
+        };
+        match state.failing {
+            Some(Failing::Index) => return Err(fail(AttachStep::FuseFile)),
+            Some(Failing::Expose) => {
+                opened.map(|tx| tx.send(()));
+                return Err(fail(AttachStep::Loop));
+            }
+            None => {}
         }
         let id = source
             .id()
             .map_err(|_| DeviceError::BadDigest(source.digest.clone()))?;
+        opened.map(|tx| tx.send(()));
         let mountpoint = Self::mountpoint_of(&id);
         // As the layer manager: one attachment per identity.
         state

@@ -14,11 +14,17 @@ use lazybd_blockdev::layer::{LayerSource, LazyLayer};
 use lazybd_blockdev::oci::LayerId;
 use lazybd_blockdev::stats::Stats;
 use lazybd_blockdev::trace::Trace;
+use tokio::sync::oneshot;
 
 #[async_trait]
 pub trait LazyLayers: Send + Sync + 'static {
-    /// Attaches the layer (idempotent); returns its EROFS mount.
-    async fn attach(&self, source: LayerSource) -> Result<PathBuf, DeviceError>;
+    /// Attaches the layer (idempotent); returns its EROFS mount. Sends on
+    /// `opened` once its index is verified against its anchor.
+    async fn attach(
+        &self,
+        source: LayerSource,
+        opened: Option<oneshot::Sender<()>>,
+    ) -> Result<PathBuf, DeviceError>;
 
     async fn detach(&self, id: &LayerId) -> Result<(), DeviceError>;
 
@@ -45,8 +51,14 @@ pub trait LazyLayers: Send + Sync + 'static {
 
 #[async_trait]
 impl LazyLayers for LayerManager {
-    async fn attach(&self, source: LayerSource) -> Result<PathBuf, DeviceError> {
-        Ok(LayerManager::attach(self, source).await?.mountpoint)
+    async fn attach(
+        &self,
+        source: LayerSource,
+        opened: Option<oneshot::Sender<()>>,
+    ) -> Result<PathBuf, DeviceError> {
+        Ok(LayerManager::attach_reporting(self, source, opened)
+            .await?
+            .mountpoint)
     }
 
     async fn detach(&self, id: &LayerId) -> Result<(), DeviceError> {

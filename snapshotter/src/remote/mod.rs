@@ -17,6 +17,7 @@
 //! needs from this node's layers ([`LayerManager`] in production), and
 //! [`ManifestSource`], where manifests come from (the image's registry).
 
+mod attaching;
 mod error;
 #[cfg(test)]
 pub(crate) mod fake;
@@ -44,6 +45,7 @@ use tracing::info;
 use crate::config::RegistryConfig;
 use crate::store::RemoteLayer;
 use crate::traces::{trace_key, Traces};
+use attaching::ATTACH_WAIT;
 
 pub use error::RemoteError;
 pub use layers::LazyLayers;
@@ -53,7 +55,9 @@ pub use registry::{ManifestSource, RegistryManifests};
 const MANIFEST_CACHE: usize = 64;
 
 pub struct Remote<L = LayerManager> {
-    manager: L,
+    /// Shared with the attaches running behind their Prepare.
+    manager: Arc<L>,
+    attaching: attaching::Attaching,
     /// For the registry client of each attached layer's chunk source.
     registry: RegistryConfig,
     /// Those clients, one per image (its manifest lookups use them too).
@@ -76,7 +80,8 @@ impl<L: LazyLayers> Remote<L> {
     pub fn new(manager: L, registry: RegistryConfig) -> Self {
         let clients = Arc::new(registry::Clients::default());
         Remote {
-            manager,
+            manager: Arc::new(manager),
+            attaching: attaching::Attaching::default(),
             manifests: Box::new(RegistryManifests::new(registry.clone(), clients.clone())),
             registry,
             clients,
@@ -214,43 +219,77 @@ impl<L: LazyLayers> Remote<L> {
         Ok((ann, desc.size()))
     }
 
-    /// Attaches the layer (idempotent for its identity); its index must
-    /// hash to its anchor. Returns its EROFS mount.
+    /// Attaches the layer here and now (idempotent for its identity); its
+    /// index must hash to its anchor. Returns its EROFS mount.
     pub async fn attach(&self, layer: &RemoteLayer) -> Result<PathBuf, RemoteError> {
         let client = self.client(layer)?;
-        let mountpoint = self
-            .manager
-            .attach(LayerSource {
-                digest: layer.digest.clone(),
-                anchor: layer.anchor.clone(),
-                blob_size: layer.blob_size,
-                index_location: Some((layer.index_offset, layer.index_length)),
-                sources: registry_chain(
-                    &client,
-                    self.peer.as_ref(),
-                    &layer.digest,
-                    layer.anchor.as_deref(),
-                    layer.blob_size,
-                ),
-                diff_id: layer.source_diff_id.clone(),
-            })
-            .await
-            .map_err(|source| RemoteError::Attach {
-                digest: layer.digest.clone(),
-                source,
-            })?;
-        let served = match (&self.peer, layer.id()) {
-            (Some(peer), Ok(id)) => self.manager.layer(&id).map(|l| (peer, l)),
-            _ => None,
-        };
-        if let Some((peer, l)) = served {
-            let origin = RegistryBlob::new(&client, &layer.digest, layer.blob_size);
-            peer.serve_layer(l, origin).await;
-        }
-        Ok(mountpoint)
+        attach_layer(
+            &*self.manager,
+            client,
+            self.peer.clone(),
+            layer.clone(),
+            None,
+        )
+        .await
     }
 
+    /// Starts attaching the layer, unless it is attached or being attached,
+    /// and waits until its index is verified against its anchor; the rest
+    /// of the attach goes on behind (`crate::remote::attaching`).
+    pub async fn attach_verified(&self, layer: &RemoteLayer) -> Result<(), RemoteError> {
+        if self.attached_now(layer).is_some() {
+            return Ok(());
+        }
+        let verified = self.attaching(layer)?.verified;
+        match tokio::time::timeout(ATTACH_WAIT, verified).await {
+            Ok(verified) => verified.map_err(RemoteError::Shared),
+            Err(_) => Err(not_within(layer)),
+        }
+    }
+
+    /// The layer's EROFS mount: at once if it is attached, else once the
+    /// attach running behind its Prepare ends, or one started now (the
+    /// last failed), within [`ATTACH_WAIT`].
+    pub async fn attached(&self, layer: &RemoteLayer) -> Result<PathBuf, RemoteError> {
+        if let Some(m) = self.attached_now(layer) {
+            return Ok(m);
+        }
+        let attached = self.attaching(layer)?.attached;
+        info!("waiting for layer {} to attach", layer.digest);
+        match tokio::time::timeout(ATTACH_WAIT, attached).await {
+            Ok(attached) => attached.map_err(RemoteError::Shared),
+            Err(_) => Err(not_within(layer)),
+        }
+    }
+
+    fn attached_now(&self, layer: &RemoteLayer) -> Option<PathBuf> {
+        self.mountpoint(&layer.id().ok()?)
+    }
+
+    /// The running attach of the layer, or one started now.
+    fn attaching(&self, layer: &RemoteLayer) -> Result<attaching::Attach, RemoteError> {
+        let id = layer.id().map_err(|source| RemoteError::BadAnnotations {
+            image_ref: layer.image_ref.clone(),
+            layer: layer.digest.clone(),
+            source,
+        })?;
+        let client = self.client(layer)?;
+        let (manager, peer, layer) = (self.manager.clone(), self.peer.clone(), layer.clone());
+        Ok(self.attaching.start(&id, move |verified| async move {
+            attach_layer(&*manager, client, peer, layer, Some(verified)).await
+        }))
+    }
+
+    /// Waits for the attaches running behind their Prepares.
+    pub async fn settle(&self) {
+        self.attaching.settle().await;
+    }
+
+    /// Detaches the layer, after its running attach if there is one.
     pub async fn detach(&self, id: &LayerId) -> Result<(), DeviceError> {
+        if let Some(attach) = self.attaching.running(id) {
+            let _ = tokio::time::timeout(ATTACH_WAIT, attach.attached).await;
+        }
         if let Some(peer) = &self.peer {
             peer.forget_layer(id).await;
         }
@@ -325,8 +364,11 @@ impl<L: LazyLayers> Remote<L> {
         &self.manager
     }
 
-    pub fn into_manager(self) -> L {
-        self.manager
+    /// The layer manager, once the attaches running behind their Prepares
+    /// ended; `None` if one still holds it.
+    pub async fn into_manager(self) -> Option<L> {
+        self.settle().await;
+        Arc::try_unwrap(self.manager).ok()
     }
 
     /// The manifest by digest, cached: the Prepares of one image's layers
@@ -392,4 +434,56 @@ impl<L: LazyLayers> Remote<L> {
                 source,
             })
     }
+}
+
+fn not_within(layer: &RemoteLayer) -> RemoteError {
+    RemoteError::Attach {
+        digest: layer.digest.clone(),
+        source: DeviceError::Task(format!("not attached within {ATTACH_WAIT:?}")),
+    }
+}
+
+/// Attaches `layer` through `manager`, with its chunk sources (this node's
+/// P2P parent and ancestors, the super node, the registry:
+/// `registry_chain`), and serves it to peers. Sends on `verified` once
+/// its index is verified.
+async fn attach_layer<L: LazyLayers>(
+    manager: &L,
+    client: Arc<RegistryClient>,
+    peer: Option<Arc<PeerNode>>,
+    layer: RemoteLayer,
+    verified: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<PathBuf, RemoteError> {
+    let mountpoint = manager
+        .attach(
+            LayerSource {
+                digest: layer.digest.clone(),
+                anchor: layer.anchor.clone(),
+                blob_size: layer.blob_size,
+                index_location: Some((layer.index_offset, layer.index_length)),
+                sources: registry_chain(
+                    &client,
+                    peer.as_ref(),
+                    &layer.digest,
+                    layer.anchor.as_deref(),
+                    layer.blob_size,
+                ),
+                diff_id: layer.source_diff_id.clone(),
+            },
+            verified,
+        )
+        .await
+        .map_err(|source| RemoteError::Attach {
+            digest: layer.digest.clone(),
+            source,
+        })?;
+    let served = match (&peer, layer.id()) {
+        (Some(peer), Ok(id)) => manager.layer(&id).map(|l| (peer, l)),
+        _ => None,
+    };
+    if let Some((peer, l)) = served {
+        let origin = RegistryBlob::new(&client, &layer.digest, layer.blob_size);
+        peer.serve_layer(l, origin).await;
+    }
+    Ok(mountpoint)
 }

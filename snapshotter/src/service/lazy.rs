@@ -1,6 +1,7 @@
 //! The service's side of the remote path: committed snapshots that are
 //! lazily attached lazybd layers. Prepare makes them (after the trust rules
-//! of `crate::remote::trust`), Remove detaches their layer once no snapshot
+//! of `crate::remote::trust`) and starts their attach, which the mounts of
+//! snapshots on top wait for; Remove detaches their layer once no snapshot
 //! uses it, opening the store attaches them again (checking the same rules
 //! and the anchor again), and a container's Prepare on top of them replays
 //! the image's trace.
@@ -25,7 +26,9 @@ impl<L: LazyLayers> LazySnapshotter<L> {
     /// `target` now exists as a committed lazily attached snapshot,
     /// `Ok(false)` when the labels do not ask for a lazybd layer. An error
     /// means containerd should unpack the layer itself, unless it is a
-    /// refusal of the trust rules.
+    /// refusal of the trust rules. Only the index is verified before the
+    /// commit; the rest of the attach goes on behind it
+    /// (`crate::remote::attaching`), and a failure there shows at the mounts.
     pub(super) async fn prepare_lazy(
         &self,
         target: &str,
@@ -37,7 +40,7 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         };
         let parent_chain = self.chain_id(parent.as_deref())?;
         self.remote.admit(&layer, target, parent_chain.as_deref())?;
-        self.remote.attach(&layer).await?;
+        self.remote.attach_verified(&layer).await?;
         let now = SystemTime::now();
         let made = self.store.create(target, |id| Record {
             id,
@@ -57,10 +60,33 @@ impl<L: LazyLayers> LazySnapshotter<L> {
             return Err(e);
         }
         info!(
-            "layer {} of {} attached lazily as {target:?}",
+            "layer {} of {} committed as {target:?}, attaching lazily",
             layer.digest, layer.image_ref
         );
         Ok(true)
+    }
+
+    /// The EROFS mount of the lazy layer of committed snapshot `name`
+    /// (record `r`): at once when attached, else after its attach. A layer
+    /// not being attached (its attach failed, or failed at the restart)
+    /// is attached now, if the trust rules of now admit it.
+    pub(super) async fn lazy_mountpoint(
+        &self,
+        name: &str,
+        r: &Record,
+        layer: &RemoteLayer,
+    ) -> Result<PathBuf, SnapshotError> {
+        if let Some(m) = layer.id().ok().and_then(|id| self.remote.mountpoint(&id)) {
+            return Ok(m);
+        }
+        let parent = self.chain_id(r.parent.as_deref())?;
+        self.remote.admit(layer, name, parent.as_deref())?;
+        self.remote.attached(layer).await.map_err(|e| {
+            SnapshotError::Unavailable(format!(
+                "lazy layer {} of snapshot {name:?} is not attached: {e}",
+                layer.digest
+            ))
+        })
     }
 
     /// A container's rootfs on lazy layers: its layers are attached, so the
@@ -68,7 +94,7 @@ impl<L: LazyLayers> LazySnapshotter<L> {
     /// node is asked for a bounded time only (the Prepare waits);
     /// `task-start` asks again if it did not answer.
     pub(super) async fn replay_trace_for(&self, key: &str, parent: &str) {
-        let Ok(lowers) = self.lowers(Some(parent)) else {
+        let Ok(lowers) = self.lowers(Some(parent)).await else {
             return;
         };
         let chain = self.remote.lazy_chain(lowers.iter().map(PathBuf::as_path));

@@ -137,7 +137,8 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
 
     async fn mounts(&self, key: String) -> Result<Vec<Mount>, SnapshotError> {
         let r = self.store.require(&key)?;
-        self.mounts_of(&r)
+        let lowers = self.lowers(r.parent.as_deref()).await?;
+        self.mounts_of(&r, &lowers)
     }
 
     async fn prepare(
@@ -177,7 +178,10 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
                 }
             }
         }
-        let mounts = self.create_local(&key, checked_parent, labels, Kind::Active)?;
+        // On lazy layers whose attach still runs behind their Prepare, this
+        // waits for it (a failed one is tried again).
+        let lowers = self.lowers(checked_parent.as_deref()).await?;
+        let mounts = self.create_local(&key, checked_parent, labels, Kind::Active, &lowers)?;
         drop(_g);
         if !parent.is_empty() {
             self.replay_trace_for(&key, &parent).await;
@@ -193,7 +197,8 @@ impl<L: LazyLayers> Snapshotter for LazySnapshotter<L> {
     ) -> Result<Vec<Mount>, SnapshotError> {
         let _g = self.changes.lock().await;
         let parent = self.check_parent(&parent)?;
-        self.create_local(&key, parent, labels, Kind::View)
+        let lowers = self.lowers(parent.as_deref()).await?;
+        self.create_local(&key, parent, labels, Kind::View, &lowers)
     }
 
     async fn commit(
@@ -300,13 +305,14 @@ impl<L: LazyLayers> LazySnapshotter<L> {
     }
 
     /// A new active snapshot or view with its directories, on a checked
-    /// parent.
+    /// parent whose lower directories are `lowers`.
     fn create_local(
         &self,
         key: &str,
         parent: Option<String>,
         labels: HashMap<String, String>,
         kind: Kind,
+        lowers: &[PathBuf],
     ) -> Result<Vec<Mount>, SnapshotError> {
         let now = SystemTime::now();
         let record = self.store.create(key, |id| Record {
@@ -332,15 +338,14 @@ impl<L: LazyLayers> LazySnapshotter<L> {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(SnapshotError::io(format!("creating {}", dir.display()))(e));
         }
-        self.mounts_of(&record)
+        self.mounts_of(&record, lowers)
     }
 
-    fn mounts_of(&self, r: &Record) -> Result<Vec<Mount>, SnapshotError> {
-        let lowers = self.lowers(r.parent.as_deref())?;
+    fn mounts_of(&self, r: &Record, lowers: &[PathBuf]) -> Result<Vec<Mount>, SnapshotError> {
         let dir = self.dir(r.id);
         Ok(vec![match r.kind {
-            Kind::Active => mounts::active(&dir.join("fs"), &dir.join("work"), &lowers),
-            Kind::View => mounts::view(&dir.join("fs"), &lowers),
+            Kind::Active => mounts::active(&dir.join("fs"), &dir.join("work"), lowers),
+            Kind::View => mounts::view(&dir.join("fs"), lowers),
             Kind::Committed => {
                 return Err(SnapshotError::FailedPrecondition(
                     "committed snapshots have no mounts; make a view".into(),
@@ -349,23 +354,15 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         }])
     }
 
-    /// The lower directories of a snapshot whose parent is `parent`, top first.
-    fn lowers(&self, parent: Option<&str>) -> Result<Vec<PathBuf>, SnapshotError> {
+    /// The lower directories of a snapshot whose parent is `parent`, top
+    /// first; lazy layers' once they are attached.
+    async fn lowers(&self, parent: Option<&str>) -> Result<Vec<PathBuf>, SnapshotError> {
         let mut out = Vec::new();
         let mut next = parent.map(str::to_owned);
         while let Some(key) = next {
             let r = self.store.require(&key)?;
             out.push(match r.remote_layer() {
-                Some(layer) => layer
-                    .id()
-                    .ok()
-                    .and_then(|id| self.remote.mountpoint(&id))
-                    .ok_or_else(|| {
-                        SnapshotError::Unavailable(format!(
-                            "lazy layer {} of snapshot {key:?} is not attached (see the log)",
-                            layer.digest
-                        ))
-                    })?,
+                Some(layer) => self.lazy_mountpoint(&key, &r, &layer).await?,
                 None => self.dir(r.id).join("fs"),
             });
             next = r.parent;

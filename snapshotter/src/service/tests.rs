@@ -12,7 +12,7 @@ use lazybd_blockdev::oci;
 use super::LazySnapshotter;
 use crate::error::SnapshotError;
 use crate::remote::fake::{
-    self, anchor_of, chain, digest, id_of, FakeLayers, FakeManifests, IMAGE,
+    self, anchor_of, chain, digest, id_of, Failing, FakeLayers, FakeManifests, IMAGE,
 };
 use crate::remote::{Remote, RemoteError};
 use crate::store::RemoteLayer;
@@ -55,7 +55,8 @@ fn image(manifests: &FakeManifests) -> (String, [String; 3]) {
 }
 
 /// Prepare as containerd's unpacker does: the answer for a lazy layer is
-/// AlreadyExists of the target.
+/// AlreadyExists of the target. Returns once the attach it started behind
+/// the commit ended.
 async fn prepare_layer(
     s: &LazySnapshotter<FakeLayers>,
     manifest: &str,
@@ -63,12 +64,15 @@ async fn prepare_layer(
     parent: &str,
     target: &str,
 ) -> Result<Vec<Mount>, SnapshotError> {
-    s.prepare(
-        format!("extract-{target}"),
-        parent.into(),
-        fake::layer_labels(manifest, layer, target),
-    )
-    .await
+    let prepared = s
+        .prepare(
+            format!("extract-{target}"),
+            parent.into(),
+            fake::layer_labels(manifest, layer, target),
+        )
+        .await;
+    s.remote().settle().await;
+    prepared
 }
 
 fn already_exists(r: Result<Vec<Mount>, SnapshotError>) -> String {
@@ -165,6 +169,7 @@ async fn a_prepare_with_the_layers_labels_fetches_no_manifest() {
             .await;
         assert_eq!(already_exists(r), *target);
     }
+    s.remote().settle().await;
     assert_eq!(manifests.fetches(), 0);
     let record = s.store.require(&c[1]).unwrap().remote.unwrap();
     assert_eq!(record.anchor, Some(anchor_of(&l2)));
@@ -258,14 +263,21 @@ async fn unanchored_layers_are_refused_unless_the_operator_allows_them() {
     );
     drop(s);
 
-    // The operator takes the permission back: a restart does not attach it.
+    // The operator takes the permission back: neither a restart nor a
+    // container's Prepare on it attaches it, and the refusal says why.
     let s = open(dir.path(), &manifests, FakeLayers::default()).await;
     assert!(s.remote().manager().attaches().is_empty());
-    assert!(matches!(
-        s.prepare("ctr".into(), target.clone(), HashMap::new())
-            .await,
-        Err(SnapshotError::Unavailable(_))
-    ));
+    let r = s
+        .prepare("ctr".into(), target.clone(), HashMap::new())
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Remote(RemoteError::Unanchored { .. }))
+        ),
+        "{r:?}"
+    );
+    assert!(s.remote().manager().attaches().is_empty());
 }
 
 #[tokio::test]
@@ -282,6 +294,7 @@ async fn one_blob_digest_with_two_anchors_is_two_layers() {
     let honest = fake::lazy_labels(&digest(0xa1), &d, 1 << 20, &honest_target);
     already_exists(s.prepare("x-forged".into(), String::new(), forged).await);
     already_exists(s.prepare("x-honest".into(), String::new(), honest).await);
+    s.remote().settle().await;
     let ids = s.remote().manager().attached_ids();
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert_eq!(s.remote().manager().attached(), [d.as_str(), d.as_str()]);
@@ -344,6 +357,47 @@ async fn an_ordinary_layer_or_a_failed_attach_falls_back_to_unpacking() {
         .unwrap()
         .remote
         .is_none());
+}
+
+#[tokio::test]
+async fn an_attach_failing_after_its_index_shows_at_the_mount_and_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    let (m, [l1, _, _]) = image(&manifests);
+    let layers = FakeLayers::default();
+    layers.set_failing(Some(Failing::Expose));
+    let s = open(dir.path(), &manifests, layers).await;
+    let c1 = &chain(&[&l1])[0];
+    // The index verified, so the snapshot is committed; the rest of the
+    // attach runs behind the commit and fails there.
+    assert_eq!(
+        already_exists(prepare_layer(&s, &m, &l1, "", c1).await),
+        *c1
+    );
+    assert_eq!(s.remote().manager().attaches().len(), 1);
+    assert!(s.remote().manager().attached().is_empty());
+
+    let r = s.prepare("ctr".into(), c1.clone(), HashMap::new()).await;
+    let Err(SnapshotError::Unavailable(e)) = r else {
+        panic!("want Unavailable, got {r:?}");
+    };
+    assert!(e.contains(&l1) && e.contains("injected failure"), "{e}");
+    assert_eq!(s.remote().manager().attaches().len(), 2, "tried again");
+    assert!(matches!(
+        s.stat("ctr".into()).await,
+        Err(SnapshotError::NotFound(_))
+    ));
+
+    s.remote().manager().set_failing(None);
+    let mounts = s
+        .prepare("ctr".into(), c1.clone(), HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(s.remote().manager().attached(), [l1.as_str()]);
+    assert!(
+        mounts[0].options.iter().any(|o| o.contains("/lazy/")),
+        "{mounts:?}"
+    );
 }
 
 #[tokio::test]
@@ -472,12 +526,18 @@ async fn opening_checks_old_records_against_their_names() {
     }
     let s = open(dir.path(), &manifests, FakeLayers::default()).await;
     // L1 is checked against the anchor its labels name; L2 is unanchored
-    // now and not attached without the operator's permission.
+    // now and not attached without the operator's permission, at a
+    // container's Prepare neither.
     let attaches = s.remote().manager().attaches();
     assert_eq!(attaches.len(), 1, "{attaches:?}");
     assert_eq!(attaches[0].anchor, Some(anchor_of(&l1)));
-    assert!(matches!(
-        s.prepare("ctr".into(), c[1].clone(), HashMap::new()).await,
-        Err(SnapshotError::Unavailable(_))
-    ));
+    let r = s.prepare("ctr".into(), c[1].clone(), HashMap::new()).await;
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Remote(RemoteError::Unanchored { .. }))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(s.remote().manager().attaches().len(), 1);
 }
