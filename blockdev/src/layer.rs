@@ -22,7 +22,9 @@ use tracing::{info, warn};
 
 use crate::cache::{CacheError, ChunkCache, IMAGE_FILE};
 use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, LinkEstimate, ReadError};
-use crate::format::{sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN};
+use crate::format::{
+    max_index_len, sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN, FORMAT_VERSION,
+};
 use crate::gate::PriorityGate;
 use crate::oci::{digest_hex, LayerId, OciError};
 use crate::p2p::ServedLayer;
@@ -42,6 +44,12 @@ pub enum LayerError {
         offset: u64,
         length: u64,
         blob_size: u64,
+    },
+    #[error("layer {digest}: its annotations claim a {length}-byte index; the format's largest is {max} bytes")]
+    IndexTooLong {
+        digest: String,
+        length: u64,
+        max: u64,
     },
     #[error("layer {digest}: saving the index to {path}: {source}")]
     SaveIndex {
@@ -222,6 +230,29 @@ impl LazyLayer {
             recorder: Recorder::default(),
             _stream: stream,
         })
+    }
+
+    /// Fetches and verifies the layer's index ahead of its open, into
+    /// `dir` (where [`open`](Self::open) then finds it): a pull's later
+    /// layers get their index while the link is still quiet, instead of
+    /// behind the earlier layers' startup streams.
+    pub async fn fetch_index(
+        dir: &Path,
+        src: &LayerSource,
+        config: &FetchConfig,
+    ) -> Result<(), LayerError> {
+        let anchor = src
+            .anchor
+            .as_deref()
+            .map(anchor_bytes)
+            .transpose()
+            .map_err(|source| LayerError::BadIdentity {
+                digest: src.digest.clone(),
+                source,
+            })?;
+        load_index(dir, src, anchor.as_ref(), config)
+            .await
+            .map(drop)
     }
 
     /// Starts (or restarts, empty) recording what this layer's reads touch.
@@ -497,6 +528,10 @@ fn anchor_bytes(anchor: &str) -> Result<Sha256Digest, OciError> {
     Ok(out)
 }
 
+/// The longest index of any format version (version 2's entries are the
+/// longer ones).
+const MAX_INDEX_LEN: u64 = max_index_len(FORMAT_VERSION);
+
 /// The blob's tail (index + footer) from `dir/index` if it is valid for this
 /// blob and hashes to `anchor`, else from the sources (a source whose tail
 /// does not is rejected, and the next one asked); returns the index and the
@@ -532,6 +567,15 @@ async fn load_index(
         failures,
     };
     let tail_len = match src.index_location {
+        // Fetched whole before its footer can say how long it really is:
+        // a hostile descriptor must not make that a GiB.
+        Some((_, length)) if length > MAX_INDEX_LEN => {
+            return Err(LayerError::IndexTooLong {
+                digest: src.digest.clone(),
+                length,
+                max: MAX_INDEX_LEN,
+            })
+        }
         Some((offset, length)) => {
             let fits = offset
                 .checked_add(length)
@@ -658,6 +702,45 @@ mod tests {
             sources: vec![Arc::new(FileSource::open(name, path).unwrap())],
             diff_id: None,
         }
+    }
+
+    /// Counts what it is asked; serves nothing.
+    struct Counting(std::sync::atomic::AtomicU64);
+
+    #[async_trait]
+    impl ChunkSource for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+
+        async fn read_range(
+            &self,
+            range: std::ops::Range<u64>,
+        ) -> Result<crate::source::Answer, crate::source::SourceError> {
+            self.0
+                .fetch_add(range.end - range.start, std::sync::atomic::Ordering::SeqCst);
+            Err(crate::source::SourceError::Permanent("nothing here".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_index_longer_than_any_format_allows_is_never_asked_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let asked = Arc::new(Counting(Default::default()));
+        let length = 1 << 30;
+        let src = LayerSource {
+            digest: crate::oci::digest_of(b"the blob"),
+            anchor: Some(crate::oci::digest_of(b"an index")),
+            blob_size: 4096 + length + FOOTER_LEN,
+            index_location: Some((4096, length)),
+            sources: vec![asked.clone()],
+            diff_id: None,
+        };
+        let e = LazyLayer::fetch_index(tmp.path(), &src, &FetchConfig::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, LayerError::IndexTooLong { .. }), "{e}");
+        assert_eq!(asked.0.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -66,7 +66,7 @@ pub const ZSTD_LEVEL: i32 = 9;
 pub type Sha256Digest = [u8; 32];
 
 /// Length of one chunk table entry in `version`.
-pub fn entry_len(version: u32) -> u64 {
+pub const fn entry_len(version: u32) -> u64 {
     if version == FORMAT_V1 {
         48
     } else {
@@ -75,7 +75,7 @@ pub fn entry_len(version: u32) -> u64 {
 }
 
 /// The longest index `version` allows.
-pub fn max_index_len(version: u32) -> u64 {
+pub const fn max_index_len(version: u32) -> u64 {
     HEADER_LEN + entry_len(version) * MAX_CHUNKS
 }
 
