@@ -127,6 +127,19 @@ impl LayerManager {
 }
 
 impl LayerManager {
+    /// Fetches and verifies the index of a layer to be attached soon, into
+    /// its cache directory, where its attach finds it
+    /// ([`LazyLayer::fetch_index`]). Nothing else of the layer is touched.
+    pub async fn fetch_index(&self, src: LayerSource) -> Result<(), DeviceError> {
+        let id = src
+            .id()
+            .map_err(|e| DeviceError::BadDigest(e.to_string()))?;
+        let dir = self.config.cache_dir(&id.file_name());
+        LazyLayer::fetch_index(&dir, &src, &self.node.fetch)
+            .await
+            .map_err(DeviceError::from)
+    }
+
     /// Opens the layer's index and cache. While a resumed session is being
     /// restored, the previous daemon may still be exiting and hold the
     /// cache's lock: that is waited for, bounded.

@@ -173,6 +173,8 @@ struct LayerState {
     attached: BTreeMap<LayerId, (String, PathBuf)>,
     attaches: Vec<AttachCall>,
     detaches: Vec<LayerId>,
+    /// Blob digests whose index was fetched ahead.
+    index_fetches: Vec<String>,
     failing: Option<Failing>,
 }
 
@@ -200,6 +202,11 @@ impl FakeLayers {
 
     pub fn mountpoint_of(id: &LayerId) -> PathBuf {
         Path::new("/lazy").join(id.file_name())
+    }
+
+    /// Blob digests whose index was fetched ahead, in order.
+    pub fn index_fetches(&self) -> Vec<String> {
+        self.lock().index_fetches.clone()
     }
 
     /// Blob digests of the attached layers, sorted (one per identity).
@@ -269,6 +276,11 @@ impl LazyLayers for FakeLayers {
             .entry(id)
             .or_insert((source.digest, mountpoint.clone()));
         Ok(mountpoint)
+    }
+
+    async fn fetch_index(&self, source: LayerSource) -> Result<(), DeviceError> {
+        self.lock().index_fetches.push(source.digest);
+        Ok(())
     }
 
     async fn detach(&self, id: &LayerId) -> Result<(), DeviceError> {

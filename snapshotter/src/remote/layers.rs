@@ -28,6 +28,10 @@ pub trait LazyLayers: Send + Sync + 'static {
 
     async fn detach(&self, id: &LayerId) -> Result<(), DeviceError>;
 
+    /// Fetches and verifies the layer's index ahead of its attach, where
+    /// the attach finds it.
+    async fn fetch_index(&self, source: LayerSource) -> Result<(), DeviceError>;
+
     /// `(identity, EROFS mount)` of every attached layer.
     fn mountpoints(&self) -> Vec<(LayerId, PathBuf)>;
 
@@ -63,6 +67,10 @@ impl LazyLayers for LayerManager {
 
     async fn detach(&self, id: &LayerId) -> Result<(), DeviceError> {
         LayerManager::detach(self, id).await
+    }
+
+    async fn fetch_index(&self, source: LayerSource) -> Result<(), DeviceError> {
+        LayerManager::fetch_index(self, source).await
     }
 
     fn mountpoints(&self) -> Vec<(LayerId, PathBuf)> {

@@ -17,6 +17,7 @@
 //! needs from this node's layers ([`LayerManager`] in production), and
 //! [`ManifestSource`], where manifests come from (the image's registry).
 
+mod ahead;
 mod attaching;
 mod error;
 #[cfg(test)]
@@ -47,6 +48,8 @@ use crate::store::RemoteLayer;
 use crate::traces::{trace_key, Traces};
 use attaching::ATTACH_WAIT;
 
+#[cfg(test)]
+pub(crate) use ahead::MAX_LAYERS as MAX_LAYERS_AHEAD;
 pub use error::RemoteError;
 pub use layers::LazyLayers;
 pub use registry::{ManifestSource, RegistryManifests};
@@ -58,6 +61,7 @@ pub struct Remote<L = LayerManager> {
     /// Shared with the attaches running behind their Prepare.
     manager: Arc<L>,
     attaching: attaching::Attaching,
+    ahead: ahead::Ahead,
     /// For the registry client of each attached layer's chunk source.
     registry: RegistryConfig,
     /// Those clients, one per image (its manifest lookups use them too).
@@ -82,6 +86,7 @@ impl<L: LazyLayers> Remote<L> {
         Remote {
             manager: Arc::new(manager),
             attaching: attaching::Attaching::default(),
+            ahead: ahead::Ahead::default(),
             manifests: Box::new(RegistryManifests::new(registry.clone(), clients.clone())),
             registry,
             clients,
@@ -173,16 +178,64 @@ impl<L: LazyLayers> Remote<L> {
         };
         // The digests name files and URLs: refused here if malformed.
         LayerId::of(layer_digest, ann.index_digest.as_deref()).map_err(bad)?;
-        Ok(Some(RemoteLayer {
-            image_ref: image_ref.clone(),
-            digest: layer_digest.clone(),
-            blob_size,
-            index_offset: ann.index_offset,
-            index_length: ann.index_length,
-            image_size: ann.image_size,
-            anchor: ann.index_digest,
-            source_diff_id: Some(ann.source_diff_id),
-        }))
+        Ok(Some(remote_layer(image_ref, layer_digest, ann, blob_size)))
+    }
+
+    /// Starts fetching the indexes of the other lazybd layers of the image
+    /// whose layer `current` is being prepared (`crate::remote::ahead`),
+    /// once per image: from its manifest, named by digest in the labels.
+    /// Only helps: any failure leaves each layer to fetch its own index.
+    pub async fn fetch_indexes_ahead(
+        &self,
+        labels: &HashMap<String, String>,
+        current: &RemoteLayer,
+    ) {
+        let Some(manifest_digest) = labels.get(oci::labels::MANIFEST_DIGEST) else {
+            return;
+        };
+        if self.ahead.looked(manifest_digest) {
+            return;
+        }
+        let manifest = match self.manifest(&current.image_ref, manifest_digest).await {
+            Ok(m) => m,
+            Err(e) => {
+                info!("not fetching the indexes of the other layers ahead: {e}");
+                return;
+            }
+        };
+        let mut fetches: Vec<(LayerId, ahead::Fetch)> = Vec::new();
+        for desc in manifest.layers() {
+            let digest = desc.digest().to_string();
+            if desc.media_type().to_string() != MEDIA_LAZYBD_LAYER || digest == current.digest {
+                continue;
+            }
+            let no_annotations = HashMap::new();
+            let annotations = desc.annotations().as_ref().unwrap_or(&no_annotations);
+            let Ok(ann) = LazyLayerAnnotations::from_map(annotations) else {
+                continue;
+            };
+            let layer = remote_layer(&current.image_ref, &digest, ann, desc.size());
+            let Ok(id) = layer.id() else { continue };
+            if self.mountpoint(&id).is_some() || self.attaching.running(&id).is_some() {
+                continue;
+            }
+            let Ok(client) = self.client(&layer) else {
+                continue;
+            };
+            let (manager, source) = (
+                self.manager.clone(),
+                layer_source(&layer, &client, self.peer.as_ref()),
+            );
+            fetches.push((
+                id,
+                Box::pin(async move {
+                    if let Err(e) = manager.fetch_index(source).await {
+                        info!("fetching the index of layer {digest} ahead: {e}");
+                    }
+                }),
+            ));
+        }
+        self.ahead.start(manifest_digest, fetches);
     }
 
     /// The layer's annotations and blob size from the image's manifest.
@@ -240,7 +293,7 @@ impl<L: LazyLayers> Remote<L> {
         if self.attached_now(layer).is_some() {
             return Ok(());
         }
-        let verified = self.attaching(layer)?.verified;
+        let verified = self.attaching(layer).await?.verified;
         match tokio::time::timeout(ATTACH_WAIT, verified).await {
             Ok(verified) => verified.map_err(RemoteError::Shared),
             Err(_) => Err(not_within(layer)),
@@ -254,7 +307,7 @@ impl<L: LazyLayers> Remote<L> {
         if let Some(m) = self.attached_now(layer) {
             return Ok(m);
         }
-        let attached = self.attaching(layer)?.attached;
+        let attached = self.attaching(layer).await?.attached;
         info!("waiting for layer {} to attach", layer.digest);
         match tokio::time::timeout(ATTACH_WAIT, attached).await {
             Ok(attached) => attached.map_err(RemoteError::Shared),
@@ -266,13 +319,17 @@ impl<L: LazyLayers> Remote<L> {
         self.mountpoint(&layer.id().ok()?)
     }
 
-    /// The running attach of the layer, or one started now.
-    fn attaching(&self, layer: &RemoteLayer) -> Result<attaching::Attach, RemoteError> {
+    /// The running attach of the layer, or one started now (after the
+    /// fetch of its index ahead, if one runs: it leaves the index on disk).
+    async fn attaching(&self, layer: &RemoteLayer) -> Result<attaching::Attach, RemoteError> {
         let id = layer.id().map_err(|source| RemoteError::BadAnnotations {
             image_ref: layer.image_ref.clone(),
             layer: layer.digest.clone(),
             source,
         })?;
+        if self.attaching.running(&id).is_none() {
+            let _ = tokio::time::timeout(ATTACH_WAIT, self.ahead.wait(&id)).await;
+        }
         let client = self.client(layer)?;
         let (manager, peer, layer) = (self.manager.clone(), self.peer.clone(), layer.clone());
         Ok(self.attaching.start(&id, move |verified| async move {
@@ -280,8 +337,10 @@ impl<L: LazyLayers> Remote<L> {
         }))
     }
 
-    /// Waits for the attaches running behind their Prepares.
+    /// Waits for the attaches running behind their Prepares and the index
+    /// fetches ahead of theirs.
     pub async fn settle(&self) {
+        self.ahead.settle().await;
         self.attaching.settle().await;
     }
 
@@ -443,10 +502,8 @@ fn not_within(layer: &RemoteLayer) -> RemoteError {
     }
 }
 
-/// Attaches `layer` through `manager`, with its chunk sources (this node's
-/// P2P parent and ancestors, the super node, the registry:
-/// `registry_chain`), and serves it to peers. Sends on `verified` once
-/// its index is verified.
+/// Attaches `layer` through `manager` and serves it to peers. Sends on
+/// `verified` once its index is verified.
 async fn attach_layer<L: LazyLayers>(
     manager: &L,
     client: Arc<RegistryClient>,
@@ -455,23 +512,7 @@ async fn attach_layer<L: LazyLayers>(
     verified: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<PathBuf, RemoteError> {
     let mountpoint = manager
-        .attach(
-            LayerSource {
-                digest: layer.digest.clone(),
-                anchor: layer.anchor.clone(),
-                blob_size: layer.blob_size,
-                index_location: Some((layer.index_offset, layer.index_length)),
-                sources: registry_chain(
-                    &client,
-                    peer.as_ref(),
-                    &layer.digest,
-                    layer.anchor.as_deref(),
-                    layer.blob_size,
-                ),
-                diff_id: layer.source_diff_id.clone(),
-            },
-            verified,
-        )
+        .attach(layer_source(&layer, &client, peer.as_ref()), verified)
         .await
         .map_err(|source| RemoteError::Attach {
             digest: layer.digest.clone(),
@@ -486,4 +527,48 @@ async fn attach_layer<L: LazyLayers>(
         peer.serve_layer(l, origin).await;
     }
     Ok(mountpoint)
+}
+
+/// What the blockdev layer manager needs of `layer`: its chunk sources are
+/// this node's P2P parent and ancestors, the super node, the registry
+/// (`registry_chain`).
+fn layer_source(
+    layer: &RemoteLayer,
+    client: &Arc<RegistryClient>,
+    peer: Option<&Arc<PeerNode>>,
+) -> LayerSource {
+    LayerSource {
+        digest: layer.digest.clone(),
+        anchor: layer.anchor.clone(),
+        blob_size: layer.blob_size,
+        index_location: Some((layer.index_offset, layer.index_length)),
+        sources: registry_chain(
+            client,
+            peer,
+            &layer.digest,
+            layer.anchor.as_deref(),
+            layer.blob_size,
+        ),
+        diff_id: layer.source_diff_id.clone(),
+    }
+}
+
+/// The layer `digest` of `image_ref`, as its descriptor's annotations
+/// describe it.
+fn remote_layer(
+    image_ref: &str,
+    digest: &str,
+    ann: LazyLayerAnnotations,
+    blob_size: u64,
+) -> RemoteLayer {
+    RemoteLayer {
+        image_ref: image_ref.to_owned(),
+        digest: digest.to_owned(),
+        blob_size,
+        index_offset: ann.index_offset,
+        index_length: ann.index_length,
+        image_size: ann.image_size,
+        anchor: ann.index_digest,
+        source_diff_id: Some(ann.source_diff_id),
+    }
 }

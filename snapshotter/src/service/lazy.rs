@@ -40,7 +40,23 @@ impl<L: LazyLayers> LazySnapshotter<L> {
         };
         let parent_chain = self.chain_id(parent.as_deref())?;
         self.remote.admit(&layer, target, parent_chain.as_deref())?;
-        self.remote.attach_verified(&layer).await?;
+        // The image's other layers' indexes are fetched meanwhile, for
+        // their Prepares; given up (they fetch their own) if this layer is
+        // verified first.
+        let verified = self.remote.attach_verified(&layer);
+        let ahead = self.remote.fetch_indexes_ahead(labels, &layer);
+        tokio::pin!(verified, ahead);
+        let looked_ahead = tokio::select! {
+            // The look ahead first: on a quiet link its manifest answers
+            // before the index is verified.
+            biased;
+            () = &mut ahead => None,
+            r = &mut verified => Some(r),
+        };
+        match looked_ahead {
+            Some(r) => r?,
+            None => verified.await?,
+        }
         let now = SystemTime::now();
         let made = self.store.create(target, |id| Record {
             id,

@@ -14,7 +14,7 @@ use crate::error::SnapshotError;
 use crate::remote::fake::{
     self, anchor_of, chain, digest, id_of, Failing, FakeLayers, FakeManifests, IMAGE,
 };
-use crate::remote::{Remote, RemoteError};
+use crate::remote::{Remote, RemoteError, MAX_LAYERS_AHEAD as MAX_LAYERS};
 use crate::store::RemoteLayer;
 
 async fn open(
@@ -92,6 +92,9 @@ async fn a_lazy_layer_is_committed_as_the_target_with_a_remote_record() {
 
     let r = prepare_layer(&s, &m, &l1, "", &c[0]).await;
     assert_eq!(already_exists(r), c[0]);
+    // The image's other lazybd layer gets its index meanwhile (not L3, a
+    // gzip layer), for its own Prepare to find on disk.
+    assert_eq!(s.remote().manager().index_fetches(), std::slice::from_ref(&l2));
     let info = s.stat(c[0].clone()).await.unwrap();
     assert_eq!(info.kind, InfoKind::Committed);
     assert_eq!(info.parent, "");
@@ -121,6 +124,7 @@ async fn a_lazy_layer_is_committed_as_the_target_with_a_remote_record() {
     assert_eq!(s.stat(c[1].clone()).await.unwrap().parent, c[0]);
     assert_eq!(s.remote().manager().attached(), [l1.as_str(), l2.as_str()]);
     assert_eq!(manifests.fetches(), 1);
+    assert_eq!(s.remote().manager().index_fetches(), std::slice::from_ref(&l2), "once");
     // Every attach is bound to the anchor on the layer's descriptor.
     let anchors: Vec<_> = s
         .remote()
@@ -151,13 +155,13 @@ async fn a_lazy_layer_is_committed_as_the_target_with_a_remote_record() {
 }
 
 #[tokio::test]
-async fn a_prepare_with_the_layers_labels_fetches_no_manifest() {
+async fn a_prepare_with_the_layers_labels_needs_no_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let manifests = FakeManifests::default();
     let s = open(dir.path(), &manifests, FakeLayers::default()).await;
     let (l1, l2) = (digest(1), digest(2));
     let c = chain(&[&l1, &l2]);
-    // Not even the manifest's digest is known to the fake: it is never asked.
+    // Not even the manifest's digest is known to the fake.
     let m = digest(0xa0);
     for (layer, parent, target) in [(&l1, "", &c[0]), (&l2, c[0].as_str(), &c[1])] {
         let r = s
@@ -170,11 +174,36 @@ async fn a_prepare_with_the_layers_labels_fetches_no_manifest() {
         assert_eq!(already_exists(r), *target);
     }
     s.remote().settle().await;
-    assert_eq!(manifests.fetches(), 0);
+    // Asked for only to fetch the other layers' indexes ahead, which each
+    // Prepare gives up when the manifest cannot be had.
+    assert_eq!(manifests.fetches(), 2);
+    assert!(s.remote().manager().index_fetches().is_empty());
     let record = s.store.require(&c[1]).unwrap().remote.unwrap();
     assert_eq!(record.anchor, Some(anchor_of(&l2)));
     assert_eq!(record.blob_size, 4096 + 112 + 64);
     assert_eq!(s.remote().manager().attached(), [l1.as_str(), l2.as_str()]);
+}
+
+#[tokio::test]
+async fn indexes_fetched_ahead_are_bounded_per_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = FakeManifests::default();
+    // Anyone's manifest may list many layers.
+    let m = digest(0xa9);
+    let layers: Vec<String> = (1..=MAX_LAYERS as u8 + 4).map(digest).collect();
+    let descriptors: Vec<_> = layers
+        .iter()
+        .map(|l| fake::lazy_layer(l, 1 << 20))
+        .collect();
+    manifests.insert(&m, fake::manifest(&descriptors));
+    let s = open(dir.path(), &manifests, FakeLayers::default()).await;
+    let c = chain(&[&layers[0]]);
+    already_exists(prepare_layer(&s, &m, &layers[0], "", &c[0]).await);
+    assert_eq!(
+        s.remote().manager().index_fetches(),
+        layers[1..=MAX_LAYERS],
+        "the next layers, in order, no more"
+    );
 }
 
 #[tokio::test]
