@@ -256,6 +256,14 @@ impl BoundedClient {
 
     /// [`send`](Self::send), with the response whatever its status (a 401
     /// after the token was renewed included).
+    ///
+    /// Without credentials the first request goes out as is, not after a
+    /// `GET /v2/` asking how to authorize: a registry that serves anyone
+    /// answers it, and one that wants a token says so in its 401, whose
+    /// challenge is then followed. That saves a round trip per image (per
+    /// pull, and per image at its first Prepare in the snapshotter).
+    /// With credentials the ping stays: they go only where the registry's
+    /// challenge says, never with a request that did not ask for them.
     pub(super) async fn send_any(
         &self,
         target: &Target<'_>,
@@ -266,22 +274,46 @@ impl BoundedClient {
         let auth = target.auth;
         let mut renewed = false;
         loop {
-            let authorization = self.authorization(target, access, what).await?;
+            let cached = self.slot(access).lock().await.clone();
+            let authorization = match (cached, auth) {
+                (Some(a), _) => Some(a),
+                (None, RegistryAuth::Anonymous) => None,
+                (None, _) => Some(self.authorization(target, access, what).await?),
+            };
             let request = build(&self.http)?;
             let request = match (&authorization, auth) {
-                (Authorization::Bearer(token), _) => {
+                (Some(Authorization::Bearer(token)), _) => {
                     request.header(AUTHORIZATION, format!("Bearer {token}"))
                 }
-                (Authorization::Basic, RegistryAuth::Basic(user, password)) => {
+                (Some(Authorization::Basic), RegistryAuth::Basic(user, password)) => {
                     request.basic_auth(user, Some(password))
                 }
-                (Authorization::Basic, _) => request,
+                _ => request,
             };
             let response = request.send().await.map_err(|e| transport(what, e))?;
             if response.status() == StatusCode::UNAUTHORIZED && !renewed {
                 renewed = true;
-                *self.slot(access).lock().await = None;
+                let challenge = response
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(bearer_challenge);
+                drop(response);
+                let renewal = match challenge {
+                    Some(challenge) => Some(
+                        self.token_within_deadline(target, access, what, &challenge)
+                            .await?,
+                    ),
+                    None => None,
+                };
+                *self.slot(access).lock().await = renewal;
                 continue;
+            }
+            if authorization.is_none() && response.status() != StatusCode::UNAUTHORIZED {
+                // Served without a token: so are the next requests.
+                self.slot(access)
+                    .lock()
+                    .await
+                    .get_or_insert(Authorization::Basic);
             }
             return Ok(response);
         }
@@ -304,10 +336,7 @@ impl BoundedClient {
         let what = format!("{what}: authorizing");
         let a = tokio::time::timeout(REQUEST_DEADLINE, self.authorize(target, access, &what))
             .await
-            .map_err(|_| RegistryError::Transient {
-                what: what.clone(),
-                message: format!("no token within {REQUEST_DEADLINE:?}"),
-            })??;
+            .map_err(|_| no_token(&what))??;
         *cached = Some(a.clone());
         Ok(a)
     }
@@ -342,6 +371,35 @@ impl BoundedClient {
             return Ok(Authorization::Basic);
         };
         drop(ping);
+        self.token(target, access, what, &challenge).await
+    }
+
+    /// [`token`](Self::token) within the deadline of one request.
+    async fn token_within_deadline(
+        &self,
+        target: &Target<'_>,
+        access: Access,
+        what: &str,
+        challenge: &BearerChallenge,
+    ) -> Result<Authorization, RegistryError> {
+        let what = format!("{what}: authorizing");
+        tokio::time::timeout(
+            REQUEST_DEADLINE,
+            self.token(target, access, &what, challenge),
+        )
+        .await
+        .map_err(|_| no_token(&what))?
+    }
+
+    /// A token for `access` to the repository from the service the
+    /// challenge names, asked with the credentials, if any, as basic auth.
+    async fn token(
+        &self,
+        target: &Target<'_>,
+        access: Access,
+        what: &str,
+        challenge: &BearerChallenge,
+    ) -> Result<Authorization, RegistryError> {
         let mut url =
             reqwest::Url::parse(&challenge.realm).map_err(|e| RegistryError::Permanent {
                 what: what.to_owned(),
@@ -373,6 +431,13 @@ impl BoundedClient {
                 what: what.to_owned(),
                 message: "the token service answered no token".into(),
             })
+    }
+}
+
+fn no_token(what: &str) -> RegistryError {
+    RegistryError::Transient {
+        what: what.to_owned(),
+        message: format!("no token within {REQUEST_DEADLINE:?}"),
     }
 }
 

@@ -50,6 +50,8 @@ impl Lie {
 struct Seen {
     requests: AtomicU64,
     bytes_sent: AtomicU64,
+    /// `GET /v2/`: asking how to authorize.
+    pings: AtomicU64,
 }
 
 /// Serves `lie` for every manifest request on 127.0.0.1 (token lies: for
@@ -76,6 +78,9 @@ async fn lying_registry(lie: Lie) -> (String, Arc<Seen>) {
                     }
                 }
                 let head = String::from_utf8_lossy(&head);
+                if head.starts_with("GET /v2/ ") {
+                    seen.pings.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Lie::UploadElsewhere = lie {
                     let answer = if head.starts_with("HEAD ") {
                         "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
@@ -93,7 +98,10 @@ async fn lying_registry(lie: Lie) -> (String, Arc<Seen>) {
                         .await;
                     return;
                 }
-                if lie.about_tokens() && head.starts_with("GET /v2/ ") {
+                // As a token registry does: every API request without a
+                // token is challenged (the ping and an anonymous first try).
+                let authorized = head.to_ascii_lowercase().contains("\r\nauthorization:");
+                if lie.about_tokens() && head.contains(" /v2/") && !authorized {
                     let challenge = format!(
                         "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer \
                          realm=\"http://{addr}/token\",service=\"lying\"\r\n\
@@ -281,6 +289,20 @@ async fn an_endless_token_answer_is_cut_off_and_not_asked_again() {
     let sent = seen.bytes_sent.load(Ordering::Relaxed);
     assert!(sent < 16 << 20, "read {} MiB of a token", sent >> 20);
     assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_the_first_request_is_not_preceded_by_a_ping() {
+    // A registry serving anyone: asked directly.
+    let (addr, seen) = lying_registry(Lie::EndlessManifest).await;
+    let _ = client(&addr).manifest().await;
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(seen.pings.load(Ordering::Relaxed), 0);
+    // A token registry: its 401 says where the token comes from.
+    let (addr, seen) = lying_registry(Lie::EndlessToken).await;
+    let _ = client(&addr).manifest().await;
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1, "one token request");
+    assert_eq!(seen.pings.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
