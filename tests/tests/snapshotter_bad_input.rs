@@ -254,7 +254,7 @@ async fn a_corrupt_lazybd_index_falls_back_to_the_normal_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
+async fn a_registry_down_during_a_pull_fails_within_the_deadline_and_says_why() {
     require_root!();
     let (tmp, mut registry, img) = registry_with_lazy_rich();
     let t = tmp.path();
@@ -264,7 +264,8 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
     );
     let mut c = daemon.client().await;
 
-    // Layer 0 attaches (and the manifest is cached) while the registry is up.
+    // Layer 0 attaches while the registry is up; the manifest is cached
+    // and the other layers' indexes are fetched ahead, onto the disk.
     let chains = img.chain_ids();
     let e = prepare(
         &mut c,
@@ -275,21 +276,40 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
     .await
     .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}\n{}", daemon.log());
+    daemon.control(&serde_json::json!({"op": "layers"}));
+    let index_ahead = daemon
+        .root
+        .join("lazy/layers")
+        .join(img.anchors[1].replace(':', "-"))
+        .join("index");
+    assert!(index_ahead.exists(), "{}", daemon.log());
 
     registry.stop();
-    // Layer 1: the manifest is cached, its index cannot be fetched; the
-    // attach gives up at read_deadline_secs.
-    let mounts = prepare(
+    // Layer 1: its index, fetched ahead, is verified and it is committed;
+    // what it needs next (the superblock) cannot be fetched, so the
+    // container on it gets Unavailable, with the reason, at the deadline.
+    let e = prepare(
         &mut c,
         "extract-1",
         &chains[0],
         cri_labels(&img.image, &img.manifest, &img.layers[1], &chains[1]),
     )
     .await
-    .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
-    assert_eq!(mounts[0].r#type, "overlay", "{mounts:?}");
-    assert!(layer_paths(&daemon.root, &img.anchors[1]).is_empty());
-    // A manifest not cached: its fetch fails on the refused connection.
+    .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}\n{}", daemon.log());
+    let e = prepare(&mut c, "ctr", &chains[1], HashMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}\n{}", daemon.log());
+    assert!(
+        e.message().contains(&img.layers[1]) && e.message().contains("not attached"),
+        "{e:?}"
+    );
+    assert!(layer_paths(&daemon.root, &img.anchors[1])
+        .iter()
+        .all(|p| !p.starts_with(daemon.root.join("lazy/mnt"))));
+    // A manifest not cached: its fetch fails on the refused connection, and
+    // the Prepare falls back to unpacking.
     let other = format!("sha256:{}", "0".repeat(64));
     let mounts = prepare(
         &mut c,
@@ -300,21 +320,18 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
     .await
     .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
     assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
-    assert!(layer_paths(&daemon.root, &img.anchors[2]).is_empty());
-
     let log = daemon.log();
-    for target in [chains[1].as_str(), "chain-other"] {
-        assert!(
-            log.lines().any(|l| l.contains(&format!(
-                "{target}: not attached lazily, unpacking normally"
-            )) && l.contains(&registry.host())),
-            "{target}: the log says why, naming the registry:\n{log}"
-        );
-        assert_eq!(
-            stat(&mut c, target).await.unwrap_err().code(),
-            Code::NotFound
-        );
-    }
+    assert!(
+        log.lines().any(
+            |l| l.contains("chain-other: not attached lazily, unpacking normally")
+                && l.contains(&registry.host())
+        ),
+        "the log says why, naming the registry:\n{log}"
+    );
+    assert_eq!(
+        stat(&mut c, "chain-other").await.unwrap_err().code(),
+        Code::NotFound
+    );
     // Only layer 0 is attached.
     let attached = daemon.control(&serde_json::json!({"op": "layers"}));
     let attached: Vec<&str> = attached["layers"]
@@ -324,11 +341,14 @@ async fn a_registry_down_during_prepare_falls_back_within_the_deadline() {
         .map(|l| l["digest"].as_str().unwrap())
         .collect();
     assert_eq!(attached, [img.layers[0].as_str()]);
-    assert_eq!(
-        list_all(&mut c).await,
-        ["extract-1", "extract-other", chains[0].as_str()]
-    );
-    for key in ["extract-1", "extract-other", chains[0].as_str()] {
+    let mut made = vec![
+        chains[1].clone(),
+        "extract-other".to_owned(),
+        chains[0].clone(),
+    ];
+    made.sort();
+    assert_eq!(list_all(&mut c).await, made);
+    for key in [chains[1].as_str(), "extract-other", chains[0].as_str()] {
         remove(&mut c, key).await.unwrap();
     }
     assert_eq!(snapshot_dirs(&daemon.root), 0);
