@@ -113,12 +113,6 @@ async fn pull(args: Args) -> Result<()> {
         let chains = chain_ids(&diff_ids);
         let top_chain = chains.last().context("the image has no layers")?;
         let snapshot_gc = format!("containerd.io/gc.ref.snapshot.{}", args.snapshotter);
-        ctd.write(
-            &config,
-            config_desc.digest().as_ref(),
-            HashMap::from([(snapshot_gc, top_chain.clone())]),
-        )
-        .await?;
         let mut refs = HashMap::from([(
             "containerd.io/gc.ref.content.config".to_string(),
             config_desc.digest().to_string(),
@@ -129,15 +123,26 @@ async fn pull(args: Args) -> Result<()> {
                 l.digest().to_string(),
             );
         }
-        ctd.write(&docs.manifest_bytes, &docs.manifest_digest, refs)
-            .await?;
-        if docs.top.2 != docs.manifest_digest {
+        // The lease holds each until the image does: no order among them.
+        let index = async {
+            if docs.top.2 == docs.manifest_digest {
+                return Ok(());
+            }
             let refs = HashMap::from([(
                 "containerd.io/gc.ref.content.m.0".to_string(),
                 docs.manifest_digest.clone(),
             )]);
-            ctd.write(&docs.top.0, &docs.top.2, refs).await?;
-        }
+            ctd.write(&docs.top.0, &docs.top.2, refs).await
+        };
+        tokio::try_join!(
+            ctd.write(
+                &config,
+                config_desc.digest().as_ref(),
+                HashMap::from([(snapshot_gc, top_chain.clone())]),
+            ),
+            ctd.write(&docs.manifest_bytes, &docs.manifest_digest, refs),
+            index,
+        )?;
         let mut counts = [0usize; 3];
         for (i, layer) in docs.manifest.layers().iter().enumerate() {
             let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
