@@ -336,7 +336,8 @@ measure() {
 
 # Where a lazybd cold start's time went, from the pull's wall time and the
 # snapshotter's counters (docs/snapshotter.md#metrics): the pull (every
-# Prepare, which attaches the layers: index, then FUSE file, loop, EROFS),
+# Prepare, which waits for its layer's index; FUSE file, loop and EROFS
+# finish behind it),
 # then the container until "ready", and in it the time reads waited for
 # fetches (the read latency sum; reads after "ready" count too).
 breakdown() {

@@ -88,9 +88,10 @@ def breakdown_table(rows, order):
     if not out:
         return ""
     return render(["image", "link", "mode"] + BREAKDOWN_COLUMNS, out) + (
-        "\nMedians. pull: `lazybd pull` (every Prepare; in it, attaching the layers: index "
-        "= reading and checking each index and opening its cache, then the FUSE file, loop "
-        "device and EROFS mount); container: from the pull to \"ready\"; reads waiting: the "
+        "\nMedians. pull: `lazybd pull` (every Prepare, which waits for its layer's index: "
+        "index = reading and checking each index and opening its cache, summed over the "
+        "layers; the FUSE file, loop device and EROFS mount finish behind the Prepare, summed "
+        "too); container: from the pull to \"ready\"; reads waiting: the "
         "time all reads spent waiting for fetches (the snapshotter's read latency sum, whole "
         "run); misses: chunks reads waited for; registry requests: range requests sent to "
         "the registry.\n"
