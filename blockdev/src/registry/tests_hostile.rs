@@ -301,7 +301,11 @@ async fn without_credentials_the_first_request_is_not_preceded_by_a_ping() {
     // A token registry: its 401 says where the token comes from.
     let (addr, seen) = lying_registry(Lie::EndlessToken).await;
     let _ = client(&addr).manifest().await;
-    assert_eq!(seen.requests.load(Ordering::Relaxed), 1, "one token request");
+    assert_eq!(
+        seen.requests.load(Ordering::Relaxed),
+        1,
+        "one token request"
+    );
     assert_eq!(seen.pings.load(Ordering::Relaxed), 0);
 }
 

@@ -216,7 +216,8 @@ impl<L: LazyLayers> Remote<L> {
             };
             let layer = remote_layer(&current.image_ref, &digest, ann, desc.size());
             let Ok(id) = layer.id() else { continue };
-            if self.mountpoint(&id).is_some() || self.attaching.running(&id).is_some() {
+            let refused = layer.anchor.is_none() && !self.allow_unanchored;
+            if refused || self.mountpoint(&id).is_some() || self.attaching.running(&id).is_some() {
                 continue;
             }
             let Ok(client) = self.client(&layer) else {

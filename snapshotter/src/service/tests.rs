@@ -94,7 +94,10 @@ async fn a_lazy_layer_is_committed_as_the_target_with_a_remote_record() {
     assert_eq!(already_exists(r), c[0]);
     // The image's other lazybd layer gets its index meanwhile (not L3, a
     // gzip layer), for its own Prepare to find on disk.
-    assert_eq!(s.remote().manager().index_fetches(), std::slice::from_ref(&l2));
+    assert_eq!(
+        s.remote().manager().index_fetches(),
+        std::slice::from_ref(&l2)
+    );
     let info = s.stat(c[0].clone()).await.unwrap();
     assert_eq!(info.kind, InfoKind::Committed);
     assert_eq!(info.parent, "");
@@ -124,7 +127,11 @@ async fn a_lazy_layer_is_committed_as_the_target_with_a_remote_record() {
     assert_eq!(s.stat(c[1].clone()).await.unwrap().parent, c[0]);
     assert_eq!(s.remote().manager().attached(), [l1.as_str(), l2.as_str()]);
     assert_eq!(manifests.fetches(), 1);
-    assert_eq!(s.remote().manager().index_fetches(), std::slice::from_ref(&l2), "once");
+    assert_eq!(
+        s.remote().manager().index_fetches(),
+        std::slice::from_ref(&l2),
+        "once"
+    );
     // Every attach is bound to the anchor on the layer's descriptor.
     let anchors: Vec<_> = s
         .remote()
