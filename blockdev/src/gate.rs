@@ -14,10 +14,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PriorityGate {
+    /// One startup stream at a time, in the order the layers attached: an
+    /// image's layers attach in quick succession, and streams sharing a
+    /// slow link would each deliver what the container reads first later.
+    startup: Semaphore,
     demand_active: AtomicUsize,
     /// Prefetch jobs running (for the "demand while prefetching" counter).
     jobs_active: AtomicUsize,
@@ -27,9 +31,32 @@ pub struct PriorityGate {
     idle: Notify,
 }
 
+impl Default for PriorityGate {
+    fn default() -> Self {
+        PriorityGate {
+            startup: Semaphore::new(1),
+            demand_active: AtomicUsize::new(0),
+            jobs_active: AtomicUsize::new(0),
+            replays_active: AtomicUsize::new(0),
+            idle: Notify::new(),
+        }
+    }
+}
+
 impl PriorityGate {
     pub fn new() -> Arc<Self> {
         Arc::default()
+    }
+
+    /// Waits, at most `limit`, until the startup streams that began
+    /// earlier on this node have ended; the turn lasts as long as the
+    /// guard. `None` after `limit`: the stream goes ahead anyway, so one
+    /// that a slow source drags out holds the others back only so long.
+    pub async fn startup_turn(&self, limit: Duration) -> Option<SemaphorePermit<'_>> {
+        tokio::time::timeout(limit, self.startup.acquire())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Marks an on-demand fetch as running until the guard is dropped.
@@ -143,6 +170,23 @@ mod tests {
         assert!(!waiter.is_finished(), "one demand fetch still runs");
         drop(b);
         assert_eq!(waiter.await.unwrap(), (true, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn startup_streams_take_turns_and_wait_only_so_long() {
+        let gate = PriorityGate::new();
+        let first = gate.startup_turn(Duration::from_secs(5)).await;
+        assert!(first.is_some());
+        let g = gate.clone();
+        let second =
+            tokio::spawn(async move { g.startup_turn(Duration::from_secs(5)).await.is_some() });
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished(), "the first stream still runs");
+        drop(first);
+        assert!(second.await.unwrap(), "its turn once the first ended");
+        // A stream that never ends holds the next one back for the limit.
+        let _stuck = gate.startup_turn(Duration::from_secs(5)).await;
+        assert!(gate.startup_turn(Duration::from_secs(5)).await.is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -36,6 +37,11 @@ const REPLAY_GAP_UNKNOWN: u64 = 16 << 10;
 /// The largest gap a replay fills, however fast the link: beyond this the
 /// bytes a gap costs are better spent by the full prefetch.
 const REPLAY_GAP_MAX: u64 = 1 << 20;
+
+/// How long a startup stream waits for the node's earlier ones
+/// ([`PriorityGate::startup_turn`](crate::gate::PriorityGate::startup_turn)):
+/// at 100 Mbit/s, 60 MB of them. Readers meanwhile fetch what they need.
+const STARTUP_TURN_WAIT: Duration = Duration::from_secs(5);
 
 /// How a stream cuts its chunks into ranges and sends them.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +84,8 @@ impl ChunkFetcher {
         };
         Some(tokio::spawn(async move {
             let _demand = demand;
+            let gate = fetcher.gate.clone();
+            let _turn = gate.startup_turn(STARTUP_TURN_WAIT).await;
             fetcher.stream(&missing, plan).await;
         }))
     }
