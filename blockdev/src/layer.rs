@@ -161,15 +161,7 @@ impl LazyLayer {
             digest: src.digest.clone(),
             source,
         })?;
-        let anchor = src
-            .anchor
-            .as_deref()
-            .map(anchor_bytes)
-            .transpose()
-            .map_err(|source| LayerError::BadIdentity {
-                digest: src.digest.clone(),
-                source,
-            })?;
+        let anchor = anchor_of(&src)?;
         let (index, index_digest) = load_index(dir, &src, anchor.as_ref(), &config).await?;
         let index = Arc::new(index);
         // Opening reads the bitmap file: not on the async threads.
@@ -241,15 +233,7 @@ impl LazyLayer {
         src: &LayerSource,
         config: &FetchConfig,
     ) -> Result<(), LayerError> {
-        let anchor = src
-            .anchor
-            .as_deref()
-            .map(anchor_bytes)
-            .transpose()
-            .map_err(|source| LayerError::BadIdentity {
-                digest: src.digest.clone(),
-                source,
-            })?;
+        let anchor = anchor_of(src)?;
         load_index(dir, src, anchor.as_ref(), config)
             .await
             .map(drop)
@@ -521,6 +505,18 @@ impl ServedLayer for LazyLayer {
 }
 
 /// The anchor's 32 bytes.
+/// The layer's anchor as bytes (`None`: an unanchored layer).
+fn anchor_of(src: &LayerSource) -> Result<Option<Sha256Digest>, LayerError> {
+    src.anchor
+        .as_deref()
+        .map(anchor_bytes)
+        .transpose()
+        .map_err(|source| LayerError::BadIdentity {
+            digest: src.digest.clone(),
+            source,
+        })
+}
+
 fn anchor_bytes(anchor: &str) -> Result<Sha256Digest, OciError> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(digest_hex(anchor)?, &mut out)

@@ -37,15 +37,12 @@ pub fn client_config(
             extra_roots.push(cert.map_err(|e| bad_config(format!("a CA certificate: {e}")))?);
         }
     }
-    let verifier: Arc<dyn ServerCertVerifier> = if skip_verify {
-        Arc::new(Unverified(provider.clone()))
-    } else {
-        Arc::new(LazyRoots {
-            extra: extra_roots,
-            provider: provider.clone(),
-            verifier: OnceLock::new(),
-        })
-    };
+    let verifier = Arc::new(LazyRoots {
+        extra: extra_roots,
+        skip_verify,
+        provider: provider.clone(),
+        verifier: OnceLock::new(),
+    });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad_config(e.to_string()))?
@@ -77,10 +74,13 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
 }
 
 /// WebPKI verification against the system's roots and the extra ones,
-/// built on the first certificate to check.
+/// built on the first certificate to check; with `skip_verify`, any
+/// certificate is accepted (the handshake's signatures are still checked,
+/// so the session is with the certificate's key).
 #[derive(Debug)]
 struct LazyRoots {
     extra: Vec<CertificateDer<'static>>,
+    skip_verify: bool,
     provider: Arc<CryptoProvider>,
     verifier: OnceLock<Result<Arc<WebPkiServerVerifier>, rustls::Error>>,
 }
@@ -118,6 +118,9 @@ impl ServerCertVerifier for LazyRoots {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.skip_verify {
+            return Ok(ServerCertVerified::assertion());
+        }
         self.verifier()?.verify_server_cert(
             end_entity,
             intermediates,
@@ -162,62 +165,12 @@ impl ServerCertVerifier for LazyRoots {
     }
 }
 
-/// `skip_verify`: any certificate is accepted (the handshake's signatures
-/// are still checked, so the session is with the certificate's key).
-#[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_config_costs_no_system_roots_until_a_certificate_is_checked() {
+    fn extra_roots_are_parsed_when_the_client_is_built() {
         let config = client_config(&[], false).unwrap();
         assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
         let e = client_config(
