@@ -22,7 +22,7 @@ use super::undo::Undo;
 use super::{AttachStep, DeviceError, LayerManager, NodeConfig};
 use crate::cache::CacheError;
 use crate::layer::{LayerError, LayerSource, LazyLayer};
-use crate::oci::OciError;
+use crate::oci::{LayerId, OciError};
 
 impl LayerManager {
     /// Attaches the layer (idempotent: a layer already attached with the
@@ -41,10 +41,7 @@ impl LayerManager {
         src: LayerSource,
         opened: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<AttachedLayer, DeviceError> {
-        let id = src.id().map_err(|e| match e {
-            OciError::BadDigest(d) => DeviceError::BadDigest(d),
-            other => DeviceError::BadDigest(other.to_string()),
-        })?;
+        let id = layer_id(&src)?;
         let digest = src.digest.clone();
         let report = move || {
             if let Some(tx) = opened {
@@ -131,10 +128,7 @@ impl LayerManager {
     /// its cache directory, where its attach finds it
     /// ([`LazyLayer::fetch_index`]). Nothing else of the layer is touched.
     pub async fn fetch_index(&self, src: LayerSource) -> Result<(), DeviceError> {
-        let id = src
-            .id()
-            .map_err(|e| DeviceError::BadDigest(e.to_string()))?;
-        let dir = self.config.cache_dir(&id.file_name());
+        let dir = self.config.cache_dir(&layer_id(&src)?.file_name());
         LazyLayer::fetch_index(&dir, &src, &self.node.fetch)
             .await
             .map_err(DeviceError::from)
@@ -189,6 +183,14 @@ impl LayerManager {
             }
         });
     }
+}
+
+/// The layer's identity, or why its digests name none.
+fn layer_id(src: &LayerSource) -> Result<LayerId, DeviceError> {
+    src.id().map_err(|e| match e {
+        OciError::BadDigest(d) => DeviceError::BadDigest(d),
+        other => DeviceError::BadDigest(other.to_string()),
+    })
 }
 
 /// How long an attach during a restore waits for the previous daemon to

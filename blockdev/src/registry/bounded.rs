@@ -299,10 +299,11 @@ impl BoundedClient {
                     .and_then(bearer_challenge);
                 drop(response);
                 let renewal = match challenge {
-                    Some(challenge) => Some(
-                        self.token_within_deadline(target, access, what, &challenge)
-                            .await?,
-                    ),
+                    Some(challenge) => {
+                        let what = format!("{what}: authorizing");
+                        let token = self.token(target, access, &what, &challenge);
+                        Some(within_deadline(&what, token).await?)
+                    }
                     None => None,
                 };
                 *self.slot(access).lock().await = renewal;
@@ -334,9 +335,7 @@ impl BoundedClient {
             return Ok(a.clone());
         }
         let what = format!("{what}: authorizing");
-        let a = tokio::time::timeout(REQUEST_DEADLINE, self.authorize(target, access, &what))
-            .await
-            .map_err(|_| no_token(&what))??;
+        let a = within_deadline(&what, self.authorize(target, access, &what)).await?;
         *cached = Some(a.clone());
         Ok(a)
     }
@@ -372,23 +371,6 @@ impl BoundedClient {
         };
         drop(ping);
         self.token(target, access, what, &challenge).await
-    }
-
-    /// [`token`](Self::token) within the deadline of one request.
-    async fn token_within_deadline(
-        &self,
-        target: &Target<'_>,
-        access: Access,
-        what: &str,
-        challenge: &BearerChallenge,
-    ) -> Result<Authorization, RegistryError> {
-        let what = format!("{what}: authorizing");
-        tokio::time::timeout(
-            REQUEST_DEADLINE,
-            self.token(target, access, &what, challenge),
-        )
-        .await
-        .map_err(|_| no_token(&what))?
     }
 
     /// A token for `access` to the repository from the service the
@@ -434,11 +416,18 @@ impl BoundedClient {
     }
 }
 
-fn no_token(what: &str) -> RegistryError {
-    RegistryError::Transient {
-        what: what.to_owned(),
-        message: format!("no token within {REQUEST_DEADLINE:?}"),
-    }
+/// An authorization (ping and token, or token alone) within the deadline
+/// of one request.
+async fn within_deadline(
+    what: &str,
+    authorizing: impl std::future::Future<Output = Result<Authorization, RegistryError>>,
+) -> Result<Authorization, RegistryError> {
+    tokio::time::timeout(REQUEST_DEADLINE, authorizing)
+        .await
+        .map_err(|_| RegistryError::Transient {
+            what: what.to_owned(),
+            message: format!("no token within {REQUEST_DEADLINE:?}"),
+        })?
 }
 
 /// Where a registry's Bearer challenge says tokens come from.
