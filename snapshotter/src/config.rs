@@ -27,7 +27,8 @@ pub struct Config {
     /// Readahead (KiB) of a lazy layer's device until the layer is
     /// complete, at most: below this it follows the link (half a round
     /// trip's worth, none on a slow link), since readahead of a lazy layer
-    /// fetches what may never be read; 0: none.
+    /// fetches what may never be read; 0: none. Startup profiles must be
+    /// recorded with at least this (`lazybd convert --record-read-ahead-kb`).
     pub lazy_read_ahead_kb: u32,
     pub registry: RegistryConfig,
     /// What the remote (lazy) path accepts (docs/security.md).
@@ -184,7 +185,7 @@ impl Default for Config {
             control_allowed_uids: Vec::new(),
             metrics_address: "127.0.0.1:9880".into(),
             read_deadline_secs: 60,
-            lazy_read_ahead_kb: 128,
+            lazy_read_ahead_kb: lazybd_blockdev::device::NodeConfig::LAZY_READ_AHEAD_KB,
             registry: RegistryConfig::default(),
             remote: RemoteConfig::default(),
             prefetch: PrefetchConfig::default(),

@@ -140,3 +140,19 @@ fn an_entrypoint_that_cannot_run_is_a_clear_error_and_leaves_nothing() {
     assert!(scratch_dirs(&work).is_empty(), "{:?}", scratch_dirs(&work));
     assert!(mounts_under(&work).is_empty(), "{:?}", mounts_under(&work));
 }
+
+#[test]
+fn a_readahead_no_device_takes_is_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = format!("oci:{}:out", tmp.path().join("out").display());
+    let err = fails(&lazybd(&[
+        &"convert",
+        &"--record-profile",
+        &"--record-read-ahead-kb",
+        &"5000",
+        &"oci:/nonexistent:x",
+        &dst,
+    ]));
+    assert!(err.contains("--record-read-ahead-kb"), "{err}");
+    assert!(!tmp.path().join("out").exists(), "nothing was written");
+}

@@ -54,6 +54,9 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// `lazy_read_ahead_kb` unless configured.
+    pub const LAZY_READ_AHEAD_KB: u32 = 128;
+
     pub fn new(root: impl Into<PathBuf>) -> Self {
         NodeConfig {
             root: root.into(),
@@ -61,7 +64,7 @@ impl NodeConfig {
             persist_interval: Duration::from_secs(1),
             loop_direct_io: true,
             read_ahead_kb: 4096,
-            lazy_read_ahead_kb: 128,
+            lazy_read_ahead_kb: Self::LAZY_READ_AHEAD_KB,
             lazy_read_ahead_follows_link: true,
             fuse_threads: 2,
             fail_attach_at: None,

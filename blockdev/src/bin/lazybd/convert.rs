@@ -8,6 +8,7 @@ use lazybd_blockdev::convert::{
 };
 
 use crate::image_ref::ImageRef;
+use lazybd_blockdev::device::NodeConfig;
 
 /// Convert an OCI image into one with lazybd layers (docs/convert.md).
 ///
@@ -35,6 +36,16 @@ pub struct Args {
     /// Needs root and runc (docs/convert.md#recording-a-profile).
     #[arg(long, conflicts_with = "profile")]
     record_profile: bool,
+    /// Readahead in KiB of the recorded workload's lazy layers. The profile
+    /// holds what the workload read with it: record with the most a node's
+    /// lazy devices read ahead (`lazy_read_ahead_kb`), since a node that
+    /// reads ahead further than its profile misses around every profiled
+    /// read. Less moves fewer bytes on a slow link; 16 with nodes set to
+    /// 16 (docs/convert.md#recording-a-profile).
+    #[arg(long, value_name = "KIB", requires = "record_profile",
+          default_value_t = NodeConfig::LAZY_READ_AHEAD_KB,
+          value_parser = clap::value_parser!(u32).range(0..=4096))]
+    record_read_ahead_kb: u32,
     /// How long the recorded workload may run before it is stopped.
     #[arg(long, default_value_t = 10, value_name = "SECS", requires = "record_profile",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -132,6 +143,7 @@ pub fn run(args: Args) -> Result<()> {
             runc: args.runc.clone(),
             profile_out: args.profile_out.clone(),
             log: args.record_log.clone(),
+            read_ahead_kb: args.record_read_ahead_kb,
         };
         let src_is_local = matches!(ImageRef::parse(&args.src), ImageRef::Layout { .. });
         crate::record::convert_recorded(

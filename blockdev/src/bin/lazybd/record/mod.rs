@@ -8,8 +8,9 @@
 //! 3. **record**: that image is mounted lazily by this process
 //!    ([`rootfs`]) and its entrypoint runs once under runc ([`spec`],
 //!    [`runc`]) until it exits or `--record-secs` pass; every image byte
-//!    its layers were read for, in first-read order, is the profile. Each
-//!    layer is named there by its source diff_id too;
+//!    its layers were read for, in first-read order, with
+//!    `--record-read-ahead-kb` of readahead, is the profile. Each layer is
+//!    named there by its source diff_id too;
 //! 4. **pass 2** converts the source again with that profile (the EROFS
 //!    image of a layer is the same in both passes, so the profile's offsets
 //!    hold) into DST.
@@ -51,6 +52,8 @@ pub struct Recording {
     /// Where to write the workload's stdout and stderr (default: a scratch
     /// file, shown in part if the workload fails).
     pub log: Option<PathBuf>,
+    /// Readahead of the layers' loop devices while the workload runs, KiB.
+    pub read_ahead_kb: u32,
 }
 
 /// Converts `src` into `dst` with a startup profile recorded by running
@@ -202,7 +205,8 @@ impl Passes<'_> {
         let layers = OpenImage::open(image, self.registry)
             .await?
             .lazy_layers(image, false)?;
-        let rootfs = LazyRootfs::mount(layers, &self.scratch.join("mount")).await?;
+        let rootfs =
+            LazyRootfs::mount(layers, &self.scratch.join("mount"), self.rec.read_ahead_kb).await?;
         let recorded = self.run_workload(&rootfs, workload, runc).await;
         let down = rootfs.unmount().await;
         let trace = recorded?;

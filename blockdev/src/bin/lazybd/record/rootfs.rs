@@ -32,8 +32,9 @@ pub struct LazyRootfs {
 
 impl LazyRootfs {
     /// Attaches `layers` (bottom first) under `dir` and stacks them at
-    /// `dir/rootfs`, writable.
-    pub async fn mount(layers: Vec<LayerSource>, dir: &Path) -> Result<Self> {
+    /// `dir/rootfs`, writable; their loop devices read ahead
+    /// `read_ahead_kb` KiB.
+    pub async fn mount(layers: Vec<LayerSource>, dir: &Path, read_ahead_kb: u32) -> Result<Self> {
         let mut config = NodeConfig::new(dir.join("node"));
         // A layer whose every chunk arrived would otherwise switch its loop
         // device to the cache file, and its reads would pass unrecorded.
@@ -43,6 +44,7 @@ impl LazyRootfs {
         // a node that reads ahead further than its profile misses, a round
         // trip each, on every block the profile left out.
         config.lazy_read_ahead_follows_link = false;
+        config.lazy_read_ahead_kb = read_ahead_kb;
         let manager = LayerManager::new(config)?;
         let mut rootfs = LazyRootfs {
             manager,
