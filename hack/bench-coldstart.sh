@@ -53,7 +53,9 @@
 # p2p stargz stargz-plain"), CHUNK (largest lazybd chunk in bytes, default the
 # converter's 64 KiB), IMAGES_DIR (default /var/tmp/lazybd-images),
 # SNAPSHOTTER_CONFIG (top-level lines added to lazybd-snapshotter's config,
-# e.g. "lazy_read_ahead_kb = 128"), KEEP=1 (keep the stack's directory and
+# e.g. "lazy_read_ahead_kb = 16"), RECORD_READ_AHEAD_KB (`lazybd convert
+# --record-read-ahead-kb` of the optimize mode, default the converter's),
+# KEEP=1 (keep the stack's directory and
 # logs), DOCS=1; for the stargz
 # modes STARGZ_BIN (a containerd-stargz-grpc to use), else STARGZ_ANCHOR (the
 # directory with build.sh, default ../shared/anchors/stargz beside the main
@@ -454,6 +456,7 @@ for rate in $RATES; do
       if [ ! -f "$STACK/convert-optimized-$image.log" ]; then
         logged "$STACK/convert-optimized-$image.log" "$BIN/lazybd" convert --plain-http \
           --work-dir "$STACK" --chunk-size "$CHUNK" --record-profile --record-secs 60 \
+          ${RECORD_READ_AHEAD_KB:+--record-read-ahead-kb "$RECORD_READ_AHEAD_KB"} \
           "$REGISTRY/bench/$image:oci" "$REGISTRY/bench/$image:lazybd-optimized"
       fi
       for run in $(seq "$RUNS"); do
