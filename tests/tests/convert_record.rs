@@ -142,7 +142,7 @@ fn an_entrypoint_that_cannot_run_is_a_clear_error_and_leaves_nothing() {
 }
 
 #[test]
-fn a_readahead_no_device_takes_is_refused_before_anything_runs() {
+fn a_readahead_past_the_bound_is_refused_before_anything_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let dst = format!("oci:{}:out", tmp.path().join("out").display());
     let err = fails(&lazybd(&[

@@ -6,9 +6,9 @@ use anyhow::{bail, Context, Result};
 use lazybd_blockdev::convert::{
     self, ConvertOptions, ImageStore, LayerLimits, LayoutStore, RegistryStore,
 };
+use lazybd_blockdev::device::NodeConfig;
 
 use crate::image_ref::ImageRef;
-use lazybd_blockdev::device::NodeConfig;
 
 /// Convert an OCI image into one with lazybd layers (docs/convert.md).
 ///
