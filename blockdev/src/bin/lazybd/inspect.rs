@@ -38,8 +38,10 @@ struct LayerSummary {
     raw_chunks: u64,
     zero_chunks: u64,
     stored_bytes: u64,
-    /// The startup chunks a profile stored first: the first
-    /// `prefetch_length` bytes of the blob (0: no profile).
+    /// The startup chunks, streamed when a node attaches the layer: the
+    /// first `prefetch_length` bytes of the blob. In version 2 the
+    /// superblock's chunk, a profile's reads if any, then the metadata;
+    /// version 1 has none (0).
     prefetch_length: u64,
     prefetch_chunks: u64,
     index_offset: u64,
@@ -187,7 +189,7 @@ fn print_text(l: &LayerSummary) {
     );
     if l.prefetch_length > 0 {
         println!(
-            "  startup       {} chunks in the first {} bytes (a profile's)",
+            "  startup       {} chunks in the first {} bytes (streamed at attach)",
             l.prefetch_chunks, l.prefetch_length
         );
     }
