@@ -216,7 +216,7 @@ impl<L: LazyLayers> Remote<L> {
             };
             let layer = remote_layer(&current.image_ref, &digest, ann, desc.size());
             let Ok(id) = layer.id() else { continue };
-            let refused = layer.anchor.is_none() && !self.allow_unanchored;
+            let refused = self.anchored_or_allowed(&layer).is_err();
             if refused || self.mountpoint(&id).is_some() || self.attaching.running(&id).is_some() {
                 continue;
             }

@@ -27,12 +27,7 @@ impl<L: LazyLayers> Remote<L> {
         target: &str,
         parent: Option<&str>,
     ) -> Result<(), RemoteError> {
-        if layer.anchor.is_none() && !self.allow_unanchored {
-            return Err(RemoteError::Unanchored {
-                image_ref: layer.image_ref.clone(),
-                layer: layer.digest.clone(),
-            });
-        }
+        self.anchored_or_allowed(layer)?;
         // Version 1 images used the blob digest as diff_id; it never equals
         // an anchor, so an unanchored layer cannot take an anchored name.
         let expected = oci::chain_id(parent, layer.diff_id());
@@ -46,6 +41,18 @@ impl<L: LazyLayers> Remote<L> {
                     parent.unwrap_or("none"),
                     layer.diff_id()
                 ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The part of [`admit`](Self::admit) that needs no snapshot name: a
+    /// layer without an anchor only with `allow_unanchored_layers`.
+    pub(super) fn anchored_or_allowed(&self, layer: &RemoteLayer) -> Result<(), RemoteError> {
+        if layer.anchor.is_none() && !self.allow_unanchored {
+            return Err(RemoteError::Unanchored {
+                image_ref: layer.image_ref.clone(),
+                layer: layer.digest.clone(),
             });
         }
         Ok(())
