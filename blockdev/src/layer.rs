@@ -504,7 +504,6 @@ impl ServedLayer for LazyLayer {
     }
 }
 
-/// The anchor's 32 bytes.
 /// The layer's anchor as bytes (`None`: an unanchored layer).
 fn anchor_of(src: &LayerSource) -> Result<Option<Sha256Digest>, LayerError> {
     src.anchor
@@ -517,6 +516,7 @@ fn anchor_of(src: &LayerSource) -> Result<Option<Sha256Digest>, LayerError> {
         })
 }
 
+/// The anchor's 32 bytes.
 fn anchor_bytes(anchor: &str) -> Result<Sha256Digest, OciError> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(digest_hex(anchor)?, &mut out)

@@ -84,8 +84,7 @@ impl ChunkFetcher {
         };
         Some(tokio::spawn(async move {
             let _demand = demand;
-            let gate = fetcher.gate.clone();
-            let _turn = gate.startup_turn(STARTUP_TURN_WAIT).await;
+            let _turn = fetcher.gate.startup_turn(STARTUP_TURN_WAIT).await;
             fetcher.stream(&missing, plan).await;
         }))
     }
