@@ -56,6 +56,9 @@ const RATE_SAMPLES: usize = 16;
 const RTT_SAMPLES: usize = 16;
 /// Transfers shorter than this say little about throughput.
 const MIN_SAMPLE_BYTES: u64 = 32 << 10;
+/// A long answer is sampled every this many bytes as it streams in
+/// ([`LinkEstimate::sample_piece`]).
+pub(super) const PIECE_BYTES: u64 = 256 << 10;
 
 #[derive(Debug, Default)]
 pub struct LinkEstimate {
@@ -107,13 +110,21 @@ impl LinkEstimate {
             }
             s.ttfb.push_back(ttfb.as_secs_f64());
         }
-        if bytes >= MIN_SAMPLE_BYTES && !transfer.is_zero() {
-            let rate = bytes as f64 / transfer.as_secs_f64();
-            if s.rates.len() == RATE_SAMPLES {
-                s.rates.pop_front();
-            }
-            s.rates.push_back(rate);
-        }
+        s.add_rate(bytes, transfer);
+        drop(s);
+        self.sampled.notify_one();
+    }
+
+    /// A piece of a long answer still streaming in: `bytes` over
+    /// `transfer`. The answer's own sample comes at its end, which for a
+    /// startup stream of megabytes on a slow link is after a container
+    /// opened its files with the readahead of the estimate before: the
+    /// first pieces of an answer come out of a shaper's token bucket at
+    /// line rate, the later ones at the link's, and the low quantile
+    /// follows those once there are a few.
+    pub fn sample_piece(&self, bytes: u64, transfer: Duration) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.add_rate(bytes, transfer);
         drop(s);
         self.sampled.notify_one();
     }
@@ -141,12 +152,30 @@ impl LinkEstimate {
         Some(((bdp / 2.0) as u64).min(max))
     }
 
+    /// Bytes per second the link sustains (a low quantile of recent
+    /// transfers, see the module docs); `None` until the first.
+    pub fn rate(&self) -> Option<f64> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        quantile(&s.rates, 4)
+    }
+
     /// Bytes the link moves in one round trip.
     fn bandwidth_delay(&self) -> Option<f64> {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let rtt = median(&s.ttfb)?;
         let rate = quantile(&s.rates, 4)?;
         Some(rate * rtt)
+    }
+}
+
+impl State {
+    fn add_rate(&mut self, bytes: u64, transfer: Duration) {
+        if bytes >= MIN_SAMPLE_BYTES && !transfer.is_zero() {
+            if self.rates.len() == RATE_SAMPLES {
+                self.rates.pop_front();
+            }
+            self.rates.push_back(bytes as f64 / transfer.as_secs_f64());
+        }
     }
 }
 
@@ -216,5 +245,25 @@ mod tests {
         }
         // 12.5 MB/s, 2 ms: 25 KB in a round trip.
         assert_eq!(sizes(&link), (50, 12));
+    }
+
+    #[test]
+    fn a_long_answer_moves_the_rate_while_it_streams() {
+        let link = LinkEstimate::default();
+        let ms = Duration::from_millis;
+        // An index fetch: 2 ms to the first byte, too short for a rate.
+        link.sample(link.send(), ms(2), 16 << 10, ms(1));
+        assert_eq!(link.worth_along(1 << 30), None, "no rate yet");
+        // A startup stream at 100 Mbit/s whose first megabyte came out of
+        // the shaper's bucket at line rate.
+        for _ in 0..4 {
+            link.sample_piece(PIECE_BYTES, Duration::from_micros(250));
+        }
+        assert!(sizes(&link).1 > 500, "the bucket looks like a fast link");
+        for _ in 0..2 {
+            link.sample_piece(PIECE_BYTES, ms(21));
+        }
+        // 12.5 MB/s, 2 ms: 25 KB in a round trip, before the answer ends.
+        assert_eq!(sizes(&link), (49, 12));
     }
 }

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 
+use super::link::PIECE_BYTES;
 use super::{ChunkFetcher, FetchError, Kind, Progress, Slot};
 use crate::cache::CacheError;
 
@@ -77,6 +78,8 @@ impl ChunkFetcher {
         let mut next = 0;
         let mut received = 0u64;
         let mut first_byte = None;
+        // Where the piece of the answer being sampled began: bytes, time.
+        let mut piece_start = (0u64, Instant::now());
         while next < segment.len() {
             let mut piece = match timeout_at(limit, body.next()).await {
                 Err(_elapsed) => {
@@ -95,7 +98,11 @@ impl ChunkFetcher {
                 }
                 Ok(Some(Ok(piece))) => piece,
             };
-            first_byte.get_or_insert_with(Instant::now);
+            if first_byte.is_none() {
+                let now = Instant::now();
+                first_byte = Some(now);
+                piece_start.1 = now;
+            }
             slot.counters.bytes.fetch_add(piece.len() as u64, Relaxed);
             let room = len - received;
             let overlong = piece.len() as u64 > room;
@@ -110,6 +117,12 @@ impl ChunkFetcher {
                 ));
             }
             received += piece.len() as u64;
+            if received - piece_start.0 >= PIECE_BYTES {
+                let now = Instant::now();
+                self.link
+                    .sample_piece(received - piece_start.0, now - piece_start.1);
+                piece_start = (received, now);
+            }
             buf.extend_from_slice(&piece);
             let mut ready = Vec::new();
             while let Some(&c) = segment.get(next) {
