@@ -256,6 +256,7 @@ impl LazyLayer {
             layer: self.id.clone(),
             diff_id: self.diff_id.clone(),
             ranges,
+            narrow: None,
         }
     }
 

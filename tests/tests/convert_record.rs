@@ -1,6 +1,7 @@
-//! `lazybd convert --record-profile`: the image's entrypoint runs once under
-//! real runc on a lazy mount of a first conversion, and what it read is
-//! stored first in the second. A busybox image whose entrypoint reads a few
+//! `lazybd convert --record-profile`: the image's entrypoint runs under
+//! real runc on a lazy mount of a first conversion (with 16 KiB of
+//! readahead, then with 128), and what it read is stored first in the
+//! second. A busybox image whose entrypoint reads a few
 //! files; the profile must hold reads, the result must carry them in its
 //! prefetch area, be reproducible from the same profile, and nothing may be
 //! left mounted or in the work dir, also when the entrypoint cannot run.
@@ -90,6 +91,14 @@ fn a_recorded_profile_is_stored_first_and_reproducible() {
         .expect("the profile is a trace");
     assert_eq!(trace.layers.len(), 1, "one layer read");
     assert!(trace.range_count() > 0);
+    // Recorded with 16 KiB of readahead and again with 128: the first
+    // run's reads are marked as the narrow part, which the blob stores
+    // first (all of it, for a workload that reads a file front to back).
+    let narrow = trace.layers[0].narrow.expect("recorded twice");
+    assert!((1..=trace.layers[0].ranges.len()).contains(&narrow));
+    let layer = &inspect(&recorded)[0];
+    let narrow_len = layer["prefetch_narrow_length"].as_u64().unwrap();
+    assert!(narrow_len > 0 && narrow_len <= layer["prefetch_length"].as_u64().unwrap());
 
     // The reads are in the prefetch area, ahead of what metadata alone is.
     let (plain_len, recorded_len) = (prefetch_length(&plain), prefetch_length(&recorded));

@@ -286,6 +286,7 @@ fn a_trace_is_not_replaced_by_another_node() {
             layer: layer.clone(),
             diff_id: None,
             ranges: vec![[offset, 4096]],
+            narrow: None,
         }]);
         let p = tmp.path().join(name);
         std::fs::write(&p, t.encode()).unwrap();
@@ -324,6 +325,7 @@ fn a_trace_is_not_replaced_by_another_node() {
         layer: LayerId::anchored(&format!("sha256:{}", "ab".repeat(32))).unwrap(),
         diff_id: None,
         ranges: vec![[0, 4096]],
+        narrow: None,
     }]);
     let p = tmp.path().join("forged");
     std::fs::write(&p, forged.encode()).unwrap();

@@ -16,7 +16,7 @@ use std::ops::Range;
 use tracing::warn;
 
 use super::unpack::{LayerLimits, UnpackError};
-use super::{erofs, erofs_map, unpack, ConvertError};
+use super::{erofs, erofs_map, unpack, ConvertError, LayerProfile};
 use crate::format::{self, Layout, Shape, WrittenBlob};
 use crate::oci::{LayerCompression, LazyLayerAnnotations};
 
@@ -32,9 +32,8 @@ pub struct ConvertedLayer {
 pub struct LayerPlan<'a> {
     /// The largest chunk.
     pub chunk_size: u32,
-    /// Image byte ranges a container read at start, in the order it first
-    /// read them (empty: no startup profile).
-    pub profile: &'a [Range<u64>],
+    /// What a container read at start, if there is a startup profile.
+    pub profile: Option<&'a LayerProfile>,
 }
 
 /// Converts the layer blob `src` (compressed as its media type says) using
@@ -150,7 +149,8 @@ fn layout_of(image: &File, diff_id: &str, plan: LayerPlan) -> Result<Layout, Con
     let shape = Shape {
         file_data: &file_data,
         metadata: &metadata,
-        profile: plan.profile,
+        profile: plan.profile.map_or(&[], |p| &p.ranges),
+        narrow: plan.profile.and_then(|p| p.narrow),
     };
     Layout::plan(size, plan.chunk_size, &shape)
         .map_err(|e| ConvertError::Invalid(format!("layer {diff_id}: {e}")))

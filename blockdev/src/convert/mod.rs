@@ -69,9 +69,9 @@ pub enum ConvertError {
 pub struct ConvertOptions {
     /// The largest chunk.
     pub chunk_size: u32,
-    /// Startup profile: per source layer diff_id, the image byte ranges a
-    /// container read at start, in first-read order ([`profile_of`]).
-    pub profile: HashMap<String, Vec<Range<u64>>>,
+    /// Startup profile: per source layer diff_id, what a container read at
+    /// start ([`profile_of`]).
+    pub profile: HashMap<String, LayerProfile>,
     /// Scratch space for unpacked layers and images (needs room for a few
     /// uncompressed layers at once).
     pub work_dir: PathBuf,
@@ -100,14 +100,31 @@ impl Default for ConvertOptions {
     }
 }
 
+/// What a container read of one layer at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerProfile {
+    /// Image byte ranges, in the order they were first read.
+    pub ranges: Vec<Range<u64>>,
+    /// How many of `ranges`, from the first, it read with narrow readahead
+    /// ([`LayerTrace::narrow`](crate::trace::LayerTrace::narrow)); `None`:
+    /// all of them.
+    pub narrow: Option<usize>,
+}
+
 /// The startup profile in a trace (a node's, or one recorded for the
 /// purpose): per source layer diff_id, its ranges. Layers the trace does not
 /// name by diff_id cannot be matched and are left out.
-pub fn profile_of(trace: &Trace) -> HashMap<String, Vec<Range<u64>>> {
+pub fn profile_of(trace: &Trace) -> HashMap<String, LayerProfile> {
     trace
         .layers
         .iter()
-        .filter_map(|l| Some((l.diff_id.clone()?, l.ranges().collect())))
+        .filter_map(|l| {
+            let profile = LayerProfile {
+                ranges: l.ranges().collect(),
+                narrow: l.narrow,
+            };
+            Some((l.diff_id.clone()?, profile))
+        })
         .collect()
 }
 
@@ -511,7 +528,7 @@ fn convert_one(
     let converted = layer::convert_layer(&blob, compression, work, &opts.limits, |diff_id| {
         LayerPlan {
             chunk_size: opts.chunk_size,
-            profile: opts.profile.get(diff_id).map_or(&[], Vec::as_slice),
+            profile: opts.profile.get(diff_id),
         }
     })?;
     std::fs::remove_file(&blob).map_err(|e| ConvertError::Io {

@@ -5,7 +5,8 @@ use std::ops::Range;
 
 use super::{
     check_chunk_size, entry_len, sha256, zstd_bound, ChunkEntry, ChunkKind, Compression, Fields,
-    FieldsMut, Footer, FormatError, BLOCK_SIZE, FORMAT_V1, HEADER_LEN, INDEX_MAGIC, MAX_CHUNKS,
+    FieldsMut, Footer, FormatError, BLOCK_SIZE, FORMAT_V1, FORMAT_V2, HEADER_LEN, INDEX_MAGIC,
+    MAX_CHUNKS,
 };
 
 /// The parsed, validated index of a layer blob.
@@ -23,6 +24,12 @@ pub struct Index {
     /// The first `prefetch_len` bytes of the blob are the chunks a container
     /// reads at start, in the order it reads them (0: no startup profile).
     pub prefetch_len: u64,
+    /// The first `prefetch_narrow_len` bytes of the prefetch area are what a
+    /// container reads at start while its layers read ahead at most
+    /// [`NARROW_READ_AHEAD_KB`](super::NARROW_READ_AHEAD_KB); the rest of
+    /// the area is what it reads besides with more readahead. Before
+    /// version 3: the whole area.
+    pub prefetch_narrow_len: u64,
     /// In image order.
     pub chunks: Vec<ChunkEntry>,
     /// Image offset of each chunk, and the image size at the end.
@@ -39,6 +46,7 @@ impl Index {
         image_size: u64,
         data_len: u64,
         prefetch_len: u64,
+        prefetch_narrow_len: u64,
         chunks: Vec<ChunkEntry>,
     ) -> Self {
         Index {
@@ -48,6 +56,7 @@ impl Index {
             image_size,
             data_len,
             prefetch_len,
+            prefetch_narrow_len,
             starts: starts_of(&chunks),
             by_offset: blob_order_of(&chunks),
             chunks,
@@ -91,10 +100,10 @@ impl Index {
         let chunk_count = r.u64();
         let data_len = r.u64();
         let prefetch_len = if version == FORMAT_V1 { 0 } else { r.u64() };
-        let reserved = if version == FORMAT_V1 {
-            r.array::<16>() != [0u8; 16]
-        } else {
-            r.array::<8>() != [0u8; 8]
+        let (prefetch_narrow_len, reserved) = match version {
+            FORMAT_V1 => (0, r.array::<16>() != [0u8; 16]),
+            FORMAT_V2 => (prefetch_len, r.array::<8>() != [0u8; 8]),
+            _ => (r.u64(), false),
         };
         if reserved {
             return Err(FormatError::ReservedNotZero("header.reserved"));
@@ -204,6 +213,7 @@ impl Index {
         let by_offset = blob_order_of(&chunks);
         check_blob_order(version, &chunks, &by_offset)?;
         check_prefetch(prefetch_len, data_len, &chunks)?;
+        check_narrow(prefetch_narrow_len, prefetch_len, &chunks)?;
         Ok(Index {
             version,
             chunk_size,
@@ -211,6 +221,7 @@ impl Index {
             image_size,
             data_len,
             prefetch_len,
+            prefetch_narrow_len,
             starts: starts_of(&chunks),
             by_offset,
             chunks,
@@ -298,6 +309,20 @@ impl Index {
             .collect()
     }
 
+    /// Whether the prefetch area holds more than its narrow part.
+    pub fn is_split(&self) -> bool {
+        self.prefetch_narrow_len < self.prefetch_len
+    }
+
+    /// The startup chunks as the narrow part (what a container reads with
+    /// little readahead) and the rest of the prefetch area, each in blob
+    /// order.
+    pub fn prefetch_parts(&self) -> (Vec<u64>, Vec<u64>) {
+        self.prefetch_chunks()
+            .into_iter()
+            .partition(|&c| self.chunks[c as usize].offset < self.prefetch_narrow_len)
+    }
+
     /// Total stored bytes of all chunks (what a full fetch transfers).
     pub fn stored_bytes(&self) -> u64 {
         self.chunks.iter().map(|c| u64::from(c.stored_len)).sum()
@@ -360,11 +385,16 @@ impl Index {
         w.put(&self.image_size.to_le_bytes());
         w.put(&self.chunk_count().to_le_bytes());
         w.put(&self.data_len.to_le_bytes());
-        if v1 {
-            w.put(&[0u8; 16]);
-        } else {
-            w.put(&self.prefetch_len.to_le_bytes());
-            w.put(&[0u8; 8]);
+        match self.version {
+            FORMAT_V1 => w.put(&[0u8; 16]),
+            FORMAT_V2 => {
+                w.put(&self.prefetch_len.to_le_bytes());
+                w.put(&[0u8; 8]);
+            }
+            _ => {
+                w.put(&self.prefetch_len.to_le_bytes());
+                w.put(&self.prefetch_narrow_len.to_le_bytes());
+            }
         }
         for c in &self.chunks {
             w.put(&c.offset.to_le_bytes());
@@ -439,15 +469,38 @@ fn check_prefetch(
     data_len: u64,
     chunks: &[ChunkEntry],
 ) -> Result<(), FormatError> {
-    let splits = chunks
-        .iter()
-        .position(|c| c.offset < prefetch_len && c.stored_range().end > prefetch_len);
+    let splits = splitting(prefetch_len, chunks);
     if prefetch_len > data_len || splits.is_some() {
         return Err(FormatError::BadPrefetchLength {
             prefetch_len,
             data_len,
-            index: splits.unwrap_or(0) as u64,
+            index: splits.unwrap_or(0),
         });
     }
     Ok(())
+}
+
+/// The narrow part is a prefix of the prefetch area made of whole chunks.
+fn check_narrow(
+    narrow_len: u64,
+    prefetch_len: u64,
+    chunks: &[ChunkEntry],
+) -> Result<(), FormatError> {
+    let splits = splitting(narrow_len, chunks);
+    if narrow_len > prefetch_len || splits.is_some() {
+        return Err(FormatError::BadNarrowLength {
+            narrow_len,
+            prefetch_len,
+            index: splits.unwrap_or(0),
+        });
+    }
+    Ok(())
+}
+
+/// The chunk whose stored bytes `at` falls inside of, if any.
+fn splitting(at: u64, chunks: &[ChunkEntry]) -> Option<u64> {
+    chunks
+        .iter()
+        .position(|c| c.offset < at && c.stored_range().end > at)
+        .map(|i| i as u64)
 }

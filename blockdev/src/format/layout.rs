@@ -13,7 +13,11 @@
 //! chunk holding the EROFS superblock (mounting the layer reads it before
 //! anything else); the chunks a profile touches, in the order they were
 //! first read; then the metadata, in image order (small, and read by every
-//! lookup, like a TOC).
+//! lookup, like a TOC). Those make the area's *narrow part*. A profile may
+//! say which of its reads only a container reading ahead further than
+//! [`NARROW_READ_AHEAD_KB`](super::NARROW_READ_AHEAD_KB) made: their chunks
+//! follow the metadata, so a node on a slow link streams the narrow part
+//! alone.
 //! Everything else follows in image order. The same image, shape and chunk
 //! size always give the same layout.
 
@@ -50,6 +54,10 @@ pub struct Shape<'a> {
     pub metadata: &'a [Range<u64>],
     /// What a container read at start, first read first: stored first.
     pub profile: &'a [Range<u64>],
+    /// How many of `profile`'s ranges, from the first, a container reads
+    /// with narrow readahead; the others come after the metadata. `None`:
+    /// all of them.
+    pub narrow: Option<usize>,
 }
 
 /// The chunks of an image, in image order, and the order they are stored in.
@@ -58,9 +66,11 @@ pub struct Layout {
     chunk_size: u32,
     /// Chunk `i` covers image bytes `[bounds[i], bounds[i+1])`.
     bounds: Vec<u64>,
-    /// Chunk numbers in blob order; the first `prefetch` are the startup set.
+    /// Chunk numbers in blob order; the first `prefetch` are the startup
+    /// set, of which the first `narrow` its narrow part.
     order: Vec<u64>,
     prefetch: usize,
+    narrow: usize,
 }
 
 impl Layout {
@@ -112,15 +122,17 @@ impl Layout {
             bounds,
             order: Vec::new(),
             prefetch: 0,
+            narrow: 0,
         };
         Ok(layout.ordered(shape))
     }
 
-    /// The superblock's chunk, then the profiled chunks (by first read),
-    /// then the metadata, then the rest, each in image order. The
-    /// superblock leads because a node streams the prefetch area in order
-    /// and its attach mounts the layer: behind the profile, the mount (and
-    /// with it the pull) would wait for the whole profile to arrive.
+    /// The superblock's chunk, then the profile's narrow chunks (by first
+    /// read), then the metadata (in image order), then the profile's other
+    /// chunks, then the rest in image order. The superblock leads because a
+    /// node streams the prefetch area in order and its attach mounts the
+    /// layer: behind the profile, the mount (and with it the pull) would
+    /// wait for the whole profile to arrive.
     fn ordered(mut self, shape: &Shape) -> Self {
         let mut placed = HashSet::new();
         let mut order = Vec::with_capacity(self.chunk_count() as usize);
@@ -131,17 +143,32 @@ impl Layout {
             .first()
             .filter(|r| r.start == 0)
             .map(|_| 0..BLOCK_SIZE);
-        for r in superblock.iter().chain(shape.profile).chain(shape.metadata) {
-            for c in self.chunks_for(r) {
-                if placed.insert(c) {
-                    order.push(c);
-                }
-            }
+        let narrow = shape.narrow.unwrap_or(usize::MAX).min(shape.profile.len());
+        let (narrow_profile, wide_profile) = shape.profile.split_at(narrow);
+        for r in superblock
+            .iter()
+            .chain(narrow_profile)
+            .chain(shape.metadata)
+        {
+            self.place(r, &mut placed, &mut order);
+        }
+        self.narrow = order.len();
+        for r in wide_profile {
+            self.place(r, &mut placed, &mut order);
         }
         self.prefetch = order.len();
         order.extend((0..self.chunk_count()).filter(|c| !placed.contains(c)));
         self.order = order;
         self
+    }
+
+    /// Appends the chunks overlapping `r` that are not placed yet.
+    fn place(&self, r: &Range<u64>, placed: &mut HashSet<u64>, order: &mut Vec<u64>) {
+        for c in self.chunks_for(r) {
+            if placed.insert(c) {
+                order.push(c);
+            }
+        }
     }
 
     /// Chunks overlapping image bytes `r`.
@@ -179,6 +206,12 @@ impl Layout {
     /// How many chunks at the front of [`order`](Self::order) are the startup set.
     pub fn prefetch_count(&self) -> usize {
         self.prefetch
+    }
+
+    /// How many chunks at the front of [`order`](Self::order) are the
+    /// startup set's narrow part.
+    pub fn narrow_count(&self) -> usize {
+        self.narrow
     }
 }
 
@@ -343,6 +376,7 @@ mod tests {
             file_data: &files,
             metadata: &metadata,
             profile: &profile,
+            narrow: None,
         };
         let l = Layout::plan(256 * K, 64 * K as u32, &shape).unwrap();
         let order: Vec<Range<u64>> = l.order().iter().map(|&c| l.image_range(c)).collect();
@@ -354,5 +388,41 @@ mod tests {
             "then the metadata, exactly, never merged with file data"
         );
         assert_eq!(l.prefetch_count(), 4);
+        assert_eq!(l.narrow_count(), 4, "a profile without a mark: all narrow");
+    }
+
+    #[test]
+    fn the_wide_reads_follow_the_metadata() {
+        let files = [16 * K..48 * K, 64 * K..200 * K];
+        let metadata = [0..16 * K, 48 * K..64 * K, 200 * K..256 * K];
+        // Read with narrow readahead: 100 KiB; with more, 120 KiB and the
+        // 100 KiB block again (already placed).
+        let profile = [100 * K..101 * K, 120 * K..122 * K, 100 * K..104 * K];
+        let shape = Shape {
+            file_data: &files,
+            metadata: &metadata,
+            profile: &profile,
+            narrow: Some(1),
+        };
+        let l = Layout::plan(256 * K, 64 * K as u32, &shape).unwrap();
+        let order: Vec<Range<u64>> = l.order().iter().map(|&c| l.image_range(c)).collect();
+        assert_eq!(
+            order[..5],
+            [
+                0..16 * K,
+                100 * K..104 * K,
+                48 * K..64 * K,
+                200 * K..256 * K,
+                120 * K..124 * K
+            ],
+            "superblock, narrow reads, metadata, then the other reads"
+        );
+        assert_eq!((l.narrow_count(), l.prefetch_count()), (4, 5));
+        let none_narrow = Shape {
+            narrow: Some(0),
+            ..shape
+        };
+        let l = Layout::plan(256 * K, 64 * K as u32, &none_narrow).unwrap();
+        assert_eq!((l.narrow_count(), l.prefetch_count()), (3, 5));
     }
 }

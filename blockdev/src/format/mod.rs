@@ -11,8 +11,10 @@
 //! Version 2 chunks are variable-length runs of the image (4 KiB-aligned, at
 //! most `chunk_size`), cut where files begin and end, and stored in any
 //! order: the chunks a container reads at start come first, in the order it
-//! reads them, so a node fetches them as one streamed range. Version 1 (fixed
-//! chunks in image order) is still read.
+//! reads them, so a node fetches them as one streamed range. Version 3 adds
+//! where, in that prefetch area, what a container reads with little
+//! readahead ends (its *narrow part*): a node on a slow link streams only
+//! that. Versions 1 (fixed chunks in image order) and 2 are still read.
 //!
 //! docs/format.md is the specification; this module is its only implementation.
 //! Everything read from a blob is untrusted: every parse checks bounds before it
@@ -39,9 +41,16 @@ pub use layout::{Layout, LayoutError, Shape};
 pub use write::{write_blob, write_blob_v1, ReadAt, WrittenBlob};
 
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Fixed-size chunks in image order, 48-byte entries.
 pub const FORMAT_V1: u32 = 1;
+/// Version 3 without the narrow part's length: its whole prefetch area is
+/// one part.
+pub const FORMAT_V2: u32 = 2;
+/// The most a node's lazy devices may read ahead, in KiB, for the narrow
+/// part of a version 3 prefetch area to hold all it reads at start
+/// ([`Index::prefetch_narrow_len`]).
+pub const NARROW_READ_AHEAD_KB: u32 = 16;
 pub const FOOTER_MAGIC: [u8; 8] = *b"LAZYBDFT";
 pub const INDEX_MAGIC: [u8; 8] = *b"LAZYBDIX";
 pub const FOOTER_LEN: u64 = 64;
@@ -85,7 +94,7 @@ pub enum FormatError {
     TooSmall { len: u64 },
     #[error("bad {what} magic: {found:02x?} (not a lazybd layer blob)")]
     BadMagic { what: &'static str, found: [u8; 8] },
-    #[error("unsupported lazybd format version {0} (this build reads versions {FORMAT_V1} and {FORMAT_VERSION})")]
+    #[error("unsupported lazybd format version {0} (this build reads versions {FORMAT_V1} to {FORMAT_VERSION})")]
     UnsupportedVersion(u32),
     #[error("footer says version {footer}, index says {index}")]
     VersionMismatch { footer: u32, index: u32 },
@@ -155,6 +164,12 @@ pub enum FormatError {
     BadPrefetchLength {
         prefetch_len: u64,
         data_len: u64,
+        index: u64,
+    },
+    #[error("the prefetch area's narrow part ({narrow_len} bytes) is longer than the area ({prefetch_len}) or splits chunk {index}")]
+    BadNarrowLength {
+        narrow_len: u64,
+        prefetch_len: u64,
         index: u64,
     },
     #[error("chunk {index} out of range: image has {count} chunks")]

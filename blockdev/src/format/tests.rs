@@ -1,4 +1,4 @@
-//! Parsing, validation and round trips of both format versions.
+//! Parsing, validation and round trips of every format version.
 
 // A one-range profile is a list of ranges, not a range to collect.
 #![allow(clippy::single_range_in_vec_init)]
@@ -359,6 +359,75 @@ fn startup_chunks_are_stored_first_and_found_by_image_offset() {
     assert_eq!(index.next_in_blob(1), Some(0));
     assert_eq!(index.chunks_in_blob_range(1, index.prefetch_len), None);
     assert_eq!(w.anchor(), sha256(&index.to_bytes()));
+}
+
+/// Two profiled chunks, one read with narrow readahead and one only with
+/// more: the narrow part ends between them; version 2 indexes have no
+/// narrow part of their own (all of the area is), and a narrow part past
+/// the area or inside a chunk is refused.
+#[test]
+fn the_narrow_part_ends_where_the_narrow_reads_do() {
+    let img = sample_image();
+    let size = img.len() as u64;
+    let files = [0..u64::from(CS), u64::from(CS)..2 * 4096, 2 * 4096..size];
+    let profile = [2 * 4096..2 * 4096 + 10, 0..10];
+    let shape = Shape {
+        file_data: &files,
+        profile: &profile,
+        narrow: Some(1),
+        ..Shape::default()
+    };
+    let layout = Layout::plan(size, CS, &shape).unwrap();
+    let mut blob = Vec::new();
+    let w = write_blob(&img[..], &mut blob, &layout).unwrap();
+    let index = parse(&blob).unwrap();
+    assert_eq!(index, w.index);
+    assert_eq!(index.prefetch_parts(), (vec![2], vec![0]));
+    assert_eq!(
+        index.prefetch_narrow_len,
+        u64::from(index.chunks[2].stored_len)
+    );
+    assert_eq!(
+        index.prefetch_len,
+        index.prefetch_narrow_len + u64::from(index.chunks[0].stored_len)
+    );
+    assert_eq!(decode_all(&blob, &index), img);
+
+    let (narrow, whole) = (index.prefetch_narrow_len, index.prefetch_len);
+    let rewrite = |f: &dyn Fn(&mut Index)| {
+        let mut i = index.clone();
+        f(&mut i);
+        let bytes = i.to_bytes();
+        let mut out = blob[..w.footer.index_offset as usize].to_vec();
+        let footer = Footer {
+            version: i.version,
+            index_offset: out.len() as u64,
+            index_length: bytes.len() as u64,
+            index_digest: sha256(&bytes),
+        };
+        out.extend(&bytes);
+        out.extend(footer.to_bytes());
+        parse(&out)
+    };
+    let v2 = rewrite(&|i| i.version = FORMAT_V2).unwrap();
+    assert_eq!(v2.prefetch_narrow_len, whole, "version 2: the whole area");
+    assert_eq!(v2.prefetch_parts(), (vec![2, 0], vec![]));
+    assert_eq!(
+        rewrite(&|i| i.prefetch_narrow_len = whole + 4096),
+        Err(FormatError::BadNarrowLength {
+            narrow_len: whole + 4096,
+            prefetch_len: whole,
+            index: 0
+        })
+    );
+    assert_eq!(
+        rewrite(&|i| i.prefetch_narrow_len = narrow - 1),
+        Err(FormatError::BadNarrowLength {
+            narrow_len: narrow - 1,
+            prefetch_len: whole,
+            index: 2
+        })
+    );
 }
 
 #[test]

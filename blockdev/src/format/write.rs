@@ -55,7 +55,7 @@ impl WrittenBlob {
 /// keeps the output a pure function of the input.
 const BATCH: usize = 64;
 
-/// Writes `image` (of the layout's size) as a version 2 blob.
+/// Writes `image` (of the layout's size) as a blob of this build's version.
 ///
 /// The output is a pure function of the image bytes and the layout, so
 /// converting the same layer with the same profile gives the same digest.
@@ -92,7 +92,7 @@ fn write_version<R: ReadAt + ?Sized, W: Write>(
     };
     let count = layout.chunk_count() as usize;
     let mut entries: Vec<Option<ChunkEntry>> = vec![None; count];
-    let mut prefetch_len = 0;
+    let (mut prefetch_len, mut narrow_len) = (0, 0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     for (batch_no, batch) in layout.order().chunks(BATCH).enumerate() {
         let encoded = encode_batch(image, layout, batch, threads)?;
@@ -108,7 +108,11 @@ fn write_version<R: ReadAt + ?Sized, W: Write>(
                 kind,
                 digest: data_digest,
             });
-            if batch_no * BATCH + i + 1 == layout.prefetch_count() {
+            let placed = batch_no * BATCH + i + 1;
+            if placed == layout.narrow_count() {
+                narrow_len = out.written;
+            }
+            if placed == layout.prefetch_count() {
                 prefetch_len = out.written;
             }
         }
@@ -123,6 +127,7 @@ fn write_version<R: ReadAt + ?Sized, W: Write>(
         layout.image_size(),
         out.written,
         prefetch_len,
+        narrow_len,
         chunks,
     );
     let index_bytes = index.to_bytes();

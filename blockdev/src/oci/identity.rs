@@ -3,7 +3,7 @@
 //!
 //! A blob digest only says what to ask a registry, mirror, super node or
 //! peer for; any of them may answer with other, self-consistent bytes (see
-//! docs/security.md). A version 2 layer's identity is its **anchor**, the
+//! docs/security.md). A version 2 or 3 layer's identity is its **anchor**, the
 //! sha256 of its index, which the image's manifest carries and the node
 //! checks before it uses a byte of the layer; every chunk is then checked
 //! against that index. So two images that name one blob digest with

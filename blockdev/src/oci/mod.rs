@@ -25,7 +25,7 @@ pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifes
 /// OCI layer prefix).
 pub const MEDIA_LAZYBD_LAYER: &str = "application/vnd.oci.image.layer.v1.erofs+lazybd";
 
-/// Layer descriptor annotations of format version 2. Under
+/// Layer descriptor annotations of format versions 2 and 3. Under
 /// `containerd.io/snapshot/`, so containerd's unpacker hands them to the
 /// snapshotter's Prepare as labels on every pull path (as eStargz does with
 /// its TOC digest): Prepare needs no manifest fetch, and gets the anchor from
@@ -180,7 +180,7 @@ impl LazyLayerAnnotations {
         map
     }
 
-    /// Reads version 2 annotations (or labels: containerd passes them to
+    /// Reads version 2 and 3 annotations (or labels: containerd passes them to
     /// Prepare under the same keys), else version 1 ones.
     pub fn from_map(map: &HashMap<String, String>) -> Result<Self, OciError> {
         if map.contains_key(ANN_VERSION) {
@@ -218,7 +218,7 @@ impl LazyLayerAnnotations {
             .checked_add(crate::format::FOOTER_LEN)
     }
 
-    /// The layer's diff_id in its image config: the anchor (version 2), or
+    /// The layer's diff_id in its image config: the anchor (version 2 on), or
     /// the blob digest `blob_digest` (version 1 images used it).
     pub fn diff_id<'a>(&'a self, blob_digest: &'a str) -> &'a str {
         self.index_digest.as_deref().unwrap_or(blob_digest)

@@ -67,6 +67,13 @@ pub struct LayerTrace {
     pub diff_id: Option<String>,
     /// `[offset, length]` of each range of the image read, first read first.
     pub ranges: Vec<[u64; 2]>,
+    /// In a profile recorded twice (`lazybd convert --record-profile`): how
+    /// many of `ranges`, from the first, the container read with at most
+    /// [`NARROW_READ_AHEAD_KB`](crate::format::NARROW_READ_AHEAD_KB) of
+    /// readahead; the others it read besides with more. Absent: unknown
+    /// (a node's trace, read with whatever its link gave it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub narrow: Option<usize>,
 }
 
 impl LayerTrace {
@@ -97,6 +104,7 @@ impl Trace {
                 }
                 l.ranges.truncate(room);
                 room -= l.ranges.len();
+                l.narrow = l.narrow.map(|n| n.min(l.ranges.len()));
                 Some(l)
             })
             .collect();
@@ -104,6 +112,31 @@ impl Trace {
             version: TRACE_VERSION,
             layers,
         }
+    }
+
+    /// A profile recorded twice: per layer, what `narrow` read (with at
+    /// most [`NARROW_READ_AHEAD_KB`](crate::format::NARROW_READ_AHEAD_KB)
+    /// of readahead), then what `wide` read besides, marked as such
+    /// ([`LayerTrace::narrow`]); `wide`'s other layers after these. Cut to
+    /// the bounds like [`Trace::new`].
+    pub fn narrow_then_wide(narrow: Trace, wide: Trace) -> Trace {
+        let mut layers = narrow.layers;
+        for l in &mut layers {
+            l.narrow = Some(l.ranges.len());
+        }
+        for w in wide.layers {
+            match layers.iter_mut().find(|l| l.layer == w.layer) {
+                Some(l) => {
+                    l.ranges.extend(w.ranges);
+                    l.diff_id = l.diff_id.take().or(w.diff_id);
+                }
+                None => layers.push(LayerTrace {
+                    narrow: Some(0),
+                    ..w
+                }),
+            }
+        }
+        Trace::new(layers)
     }
 
     pub fn range_count(&self) -> usize {
@@ -157,6 +190,13 @@ impl Trace {
                 .find(|&&[o, n]| n == 0 || o.checked_add(n).is_none())
             {
                 return Err(TraceError::BadRange(o, n));
+            }
+            if let Some(n) = l.narrow.filter(|&n| n > l.ranges.len()) {
+                return Err(TraceError::Malformed(format!(
+                    "layer {} marks {n} of its {} ranges narrow",
+                    l.layer.as_str(),
+                    l.ranges.len()
+                )));
             }
         }
         Ok(t)

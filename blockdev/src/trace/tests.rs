@@ -9,6 +9,7 @@ fn layer(l: &str, ranges: &[[u64; 2]]) -> LayerTrace {
         layer: LayerId::parse(l).unwrap(),
         diff_id: None,
         ranges: ranges.to_vec(),
+        narrow: None,
     }
 }
 
@@ -26,6 +27,47 @@ fn round_trips_with_its_version() {
     assert!(String::from_utf8_lossy(&bytes).contains("\"version\":2"));
     assert_eq!(Trace::decode(&bytes).unwrap(), t);
     assert_eq!(t.range_count(), 3);
+}
+
+#[test]
+fn a_profile_recorded_twice_marks_its_narrow_reads() {
+    let mut wide_a = layer(A, &[[0, 8192], [65536, 4096]]);
+    wide_a.diff_id = Some(B.to_owned());
+    let t = Trace::narrow_then_wide(
+        Trace::new([layer(A, &[[4096, 4096]])]),
+        Trace::new([layer(B, &[[0, 4096]]), wide_a]),
+    );
+    let layers: Vec<&str> = t.layers.iter().map(|l| l.layer.as_str()).collect();
+    assert_eq!(layers, [A, B], "the narrow run's layers keep their place");
+    let a = t.layer(A).unwrap();
+    assert_eq!(
+        a.ranges().collect::<Vec<_>>(),
+        [4096..8192, 0..8192, 65536..69632],
+        "the wide run's reads after the narrow run's"
+    );
+    assert_eq!((a.narrow, a.diff_id.as_deref()), (Some(1), Some(B)));
+    assert_eq!(t.layer(B).unwrap().narrow, Some(0), "read only with more");
+    assert_eq!(Trace::decode(&t.encode()).unwrap(), t);
+    // Bounded like any trace; the mark stays within the ranges.
+    let full: Vec<[u64; 2]> = (0..MAX_TRACE_RANGES as u64 + 1)
+        .map(|i| [i * 4096, 4096])
+        .collect();
+    let t = Trace::narrow_then_wide(Trace::new([]), Trace::new([layer(A, &full)]));
+    assert_eq!(t.range_count(), MAX_TRACE_RANGES);
+    let t = Trace::narrow_then_wide(Trace::new([layer(A, &full)]), Trace::new([]));
+    assert_eq!(t.layer(A).unwrap().narrow, Some(MAX_TRACE_RANGES));
+    // A mark past the ranges is refused.
+    let mut bad = layer(A, &[[0, 4096]]);
+    bad.narrow = Some(2);
+    let bytes = Trace {
+        version: TRACE_VERSION,
+        layers: vec![bad],
+    }
+    .encode();
+    assert!(matches!(
+        Trace::decode(&bytes),
+        Err(TraceError::Malformed(m)) if m.contains("2 of its 1 ranges")
+    ));
 }
 
 #[test]

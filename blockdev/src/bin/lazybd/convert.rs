@@ -30,18 +30,19 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
     /// Record the startup profile here: convert the image, run its
-    /// entrypoint once (Entrypoint + Cmd, Env, WorkingDir, User; runc, no
-    /// network) until it exits or --record-secs pass, and convert it again
-    /// with what it read stored first (as `ctr-remote image optimize`).
-    /// Needs root and runc (docs/convert.md#recording-a-profile).
+    /// entrypoint (Entrypoint + Cmd, Env, WorkingDir, User; runc, no
+    /// network) until it exits or --record-secs pass, with 16 KiB of
+    /// readahead and again with --record-read-ahead-kb, and convert it
+    /// again with what it read stored first (as `ctr-remote image
+    /// optimize`). Needs root and runc (docs/convert.md#recording-a-profile).
     #[arg(long, conflicts_with = "profile")]
     record_profile: bool,
-    /// Readahead in KiB of the recorded workload's lazy layers. The profile
-    /// holds what the workload read with it: record with the most a node's
-    /// lazy devices read ahead (`lazy_read_ahead_kb`), since a node that
-    /// reads ahead further than its profile misses around every profiled
-    /// read. Less moves fewer bytes on a slow link; 16 with nodes set to
-    /// 16 (docs/convert.md#recording-a-profile).
+    /// The most the nodes' lazy devices read ahead, KiB (their
+    /// `lazy_read_ahead_kb`): the second recording's readahead, since a
+    /// node that reads ahead further than its profile misses around every
+    /// profiled read. Its reads are stored after the first recording's (16
+    /// KiB), which is all a node on a slow link streams. 16 or less: one
+    /// recording (docs/convert.md#recording-a-profile).
     #[arg(long, value_name = "KIB", requires = "record_profile",
           default_value_t = NodeConfig::LAZY_READ_AHEAD_KB,
           value_parser = clap::value_parser!(u32).range(0..=4096))]

@@ -2,7 +2,7 @@
 //! blob (a local file) or of every layer of a converted image.
 
 use anyhow::{bail, Context, Result};
-use lazybd_blockdev::format::{ChunkKind, Footer, Index, FOOTER_LEN};
+use lazybd_blockdev::format::{ChunkKind, Footer, Index, FOOTER_LEN, NARROW_READ_AHEAD_KB};
 use lazybd_blockdev::oci::MEDIA_LAZYBD_LAYER;
 use lazybd_blockdev::source::{ChunkSource, FileSource};
 use serde::Serialize;
@@ -39,11 +39,16 @@ struct LayerSummary {
     zero_chunks: u64,
     stored_bytes: u64,
     /// The startup chunks, streamed when a node attaches the layer: the
-    /// first `prefetch_length` bytes of the blob. In version 2 the
+    /// first `prefetch_length` bytes of the blob. Since version 2 the
     /// superblock's chunk, a profile's reads if any, then the metadata;
     /// version 1 has none (0).
     prefetch_length: u64,
     prefetch_chunks: u64,
+    /// Of those, the first `prefetch_narrow_length` bytes are what a
+    /// container reads with little readahead (all of them unless a
+    /// profile recorded twice says otherwise; version 3).
+    prefetch_narrow_length: u64,
+    prefetch_narrow_chunks: u64,
     index_offset: u64,
     index_length: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,6 +148,8 @@ async fn summarize(
         stored_bytes: index.stored_bytes(),
         prefetch_length: index.prefetch_len,
         prefetch_chunks: index.prefetch_chunks().len() as u64,
+        prefetch_narrow_length: index.prefetch_narrow_len,
+        prefetch_narrow_chunks: index.prefetch_parts().0.len() as u64,
         index_offset: footer.index_offset,
         index_length: footer.index_length,
         chunks: chunks.then(|| {
@@ -191,6 +198,13 @@ fn print_text(l: &LayerSummary) {
         println!(
             "  startup       {} chunks in the first {} bytes (streamed at attach)",
             l.prefetch_chunks, l.prefetch_length
+        );
+    }
+    if l.prefetch_narrow_length < l.prefetch_length {
+        println!(
+            "  narrow part   {} chunks in the first {} bytes (alone on a node reading ahead \
+             at most {NARROW_READ_AHEAD_KB} KiB)",
+            l.prefetch_narrow_chunks, l.prefetch_narrow_length
         );
     }
     println!(

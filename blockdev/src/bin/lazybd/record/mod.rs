@@ -6,11 +6,14 @@
 //!    then convert the same image, downloaded once);
 //! 2. **pass 1** converts it, without a profile, into a scratch OCI layout;
 //! 3. **record**: that image is mounted lazily by this process
-//!    ([`rootfs`]) and its entrypoint runs once under runc ([`spec`],
-//!    [`runc`]) until it exits or `--record-secs` pass; every image byte
-//!    its layers were read for, in first-read order, with
-//!    `--record-read-ahead-kb` of readahead, is the profile. Each layer is
-//!    named there by its source diff_id too;
+//!    ([`rootfs`]) and its entrypoint runs under runc ([`spec`], [`runc`])
+//!    until it exits or `--record-secs` pass; every image byte its layers
+//!    were read for, in first-read order, is the profile. It runs twice,
+//!    from a fresh mount each time: with 16 KiB of readahead (the profile's
+//!    narrow part, what a node on a slow link reads) and with
+//!    `--record-read-ahead-kb` (what a node reading ahead that far reads
+//!    besides, stored after it); once when that is 16 or less. Each layer
+//!    is named there by its source diff_id too;
 //! 4. **pass 2** converts the source again with that profile (the EROFS
 //!    image of a layer is the same in both passes, so the profile's offsets
 //!    hold) into DST.
@@ -31,6 +34,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use lazybd_blockdev::convert::{self, ConvertOptions, Converted, ImageStore, LayoutStore};
+use lazybd_blockdev::format::NARROW_READ_AHEAD_KB;
 use lazybd_blockdev::trace::Trace;
 use tracing::{info, warn};
 
@@ -52,7 +56,9 @@ pub struct Recording {
     /// Where to write the workload's stdout and stderr (default: a scratch
     /// file, shown in part if the workload fails).
     pub log: Option<PathBuf>,
-    /// Readahead of the layers' loop devices while the workload runs, KiB.
+    /// The most the nodes' lazy devices read ahead, KiB: the readahead of
+    /// the layers' loop devices while the workload runs (after a run with
+    /// [`NARROW_READ_AHEAD_KB`] when this is more).
     pub read_ahead_kb: u32,
 }
 
@@ -186,7 +192,7 @@ impl Passes<'_> {
         &mut self,
         src: Arc<dyn ImageStore>,
         dst: Arc<dyn ImageStore>,
-        profile: std::collections::HashMap<String, Vec<std::ops::Range<u64>>>,
+        profile: std::collections::HashMap<String, convert::LayerProfile>,
     ) -> Result<Converted> {
         let opts = ConvertOptions {
             profile,
@@ -200,13 +206,35 @@ impl Passes<'_> {
         .await
     }
 
-    /// Mounts the pass-1 image, runs its workload, returns what it read.
+    /// Runs the pass-1 image's workload and returns what it read: with
+    /// `--record-read-ahead-kb` above the narrow readahead, once with that
+    /// (the narrow part) and again with `--record-read-ahead-kb`, the
+    /// second run's other reads after the first's.
     async fn record(&mut self, image: &str, workload: &Workload, runc: &Runc) -> Result<Trace> {
+        let (narrow, wide) = (NARROW_READ_AHEAD_KB, self.rec.read_ahead_kb);
+        if wide <= narrow {
+            return self.record_once(image, workload, runc, wide).await;
+        }
+        let first = self.record_once(image, workload, runc, narrow).await?;
+        let second = self.record_once(image, workload, runc, wide).await?;
+        Ok(Trace::narrow_then_wide(first, second))
+    }
+
+    /// Mounts the pass-1 image afresh (nothing cached), runs its workload
+    /// with `read_ahead_kb` of readahead, returns what it read.
+    async fn record_once(
+        &mut self,
+        image: &str,
+        workload: &Workload,
+        runc: &Runc,
+        read_ahead_kb: u32,
+    ) -> Result<Trace> {
         let layers = OpenImage::open(image, self.registry)
             .await?
             .lazy_layers(image, false)?;
-        let rootfs =
-            LazyRootfs::mount(layers, &self.scratch.join("mount"), self.rec.read_ahead_kb).await?;
+        let dir = self.scratch.join(format!("mount-{read_ahead_kb}"));
+        info!("recording with {read_ahead_kb} KiB of readahead");
+        let rootfs = LazyRootfs::mount(layers, &dir, read_ahead_kb).await?;
         let recorded = self.run_workload(&rootfs, workload, runc).await;
         let down = rootfs.unmount().await;
         let trace = recorded?;
