@@ -21,7 +21,9 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::cache::{CacheError, ChunkCache, IMAGE_FILE};
-use crate::fetch::{read_verified, ChunkFetcher, FetchConfig, LinkEstimate, ReadError};
+use crate::fetch::{
+    read_verified, ChunkFetcher, FetchConfig, LazyReadAhead, LinkEstimate, ReadError,
+};
 use crate::format::{
     max_index_len, sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN, FORMAT_VERSION,
 };
@@ -102,6 +104,8 @@ pub struct NodeContext {
     pub gate: Arc<PriorityGate>,
     /// What the link to the sources moves: sizes demand windows.
     pub link: Arc<LinkEstimate>,
+    /// How far the node's lazy devices read ahead.
+    pub read_ahead: LazyReadAhead,
 }
 
 impl NodeContext {
@@ -111,6 +115,7 @@ impl NodeContext {
             fetch,
             gate: PriorityGate::new(),
             link: Arc::default(),
+            read_ahead: LazyReadAhead::default(),
         }
     }
 }
@@ -207,7 +212,7 @@ impl LazyLayer {
                 stats.clone(),
                 config.clone(),
             )
-            .on_node(node.gate.clone(), node.link.clone()),
+            .on_node(node.gate.clone(), node.link.clone(), node.read_ahead),
         );
         let stream = AbortOnDrop(fetcher.start_stream());
         Ok(LazyLayer {

@@ -72,7 +72,7 @@ impl LayerManager {
             layer: layer.clone(),
             orphans: self.orphans.take(&name),
             restoring: self.shared.files.is_restoring(),
-            lazy_read_ahead_kb: self.lazy_read_ahead_kb(),
+            lazy_read_ahead_kb: self.lazy_read_ahead_kb(&layer),
         };
         // Blocking work, and mounting EROFS reads the superblock through our
         // FUSE file, whose misses are fetched on this runtime: never block it.

@@ -23,6 +23,7 @@ use super::readahead;
 use super::resume;
 use super::table::{lock, LayerStatus, Shared, Table};
 use super::{DeviceError, NodeConfig};
+use crate::fetch::LazyReadAhead;
 use crate::gate::PriorityGate;
 use crate::layer::{LazyLayer, NodeContext};
 use crate::oci::LayerId;
@@ -126,6 +127,10 @@ impl LayerManager {
         }
         let node = NodeContext {
             stats: shared.stats.clone(),
+            read_ahead: LazyReadAhead {
+                max_kb: config.lazy_read_ahead_kb,
+                follows_link: config.lazy_read_ahead_follows_link,
+            },
             ..NodeContext::new(config.fetch.clone())
         };
         let prefetcher = Prefetcher::new(node.gate.clone(), config.prefetch_rate);
@@ -134,7 +139,7 @@ impl LayerManager {
                 tokio::spawn(readahead::follow_link(
                     shared.clone(),
                     node.link.clone(),
-                    config.lazy_read_ahead_kb,
+                    node.read_ahead,
                 ))
             });
         info!(

@@ -27,6 +27,7 @@
 
 mod config;
 mod link;
+mod read_ahead;
 mod receive;
 mod retry;
 mod stream;
@@ -47,6 +48,7 @@ use tracing::{error, warn};
 
 pub use config::FetchConfig;
 pub use link::LinkEstimate;
+pub use read_ahead::LazyReadAhead;
 pub use verified_range::read_verified;
 
 use crate::cache::{CacheError, ChunkCache};
@@ -161,6 +163,9 @@ pub struct ChunkFetcher {
     gate: Arc<PriorityGate>,
     /// Shared by the node's fetchers: sizes demand windows.
     link: Arc<LinkEstimate>,
+    /// How far the node's lazy devices read ahead: which part of the
+    /// prefetch area the startup stream fetches.
+    read_ahead: LazyReadAhead,
     /// Chunks of replayed traces: a miss on one is counted.
     replayed: Mutex<HashSet<u64>>,
 }
@@ -191,14 +196,22 @@ impl ChunkFetcher {
             inflight: Mutex::new(HashMap::new()),
             gate: PriorityGate::new(),
             link: Arc::default(),
+            read_ahead: LazyReadAhead::default(),
             replayed: Mutex::default(),
         }
     }
 
-    /// Uses the node's priority gate and link estimate instead of private ones.
-    pub fn on_node(mut self, gate: Arc<PriorityGate>, link: Arc<LinkEstimate>) -> Self {
+    /// Uses the node's priority gate, link estimate and readahead instead
+    /// of private ones.
+    pub fn on_node(
+        mut self,
+        gate: Arc<PriorityGate>,
+        link: Arc<LinkEstimate>,
+        read_ahead: LazyReadAhead,
+    ) -> Self {
         self.gate = gate;
         self.link = link;
+        self.read_ahead = read_ahead;
         self
     }
 

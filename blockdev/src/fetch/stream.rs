@@ -4,7 +4,8 @@
 //!
 //! Two things are streamed. The startup stream is a blob's prefetch area,
 //! which a profiled conversion filled with what the container reads first,
-//! in that order: one range. A trace replay is what a node saw an image's
+//! in that order: one range (two with a narrow part, see
+//! [`ChunkFetcher::start_stream`]). A trace replay is what a node saw an image's
 //! container read, in a blob converted without that profile: the chunks are
 //! scattered, and fetching each on its own costs a round trip per chunk (the
 //! python image's replay sent 190 requests for 9 MiB). So a replay fills
@@ -23,6 +24,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::{claim, ChunkFetcher, Flight, Kind};
+use crate::format::NARROW_READ_AHEAD_KB;
 
 /// Ranges a trace replay keeps in flight per layer: one streaming while
 /// the next one's request is on its way, so the link does not idle for a
@@ -58,23 +60,33 @@ struct Plan {
 impl ChunkFetcher {
     /// Starts fetching the blob's startup chunks (its prefetch area) as one
     /// streamed range per run of missing ones, at demand priority; readers
-    /// join it. Returns the task, or `None` when there is nothing to fetch.
+    /// join it. The narrow part first; the rest of the area in a later turn,
+    /// and only if the node's lazy devices read ahead further than the
+    /// narrow part was recorded with: a node on a slow link reads none of
+    /// it. Returns the task, or `None` when there is nothing to fetch.
     pub fn start_stream(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        let missing: Vec<u64> = self
-            .index
-            .prefetch_chunks()
-            .into_iter()
-            .filter(|&c| !self.cache.is_present(c))
-            .collect();
-        if missing.is_empty() {
+        let (narrow, wide) = self.index.prefetch_parts();
+        let missing = |chunks: Vec<u64>| -> Vec<u64> {
+            chunks
+                .into_iter()
+                .filter(|&c| !self.cache.is_present(c))
+                .collect()
+        };
+        let (narrow, wide) = (missing(narrow), missing(wide));
+        if narrow.is_empty() && wide.is_empty() {
             return None;
         }
         let fetcher = self.clone();
         let demand = self.gate.demand();
         info!(
-            "layer {}: streaming {} startup chunks",
+            "layer {}: streaming {} startup chunks{}",
             self.layer,
-            missing.len()
+            narrow.len(),
+            match wide.len() {
+                0 => String::new(),
+                n =>
+                    format!(", then {n} more if its readahead is above {NARROW_READ_AHEAD_KB} KiB"),
+            }
         );
         let plan = Plan {
             kind: Kind::Stream,
@@ -84,8 +96,26 @@ impl ChunkFetcher {
         };
         Some(tokio::spawn(async move {
             let _demand = demand;
+            {
+                let _turn = fetcher.gate.startup_turn(STARTUP_TURN_WAIT).await;
+                fetcher.stream(&narrow, plan).await;
+            }
+            if wide.is_empty() {
+                return;
+            }
+            // Behind the other layers' narrow parts, which began meanwhile:
+            // what every node reads first, and more time for the estimate.
             let _turn = fetcher.gate.startup_turn(STARTUP_TURN_WAIT).await;
-            fetcher.stream(&missing, plan).await;
+            let kb = fetcher.read_ahead.kb(&fetcher.link, true);
+            if kb > NARROW_READ_AHEAD_KB {
+                fetcher.stream(&wide, plan).await;
+            } else {
+                info!(
+                    "layer {}: readahead {kb} KiB: the other {} startup chunks are left to readers",
+                    fetcher.layer,
+                    wide.len()
+                );
+            }
         }))
     }
 

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::format::{sha256, write_blob, Layout, Shape};
+use crate::format::{sha256, write_blob, Layout, Shape, NARROW_READ_AHEAD_KB};
 use crate::source::{Answer, SourceError, Verdict};
 
 const CS: u32 = 4096;
@@ -168,6 +168,12 @@ fn fixture() -> Fixture {
 
 /// [`fixture`] with the chunks `profile` names stored first, in its order.
 fn fixture_profiled(profile: &[u64]) -> Fixture {
+    fixture_narrow(profile, None)
+}
+
+/// [`fixture_profiled`] with the first `narrow` of the profile's chunks
+/// its narrow part (`None`: all).
+fn fixture_narrow(profile: &[u64], narrow: Option<usize>) -> Fixture {
     let image: Vec<u8> = (0..8 * CS as usize)
         .map(|i| b"abcdefgh"[(i / CS as usize) % 8] ^ (i % 7) as u8)
         .collect();
@@ -178,6 +184,7 @@ fn fixture_profiled(profile: &[u64]) -> Fixture {
         .collect();
     let shape = Shape {
         profile: &ranges,
+        narrow,
         ..Shape::default()
     };
     let layout = Layout::plan(image.len() as u64, CS, &shape).unwrap();
@@ -593,6 +600,43 @@ async fn the_startup_stream_fetches_the_profile_first_in_one_request() {
         "{p:?}"
     );
     assert!(fetcher.start_stream().is_none(), "nothing left to stream");
+}
+
+/// A node whose lazy devices read ahead no further than the narrow part
+/// was recorded with streams that part alone; one reading ahead further
+/// streams the rest of the area after it, as a second range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_startup_stream_takes_the_wide_reads_only_for_a_wide_readahead() {
+    for (kb, wide) in [(NARROW_READ_AHEAD_KB, false), (128, true)] {
+        let f = fixture_narrow(&[5, 2, 6], Some(1));
+        assert_eq!(f.index.prefetch_parts(), (vec![5], vec![2, 6]));
+        let registry = f.source("registry", Behavior::Good);
+        let read_ahead = LazyReadAhead {
+            max_kb: kb,
+            follows_link: false,
+        };
+        let fetcher = Arc::new(
+            Arc::into_inner(f.fetcher(vec![registry.clone()], quick()))
+                .unwrap()
+                .on_node(PriorityGate::new(), Arc::default(), read_ahead),
+        );
+        fetcher
+            .start_stream()
+            .expect("something to stream")
+            .await
+            .unwrap();
+        let (narrow, whole) = (f.index.prefetch_narrow_len, f.index.prefetch_len);
+        let expected: Vec<Range<u64>> = std::iter::once(0..narrow)
+            .chain(wide.then_some(narrow..whole))
+            .collect();
+        assert_eq!(*registry.ranges.lock().unwrap(), expected, "{kb} KiB");
+        f.cached(5);
+        for c in [2, 6] {
+            assert_eq!(f.cache.is_present(c), wide, "chunk {c} at {kb} KiB");
+        }
+        let streamed = f.stats.prefetch.snapshot().startup_chunks;
+        assert_eq!(streamed, if wide { 3 } else { 1 }, "{kb} KiB");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
