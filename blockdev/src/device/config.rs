@@ -55,7 +55,7 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// `lazy_read_ahead_kb` unless configured.
-    pub const LAZY_READ_AHEAD_KB: u32 = 128;
+    pub const LAZY_READ_AHEAD_KB: u32 = crate::fetch::LazyReadAhead::DEFAULT_MAX_KB;
 
     pub fn new(root: impl Into<PathBuf>) -> Self {
         NodeConfig {

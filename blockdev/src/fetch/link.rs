@@ -42,6 +42,18 @@
 //! follows the sustained rate and ignores those bursts. The estimate is
 //! node-wide (every layer shares the link); until the first samples arrive
 //! there is no window.
+//!
+//! **What the link sustains** ([`LinkEstimate::sustained_rate`]) is asked
+//! apart: whether a layer's startup stream should also take what only a
+//! fast node reads (`read_ahead`). An answer's own sample comes at its
+//! end, and a startup stream of megabytes on a slow link ends after the
+//! container opened its files. So long answers are also sampled in pieces
+//! of 256 KiB as they stream in, and the sustained rate is a low quantile
+//! of those, once there are eight (2 MiB): the first megabyte of an answer
+//! may come out of a shaper's token bucket at line rate. Kept out of the
+//! windows and the other readahead, which follow answers as before: a few
+//! pieces from the start of a stream, out of such a bucket, would move them
+//! at the moment its container opens files.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +71,10 @@ const MIN_SAMPLE_BYTES: u64 = 32 << 10;
 /// A long answer is sampled every this many bytes as it streams in
 /// ([`LinkEstimate::sample_piece`]).
 pub(super) const PIECE_BYTES: u64 = 256 << 10;
+/// Pieces whose throughput the sustained rate is a low quantile of.
+const PIECE_SAMPLES: usize = 16;
+/// Pieces before there is a sustained rate.
+const MIN_PIECES: usize = 8;
 
 #[derive(Debug, Default)]
 pub struct LinkEstimate {
@@ -88,6 +104,8 @@ struct State {
     ttfb: VecDeque<f64>,
     /// Bytes per second while a body streamed, latest last.
     rates: VecDeque<f64>,
+    /// Bytes per second of pieces of long answers, latest last.
+    pieces: VecDeque<f64>,
 }
 
 impl LinkEstimate {
@@ -110,21 +128,27 @@ impl LinkEstimate {
             }
             s.ttfb.push_back(ttfb.as_secs_f64());
         }
-        s.add_rate(bytes, transfer);
+        if bytes >= MIN_SAMPLE_BYTES && !transfer.is_zero() {
+            if s.rates.len() == RATE_SAMPLES {
+                s.rates.pop_front();
+            }
+            s.rates.push_back(bytes as f64 / transfer.as_secs_f64());
+        }
         drop(s);
         self.sampled.notify_one();
     }
 
     /// A piece of a long answer still streaming in: `bytes` over
-    /// `transfer`. The answer's own sample comes at its end, which for a
-    /// startup stream of megabytes on a slow link is after a container
-    /// opened its files with the readahead of the estimate before: the
-    /// first pieces of an answer come out of a shaper's token bucket at
-    /// line rate, the later ones at the link's, and the low quantile
-    /// follows those once there are a few.
+    /// `transfer` (see the module docs).
     pub fn sample_piece(&self, bytes: u64, transfer: Duration) {
+        if transfer.is_zero() {
+            return;
+        }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.add_rate(bytes, transfer);
+        if s.pieces.len() == PIECE_SAMPLES {
+            s.pieces.pop_front();
+        }
+        s.pieces.push_back(bytes as f64 / transfer.as_secs_f64());
         drop(s);
         self.sampled.notify_one();
     }
@@ -152,11 +176,14 @@ impl LinkEstimate {
         Some(((bdp / 2.0) as u64).min(max))
     }
 
-    /// Bytes per second the link sustains (a low quantile of recent
-    /// transfers, see the module docs); `None` until the first.
-    pub fn rate(&self) -> Option<f64> {
+    /// Bytes per second the link sustains under a long answer (see the
+    /// module docs); `None` until enough of it streamed.
+    pub fn sustained_rate(&self) -> Option<f64> {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        quantile(&s.rates, 4)
+        if s.pieces.len() < MIN_PIECES {
+            return None;
+        }
+        quantile(&s.pieces, 4)
     }
 
     /// Bytes the link moves in one round trip.
@@ -165,17 +192,6 @@ impl LinkEstimate {
         let rtt = median(&s.ttfb)?;
         let rate = quantile(&s.rates, 4)?;
         Some(rate * rtt)
-    }
-}
-
-impl State {
-    fn add_rate(&mut self, bytes: u64, transfer: Duration) {
-        if bytes >= MIN_SAMPLE_BYTES && !transfer.is_zero() {
-            if self.rates.len() == RATE_SAMPLES {
-                self.rates.pop_front();
-            }
-            self.rates.push_back(bytes as f64 / transfer.as_secs_f64());
-        }
     }
 }
 
@@ -248,22 +264,25 @@ mod tests {
     }
 
     #[test]
-    fn a_long_answer_moves_the_rate_while_it_streams() {
+    fn a_long_answer_says_what_the_link_sustains_before_it_ends() {
         let link = LinkEstimate::default();
         let ms = Duration::from_millis;
-        // An index fetch: 2 ms to the first byte, too short for a rate.
-        link.sample(link.send(), ms(2), 16 << 10, ms(1));
-        assert_eq!(link.worth_along(1 << 30), None, "no rate yet");
+        let mb_s = |link: &LinkEstimate| link.sustained_rate().map(|r| (r / 1e6) as u64);
         // A startup stream at 100 Mbit/s whose first megabyte came out of
-        // the shaper's bucket at line rate.
+        // the shaper's bucket at line rate (1 GB/s).
         for _ in 0..4 {
-            link.sample_piece(PIECE_BYTES, Duration::from_micros(250));
+            link.sample_piece(PIECE_BYTES, Duration::from_micros(262));
         }
-        assert!(sizes(&link).1 > 500, "the bucket looks like a fast link");
-        for _ in 0..2 {
+        assert_eq!(mb_s(&link), None, "too little streamed to say");
+        for _ in 0..3 {
             link.sample_piece(PIECE_BYTES, ms(21));
         }
-        // 12.5 MB/s, 2 ms: 25 KB in a round trip, before the answer ends.
-        assert_eq!(sizes(&link), (49, 12));
+        assert_eq!(mb_s(&link), None);
+        link.sample_piece(PIECE_BYTES, ms(21));
+        assert_eq!(mb_s(&link), Some(12), "the bucket is left out");
+        // Pieces move neither the windows nor worth along.
+        assert_eq!(link.worth_along(1 << 30), None);
+        link.sample(link.send(), ms(2), 1 << 20, ms(1));
+        assert_eq!(sizes(&link), (4194, 1048), "1 GB/s from the whole answer");
     }
 }

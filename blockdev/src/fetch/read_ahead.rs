@@ -53,13 +53,16 @@ impl Default for LazyReadAhead {
     /// any node's do by default.
     fn default() -> Self {
         LazyReadAhead {
-            max_kb: 128,
+            max_kb: Self::DEFAULT_MAX_KB,
             follows_link: false,
         }
     }
 }
 
 impl LazyReadAhead {
+    /// A node's `lazy_read_ahead_kb` unless configured.
+    pub const DEFAULT_MAX_KB: u32 = 128;
+
     /// The readahead of a lazy device on `link` now, in KiB. `split`: its
     /// layer's prefetch area has a narrow part and more after it.
     pub fn kb(&self, link: &LinkEstimate, split: bool) -> u32 {
@@ -70,7 +73,7 @@ impl LazyReadAhead {
         if !split {
             return by_link;
         }
-        if link.rate().is_some_and(|r| r >= WIDE_RATE) {
+        if link.sustained_rate().is_some_and(|r| r >= WIDE_RATE) {
             by_link.max(NARROW_READ_AHEAD_KB).min(self.max_kb)
         } else {
             NARROW_READ_AHEAD_KB.min(self.max_kb)
@@ -106,6 +109,9 @@ mod tests {
         let link = LinkEstimate::default();
         let bytes = rate_bytes_per_sec / 10;
         link.sample(link.send(), rtt, bytes, Duration::from_millis(100));
+        for _ in 0..8 {
+            link.sample_piece(bytes, Duration::from_millis(100));
+        }
         link
     }
 
@@ -147,6 +153,9 @@ mod tests {
         let ms = Duration::from_millis;
         let narrow = NARROW_READ_AHEAD_KB;
         assert_eq!(kb(128, &LinkEstimate::default()), narrow, "no estimate");
+        let answers_only = LinkEstimate::default();
+        answers_only.sample(answers_only.send(), ms(2), 1 << 20, ms(1));
+        assert_eq!(kb(128, &answers_only), narrow, "nothing long streamed yet");
         // 100 Mbit/s: the narrow part's readahead, whatever the round trip.
         assert_eq!(kb(128, &link(12_500_000, ms(8))), narrow);
         assert_eq!(kb(128, &link(12_500_000, ms(1))), narrow);
