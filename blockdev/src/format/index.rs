@@ -469,15 +469,13 @@ fn check_prefetch(
     data_len: u64,
     chunks: &[ChunkEntry],
 ) -> Result<(), FormatError> {
-    let splits = splitting(prefetch_len, chunks);
-    if prefetch_len > data_len || splits.is_some() {
-        return Err(FormatError::BadPrefetchLength {
+    whole_chunks_within(prefetch_len, data_len, chunks).map_err(|index| {
+        FormatError::BadPrefetchLength {
             prefetch_len,
             data_len,
-            index: splits.unwrap_or(0),
-        });
-    }
-    Ok(())
+            index,
+        }
+    })
 }
 
 /// The narrow part is a prefix of the prefetch area made of whole chunks.
@@ -486,13 +484,21 @@ fn check_narrow(
     prefetch_len: u64,
     chunks: &[ChunkEntry],
 ) -> Result<(), FormatError> {
-    let splits = splitting(narrow_len, chunks);
-    if narrow_len > prefetch_len || splits.is_some() {
-        return Err(FormatError::BadNarrowLength {
+    whole_chunks_within(narrow_len, prefetch_len, chunks).map_err(|index| {
+        FormatError::BadNarrowLength {
             narrow_len,
             prefetch_len,
-            index: splits.unwrap_or(0),
-        });
+            index,
+        }
+    })
+}
+
+/// Whether the first `len` blob bytes are at most `limit` and end between
+/// chunks; else the chunk they split (0 if none).
+fn whole_chunks_within(len: u64, limit: u64, chunks: &[ChunkEntry]) -> Result<(), u64> {
+    let splits = splitting(len, chunks);
+    if len > limit || splits.is_some() {
+        return Err(splits.unwrap_or(0));
     }
     Ok(())
 }

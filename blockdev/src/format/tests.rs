@@ -167,6 +167,15 @@ fn index_digest_mismatch() {
 /// structural checks behind the digest are what gets tested.
 fn reindex(img: &[u8], f: impl FnOnce(&mut Index)) -> Result<Index, FormatError> {
     let (blob, w) = blob_of(img);
+    reindex_blob(&blob, &w, f)
+}
+
+/// [`reindex`] of a blob already written.
+fn reindex_blob(
+    blob: &[u8],
+    w: &WrittenBlob,
+    f: impl FnOnce(&mut Index),
+) -> Result<Index, FormatError> {
     let mut index = w.index.clone();
     f(&mut index);
     let bytes = index.to_bytes();
@@ -394,21 +403,7 @@ fn the_narrow_part_ends_where_the_narrow_reads_do() {
     assert_eq!(decode_all(&blob, &index), img);
 
     let (narrow, whole) = (index.prefetch_narrow_len, index.prefetch_len);
-    let rewrite = |f: &dyn Fn(&mut Index)| {
-        let mut i = index.clone();
-        f(&mut i);
-        let bytes = i.to_bytes();
-        let mut out = blob[..w.footer.index_offset as usize].to_vec();
-        let footer = Footer {
-            version: i.version,
-            index_offset: out.len() as u64,
-            index_length: bytes.len() as u64,
-            index_digest: sha256(&bytes),
-        };
-        out.extend(&bytes);
-        out.extend(footer.to_bytes());
-        parse(&out)
-    };
+    let rewrite = |f: &dyn Fn(&mut Index)| reindex_blob(&blob, &w, f);
     let v2 = rewrite(&|i| i.version = FORMAT_V2).unwrap();
     assert_eq!(v2.prefetch_narrow_len, whole, "version 2: the whole area");
     assert_eq!(v2.prefetch_parts(), (vec![2, 0], vec![]));
