@@ -123,16 +123,11 @@ impl LinkEstimate {
     pub fn sample(&self, sent: InFlight<'_>, ttfb: Duration, bytes: u64, transfer: Duration) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if sent.alone {
-            if s.ttfb.len() == RTT_SAMPLES {
-                s.ttfb.pop_front();
-            }
-            s.ttfb.push_back(ttfb.as_secs_f64());
+            push_latest(&mut s.ttfb, ttfb.as_secs_f64(), RTT_SAMPLES);
         }
         if bytes >= MIN_SAMPLE_BYTES && !transfer.is_zero() {
-            if s.rates.len() == RATE_SAMPLES {
-                s.rates.pop_front();
-            }
-            s.rates.push_back(bytes as f64 / transfer.as_secs_f64());
+            let rate = bytes as f64 / transfer.as_secs_f64();
+            push_latest(&mut s.rates, rate, RATE_SAMPLES);
         }
         drop(s);
         self.sampled.notify_one();
@@ -145,10 +140,8 @@ impl LinkEstimate {
             return;
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.pieces.len() == PIECE_SAMPLES {
-            s.pieces.pop_front();
-        }
-        s.pieces.push_back(bytes as f64 / transfer.as_secs_f64());
+        let rate = bytes as f64 / transfer.as_secs_f64();
+        push_latest(&mut s.pieces, rate, PIECE_SAMPLES);
         drop(s);
         self.sampled.notify_one();
     }
@@ -193,6 +186,14 @@ impl LinkEstimate {
         let rate = quantile(&s.rates, 4)?;
         Some(rate * rtt)
     }
+}
+
+/// Appends `sample`, dropping the oldest beyond the last `keep`.
+fn push_latest(samples: &mut VecDeque<f64>, sample: f64, keep: usize) {
+    if samples.len() == keep {
+        samples.pop_front();
+    }
+    samples.push_back(sample);
 }
 
 fn median(samples: &VecDeque<f64>) -> Option<f64> {
