@@ -1,5 +1,5 @@
 //! `lazybd convert --record-profile`: the image's entrypoint runs under
-//! real runc on a lazy mount of a first conversion (with 16 KiB of
+//! real runc on a lazy mount of a first conversion (with 4 KiB of
 //! readahead, then with 128), and what it read is stored first in the
 //! second. A busybox image whose entrypoint reads a few
 //! files; the profile must hold reads, the result must carry them in its
@@ -91,7 +91,7 @@ fn a_recorded_profile_is_stored_first_and_reproducible() {
         .expect("the profile is a trace");
     assert_eq!(trace.layers.len(), 1, "one layer read");
     assert!(trace.range_count() > 0);
-    // Recorded with 16 KiB of readahead and again with 128: the first
+    // Recorded with 4 KiB of readahead and again with 128: the first
     // run's reads are marked as the narrow part, which the blob stores
     // first (all of it, for a workload that reads a file front to back).
     let narrow = trace.layers[0].narrow.expect("recorded twice");

@@ -49,8 +49,12 @@ pub const FORMAT_V1: u32 = 1;
 pub const FORMAT_V2: u32 = 2;
 /// The most a node's lazy devices may read ahead, in KiB, for the narrow
 /// part of a version 3 prefetch area to hold all it reads at start
-/// ([`Index::prefetch_narrow_len`]).
-pub const NARROW_READ_AHEAD_KB: u32 = 16;
+/// ([`Index::prefetch_narrow_len`]). One page: the least a device reads,
+/// so the narrow part is what the workload itself reads. Measured with
+/// the python, node and large images at 100 Mbit/s: 16 KiB moved 1.0-1.8x
+/// the workload's compressed read volume, 8 KiB 0.9-1.6x, 4 KiB 0.9-1.4x,
+/// and each smaller one started all three sooner (docs/benchmarks.md).
+pub const NARROW_READ_AHEAD_KB: u32 = 4;
 pub const FOOTER_MAGIC: [u8; 8] = *b"LAZYBDFT";
 pub const INDEX_MAGIC: [u8; 8] = *b"LAZYBDIX";
 pub const FOOTER_LEN: u64 = 64;

@@ -31,7 +31,7 @@ pub struct Args {
     profile: Option<PathBuf>,
     /// Record the startup profile here: convert the image, run its
     /// entrypoint (Entrypoint + Cmd, Env, WorkingDir, User; runc, no
-    /// network) until it exits or --record-secs pass, with 16 KiB of
+    /// network) until it exits or --record-secs pass, with 4 KiB of
     /// readahead and again with --record-read-ahead-kb, and convert it
     /// again with what it read stored first (as `ctr-remote image
     /// optimize`). Needs root and runc (docs/convert.md#recording-a-profile).
@@ -40,8 +40,8 @@ pub struct Args {
     /// The most the nodes' lazy devices read ahead, KiB (their
     /// `lazy_read_ahead_kb`): the second recording's readahead, since a
     /// node that reads ahead further than its profile misses around every
-    /// profiled read. Its reads are stored after the first recording's (16
-    /// KiB), which is all a node on a slow link streams. 16 or less: one
+    /// profiled read. Its reads are stored after the first recording's (4
+    /// KiB), which is all a node on a slow link streams. 4 or less: one
     /// recording (docs/convert.md#recording-a-profile).
     #[arg(long, value_name = "KIB", requires = "record_profile",
           default_value_t = NodeConfig::LAZY_READ_AHEAD_KB,

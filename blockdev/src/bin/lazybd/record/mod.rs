@@ -9,10 +9,10 @@
 //!    ([`rootfs`]) and its entrypoint runs under runc ([`spec`], [`runc`])
 //!    until it exits or `--record-secs` pass; every image byte its layers
 //!    were read for, in first-read order, is the profile. It runs twice,
-//!    from a fresh mount each time: with 16 KiB of readahead (the profile's
-//!    narrow part, what a node on a slow link reads) and with
+//!    from a fresh mount each time: with 4 KiB of readahead (one page, the
+//!    profile's narrow part, what a node on a slow link reads) and with
 //!    `--record-read-ahead-kb` (what a node reading ahead that far reads
-//!    besides, stored after it); once when that is 16 or less. Each layer
+//!    besides, stored after it); once when that is 4 or less. Each layer
 //!    is named there by its source diff_id too;
 //! 4. **pass 2** converts the source again with that profile (the EROFS
 //!    image of a layer is the same in both passes, so the profile's offsets
