@@ -133,12 +133,7 @@ impl BoundedClient {
             let response = self.respond(target, url, accept, what).await?;
             read_body(response, limit, what).await
         };
-        tokio::time::timeout(REQUEST_DEADLINE, exchange)
-            .await
-            .map_err(|_| RegistryError::Transient {
-                what: what.to_owned(),
-                message: format!("no complete answer within {REQUEST_DEADLINE:?}"),
-            })?
+        within_deadline(what, "complete answer", exchange).await
     }
 
     /// GETs the blob at `url` into `file`, hashing it: at most `max_len`
@@ -302,7 +297,7 @@ impl BoundedClient {
                     Some(challenge) => {
                         let what = format!("{what}: authorizing");
                         let token = self.token(target, access, &what, &challenge);
-                        Some(within_deadline(&what, token).await?)
+                        Some(within_deadline(&what, "token", token).await?)
                     }
                     None => None,
                 };
@@ -335,7 +330,7 @@ impl BoundedClient {
             return Ok(a.clone());
         }
         let what = format!("{what}: authorizing");
-        let a = within_deadline(&what, self.authorize(target, access, &what)).await?;
+        let a = within_deadline(&what, "token", self.authorize(target, access, &what)).await?;
         *cached = Some(a.clone());
         Ok(a)
     }
@@ -416,17 +411,19 @@ impl BoundedClient {
     }
 }
 
-/// An authorization (ping and token, or token alone) within the deadline
-/// of one request.
-async fn within_deadline(
+/// `waiting` (an answer, or an authorization: ping and token, or token
+/// alone) within the deadline of one request; past it, a transient error
+/// saying which `awaited` thing did not come.
+async fn within_deadline<T>(
     what: &str,
-    authorizing: impl std::future::Future<Output = Result<Authorization, RegistryError>>,
-) -> Result<Authorization, RegistryError> {
-    tokio::time::timeout(REQUEST_DEADLINE, authorizing)
+    awaited: &str,
+    waiting: impl std::future::Future<Output = Result<T, RegistryError>>,
+) -> Result<T, RegistryError> {
+    tokio::time::timeout(REQUEST_DEADLINE, waiting)
         .await
         .map_err(|_| RegistryError::Transient {
             what: what.to_owned(),
-            message: format!("no token within {REQUEST_DEADLINE:?}"),
+            message: format!("no {awaited} within {REQUEST_DEADLINE:?}"),
         })?
 }
 
