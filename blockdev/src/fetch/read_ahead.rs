@@ -35,10 +35,10 @@ const MIN_KB: u32 = 16;
 /// images and the narrow part recorded with one page: at 300 Mbit/s, as at
 /// 100, the narrow part alone started all three sooner than both parts with
 /// the link's readahead (node 0.62 s against 0.65 s, large 0.39 s against
-/// 0.53 s), at 1 Gbit/s later (node 0.63 s against 0.35 s):
-/// each page is one trip through the loop device and FUSE, which a fast
-/// link no longer hides (docs/benchmarks.md). Between 300 Mbit/s and
-/// 1 Gbit/s nothing was measured; this is about 320 Mbit/s.
+/// 0.53 s), at 1 Gbit/s later (node 0.63 s against 0.35 s): each page is
+/// one trip through the loop device and FUSE, which a fast link no longer
+/// hides (docs/benchmarks.md). Between 300 Mbit/s and 1 Gbit/s nothing was
+/// measured; this is about 320 Mbit/s.
 pub const WIDE_RATE: f64 = 40e6;
 
 /// A node's rule for the readahead of its lazy devices.
