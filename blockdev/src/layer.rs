@@ -339,6 +339,11 @@ impl LazyLayer {
         self.index.image_size
     }
 
+    /// Chunk `c` is in the cache.
+    pub fn is_present(&self, c: u64) -> bool {
+        self.cache.is_present(c)
+    }
+
     pub fn chunks_present(&self) -> u64 {
         self.cache.present_count()
     }
@@ -381,6 +386,32 @@ impl LazyLayer {
         self.stats
             .record_read(started.elapsed(), len, result.is_ok());
         Some(result)
+    }
+
+    /// Reads `buf.len()` image bytes at `offset` if every chunk they touch
+    /// is present; never fetches, and is neither a container's read (no
+    /// trace, no read counters) nor an error worth a warning when they are
+    /// missing (`NotFound`). For the page-cache warming (`device::warm`).
+    pub fn read_if_present(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let len = buf.len() as u64;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.index.image_size)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("[{offset}, +{len}) is past the image"),
+            ));
+        }
+        let chunks = self.index.chunks_for(offset, len);
+        if !chunks.clone().all(|c| self.cache.is_present(c)) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("[{offset}, +{len}) is not all cached"),
+            ));
+        }
+        self.read_present(offset, buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     /// Reads image bytes, fetching missing chunks first; fails after the

@@ -21,19 +21,21 @@
 //! source             where chunks come from: file, registry, peer, super node
 //! p2p                the node's peer, the super node, their wire contract
 //! registry, trace    the OCI distribution client; startup traces
+//! erofs              which inode's data lies where in a layer's image
 //! cache, oci         verified chunks on disk; media types, digests, labels
 //! format, gate, stats  the blob's chunks, index and footer; read-before-
 //!                    background priority; counters
 //! ```
 //!
 //! [`convert`] (OCI image to lazybd image) stands beside the read path and
-//! uses only `format`, `oci` and `registry`; [`local_server`] (sockets,
+//! uses only `erofs`, `format`, `oci` and `registry`; [`local_server`] (sockets,
 //! peer checks and connection slots of the node's local control servers)
 //! uses nothing of it.
 
 pub mod cache;
 pub mod convert;
 pub mod device;
+pub mod erofs;
 pub mod fetch;
 pub mod format;
 pub mod gate;

@@ -72,6 +72,10 @@ pub struct AttachCounters {
     pub attaches: AtomicU64,
     pub index_ms: AtomicU64,
     pub expose_ms: AtomicU64,
+    /// Layers whose startup part was read into the page cache ahead of
+    /// their container (`device::warm`), and the bytes read so.
+    pub warmed_layers: AtomicU64,
+    pub warmed_bytes: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +83,10 @@ pub struct AttachSnapshot {
     pub attaches: u64,
     pub index_ms: u64,
     pub expose_ms: u64,
+    #[serde(default)]
+    pub warmed_layers: u64,
+    #[serde(default)]
+    pub warmed_bytes: u64,
 }
 
 impl AttachCounters {
@@ -87,6 +95,8 @@ impl AttachCounters {
             attaches: self.attaches.load(Relaxed),
             index_ms: self.index_ms.load(Relaxed),
             expose_ms: self.expose_ms.load(Relaxed),
+            warmed_layers: self.warmed_layers.load(Relaxed),
+            warmed_bytes: self.warmed_bytes.load(Relaxed),
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct Config {
     /// fetches what may never be read; 0: none. Startup profiles must be
     /// recorded with at least this (`lazybd convert --record-read-ahead-kb`).
     pub lazy_read_ahead_kb: u32,
+    /// Read the part of a lazy layer its container reads first into the
+    /// page cache once it has arrived, ahead of the container
+    /// (docs/blockdev.md#warming).
+    pub warm_startup: bool,
     pub registry: RegistryConfig,
     /// What the remote (lazy) path accepts (docs/security.md).
     pub remote: RemoteConfig,
@@ -186,6 +190,7 @@ impl Default for Config {
             metrics_address: "127.0.0.1:9880".into(),
             read_deadline_secs: 60,
             lazy_read_ahead_kb: lazybd_blockdev::device::NodeConfig::LAZY_READ_AHEAD_KB,
+            warm_startup: true,
             registry: RegistryConfig::default(),
             remote: RemoteConfig::default(),
             prefetch: PrefetchConfig::default(),

@@ -299,6 +299,16 @@ impl Collector for LazyLayerCollector {
                 s.attach.expose_ms,
             ),
             (
+                "lazybd_warmed_layers",
+                "Lazy layers whose startup part was read into the page cache ahead of their container",
+                s.attach.warmed_layers,
+            ),
+            (
+                "lazybd_warmed_bytes",
+                "Bytes of startup parts read into the page cache ahead of containers",
+                s.attach.warmed_bytes,
+            ),
+            (
                 "lazybd_cache_evicted_layers",
                 "Caches of detached layers removed to stay within [cache] capacity_bytes",
                 s.eviction.evicted_layers,

@@ -5,14 +5,17 @@
 //! files; the profile must hold reads, the result must carry them in its
 //! prefetch area, be reproducible from the same profile, and nothing may be
 //! left mounted or in the work dir, also when the entrypoint cannot run.
+//! A lazy mount of the result reads what the profile's narrow part holds
+//! into the page cache before anything reads it.
 //! The recorded conversion reads from and writes to a real docker-registry
 //! (the source is copied once, the stores' clients dropped off the async
 //! threads).
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use lazybd_tests::busybox;
-use lazybd_tests::cli::{fails, lazybd, ok};
+use lazybd_tests::cli::{fails, lazybd, ok, MountGuard};
 use lazybd_tests::registry::Registry;
 use lazybd_tests::require_root;
 
@@ -164,4 +167,84 @@ fn a_readahead_past_the_bound_is_refused_before_anything_runs() {
     ]));
     assert!(err.contains("--record-read-ahead-kb"), "{err}");
     assert!(!tmp.path().join("out").exists(), "nothing was written");
+}
+
+/// A lazy mount of an image with a recorded profile reads the narrow part
+/// into the page cache once it has arrived, before anything reads it: the
+/// file the entrypoint read is resident in the page cache of a mount no
+/// one has read (`fincore`), read by the warming alone.
+#[test]
+fn a_lazy_mount_reads_the_narrow_part_into_the_page_cache_before_its_reader() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    busybox::archive(tmp.path(), "warm", ENTRYPOINT);
+    let registry = Registry::start();
+    registry.push_layout(&tmp.path().join("layout-warm"), "warm", "warm:v1");
+    let recorded = registry.reference("warm:recorded");
+    ok(&lazybd(&[
+        &"convert",
+        &"--plain-http",
+        &"--record-profile",
+        &"--record-secs",
+        &"20",
+        &"--work-dir",
+        &work,
+        &registry.reference("warm:v1"),
+        &recorded,
+    ]));
+
+    let (root, dir) = (tmp.path().join("root"), tmp.path().join("mnt"));
+    std::fs::create_dir(&dir).unwrap();
+    ok(&lazybd(&[
+        &"mount",
+        &"--root",
+        &root,
+        &"--plain-http",
+        &recorded,
+        &dir,
+    ]));
+    let mounted = MountGuard::new(&root, &dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let attach = loop {
+        let attach = mounted.stats()["stats"]["attach"].clone();
+        if attach["warmed_layers"].as_u64() == Some(1) {
+            break attach;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not warmed within 30 s: {attach}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let busybox = dir.join("bin/busybox");
+    let size = std::fs::metadata(&busybox).unwrap().len();
+    let warmed = attach["warmed_bytes"].as_u64().unwrap();
+    assert!(
+        warmed >= size / 4096 * 4096,
+        "{warmed} bytes warmed, busybox is {size}"
+    );
+    // Readahead is asynchronous: the pages arrive moments after the call.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(&busybox)
+            .output()
+            .expect("fincore (util-linux)");
+        let resident: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if resident >= size / 4096 * 4096 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{resident} of busybox's {size} bytes in the page cache"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(mounted);
 }

@@ -16,7 +16,7 @@ use std::ops::Range;
 use tracing::warn;
 
 use super::unpack::{LayerLimits, UnpackError};
-use super::{erofs, erofs_map, unpack, ConvertError, LayerProfile};
+use super::{erofs, unpack, ConvertError, LayerProfile};
 use crate::format::{self, Layout, Shape, WrittenBlob};
 use crate::oci::{LayerCompression, LazyLayerAnnotations};
 
@@ -134,7 +134,7 @@ fn layout_of(image: &File, diff_id: &str, plan: LayerPlan) -> Result<Layout, Con
             source: e,
         })?
         .len();
-    let file_data = match erofs_map::data_ranges(image) {
+    let file_data = match crate::erofs::data_ranges(image) {
         Ok(ranges) => ranges,
         Err(e) => {
             warn!("layer {diff_id}: {e}; cutting fixed-size chunks instead");

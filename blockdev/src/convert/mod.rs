@@ -8,7 +8,6 @@
 
 mod beneath;
 pub mod erofs;
-mod erofs_map;
 pub mod layer;
 pub mod registry_store;
 pub mod store;

@@ -93,6 +93,10 @@ impl LayerManager {
                         .cache_dir(&attached.name)
                         .join(PREFETCH_MARKER)
                         .exists();
+                if !attached.local {
+                    let (mnt, dev) = (info.mountpoint.clone(), info.loop_device.clone());
+                    self.warm(&id, attached.layer.clone(), mnt, dev);
+                }
                 self.shared.table.lock().insert(id.clone(), attached);
                 let exposed = started.elapsed() - opened;
                 let c = &self.shared.stats.attach;

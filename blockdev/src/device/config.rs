@@ -40,6 +40,12 @@ pub struct NodeConfig {
     pub lazy_read_ahead_follows_link: bool,
     /// FUSE request threads (reads of cached chunks run on them).
     pub fuse_threads: usize,
+    /// Once a lazy layer's startup stream has brought the narrow part of
+    /// its prefetch area, read it into the page cache of the layer's files
+    /// ahead of the container ([`warm`](super::warm)); off: the container's
+    /// reads go through FUSE one readahead at a time (and a recording, which
+    /// must see them, keeps it off).
+    pub warm_startup: bool,
     /// Fault injection for tests: fail the attach right before this step.
     pub fail_attach_at: Option<AttachStep>,
     /// Bandwidth of all background prefetches together, bytes per second;
@@ -67,6 +73,7 @@ impl NodeConfig {
             lazy_read_ahead_kb: Self::LAZY_READ_AHEAD_KB,
             lazy_read_ahead_follows_link: true,
             fuse_threads: 2,
+            warm_startup: true,
             fail_attach_at: None,
             prefetch_rate: 0,
             handoff: true,

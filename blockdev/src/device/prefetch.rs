@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use super::config::LOOP_CLEAR_WAIT;
 use super::handoff::handoff;
 use super::table::lock;
+use super::warm::WarmJob;
 use super::{DeviceError, LayerManager};
 use crate::oci::LayerId;
 
@@ -36,6 +37,8 @@ pub(super) struct Jobs {
     pub prefetch: Mutex<HashMap<LayerId, JoinHandle<()>>>,
     /// Running (or finished) trace replays by layer.
     pub replays: Mutex<HashMap<LayerId, JoinHandle<()>>>,
+    /// Running (or finished) page-cache warming by layer.
+    pub warms: Mutex<HashMap<LayerId, WarmJob>>,
 }
 
 impl Jobs {
@@ -45,6 +48,9 @@ impl Jobs {
             for (_, job) in lock(table).drain() {
                 job.abort();
             }
+        }
+        for (_, warm) in lock(&self.warms).drain() {
+            warm.stop().abort();
         }
     }
 }
@@ -98,15 +104,21 @@ impl LayerManager {
         Ok(PrefetchStart::Started)
     }
 
-    /// Stops the layer's prefetch job and trace replay, if any, and waits
-    /// (bounded) until they have let go of the layer.
+    /// Stops the layer's prefetch job, trace replay and warming, if any,
+    /// and waits (bounded) until they have let go of the layer (the
+    /// warming, of its files, which would keep its mount busy).
     pub(super) async fn stop_prefetch(&self, id: &LayerId) {
         let replay = lock(&self.jobs.replays).remove(id);
         let job = lock(&self.jobs.prefetch).remove(id);
-        for job in replay.into_iter().chain(job) {
+        let mut stopping: Vec<JoinHandle<()>> = replay.into_iter().chain(job).collect();
+        for job in &stopping {
             job.abort();
+        }
+        // Not aborted: cancelled, it ends by itself, its files closed.
+        stopping.extend(lock(&self.jobs.warms).remove(id).map(WarmJob::stop));
+        for job in stopping {
             if tokio::time::timeout(LOOP_CLEAR_WAIT, job).await.is_err() {
-                warn!("layer {id}: prefetch job did not stop within {LOOP_CLEAR_WAIT:?}");
+                warn!("layer {id}: background job did not stop within {LOOP_CLEAR_WAIT:?}");
             }
         }
     }

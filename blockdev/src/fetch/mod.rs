@@ -168,6 +168,9 @@ pub struct ChunkFetcher {
     read_ahead: LazyReadAhead,
     /// Chunks of replayed traces: a miss on one is counted.
     replayed: Mutex<HashSet<u64>>,
+    /// Whether the startup stream brought the narrow part of the prefetch
+    /// area (`None` while it has not ended; [`narrow_streamed`](Self::narrow_streamed)).
+    narrow: tokio::sync::watch::Sender<Option<bool>>,
 }
 
 impl ChunkFetcher {
@@ -198,6 +201,7 @@ impl ChunkFetcher {
             link: Arc::default(),
             read_ahead: LazyReadAhead::default(),
             replayed: Mutex::default(),
+            narrow: tokio::sync::watch::Sender::new(None),
         }
     }
 

@@ -45,6 +45,34 @@ const REPLAY_GAP_MAX: u64 = 1 << 20;
 /// at 100 Mbit/s, 60 MB of them. Readers meanwhile fetch what they need.
 const STARTUP_TURN_WAIT: Duration = Duration::from_secs(5);
 
+/// Says, once, whether a startup stream brought its narrow part: when told
+/// so, or as not when the stream's task ends (or is aborted) before.
+struct NarrowReport(Arc<ChunkFetcher>);
+
+impl NarrowReport {
+    fn streamed(&self) {
+        self.0.narrow.send_if_modified(|s| {
+            let first = s.is_none();
+            if first {
+                *s = Some(true);
+            }
+            first
+        });
+    }
+}
+
+impl Drop for NarrowReport {
+    fn drop(&mut self) {
+        self.0.narrow.send_if_modified(|s| {
+            let first = s.is_none();
+            if first {
+                *s = Some(false);
+            }
+            first
+        });
+    }
+}
+
 /// How a stream cuts its chunks into ranges and sends them.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -74,6 +102,7 @@ impl ChunkFetcher {
         };
         let (narrow, wide) = (missing(narrow), missing(wide));
         if narrow.is_empty() && wide.is_empty() {
+            self.narrow.send_replace(Some(false));
             return None;
         }
         let fetcher = self.clone();
@@ -96,10 +125,13 @@ impl ChunkFetcher {
         };
         Some(tokio::spawn(async move {
             let _demand = demand;
-            {
+            // Reports a stream stopped before its narrow part as not streamed.
+            let report = NarrowReport(fetcher.clone());
+            if !narrow.is_empty() {
                 let _turn = fetcher.gate.startup_turn(STARTUP_TURN_WAIT).await;
                 fetcher.stream(&narrow, plan).await;
             }
+            report.streamed();
             if wide.is_empty() {
                 return;
             }
@@ -117,6 +149,15 @@ impl ChunkFetcher {
                 );
             }
         }))
+    }
+
+    /// Waits until the startup stream has brought the narrow part of the
+    /// prefetch area (or the whole area, if it has no narrow part): `true`,
+    /// or `false` if the layer had no stream or it stopped before.
+    pub async fn narrow_streamed(&self) -> bool {
+        let mut rx = self.narrow.subscribe();
+        let ended = rx.wait_for(Option::is_some).await.map(|s| *s);
+        matches!(ended, Ok(Some(true)))
     }
 
     /// Fetches a replayed trace's chunks (`wanted`, first read first) that

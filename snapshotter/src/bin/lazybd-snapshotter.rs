@@ -95,6 +95,7 @@ async fn serve(mut config: Config) -> Result<()> {
     node.fetch.read_deadline = config.read_deadline();
     node.prefetch_rate = config.prefetch.rate_bytes_per_sec;
     node.lazy_read_ahead_kb = config.lazy_read_ahead_kb;
+    node.warm_startup = config.warm_startup;
     // A P2P peer sends the stored bytes it was sent: keep them.
     node.fetch.keep_stored = config.p2p.is_some();
     node.fd_store = config.restart.fd_store()?;

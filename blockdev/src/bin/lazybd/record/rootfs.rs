@@ -45,6 +45,8 @@ impl LazyRootfs {
         // trip each, on every block the profile left out.
         config.lazy_read_ahead_follows_link = false;
         config.lazy_read_ahead_kb = read_ahead_kb;
+        // Warming would read the profile in ahead of the workload.
+        config.warm_startup = false;
         let manager = LayerManager::new(config)?;
         let mut rootfs = LazyRootfs {
             manager,

@@ -1,20 +1,25 @@
-//! Where each regular file's data lies in an EROFS image we built: the
-//! layout cuts chunks at these edges, so reading one file fetches that file,
-//! and everything else (superblock, inodes, directories, symlinks: the
-//! metadata every path lookup reads) is fetched up front.
+//! Where each regular file's data lies in an EROFS image we built, and
+//! which inode it is. The converter cuts chunks at these edges, so reading
+//! one file fetches that file, and everything else (superblock, inodes,
+//! directories, symlinks: the metadata every path lookup reads) is fetched
+//! up front. A node maps its startup part's chunks to files with it, to
+//! read them into the page cache ahead of the container (`device::warm`).
 //!
 //! Hand-written because no crate reads EROFS, and only a sliver of it is
 //! needed: the images come from our own `mkfs.erofs` run (uncompressed,
 //! `FLAT_PLAIN` and `FLAT_INLINE` inodes), and all this returns is block
-//! ranges. Anything unexpected is an error; the caller then falls back to
-//! plain fixed-size chunks, which are always correct, just less precise.
+//! ranges. Anything unexpected is an error: the converter then falls back
+//! to plain fixed-size chunks, which are always correct, just less precise,
+//! and a node does not warm the layer. On a node the image is verified but
+//! its author untrusted: every read is bounds-checked and the walk bounded.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 
 use thiserror::Error;
+
+use crate::format::ReadAt;
 
 const SUPERBLOCK_OFFSET: u64 = 1024;
 const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
@@ -28,7 +33,7 @@ const S_IFREG: u16 = 0o100_000;
 const LAYOUT_FLAT_PLAIN: u16 = 0;
 const LAYOUT_FLAT_INLINE: u16 = 2;
 /// Bounds on what a walk may visit, far above any real layer.
-const MAX_INODES: usize = 16 << 20;
+pub const MAX_INODES: usize = 16 << 20;
 const MAX_DIR_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Error)]
@@ -43,6 +48,24 @@ pub enum MapError {
 /// sorted; inline tails are not included (they live with the metadata).
 pub fn data_ranges(image: &File) -> Result<Vec<Range<u64>>, MapError> {
     let size = image.metadata()?.len();
+    let files = files(image, size, MAX_INODES)?;
+    Ok(files.into_iter().map(|f| f.data).collect())
+}
+
+/// One regular file's whole data blocks in the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileData {
+    /// Its inode number (what the kernel's EROFS calls its `nid`, and its
+    /// file handle holds).
+    pub nid: u64,
+    /// Its whole blocks, as image bytes (an inline tail is not included).
+    pub data: Range<u64>,
+}
+
+/// Every regular file with whole data blocks in the `size` bytes of
+/// `image`, sorted by where its data starts; a walk that would visit more
+/// than `max_inodes` inodes is refused.
+pub fn files(image: &impl ReadAt, size: u64, max_inodes: usize) -> Result<Vec<FileData>, MapError> {
     let mut sb = [0u8; 128];
     image.read_exact_at(&mut sb, SUPERBLOCK_OFFSET)?;
     let magic = u32_at(&sb, 0);
@@ -54,14 +77,26 @@ pub fn data_ranges(image: &File) -> Result<Vec<Range<u64>>, MapError> {
     }
     let root = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
     let meta = u64::from(u32_at(&sb, 40)) * BLOCK;
-    let walker = Walker { image, size, meta };
+    let walker = Walker {
+        image,
+        size,
+        meta,
+        max_inodes,
+        dir_budget: std::cell::Cell::new(size),
+    };
     walker.walk(root)
 }
 
-struct Walker<'a> {
-    image: &'a File,
+struct Walker<'a, R> {
+    image: &'a R,
     size: u64,
     meta: u64,
+    max_inodes: usize,
+    /// Directory bytes the walk may still read: a real image's directories
+    /// take less room than the image, so an image whose directories all
+    /// name the same huge blocks cannot make the walk read them over and
+    /// over.
+    dir_budget: std::cell::Cell<u64>,
 }
 
 struct Inode {
@@ -73,8 +108,8 @@ struct Inode {
     tail_at: u64,
 }
 
-impl Walker<'_> {
-    fn walk(&self, root: u64) -> Result<Vec<Range<u64>>, MapError> {
+impl<R: ReadAt> Walker<'_, R> {
+    fn walk(&self, root: u64) -> Result<Vec<FileData>, MapError> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         let mut stack = vec![root];
@@ -82,19 +117,19 @@ impl Walker<'_> {
             if !seen.insert(nid) {
                 continue;
             }
-            if seen.len() > MAX_INODES {
+            if seen.len() > self.max_inodes {
                 return Err(MapError::Unsupported("too many inodes".into()));
             }
             let inode = self.inode(nid)?;
             let kind = inode.mode & S_IFMT;
             if kind == S_IFREG {
-                out.extend(self.blocks(&inode)?);
+                out.extend(self.blocks(&inode)?.map(|data| FileData { nid, data }));
             }
             if kind == S_IFDIR {
                 stack.extend(self.children(&inode)?);
             }
         }
-        out.sort_by_key(|r| r.start);
+        out.sort_by_key(|f| f.data.start);
         Ok(out)
     }
 
@@ -157,6 +192,10 @@ impl Walker<'_> {
         if dir.size > MAX_DIR_BYTES {
             return Err(MapError::Unsupported("directory too large".into()));
         }
+        let budget = self.dir_budget.get().checked_sub(dir.size).ok_or_else(|| {
+            MapError::Unsupported("its directories take more room than the image".into())
+        })?;
+        self.dir_budget.set(budget);
         let mut data = vec![0u8; dir.size as usize];
         let full = match dir.layout {
             LAYOUT_FLAT_INLINE => (dir.size / BLOCK * BLOCK) as usize,
