@@ -291,4 +291,72 @@ mod tests {
         f.set_len(8192).unwrap();
         assert!(matches!(data_ranges(&f), Err(MapError::Unsupported(_))));
     }
+
+    /// An image whose directories all name one big directory's blocks
+    /// would make a walk read them once per directory: refused once the
+    /// directories read exceed the image.
+    #[test]
+    fn directories_larger_than_the_image_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        for d in 0..64 {
+            std::fs::create_dir_all(root.join(format!("d{d}"))).unwrap();
+        }
+        // One directory of some 40 blocks of entries.
+        for f in 0..2000 {
+            std::fs::write(root.join(format!("d0/{f:0>40}")), b"").unwrap();
+        }
+        let image = dir.path().join("img.erofs");
+        let out = std::process::Command::new("mkfs.erofs")
+            .args(["-E", "force-inode-extended"])
+            .arg(&image)
+            .arg(&root)
+            .output()
+            .expect("mkfs.erofs is needed (erofs-utils; hack/install-deps.sh installs it)");
+        assert!(out.status.success(), "{out:?}");
+        let f = File::open(&image).unwrap();
+        let size = f.metadata().unwrap().len();
+        assert!(
+            files(&f, size, MAX_INODES).is_ok(),
+            "the image as built walks"
+        );
+
+        // Every directory but the root gets d0's size and blocks.
+        let mut sb = [0u8; 128];
+        f.read_exact_at(&mut sb, SUPERBLOCK_OFFSET).unwrap();
+        let walker = Walker {
+            image: &f,
+            size,
+            meta: u64::from(u32_at(&sb, 40)) * BLOCK,
+            max_inodes: MAX_INODES,
+            dir_budget: std::cell::Cell::new(u64::MAX),
+        };
+        let root_nid = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
+        let subdirs = walker.children(&walker.inode(root_nid).unwrap()).unwrap();
+        let big = subdirs
+            .iter()
+            .map(|&nid| (nid, walker.inode(nid).unwrap()))
+            .max_by_key(|(_, i)| i.size)
+            .unwrap();
+        // Its whole blocks only: a FLAT_PLAIN copy has no inline tail.
+        let full = big.1.size / BLOCK * BLOCK;
+        assert!(
+            full * 64 > size,
+            "the directories together outgrow the image"
+        );
+        let mut bytes = std::fs::read(&image).unwrap();
+        for &nid in &subdirs {
+            let at = (walker.meta + nid * INODE_SLOT) as usize;
+            bytes[at..at + 2].copy_from_slice(&(LAYOUT_FLAT_PLAIN << 1 | 1).to_le_bytes());
+            bytes[at + 8..at + 16].copy_from_slice(&full.to_le_bytes());
+            bytes[at + 16..at + 20].copy_from_slice(&(big.1.raw_blkaddr as u32).to_le_bytes());
+        }
+        let hostile = dir.path().join("hostile.erofs");
+        std::fs::write(&hostile, &bytes).unwrap();
+        let f = File::open(&hostile).unwrap();
+        match files(&f, size, MAX_INODES) {
+            Err(MapError::Unsupported(why)) => assert!(why.contains("more room"), "{why}"),
+            other => panic!("walked: {other:?}"),
+        }
+    }
 }
