@@ -130,6 +130,7 @@ impl LayerManager {
             read_ahead: LazyReadAhead {
                 max_kb: config.lazy_read_ahead_kb,
                 follows_link: config.lazy_read_ahead_follows_link,
+                warms_narrow: config.warm_startup,
             },
             ..NodeContext::new(config.fetch.clone())
         };

@@ -21,17 +21,20 @@
 //! at start comes with the startup stream whatever the readahead, so more
 //! readahead saves no round trip, only FUSE requests, and costs the bytes
 //! of the wide part. Its devices read ahead exactly what the narrow part
-//! was recorded with, one page ([`NARROW_READ_AHEAD_KB`]), unless the link
-//! moves at least [`WIDE_RATE`]; then as above (and the stream takes the
-//! wide part too).
+//! was recorded with, one page ([`NARROW_READ_AHEAD_KB`]). A node that
+//! warms the page cache with the narrow part (`device::warm`) keeps it so
+//! on every link: its container's reads find the pages cached, and the
+//! wide part would only add bytes. One that does not reads ahead as above
+//! once the link moves at least [`WIDE_RATE`] (and the stream takes the
+//! wide part too), since each page is a trip through FUSE.
 
 use super::LinkEstimate;
 use crate::format::NARROW_READ_AHEAD_KB;
 
 /// Below this the readahead is none: a request's own round trip dominates.
 const MIN_KB: u32 = 16;
-/// Bytes per second from which a profiled layer reads ahead (and streams)
-/// as far as the link says. Measured with the python, node and large
+/// Bytes per second from which a profiled layer of a node that does not
+/// warm its page cache reads ahead (and streams) as far as the link says. Measured with the python, node and large
 /// images and the narrow part recorded with one page: at 300 Mbit/s, as at
 /// 100, the narrow part alone started all three sooner than both parts with
 /// the link's readahead (node 0.62 s against 0.65 s, large 0.39 s against
@@ -49,6 +52,9 @@ pub struct LazyReadAhead {
     /// Below `max_kb` as the link says; off: always `max_kb` (a recording
     /// that must not depend on the link).
     pub follows_link: bool,
+    /// The node warms its layers' narrow parts into the page cache: a
+    /// split layer reads ahead one page on every link.
+    pub warms_narrow: bool,
 }
 
 impl Default for LazyReadAhead {
@@ -58,6 +64,7 @@ impl Default for LazyReadAhead {
         LazyReadAhead {
             max_kb: Self::DEFAULT_MAX_KB,
             follows_link: false,
+            warms_narrow: false,
         }
     }
 }
@@ -76,7 +83,8 @@ impl LazyReadAhead {
         if !split {
             return by_link;
         }
-        if link.sustained_rate().is_some_and(|r| r >= WIDE_RATE) {
+        let fast = link.sustained_rate().is_some_and(|r| r >= WIDE_RATE);
+        if fast && !self.warms_narrow {
             by_link.max(NARROW_READ_AHEAD_KB).min(self.max_kb)
         } else {
             NARROW_READ_AHEAD_KB.min(self.max_kb)
@@ -122,6 +130,7 @@ mod tests {
         LazyReadAhead {
             max_kb,
             follows_link: true,
+            warms_narrow: false,
         }
     }
 
@@ -146,6 +155,7 @@ mod tests {
         let fixed = LazyReadAhead {
             max_kb: 16,
             follows_link: false,
+            warms_narrow: false,
         };
         assert_eq!(fixed.kb(&unknown, true), 16, "not following the link");
     }
@@ -172,5 +182,20 @@ mod tests {
         assert_eq!(kb(64, &link(125_000_000, ms(2))), 64);
         assert_eq!(kb(0, &link(12_500_000, ms(8))), 0);
         assert_eq!(kb(0, &link(125_000_000, ms(2))), 0);
+    }
+
+    #[test]
+    fn a_split_layer_of_a_warming_node_reads_ahead_one_page_on_every_link() {
+        let warming = LazyReadAhead {
+            warms_narrow: true,
+            ..rule(128)
+        };
+        let ms = Duration::from_millis;
+        let narrow = NARROW_READ_AHEAD_KB;
+        assert_eq!(warming.kb(&link(12_500_000, ms(8)), true), narrow);
+        assert_eq!(warming.kb(&link(125_000_000, ms(2)), true), narrow);
+        assert_eq!(warming.kb(&link(1_250_000_000, ms(2)), true), narrow);
+        // Other layers follow the link as ever.
+        assert_eq!(warming.kb(&link(125_000_000, ms(2)), false), 128);
     }
 }

@@ -614,6 +614,7 @@ async fn the_startup_stream_takes_the_wide_reads_only_for_a_wide_readahead() {
         let read_ahead = LazyReadAhead {
             max_kb: kb,
             follows_link: false,
+            warms_narrow: false,
         };
         let fetcher = Arc::new(
             Arc::into_inner(f.fetcher(vec![registry.clone()], quick()))
