@@ -137,7 +137,7 @@ impl<R: ReadAt> Walker<'_, R> {
         let at = nid
             .checked_mul(INODE_SLOT)
             .and_then(|o| o.checked_add(self.meta))
-            .filter(|&o| o + 64 <= self.size)
+            .filter(|&o| o.checked_add(64).is_some_and(|end| end <= self.size))
             .ok_or_else(|| MapError::Unsupported(format!("inode {nid} past the image")))?;
         let mut b = [0u8; 64];
         self.image.read_exact_at(&mut b, at)?;
@@ -180,8 +180,9 @@ impl<R: ReadAt> Walker<'_, R> {
             return Ok(None);
         }
         let start = inode.raw_blkaddr * BLOCK;
-        let end = start
-            .checked_add(count * BLOCK)
+        let end = count
+            .checked_mul(BLOCK)
+            .and_then(|len| start.checked_add(len))
             .filter(|&e| e <= self.size)
             .ok_or_else(|| MapError::Unsupported("data blocks past the image".into()))?;
         Ok(Some(start..end))
@@ -242,7 +243,22 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
     use super::*;
+
+    /// `root` as an EROFS image in `dir`, as the converter builds it.
+    fn mkfs(root: &Path, dir: &Path) -> PathBuf {
+        let image = dir.join("img.erofs");
+        let out = std::process::Command::new("mkfs.erofs")
+            .args(["-E", "force-inode-extended"])
+            .arg(&image)
+            .arg(root)
+            .output()
+            .expect("mkfs.erofs is needed (erofs-utils; hack/install-deps.sh installs it)");
+        assert!(out.status.success(), "{out:?}");
+        image
+    }
 
     /// Every regular file with whole blocks is found where its bytes are.
     #[test]
@@ -261,14 +277,7 @@ mod tests {
             std::fs::write(root.join(name), data).unwrap();
         }
         std::fs::write(root.join("tiny"), b"x").unwrap();
-        let image = dir.path().join("img.erofs");
-        let out = std::process::Command::new("mkfs.erofs")
-            .args(["-E", "force-inode-extended"])
-            .arg(&image)
-            .arg(&root)
-            .output()
-            .expect("mkfs.erofs is needed (erofs-utils; hack/install-deps.sh installs it)");
-        assert!(out.status.success(), "{out:?}");
+        let image = mkfs(&root, dir.path());
         let f = File::open(&image).unwrap();
         let ranges = data_ranges(&f).unwrap();
         let bytes = std::fs::read(&image).unwrap();
@@ -306,14 +315,7 @@ mod tests {
         for f in 0..2000 {
             std::fs::write(root.join(format!("d0/{f:0>40}")), b"").unwrap();
         }
-        let image = dir.path().join("img.erofs");
-        let out = std::process::Command::new("mkfs.erofs")
-            .args(["-E", "force-inode-extended"])
-            .arg(&image)
-            .arg(&root)
-            .output()
-            .expect("mkfs.erofs is needed (erofs-utils; hack/install-deps.sh installs it)");
-        assert!(out.status.success(), "{out:?}");
+        let image = mkfs(&root, dir.path());
         let f = File::open(&image).unwrap();
         let size = f.metadata().unwrap().len();
         assert!(
