@@ -37,6 +37,23 @@ fn prefetch_length(image: &str) -> u64 {
         .expect("prefetch_length")
 }
 
+/// `lazybd convert --record-profile` from `src` to `dst`, both in a
+/// plain-HTTP registry, with `more` arguments.
+fn record(work: &Path, src: &str, dst: &str, more: &[&dyn AsRef<std::ffi::OsStr>]) {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"convert",
+        &"--plain-http",
+        &"--record-profile",
+        &"--record-secs",
+        &"20",
+        &"--work-dir",
+        &work,
+    ];
+    args.extend_from_slice(more);
+    args.extend([&src as &dyn AsRef<std::ffi::OsStr>, &dst]);
+    ok(&lazybd(&args));
+}
+
 fn scratch_dirs(work: &Path) -> Vec<String> {
     std::fs::read_dir(work)
         .unwrap()
@@ -73,21 +90,12 @@ fn a_recorded_profile_is_stored_first_and_reproducible() {
     let log = tmp.path().join("workload.log");
 
     ok(&lazybd(&[&"convert", &"--work-dir", &work, &src, &plain]));
-    ok(&lazybd(&[
-        &"convert",
-        &"--plain-http",
-        &"--record-profile",
-        &"--record-secs",
-        &"20",
-        &"--profile-out",
-        &profile,
-        &"--record-log",
-        &log,
-        &"--work-dir",
+    record(
         &work,
         &registry.reference("rec:v1"),
         &recorded,
-    ]));
+        &[&"--profile-out", &profile, &"--record-log", &log],
+    );
     let output = std::fs::read_to_string(&log).unwrap();
     assert!(output.contains("ready"), "the workload ran: {output:?}");
     let trace = lazybd_blockdev::trace::Trace::decode(&std::fs::read(&profile).unwrap())
@@ -183,17 +191,7 @@ fn a_lazy_mount_reads_the_narrow_part_into_the_page_cache_before_its_reader() {
     let registry = Registry::start();
     registry.push_layout(&tmp.path().join("layout-warm"), "warm", "warm:v1");
     let recorded = registry.reference("warm:recorded");
-    ok(&lazybd(&[
-        &"convert",
-        &"--plain-http",
-        &"--record-profile",
-        &"--record-secs",
-        &"20",
-        &"--work-dir",
-        &work,
-        &registry.reference("warm:v1"),
-        &recorded,
-    ]));
+    record(&work, &registry.reference("warm:v1"), &recorded, &[]);
 
     let (root, dir) = (tmp.path().join("root"), tmp.path().join("mnt"));
     std::fs::create_dir(&dir).unwrap();
