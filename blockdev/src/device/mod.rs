@@ -34,7 +34,8 @@
 //! Files by role: `manager.rs` is the facade and owns the state; one file per
 //! operation: `attach.rs` (with its blocking steps), `detach.rs` (and
 //! shutdown), `prefetch.rs` (the background jobs), `trace.rs` (record and
-//! replay startup traces), `warm.rs` (the startup part into the page cache), `handoff.rs` (to the local file, and the periodic
+//! replay startup traces), `warm.rs` (a layer's startup part into the page
+//! cache), `handoff.rs` (to the local file, and the periodic
 //! persist), `resume.rs` (restart and handover); `table.rs` is the
 //! attachment table and the status it reports, `config.rs` and `error.rs`
 //! the public settings and errors. Below them: `fuse/` (our FUSE server),

@@ -93,6 +93,16 @@ pub fn run(args: Args) -> Result<()> {
         p.handoffs,
         p.handoff_failures
     );
+    let a = &st.attach;
+    println!(
+        "attach: {} layers ({} ms on indexes, {} ms on FUSE/loop/EROFS); \
+         {} warmed with their startup part ({} KiB into the page cache)",
+        a.attaches,
+        a.index_ms,
+        a.expose_ms,
+        a.warmed_layers,
+        a.warmed_bytes >> 10
+    );
     println!("read latency:");
     let h = &st.read_latency;
     for (i, count) in h.counts.iter().enumerate() {
