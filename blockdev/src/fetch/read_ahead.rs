@@ -34,10 +34,11 @@ use crate::format::NARROW_READ_AHEAD_KB;
 /// Below this the readahead is none: a request's own round trip dominates.
 const MIN_KB: u32 = 16;
 /// Bytes per second from which a profiled layer of a node that does not
-/// warm its page cache reads ahead (and streams) as far as the link says. Measured with the python, node and large
-/// images and the narrow part recorded with one page: at 300 Mbit/s, as at
-/// 100, the narrow part alone started all three sooner than both parts with
-/// the link's readahead (node 0.62 s against 0.65 s, large 0.39 s against
+/// warm its page cache reads ahead (and streams) as far as the link says.
+/// Measured with the python, node and large images and the narrow part
+/// recorded with one page, without warming: at 300 Mbit/s, as at 100, the
+/// narrow part alone started all three sooner than both parts with the
+/// link's readahead (node 0.62 s against 0.65 s, large 0.39 s against
 /// 0.53 s), at 1 Gbit/s later (node 0.63 s against 0.35 s): each page is
 /// one trip through the loop device and FUSE, which a fast link no longer
 /// hides (docs/benchmarks.md). Between 300 Mbit/s and 1 Gbit/s nothing was

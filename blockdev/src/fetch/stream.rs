@@ -51,10 +51,15 @@ struct NarrowReport(Arc<ChunkFetcher>);
 
 impl NarrowReport {
     fn streamed(&self) {
+        self.settle(true);
+    }
+
+    /// The first word stands.
+    fn settle(&self, streamed: bool) {
         self.0.narrow.send_if_modified(|s| {
             let first = s.is_none();
             if first {
-                *s = Some(true);
+                *s = Some(streamed);
             }
             first
         });
@@ -63,13 +68,7 @@ impl NarrowReport {
 
 impl Drop for NarrowReport {
     fn drop(&mut self) {
-        self.0.narrow.send_if_modified(|s| {
-            let first = s.is_none();
-            if first {
-                *s = Some(false);
-            }
-            first
-        });
+        self.settle(false);
     }
 }
 
