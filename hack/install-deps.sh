@@ -45,6 +45,13 @@ for fs in fuse erofs overlay; do
 done
 [ -e /dev/loop-control ] || { echo "install-deps: no /dev/loop-control" >&2; exit 1; }
 [ -e /dev/fuse ] || { echo "install-deps: no /dev/fuse" >&2; exit 1; }
+# The FUSE control filesystem: the failover tests count the requests that
+# wait on a FUSE connection and abort connections there. A systemd boot
+# mounts it; a bare VM or a container may not.
+if ! mountpoint -q /sys/fs/fuse/connections; then
+  mount -t fusectl fusectl /sys/fs/fuse/connections ||
+    { echo "install-deps: cannot mount fusectl on /sys/fs/fuse/connections" >&2; exit 1; }
+fi
 
 if ! command -v cargo >/dev/null; then
   echo "install-deps: cargo not found; install a Rust toolchain (rustup) first" >&2
