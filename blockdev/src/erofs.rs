@@ -126,7 +126,14 @@ impl<R: ReadAt> Walker<'_, R> {
                 out.extend(self.blocks(&inode)?.map(|data| FileData { nid, data }));
             }
             if kind == S_IFDIR {
-                stack.extend(self.children(&inode)?);
+                let children = self.children(&inode)?;
+                // Entries wait on the stack before `seen` weeds out those
+                // named twice: bounded too, or directories naming one inode
+                // over and over would fill memory.
+                if stack.len() + children.len() > self.max_inodes {
+                    return Err(MapError::Unsupported("too many directory entries".into()));
+                }
+                stack.extend(children);
             }
         }
         out.sort_by_key(|f| f.data.start);
@@ -299,6 +306,57 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.set_len(8192).unwrap();
         assert!(matches!(data_ranges(&f), Err(MapError::Unsupported(_))));
+    }
+
+    /// Directories whose entries all name one inode leave `seen` small but
+    /// would pile the entries up: refused once they outnumber the inodes
+    /// a walk may visit.
+    #[test]
+    fn entries_naming_one_inode_over_and_over_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        for f in 0..500 {
+            std::fs::write(root.join(format!("d/{f:0>40}")), b"").unwrap();
+        }
+        let image = mkfs(&root, dir.path());
+        let f = File::open(&image).unwrap();
+        let size = f.metadata().unwrap().len();
+        let mut sb = [0u8; 128];
+        f.read_exact_at(&mut sb, SUPERBLOCK_OFFSET).unwrap();
+        let walker = Walker {
+            image: &f,
+            size,
+            meta: u64::from(u32_at(&sb, 40)) * BLOCK,
+            max_inodes: MAX_INODES,
+            dir_budget: std::cell::Cell::new(u64::MAX),
+        };
+        let root_nid = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
+        let d = walker.children(&walker.inode(root_nid).unwrap()).unwrap()[0];
+        let d = walker.inode(d).unwrap();
+        let one = walker.children(&d).unwrap()[0];
+        assert!(files(&f, size, 100).is_err(), "500 files are more than 100");
+        assert!(files(&f, size, 1000).is_ok());
+
+        // Every entry of d's whole blocks names the same file.
+        let mut bytes = std::fs::read(&image).unwrap();
+        let start = (d.raw_blkaddr * BLOCK) as usize;
+        let blocks = (d.size / BLOCK) as usize;
+        assert!(blocks > 0, "d has whole blocks");
+        for b in 0..blocks {
+            let block = &mut bytes[start + b * BLOCK as usize..][..BLOCK as usize];
+            let count = usize::from(u16::from_le_bytes([block[8], block[9]])) / DIRENT_LEN;
+            for e in 0..count {
+                block[e * DIRENT_LEN..e * DIRENT_LEN + 8].copy_from_slice(&one.to_le_bytes());
+            }
+        }
+        let hostile = dir.path().join("hostile.erofs");
+        std::fs::write(&hostile, &bytes).unwrap();
+        let f = File::open(&hostile).unwrap();
+        match files(&f, size, 100) {
+            Err(MapError::Unsupported(why)) => assert!(why.contains("entries"), "{why}"),
+            other => panic!("walked: {other:?}"),
+        }
     }
 
     /// An image whose directories all name one big directory's blocks
