@@ -66,24 +66,7 @@ pub struct FileData {
 /// `image`, sorted by where its data starts; a walk that would visit more
 /// than `max_inodes` inodes is refused.
 pub fn files(image: &impl ReadAt, size: u64, max_inodes: usize) -> Result<Vec<FileData>, MapError> {
-    let mut sb = [0u8; 128];
-    image.read_exact_at(&mut sb, SUPERBLOCK_OFFSET)?;
-    let magic = u32_at(&sb, 0);
-    if magic != EROFS_MAGIC {
-        return Err(MapError::Unsupported(format!("magic {magic:#x}")));
-    }
-    if sb[12] != 12 {
-        return Err(MapError::Unsupported(format!("block size 2^{}", sb[12])));
-    }
-    let root = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
-    let meta = u64::from(u32_at(&sb, 40)) * BLOCK;
-    let walker = Walker {
-        image,
-        size,
-        meta,
-        max_inodes,
-        dir_budget: std::cell::Cell::new(size),
-    };
+    let (walker, root) = Walker::new(image, size, max_inodes)?;
     walker.walk(root)
 }
 
@@ -108,7 +91,30 @@ struct Inode {
     tail_at: u64,
 }
 
-impl<R: ReadAt> Walker<'_, R> {
+impl<'a, R: ReadAt> Walker<'a, R> {
+    /// A walker of `image` from its superblock, and the root directory's
+    /// inode number.
+    fn new(image: &'a R, size: u64, max_inodes: usize) -> Result<(Self, u64), MapError> {
+        let mut sb = [0u8; 128];
+        image.read_exact_at(&mut sb, SUPERBLOCK_OFFSET)?;
+        let magic = u32_at(&sb, 0);
+        if magic != EROFS_MAGIC {
+            return Err(MapError::Unsupported(format!("magic {magic:#x}")));
+        }
+        if sb[12] != 12 {
+            return Err(MapError::Unsupported(format!("block size 2^{}", sb[12])));
+        }
+        let root = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
+        let walker = Walker {
+            image,
+            size,
+            meta: u64::from(u32_at(&sb, 40)) * BLOCK,
+            max_inodes,
+            dir_budget: std::cell::Cell::new(size),
+        };
+        Ok((walker, root))
+    }
+
     fn walk(&self, root: u64) -> Result<Vec<FileData>, MapError> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
@@ -322,16 +328,7 @@ mod tests {
         let image = mkfs(&root, dir.path());
         let f = File::open(&image).unwrap();
         let size = f.metadata().unwrap().len();
-        let mut sb = [0u8; 128];
-        f.read_exact_at(&mut sb, SUPERBLOCK_OFFSET).unwrap();
-        let walker = Walker {
-            image: &f,
-            size,
-            meta: u64::from(u32_at(&sb, 40)) * BLOCK,
-            max_inodes: MAX_INODES,
-            dir_budget: std::cell::Cell::new(u64::MAX),
-        };
-        let root_nid = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
+        let (walker, root_nid) = Walker::new(&f, size, MAX_INODES).unwrap();
         let d = walker.children(&walker.inode(root_nid).unwrap()).unwrap()[0];
         let d = walker.inode(d).unwrap();
         let one = walker.children(&d).unwrap()[0];
@@ -382,16 +379,7 @@ mod tests {
         );
 
         // Every directory but the root gets d0's size and blocks.
-        let mut sb = [0u8; 128];
-        f.read_exact_at(&mut sb, SUPERBLOCK_OFFSET).unwrap();
-        let walker = Walker {
-            image: &f,
-            size,
-            meta: u64::from(u32_at(&sb, 40)) * BLOCK,
-            max_inodes: MAX_INODES,
-            dir_budget: std::cell::Cell::new(u64::MAX),
-        };
-        let root_nid = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
+        let (walker, root_nid) = Walker::new(&f, size, MAX_INODES).unwrap();
         let subdirs = walker.children(&walker.inode(root_nid).unwrap()).unwrap();
         let big = subdirs
             .iter()
