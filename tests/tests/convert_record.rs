@@ -11,7 +11,7 @@
 //! (the source is copied once, the stores' clients dropped off the async
 //! threads).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lazybd_tests::busybox;
@@ -35,6 +35,22 @@ fn prefetch_length(image: &str) -> u64 {
     layers[0]["prefetch_length"]
         .as_u64()
         .expect("prefetch_length")
+}
+
+/// A work dir in `tmp`, and a registry holding the busybox image `name`
+/// (running [`ENTRYPOINT`]) as `name:v1`; its layout stays in
+/// `tmp/layout-name`.
+fn source(tmp: &Path, name: &str) -> (PathBuf, Registry) {
+    let work = tmp.join("work");
+    std::fs::create_dir(&work).unwrap();
+    busybox::archive(tmp, name, ENTRYPOINT);
+    let registry = Registry::start();
+    registry.push_layout(
+        &tmp.join(format!("layout-{name}")),
+        name,
+        &format!("{name}:v1"),
+    );
+    (work, registry)
 }
 
 /// `lazybd convert --record-profile` from `src` to `dst`, both in a
@@ -77,12 +93,8 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 fn a_recorded_profile_is_stored_first_and_reproducible() {
     require_root!();
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    busybox::archive(tmp.path(), "rec", ENTRYPOINT);
+    let (work, registry) = source(tmp.path(), "rec");
     let src = format!("oci:{}:rec", tmp.path().join("layout-rec").display());
-    let registry = Registry::start();
-    registry.push_layout(&tmp.path().join("layout-rec"), "rec", "rec:v1");
     let plain = format!("oci:{}:plain", tmp.path().join("out").display());
     let recorded = registry.reference("rec:recorded");
     let again = format!("oci:{}:again", tmp.path().join("out").display());
@@ -185,11 +197,7 @@ fn a_readahead_past_the_bound_is_refused_before_anything_runs() {
 fn a_lazy_mount_reads_the_narrow_part_into_the_page_cache_before_its_reader() {
     require_root!();
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    busybox::archive(tmp.path(), "warm", ENTRYPOINT);
-    let registry = Registry::start();
-    registry.push_layout(&tmp.path().join("layout-warm"), "warm", "warm:v1");
+    let (work, registry) = source(tmp.path(), "warm");
     let recorded = registry.reference("warm:recorded");
     record(&work, &registry.reference("warm:v1"), &recorded, &[]);
 
