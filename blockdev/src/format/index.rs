@@ -344,12 +344,11 @@ impl Index {
             ChunkKind::Raw => stored.to_vec(),
             ChunkKind::Zstd => {
                 // The capacity bound makes a hostile frame fail instead of growing memory.
-                let data = zstd::bulk::decompress(stored, expected as usize).map_err(|e| {
-                    FormatError::Decompress {
+                let data =
+                    decompress(stored, expected as usize).map_err(|e| FormatError::Decompress {
                         index,
                         reason: e.to_string(),
-                    }
-                })?;
+                    })?;
                 if data.len() != expected as usize {
                     return Err(FormatError::DecompressedLength {
                         index,
@@ -509,4 +508,25 @@ fn splitting(at: u64, chunks: &[ChunkEntry]) -> Option<u64> {
         .iter()
         .position(|c| c.offset < at && c.stored_range().end > at)
         .map(|i| i as u64)
+}
+
+/// One zstd frame, into at most `capacity` bytes, with this thread's
+/// decompression context. Startup chunks are a few KiB each, and creating a
+/// context per chunk (`zstd::bulk::decompress`) cost more than decoding it:
+/// a profile of a cold start put `ZSTD_createDCtx` above the decoding itself.
+/// A context keeps no state between frames that could change a result: each
+/// call decodes one whole frame from the start.
+fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CONTEXT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let context = match slot.as_mut() {
+            Some(c) => c,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        context.decompress(frame, capacity)
+    })
 }
