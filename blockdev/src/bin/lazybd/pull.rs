@@ -123,7 +123,8 @@ async fn pull(args: Args) -> Result<()> {
                 l.digest().to_string(),
             );
         }
-        // The lease holds each until the image does: no order among them.
+        // The lease holds each until the image does: no order among them,
+        // nor between them and the layers (a cold start waits for this).
         let index = async {
             if docs.top.2 == docs.manifest_digest {
                 return Ok(());
@@ -134,31 +135,50 @@ async fn pull(args: Args) -> Result<()> {
             )]);
             ctd.write(&docs.top.0, &docs.top.2, refs).await
         };
-        tokio::try_join!(
-            ctd.write(
-                &config,
-                config_desc.digest().as_ref(),
-                HashMap::from([(snapshot_gc, top_chain.clone())]),
-            ),
-            ctd.write(&docs.manifest_bytes, &docs.manifest_digest, refs),
-            index,
-        )?;
-        let mut counts = [0usize; 3];
-        for (i, layer) in docs.manifest.layers().iter().enumerate() {
-            let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
-            let prepared = ctd
-                .prepare_layer(
-                    &args,
-                    &docs.manifest_digest,
-                    layer,
-                    &chains[i],
-                    parent,
-                    &registry,
-                )
-                .await
-                .with_context(|| format!("layer {i} ({})", layer.digest()))?;
-            counts[prepared as usize] += 1;
-        }
+        let documents = async {
+            tokio::try_join!(
+                ctd.write(
+                    &config,
+                    config_desc.digest().as_ref(),
+                    HashMap::from([(snapshot_gc, top_chain.clone())]),
+                ),
+                ctd.write(&docs.manifest_bytes, &docs.manifest_digest, refs),
+                index,
+            )
+            .map(|_| ())
+        };
+        let layers = async {
+            // Asked all at once; each Prepare needs its parent, so those
+            // go one after another.
+            let present = futures_util::future::join_all(
+                chains
+                    .iter()
+                    .map(|c| ctd.has_snapshot(&args.snapshotter, c)),
+            )
+            .await;
+            let mut counts = [0usize; 3];
+            for (i, layer) in docs.manifest.layers().iter().enumerate() {
+                if present[i] {
+                    counts[Prepared::Already as usize] += 1;
+                    continue;
+                }
+                let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
+                let prepared = ctd
+                    .prepare_layer(
+                        &args,
+                        &docs.manifest_digest,
+                        layer,
+                        &chains[i],
+                        parent,
+                        &registry,
+                    )
+                    .await
+                    .with_context(|| format!("layer {i} ({})", layer.digest()))?;
+                counts[prepared as usize] += 1;
+            }
+            anyhow::Ok(counts)
+        };
+        let ((), counts) = tokio::try_join!(documents, layers)?;
         ctd.put_image(&args.reference, &docs.top).await?;
         anyhow::Ok((chains.len(), counts))
     }
@@ -355,6 +375,18 @@ impl Containerd {
         Ok(())
     }
 
+    /// Whether the snapshotter has committed snapshot `chain` (a layer
+    /// unpacked before).
+    async fn has_snapshot(&self, snapshotter: &str, chain: &str) -> bool {
+        SnapshotsClient::new(self.channel.clone())
+            .stat(self.req(StatSnapshotRequest {
+                snapshotter: snapshotter.to_owned(),
+                key: chain.to_owned(),
+            }))
+            .await
+            .is_ok()
+    }
+
     async fn prepare_layer(
         &self,
         args: &Args,
@@ -365,15 +397,6 @@ impl Containerd {
         registry: &RegistryClient,
     ) -> Result<Prepared> {
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
-        let exists = snapshots
-            .stat(self.req(StatSnapshotRequest {
-                snapshotter: args.snapshotter.clone(),
-                key: chain.to_owned(),
-            }))
-            .await;
-        if exists.is_ok() {
-            return Ok(Prepared::Already);
-        }
         let key = format!("extract-{} {chain}", nanos());
         let mut labels = layer
             .annotations()
