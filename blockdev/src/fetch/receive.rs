@@ -2,6 +2,8 @@
 //! as its bytes are in, waiting readers are woken chunk by chunk, and no
 //! more than the range asked for is ever read or buffered.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::{Bytes, BytesMut};
@@ -45,6 +47,10 @@ enum Rejected {
     Cache(CacheError),
 }
 
+/// Batches of chunks verified at once while an answer is read: two keep
+/// both cores of a small node busy when the link outruns one.
+const MAX_VERIFYING: usize = 2;
+
 impl ChunkFetcher {
     /// Asks `slot`'s source for the stored bytes of `segment` (chunks
     /// adjacent in the blob, in blob order) and takes in what comes, by
@@ -75,6 +81,8 @@ impl ChunkFetcher {
         };
         let mut body = answer.body;
         let mut buf = BytesMut::new();
+        // Chunks being verified while the next bytes come in, oldest first.
+        let mut verifying = VecDeque::new();
         let mut next = 0;
         let mut received = 0u64;
         let mut first_byte = None;
@@ -135,12 +143,24 @@ impl ChunkFetcher {
             }
             if let Some(&(last, _)) = ready.last() {
                 let position = entry(last).stored_range().end;
-                self.store_verified(slot, ready, kind, &mut out).await?;
-                progress.send_modify(|p| p.position = position);
+                verifying.push_back(self.verify_and_store(
+                    slot,
+                    ready,
+                    kind,
+                    progress.clone(),
+                    position,
+                ));
+            }
+            while verifying.len() > MAX_VERIFYING {
+                let batch = verifying.pop_front().expect("more than none");
+                self.take_verified(batch.await, &mut out)?;
             }
             if overlong || !out.corrupt.is_empty() {
                 break;
             }
+        }
+        while let Some(batch) = verifying.pop_front() {
+            self.take_verified(batch.await, &mut out)?;
         }
         // A chunk that failed verification is retried, not left out.
         let corrupt: Vec<u64> = out.corrupt.iter().map(|(c, _)| *c).collect();
@@ -153,27 +173,16 @@ impl ChunkFetcher {
         Ok(out)
     }
 
-    /// Verifies `ready` chunks and stores the good ones, counting both.
-    async fn store_verified(
+    /// Takes a batch's verification outcomes into `out`.
+    fn take_verified(
         &self,
-        slot: &Slot,
-        ready: Vec<(u64, Bytes)>,
-        kind: Kind,
+        outcomes: Vec<(u64, Result<(), Rejected>)>,
         out: &mut Received,
     ) -> Result<(), FetchError> {
-        for (chunk, outcome) in self.verify_and_store(ready).await {
+        for (chunk, outcome) in outcomes {
             match outcome {
-                Ok(()) => {
-                    out.stored += 1;
-                    slot.counters.chunks.fetch_add(1, Relaxed);
-                    if kind == Kind::Stream {
-                        self.stats.prefetch.startup_chunks.fetch_add(1, Relaxed);
-                    }
-                }
-                Err(Rejected::Corrupt(reason)) => {
-                    slot.counters.corrupt_chunks.fetch_add(1, Relaxed);
-                    out.corrupt.push((chunk, reason));
-                }
+                Ok(()) => out.stored += 1,
+                Err(Rejected::Corrupt(reason)) => out.corrupt.push((chunk, reason)),
                 Err(Rejected::Cache(source)) => {
                     return Err(FetchError::Cache {
                         layer: self.layer.clone(),
@@ -186,15 +195,27 @@ impl ChunkFetcher {
         Ok(())
     }
 
-    /// Decodes and verifies each chunk and stores the good ones. Off the
-    /// async threads: zstd and sha256 take time that readers should not
-    /// wait behind.
-    async fn verify_and_store(&self, ready: Vec<(u64, Bytes)>) -> Vec<(u64, Result<(), Rejected>)> {
+    /// Starts decoding and verifying each chunk of `ready`, storing the
+    /// good ones and counting both, then moving the fetch's `progress` to
+    /// `position` (the end of the batch), which wakes the readers waiting
+    /// for them. Off the async threads: zstd and sha256 take time that
+    /// readers should not wait behind. Started, not awaited: the answer's
+    /// next bytes come in meanwhile, so a stream is not slowed to the pace
+    /// of one core.
+    fn verify_and_store(
+        &self,
+        slot: &Slot,
+        ready: Vec<(u64, Bytes)>,
+        kind: Kind,
+        progress: watch::Sender<Progress>,
+        position: u64,
+    ) -> impl Future<Output = Vec<(u64, Result<(), Rejected>)>> {
         let index = self.index.clone();
         let cache = self.cache.clone();
+        let (counters, stats) = (slot.counters.clone(), self.stats.clone());
         let chunks: Vec<u64> = ready.iter().map(|(c, _)| *c).collect();
-        let result = tokio::task::spawn_blocking(move || {
-            ready
+        let task = tokio::task::spawn_blocking(move || {
+            let outcomes: Vec<_> = ready
                 .into_iter()
                 .map(|(c, stored)| {
                     let outcome = match index.decode_chunk(c, &stored) {
@@ -209,17 +230,36 @@ impl ChunkFetcher {
                     };
                     (c, outcome)
                 })
-                .collect()
-        })
-        .await;
-        result.unwrap_or_else(|e| {
-            chunks
-                .into_iter()
-                .map(|c| {
-                    let reason = format!("verification task failed: {e}");
-                    (c, Err(Rejected::Corrupt(reason)))
-                })
-                .collect()
-        })
+                .collect();
+            // Counted before the readers wake, who may look.
+            for (_, outcome) in &outcomes {
+                match outcome {
+                    Ok(()) => {
+                        counters.chunks.fetch_add(1, Relaxed);
+                        if kind == Kind::Stream {
+                            stats.prefetch.startup_chunks.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(Rejected::Corrupt(_)) => {
+                        counters.corrupt_chunks.fetch_add(1, Relaxed);
+                    }
+                    Err(Rejected::Cache(_)) => {}
+                }
+            }
+            // Batches end out of order: the position only moves forward.
+            progress.send_modify(|p| p.position = p.position.max(position));
+            outcomes
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                chunks
+                    .into_iter()
+                    .map(|c| {
+                        let reason = format!("verification task failed: {e}");
+                        (c, Err(Rejected::Corrupt(reason)))
+                    })
+                    .collect()
+            })
+        }
     }
 }

@@ -257,6 +257,17 @@ impl Fixture {
     }
 }
 
+/// Waits until no on-demand fetch runs: a reader is woken as soon as its
+/// chunk is stored, before its fetch has counted the rest of the answer
+/// and told its source's verdict.
+async fn demand_settled(fetcher: &ChunkFetcher) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fetcher.gate().demand_active() > 0 {
+        assert!(Instant::now() < deadline, "an on-demand fetch never ended");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 fn quick() -> FetchConfig {
     FetchConfig {
         request_timeout: Duration::from_secs(1),
@@ -352,6 +363,7 @@ async fn a_relayed_lie_is_told_to_the_source_which_is_asked_again_at_once() {
     let fetcher = f.fetcher_of(vec![relay.clone(), registry.clone()], quick());
     // The liar garbles the middle of the range: chunk 2 of chunks 1..3.
     fetcher.ensure(1..3).await.unwrap();
+    demand_settled(&fetcher).await;
     f.cached(1);
     f.cached(2);
     assert_eq!(registry.calls.load(Relaxed), 0, "the honest server served");
@@ -485,6 +497,7 @@ async fn readers_overtake_a_stuck_background_fetch_instead_of_waiting() {
         "background claimed chunk 1"
     );
     fetcher.ensure(1..2).await.unwrap();
+    demand_settled(&fetcher).await;
     f.cached(1);
     let p = f.stats.prefetch.snapshot();
     assert_eq!(p.demand_overtook_background, 1, "{p:?}");
@@ -502,6 +515,7 @@ async fn background_fetch_skips_present_and_claimed_chunks() {
     let source = f.source("registry", Behavior::Good);
     let fetcher = f.fetcher(vec![source.clone()], quick());
     fetcher.ensure(0..2).await.unwrap();
+    demand_settled(&fetcher).await;
     assert_eq!(fetcher.fetch_background(&[0, 1, 2, 3]).await.unwrap(), 2);
     assert_eq!(fetcher.fetch_background(&[0, 1, 2, 3]).await.unwrap(), 0);
     for c in 0..4 {
