@@ -70,6 +70,9 @@ pub fn run(args: Args) -> Result<()> {
         .block_on(pull(args))
 }
 
+/// Snapshot Stats asked of containerd at once.
+const STATS_AT_ONCE: usize = 16;
+
 /// What containerd keeps for the image: bytes and media type of each
 /// manifest document, top first.
 struct Documents {
@@ -148,14 +151,14 @@ async fn pull(args: Args) -> Result<()> {
             .map(|_| ())
         };
         let layers = async {
-            // Asked all at once; each Prepare needs its parent, so those
-            // go one after another.
-            let present = futures_util::future::join_all(
-                chains
-                    .iter()
-                    .map(|c| ctd.has_snapshot(&args.snapshotter, c)),
-            )
-            .await;
+            // Asked several at once (a manifest may list any number of
+            // layers); each Prepare needs its parent, so those go one
+            // after another.
+            let present: Vec<bool> = futures_util::stream::iter(&chains)
+                .map(|c| ctd.has_snapshot(&args.snapshotter, c))
+                .buffered(STATS_AT_ONCE)
+                .collect()
+                .await;
             let mut counts = [0usize; 3];
             for (i, layer) in docs.manifest.layers().iter().enumerate() {
                 if present[i] {
