@@ -34,6 +34,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::fuse::MAX_READAHEAD;
 use super::table::lock;
 use super::LayerManager;
 use crate::erofs::{self, FileData};
@@ -50,11 +51,11 @@ const MAX_INODES: usize = 1 << 20;
 /// beyond it).
 const MAX_CACHED_BLOCKS: usize = (64 << 20) / BLOCK_SIZE as usize;
 /// The most one readahead(2) call asks for: the largest read FUSE sends
-/// (the FUSE session's `MAX_READAHEAD`). The kernel cuts a longer call to
+/// (the FUSE session's [`MAX_READAHEAD`]). The kernel cuts a longer call to
 /// the device's largest request (1.25 MiB for a loop device), and such a
 /// call through a lazy device left nothing in the page cache here (a
 /// whole 1.9 MiB file, in the `convert_record` warming test).
-const MAX_READ_AHEAD: u64 = 1 << 20;
+const MAX_READ_AHEAD: u64 = MAX_READAHEAD as u64;
 /// EROFS's file handle type: the inode number in two 32-bit halves, high
 /// first, then a generation, which EROFS ignores (`erofs_encode_fh`).
 const FILEID_INO64_GEN: i32 = 0x81;

@@ -48,4 +48,5 @@ mod ops;
 mod session;
 
 pub use files::{inode_of, LayerFiles};
+pub(in crate::device) use session::MAX_READAHEAD;
 pub use session::{FuseMount, SessionState, STATE_FD};

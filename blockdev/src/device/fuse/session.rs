@@ -31,7 +31,7 @@ use super::files::LayerFiles;
 const MAX_WRITE: u32 = 128 << 10;
 const BUFFER_SIZE: usize = MAX_WRITE as usize + 4096;
 /// Largest read the kernel sends; with FUSE_MAX_PAGES it honours up to 1 MiB.
-const MAX_READAHEAD: u32 = 1 << 20;
+pub(in crate::device) const MAX_READAHEAD: u32 = 1 << 20;
 const MAX_PAGES: u16 = (MAX_READAHEAD / 4096) as u16;
 /// Readahead requests are "background" requests; the default of 16 in
 /// flight starves a fast sequential reader.
