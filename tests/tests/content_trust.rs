@@ -104,6 +104,9 @@ struct Forgery {
     claim: String,
     /// `claim`, with the victim's anchor on the layer descriptor too.
     lie: String,
+    /// The top layers' anchors.
+    victim_anchor: String,
+    attacker_anchor: String,
 }
 
 impl Forgery {
@@ -123,8 +126,9 @@ impl Forgery {
             }
         };
         let (victim_digest, victim_anchor) = (top(&victim_m, "digest"), top(&victim_m, "anchor"));
+        let attacker_anchor = top(&attacker_m, "anchor");
         assert_ne!(victim_digest, top(&attacker_m, "digest"));
-        assert_ne!(victim_anchor, top(&attacker_m, "anchor"));
+        assert_ne!(victim_anchor, attacker_anchor);
         let r = &attacker_registry;
         r.plant_blob(
             "attacker",
@@ -155,6 +159,8 @@ impl Forgery {
             forged: r.reference("attacker:forged"),
             claim: r.reference("attacker:claim"),
             lie: r.reference("attacker:lie"),
+            victim_anchor,
+            attacker_anchor,
             victim_registry,
             attacker_registry,
             tmp,
@@ -250,8 +256,10 @@ fn a_forged_layer_pulled_before_the_victim_never_reaches_it() {
         ATTACKER_SECRET,
         "the forged image reads its own layer"
     );
-    // The victim's snapshot name with the attacker's anchor: refused before
-    // anything is attached, with the reason.
+    // The victim's snapshot name with the attacker's anchor: `lazybd pull`
+    // prepares the layers as their anchors name them and refuses the
+    // config, with the reason (the CRI path, which names snapshots by the
+    // config, is refused by the snapshotter: the test below).
     let e = fails(&pull(&ctd, "tenant-c", &f.claim));
     assert!(
         e.contains("chain ID") && e.contains("docs/security.md"),
@@ -283,6 +291,65 @@ fn a_forged_layer_pulled_before_the_victim_never_reaches_it() {
         read_in_container(&ctd, "tenant-a", &f.forged, "/etc/secret"),
         ATTACKER_SECRET,
         "after a restart"
+    );
+    drop((ctd, snapshotter));
+}
+
+/// CRI names layer snapshots by the config's diff_ids alone: the
+/// snapshotter refuses to attach the attacker's layer under the victim's
+/// snapshot name, and the victim's image pulled after it is its own.
+#[test]
+fn a_config_claiming_another_layers_snapshot_name_is_refused_over_cri() {
+    require_root!();
+    let f = Forgery::new();
+    let snapshotter = SnapshotterDaemon::start(
+        &f.tmp.path().join("snapshotter"),
+        &format!(
+            "[registry]\nplain_http = [\"{}\", \"{}\"]\n",
+            f.victim_registry.host(),
+            f.attacker_registry.host()
+        ),
+    );
+    let ctd = Containerd::builder()
+        .proxy_snapshotter(snapshotter.proxy())
+        .cri_snapshotter("lazybd")
+        .plain_http_registry(&f.victim_registry.host())
+        .plain_http_registry(&f.attacker_registry.host())
+        .start();
+
+    let snapshots = || {
+        let listed = ctd.ctr_in("k8s.io", &["snapshots", "--snapshotter", "lazybd", "ls"]);
+        String::from_utf8_lossy(&listed.stdout).into_owned()
+    };
+    let before = snapshots();
+    let e = ctd.try_pull_image(&f.claim).unwrap_err();
+    assert!(
+        e.contains("FailedPrecondition")
+            && e.contains("another layer's snapshot name")
+            && e.contains("docs/security.md"),
+        "{e}\n{}",
+        snapshotter.log()
+    );
+    // The base layer the refused pull committed is no image's: containerd
+    // collects it, and a pull that found it just before fails (containerd's
+    // own race between its garbage collector and an unpack).
+    ctd.wait_for(
+        30,
+        "containerd to collect the refused pull's snapshots",
+        || snapshots() == before,
+    );
+    ctd.pull_image(&f.victim);
+    let layers = snapshotter.control(&json!({"op": "layers"}));
+    let anchors: Vec<&str> = layers["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["anchor"].as_str().unwrap())
+        .collect();
+    assert!(anchors.contains(&f.victim_anchor.as_str()), "{layers}");
+    assert!(
+        !anchors.contains(&f.attacker_anchor.as_str()),
+        "the refused layer stays unattached: {layers}"
     );
     drop((ctd, snapshotter));
 }

@@ -387,6 +387,12 @@ impl Containerd {
 
     /// PullImage; returns the image ref (`sha256:...` of its config).
     pub fn pull_image(&self, image: &str) -> String {
+        self.try_pull_image(image)
+            .unwrap_or_else(|e| panic!("CRI PullImage: {e}\n{}", self.log_tail()))
+    }
+
+    /// PullImage, which may fail: the image ref, or the status.
+    pub fn try_pull_image(&self, image: &str) -> Result<String, String> {
         let request = cri::PullImageRequest {
             image: Some(cri::ImageSpec {
                 image: image.into(),
@@ -395,11 +401,9 @@ impl Containerd {
             auth: None,
             sandbox_config: None,
         };
-        self.image_call(
-            "PullImage",
-            |mut c| async move { c.pull_image(request).await },
-        )
-        .image_ref
+        let cri = self.cri_api();
+        cri.try_call(cri.images.clone().pull_image(request))
+            .map(|r| r.image_ref)
     }
 
     pub fn image_status(&self, image: &str) -> Option<cri::Image> {

@@ -3,14 +3,17 @@
 //! analogue of stargz's `ctr-remote rpull`; `ctr image pull` does not label
 //! the snapshotter's Prepare calls with the image, so it cannot).
 //!
-//! Manifest and config go into containerd's content store; each layer is
-//! prepared through the snapshotter with the labels CRI uses and, as
-//! containerd's unpacker does, the layer descriptor's
-//! `containerd.io/snapshot/` annotations (the lazybd ones: where the index
-//! is and the layer's anchor), which the lazybd snapshotter answers with
-//! AlreadyExists (attached lazily, without fetching the manifest again). A layer
-//! it does not take (an ordinary image) is downloaded, applied with
-//! containerd's diff service and committed, as `ctr image pull` would.
+//! Manifest and config go into containerd's content store. Each layer is
+//! prepared through the snapshotter as the snapshot its chain ID names, with
+//! the labels CRI uses and, as containerd's unpacker does, the layer
+//! descriptor's `containerd.io/snapshot/` annotations (the lazybd ones: where
+//! the index is and the layer's anchor), which the lazybd snapshotter answers
+//! with AlreadyExists (attached lazily, without fetching the manifest again).
+//! A lazybd layer's diff_id is on its descriptor (its anchor), so for an
+//! image of lazybd layers the Prepares start while the config is fetched,
+//! and the config must then name the same snapshots. A layer the snapshotter
+//! does not take (an ordinary image) is downloaded, applied with containerd's
+//! diff service and committed, as `ctr image pull` would.
 //! Then the image record points at the manifest, and `ctr run --snapshotter
 //! lazybd REF ...` finds every layer unpacked.
 
@@ -33,7 +36,8 @@ use containerd_client::tonic::{Code, Request};
 use containerd_client::types::{Descriptor, Mount};
 use futures_util::StreamExt;
 use lazybd_blockdev::oci::{
-    self, config_diff_ids, is_manifest_list, pick_platform, MEDIA_LAZYBD_LAYER,
+    self, config_diff_ids, is_manifest_list, pick_platform, LazyLayerAnnotations,
+    MEDIA_LAZYBD_LAYER,
 };
 use lazybd_blockdev::registry::RegistryClient;
 use oci_spec::image::{ImageIndex, ImageManifest};
@@ -88,10 +92,7 @@ async fn pull(args: Args) -> Result<()> {
     let from_registry = async {
         let registry = RegistryClient::new(&args.reference, &args.registry.options())?;
         let docs = fetch_manifest(&registry, &args.platform).await?;
-        let config = registry
-            .blob(docs.manifest.config().digest().as_ref())
-            .await?;
-        anyhow::Ok((registry, docs, config))
+        anyhow::Ok((registry, docs))
     };
     let to_containerd = async {
         let channel = containerd_client::connect(&args.address)
@@ -108,82 +109,37 @@ async fn pull(args: Args) -> Result<()> {
     let (fetched, ctd) = tokio::join!(from_registry, to_containerd);
     let ctd = ctd?;
     let result = async {
-        let (registry, docs, config) = fetched?;
-        let config_desc = docs.manifest.config();
-        let config_json: serde_json::Value =
-            serde_json::from_slice(&config).context("parsing the image config")?;
-        let diff_ids = config_diff_ids(&config_json, docs.manifest.layers().len())?;
-        let chains = chain_ids(&diff_ids);
-        let top_chain = chains.last().context("the image has no layers")?;
-        let snapshot_gc = format!("containerd.io/gc.ref.snapshot.{}", args.snapshotter);
-        let mut refs = HashMap::from([(
-            "containerd.io/gc.ref.content.config".to_string(),
-            config_desc.digest().to_string(),
-        )]);
-        for (i, l) in docs.manifest.layers().iter().enumerate() {
-            refs.insert(
-                format!("containerd.io/gc.ref.content.l.{i}"),
-                l.digest().to_string(),
-            );
-        }
-        // The lease holds each until the image does: no order among them,
-        // nor between them and the layers (a cold start waits for this).
-        let index = async {
-            if docs.top.2 == docs.manifest_digest {
-                return Ok(());
+        let (registry, docs) = fetched?;
+        let config = fetch_config(&registry, &docs.manifest);
+        let counts = match lazy_chain_ids(&docs.manifest) {
+            // Every layer's diff_id is on its descriptor, so the layers are
+            // prepared while the config is on its way (a cold start waits
+            // for this); the config must then name the same. Both are
+            // awaited to the end: a Prepare is never cut off halfway.
+            Some(chains) => {
+                let documents = async {
+                    let config = config.await?;
+                    same_chains(&config.chains, &chains)?;
+                    ctd.write_documents(&docs, &config, &args.snapshotter).await
+                };
+                let (documents, counts) = tokio::join!(
+                    documents,
+                    ctd.prepare_layers(&args, &docs, &registry, &chains)
+                );
+                documents?;
+                counts?
             }
-            let refs = HashMap::from([(
-                "containerd.io/gc.ref.content.m.0".to_string(),
-                docs.manifest_digest.clone(),
-            )]);
-            ctd.write(&docs.top.0, &docs.top.2, refs).await
-        };
-        let documents = async {
-            tokio::try_join!(
-                ctd.write(
-                    &config,
-                    config_desc.digest().as_ref(),
-                    HashMap::from([(snapshot_gc, top_chain.clone())]),
-                ),
-                ctd.write(&docs.manifest_bytes, &docs.manifest_digest, refs),
-                index,
-            )
-            .map(|_| ())
-        };
-        let layers = async {
-            // Asked several at once (a manifest may list any number of
-            // layers); each Prepare needs its parent, so those go one
-            // after another.
-            let present: Vec<bool> = futures_util::stream::iter(&chains)
-                .map(|c| ctd.has_snapshot(&args.snapshotter, c))
-                .buffered(STATS_AT_ONCE)
-                .collect()
-                .await;
-            let mut counts = [0usize; 3];
-            for (i, layer) in docs.manifest.layers().iter().enumerate() {
-                if present[i] {
-                    counts[Prepared::Already as usize] += 1;
-                    continue;
-                }
-                let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
-                let prepared = ctd
-                    .prepare_layer(
-                        &args,
-                        &docs.manifest_digest,
-                        layer,
-                        &chains[i],
-                        parent,
-                        &registry,
-                    )
-                    .await
-                    .with_context(|| format!("layer {i} ({})", layer.digest()))?;
-                counts[prepared as usize] += 1;
+            None => {
+                let config = config.await?;
+                let ((), counts) = tokio::try_join!(
+                    ctd.write_documents(&docs, &config, &args.snapshotter),
+                    ctd.prepare_layers(&args, &docs, &registry, &config.chains)
+                )?;
+                counts
             }
-            anyhow::Ok(counts)
         };
-        let ((), counts) = tokio::try_join!(documents, layers)?;
         ctd.put_image(&args.reference, &docs.top).await?;
-        anyhow::Ok((chains.len(), counts))
+        anyhow::Ok((docs.manifest.layers().len(), counts))
     }
     .await;
     if let Err(e) = ctd.delete_lease().await {
@@ -195,6 +151,59 @@ async fn pull(args: Args) -> Result<()> {
         args.reference, args.snapshotter,
     );
     Ok(())
+}
+
+/// The image config and the chain IDs its diff_ids give.
+struct Config {
+    bytes: Vec<u8>,
+    chains: Vec<String>,
+}
+
+async fn fetch_config(registry: &RegistryClient, manifest: &ImageManifest) -> Result<Config> {
+    let bytes = registry.blob(manifest.config().digest().as_ref()).await?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes).context("parsing the image config")?;
+    let diff_ids = config_diff_ids(&json, manifest.layers().len())?;
+    Ok(Config {
+        chains: chain_ids(&diff_ids),
+        bytes,
+    })
+}
+
+/// Fails unless the config's chain IDs are those the layers' descriptors
+/// give: else the config would name a layer's snapshot after other content
+/// (the snapshotter refuses such a Prepare too, docs/security.md).
+fn same_chains(config: &[String], descriptors: &[String]) -> Result<()> {
+    match config.iter().zip(descriptors).position(|(c, d)| c != d) {
+        None => Ok(()),
+        Some(i) => bail!(
+            "layer {i}: the image config's diff_ids name its snapshot {} (chain ID), but \
+             the anchors on the layer descriptors name it {}; refusing the image, whose \
+             config does not name the anchors on its descriptors (docs/security.md)",
+            config[i],
+            descriptors[i]
+        ),
+    }
+}
+
+/// The chain IDs of an image whose layers are all lazybd layers, from the
+/// manifest alone: a lazybd layer's diff_id is its anchor (its blob digest
+/// in version 1), which its descriptor carries. `None` when a layer is of
+/// another kind (its diff_id is only in the config) or its annotations do
+/// not parse (the snapshotter says why at its Prepare).
+fn lazy_chain_ids(manifest: &ImageManifest) -> Option<Vec<String>> {
+    let diff_ids = manifest
+        .layers()
+        .iter()
+        .map(|layer| {
+            if layer.media_type().to_string() != MEDIA_LAZYBD_LAYER {
+                return None;
+            }
+            let annotations = LazyLayerAnnotations::from_map(layer.annotations().as_ref()?).ok()?;
+            Some(annotations.diff_id(layer.digest().as_ref()).to_owned())
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(chain_ids(&diff_ids))
 }
 
 async fn fetch_manifest(registry: &RegistryClient, platform: &str) -> Result<Documents> {
@@ -294,6 +303,90 @@ impl Containerd {
             }))
             .await?;
         Ok(())
+    }
+
+    /// Writes the image's documents into the content store, each with the
+    /// labels that keep what it refers to. The lease holds each until the
+    /// image does: no order among them, nor between them and the layers (a
+    /// cold start waits for this).
+    async fn write_documents(
+        &self,
+        docs: &Documents,
+        config: &Config,
+        snapshotter: &str,
+    ) -> Result<()> {
+        let config_digest = docs.manifest.config().digest().to_string();
+        let top_chain = config.chains.last().context("the image has no layers")?;
+        let snapshot_gc = format!("containerd.io/gc.ref.snapshot.{snapshotter}");
+        let mut refs = HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_string(),
+            config_digest.clone(),
+        )]);
+        for (i, l) in docs.manifest.layers().iter().enumerate() {
+            refs.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest().to_string(),
+            );
+        }
+        let index = async {
+            if docs.top.2 == docs.manifest_digest {
+                return Ok(());
+            }
+            let refs = HashMap::from([(
+                "containerd.io/gc.ref.content.m.0".to_string(),
+                docs.manifest_digest.clone(),
+            )]);
+            self.write(&docs.top.0, &docs.top.2, refs).await
+        };
+        tokio::try_join!(
+            self.write(
+                &config.bytes,
+                &config_digest,
+                HashMap::from([(snapshot_gc, top_chain.clone())]),
+            ),
+            self.write(&docs.manifest_bytes, &docs.manifest_digest, refs),
+            index,
+        )?;
+        Ok(())
+    }
+
+    /// Prepares the image's layers as the snapshots `chains` names, and
+    /// counts what happened to them.
+    async fn prepare_layers(
+        &self,
+        args: &Args,
+        docs: &Documents,
+        registry: &RegistryClient,
+        chains: &[String],
+    ) -> Result<[usize; 3]> {
+        // Asked several at once (a manifest may list any number of layers);
+        // each Prepare needs its parent, so those go one after another.
+        let present: Vec<bool> = futures_util::stream::iter(chains)
+            .map(|c| self.has_snapshot(&args.snapshotter, c))
+            .buffered(STATS_AT_ONCE)
+            .collect()
+            .await;
+        let mut counts = [0usize; 3];
+        for (i, layer) in docs.manifest.layers().iter().enumerate() {
+            if present[i] {
+                counts[Prepared::Already as usize] += 1;
+                continue;
+            }
+            let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
+            let prepared = self
+                .prepare_layer(
+                    args,
+                    &docs.manifest_digest,
+                    layer,
+                    &chains[i],
+                    parent,
+                    registry,
+                )
+                .await
+                .with_context(|| format!("layer {i} ({})", layer.digest()))?;
+            counts[prepared as usize] += 1;
+        }
+        Ok(counts)
     }
 
     /// Writes a small blob into the content store in one request.
@@ -540,5 +633,95 @@ mod tests {
         assert_eq!(chains[0], d('a'));
         let want = Sha256::digest(format!("{} {}", d('a'), d('b')));
         assert_eq!(chains[1], format!("sha256:{}", hex::encode(want)));
+    }
+
+    fn digest(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    /// A manifest with `layers` as (media type, digest, annotations).
+    fn manifest(layers: &[(&str, String, serde_json::Value)]) -> ImageManifest {
+        let layers: Vec<_> = layers
+            .iter()
+            .map(|(media_type, digest, annotations)| {
+                serde_json::json!({"mediaType": media_type, "digest": digest, "size": 1,
+                    "annotations": annotations})
+            })
+            .collect();
+        let json = serde_json::json!({"schemaVersion": 2,
+            "mediaType": oci::MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": oci::MEDIA_OCI_CONFIG, "digest": digest('c'), "size": 1},
+            "layers": layers});
+        ImageManifest::from_reader(json.to_string().as_bytes()).unwrap()
+    }
+
+    /// A lazybd layer's annotations: version 3 with `anchor`, else version 1.
+    fn lazy_annotations(anchor: Option<String>) -> serde_json::Value {
+        let Some(anchor) = anchor else {
+            return serde_json::json!({
+                oci::v1::ANN_VERSION: "1", oci::v1::ANN_SOURCE_DIFF_ID: digest('s'),
+                oci::v1::ANN_INDEX_OFFSET: "10", oci::v1::ANN_INDEX_LENGTH: "20",
+                oci::v1::ANN_IMAGE_SIZE: "4096", oci::v1::ANN_CHUNK_SIZE: "4096",
+            });
+        };
+        let v3 = LazyLayerAnnotations {
+            version: 3,
+            index_digest: Some(anchor),
+            source_diff_id: digest('s'),
+            index_offset: 10,
+            index_length: 20,
+            image_size: 4096,
+            chunk_size: 4096,
+        };
+        serde_json::json!(v3.to_map())
+    }
+
+    #[test]
+    fn lazybd_layers_name_their_snapshots_without_the_config() {
+        let m = manifest(&[
+            (
+                MEDIA_LAZYBD_LAYER,
+                digest('1'),
+                lazy_annotations(Some(digest('a'))),
+            ),
+            (MEDIA_LAZYBD_LAYER, digest('2'), lazy_annotations(None)),
+        ]);
+        // The anchor, or a version 1 layer's blob digest.
+        assert_eq!(
+            lazy_chain_ids(&m),
+            Some(chain_ids(&[digest('a'), digest('2')]))
+        );
+    }
+
+    #[test]
+    fn other_layers_wait_for_the_config() {
+        let gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+        let anchored = lazy_annotations(Some(digest('a')));
+        for m in [
+            manifest(&[(gzip, digest('1'), serde_json::json!({}))]),
+            manifest(&[
+                (MEDIA_LAZYBD_LAYER, digest('1'), anchored.clone()),
+                (gzip, digest('2'), serde_json::json!({})),
+            ]),
+            // Annotations that do not parse: the snapshotter says why.
+            manifest(&[(MEDIA_LAZYBD_LAYER, digest('1'), serde_json::json!({}))]),
+            // Lazybd annotations on a layer of another media type.
+            manifest(&[(gzip, digest('1'), anchored)]),
+        ] {
+            assert_eq!(lazy_chain_ids(&m), None);
+        }
+    }
+
+    #[test]
+    fn a_config_that_names_other_snapshots_is_refused() {
+        let descriptors = chain_ids(&[digest('a'), digest('b')]);
+        assert!(same_chains(&descriptors, &descriptors).is_ok());
+        let config = chain_ids(&[digest('a'), digest('v')]);
+        let e = same_chains(&config, &descriptors).unwrap_err().to_string();
+        assert!(e.starts_with("layer 1:") && e.contains(&config[1]), "{e}");
+        assert!(
+            e.contains(&descriptors[1]) && e.contains("docs/security.md"),
+            "{e}"
+        );
     }
 }
