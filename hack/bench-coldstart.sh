@@ -302,11 +302,11 @@ stargz_plain_start() { stargz_start "$1:esgz"; }
 
 lazy_start() {
   local t0 t1
-  t0=$(date +%s%N)
+  now_us t0
   "$BIN/lazybd" pull --address "$STACK/containerd/containerd.sock" -n "$NS" --plain-http \
     "$REGISTRY/bench/$1:${2:-lazybd}" >"$STACK/pull.log"
-  t1=$(date +%s%N)
-  echo "$(((t1 - t0) / 1000000))" >"$STACK/pull-ms"
+  now_us t1
+  echo "$(((t1 - t0) / 1000))" >"$STACK/pull-ms"
   ctr_ -n "$NS" run --rm --snapshotter lazybd --runtime io.containerd.lazybd.v2 \
     "$REGISTRY/bench/$1:${2:-lazybd}" "cs-$1"
 }
@@ -320,7 +320,7 @@ lazy_optimized_start() {
 }
 
 # The starts run under timeout(1), in a child bash.
-export -f full_start warm_start lazy_start lazy_profiled_start lazy_optimized_start stargz_start stargz_opt_start stargz_plain_start ctr_
+export -f now_us full_start warm_start lazy_start lazy_profiled_start lazy_optimized_start stargz_start stargz_opt_start stargz_plain_start ctr_
 export STACK NS REGISTRY BIN
 
 # One measured start: `measure RATE IMAGE MODE RUN START_FUNCTION`.

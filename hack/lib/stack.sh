@@ -206,17 +206,24 @@ snapshotter_fetched_bytes() {
     awk '/^lazybd_source_bytes_total/ { s += $NF } END { printf "%d\n", s }'
 }
 
+# Sets variable $1 to the microseconds since the epoch, from bash's
+# EPOCHREALTIME: no fork, so a clock read inside a measured window does not
+# add the start of a `date` (cold after a cache drop) to what it measures.
+now_us() {
+  printf -v "$1" '%s' "${EPOCHREALTIME/[.,]/}"
+}
+
 # Prints the milliseconds from its call to the first line "$@" writes to
 # stdout, the output of the command in $BYTES_NOW (if set) at that moment,
 # and the line. Returns once "$@" has exited.
 time_to_first_line() {
   local t0 t1 line bytes=-
-  t0=$(date +%s%N)
+  now_us t0
   "$@" | {
     IFS= read -r line || { echo "no output from $*" >&2; exit 1; }
-    t1=$(date +%s%N)
+    now_us t1
     [ -n "${BYTES_NOW:-}" ] && bytes=$($BYTES_NOW)
-    echo "$(((t1 - t0) / 1000000)) $bytes $line"
+    echo "$(((t1 - t0) / 1000)) $bytes $line"
     cat >/dev/null
   }
 }
