@@ -167,17 +167,22 @@ impl Forgery {
         }
     }
 
-    /// A snapshotter that reads both registries, and containerd on it.
-    /// Fields of the caller drop containerd first.
-    fn node(&self) -> (Containerd, SnapshotterDaemon) {
-        let snapshotter = SnapshotterDaemon::start(
+    /// A snapshotter that reads both registries.
+    fn snapshotter(&self) -> SnapshotterDaemon {
+        SnapshotterDaemon::start(
             &self.tmp.path().join("snapshotter"),
             &format!(
                 "[registry]\nplain_http = [\"{}\", \"{}\"]\n",
                 self.victim_registry.host(),
                 self.attacker_registry.host()
             ),
-        );
+        )
+    }
+
+    /// [`Forgery::snapshotter`], and containerd on it. Fields of the caller
+    /// drop containerd first.
+    fn node(&self) -> (Containerd, SnapshotterDaemon) {
+        let snapshotter = self.snapshotter();
         let ctd = Containerd::builder()
             .proxy_snapshotter(snapshotter.proxy())
             .namespace("tenant-a")
@@ -302,14 +307,7 @@ fn a_forged_layer_pulled_before_the_victim_never_reaches_it() {
 fn a_config_claiming_another_layers_snapshot_name_is_refused_over_cri() {
     require_root!();
     let f = Forgery::new();
-    let snapshotter = SnapshotterDaemon::start(
-        &f.tmp.path().join("snapshotter"),
-        &format!(
-            "[registry]\nplain_http = [\"{}\", \"{}\"]\n",
-            f.victim_registry.host(),
-            f.attacker_registry.host()
-        ),
-    );
+    let snapshotter = f.snapshotter();
     let ctd = Containerd::builder()
         .proxy_snapshotter(snapshotter.proxy())
         .cri_snapshotter("lazybd")
