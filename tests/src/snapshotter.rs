@@ -207,11 +207,23 @@ impl SnapshotterDaemon {
 
     /// The state (`lazy`, `local`, ...) of every attached layer.
     pub fn layer_states(&self) -> Vec<String> {
-        self.control(&json!({"op": "layers"}))["layers"]
+        self.layer_fields("state")
+    }
+
+    /// Field `key` (`digest`, `anchor`, `state`, ...) of every attached
+    /// layer, as the control API's `layers` lists them.
+    pub fn layer_fields(&self, key: &str) -> Vec<String> {
+        let reply = self.control(&json!({"op": "layers"}));
+        reply["layers"]
             .as_array()
-            .unwrap()
+            .unwrap_or_else(|| panic!("no layers in {reply}"))
             .iter()
-            .map(|l| l["state"].as_str().unwrap().to_owned())
+            .map(|l| {
+                l[key]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("layer without a {key:?} string: {l}"))
+                    .to_owned()
+            })
             .collect()
     }
 

@@ -337,17 +337,11 @@ fn a_config_claiming_another_layers_snapshot_name_is_refused_over_cri() {
         || snapshots() == before,
     );
     ctd.pull_image(&f.victim);
-    let layers = snapshotter.control(&json!({"op": "layers"}));
-    let anchors: Vec<&str> = layers["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["anchor"].as_str().unwrap())
-        .collect();
-    assert!(anchors.contains(&f.victim_anchor.as_str()), "{layers}");
+    let anchors = snapshotter.layer_fields("anchor");
+    assert!(anchors.contains(&f.victim_anchor), "{anchors:?}");
     assert!(
-        !anchors.contains(&f.attacker_anchor.as_str()),
-        "the refused layer stays unattached: {layers}"
+        !anchors.contains(&f.attacker_anchor),
+        "the refused layer stays unattached: {anchors:?}"
     );
     drop((ctd, snapshotter));
 }

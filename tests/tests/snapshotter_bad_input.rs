@@ -333,14 +333,7 @@ async fn a_registry_down_during_a_pull_fails_within_the_deadline_and_says_why() 
         Code::NotFound
     );
     // Only layer 0 is attached.
-    let attached = daemon.control(&serde_json::json!({"op": "layers"}));
-    let attached: Vec<&str> = attached["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap())
-        .collect();
-    assert_eq!(attached, [img.layers[0].as_str()]);
+    assert_eq!(daemon.layer_fields("digest"), [img.layers[0].as_str()]);
     let mut made = vec![
         chains[1].clone(),
         "extract-other".to_owned(),
