@@ -215,12 +215,7 @@ async fn reattach_after_restart_serves_from_the_cache_offline() {
 async fn a_hanging_index_fetch_does_not_hold_up_another_layers_attach() {
     require_root!();
     let s = setup();
-    let other_tree = s._tmp.path().join("other-tree");
-    std::fs::create_dir_all(&other_tree).unwrap();
-    std::fs::write(other_tree.join("other"), "another layer\n").unwrap();
-    let out = s._tmp.path().join("other-blob");
-    std::fs::create_dir_all(&out).unwrap();
-    let other = BlobFile::from_tree(&other_tree, &out, CHUNK);
+    let (other_tree, other) = other_layer(&s);
 
     let manager = Arc::new(s.manager());
     let hung = Arc::new(ControlledSource::new(&s.blob, None));
@@ -251,6 +246,67 @@ async fn a_hanging_index_fetch_does_not_hold_up_another_layers_attach() {
     assert_eq!(manager.layers().len(), 1);
     let manager = Arc::into_inner(manager).expect("no attach holds the manager");
     s.shut_down(manager).await;
+}
+
+/// The wait for a layer's superblock, the first thing its mount reads,
+/// runs outside that lock as well: a source that hangs after the index does
+/// not hold up another layer's attach until its read deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_superblock_fetch_does_not_hold_up_another_layers_attach() {
+    require_root!();
+    let s = setup();
+    let (other_tree, other) = other_layer(&s);
+
+    let manager = Arc::new(s.manager());
+    // The index is on disk (as after a fetch ahead); every chunk must come
+    // from a source that hangs.
+    manager.fetch_index(s.blob.file_layer()).await.unwrap();
+    let hung = Arc::new(ControlledSource::new(&s.blob, None));
+    hung.hang.store(true, Ordering::SeqCst);
+    hung.up.store(false, Ordering::SeqCst);
+    let (opened, verified) = tokio::sync::oneshot::channel();
+    let stuck = tokio::spawn({
+        let (manager, src) = (
+            manager.clone(),
+            s.blob
+                .source_with(vec![hung.clone() as Arc<dyn ChunkSource>]),
+        );
+        async move { manager.attach_reporting(src, Some(opened)).await }
+    });
+    verified
+        .await
+        .expect("the first layer's index was verified");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hung.requests.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first attach never asked for a chunk"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let attached = manager.attach(other.file_layer()).await.unwrap();
+    assert!(
+        !stuck.is_finished(),
+        "the second layer waited for the first one's superblock"
+    );
+    assert_same_tree(&other_tree, &attached.mountpoint);
+    let e = stuck.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("superblock") && e.contains("unavailable"), "{e}");
+    assert_eq!(manager.layers().len(), 1);
+    let manager = Arc::into_inner(manager).expect("no attach holds the manager");
+    s.shut_down(manager).await;
+}
+
+/// A second, one-file layer beside the setup's: its tree and blob.
+fn other_layer(s: &Setup) -> (std::path::PathBuf, BlobFile) {
+    let tree = s._tmp.path().join("other-tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("other"), "another layer\n").unwrap();
+    let out = s._tmp.path().join("other-blob");
+    std::fs::create_dir_all(&out).unwrap();
+    let blob = BlobFile::from_tree(&tree, &out, CHUNK);
+    (tree, blob)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

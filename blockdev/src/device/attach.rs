@@ -64,6 +64,21 @@ impl LayerManager {
         let layer = Arc::new(self.open_layer(&name, src).await?);
         report();
         let opened = started.elapsed();
+        // Mounting EROFS reads its superblock, which on a new cache waits
+        // for the layer's first chunk from the network. That wait comes
+        // before `ops`, not under it: the image's next layer (its Prepare
+        // follows this one's at once) then opens meanwhile instead of
+        // queueing behind it. A restore adopts mounts whose blocks it has.
+        if !self.shared.files.is_restoring() {
+            if let Err(e) = layer.fetch_superblock().await {
+                close_layer(layer);
+                return Err(DeviceError::Step {
+                    digest,
+                    step: "fetch the EROFS superblock",
+                    source: std::io::Error::other(e),
+                });
+            }
+        }
         let _op = self.shared.ops.lock().await;
         let exposing = Exposing {
             config: self.config.clone(),

@@ -172,8 +172,9 @@ pub(super) struct Shared {
     pub table: Table,
     /// Serialises attach, detach, handoff and eviction, which span awaits.
     /// An attach holds it to register its layer in `opening` and then for
-    /// the FUSE file, loop device and mount; the index fetch in between
-    /// runs without it, so one layer's fetch overlaps another's devices.
+    /// the FUSE file, loop device and mount; the index fetch and the wait
+    /// for the superblock in between run without it, so one layer's
+    /// fetches overlap another's devices.
     pub ops: Arc<tokio::sync::Mutex<()>>,
     /// The layers an attach is opening: their caches are in use though
     /// not attached yet. One attach per layer at a time: the others wait on
