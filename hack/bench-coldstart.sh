@@ -33,8 +33,9 @@
 # containerd and snapshotters (empty roots). The registry, the super node and
 # the warm peer stand for other machines: they run under SCHED_IDLE, so on
 # this machine they take only the CPU the node leaves idle, instead of
-# competing with the start they serve (`as_another_machine`). The registry link bytes are the
-# bytes the host received from the registry's netns until the first output.
+# competing with the start they serve (`as_another_machine`). The registry
+# link bytes are the bytes the host received from the registry's netns until
+# the first output.
 # A stargz run fails unless every layer of the image was mounted remotely
 # (one FUSE mount per layer under stargz's root, no "remote-snapshot-prepared
 # false" in its log), i.e. nothing fell back to a full pull.
