@@ -292,7 +292,8 @@ async fn a_hanging_superblock_fetch_does_not_hold_up_another_layers_attach() {
     );
     assert_same_tree(&other_tree, &attached.mountpoint);
     let e = stuck.await.unwrap().unwrap_err().to_string();
-    assert!(e.contains("superblock") && e.contains("unavailable"), "{e}");
+    // The fetch's own retries or the read deadline, whichever ends first.
+    assert!(e.contains("fetch the EROFS superblock"), "{e}");
     assert_eq!(manager.layers().len(), 1);
     let manager = Arc::into_inner(manager).expect("no attach holds the manager");
     s.shut_down(manager).await;
