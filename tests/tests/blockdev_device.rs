@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lazybd_blockdev::device::{AttachStep, DeviceError, LayerManager, NodeConfig};
+use lazybd_blockdev::device::{AttachStep, AttachedLayer, DeviceError, LayerManager, NodeConfig};
 use lazybd_blockdev::fetch::FetchConfig;
 use lazybd_blockdev::source::{ChunkSource, FileSource};
 use lazybd_tests::images::noise;
@@ -229,21 +229,8 @@ async fn a_hanging_index_fetch_does_not_hold_up_another_layers_attach() {
         );
         async move { manager.attach(src).await }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hung.requests.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the first attach never asked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-
-    let attached = manager.attach(other.file_layer()).await.unwrap();
-    assert!(
-        !stuck.is_finished(),
-        "the second layer waited for the first one's index"
-    );
-    assert_same_tree(&other_tree, &attached.mountpoint);
-    let e = stuck.await.unwrap().unwrap_err().to_string();
+    let e = attach_beside_stuck(&manager, &hung, stuck, &other_tree, &other, "index").await;
     assert!(e.contains("index"), "{e}");
-    assert_eq!(manager.layers().len(), 1);
     let manager = Arc::into_inner(manager).expect("no attach holds the manager");
     s.shut_down(manager).await;
 }
@@ -276,27 +263,39 @@ async fn a_hanging_superblock_fetch_does_not_hold_up_another_layers_attach() {
     verified
         .await
         .expect("the first layer's index was verified");
+    let e = attach_beside_stuck(&manager, &hung, stuck, &other_tree, &other, "superblock").await;
+    // The fetch's own retries or the read deadline, whichever ends first.
+    assert!(e.contains("fetch the EROFS superblock"), "{e}");
+    let manager = Arc::into_inner(manager).expect("no attach holds the manager");
+    s.shut_down(manager).await;
+}
+
+/// Once `stuck`, an attach whose source `hung` hangs, has asked it: the
+/// `other` layer attaches while `stuck` still waits (for its `waits_for`),
+/// and `stuck` fails in the end, leaving only `other` attached. Returns
+/// `stuck`'s error.
+async fn attach_beside_stuck(
+    manager: &LayerManager,
+    hung: &ControlledSource,
+    stuck: tokio::task::JoinHandle<Result<AttachedLayer, DeviceError>>,
+    other_tree: &Path,
+    other: &BlobFile,
+    waits_for: &str,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     while hung.requests.load(Ordering::SeqCst) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the first attach never asked for a chunk"
-        );
+        assert!(Instant::now() < deadline, "the first attach never asked");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-
     let attached = manager.attach(other.file_layer()).await.unwrap();
     assert!(
         !stuck.is_finished(),
-        "the second layer waited for the first one's superblock"
+        "the second layer waited for the first one's {waits_for}"
     );
-    assert_same_tree(&other_tree, &attached.mountpoint);
+    assert_same_tree(other_tree, &attached.mountpoint);
     let e = stuck.await.unwrap().unwrap_err().to_string();
-    // The fetch's own retries or the read deadline, whichever ends first.
-    assert!(e.contains("fetch the EROFS superblock"), "{e}");
     assert_eq!(manager.layers().len(), 1);
-    let manager = Arc::into_inner(manager).expect("no attach holds the manager");
-    s.shut_down(manager).await;
+    e
 }
 
 /// A second, one-file layer beside the setup's: its tree and blob.
