@@ -25,8 +25,7 @@ use crate::fetch::{
     read_verified, ChunkFetcher, FetchConfig, LazyReadAhead, LinkEstimate, ReadError,
 };
 use crate::format::{
-    max_index_len, sha256, ChunkKind, Footer, Index, Sha256Digest, BLOCK_SIZE, FOOTER_LEN,
-    FORMAT_VERSION,
+    max_index_len, sha256, ChunkKind, Footer, Index, Sha256Digest, FOOTER_LEN, FORMAT_VERSION,
 };
 use crate::gate::PriorityGate;
 use crate::oci::{digest_hex, LayerId, OciError};
@@ -413,15 +412,6 @@ impl LazyLayer {
         }
         self.read_present(offset, buf)
             .map_err(|e| std::io::Error::other(e.to_string()))
-    }
-
-    /// Waits until the image's first block, EROFS's superblock, is cached
-    /// (fetched if no stream brings it): what mounting the layer reads
-    /// first. Fails after the read deadline if it cannot be had.
-    pub async fn fetch_superblock(&self) -> Result<(), ReadError> {
-        self.fetcher
-            .ensure(self.index.chunks_for(0, BLOCK_SIZE))
-            .await
     }
 
     /// Reads image bytes, fetching missing chunks first; fails after the

@@ -166,12 +166,16 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Serves a blob file while `up`; when down, every request fails (or hangs
 /// until the fetcher's timeout, with `hang`). With `corrupt`, responses that
-/// overlap that blob range come back with one bit flipped inside it.
+/// overlap that blob range come back with one bit flipped inside it; with
+/// `withheld`, requests that overlap that blob range hang even while up.
 pub struct ControlledSource {
     inner: FileSource,
     pub up: AtomicBool,
     pub hang: AtomicBool,
     pub corrupt: Option<Range<u64>>,
+    pub withheld: Option<Range<u64>>,
+    /// Requests that hung on `withheld` so far.
+    pub withheld_asked: AtomicUsize,
     /// Requests asked of it so far.
     pub requests: AtomicUsize,
 }
@@ -183,6 +187,8 @@ impl ControlledSource {
             up: AtomicBool::new(true),
             hang: AtomicBool::new(false),
             corrupt,
+            withheld: None,
+            withheld_asked: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
         }
     }
@@ -196,6 +202,12 @@ impl ChunkSource for ControlledSource {
 
     async fn read_range(&self, range: Range<u64>) -> Result<Answer, SourceError> {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(w) = &self.withheld {
+            if range.end > w.start && range.start < w.end {
+                self.withheld_asked.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+        }
         if !self.up.load(Ordering::SeqCst) {
             if self.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;

@@ -12,7 +12,9 @@ use lazybd_blockdev::device::{AttachStep, AttachedLayer, DeviceError, LayerManag
 use lazybd_blockdev::fetch::FetchConfig;
 use lazybd_blockdev::source::{ChunkSource, FileSource};
 use lazybd_tests::images::noise;
-use lazybd_tests::lazy_layers::{assert_nothing_left, leftovers, walk, BlobFile, ControlledSource};
+use lazybd_tests::lazy_layers::{
+    assert_nothing_left, leftovers, mkfs_erofs, walk, BlobFile, ControlledSource,
+};
 use lazybd_tests::require_root;
 
 const CHUNK: u32 = 64 << 10;
@@ -235,9 +237,10 @@ async fn a_hanging_index_fetch_does_not_hold_up_another_layers_attach() {
     s.shut_down(manager).await;
 }
 
-/// The wait for a layer's superblock, the first thing its mount reads,
-/// runs outside that lock as well: a source that hangs after the index does
-/// not hold up another layer's attach until its read deadline.
+/// The EROFS mount, whose first read (the superblock) waits for the
+/// network on a new cache, runs outside that lock as well: a source that
+/// hangs after the index does not hold up another layer's attach until its
+/// read deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_superblock_fetch_does_not_hold_up_another_layers_attach() {
     require_root!();
@@ -264,13 +267,85 @@ async fn a_hanging_superblock_fetch_does_not_hold_up_another_layers_attach() {
         .await
         .expect("the first layer's index was verified");
     let e = attach_beside_stuck(&manager, &hung, stuck, &other_tree, &other, "superblock").await;
-    // The fetch's own retries or the read deadline, whichever ends first.
-    assert!(e.contains("fetch the EROFS superblock"), "{e}");
+    assert!(e.contains("mount EROFS"), "{e}");
     let manager = Arc::into_inner(manager).expect("no attach holds the manager");
     s.shut_down(manager).await;
 }
 
-/// Once `stuck`, an attach whose source `hung` hangs, has asked it: the
+/// A stranger's image decides what its mount reads: this one's superblock
+/// names a root inode far from the first chunk, and its registry serves
+/// the index and the first chunk but withholds that inode's chunk. Its
+/// attach waits until the read deadline; no other layer's waits with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_whose_mount_reads_a_withheld_block_holds_up_no_other_attach() {
+    require_root!();
+    let s = setup();
+    let (other_tree, other) = other_layer(&s);
+    let dir = s._tmp.path().join("far-root");
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = mkfs_erofs(&s.tree, &dir);
+    let far = move_root_inode_to_block(&image, FAR_BLOCK);
+    let blob = BlobFile::from_image(&image, &dir, CHUNK);
+    let index = &blob.written.index;
+    let withheld = index.entry(index.chunks_for(far, 4096).start).unwrap();
+    assert_ne!(
+        index.chunks_for(far, 4096),
+        index.chunks_for(0, 4096),
+        "the root inode left the superblock's chunk"
+    );
+
+    let manager = Arc::new(s.manager());
+    let mut hung = ControlledSource::new(&blob, None);
+    hung.withheld = Some(withheld.stored_range());
+    let hung = Arc::new(hung);
+    let stuck = tokio::spawn({
+        let (manager, src) = (
+            manager.clone(),
+            blob.source_with(vec![hung.clone() as Arc<dyn ChunkSource>]),
+        );
+        async move { manager.attach(src).await }
+    });
+    let e = attach_beside_stuck(&manager, &hung, stuck, &other_tree, &other, "root inode").await;
+    assert!(e.contains("mount EROFS"), "{e}");
+    let manager = Arc::into_inner(manager).expect("no attach holds the manager");
+    s.shut_down(manager).await;
+}
+
+/// Where `move_root_inode_to_block` puts the root inode: past the first
+/// chunk, inside the setup's 3 MiB file, and within reach of EROFS's 16-bit
+/// root inode number (2 MiB from the metadata's start).
+const FAR_BLOCK: u64 = 300;
+
+/// Copies the EROFS `image`'s root inode block to block `to` (over file
+/// data), points the superblock's root inode number at the copy and drops
+/// the superblock checksum flag; returns the copy's image offset. A valid
+/// image whose mount reads that block second.
+fn move_root_inode_to_block(image: &Path, to: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut sb = [0u8; 128];
+    f.read_exact_at(&mut sb, 1024).unwrap();
+    let meta = u32::from_le_bytes(sb[40..44].try_into().unwrap());
+    assert_eq!(meta, 0, "inodes counted from block 0");
+    let root = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
+    let from = root * 32 / 4096;
+    let mut block = vec![0u8; 4096];
+    f.read_exact_at(&mut block, from * 4096).unwrap();
+    f.write_all_at(&block, to * 4096).unwrap();
+    let moved = u16::try_from(root + (to - from) * 4096 / 32).unwrap();
+    sb[14..16].copy_from_slice(&moved.to_le_bytes());
+    let compat = u32::from_le_bytes(sb[8..12].try_into().unwrap()) & !1;
+    sb[8..12].copy_from_slice(&compat.to_le_bytes());
+    f.write_all_at(&sb, 1024).unwrap();
+    to * 4096
+}
+
+/// Once `stuck`, an attach whose source `hung` hangs, has asked it (for
+/// its withheld range, if it has one): the
 /// `other` layer attaches while `stuck` still waits (for its `waits_for`),
 /// and `stuck` fails in the end, leaving only `other` attached. Returns
 /// `stuck`'s error.
@@ -283,7 +358,11 @@ async fn attach_beside_stuck(
     waits_for: &str,
 ) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while hung.requests.load(Ordering::SeqCst) == 0 {
+    let asked = || match hung.withheld {
+        Some(_) => hung.withheld_asked.load(Ordering::SeqCst),
+        None => hung.requests.load(Ordering::SeqCst),
+    };
+    while asked() == 0 {
         assert!(Instant::now() < deadline, "the first attach never asked");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

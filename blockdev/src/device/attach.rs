@@ -64,23 +64,9 @@ impl LayerManager {
         let layer = Arc::new(self.open_layer(&name, src).await?);
         report();
         let opened = started.elapsed();
-        // Mounting EROFS reads its superblock, which on a new cache waits
-        // for the layer's first chunk from the network. That wait comes
-        // before `ops`, not under it: the image's next layer (its Prepare
-        // follows this one's at once) then opens meanwhile instead of
-        // queueing behind it. A restore adopts mounts whose blocks it has.
-        if !self.shared.files.is_restoring() {
-            if let Err(e) = layer.fetch_superblock().await {
-                close_layer(layer);
-                return Err(DeviceError::Step {
-                    digest,
-                    step: "fetch the EROFS superblock",
-                    source: std::io::Error::other(e),
-                });
-            }
-        }
-        let _op = self.shared.ops.lock().await;
+        let held = self.shared.ops.clone().lock_owned().await;
         let exposing = Exposing {
+            held: Some(held),
             config: self.config.clone(),
             files: self.shared.files.clone(),
             name: name.clone(),
@@ -94,6 +80,9 @@ impl LayerManager {
         let exposed = tokio::task::spawn_blocking(move || exposing.run())
             .await
             .map_err(|e| DeviceError::Task(e.to_string()))?;
+        // The table changes under `ops`: detach, handoff and eviction read
+        // it there.
+        let _op = self.shared.ops.lock().await;
         match exposed {
             Ok(attached) => {
                 let info = attached.info.clone();
@@ -218,6 +207,9 @@ const CACHE_LOCK_WAIT: Duration = Duration::from_secs(15);
 
 /// The blocking part of an attach: FUSE file, loop device, EROFS mount.
 struct Exposing {
+    /// The manager's `ops`, held for the FUSE file and the loop device and
+    /// let go before the EROFS mount.
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
     config: NodeConfig,
     files: Arc<LayerFiles>,
     name: String,
@@ -268,7 +260,7 @@ impl Exposing {
         })
     }
 
-    fn run(self) -> Result<Attached, DeviceError> {
+    fn run(mut self) -> Result<Attached, DeviceError> {
         if self.restoring {
             if let Some(adopted) = resume::adopt(&self.config, &self.name) {
                 return self.adopt(adopted);
@@ -341,6 +333,14 @@ impl Exposing {
         });
 
         inject(AttachStep::Mount)?;
+        // Mounting reads the image through the lazy path: its superblock,
+        // its root inode and whatever else the image's superblock asks for.
+        // On a new cache that waits for the network, up to the read
+        // deadline if the registry (or the image's author, who may be a
+        // stranger) makes it hang. No other layer's attach, detach or
+        // handoff waits for that: `opening` keeps this layer's cache from
+        // eviction and from the restore's sweep meanwhile.
+        drop(self.held.take());
         let mountpoint = self.config.mountpoint(&self.name);
         std::fs::create_dir_all(&mountpoint).map_err(step_err("create mountpoint"))?;
         let mp = mountpoint.clone();

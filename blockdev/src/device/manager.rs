@@ -186,13 +186,15 @@ impl LayerManager {
         }
         let _op = self.shared.ops.lock().await;
         self.shared.files.end_restore();
-        let attached: HashSet<String> = self
+        let mut attached: HashSet<String> = self
             .shared
             .table
             .lock()
             .values()
             .map(|a| a.name.clone())
             .collect();
+        // An attach mounts outside `ops`: its new mount is not a leftover.
+        attached.extend(self.shared.opening.names());
         let mounts = self.config.mounts_dir();
         let _ = tokio::task::spawn_blocking(move || resume::unmount_unadopted(&mounts, &attached))
             .await;

@@ -171,10 +171,11 @@ pub(super) struct Shared {
     pub files: Arc<LayerFiles>,
     pub table: Table,
     /// Serialises attach, detach, handoff and eviction, which span awaits.
-    /// An attach holds it to register its layer in `opening` and then for
-    /// the FUSE file, loop device and mount; the index fetch and the wait
-    /// for the superblock in between run without it, so one layer's
-    /// fetches overlap another's devices.
+    /// An attach holds it to register its layer in `opening`, for the FUSE
+    /// file and loop device, and to enter the layer in the table; the index
+    /// fetch and the EROFS mount (which reads through the lazy path, so
+    /// waits for the network) run without it: one layer's fetches overlap
+    /// another's devices, and a layer whose source hangs holds up no other.
     pub ops: Arc<tokio::sync::Mutex<()>>,
     /// The layers an attach is opening: their caches are in use though
     /// not attached yet. One attach per layer at a time: the others wait on
