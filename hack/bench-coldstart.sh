@@ -19,7 +19,10 @@
 #   p2p     the same, with P2P on: a warm peer (that has read the whole
 #           image) and the super node are one unshaped hop away; fan-out 1
 #           so the peer is the cold node's parent
-#   warm    the image already pulled onto overlayfs: `ctr run` only
+#   warm    the image already pulled onto overlayfs: `ctr run` only, on a
+#           second containerd (the warm node) that keeps the image for the
+#           image's whole turn; a warm start is also measured right after
+#           every trace, profile and optimize run, for their ratio to it
 #   stargz  stargz-snapshotter (the peer; its daemon built from Debian's
 #           sources by ../shared/anchors/stargz/build.sh) with the image made
 #           by `ctr-remote image optimize --oci`: its startup profile (the
@@ -164,6 +167,7 @@ cleanup() {
   set +e
   [ -d "$STACK/peer-mnt" ] && "$BIN/lazybd" umount --root "$STACK/peer" "$STACK/peer-mnt" >/dev/null 2>&1
   containerd_and_snapshotter_down "$NS"
+  warm_node_down
   daemon_down supernode
   daemon_down registry
   ip netns del "$NETNS" 2>/dev/null
@@ -304,7 +308,11 @@ full_start() {
 }
 
 warm_start() {
-  ctr_ -n "$NS" run --rm "$REGISTRY/bench/$1:oci" "cs-$1"
+  warm_ctr -n "$NS" run --rm "$REGISTRY/bench/$1:oci" "cs-$1"
+}
+
+warm_ctr() {
+  ctr --address "$STACK/warm/containerd.sock" "$@"
 }
 
 stargz_start() {
@@ -336,7 +344,7 @@ lazy_optimized_start() {
 }
 
 # The starts run under timeout(1), in a child bash.
-export -f now_us full_start warm_start lazy_start lazy_profiled_start lazy_optimized_start stargz_start stargz_opt_start stargz_plain_start ctr_
+export -f now_us full_start warm_start warm_ctr lazy_start lazy_profiled_start lazy_optimized_start stargz_start stargz_opt_start stargz_plain_start ctr_
 export STACK NS REGISTRY BIN
 
 # One measured start: `measure RATE IMAGE MODE RUN START_FUNCTION`.
@@ -369,6 +377,31 @@ breakdown() {
     "$(awk -v s="$(metric lazybd_read_latency_seconds_sum)" 'BEGIN { printf "%d", s * 1000 }')" \
     "$(metric lazybd_cache_misses_total)" "$(metric lazybd_source_requests_total'{source="registry"}')" \
     >>"$BREAKDOWN"
+}
+
+# The warm node: its own containerd (beside the cold node's, which every
+# cold run replaces) with $1's image pulled onto overlayfs. The warm start
+# reads a cold disk, and on this host it varies by up to 40% from one minute
+# to another (0.28 s for python in one run of this script, 0.20 s in the
+# next), so a cold mode's ratio to the warm start pairs each of its runs
+# with a warm start measured right after it (`warm@MODE` in the results).
+warm_node_up() {
+  containerd_up "" "$STACK/warm"
+  warm_ctr -n "$NS" images pull --plain-http "$REGISTRY/bench/$1:oci" >/dev/null
+}
+
+warm_node_down() {
+  daemon_down warm
+  unmount_under "$STACK/warm"
+  rm -rf "$STACK/warm"
+}
+
+# A cold run of mode $3 (`measure` arguments), then, with the warm mode
+# asked for, a warm start beside it.
+measure_beside_warm() {
+  measure "$@"
+  has_mode warm || return 0
+  measure "$1" "$2" "warm@$3" "$4" warm_start
 }
 
 # The warm peer for P2P runs: a `lazybd mount` in the same datacenter that has
@@ -422,12 +455,14 @@ for rate in $RATES; do
   for image in $IMAGES; do
     if has_mode full || has_mode warm; then
       phase "$rate $image: full and warm"
-      for run in $(seq "$RUNS"); do
-        fresh_node ""
-        has_mode full && measure "$rate" "$image" full "$run" full_start
-      done
-      has_mode full || ctr_ -n "$NS" images pull --plain-http "$REGISTRY/bench/$image:oci" >/dev/null
+      if has_mode full; then
+        for run in $(seq "$RUNS"); do
+          fresh_node ""
+          measure "$rate" "$image" full "$run" full_start
+        done
+      fi
       if has_mode warm; then
+        warm_node_up "$image"
         for run in $(seq "$RUNS"); do measure "$rate" "$image" warm "$run" warm_start; done
       fi
     fi
@@ -448,7 +483,7 @@ for rate in $RATES; do
     if has_mode trace; then
       for run in $(seq "$RUNS"); do
         fresh_node "" "$STACK/traces-$image"
-        measure "$rate" "$image" trace "$run" lazy_start
+        measure_beside_warm "$rate" "$image" trace "$run" lazy_start
       done
     fi
     if has_mode profile; then
@@ -464,7 +499,7 @@ for rate in $RATES; do
       fi
       for run in $(seq "$RUNS"); do
         fresh_node ""
-        measure "$rate" "$image" profile "$run" lazy_profiled_start
+        measure_beside_warm "$rate" "$image" profile "$run" lazy_profiled_start
       done
     fi
     if has_mode optimize; then
@@ -477,7 +512,7 @@ for rate in $RATES; do
       fi
       for run in $(seq "$RUNS"); do
         fresh_node ""
-        measure "$rate" "$image" optimize "$run" lazy_optimized_start
+        measure_beside_warm "$rate" "$image" optimize "$run" lazy_optimized_start
       done
     fi
     if has_mode p2p; then
@@ -506,6 +541,7 @@ for rate in $RATES; do
         check_stargz_remote "$image"
       done
     done
+    warm_node_down
   done
 done
 containerd_and_snapshotter_down "$NS"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The report of hack/bench-coldstart.sh: reads its results.tsv (rate, image,
-mode, run, ms to first output, registry link bytes until then) and, with
+mode, run, ms to first output, registry link bytes until then; mode `warm@M` is
+the warm start measured right after run `run` of mode M) and, with
 --read-volume, the lines of hack/read-volume.sh (image, bytes the workload read
 at readahead 0, 128 and 4096 KiB, the layers' compressed and uncompressed
 bytes). Prints two markdown tables: the medians and spreads per mode, then the
@@ -46,6 +47,9 @@ def read(path):
             if (rate, image) not in order:
                 order.append((rate, image))
             runs[(rate, image, mode)].append((int(ms), int(nbytes)))
+            if mode.startswith("warm@"):
+                # A warm start all the same, for the warm start's column.
+                runs[(rate, image, "warm")].append((int(ms), int(nbytes)))
     return runs, order
 
 
@@ -141,10 +145,11 @@ def times_table(runs, order):
                 f"{statistics.median(ms) / 1000:.2f} s ({min(ms) / 1000:.2f}-{max(ms) / 1000:.2f}), {mib(nbytes)} MiB"
             )
         rows.append(cells)
-    n = max(len(r) for r in runs.values())
+    n = max(len(r) for k, r in runs.items() if k[2] != "warm" and not k[2].startswith("warm@"))
     note = (
-        f"\nEach cell: median time from the pull to the first output (min-max of {n} runs), "
-        "and the median bytes the registry link carried until then.\n"
+        f"\nEach cell: median time from the pull to the first output (min-max of {n} runs; "
+        "the warm start's of all its runs, one after each trace, profile and optimize run "
+        "included), and the median bytes the registry link carried until then.\n"
     )
     return render(["image", "link"] + [t for _, t in present], rows) + note
 
@@ -175,10 +180,13 @@ def ratios_tables(runs, order, vol):
     if vol and {"full", "warm"} <= measured:
         speed.append(("full / limit", lambda med, r, i: ratio(t(med, "full"), limit_ms(med, r, i), "{:.1f}x")))
     for a, b in (("lazy", "stargz"), ("trace", "stargz"), ("profile", "stargz"),
-                 ("optimize", "stargz"), ("trace", "warm"), ("profile", "warm"),
-                 ("optimize", "warm")):
+                 ("optimize", "stargz")):
         if {a, b} <= measured:
             speed.append((f"{a} / {b}", lambda med, r, i, a=a, b=b: ratio(t(med, a), t(med, b))))
+    for a in ("trace", "profile", "optimize"):
+        if {a, "warm"} <= measured:
+            speed.append((f"{a} / warm", lambda med, r, i, a=a: paired_ratio(runs, r, i, a)
+                          or ratio(t(med, a), t(med, "warm"))))
 
     limit = []
     if vol:
@@ -208,7 +216,11 @@ def ratios_tables(runs, order, vol):
 
     out = ""
     if speed:
-        out += one(speed) + "\nRatios of the median times above.\n\n"
+        out += one(speed) + (
+            "\nRatios of the median times above; against the warm start, the median of each "
+            "run's ratio to a warm start measured right after it (on this host the warm start "
+            "varies by up to 40% from one minute to another).\n\n"
+        )
     if limit:
         out += one(limit) + (
             "\nRead volume: the bytes the workload reads from its rootfs as one EROFS image on a "
@@ -219,6 +231,16 @@ def ratios_tables(runs, order, vol):
             "estimate.\n"
         )
     return out
+
+
+def paired_ratio(runs, rate, image, mode):
+    """The median over `mode`'s runs of each one's time over the warm start
+    measured right after it (the `warm@MODE` rows, in the same order), or ""
+    without such rows."""
+    mine, warm = runs.get((rate, image, mode)), runs.get((rate, image, f"warm@{mode}"))
+    if not mine or not warm or len(mine) != len(warm):
+        return ""
+    return f"{statistics.median(m / w for (m, _), (w, _) in zip(mine, warm)):.2f}x"
 
 
 def compressed_read(v):

@@ -41,10 +41,11 @@ EOF
 # containerd with its own root, state and socket, CRI off, the lazybd
 # snapshotter as proxy plugin `lazybd`, and $BIN on its PATH so that
 # `--runtime io.containerd.lazybd.v2` finds containerd-shim-lazybd-v2. $1 is
-# extra TOML appended to its config (e.g. stargz_proxy_config).
-# shellcheck disable=SC2120 # $1 is optional
+# extra TOML appended to its config (e.g. stargz_proxy_config); $2 its
+# directory (default $STACK/containerd, the one `ctr_` talks to).
+# shellcheck disable=SC2120 # $1 and $2 are optional
 containerd_up() {
-  local extra=${1:-} dir=$STACK/containerd
+  local extra=${1:-} dir=${2:-$STACK/containerd}
   mkdir -p "$dir"
   cat >"$dir/config.toml" <<EOF
 version = 2
@@ -63,7 +64,8 @@ EOF
   PATH="$BIN:$PATH" LAZYBD_CONTROL_SOCKET="$STACK/snapshotter/control.sock" \
     containerd --config "$dir/config.toml" >"$dir/log" 2>&1 &
   echo $! >"$dir/pid"
-  wait_until 30 containerd ctr_ version || { tail -20 "$dir/log" >&2; return 1; }
+  wait_until 30 containerd ctr --address "$dir/containerd.sock" version ||
+    { tail -20 "$dir/log" >&2; return 1; }
 }
 
 # lazybd-snapshotter on root $STACK/snapshotter/root; $1 is extra TOML
