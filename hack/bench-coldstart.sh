@@ -18,7 +18,8 @@
 #           stored first (the analogue of `ctr-remote image optimize`)
 #   p2p     the same, with P2P on: a warm peer (that has read the whole
 #           image) and the super node are one unshaped hop away; fan-out 1
-#           so the peer is the cold node's parent
+#           so the peer is the cold node's parent; with the lazy mode, a
+#           lazy start from the registry is measured right after each run
 #   warm    the image already pulled onto overlayfs: `ctr run` only, on a
 #           second containerd (the warm node) that keeps the image for the
 #           image's whole turn; a warm start is also measured right after
@@ -397,7 +398,9 @@ warm_node_down() {
 }
 
 # A cold run of mode $3 (`measure` arguments), then, with the warm mode
-# asked for, a warm start beside it.
+# asked for, a warm start beside it. Likewise P2P runs are paired with a
+# lazy start from the registry (`lazy@p2p`): the same host drift otherwise
+# decides whether a peer beats the registry.
 measure_beside_warm() {
   measure "$@"
   has_mode warm || return 0
@@ -522,6 +525,11 @@ for rate in $RATES; do
       for run in $(seq "$RUNS"); do
         fresh_node "$P2P_CONFIG"
         measure "$rate" "$image" p2p "$run" lazy_start
+        # The registry's answer beside it: the same start, P2P off.
+        if has_mode lazy; then
+          fresh_node ""
+          measure "$rate" "$image" lazy@p2p "$run" lazy_start
+        fi
         # The last cold node must leave the peer tree before the next one joins.
         containerd_and_snapshotter_down "$NS"
         sleep 4

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The report of hack/bench-coldstart.sh: reads its results.tsv (rate, image,
-mode, run, ms to first output, registry link bytes until then; mode `warm@M` is
-the warm start measured right after run `run` of mode M) and, with
+mode, run, ms to first output, registry link bytes until then; mode `B@M` is
+a run of mode B measured right after run `run` of mode M: the warm start after
+trace, profile and optimize runs, the lazy start after P2P runs) and, with
 --read-volume, the lines of hack/read-volume.sh (image, bytes the workload read
 at readahead 0, 128 and 4096 KiB, the layers' compressed and uncompressed
 bytes). Prints two markdown tables: the medians and spreads per mode, then the
@@ -39,7 +40,10 @@ END = "<!-- coldstart:end -->"
 
 
 def read(path):
-    runs = defaultdict(list)  # (rate, image, mode) -> [(ms, bytes)]
+    """(rate, image, mode) -> [(ms, bytes)], the (rate, image) pairs in order,
+    and the most runs of one mode, not counting the runs beside another."""
+    runs = defaultdict(list)
+    own = defaultdict(int)
     order = []
     with open(path) as f:
         for line in f:
@@ -47,10 +51,13 @@ def read(path):
             if (rate, image) not in order:
                 order.append((rate, image))
             runs[(rate, image, mode)].append((int(ms), int(nbytes)))
-            if mode.startswith("warm@"):
-                # A warm start all the same, for the warm start's column.
-                runs[(rate, image, "warm")].append((int(ms), int(nbytes)))
-    return runs, order
+            base, beside, _ = mode.partition("@")
+            if beside:
+                # A run of its mode all the same, for that mode's column.
+                runs[(rate, image, base)].append((int(ms), int(nbytes)))
+            else:
+                own[(rate, image, mode)] += 1
+    return runs, order, max(own.values(), default=0)
 
 
 def read_volume(path):
@@ -129,7 +136,7 @@ def render(head, rows):
     return "\n".join(lines) + "\n"
 
 
-def times_table(runs, order):
+def times_table(runs, order, n):
     present = [(m, title) for m, title in MODES if any(k[2] == m for k in runs)]
     rows = []
     for rate, image in order:
@@ -145,11 +152,11 @@ def times_table(runs, order):
                 f"{statistics.median(ms) / 1000:.2f} s ({min(ms) / 1000:.2f}-{max(ms) / 1000:.2f}), {mib(nbytes)} MiB"
             )
         rows.append(cells)
-    n = max(len(r) for k, r in runs.items() if k[2] != "warm" and not k[2].startswith("warm@"))
     note = (
-        f"\nEach cell: median time from the pull to the first output (min-max of {n} runs; "
-        "the warm start's of all its runs, one after each trace, profile and optimize run "
-        "included), and the median bytes the registry link carried until then.\n"
+        f"\nEach cell: median time from the pull to the first output (min-max of {n} runs, "
+        "and of the runs beside another mode's: the warm start after each trace, profile and "
+        "optimize run, the lazy start after each P2P run), and the median bytes the registry "
+        "link carried until then.\n"
     )
     return render(["image", "link"] + [t for _, t in present], rows) + note
 
@@ -183,10 +190,10 @@ def ratios_tables(runs, order, vol):
                  ("optimize", "stargz")):
         if {a, b} <= measured:
             speed.append((f"{a} / {b}", lambda med, r, i, a=a, b=b: ratio(t(med, a), t(med, b))))
-    for a in ("trace", "profile", "optimize"):
-        if {a, "warm"} <= measured:
-            speed.append((f"{a} / warm", lambda med, r, i, a=a: paired_ratio(runs, r, i, a)
-                          or ratio(t(med, a), t(med, "warm"))))
+    for a, b in (("trace", "warm"), ("profile", "warm"), ("optimize", "warm"), ("p2p", "lazy")):
+        if {a, b} <= measured:
+            speed.append((f"{a} / {b}", lambda med, r, i, a=a, b=b: paired_ratio(runs, r, i, a, b)
+                          or ratio(t(med, a), t(med, b))))
 
     limit = []
     if vol:
@@ -217,9 +224,9 @@ def ratios_tables(runs, order, vol):
     out = ""
     if speed:
         out += one(speed) + (
-            "\nRatios of the median times above; against the warm start, the median of each "
-            "run's ratio to a warm start measured right after it (on this host the warm start "
-            "varies by up to 40% from one minute to another).\n\n"
+            "\nRatios of the median times above; against the warm start and P2P against the "
+            "registry, the median of each run's ratio to the run measured right after it (on "
+            "this host the same start varies by up to 40% from one minute to another).\n\n"
         )
     if limit:
         out += one(limit) + (
@@ -233,14 +240,14 @@ def ratios_tables(runs, order, vol):
     return out
 
 
-def paired_ratio(runs, rate, image, mode):
-    """The median over `mode`'s runs of each one's time over the warm start
-    measured right after it (the `warm@MODE` rows, in the same order), or ""
-    without such rows."""
-    mine, warm = runs.get((rate, image, mode)), runs.get((rate, image, f"warm@{mode}"))
-    if not mine or not warm or len(mine) != len(warm):
+def paired_ratio(runs, rate, image, mode, base):
+    """The median over `mode`'s runs of each one's time over the run of
+    `base` measured right after it (the `BASE@MODE` rows, in the same
+    order), or "" without such rows."""
+    mine, beside = runs.get((rate, image, mode)), runs.get((rate, image, f"{base}@{mode}"))
+    if not mine or not beside or len(mine) != len(beside):
         return ""
-    return f"{statistics.median(m / w for (m, _), (w, _) in zip(mine, warm)):.2f}x"
+    return f"{statistics.median(m / b for (m, _), (b, _) in zip(mine, beside)):.2f}x"
 
 
 def compressed_read(v):
@@ -248,8 +255,8 @@ def compressed_read(v):
     return ra0 * compressed / uncompressed if uncompressed else 0
 
 
-def table(runs, order, vol):
-    return times_table(runs, order) + "\n" + ratios_tables(runs, order, vol)
+def table(runs, order, n, vol):
+    return times_table(runs, order, n) + "\n" + ratios_tables(runs, order, vol)
 
 
 def chart(runs, order, png):
@@ -301,11 +308,11 @@ def main():
     p.add_argument("--breakdown", help="hack/bench-coldstart.sh's breakdown lines")
     p.add_argument("--docs", action="store_true")
     args = p.parse_args()
-    runs, order = read(args.results)
+    runs, order, n = read(args.results)
     if not runs:
         sys.exit("coldstart-report: no results")
     vol = read_volume(args.read_volume) if args.read_volume else {}
-    md = table(runs, order, vol)
+    md = table(runs, order, n, vol)
     if args.breakdown:
         md += "\n" + breakdown_table(read_breakdown(args.breakdown), order)
     print(md)
