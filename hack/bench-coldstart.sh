@@ -398,9 +398,7 @@ warm_node_down() {
 }
 
 # A cold run of mode $3 (`measure` arguments), then, with the warm mode
-# asked for, a warm start beside it. Likewise P2P runs are paired with a
-# lazy start from the registry (`lazy@p2p`): the same host drift otherwise
-# decides whether a peer beats the registry.
+# asked for, a warm start beside it.
 measure_beside_warm() {
   measure "$@"
   has_mode warm || return 0
@@ -525,7 +523,8 @@ for rate in $RATES; do
       for run in $(seq "$RUNS"); do
         fresh_node "$P2P_CONFIG"
         measure "$rate" "$image" p2p "$run" lazy_start
-        # The registry's answer beside it: the same start, P2P off.
+        # The registry's start beside it (`lazy@p2p`), P2P off: the host's
+        # drift otherwise decides whether a peer beats the registry.
         if has_mode lazy; then
           fresh_node ""
           measure "$rate" "$image" lazy@p2p "$run" lazy_start
