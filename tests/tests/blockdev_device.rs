@@ -220,17 +220,8 @@ async fn a_hanging_index_fetch_does_not_hold_up_another_layers_attach() {
     let (other_tree, other) = other_layer(&s);
 
     let manager = Arc::new(s.manager());
-    let hung = Arc::new(ControlledSource::new(&s.blob, None));
-    hung.hang.store(true, Ordering::SeqCst);
-    hung.up.store(false, Ordering::SeqCst);
-    let stuck = tokio::spawn({
-        let (manager, src) = (
-            manager.clone(),
-            s.blob
-                .source_with(vec![hung.clone() as Arc<dyn ChunkSource>]),
-        );
-        async move { manager.attach(src).await }
-    });
+    let hung = hanging_source(&s.blob);
+    let stuck = spawn_attach(&manager, &s.blob, &hung, None);
     let e = attach_beside_stuck(&manager, &hung, stuck, &other_tree, &other, "index").await;
     assert!(e.contains("index"), "{e}");
     let manager = Arc::into_inner(manager).expect("no attach holds the manager");
@@ -251,18 +242,9 @@ async fn a_hanging_superblock_fetch_does_not_hold_up_another_layers_attach() {
     // The index is on disk (as after a fetch ahead); every chunk must come
     // from a source that hangs.
     manager.fetch_index(s.blob.file_layer()).await.unwrap();
-    let hung = Arc::new(ControlledSource::new(&s.blob, None));
-    hung.hang.store(true, Ordering::SeqCst);
-    hung.up.store(false, Ordering::SeqCst);
+    let hung = hanging_source(&s.blob);
     let (opened, verified) = tokio::sync::oneshot::channel();
-    let stuck = tokio::spawn({
-        let (manager, src) = (
-            manager.clone(),
-            s.blob
-                .source_with(vec![hung.clone() as Arc<dyn ChunkSource>]),
-        );
-        async move { manager.attach_reporting(src, Some(opened)).await }
-    });
+    let stuck = spawn_attach(&manager, &s.blob, &hung, Some(opened));
     verified
         .await
         .expect("the first layer's index was verified");
@@ -287,24 +269,19 @@ async fn an_image_whose_mount_reads_a_withheld_block_holds_up_no_other_attach() 
     let far = move_root_inode_to_block(&image, FAR_BLOCK);
     let blob = BlobFile::from_image(&image, &dir, CHUNK);
     let index = &blob.written.index;
-    let withheld = index.entry(index.chunks_for(far, 4096).start).unwrap();
+    let far_chunks = index.chunks_for(far, 4096);
     assert_ne!(
-        index.chunks_for(far, 4096),
+        far_chunks,
         index.chunks_for(0, 4096),
         "the root inode left the superblock's chunk"
     );
+    let withheld = index.entry(far_chunks.start).unwrap();
 
     let manager = Arc::new(s.manager());
     let mut hung = ControlledSource::new(&blob, None);
     hung.withheld = Some(withheld.stored_range());
     let hung = Arc::new(hung);
-    let stuck = tokio::spawn({
-        let (manager, src) = (
-            manager.clone(),
-            blob.source_with(vec![hung.clone() as Arc<dyn ChunkSource>]),
-        );
-        async move { manager.attach(src).await }
-    });
+    let stuck = spawn_attach(&manager, &blob, &hung, None);
     let e = attach_beside_stuck(&manager, &hung, stuck, &other_tree, &other, "root inode").await;
     assert!(e.contains("mount EROFS"), "{e}");
     let manager = Arc::into_inner(manager).expect("no attach holds the manager");
@@ -344,11 +321,31 @@ fn move_root_inode_to_block(image: &Path, to: u64) -> u64 {
     to * 4096
 }
 
+/// A source of `blob` that hangs on every request.
+fn hanging_source(blob: &BlobFile) -> Arc<ControlledSource> {
+    let hung = Arc::new(ControlledSource::new(blob, None));
+    hung.hang.store(true, Ordering::SeqCst);
+    hung.up.store(false, Ordering::SeqCst);
+    hung
+}
+
+/// Attaches `blob` with `hung` as its only source, on a task of its own;
+/// `opened` as in `LayerManager::attach_reporting`.
+fn spawn_attach(
+    manager: &Arc<LayerManager>,
+    blob: &BlobFile,
+    hung: &Arc<ControlledSource>,
+    opened: Option<tokio::sync::oneshot::Sender<()>>,
+) -> tokio::task::JoinHandle<Result<AttachedLayer, DeviceError>> {
+    let manager = manager.clone();
+    let src = blob.source_with(vec![hung.clone() as Arc<dyn ChunkSource>]);
+    tokio::spawn(async move { manager.attach_reporting(src, opened).await })
+}
+
 /// Once `stuck`, an attach whose source `hung` hangs, has asked it (for
-/// its withheld range, if it has one): the
-/// `other` layer attaches while `stuck` still waits (for its `waits_for`),
-/// and `stuck` fails in the end, leaving only `other` attached. Returns
-/// `stuck`'s error.
+/// its withheld range, if it has one): the `other` layer attaches while
+/// `stuck` still waits (for its `waits_for`), and `stuck` fails in the
+/// end, leaving only `other` attached. Returns `stuck`'s error.
 async fn attach_beside_stuck(
     manager: &LayerManager,
     hung: &ControlledSource,
